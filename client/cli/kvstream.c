@@ -1,0 +1,81 @@
+/* kvstream: the command-line entry point. Dispatches to one cmd_<name>.c per subcommand. */
+#include "cmd.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct command {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *summary;
+};
+
+static const struct command commands[] = {
+    {"generate", kvs_cmd_generate, "generate text from a prompt (stateless, one shot)"},
+    {"tokenize", kvs_cmd_tokenize, "tokenize JSON strings read one per line from stdin"},
+    {"inspect", kvs_cmd_inspect, "print a model file's metadata, or why it is refused"},
+};
+
+void kvs_cli_error(const char *cmd, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "kvstream %s: %s\n", cmd, msg);
+}
+
+const char *kvs_cli_default_model(void)
+{
+    static char path[1024];
+    const char *env = getenv("KVSTREAM_MODEL");
+    if (env != NULL && env[0] != '\0') {
+        snprintf(path, sizeof path, "%s", env);
+        return path;
+    }
+    const char *dir = getenv("KVS_MODEL_DIR");
+    const char *home = getenv("HOME");
+    if (dir != NULL) {
+        snprintf(path, sizeof path, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", dir);
+    } else {
+        snprintf(path, sizeof path, "%s/.cache/kvstream/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+                 home != NULL ? home : "/root");
+    }
+    return path;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: kvstream <command> [options]\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    }
+    fprintf(f, "\n'kvstream <command> --help' describes a command's options.\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+        strcmp(argv[1], "help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "--version") == 0) {
+        printf("kvstream 0.1.0\n");
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+        if (strcmp(argv[1], commands[i].name) == 0) {
+            return commands[i].run(argc - 1, argv + 1);
+        }
+    }
+    fprintf(stderr, "kvstream: unknown command '%s' (try 'kvstream --help')\n", argv[1]);
+    return 2;
+}
