@@ -81,6 +81,10 @@ void kvs_gguf_destroy(kvs_gguf **g);
 
 uint32_t kvs_gguf_version(const kvs_gguf *g);
 uint64_t kvs_gguf_file_size(const kvs_gguf *g);
+/* general.alignment (default 32), bytes. */
+uint32_t kvs_gguf_alignment(const kvs_gguf *g);
+/* Offset of the tensor data section from the start of the file, bytes. */
+uint64_t kvs_gguf_data_offset(const kvs_gguf *g);
 
 /* ---- metadata ---- */
 
