@@ -1,0 +1,279 @@
+#include "kvpool.h"
+
+#include <assert.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/status.h"
+#include "kernels/dtype.h"
+
+struct kvs_pool {
+    kvs_backend *backend;         /* borrowed; owns the storage below */
+    kvs_kv_cache *kv;             /* K/V storage of all blocks, backend memory */
+    struct kvs_kv_layout layout;  /* shape of kv */
+    int32_t block_size;           /* cells per block */
+    int32_t n_blocks;             /* blocks in the pool */
+    int32_t *refcount;            /* (n_blocks) seqs referencing each block; 0 = free */
+    int32_t *free_stack;          /* (n_blocks) ids of free blocks, top at n_free - 1 */
+    int32_t n_free;               /* entries of free_stack */
+};
+
+size_t kvs_pool_cell_bytes(int32_t n_layer, int32_t n_kv_head, int32_t head_dim, uint32_t dtype)
+{
+    size_t elem = dtype == KVS_DTYPE_F32 ? 4 : 2;
+    return 2 * (size_t)n_layer * (size_t)n_kv_head * (size_t)head_dim * elem;
+}
+
+int32_t kvs_pool_blocks_for_bytes(size_t budget_bytes, int32_t block_size, size_t cell_bytes)
+{
+    if (block_size < 1 || cell_bytes == 0) {
+        return 0;
+    }
+    size_t n = budget_bytes / (cell_bytes * (size_t)block_size);
+    return n > INT32_MAX / 2 ? INT32_MAX / 2 : (int32_t)n;
+}
+
+int kvs_pool_new(kvs_backend *b, const struct kvs_kv_layout *layout, kvs_pool **out)
+{
+    *out = NULL;
+    if (layout->n_block < 1 || layout->block_size < 1) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    kvs_pool *p = calloc(1, sizeof *p);
+    if (p == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    p->backend = b;
+    p->layout = *layout;
+    p->block_size = layout->block_size;
+    p->n_blocks = layout->n_block;
+    p->refcount = calloc((size_t)p->n_blocks, sizeof *p->refcount);
+    p->free_stack = malloc((size_t)p->n_blocks * sizeof *p->free_stack);
+    if (p->refcount == NULL || p->free_stack == NULL) {
+        goto fail;
+    }
+    /* Lowest ids on top, so a fresh pool hands out blocks 0, 1, 2, ... */
+    for (int32_t i = 0; i < p->n_blocks; i++) {
+        p->free_stack[i] = p->n_blocks - 1 - i;
+    }
+    p->n_free = p->n_blocks;
+    int rc = b->ops->kv_new(b, layout, &p->kv);
+    if (rc < 0) {
+        free(p->refcount);
+        free(p->free_stack);
+        free(p);
+        return rc;
+    }
+    *out = p;
+    return KVS_OK;
+fail:
+    free(p->refcount);
+    free(p->free_stack);
+    free(p);
+    return KVS_NO_MEMORY;
+}
+
+void kvs_pool_destroy(kvs_pool **pool)
+{
+    if (pool == NULL || *pool == NULL) {
+        return;
+    }
+    kvs_pool *p = *pool;
+    if (p->kv != NULL) {
+        p->backend->ops->kv_destroy(p->backend, &p->kv);
+    }
+    free(p->refcount);
+    free(p->free_stack);
+    free(p);
+    *pool = NULL;
+}
+
+kvs_kv_cache *kvs_pool_kv(const kvs_pool *pool)
+{
+    return pool->kv;
+}
+
+const struct kvs_kv_layout *kvs_pool_layout(const kvs_pool *pool)
+{
+    return &pool->layout;
+}
+
+int32_t kvs_pool_block_size(const kvs_pool *pool)
+{
+    return pool->block_size;
+}
+
+int32_t kvs_pool_n_blocks(const kvs_pool *pool)
+{
+    return pool->n_blocks;
+}
+
+int32_t kvs_pool_n_free(const kvs_pool *pool)
+{
+    return pool->n_free;
+}
+
+int64_t kvs_pool_capacity_cells(const kvs_pool *pool)
+{
+    return (int64_t)pool->n_blocks * pool->block_size;
+}
+
+int32_t kvs_pool_refcount(const kvs_pool *pool, int32_t block)
+{
+    assert(block >= 0 && block < pool->n_blocks);
+    return pool->refcount[block];
+}
+
+static int32_t take_block(kvs_pool *p)
+{
+    assert(p->n_free > 0);
+    int32_t b = p->free_stack[--p->n_free];
+    assert(p->refcount[b] == 0);
+    p->refcount[b] = 1;
+    return b;
+}
+
+static void unref_block(kvs_pool *p, int32_t b)
+{
+    assert(p->refcount[b] > 0);
+    if (--p->refcount[b] == 0) {
+        p->free_stack[p->n_free++] = b;
+    }
+}
+
+static int grow_table(kvs_seq *s, int32_t need)
+{
+    if (need <= s->cap_blocks) {
+        return KVS_OK;
+    }
+    int32_t cap = s->cap_blocks > 0 ? s->cap_blocks : 8;
+    while (cap < need) {
+        cap *= 2;
+    }
+    int32_t *t = realloc(s->table, (size_t)cap * sizeof *t);
+    if (t == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    s->table = t;
+    s->cap_blocks = cap;
+    return KVS_OK;
+}
+
+kvs_seq *kvs_pool_seq_new(kvs_pool *pool)
+{
+    (void)pool;
+    return calloc(1, sizeof(kvs_seq));
+}
+
+kvs_seq *kvs_pool_seq_fork(kvs_pool *pool, const kvs_seq *src)
+{
+    kvs_seq *s = calloc(1, sizeof *s);
+    if (s == NULL) {
+        return NULL;
+    }
+    /* Share only blocks holding committed cells; unused reservations stay with src. */
+    int32_t used = (src->n_cells + pool->block_size - 1) / pool->block_size;
+    if (grow_table(s, used) < 0) {
+        free(s);
+        return NULL;
+    }
+    if (used > 0) {
+        memcpy(s->table, src->table, (size_t)used * sizeof *s->table);
+    }
+    for (int32_t i = 0; i < used; i++) {
+        pool->refcount[s->table[i]]++;
+    }
+    s->n_blocks = used;
+    s->n_cells = src->n_cells;
+    return s;
+}
+
+void kvs_pool_seq_release(kvs_pool *pool, kvs_seq **seq)
+{
+    if (seq == NULL || *seq == NULL) {
+        return;
+    }
+    kvs_seq *s = *seq;
+    for (int32_t i = 0; i < s->n_blocks; i++) {
+        unref_block(pool, s->table[i]);
+    }
+    free(s->table);
+    free(s);
+    *seq = NULL;
+}
+
+/* True when the block holding cell n_cells (the next one written) is shared and already
+ * holds cells of this seq, so writing into it needs a private copy first. */
+static bool tail_needs_copy(const kvs_pool *p, const kvs_seq *s)
+{
+    if (s->n_cells % p->block_size == 0) {
+        return false; /* the next cell starts a new block */
+    }
+    int32_t tail = s->n_cells / p->block_size;
+    assert(tail < s->n_blocks);
+    return p->refcount[s->table[tail]] > 1;
+}
+
+int32_t kvs_pool_seq_blocks_needed(const kvs_pool *pool, const kvs_seq *seq, int32_t n)
+{
+    assert(n >= 0);
+    int64_t end = (int64_t)seq->n_cells + n;
+    int64_t blocks = (end + pool->block_size - 1) / pool->block_size;
+    int64_t fresh = blocks > seq->n_blocks ? blocks - seq->n_blocks : 0;
+    if (n > 0 && tail_needs_copy(pool, seq)) {
+        fresh++;
+    }
+    return fresh > INT32_MAX ? INT32_MAX : (int32_t)fresh;
+}
+
+int kvs_pool_seq_reserve(kvs_pool *pool, kvs_seq *seq, int32_t n)
+{
+    if (n <= 0) {
+        return KVS_OK;
+    }
+    /* Plan: count, check, grow the table; nothing shared is touched until all succeed. */
+    int64_t end = (int64_t)seq->n_cells + n;
+    if (end > (int64_t)INT32_MAX - pool->block_size) {
+        return KVS_OUT_OF_RANGE;
+    }
+    int32_t blocks = (int32_t)((end + pool->block_size - 1) / pool->block_size);
+    int32_t needed = kvs_pool_seq_blocks_needed(pool, seq, n);
+    if (needed > pool->n_free) {
+        return KVS_CAPACITY;
+    }
+    if (grow_table(seq, blocks) < 0) {
+        return KVS_NO_MEMORY;
+    }
+    /* Apply. */
+    if (tail_needs_copy(pool, seq)) {
+        int32_t tail = seq->n_cells / pool->block_size;
+        int32_t old = seq->table[tail];
+        int32_t copy = take_block(pool);
+        int rc = pool->backend->ops->kv_copy_block(pool->backend, pool->kv, old, copy);
+        if (rc < 0) {
+            unref_block(pool, copy);
+            return rc;
+        }
+        seq->table[tail] = copy;
+        unref_block(pool, old);
+    }
+    while (seq->n_blocks < blocks) {
+        seq->table[seq->n_blocks++] = take_block(pool);
+    }
+    return KVS_OK;
+}
+
+void kvs_pool_seq_commit(kvs_pool *pool, kvs_seq *seq, int32_t n)
+{
+    assert(n >= 0);
+    assert((int64_t)seq->n_cells + n <= (int64_t)seq->n_blocks * pool->block_size);
+    seq->n_cells += n;
+}
+
+void kvs_pool_seq_trim(kvs_pool *pool, kvs_seq *seq)
+{
+    int32_t used = (seq->n_cells + pool->block_size - 1) / pool->block_size;
+    while (seq->n_blocks > used) {
+        unref_block(pool, seq->table[--seq->n_blocks]);
+    }
+}

@@ -1,0 +1,94 @@
+/* The KV pool: a worker's KV memory as fixed-size blocks of cells, and seqs that view it.
+ *
+ * Metadata lives here (refcounts, free list, block hashes and tokens); the K/V storage
+ * itself is a kvs_kv_cache owned by the backend. A block is the unit of allocation,
+ * sharing and transfer; a cell (one token position in every layer) is the unit of capacity.
+ *
+ * A seq is a block table plus a length: cell c of a seq lives in block table[c / block_size]
+ * at offset c % block_size. Seqs share blocks by reference (fork). A full block is
+ * immutable; writing into a shared, partially filled tail block first copies it
+ * (copy-on-write), so a fork never disturbs its parent.
+ *
+ * Growing a seq is plan-then-apply: kvs_pool_seq_reserve either secures every block the
+ * next n cells need (copying a shared tail) or changes nothing and returns KVS_CAPACITY.
+ * The caller then runs the forward pass, which writes the cells, and kvs_pool_seq_commit
+ * advances the length.
+ *
+ * Thread-safety: none; the pool belongs to the thread that drives the engine.
+ */
+#ifndef KVS_KVPOOL_H
+#define KVS_KVPOOL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/backend.h"
+
+#define KVS_POOL_DEFAULT_BLOCK_SIZE 16
+
+typedef struct kvs_pool kvs_pool;
+
+typedef struct kvs_seq {
+    int32_t *table;    /* (cap_blocks) block ids in position order */
+    int32_t n_blocks;  /* blocks referenced by table */
+    int32_t cap_blocks;/* allocated entries of table */
+    int32_t n_cells;   /* committed length in cells (= tokens) */
+} kvs_seq;
+
+/* Bytes of KV one cell takes: 2 (K and V) * n_layer * n_kv_head * head_dim * dtype size. */
+size_t kvs_pool_cell_bytes(int32_t n_layer, int32_t n_kv_head, int32_t head_dim, uint32_t dtype);
+
+/* Create a pool of n_block blocks of block_size cells whose storage (layout->n_block must
+ * equal n_block) is allocated on backend b. Returns 0 and *out, or KVS_NO_MEMORY /
+ * KVS_INVALID_ARGUMENT (n_block < 1, block_size < 1). Caller frees with kvs_pool_destroy.
+ * The backend must outlive the pool. */
+int kvs_pool_new(kvs_backend *b, const struct kvs_kv_layout *layout, kvs_pool **out);
+void kvs_pool_destroy(kvs_pool **pool);
+
+/* Number of blocks that fit in budget_bytes for this layout (0 if none). */
+int32_t kvs_pool_blocks_for_bytes(size_t budget_bytes, int32_t block_size, size_t cell_bytes);
+
+kvs_kv_cache *kvs_pool_kv(const kvs_pool *pool);
+const struct kvs_kv_layout *kvs_pool_layout(const kvs_pool *pool);
+int32_t kvs_pool_block_size(const kvs_pool *pool);
+int32_t kvs_pool_n_blocks(const kvs_pool *pool);
+int32_t kvs_pool_n_free(const kvs_pool *pool);          /* blocks on the free list */
+int64_t kvs_pool_capacity_cells(const kvs_pool *pool);   /* n_blocks * block_size */
+int32_t kvs_pool_refcount(const kvs_pool *pool, int32_t block);
+
+/* A new empty seq. Returns NULL on allocation failure. Release with kvs_pool_seq_release. */
+kvs_seq *kvs_pool_seq_new(kvs_pool *pool);
+
+/* A fork of src: same length, shares all of src's blocks (refcounts +1). NULL on
+ * allocation failure (nothing changed). */
+kvs_seq *kvs_pool_seq_fork(kvs_pool *pool, const kvs_seq *src);
+
+/* Drop a seq's references (blocks whose refcount reaches 0 return to the free list) and
+ * free it. Accepts NULL and *seq == NULL; sets *seq to NULL. */
+void kvs_pool_seq_release(kvs_pool *pool, kvs_seq **seq);
+
+/* Blocks that reserving n more cells for seq would take from the free list (new blocks,
+ * plus one when a shared partial tail must be copied). Changes nothing. */
+int32_t kvs_pool_seq_blocks_needed(const kvs_pool *pool, const kvs_seq *seq, int32_t n);
+
+/* Make cells [n_cells, n_cells + n) of seq writable: copy a shared partial tail block,
+ * append fresh blocks. On KVS_CAPACITY (not enough free blocks) or KVS_NO_MEMORY nothing
+ * has changed. Does not change n_cells. */
+int kvs_pool_seq_reserve(kvs_pool *pool, kvs_seq *seq, int32_t n);
+
+/* Advance seq's length by n cells (written by the forward pass). The cells must have been
+ * reserved (asserted). */
+void kvs_pool_seq_commit(kvs_pool *pool, kvs_seq *seq, int32_t n);
+
+/* Drop blocks past the committed length (unused reservations). */
+void kvs_pool_seq_trim(kvs_pool *pool, kvs_seq *seq);
+
+/* The cell index (block * block_size + offset) that holds position pos of seq; pos must be
+ * inside the reserved blocks (asserted). */
+static inline int32_t kvs_seq_slot(const kvs_seq *seq, int32_t pos, int32_t block_size)
+{
+    return seq->table[pos / block_size] * block_size + pos % block_size;
+}
+
+#endif
