@@ -129,6 +129,11 @@ struct kvs_backend_ops {
      * cells; q (n_rows, n_head, head_dim); GQA: head h reads KV head h / (n_head/n_kv_head). */
     int (*attention)(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *q,
                      int32_t n_head, float scale, const struct kvs_attn_batch *ab, float *out);
+
+    /* ---- lifecycle ---- */
+    /* Free the backend's context and b itself (kvs_backend_destroy calls it). Weights and
+     * KV caches must have been freed before. */
+    void (*destroy)(kvs_backend *b);
 };
 
 struct kvs_backend {
@@ -140,6 +145,12 @@ struct kvs_backend {
 /* Create the CPU backend with n_threads (0 = number of online CPUs). Returns NULL on
  * failure. Caller frees with kvs_backend_destroy. */
 kvs_backend *kvs_backend_cpu_new(int32_t n_threads);
+
+/* The CPU backend's kernel level ("scalar", "avx2", "avx512"): the best the CPU supports,
+ * lowered by the environment variable KVS_CPU_ISA=scalar|avx2|avx512 read at
+ * kvs_backend_cpu_new. Results may differ between levels; within one level every op is
+ * batch-invariant. b must be a CPU backend. */
+const char *kvs_backend_cpu_isa(const kvs_backend *b);
 
 /* Destroy any backend; accepts NULL and *b == NULL; sets *b to NULL. */
 void kvs_backend_destroy(kvs_backend **b);

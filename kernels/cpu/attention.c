@@ -1,0 +1,262 @@
+/* KV storage and paged attention (GQA) for the CPU backend.
+ *
+ * Storage: K and V each (n_layer, n_block, n_kv_head, block_size, head_dim) in F32 or F16,
+ * so one KV head's cells of a block are contiguous for the attention walk, and one block of
+ * one layer is one contiguous run (n_kv_head * block_size * head_dim elements) for copies.
+ *
+ * Attention of (row r, head h), online softmax in a fixed order that depends only on the
+ * row's own context: for each block of cells 0..row_ctx[r]-1 in position order:
+ *   s_j = dot(q, k_j) * scale           (the level's dot, cells j of the block in order)
+ *   m'  = max(m, max_j s_j);  c = exp(m - m')  (0 on the first block)
+ *   l   = l * c;  acc = acc * c
+ *   for j in order: p = exp(s_j - m');  l = l + p;  acc = acc + p * v_j
+ * out = acc * (1 / l). */
+#include "kernels/cpu/cpu_impl.h"
+
+#include <assert.h>
+#include <math.h>
+#include <stdlib.h>
+
+struct kvs_kv_cache {
+    struct kvs_kv_layout layout;
+    size_t elem;         /* bytes per stored element: 4 (F32) or 2 (F16) */
+    size_t head_stride;  /* bytes of one KV head's cells in one block: block_size * head_dim */
+    size_t block_stride; /* bytes of one block of one layer: n_kv_head * head_stride */
+    size_t layer_stride; /* bytes of one layer: n_block * block_stride */
+    uint8_t *k, *v;      /* (n_layer, n_block, n_kv_head, block_size, head_dim) each */
+};
+
+int kvs_cpu_kv_new(kvs_backend *b, const struct kvs_kv_layout *l, kvs_kv_cache **out)
+{
+    assert(l != NULL && out != NULL);
+    *out = NULL;
+    if (l->n_layer <= 0 || l->n_block <= 0 || l->block_size <= 0 || l->n_kv_head <= 0 ||
+        l->head_dim <= 0) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    if (l->dtype != KVS_DTYPE_F32 && l->dtype != KVS_DTYPE_F16) {
+        return KVS_UNSUPPORTED;
+    }
+    size_t elem = l->dtype == KVS_DTYPE_F32 ? 4 : 2;
+    size_t head = (size_t)l->block_size * (size_t)l->head_dim * elem;
+    size_t block = head * (size_t)l->n_kv_head;
+    size_t total = 0;
+    if (__builtin_mul_overflow(block, (size_t)l->n_block, &total) ||
+        __builtin_mul_overflow(total, (size_t)l->n_layer, &total) || total > (SIZE_MAX >> 2)) {
+        return KVS_TOO_LARGE;
+    }
+    kvs_kv_cache *kv = calloc(1, sizeof *kv);
+    if (kv == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    kv->layout = *l;
+    kv->elem = elem;
+    kv->head_stride = head;
+    kv->block_stride = block;
+    kv->layer_stride = block * (size_t)l->n_block;
+    size_t rounded = (total + 63) & ~(size_t)63;
+    kv->k = aligned_alloc(64, rounded);
+    kv->v = aligned_alloc(64, rounded);
+    if (kv->k == NULL || kv->v == NULL) {
+        kvs_cpu_kv_destroy(b, &kv);
+        return KVS_NO_MEMORY;
+    }
+    /* zeroed so that stale cells are finite, and the pages are committed now, not in a step */
+    memset(kv->k, 0, rounded);
+    memset(kv->v, 0, rounded);
+    *out = kv;
+    return 0;
+}
+
+void kvs_cpu_kv_destroy(kvs_backend *b, kvs_kv_cache **kvp)
+{
+    if (kvp == NULL || *kvp == NULL) {
+        return;
+    }
+    free((*kvp)->k);
+    free((*kvp)->v);
+    free(*kvp);
+    *kvp = NULL;
+}
+
+int kvs_cpu_kv_copy_block(kvs_backend *b, kvs_kv_cache *kv, int32_t src, int32_t dst)
+{
+    assert(kv != NULL);
+    if (src < 0 || src >= kv->layout.n_block || dst < 0 || dst >= kv->layout.n_block) {
+        return KVS_OUT_OF_RANGE;
+    }
+    if (src == dst) {
+        return 0;
+    }
+    for (int32_t l = 0; l < kv->layout.n_layer; l++) {
+        size_t base = (size_t)l * kv->layer_stride;
+        memcpy(kv->k + base + (size_t)dst * kv->block_stride,
+               kv->k + base + (size_t)src * kv->block_stride, kv->block_stride);
+        memcpy(kv->v + base + (size_t)dst * kv->block_stride,
+               kv->v + base + (size_t)src * kv->block_stride, kv->block_stride);
+    }
+    return 0;
+}
+
+/* Byte offset of (layer, cell slot, kv head) in K or V. */
+static size_t cell_offset(const kvs_kv_cache *kv, int32_t layer, int32_t slot, int32_t h)
+{
+    int32_t bs = kv->layout.block_size;
+    return (size_t)layer * kv->layer_stride + (size_t)(slot / bs) * kv->block_stride +
+           (size_t)h * kv->head_stride + (size_t)(slot % bs) * (size_t)kv->layout.head_dim * kv->elem;
+}
+
+int kvs_cpu_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *k,
+                     const float *v, const struct kvs_attn_batch *ab)
+{
+    struct kvs_cpu *c = b->ctx;
+    assert(kv != NULL && k != NULL && v != NULL && ab != NULL);
+    const struct kvs_kv_layout *l = &kv->layout;
+    if (layer < 0 || layer >= l->n_layer) {
+        return KVS_OUT_OF_RANGE;
+    }
+    int64_t n_slots = (int64_t)l->n_block * l->block_size;
+    for (int32_t r = 0; r < ab->n_rows; r++) {
+        if (ab->row_slot[r] < 0 || ab->row_slot[r] >= n_slots) {
+            return KVS_OUT_OF_RANGE;
+        }
+    }
+    int32_t hd = l->head_dim;
+    for (int32_t r = 0; r < ab->n_rows; r++) {
+        for (int32_t h = 0; h < l->n_kv_head; h++) {
+            size_t off = cell_offset(kv, layer, ab->row_slot[r], h);
+            const float *ks = k + ((int64_t)r * l->n_kv_head + h) * hd;
+            const float *vs = v + ((int64_t)r * l->n_kv_head + h) * hd;
+            if (l->dtype == KVS_DTYPE_F32) {
+                memcpy(kv->k + off, ks, (size_t)hd * sizeof(float));
+                memcpy(kv->v + off, vs, (size_t)hd * sizeof(float));
+            } else {
+                c->k->f32_to_f16(ks, (uint16_t *)(kv->k + off), hd);
+                c->k->f32_to_f16(vs, (uint16_t *)(kv->v + off), hd);
+            }
+        }
+    }
+    return 0;
+}
+
+struct attn_job {
+    const struct kvs_cpu_kernels *k;
+    struct kvs_cpu_thread_scratch *ts; /* (n_threads) */
+    const kvs_kv_cache *kv;
+    int32_t layer, n_head, group;      /* group = n_head / n_kv_head */
+    float scale;
+    const float *q;                    /* (n_rows, n_head, head_dim) */
+    const struct kvs_attn_batch *ab;
+    float *out;                        /* (n_rows, n_head, head_dim) */
+};
+
+/* One (row, head): the online softmax described at the top of the file. */
+static void attend_one(const struct attn_job *j, int32_t r, int32_t h, float *scores, float *acc)
+{
+    const kvs_kv_cache *kv = j->kv;
+    const struct kvs_cpu_kernels *k = j->k;
+    const int32_t hd = kv->layout.head_dim, bs = kv->layout.block_size;
+    const int32_t kvh = h / j->group;
+    const float *q = j->q + ((int64_t)r * j->n_head + h) * hd;
+    float *out = j->out + ((int64_t)r * j->n_head + h) * hd;
+    const int32_t n_ctx = j->ab->row_ctx[r];
+    const int32_t *table = j->ab->tables + j->ab->row_table[r];
+    const size_t base = (size_t)j->layer * kv->layer_stride + (size_t)kvh * kv->head_stride;
+    const size_t cell_bytes = (size_t)hd * kv->elem;
+    const bool f16 = kv->layout.dtype == KVS_DTYPE_F16;
+
+    float m = -INFINITY, l = 0.0f;
+    memset(acc, 0, (size_t)hd * sizeof(float));
+    for (int32_t c0 = 0; c0 < n_ctx; c0 += bs) {
+        int32_t nc = n_ctx - c0 < bs ? n_ctx - c0 : bs;
+        size_t boff = base + (size_t)table[c0 / bs] * kv->block_stride;
+        const uint8_t *kb = kv->k + boff, *vb = kv->v + boff;
+        float bmax = -INFINITY;
+        for (int32_t i = 0; i < nc; i++) {
+            float s = f16 ? k->dot_f16(q, (const uint16_t *)(kb + i * cell_bytes), hd)
+                          : k->dot_f32(q, (const float *)(kb + i * cell_bytes), hd);
+            s = s * j->scale;
+            scores[i] = s;
+            bmax = s > bmax ? s : bmax;
+        }
+        float mn = bmax > m ? bmax : m;
+        if (c0 > 0) {
+            float corr = expf(m - mn);
+            l = l * corr;
+            k->scale(acc, corr, hd);
+        }
+        m = mn;
+        for (int32_t i = 0; i < nc; i++) {
+            float p = expf(scores[i] - m);
+            l = l + p;
+            if (f16) {
+                k->axpy_f16(acc, p, (const uint16_t *)(vb + i * cell_bytes), hd);
+            } else {
+                k->axpy_f32(acc, p, (const float *)(vb + i * cell_bytes), hd);
+            }
+        }
+    }
+    float inv = 1.0f / l;
+    for (int32_t d = 0; d < hd; d++) {
+        out[d] = acc[d] * inv;
+    }
+}
+
+/* (row, head) pairs are dealt round-robin to the participants: rows of one prefill chunk
+ * have growing contexts, so contiguous ranges would be unbalanced. */
+static void attn_worker(void *arg, int32_t ith, int32_t nth)
+{
+    const struct attn_job *j = arg;
+    int64_t n = (int64_t)j->ab->n_rows * j->n_head;
+    struct kvs_cpu_thread_scratch *ts = &j->ts[ith];
+    for (int64_t i = ith; i < n; i += nth) {
+        attend_one(j, (int32_t)(i / j->n_head), (int32_t)(i % j->n_head), ts->scores, ts->acc);
+    }
+}
+
+int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *q,
+                      int32_t n_head, float scale, const struct kvs_attn_batch *ab, float *out)
+{
+    struct kvs_cpu *c = b->ctx;
+    assert(kv != NULL && q != NULL && ab != NULL && out != NULL);
+    const struct kvs_kv_layout *l = &kv->layout;
+    if (layer < 0 || layer >= l->n_layer) {
+        return KVS_OUT_OF_RANGE;
+    }
+    if (n_head <= 0 || n_head % l->n_kv_head != 0) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    /* validate every block a row will read before any work starts */
+    for (int32_t r = 0; r < ab->n_rows; r++) {
+        if (ab->row_ctx[r] <= 0 || ab->row_table[r] < 0) {
+            return KVS_INVALID_ARGUMENT;
+        }
+        int32_t nblk = (ab->row_ctx[r] + l->block_size - 1) / l->block_size;
+        const int32_t *t = ab->tables + ab->row_table[r];
+        for (int32_t i = 0; i < nblk; i++) {
+            if (t[i] < 0 || t[i] >= l->n_block) {
+                return KVS_OUT_OF_RANGE;
+            }
+        }
+    }
+    for (int32_t t = 0; t < c->n_threads; t++) {
+        struct kvs_cpu_thread_scratch *ts = &c->ts[t];
+        KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->scores, &ts->cap_scores, l->block_size,
+                                        sizeof(float)));
+        KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->acc, &ts->cap_acc, l->head_dim,
+                                        sizeof(float)));
+    }
+    struct attn_job j = {.k = c->k,
+                         .ts = c->ts,
+                         .kv = kv,
+                         .layer = layer,
+                         .n_head = n_head,
+                         .group = n_head / l->n_kv_head,
+                         .scale = scale,
+                         .q = q,
+                         .ab = ab,
+                         .out = out};
+    int64_t n = (int64_t)ab->n_rows * n_head;
+    kvs_threadpool_run(c->pool, n < c->n_threads ? (int32_t)n : 0, attn_worker, &j);
+    return 0;
+}

@@ -1,0 +1,209 @@
+/* Internals shared by the CPU backend's files (not a public header).
+ *
+ * ISA levels: the backend picks one level when it is created (the best the CPU supports,
+ * lowered by KVS_CPU_ISA=scalar|avx2|avx512) and uses that level's kernel table for every
+ * op. Results may differ between levels; within one level every kernel is batch-invariant
+ * (see kernels/backend.h).
+ *
+ * Quantized matmuls first quantize each activation row to struct kvs_cpu_q8 blocks (32
+ * values, per-block f32 scale, round to nearest even), then take integer dot products
+ * against the weight blocks: y = sum_b dw_b * dx_b * isum_b (+ m_b * sx_b for Q4_1,
+ * - 8 * dw_b * sx_b for Q4_0), summed over blocks b in order.
+ */
+#ifndef KVS_CPU_IMPL_H
+#define KVS_CPU_IMPL_H
+
+#include "common/status.h"
+#include "kernels/backend.h"
+#include "kernels/cpu/threadpool.h"
+#include "kernels/dtype.h"
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__FAST_MATH__)
+#error "the CPU backend relies on IEEE evaluation order; do not build it with -ffast-math"
+#endif
+
+enum kvs_cpu_isa {
+    KVS_CPU_ISA_SCALAR = 0, /* portable C */
+    KVS_CPU_ISA_AVX2 = 1,   /* AVX2 + FMA + F16C */
+    KVS_CPU_ISA_AVX512 = 2, /* AVX-512 F/BW/VL/DQ + VNNI (integer dots via vpdpbusd) */
+};
+
+/* The best level this CPU supports, lowered (never raised) by KVS_CPU_ISA. */
+int kvs_cpu_isa_detect(void);
+/* "scalar", "avx2", "avx512". */
+const char *kvs_cpu_isa_name(int isa);
+
+#define KVS_QK 32 /* elements per quantized block */
+
+/* One activation block: 32 values x ~= d * q. */
+struct kvs_cpu_q8 {
+    float d;      /* scale: max|x| / 127 (0 for an all-zero block) */
+    float s;      /* d * sum(q): the block's sum, for the Q4_1 / Q4_0 offset terms */
+    int8_t q[32]; /* round(x / d) */
+};
+
+/* GGUF weight blocks (kernels/dtype.h). */
+struct kvs_cpu_block_q8_0 {
+    uint16_t d;
+    int8_t q[32];
+};
+struct kvs_cpu_block_q4_0 {
+    uint16_t d;
+    uint8_t qs[16];
+};
+struct kvs_cpu_block_q4_1 {
+    uint16_t d;
+    uint16_t m;
+    uint8_t qs[16];
+};
+_Static_assert(sizeof(struct kvs_cpu_block_q8_0) == 34, "Q8_0 block");
+_Static_assert(sizeof(struct kvs_cpu_block_q4_0) == 18, "Q4_0 block");
+_Static_assert(sizeof(struct kvs_cpu_block_q4_1) == 20, "Q4_1 block");
+
+/* Compute y[r * ldy + o] for rows r in [0, n_rows) and outputs o in [o0, o1). x is the
+ * f32 activations (float weights) or the kvs_cpu_q8 blocks (quantized weights), row r at
+ * x + r * (n_in or n_in / 32). bias may be NULL. */
+typedef void (*kvs_cpu_gemm_fn)(const struct kvs_weight *w, const void *x, int32_t n_rows,
+                                int64_t o0, int64_t o1, const float *bias, float *y,
+                                int64_t ldy);
+
+/* One ISA level's kernels. Every function computes each output element in an order that
+ * depends only on that element's inputs. */
+struct kvs_cpu_kernels {
+    int isa;
+    /* x (n) -> n / 32 blocks; n a multiple of 32 */
+    void (*quantize_q8)(const float *x, struct kvs_cpu_q8 *out, int64_t n);
+    kvs_cpu_gemm_fn gemm_f32, gemm_f16, gemm_bf16, gemm_q8_0, gemm_q4_0, gemm_q4_1;
+    /* attention: dot(q, k) over n, k in f32 or f16 */
+    float (*dot_f32)(const float *q, const float *k, int32_t n);
+    float (*dot_f16)(const float *q, const uint16_t *k, int32_t n);
+    /* acc = acc * c (n) */
+    void (*scale)(float *acc, float c, int32_t n);
+    /* acc += p * v (n), v in f32 or f16 */
+    void (*axpy_f32)(float *acc, float p, const float *v, int32_t n);
+    void (*axpy_f16)(float *acc, float p, const uint16_t *v, int32_t n);
+    /* f32 -> f16 (round to nearest even) */
+    void (*f32_to_f16)(const float *x, uint16_t *out, int64_t n);
+};
+
+extern const struct kvs_cpu_kernels kvs_cpu_kernels_scalar;
+#if defined(__x86_64__)
+extern const struct kvs_cpu_kernels kvs_cpu_kernels_avx2;
+extern const struct kvs_cpu_kernels kvs_cpu_kernels_avx512;
+#endif
+
+/* Per-thread scratch for attention. */
+struct kvs_cpu_thread_scratch {
+    float *scores; /* (cap_scores) one block's scores */
+    float *acc;    /* (cap_acc) one head's running output */
+    int64_t cap_scores, cap_acc;
+};
+
+/* The backend context (kvs_backend.ctx). */
+struct kvs_cpu {
+    const struct kvs_cpu_kernels *k; /* the chosen ISA level's kernels */
+    kvs_threadpool *pool;
+    int32_t n_threads;
+    struct kvs_cpu_q8 *qx;  /* (cap_qx) quantized activations of the current matmul */
+    int64_t cap_qx;         /* blocks */
+    double *rope_cs;        /* (cap_rope) cos/sin table of the current rope call */
+    int64_t cap_rope;       /* doubles */
+    struct kvs_cpu_thread_scratch *ts; /* (n_threads) */
+};
+
+/* Grow a 64-byte aligned scratch buffer to at least `need` elements of `elem` bytes; keeps
+ * nothing. Returns 0 or KVS_NO_MEMORY. */
+int kvs_cpu_scratch_reserve(void **buf, int64_t *cap, int64_t need, size_t elem);
+
+/* Ops (cpu_backend.c fills the vtable with these). */
+int kvs_cpu_matmul(kvs_backend *b, const struct kvs_weight *w, const float *x, int32_t n_rows,
+                   const float *bias, float *y);
+int kvs_cpu_get_rows(kvs_backend *b, const struct kvs_weight *table, const int32_t *host_ids,
+                     int32_t n, float *out);
+int kvs_cpu_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_rows, int32_t dim,
+                    float eps, float *out);
+int kvs_cpu_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int32_t head_dim,
+                 const int32_t *host_pos, const struct kvs_rope *rope);
+int kvs_cpu_swiglu(kvs_backend *b, const float *gate, const float *up, int64_t n, float *out);
+int kvs_cpu_add(kvs_backend *b, float *x, const float *y, int64_t n);
+int kvs_cpu_gather(kvs_backend *b, const float *x, const int32_t *host_idx, int32_t n,
+                   int32_t dim, float *out);
+int kvs_cpu_kv_new(kvs_backend *b, const struct kvs_kv_layout *layout, kvs_kv_cache **out);
+void kvs_cpu_kv_destroy(kvs_backend *b, kvs_kv_cache **kv);
+int kvs_cpu_kv_copy_block(kvs_backend *b, kvs_kv_cache *kv, int32_t src, int32_t dst);
+int kvs_cpu_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *k,
+                     const float *v, const struct kvs_attn_batch *ab);
+int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *q,
+                      int32_t n_head, float scale, const struct kvs_attn_batch *ab, float *out);
+
+/* Scalar half-precision conversions (round to nearest even), usable from every file. */
+static inline float kvs_cpu_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13); /* inf / nan */
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalize */
+        int e = -1;
+        do {
+            e++;
+            man <<= 1;
+        } while ((man & 0x400) == 0);
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t kvs_cpu_f32_to_f16(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = (x >> 16) & 0x8000;
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) { /* inf / nan */
+        return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 | ((ax >> 13) & 0x3ff) : 0));
+    }
+    if (ax >= 0x477ff000u) { /* rounds to >= 65520: overflow */
+        return (uint16_t)(sign | 0x7c00);
+    }
+    if (ax < 0x38800000u) { /* below the smallest normal half: subnormal or zero */
+        if (ax < 0x33000000u) {
+            return (uint16_t)sign; /* < 2^-25: rounds to zero */
+        }
+        uint32_t e = ax >> 23;
+        uint32_t m = (ax & 0x7fffff) | 0x800000;
+        uint32_t shift = 126 - e; /* 14..24 */
+        uint32_t r = m >> shift;
+        uint32_t rem = m & ((1u << shift) - 1);
+        uint32_t half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1))) {
+            r++;
+        }
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = ax + 0xfff + ((ax >> 13) & 1); /* round to nearest even */
+    r -= 0x38000000u;                            /* rebias 127 -> 15 */
+    return (uint16_t)(sign | (r >> 13));
+}
+
+static inline float kvs_cpu_bf16_to_f32(uint16_t h)
+{
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#endif

@@ -1,0 +1,422 @@
+/* x86 SIMD kernels, a template included by matmul_avx2.c and matmul_avx512.c (not a header
+ * of its own). The includer defines:
+ *   KVS_X86_NAME(s)  symbol suffixing, e.g. s##_avx2
+ *   KVS_X86_VNNI     1 to take u8 x s8 dot products with vpdpbusd (AVX512-VNNI, 256-bit)
+ *   KVS_X86_TILE_R, KVS_X86_TILE_C   rows x outputs of the multi-row quantized tile
+ *
+ * Per-element order (the batch-invariance contract, identical in every tile shape):
+ *   quantized: acc (8 lanes) = fma(set1(dw * dx), cvt(isum8_b), acc) for blocks b in order,
+ *              where isum8_b lane i = sum of products 4i..4i+3 of the block (exact integers,
+ *              the same from maddubs+madd and from vpdpbusd); ms = ms + mw * sx (scalar);
+ *              y = hsum(acc) + ms  (Q4_0: mw = dw and y = hsum(acc) - 8 * ms).
+ *   float:     four 8-lane accumulators a_j over k = 32i + 8j + lane, then k-chunks of 8 in
+ *              a_0, y = hsum((a_0 + a_1) + (a_2 + a_3)), then the k % 8 tail one by one.
+ *   hsum(v):   (lo128 + hi128), then (+ movehl), then (+ lane 1).
+ */
+#include <immintrin.h>
+#include <math.h>
+
+#define KVS_INLINE static inline __attribute__((always_inline))
+
+KVS_INLINE float hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* lane i = sum_{j<4} u[4i+j] * s[4i+j], u unsigned bytes, s signed bytes */
+KVS_INLINE __m256i dot_u8s8(__m256i u, __m256i s)
+{
+#if KVS_X86_VNNI
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* 16 bytes of nibbles -> 32 bytes: low nibbles (elements 0..15), then high (16..31). */
+KVS_INLINE __m256i unpack_q4(const uint8_t *qs)
+{
+    __m128i t = _mm_loadu_si128((const __m128i *)qs);
+    __m256i v = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+}
+
+KVS_INLINE float f16(uint16_t h)
+{
+    return _cvtsh_ss(h);
+}
+
+static void KVS_X86_NAME(quantize_q8)(const float *x, struct kvs_cpu_q8 *out, int64_t n)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < n / KVS_QK; b++) {
+        const float *xb = x + b * KVS_QK;
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+        __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float amax = _mm_cvtss_f32(m4);
+        float d = amax / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        __m256 vid = _mm256_set1_ps(id);
+        /* cvtps rounds to nearest even, as nearbyintf in the scalar level */
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vid));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid));
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        int32_t sum = _mm_cvtsi128_si32(s4);
+        __m256i p0 = _mm256_packs_epi32(i0, i1); /* 0-3 8-11 4-7 12-15 */
+        __m256i p1 = _mm256_packs_epi32(i2, i3); /* 16-19 24-27 20-23 28-31 */
+        __m256i p = _mm256_packs_epi16(p0, p1);
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)out[b].q, p);
+        out[b].d = d;
+        out[b].s = d * (float)sum;
+    }
+}
+
+/* ---- quantized tiles: R activation rows x C weight rows ----------------------------------- */
+
+#define Q_TILE_BEGIN(R, C)                                                                     \
+    __m256 acc[R][C];                                                                          \
+    float ms[R][C];                                                                            \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                       \
+    {                                                                                          \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                                   \
+        {                                                                                      \
+            acc[r][c] = _mm256_setzero_ps();                                                   \
+            ms[r][c] = 0.0f;                                                                   \
+        }                                                                                      \
+    }
+
+KVS_INLINE void tile_q4_1(const uint8_t *w, size_t row_bytes, const struct kvs_cpu_q8 *x,
+                          int64_t ldx, int64_t nb, const int R, const int C, float *out, int64_t ldo)
+{
+    Q_TILE_BEGIN(4, 4)
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xq[4];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            xq[r] = _mm256_loadu_si256((const __m256i *)x[r * ldx + b].q);
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < C; c++) {
+            const struct kvs_cpu_block_q4_1 *wb =
+                (const struct kvs_cpu_block_q4_1 *)(w + c * row_bytes) + b;
+            __m256i wq = unpack_q4(wb->qs);
+            float dw = f16(wb->d), mw = f16(wb->m);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const struct kvs_cpu_q8 *xb = &x[r * ldx + b];
+                __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wq, xq[r]));
+                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb->d), isum, acc[r][c]);
+                ms[r][c] = ms[r][c] + mw * xb->s;
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+#pragma GCC unroll 8
+        for (int c = 0; c < C; c++) {
+            out[r * ldo + c] = hsum8(acc[r][c]) + ms[r][c];
+        }
+    }
+}
+
+KVS_INLINE void tile_q4_0(const uint8_t *w, size_t row_bytes, const struct kvs_cpu_q8 *x,
+                          int64_t ldx, int64_t nb, const int R, const int C, float *out, int64_t ldo)
+{
+    Q_TILE_BEGIN(4, 4)
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xq[4];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            xq[r] = _mm256_loadu_si256((const __m256i *)x[r * ldx + b].q);
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < C; c++) {
+            const struct kvs_cpu_block_q4_0 *wb =
+                (const struct kvs_cpu_block_q4_0 *)(w + c * row_bytes) + b;
+            __m256i wq = unpack_q4(wb->qs);
+            float dw = f16(wb->d);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const struct kvs_cpu_q8 *xb = &x[r * ldx + b];
+                __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wq, xq[r]));
+                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb->d), isum, acc[r][c]);
+                ms[r][c] = ms[r][c] + dw * xb->s;
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+#pragma GCC unroll 8
+        for (int c = 0; c < C; c++) {
+            out[r * ldo + c] = hsum8(acc[r][c]) - 8.0f * ms[r][c];
+        }
+    }
+}
+
+KVS_INLINE void tile_q8_0(const uint8_t *w, size_t row_bytes, const struct kvs_cpu_q8 *x,
+                          int64_t ldx, int64_t nb, const int R, const int C, float *out, int64_t ldo)
+{
+    Q_TILE_BEGIN(4, 4)
+    (void)ms;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xq[4];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            xq[r] = _mm256_loadu_si256((const __m256i *)x[r * ldx + b].q);
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < C; c++) {
+            const struct kvs_cpu_block_q8_0 *wb =
+                (const struct kvs_cpu_block_q8_0 *)(w + c * row_bytes) + b;
+            __m256i wq = _mm256_loadu_si256((const __m256i *)wb->q);
+            __m256i wa = _mm256_abs_epi8(wq);
+            float dw = f16(wb->d);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const struct kvs_cpu_q8 *xb = &x[r * ldx + b];
+                __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wa, _mm256_sign_epi8(xq[r], wq)));
+                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb->d), isum, acc[r][c]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+#pragma GCC unroll 8
+        for (int c = 0; c < C; c++) {
+            out[r * ldo + c] = hsum8(acc[r][c]);
+        }
+    }
+}
+
+/* Drive a tile function over rows [0, n_rows) x outputs [o0, o1): single rows take 1 x 4
+ * tiles, groups of TILE_R rows take TILE_R x TILE_C tiles over panels of 16 outputs. */
+#define GEMM_Q_DRIVER(NAME, TILE)                                                              \
+    static void KVS_X86_NAME(NAME)(const struct kvs_weight *w, const void *xv, int32_t n_rows, \
+                                   int64_t o0, int64_t o1, const float *bias, float *y,       \
+                                   int64_t ldy)                                               \
+    {                                                                                          \
+        const struct kvs_cpu_q8 *x = xv;                                                       \
+        const uint8_t *wd = w->data;                                                           \
+        const size_t rb = w->row_bytes;                                                        \
+        const int64_t nb = w->n_in / KVS_QK;                                                   \
+        for (int64_t ob = o0; ob < o1; ob += 16) {                                             \
+            int64_t oe = ob + 16 < o1 ? ob + 16 : o1;                                          \
+            int32_t r = 0;                                                                     \
+            for (; r + KVS_X86_TILE_R <= n_rows; r += KVS_X86_TILE_R) {                        \
+                int64_t o = ob;                                                                \
+                for (; o + KVS_X86_TILE_C <= oe; o += KVS_X86_TILE_C) {                        \
+                    TILE(wd + o * rb, rb, x + r * nb, nb, nb, KVS_X86_TILE_R, KVS_X86_TILE_C,  \
+                         y + r * ldy + o, ldy);                                                \
+                }                                                                              \
+                for (; o < oe; o++) {                                                          \
+                    TILE(wd + o * rb, rb, x + r * nb, nb, nb, KVS_X86_TILE_R, 1,               \
+                         y + r * ldy + o, ldy);                                                \
+                }                                                                              \
+            }                                                                                  \
+            for (; r < n_rows; r++) {                                                          \
+                int64_t o = ob;                                                                \
+                for (; o + 4 <= oe; o += 4) {                                                  \
+                    TILE(wd + o * rb, rb, x + r * nb, nb, nb, 1, 4, y + r * ldy + o, ldy);     \
+                }                                                                              \
+                for (; o < oe; o++) {                                                          \
+                    TILE(wd + o * rb, rb, x + r * nb, nb, nb, 1, 1, y + r * ldy + o, ldy);     \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        if (bias != NULL) {                                                                    \
+            for (int32_t r = 0; r < n_rows; r++) {                                             \
+                for (int64_t o = o0; o < o1; o++) {                                            \
+                    y[r * ldy + o] += bias[o];                                                 \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+GEMM_Q_DRIVER(gemm_q4_1, tile_q4_1)
+GEMM_Q_DRIVER(gemm_q4_0, tile_q4_0)
+GEMM_Q_DRIVER(gemm_q8_0, tile_q8_0)
+
+/* ---- float weights: R activation rows x 1 weight row ------------------------------------- */
+
+KVS_INLINE __m256 load8_f32(const void *p, int64_t k)
+{
+    return _mm256_loadu_ps((const float *)p + k);
+}
+KVS_INLINE __m256 load8_f16(const void *p, int64_t k)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + k)));
+}
+KVS_INLINE __m256 load8_bf16(const void *p, int64_t k)
+{
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + k));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+KVS_INLINE float load1_f32(const void *p, int64_t k)
+{
+    return ((const float *)p)[k];
+}
+KVS_INLINE float load1_f16(const void *p, int64_t k)
+{
+    return f16(((const uint16_t *)p)[k]);
+}
+KVS_INLINE float load1_bf16(const void *p, int64_t k)
+{
+    return kvs_cpu_bf16_to_f32(((const uint16_t *)p)[k]);
+}
+
+#define GEMM_F_TILE(T)                                                                         \
+    KVS_INLINE void tile_##T(const void *wr, const float *x, int64_t ldx, int64_t n, const int R, \
+                             float *out, int64_t ldo)                                          \
+    {                                                                                          \
+        __m256 a[4][4];                                                                        \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
+        {                                                                                      \
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++)                               \
+            {                                                                                  \
+                a[r][j] = _mm256_setzero_ps();                                                 \
+            }                                                                                  \
+        }                                                                                      \
+        int64_t k = 0;                                                                         \
+        for (; k + 32 <= n; k += 32) {                                                         \
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++)                               \
+            {                                                                                  \
+                __m256 wv = load8_##T(wr, k + 8 * j);                                          \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                           \
+                {                                                                              \
+                    a[r][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * ldx + k + 8 * j),    \
+                                              a[r][j]);                                        \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        for (; k + 8 <= n; k += 8) {                                                           \
+            __m256 wv = load8_##T(wr, k);                                                      \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                               \
+            {                                                                                  \
+                a[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * ldx + k), a[r][0]);      \
+            }                                                                                  \
+        }                                                                                      \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
+        {                                                                                      \
+            float v = hsum8(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]),                     \
+                                          _mm256_add_ps(a[r][2], a[r][3])));                   \
+            for (int64_t kk = k; kk < n; kk++) {                                               \
+                v = v + load1_##T(wr, kk) * x[r * ldx + kk];                                   \
+            }                                                                                  \
+            out[r * ldo] = v;                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    static void KVS_X86_NAME(gemm_##T)(const struct kvs_weight *w, const void *xv,             \
+                                       int32_t n_rows, int64_t o0, int64_t o1,                 \
+                                       const float *bias, float *y, int64_t ldy)               \
+    {                                                                                          \
+        const float *x = xv;                                                                   \
+        const int64_t n = w->n_in;                                                             \
+        for (int32_t rb = 0; rb < n_rows; rb += 32) {                                          \
+            int32_t re = rb + 32 < n_rows ? rb + 32 : n_rows;                                  \
+            for (int64_t o = o0; o < o1; o++) {                                                \
+                const void *wr = (const uint8_t *)w->data + o * w->row_bytes;                  \
+                int32_t r = rb;                                                                \
+                for (; r + 2 <= re; r += 2) {                                                  \
+                    tile_##T(wr, x + r * n, n, n, 2, y + r * ldy + o, ldy);                    \
+                }                                                                              \
+                for (; r < re; r++) {                                                          \
+                    tile_##T(wr, x + r * n, n, n, 1, y + r * ldy + o, ldy);                    \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        if (bias != NULL) {                                                                    \
+            for (int32_t r = 0; r < n_rows; r++) {                                             \
+                for (int64_t o = o0; o < o1; o++) {                                            \
+                    y[r * ldy + o] += bias[o];                                                 \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+GEMM_F_TILE(f32)
+GEMM_F_TILE(f16)
+GEMM_F_TILE(bf16)
+
+/* ---- attention helpers --------------------------------------------------------------------- */
+
+#define DOT_KV(T, LOAD8, LOAD1)                                                                \
+    static float KVS_X86_NAME(dot_##T)(const float *q, const T *k, int32_t n)                  \
+    {                                                                                          \
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),         \
+                       _mm256_setzero_ps()};                                                   \
+        int32_t i = 0;                                                                         \
+        for (; i + 32 <= n; i += 32) {                                                         \
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++)                               \
+            {                                                                                  \
+                a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8 * j), LOAD8(k, i + 8 * j),    \
+                                       a[j]);                                                  \
+            }                                                                                  \
+        }                                                                                      \
+        for (; i + 8 <= n; i += 8) {                                                           \
+            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), LOAD8(k, i), a[0]);                 \
+        }                                                                                      \
+        float v = hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));  \
+        for (; i < n; i++) {                                                                   \
+            v = v + q[i] * LOAD1(k, i);                                                        \
+        }                                                                                      \
+        return v;                                                                              \
+    }
+
+typedef uint16_t kvs_f16_t;
+DOT_KV(float, load8_f32, load1_f32)
+DOT_KV(kvs_f16_t, load8_f16, load1_f16)
+
+static void KVS_X86_NAME(scale)(float *acc, float c, int32_t n)
+{
+    __m256 vc = _mm256_set1_ps(c);
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(acc + i, _mm256_mul_ps(_mm256_loadu_ps(acc + i), vc));
+    }
+    for (; i < n; i++) {
+        acc[i] = acc[i] * c;
+    }
+}
+
+#define AXPY_KV(T, LOAD8, LOAD1)                                                               \
+    static void KVS_X86_NAME(axpy_##T)(float *acc, float p, const T *v, int32_t n)             \
+    {                                                                                          \
+        __m256 vp = _mm256_set1_ps(p);                                                         \
+        int32_t i = 0;                                                                         \
+        for (; i + 8 <= n; i += 8) {                                                           \
+            _mm256_storeu_ps(acc + i,                                                          \
+                             _mm256_fmadd_ps(vp, LOAD8(v, i), _mm256_loadu_ps(acc + i)));      \
+        }                                                                                      \
+        for (; i < n; i++) {                                                                   \
+            acc[i] = acc[i] + p * LOAD1(v, i);                                                 \
+        }                                                                                      \
+    }
+
+AXPY_KV(float, load8_f32, load1_f32)
+AXPY_KV(kvs_f16_t, load8_f16, load1_f16)
+
+static void KVS_X86_NAME(f32_to_f16)(const float *x, uint16_t *out, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm_storeu_si128((__m128i *)(out + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < n; i++) {
+        out[i] = kvs_cpu_f32_to_f16(x[i]);
+    }
+}

@@ -1,0 +1,238 @@
+/* Element-wise and row-wise ops: embedding rows, RMSNorm, RoPE, SwiGLU, add, gather.
+ *
+ * Each output element depends only on its own row's inputs, computed in a fixed order, so
+ * these ops are batch-invariant at every ISA level (they are plain C, the same at all
+ * levels). Row-parallel where a batch is large enough to pay for waking the workers. */
+#include "kernels/cpu/cpu_impl.h"
+
+#include <assert.h>
+#include <math.h>
+
+/* ---- get_rows ------------------------------------------------------------------------------ */
+
+/* Dequantize one row of n elements (n a multiple of the type's block). */
+static void dequantize_row(uint32_t type, const void *src, float *dst, int64_t n)
+{
+    switch (type) {
+    case KVS_DTYPE_F32:
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        break;
+    case KVS_DTYPE_F16:
+        for (int64_t i = 0; i < n; i++) {
+            dst[i] = kvs_cpu_f16_to_f32(((const uint16_t *)src)[i]);
+        }
+        break;
+    case KVS_DTYPE_BF16:
+        for (int64_t i = 0; i < n; i++) {
+            dst[i] = kvs_cpu_bf16_to_f32(((const uint16_t *)src)[i]);
+        }
+        break;
+    case KVS_DTYPE_Q8_0:
+        for (int64_t b = 0; b < n / KVS_QK; b++) {
+            const struct kvs_cpu_block_q8_0 *blk = (const struct kvs_cpu_block_q8_0 *)src + b;
+            float d = kvs_cpu_f16_to_f32(blk->d);
+            for (int j = 0; j < KVS_QK; j++) {
+                dst[b * KVS_QK + j] = d * (float)blk->q[j];
+            }
+        }
+        break;
+    case KVS_DTYPE_Q4_0:
+        for (int64_t b = 0; b < n / KVS_QK; b++) {
+            const struct kvs_cpu_block_q4_0 *blk = (const struct kvs_cpu_block_q4_0 *)src + b;
+            float d = kvs_cpu_f16_to_f32(blk->d);
+            for (int j = 0; j < 16; j++) {
+                dst[b * KVS_QK + j] = d * (float)((blk->qs[j] & 0x0f) - 8);
+                dst[b * KVS_QK + j + 16] = d * (float)((blk->qs[j] >> 4) - 8);
+            }
+        }
+        break;
+    case KVS_DTYPE_Q4_1:
+        for (int64_t b = 0; b < n / KVS_QK; b++) {
+            const struct kvs_cpu_block_q4_1 *blk = (const struct kvs_cpu_block_q4_1 *)src + b;
+            float d = kvs_cpu_f16_to_f32(blk->d);
+            float m = kvs_cpu_f16_to_f32(blk->m);
+            for (int j = 0; j < 16; j++) {
+                dst[b * KVS_QK + j] = d * (float)(blk->qs[j] & 0x0f) + m;
+                dst[b * KVS_QK + j + 16] = d * (float)(blk->qs[j] >> 4) + m;
+            }
+        }
+        break;
+    default:
+        assert(!"unsupported type");
+    }
+}
+
+int kvs_cpu_get_rows(kvs_backend *b, const struct kvs_weight *table, const int32_t *host_ids,
+                     int32_t n, float *out)
+{
+    assert(table != NULL && table->data != NULL && (host_ids != NULL || n == 0));
+    for (int32_t i = 0; i < n; i++) {
+        if (host_ids[i] < 0 || host_ids[i] >= table->n_out) {
+            return KVS_OUT_OF_RANGE;
+        }
+    }
+    for (int32_t i = 0; i < n; i++) {
+        const uint8_t *row = (const uint8_t *)table->data + (size_t)host_ids[i] * table->row_bytes;
+        dequantize_row(table->type, row, out + (int64_t)i * table->n_in, table->n_in);
+    }
+    return 0;
+}
+
+/* ---- rmsnorm ------------------------------------------------------------------------------- */
+
+struct rmsnorm_job {
+    const float *x, *w;
+    float *out;
+    int32_t dim;
+    float eps;
+};
+
+static void rmsnorm_range(void *arg, int64_t r0, int64_t r1, int32_t ith)
+{
+    const struct rmsnorm_job *j = arg;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *x = j->x + r * j->dim;
+        float *o = j->out + r * j->dim;
+        double sum = 0.0; /* in element order, as llama.cpp's ggml_float sum */
+        for (int32_t i = 0; i < j->dim; i++) {
+            sum += (double)(x[i] * x[i]);
+        }
+        float mean = (float)(sum / j->dim);
+        float scale = 1.0f / sqrtf(mean + j->eps);
+        for (int32_t i = 0; i < j->dim; i++) {
+            o[i] = (x[i] * scale) * j->w[i];
+        }
+    }
+}
+
+int kvs_cpu_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_rows, int32_t dim,
+                    float eps, float *out)
+{
+    struct kvs_cpu *c = b->ctx;
+    assert(x != NULL && w != NULL && out != NULL && n_rows >= 0 && dim > 0);
+    struct rmsnorm_job j = {.x = x, .w = w, .out = out, .dim = dim, .eps = eps};
+    kvs_threadpool_for(c->pool, n_rows, 16, rmsnorm_range, &j);
+    return 0;
+}
+
+/* ---- rope ---------------------------------------------------------------------------------- */
+
+struct rope_job {
+    float *x;
+    const double *cs; /* (n_rows, n_dims / 2, 2) cos, sin */
+    int32_t n_heads, head_dim, n_dims, style;
+};
+
+static void rope_range(void *arg, int64_t r0, int64_t r1, int32_t ith)
+{
+    const struct rope_job *j = arg;
+    int32_t half = j->n_dims / 2;
+    for (int64_t r = r0; r < r1; r++) {
+        const double *cs = j->cs + r * j->n_dims;
+        for (int32_t h = 0; h < j->n_heads; h++) {
+            float *x = j->x + (r * j->n_heads + h) * j->head_dim;
+            for (int32_t i = 0; i < half; i++) {
+                float c = (float)cs[2 * i], s = (float)cs[2 * i + 1];
+                int32_t i0 = j->style == KVS_ROPE_NEOX ? i : 2 * i;
+                int32_t i1 = j->style == KVS_ROPE_NEOX ? i + half : 2 * i + 1;
+                float x0 = x[i0], x1 = x[i1];
+                x[i0] = x0 * c - x1 * s;
+                x[i1] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+int kvs_cpu_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int32_t head_dim,
+                 const int32_t *host_pos, const struct kvs_rope *rope)
+{
+    struct kvs_cpu *c = b->ctx;
+    assert(x != NULL && rope != NULL && n_rows >= 0 && n_heads > 0);
+    if (rope->n_dims <= 0 || rope->n_dims % 2 != 0 || rope->n_dims > head_dim ||
+        (rope->style != KVS_ROPE_NORM && rope->style != KVS_ROPE_NEOX)) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    if (n_rows == 0) {
+        return 0;
+    }
+    KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->rope_cs, &c->cap_rope,
+                                    (int64_t)n_rows * rope->n_dims, sizeof(double)));
+    /* theta_i = pos * freq_scale * base^(-2i / n_dims) / freq_factor_i, in double: a fixed
+     * formula per (pos, i), so a position's rotation never depends on its batch. */
+    int32_t half = rope->n_dims / 2;
+    for (int32_t r = 0; r < n_rows; r++) {
+        double *cs = c->rope_cs + (int64_t)r * rope->n_dims;
+        for (int32_t i = 0; i < half; i++) {
+            double inv = pow((double)rope->freq_base, -2.0 * i / rope->n_dims);
+            double theta = (double)host_pos[r] * (double)rope->freq_scale * inv;
+            if (rope->freq_factors != NULL) {
+                theta /= (double)rope->freq_factors[i];
+            }
+            cs[2 * i] = cos(theta);
+            cs[2 * i + 1] = sin(theta);
+        }
+    }
+    struct rope_job j = {.x = x,
+                         .cs = c->rope_cs,
+                         .n_heads = n_heads,
+                         .head_dim = head_dim,
+                         .n_dims = rope->n_dims,
+                         .style = rope->style};
+    kvs_threadpool_for(c->pool, n_rows, 8, rope_range, &j);
+    return 0;
+}
+
+/* ---- element-wise --------------------------------------------------------------------------- */
+
+struct ew_job {
+    const float *a, *b;
+    float *out;
+};
+
+static void swiglu_range(void *arg, int64_t i0, int64_t i1, int32_t ith)
+{
+    const struct ew_job *j = arg;
+    for (int64_t i = i0; i < i1; i++) {
+        float g = j->a[i];
+        j->out[i] = g / (1.0f + expf(-g)) * j->b[i];
+    }
+}
+
+int kvs_cpu_swiglu(kvs_backend *b, const float *gate, const float *up, int64_t n, float *out)
+{
+    struct kvs_cpu *c = b->ctx;
+    assert(gate != NULL && up != NULL && out != NULL && n >= 0);
+    struct ew_job j = {.a = gate, .b = up, .out = out};
+    kvs_threadpool_for(c->pool, n, 8192, swiglu_range, &j);
+    return 0;
+}
+
+static void add_range(void *arg, int64_t i0, int64_t i1, int32_t ith)
+{
+    const struct ew_job *j = arg;
+    for (int64_t i = i0; i < i1; i++) {
+        j->out[i] = j->out[i] + j->b[i];
+    }
+}
+
+int kvs_cpu_add(kvs_backend *b, float *x, const float *y, int64_t n)
+{
+    struct kvs_cpu *c = b->ctx;
+    assert(x != NULL && y != NULL && n >= 0);
+    struct ew_job j = {.b = y, .out = x};
+    kvs_threadpool_for(c->pool, n, 65536, add_range, &j);
+    return 0;
+}
+
+int kvs_cpu_gather(kvs_backend *b, const float *x, const int32_t *host_idx, int32_t n,
+                   int32_t dim, float *out)
+{
+    assert(x != NULL && out != NULL && (host_idx != NULL || n == 0) && dim >= 0);
+    for (int32_t i = 0; i < n; i++) {
+        if (host_idx[i] < 0) {
+            return KVS_OUT_OF_RANGE;
+        }
+        memmove(out + (int64_t)i * dim, x + (int64_t)host_idx[i] * dim, (size_t)dim * sizeof(float));
+    }
+    return 0;
+}
