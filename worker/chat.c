@@ -359,6 +359,9 @@ static int render(const struct kvs_chat_template *t, const struct kvs_chat_msg *
 {
     assert(t != NULL && len_out != NULL && (out != NULL || cap == 0) && (msgs != NULL || n == 0));
     *len_out = 0;
+    if (n == 0) {
+        return t->family == KVS_CHAT_NONE ? KVS_UNSUPPORTED : KVS_INVALID_ARGUMENT;
+    }
     for (size_t i = 0; i < n; i++) {
         if (!role_ok(msgs[i].role) || (msgs[i].content == NULL && msgs[i].len > 0)) {
             return KVS_INVALID_ARGUMENT;

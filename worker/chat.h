@@ -100,9 +100,10 @@ const char *kvs_chat_family_name(kvs_chat_family f);
 void kvs_chat_template_init(struct kvs_chat_template *t, const char *tmpl, size_t len);
 
 /* Render a whole conversation as the template would with add_generation_prompt.
- * Returns 0, KVS_UNSUPPORTED (family NONE), KVS_INVALID_ARGUMENT (a role outside the enum;
- * LLAMA2: roles not alternating user/assistant after an optional first system message), or
- * KVS_TOO_LARGE (see Output). n may be 0. */
+ * Returns 0, KVS_UNSUPPORTED (family NONE), KVS_INVALID_ARGUMENT (n == 0, which some
+ * templates refuse and none renders usefully; a role outside the enum; LLAMA2: roles not
+ * alternating user/assistant after an optional first system message), or KVS_TOO_LARGE
+ * (see Output). */
 int kvs_chat_format(const struct kvs_chat_template *t, const struct kvs_chat_msg *msgs, size_t n,
                     bool add_generation_prompt, char *out, size_t cap, size_t *len_out);
 
