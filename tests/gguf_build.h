@@ -24,7 +24,7 @@ struct gb {
     size_t cap; /* bytes allocated */
 };
 
-static void gb_raw(struct gb *b, const void *src, size_t n)
+static inline void gb_raw(struct gb *b, const void *src, size_t n)
 {
     if (b->n + n > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
@@ -41,24 +41,24 @@ static void gb_raw(struct gb *b, const void *src, size_t n)
     b->n += n;
 }
 
-static void gb_u8(struct gb *b, uint8_t v)
+static inline void gb_u8(struct gb *b, uint8_t v)
 {
     gb_raw(b, &v, 1);
 }
 
-static void gb_u32(struct gb *b, uint32_t v)
+static inline void gb_u32(struct gb *b, uint32_t v)
 {
     uint8_t x[4] = {(uint8_t)v, (uint8_t)(v >> 8), (uint8_t)(v >> 16), (uint8_t)(v >> 24)};
     gb_raw(b, x, 4);
 }
 
-static void gb_u64(struct gb *b, uint64_t v)
+static inline void gb_u64(struct gb *b, uint64_t v)
 {
     gb_u32(b, (uint32_t)v);
     gb_u32(b, (uint32_t)(v >> 32));
 }
 
-static void gb_f32(struct gb *b, float f)
+static inline void gb_f32(struct gb *b, float f)
 {
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -66,18 +66,18 @@ static void gb_f32(struct gb *b, float f)
 }
 
 /* A GGUF string: u64 length + bytes (len may contain NULs). */
-static void gb_strn(struct gb *b, const char *s, size_t len)
+static inline void gb_strn(struct gb *b, const char *s, size_t len)
 {
     gb_u64(b, len);
     gb_raw(b, s, len);
 }
 
-static void gb_str(struct gb *b, const char *s)
+static inline void gb_str(struct gb *b, const char *s)
 {
     gb_strn(b, s, strlen(s));
 }
 
-static void gb_header(struct gb *b, uint32_t version, uint64_t n_tensors, uint64_t n_kv)
+static inline void gb_header(struct gb *b, uint32_t version, uint64_t n_tensors, uint64_t n_kv)
 {
     gb_raw(b, "GGUF", 4);
     gb_u32(b, version);
@@ -85,28 +85,28 @@ static void gb_header(struct gb *b, uint32_t version, uint64_t n_tensors, uint64
     gb_u64(b, n_kv);
 }
 
-static void gb_kv_u32(struct gb *b, const char *key, uint32_t v)
+static inline void gb_kv_u32(struct gb *b, const char *key, uint32_t v)
 {
     gb_str(b, key);
     gb_u32(b, 4); /* KVS_GGUF_UINT32 */
     gb_u32(b, v);
 }
 
-static void gb_kv_i32(struct gb *b, const char *key, int32_t v)
+static inline void gb_kv_i32(struct gb *b, const char *key, int32_t v)
 {
     gb_str(b, key);
     gb_u32(b, 5); /* KVS_GGUF_INT32 */
     gb_u32(b, (uint32_t)v);
 }
 
-static void gb_kv_f32(struct gb *b, const char *key, float v)
+static inline void gb_kv_f32(struct gb *b, const char *key, float v)
 {
     gb_str(b, key);
     gb_u32(b, 6); /* KVS_GGUF_FLOAT32 */
     gb_f32(b, v);
 }
 
-static void gb_kv_str(struct gb *b, const char *key, const char *v)
+static inline void gb_kv_str(struct gb *b, const char *key, const char *v)
 {
     gb_str(b, key);
     gb_u32(b, 8); /* KVS_GGUF_STRING */
@@ -114,7 +114,7 @@ static void gb_kv_str(struct gb *b, const char *key, const char *v)
 }
 
 /* Key + ARRAY type + element type + count; the caller appends the elements. */
-static void gb_kv_arr(struct gb *b, const char *key, uint32_t elem_type, uint64_t n)
+static inline void gb_kv_arr(struct gb *b, const char *key, uint32_t elem_type, uint64_t n)
 {
     gb_str(b, key);
     gb_u32(b, 9); /* KVS_GGUF_ARRAY */
@@ -123,7 +123,7 @@ static void gb_kv_arr(struct gb *b, const char *key, uint32_t elem_type, uint64_
 }
 
 /* A tensor info record. */
-static void gb_tensor(struct gb *b, const char *name, uint32_t n_dims, const uint64_t *ne,
+static inline void gb_tensor(struct gb *b, const char *name, uint32_t n_dims, const uint64_t *ne,
                       uint32_t type, uint64_t offset)
 {
     gb_str(b, name);
@@ -136,21 +136,21 @@ static void gb_tensor(struct gb *b, const char *name, uint32_t n_dims, const uin
 }
 
 /* Zero bytes up to a multiple of align. */
-static void gb_pad(struct gb *b, size_t align)
+static inline void gb_pad(struct gb *b, size_t align)
 {
     while (b->n % align != 0) {
         gb_u8(b, 0);
     }
 }
 
-static void gb_fill(struct gb *b, size_t n, uint8_t v)
+static inline void gb_fill(struct gb *b, size_t n, uint8_t v)
 {
     for (size_t i = 0; i < n; i++) {
         gb_u8(b, v);
     }
 }
 
-static void gb_free(struct gb *b)
+static inline void gb_free(struct gb *b)
 {
     free(b->p);
     memset(b, 0, sizeof *b);
