@@ -15,7 +15,6 @@
 #ifndef KVS_HPARAMS_H
 #define KVS_HPARAMS_H
 
-#include "kernels/backend.h" /* enum kvs_rope_style */
 #include "worker/gguf.h"
 
 #include <stdbool.h>
