@@ -79,11 +79,21 @@ static char *jstr(struct jp *j, size_t *len)
         }
         c = *j->p++;
         switch (c) {
-        case 'n': o[n++] = '\n'; break;
-        case 't': o[n++] = '\t'; break;
-        case 'r': o[n++] = '\r'; break;
-        case 'b': o[n++] = '\b'; break;
-        case 'f': o[n++] = '\f'; break;
+        case 'n':
+            o[n++] = '\n';
+            break;
+        case 't':
+            o[n++] = '\t';
+            break;
+        case 'r':
+            o[n++] = '\r';
+            break;
+        case 'b':
+            o[n++] = '\b';
+            break;
+        case 'f':
+            o[n++] = '\f';
+            break;
         case 'u': {
             uint32_t cp = hex4(j);
             if (cp >= 0xd800 && cp < 0xdc00) { /* surrogate pair */
@@ -93,7 +103,9 @@ static char *jstr(struct jp *j, size_t *len)
             put_utf8(o, &n, cp);
             break;
         }
-        default: o[n++] = c; break; /* \" \\ \/ */
+        default:
+            o[n++] = c;
+            break; /* \" \\ \/ */
         }
     }
     j->p++;
@@ -196,8 +208,7 @@ static void check_output(const char *where, int rc, const char *got, size_t got_
 {
     ck_assert_msg(rc == KVS_OK, "%s: status %s", where, kvs_status_name(rc));
     ck_assert_msg(got_len == expected->slen && memcmp(got, expected->s, got_len) == 0,
-                  "%s:\n got      [%.*s]\n expected [%s]", where, (int)got_len, got,
-                  expected->s);
+                  "%s:\n got      [%.*s]\n expected [%s]", where, (int)got_len, got, expected->s);
     ck_assert_int_eq(got[got_len], '\0');
 }
 
@@ -258,8 +269,7 @@ START_TEST(test_goldens)
             ck_assert_int_eq(kvs_chat_format(&t, msgs, ms->n, gen, tight, len, &need),
                              KVS_TOO_LARGE);
             ck_assert_uint_eq(need, len);
-            ck_assert_int_eq(kvs_chat_format(&t, msgs, ms->n, gen, NULL, 0, &need),
-                             KVS_TOO_LARGE);
+            ck_assert_int_eq(kvs_chat_format(&t, msgs, ms->n, gen, NULL, 0, &need), KVS_TOO_LARGE);
             ck_assert_uint_eq(need, len);
             size_t len2 = 0;
             rc = kvs_chat_format(&t, msgs, ms->n, gen, tight, len + 1, &len2);
@@ -324,7 +334,8 @@ START_TEST(test_default_system)
     ck_assert(memcmp(t.default_system, "You are 'kind'.", t.default_system_len) == 0);
 
     /* Only an expression, no literal: no default. */
-    static const char expr[] = "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>' }}";
+    static const char expr[] =
+        "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>' }}";
     kvs_chat_template_init(&t, expr, strlen(expr));
     ck_assert_int_eq(t.family, KVS_CHAT_CHATML);
     ck_assert_uint_eq(t.default_system_len, 0);
@@ -364,8 +375,7 @@ START_TEST(test_errors)
     ck_assert_int_eq(kvs_chat_format(&none, &m, 1, true, out, sizeof out, &len), KVS_UNSUPPORTED);
     ck_assert_int_eq(kvs_chat_format_question(&none, "q", 1, out, sizeof out, &len),
                      KVS_UNSUPPORTED);
-    ck_assert_int_eq(kvs_chat_format_record(&none, "r", 1, out, sizeof out, &len),
-                     KVS_UNSUPPORTED);
+    ck_assert_int_eq(kvs_chat_format_record(&none, "r", 1, out, sizeof out, &len), KVS_UNSUPPORTED);
 
     ck_assert_int_eq(kvs_chat_format(&chatml, NULL, 0, true, out, sizeof out, &len),
                      KVS_INVALID_ARGUMENT);

@@ -64,12 +64,12 @@ START_TEST(test_validate)
     struct kvs_sampling cases[16];
     const char *fields[16];
     int n = 0;
-#define CASE(field, stmt)                                                                        \
-    do {                                                                                         \
-        cases[n] = kvs_sampling_default();                                                       \
-        struct kvs_sampling *p = &cases[n];                                                      \
-        stmt;                                                                                    \
-        fields[n++] = field;                                                                     \
+#define CASE(field, stmt)                                                                          \
+    do {                                                                                           \
+        cases[n] = kvs_sampling_default();                                                         \
+        struct kvs_sampling *p = &cases[n];                                                        \
+        stmt;                                                                                      \
+        fields[n++] = field;                                                                       \
     } while (0)
     CASE("temperature", p->temperature = -0.1f);
     CASE("temperature", p->temperature = NAN);
@@ -541,7 +541,7 @@ START_TEST(test_stop_basic)
     ck_assert(!feed(m, "/", &e));
     ck_assert_uint_eq(e, 6);
     ck_assert(feed(m, "s> tail", &e));
-    ck_assert_uint_eq(e, 6); /* "Hello " */
+    ck_assert_uint_eq(e, 6);        /* "Hello " */
     ck_assert(feed(m, "more", &e)); /* over: nothing changes */
     ck_assert_uint_eq(e, 6);
 

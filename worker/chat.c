@@ -177,8 +177,8 @@ static int finish(struct writer *w, size_t *len_out)
 /* Length of the Python str.isspace() character that starts at s (n bytes left), or 0. */
 static size_t space_at(const unsigned char *s, size_t n)
 {
-    if (n >= 1 && ((s[0] >= 0x09 && s[0] <= 0x0d) || s[0] == ' ' ||
-                   (s[0] >= 0x1c && s[0] <= 0x1f))) {
+    if (n >= 1 &&
+        ((s[0] >= 0x09 && s[0] <= 0x0d) || s[0] == ' ' || (s[0] >= 0x1c && s[0] <= 0x1f))) {
         return 1;
     }
     if (n >= 2 && s[0] == 0xc2 && (s[1] == 0x85 || s[1] == 0xa0)) { /* U+0085, U+00A0 */
@@ -186,11 +186,12 @@ static size_t space_at(const unsigned char *s, size_t n)
     }
     if (n >= 3) {
         unsigned a = s[0], b = s[1], c = s[2];
-        if ((a == 0xe1 && b == 0x9a && c == 0x80) ||                   /* U+1680 */
-            (a == 0xe2 && b == 0x80 && (c <= 0x8a || c == 0xa8 ||    /* U+2000-200A, 2028 */
-                                        c == 0xa9 || c == 0xaf)) ||    /* U+2029, 202F */
-            (a == 0xe2 && b == 0x81 && c == 0x9f) ||                   /* U+205F */
-            (a == 0xe3 && b == 0x80 && c == 0x80)) {                   /* U+3000 */
+        if ((a == 0xe1 && b == 0x9a && c == 0x80) || /* U+1680 */
+            (a == 0xe2 && b == 0x80 &&
+             (c <= 0x8a || c == 0xa8 ||              /* U+2000-200A, 2028 */
+              c == 0xa9 || c == 0xaf)) ||            /* U+2029, 202F */
+            (a == 0xe2 && b == 0x81 && c == 0x9f) || /* U+205F */
+            (a == 0xe3 && b == 0x80 && c == 0x80)) { /* U+3000 */
             return 3;
         }
     }

@@ -430,18 +430,18 @@ int32_t kvs_sampler_sample(kvs_sampler *s, const float *logits)
 /* ---- stop strings: one KMP automaton per string ---------------------------------------- */
 
 struct stop_str {
-    size_t len;                     /* bytes, [1, KVS_STOP_MAX_LEN] */
-    size_t state;                   /* longest prefix of str that is a suffix of the stream */
-    char str[KVS_STOP_MAX_LEN];     /* the stop string (not NUL-terminated) */
+    size_t len;                      /* bytes, [1, KVS_STOP_MAX_LEN] */
+    size_t state;                    /* longest prefix of str that is a suffix of the stream */
+    char str[KVS_STOP_MAX_LEN];      /* the stop string (not NUL-terminated) */
     uint16_t fail[KVS_STOP_MAX_LEN]; /* fail[i]: longest proper border of str[0, i] */
 };
 
 struct kvs_stop {
-    int n;                                     /* stop strings */
-    size_t total;                              /* bytes fed since new/reset */
-    bool matched;                              /* a stop string completed */
-    size_t emit_len;                           /* last answer of kvs_stop_feed */
-    struct stop_str s[KVS_STOP_MAX_STRINGS];   /* (n) */
+    int n;                                   /* stop strings */
+    size_t total;                            /* bytes fed since new/reset */
+    bool matched;                            /* a stop string completed */
+    size_t emit_len;                         /* last answer of kvs_stop_feed */
+    struct stop_str s[KVS_STOP_MAX_STRINGS]; /* (n) */
 };
 
 int kvs_stop_validate(const char *const *stops, int n, char *err, size_t errlen)
@@ -459,8 +459,8 @@ int kvs_stop_validate(const char *const *stops, int n, char *err, size_t errlen)
         }
         size_t len = strnlen(stops[i], KVS_STOP_MAX_LEN + 1);
         if (len == 0 || len > KVS_STOP_MAX_LEN) {
-            return invalid(err, errlen, "stop string %d: length %s%zu, must be in [1, %d] bytes",
-                           i, len > KVS_STOP_MAX_LEN ? "> " : "",
+            return invalid(err, errlen, "stop string %d: length %s%zu, must be in [1, %d] bytes", i,
+                           len > KVS_STOP_MAX_LEN ? "> " : "",
                            len > KVS_STOP_MAX_LEN ? (size_t)KVS_STOP_MAX_LEN : len,
                            KVS_STOP_MAX_LEN);
         }
