@@ -4,6 +4,7 @@
 #include "common/status.h"
 #include "tests/testutil.h"
 #include "worker/chat.h"
+#include "worker/gguf.h"
 
 #include <check.h>
 #include <stdint.h>
@@ -412,6 +413,64 @@ START_TEST(test_llama2_alternation)
 }
 END_TEST
 
+/* The real files: the template read with the GGUF reader is the one the goldens were
+ * rendered from, and what the worker will see. */
+static void template_of(const char *path, struct kvs_chat_template *t, char **text, size_t *len)
+{
+    kvs_gguf *g = NULL;
+    char err[256];
+    ck_assert_msg(kvs_gguf_open(path, &g, err, sizeof err) == KVS_OK, "%s: %s", path, err);
+    kvs_gguf_str s = {0};
+    *text = NULL;
+    *len = 0;
+    if (kvs_gguf_get_str(g, "tokenizer.chat_template", &s) == KVS_OK) {
+        *text = malloc(s.len + 1);
+        memcpy(*text, s.ptr, s.len);
+        (*text)[s.len] = '\0';
+        *len = s.len;
+    }
+    kvs_chat_template_init(t, *text, *len);
+    kvs_gguf_destroy(&g);
+}
+
+START_TEST(test_model_files)
+{
+    struct kvs_chat_template t;
+    char *text;
+    size_t len;
+    template_of(kvs_test_default_model(), &t, &text, &len);
+    ck_assert_int_eq(t.family, KVS_CHAT_CHATML);
+    const char *smol = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+    ck_assert_uint_eq(t.default_system_len, strlen(smol));
+    ck_assert(memcmp(t.default_system, smol, strlen(smol)) == 0);
+
+    char path[1024];
+    snprintf(path, sizeof path, "%s/tests/data/chat/smollm2.json", kvs_test_source_dir());
+    size_t glen;
+    char *golden = kvs_test_read_file(path, &glen);
+    ck_assert_ptr_nonnull(golden);
+    struct jp j = {golden, golden + glen};
+    struct jv doc;
+    jparse(&j, &doc);
+    const struct jv *gt = jget(&doc, "template");
+    ck_assert_msg(gt->slen == len && memcmp(gt->s, text, len) == 0,
+                  "the model's template differs from the one the goldens were rendered from");
+    jfree(&doc);
+    free(golden);
+    free(text);
+
+    template_of(kvs_test_vocab("qwen2"), &t, &text, &len);
+    ck_assert_int_eq(t.family, KVS_CHAT_CHATML);
+    ck_assert_uint_eq(t.default_system_len, strlen("You are a helpful assistant"));
+    free(text);
+
+    /* llama.cpp's Llama 3 vocab file carries no template: raw text mode. */
+    template_of(kvs_test_vocab("llama-bpe"), &t, &text, &len);
+    ck_assert_ptr_null(text);
+    ck_assert_int_eq(t.family, KVS_CHAT_NONE);
+}
+END_TEST
+
 static Suite *chat_suite(void)
 {
     Suite *s = suite_create("chat");
@@ -421,6 +480,7 @@ static Suite *chat_suite(void)
     tcase_add_test(tc, test_default_system);
     tcase_add_test(tc, test_errors);
     tcase_add_test(tc, test_llama2_alternation);
+    tcase_add_test(tc, test_model_files);
     suite_add_tcase(s, tc);
     return s;
 }
