@@ -840,7 +840,7 @@ int kvs_tokenizer_decode(const kvs_tokenizer *tok, const int32_t *ids, size_t n,
             return KVS_OUT_OF_RANGE;
         }
         size_t skip = strip_prefix(tok, ids[i], p, pn, &state);
-        if (w + pn - skip <= cap) {
+        if (pn > skip && w + pn - skip <= cap) {
             memcpy(buf + w, p + skip, pn - skip);
         }
         w += pn - skip;
