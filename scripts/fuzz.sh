@@ -4,7 +4,8 @@
 #
 #   scripts/fuzz.sh TARGET SECONDS      e.g. scripts/fuzz.sh gguf 600
 #
-# TARGET names tests/fuzz/fuzz_TARGET.c; seeds come from tests/fuzz/seeds/TARGET and
+# TARGET names tests/fuzz/fuzz_TARGET.c (with tests/fuzz/TARGET.dict as its dictionary when
+# present); seeds come from tests/fuzz/seeds/TARGET and
 # tests/fuzz/regressions/TARGET. The working corpus is build-fuzz/corpus-TARGET (kept between
 # runs); crashes land in build-fuzz/artifacts-TARGET/. Exits non-zero if the fuzzer found one.
 set -euo pipefail
@@ -29,11 +30,16 @@ for d in "$root/tests/fuzz/seeds/$target" "$root/tests/fuzz/regressions/$target"
     fi
 done
 
+dict=()
+if [ -f "$root/tests/fuzz/$target.dict" ]; then
+    dict=(-dict="$root/tests/fuzz/$target.dict")
+fi
+
 log="$build/fuzz-$target.log"
 set +e
 "$build/fuzz_$target" "$corpus" -max_total_time="$seconds" -rss_limit_mb=2048 \
     -malloc_limit_mb=1024 -max_len=65536 -timeout=10 -print_final_stats=1 \
-    -artifact_prefix="$artifacts/" 2>&1 | tee "$log"
+    -artifact_prefix="$artifacts/" "${dict[@]}" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 echo "---- coverage at the end ----"

@@ -116,7 +116,12 @@ START_TEST(test_tiny_qwen2_and_types)
     }
     kvs_gguf_destroy(&g);
 
-    g = make_tiny("--type f16 --tiny-vocab", &hp);
+    g = make_tiny("--type f16 --tiny-vocab --rope-scaling llama3 --rope-freqs --ctx 4096", &hp);
+    ck_assert_int_eq(hp.rope_scaling, KVS_ROPE_SCALING_LLAMA3);
+    ck_assert(hp.has_rope_freqs);
+    ck_assert(hp.rope_scaling_factor == 8.0f);
+    ck_assert_uint_eq(hp.rope_scaling_orig_ctx, 1024);
+    ck_assert_uint_eq(kvs_gguf_find_tensor(g, "rope_freqs.weight")->ne[0], hp.rope_dim / 2);
     ck_assert_uint_eq(kvs_gguf_find_tensor(g, "token_embd.weight")->type, KVS_DTYPE_F16);
     kvs_gguf_destroy(&g);
 }

@@ -10,6 +10,7 @@ Weights are uniform in [-0.035, 0.035] (std ~0.02); norm weights are ~1; biases 
 
   python3 make_tiny_gguf.py -o tiny.gguf [--arch llama|qwen2] [--type f32|f16|q8_0|q4_1]
           [--layers 2] [--seed 1] [--vocab MODEL.gguf | --tiny-vocab] [--untied]
+          [--rope-scaling none|linear|llama3] [--rope-factor 8] [--rope-freqs]
 """
 import argparse
 import array
@@ -238,6 +239,12 @@ def main():
     ap.add_argument("--vocab", default=None, help="GGUF to copy tokenizer.* metadata from")
     ap.add_argument("--tiny-vocab", action="store_true", help="write a 16-token vocabulary")
     ap.add_argument("--untied", action="store_true", help="write a separate output.weight")
+    ap.add_argument("--rope-scaling", choices=["none", "linear", "llama3"], default=None,
+                    help="write <arch>.rope.scaling.* keys (llama3: factor, low/high freq "
+                         "factors 1/4, original context = --ctx / 4)")
+    ap.add_argument("--rope-factor", type=float, default=8.0)
+    ap.add_argument("--rope-freqs", action="store_true",
+                    help="write a rope_freqs.weight tensor [head_dim/2] (as Llama 3.1 GGUFs do)")
     a = ap.parse_args()
 
     if a.n_embd % a.n_head or a.n_head % a.n_head_kv or (a.n_embd // a.n_head) % 2:
@@ -270,7 +277,17 @@ def main():
                   1e-5 if arch == "llama" else 1e-6),
         kv_scalar(arch + ".rope.dimension_count", U32, head_dim),
         kv_scalar(arch + ".vocab_size", U32, n_vocab),
-    ] + vocab_kvs
+    ]
+    if a.rope_scaling:
+        kvs.append(kv_str(arch + ".rope.scaling.type", a.rope_scaling))
+        if a.rope_scaling != "none":
+            kvs.append(kv_scalar(arch + ".rope.scaling.factor", F32, a.rope_factor))
+        if a.rope_scaling == "llama3":
+            kvs += [kv_scalar(arch + ".rope.scaling.original_context_length", U32,
+                              max(1, a.ctx // 4)),
+                    kv_scalar(arch + ".rope.scaling.low_freq_factor", F32, 1.0),
+                    kv_scalar(arch + ".rope.scaling.high_freq_factor", F32, 4.0)]
+    kvs += vocab_kvs
 
     rng = random.Random(a.seed)
     scale = 0.035
@@ -289,6 +306,11 @@ def main():
                vec("output_norm.weight", a.n_embd, 1.0, 0.1)]
     if a.untied:
         tensors.append(weight("output.weight", a.n_embd, n_vocab))
+    if a.rope_freqs:
+        # per-frequency divisors: 1 for high frequencies up to --rope-factor for low ones
+        half = head_dim // 2
+        xs = [1.0 + (a.rope_factor - 1.0) * i / max(1, half - 1) for i in range(half)]
+        tensors.append(("rope_freqs.weight", [half], GGML_F32, encode(xs, GGML_F32)))
     for l in range(a.layers):
         p = "blk.%d." % l
         tensors += [
