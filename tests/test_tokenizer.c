@@ -1,5 +1,6 @@
 /* Tokenizer tests: byte-identical ids to llama.cpp on the golden corpus for the four
- * tokenizers (SmolLM2, Llama 3, Qwen2, Llama 2 SentencePiece), round trips, invalid UTF-8,
+ * tokenizers (SmolLM2, Llama 3, Qwen2, Llama 2 SentencePiece) and for the "gpt-2" and
+ * "default" pre-tokenizers over SmolLM2's vocabulary, round trips, invalid UTF-8,
  * streaming decoding, BOS/EOS, special-token parsing, and errors.
  *
  * Goldens: tests/data/tokenizer/golden-<name>.jsonl, made by tests/tools/gen_tokenizer_goldens.py
@@ -23,15 +24,90 @@ struct fixture {
     const char *name; /* golden name */
     kvs_gguf *g;
     kvs_tokenizer *tok;
+    struct gb mem; /* in-memory GGUF behind g for the pre-tokenizer variants */
 };
+
+/* Append src's tokenizer.* keys to body (tokenizer.ggml.pre replaced by pre); returns the
+ * number of keys written. Mirrors gguf_with_pre() in gen_tokenizer_goldens.py. */
+static uint64_t copy_tokenizer_keys(const kvs_gguf *src, const char *pre, struct gb *body)
+{
+    uint64_t n = 0;
+    for (uint64_t i = 0; i < kvs_gguf_n_kv(src); i++) {
+        const char *key = kvs_gguf_key(src, i);
+        if (strncmp(key, "tokenizer.", 10) != 0) {
+            continue;
+        }
+        enum kvs_gguf_type t = kvs_gguf_kv_type(src, i);
+        if (t == KVS_GGUF_STRING) {
+            kvs_gguf_str v;
+            ck_assert_int_eq(kvs_gguf_get_str(src, key, &v), 0);
+            gb_str(body, key);
+            gb_u32(body, KVS_GGUF_STRING);
+            if (strcmp(key, "tokenizer.ggml.pre") == 0) {
+                gb_str(body, pre);
+            } else {
+                gb_strn(body, v.ptr, v.len);
+            }
+        } else if (t == KVS_GGUF_UINT32) {
+            uint32_t v;
+            ck_assert_int_eq(kvs_gguf_get_u32(src, key, &v), 0);
+            gb_kv_u32(body, key, v);
+        } else if (t == KVS_GGUF_BOOL) {
+            bool v;
+            ck_assert_int_eq(kvs_gguf_get_bool(src, key, &v), 0);
+            gb_str(body, key);
+            gb_u32(body, KVS_GGUF_BOOL);
+            gb_u8(body, v);
+        } else if (t == KVS_GGUF_ARRAY) {
+            kvs_gguf_arr a;
+            ck_assert_int_eq(kvs_gguf_get_arr(src, key, &a), 0);
+            ck_assert(a.type == KVS_GGUF_STRING || a.type == KVS_GGUF_INT32 ||
+                      a.type == KVS_GGUF_FLOAT32);
+            gb_kv_arr(body, key, a.type, a.n);
+            for (uint64_t k = 0; k < a.n; k++) {
+                if (a.type == KVS_GGUF_STRING) {
+                    kvs_gguf_str v = kvs_gguf_arr_str(&a, k);
+                    gb_strn(body, v.ptr, v.len);
+                } else if (a.type == KVS_GGUF_INT32) {
+                    gb_u32(body, (uint32_t)kvs_gguf_arr_i64(&a, k));
+                } else {
+                    gb_f32(body, (float)kvs_gguf_arr_f64(&a, k));
+                }
+            }
+        } else {
+            ck_abort_msg("unexpected type of %s", key);
+        }
+        n++;
+    }
+    return n;
+}
+
+/* "gpt2" and "default" are the default model's vocabulary under another pre name. */
+static const char *variant_pre(const char *name)
+{
+    return strcmp(name, "gpt2") == 0 ? "gpt-2" : strcmp(name, "default") == 0 ? "default" : NULL;
+}
 
 static void open_tok(struct fixture *f, const char *name)
 {
     char err[256];
-    const char *path = strcmp(name, "smollm") == 0 ? kvs_test_default_model() : kvs_test_vocab(name);
+    memset(f, 0, sizeof *f);
+    const char *pre = variant_pre(name);
+    const char *path = strcmp(name, "smollm") == 0 || pre != NULL ? kvs_test_default_model()
+                                                                   : kvs_test_vocab(name);
     f->name = name;
     int rc = kvs_gguf_open(path, &f->g, err, sizeof err);
     ck_assert_msg(rc == 0, "open %s: %s", path, err);
+    if (pre != NULL) {
+        struct gb body = {0};
+        uint64_t n_kv = copy_tokenizer_keys(f->g, pre, &body);
+        gb_header(&f->mem, 3, 0, n_kv);
+        gb_raw(&f->mem, body.p, body.n);
+        gb_free(&body);
+        kvs_gguf_destroy(&f->g);
+        rc = kvs_gguf_open_memory(f->mem.p, f->mem.n, &f->g, err, sizeof err);
+        ck_assert_msg(rc == 0, "open variant %s: %s", name, err);
+    }
     rc = kvs_tokenizer_new_from_gguf(f->g, &f->tok, err, sizeof err);
     ck_assert_msg(rc == 0, "tokenizer %s: %s", path, err);
 }
@@ -41,6 +117,7 @@ static void close_tok(struct fixture *f)
     kvs_tokenizer_destroy(&f->tok);
     ck_assert_ptr_null(f->tok);
     kvs_gguf_destroy(&f->g);
+    gb_free(&f->mem);
 }
 
 /* Encode into a malloc'd array (*n ids); aborts the test on error. */
@@ -220,7 +297,20 @@ START_TEST(golden_llama_spm)
 }
 END_TEST
 
-static const char *const names[] = {"smollm", "llama-bpe", "qwen2", "llama-spm"};
+START_TEST(golden_gpt2)
+{
+    check_goldens("gpt2");
+}
+END_TEST
+
+START_TEST(golden_default)
+{
+    check_goldens("default");
+}
+END_TEST
+
+static const char *const names[] = {"smollm", "llama-bpe", "qwen2", "llama-spm", "gpt2",
+                                    "default"};
 
 /* Corpus strings (all well-formed UTF-8), malloc'd with lengths. */
 struct corpus {
@@ -687,13 +777,15 @@ static Suite *suite(void)
     tcase_add_test(tc, golden_llama_bpe);
     tcase_add_test(tc, golden_qwen2);
     tcase_add_test(tc, golden_llama_spm);
+    tcase_add_test(tc, golden_gpt2);
+    tcase_add_test(tc, golden_default);
     suite_add_tcase(s, tc);
     tc = tcase_create("behaviour");
     tcase_set_timeout(tc, 300);
-    tcase_add_loop_test(tc, round_trip_and_stream, 0, 4);
-    tcase_add_loop_test(tc, invalid_utf8, 0, 4);
-    tcase_add_loop_test(tc, stream_partial, 0, 4);
-    tcase_add_loop_test(tc, bos_eos_and_special, 0, 4);
+    tcase_add_loop_test(tc, round_trip_and_stream, 0, 6);
+    tcase_add_loop_test(tc, invalid_utf8, 0, 6);
+    tcase_add_loop_test(tc, stream_partial, 0, 6);
+    tcase_add_loop_test(tc, bos_eos_and_special, 0, 6);
     tcase_add_loop_test(tc, speed_100k, 0, 4);
     tcase_add_test(tc, accessors_smollm);
     tcase_add_test(tc, concurrent_encode);

@@ -27,10 +27,11 @@
  * Decoding: a token's piece is the raw bytes it stands for (byte-level BPE undone, "▁" ->
  * " ", <0xXX> -> the byte). Control and unknown tokens decode to nothing unless `special`
  * is asked for, then to their text; user-defined tokens always decode to their text.
- * kvs_tokenizer_decode concatenates pieces, and for SPM drops the one space that encoding
- * prefixed when the first decoded token is a text token (never applies clean-up of spaces
- * around punctuation). Round trip: decode(encode(s, parse_special=false)) == s for every
- * well-formed UTF-8 s, both kinds, with or without BOS/EOS.
+ * kvs_tokenizer_decode concatenates pieces; for SPM it drops one leading space from the
+ * first token after any leading BOS ids (the space encoding prefixed). It never applies
+ * llama.cpp's clean-up of spaces before punctuation. Round trip: for every well-formed UTF-8
+ * s, decode(encode(s, add_special either way, parse_special=false)) == s, for both kinds,
+ * except that SPM decodes a U+2581 that was in s to a space.
  *
  * Thread-safety: a kvs_tokenizer is immutable after creation; any number of threads may
  * encode and decode with it at once. A kvs_detok belongs to one thread at a time.

@@ -8,6 +8,8 @@ Needs llama-cpp-python (the reference: llama.cpp's own tokenizer) and the vocab 
   llama-bpe  ~/.cache/kvstream/vocab/ggml-vocab-llama-bpe.gguf  (Llama 3)
   qwen2      ~/.cache/kvstream/vocab/ggml-vocab-qwen2.gguf
   llama-spm  ~/.cache/kvstream/vocab/ggml-vocab-llama-spm.gguf  (SentencePiece, Llama 2)
+  gpt2, default: the default model's vocabulary with tokenizer.ggml.pre set to "gpt-2" /
+             "default" (a metadata-only copy made in a temporary directory)
 
 Inputs (tests/data/tokenizer/):
   corpus.jsonl          one JSON string per line, tokenized with special=False
@@ -28,7 +30,9 @@ import ctypes
 import hashlib
 import json
 import os
+import struct
 import sys
+import tempfile
 
 import llama_cpp
 from llama_cpp import Llama
@@ -45,6 +49,53 @@ MODELS = {
     "qwen2": os.path.join(VOCAB_DIR, "ggml-vocab-qwen2.gguf"),
     "llama-spm": os.path.join(VOCAB_DIR, "ggml-vocab-llama-spm.gguf"),
 }
+
+
+# Variants of the default model's vocabulary with another pre-tokenizer name, to test the
+# "gpt-2" and "default" pre-tokenizers on a real vocabulary. test_tokenizer.c builds the same
+# vocabulary in memory (the tokenizer.* keys of the default model, pre replaced).
+VARIANTS = {"gpt2": "gpt-2", "default": "default"}
+
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+           11: "<q", 12: "<d"}
+
+
+def gguf_with_pre(src, dst, pre):
+    """Copy src's metadata (no tensors) to dst, with tokenizer.ggml.pre set to pre."""
+    with open(src, "rb") as f:
+        data = f.read()
+    magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", data, 0)
+    assert magic == b"GGUF"
+    pos = 24
+
+    def skip_value(t, pos):
+        if t == 8:
+            (n,) = struct.unpack_from("<Q", data, pos)
+            return pos + 8 + n
+        if t == 9:
+            et, n = struct.unpack_from("<IQ", data, pos)
+            pos += 12
+            for _ in range(n):
+                pos = skip_value(et, pos)
+            return pos
+        return pos + struct.calcsize(_SCALAR[t])
+
+    out = [struct.pack("<4sIQQ", b"GGUF", version, 0, n_kv)]
+    for _ in range(n_kv):
+        start = pos
+        (klen,) = struct.unpack_from("<Q", data, pos)
+        key = data[pos + 8:pos + 8 + klen].decode()
+        pos += 8 + klen
+        (t,) = struct.unpack_from("<I", data, pos)
+        end = skip_value(t, pos + 4)
+        if key == "tokenizer.ggml.pre":
+            v = pre.encode()
+            out.append(data[start:pos + 4] + struct.pack("<Q", len(v)) + v)
+        else:
+            out.append(data[start:end])
+        pos = end
+    with open(dst, "wb") as f:
+        f.write(b"".join(out))
 
 
 def sha256(path):
@@ -81,17 +132,23 @@ def main():
     with open(os.path.join(DATA, "corpus-invalid.txt")) as f:
         invalid = [line.strip() for line in f if line.strip()]
 
-    names = sys.argv[1:] or list(MODELS)
+    names = sys.argv[1:] or list(MODELS) + list(VARIANTS)
+    tmpdir = tempfile.mkdtemp()
     for name in names:
-        path = MODELS[name]
+        if name in VARIANTS:
+            path = os.path.join(tmpdir, "smollm-pre-%s.gguf" % name)
+            gguf_with_pre(MODELS["smollm"], path, VARIANTS[name])
+        else:
+            path = MODELS[name]
         llm = Llama(model_path=path, vocab_only=True, verbose=False)
         vocab = llm._model.vocab
         probe = llm.tokenize(b"x", add_bos=True, special=False)
         plain = llm.tokenize(b"x", add_bos=False, special=False)
         header = {
             "header": True,
-            "model": os.path.basename(path),
-            "sha256": sha256(path),
+            "model": os.path.basename(MODELS["smollm"] if name in VARIANTS else path),
+            "sha256": sha256(MODELS["smollm"] if name in VARIANTS else path),
+            "pre": VARIANTS.get(name),
             "llama_cpp_python": llama_cpp.__version__,
             "n_vocab": llm.n_vocab(),
             "bos": llm.token_bos(),
