@@ -378,6 +378,105 @@ START_TEST(test_min_p)
 }
 END_TEST
 
+/* Reference chain by full sort: the kept set of top_k -> top_p -> min_p. */
+struct refc {
+    float l;
+    int id;
+};
+static int refc_cmp(const void *a, const void *b)
+{
+    const struct refc *x = a, *y = b;
+    if (x->l != y->l) {
+        return x->l > y->l ? -1 : 1;
+    }
+    return x->id - y->id;
+}
+static int reference_set(const float *logits, int V, int top_k, float top_p, float min_p,
+                         bool *keep)
+{
+    static struct refc r[4096];
+    int n = 0;
+    for (int i = 0; i < V; i++) {
+        keep[i] = false;
+        if (logits[i] > -INFINITY) {
+            r[n].l = logits[i];
+            r[n].id = i;
+            n++;
+        }
+    }
+    qsort(r, (size_t)n, sizeof r[0], refc_cmp);
+    if (top_k > 0 && top_k < n) {
+        n = top_k;
+    }
+    if (top_p < 1.0f) {
+        double sum = 0.0, cum = 0.0;
+        for (int i = 0; i < n; i++) {
+            sum += exp((double)(r[i].l - r[0].l));
+        }
+        for (int i = 0; i < n; i++) {
+            cum += exp((double)(r[i].l - r[0].l)) / sum;
+            if (cum >= (double)top_p) {
+                n = i + 1;
+                break;
+            }
+        }
+    }
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+        if (min_p <= 0.0f || r[i].l >= r[0].l + logf(min_p)) {
+            keep[r[i].id] = true;
+            m++;
+        }
+    }
+    return m;
+}
+
+/* Exact kept sets on random rows, checked by sampling at a huge temperature (nearly
+ * uniform over what survives truncation, so every kept token shows up). Rows are shaped so
+ * that some sets need the bucket pass of top_p (more than 64 candidates). */
+START_TEST(test_exact_sets)
+{
+    enum { V = 3000, N = 4000 };
+    static float logits[V];
+    static bool keep[V];
+    static int counts[V];
+    const float tops_p[] = {1.0f, 0.5f, 0.9f, 0.99f};
+    const int tops_k[] = {0, 0, 7, 150};
+    const float mins_p[] = {0.0f, 0.0f, 0.01f, 0.3f};
+    int checked = 0, big = 0;
+    for (int round = 0; round < 60; round++) {
+        float scale = (round % 3 == 0) ? 0.3f : (round % 3 == 1 ? 1.0f : 2.5f);
+        for (int i = 0; i < V; i++) {
+            logits[i] = trng_float() * scale;
+        }
+        logits[trng() % V] = -INFINITY;
+        struct kvs_sampling p = kvs_sampling_default();
+        p.temperature = 1000.0f;
+        p.top_p = tops_p[round % 4];
+        p.top_k = tops_k[(round / 4) % 4];
+        p.min_p = mins_p[(round / 16) % 4];
+        p.seed = (uint64_t)round;
+        int m = reference_set(logits, V, p.top_k, p.top_p, p.min_p, keep);
+        if (m > 120) {
+            continue; /* too many to see each one */
+        }
+        kvs_sampler *s = make(p, V);
+        histogram(s, logits, V, N, counts);
+        for (int i = 0; i < V; i++) {
+            ck_assert_msg(keep[i] == (counts[i] > 0),
+                          "round %d (k %d, p %g, min_p %g, |set| %d): token %d kept %d seen %d",
+                          round, p.top_k, (double)p.top_p, (double)p.min_p, m, i, keep[i],
+                          counts[i]);
+        }
+        kvs_sampler_destroy(&s);
+        checked++;
+        big += m > 64;
+    }
+    ck_assert_int_ge(checked, 20);
+    ck_assert_int_ge(big, 3);
+}
+END_TEST
+
 /* The chain runs in llama.cpp's order: top_k before top_p, and min_p before temperature. */
 START_TEST(test_chain_order)
 {
@@ -736,6 +835,7 @@ static Suite *sampler_suite(void)
     tcase_add_test(tc, test_top_k);
     tcase_add_test(tc, test_top_p);
     tcase_add_test(tc, test_min_p);
+    tcase_add_test(tc, test_exact_sets);
     tcase_add_test(tc, test_chain_order);
     tcase_add_test(tc, test_distribution);
     tcase_add_test(tc, test_reproducible);

@@ -120,6 +120,7 @@ struct kvs_sampler {
     int32_t n_vocab;       /* logits per row */
     uint64_t rng[4];       /* xoshiro256** state */
     struct cand *cand;     /* (n_vocab) candidate scratch */
+    double *weight;        /* (n_vocab) exp(logit - max) of cand, for the draw */
     uint32_t *mark;        /* (n_vocab) == mark_gen: token is in the penalty window */
     uint32_t mark_gen;     /* generation of the current penalty marking */
     int32_t *hist;         /* (repeat_last_n) ring of accepted tokens */
@@ -147,9 +148,10 @@ int kvs_sampler_new(const struct kvs_sampling *p, int32_t n_vocab, kvs_sampler *
     s->p = *p;
     s->n_vocab = n_vocab;
     s->cand = malloc((size_t)n_vocab * sizeof *s->cand);
+    s->weight = malloc((size_t)n_vocab * sizeof *s->weight);
     s->mark = calloc((size_t)n_vocab, sizeof *s->mark);
     s->hist = malloc((size_t)(p->repeat_last_n > 0 ? p->repeat_last_n : 1) * sizeof *s->hist);
-    if (s->cand == NULL || s->mark == NULL || s->hist == NULL) {
+    if (s->cand == NULL || s->weight == NULL || s->mark == NULL || s->hist == NULL) {
         kvs_sampler_destroy(&s);
         return KVS_NO_MEMORY;
     }
@@ -164,6 +166,7 @@ void kvs_sampler_destroy(kvs_sampler **s)
         return;
     }
     free((*s)->cand);
+    free((*s)->weight);
     free((*s)->mark);
     free((*s)->hist);
     free(*s);
@@ -297,36 +300,88 @@ static float max_logit(const struct cand *c, int32_t n, int32_t n_sorted)
     return m;
 }
 
-/* top_p over c[0, n): returns the new n. *n_sorted: leading elements known sorted. */
+#define TOP_P_FIRST 64    /* candidates sorted before trying the bucket pass */
+#define TOP_P_BUCKETS 256 /* logit buckets of the bucket pass */
+
+/* Bucket of a logit in [mn, mx]: 0 holds the largest; weakly monotonic in the logit. */
+static int bucket_of(float logit, float mx, float scale)
+{
+    int b = (int)((mx - logit) * scale);
+    return b < TOP_P_BUCKETS ? b : TOP_P_BUCKETS - 1;
+}
+
+/* top_p over c[0, n): the shortest prefix, in `before` order, whose probability reaches
+ * top_p. Returns the new n; *n_sorted: leading elements known sorted (updated).
+ *
+ * Peaked rows end within the first TOP_P_FIRST candidates (one partial sort). Otherwise,
+ * instead of sorting the row: bucket the logits, find the bucket where the cumulative mass
+ * crosses top_p, move the buckets above it to the front and sort only that bucket. The set
+ * kept is the same as a full sort's (up to the rounding of a sum taken in another order). */
 static int32_t apply_top_p(struct cand *c, int32_t n, int32_t *n_sorted, float top_p)
 {
-    float mx = max_logit(c, n, *n_sorted);
+    float mx = max_logit(c, n, *n_sorted), mn = mx;
     double sum = 0.0;
     for (int32_t i = 0; i < n; i++) {
         sum += exp((double)(c[i].logit - mx));
+        mn = c[i].logit < mn ? c[i].logit : mn;
     }
+    double target = (double)top_p * sum; /* cumulative weight to reach */
     double cum = 0.0;
-    int32_t i = 0;
-    int32_t k = 64;
-    for (;;) {
-        if (k > n) {
-            k = n;
-        }
-        if (*n_sorted < k) {
-            sort_prefix(c, n, k);
-            *n_sorted = k;
-        }
-        for (; i < k; i++) {
-            cum += exp((double)(c[i].logit - mx)) / sum;
-            if (cum >= (double)top_p) {
-                return i + 1;
-            }
-        }
-        if (k == n) {
-            return n; /* rounding kept the sum just under top_p: keep everything */
-        }
-        k = k > n / 8 ? n : 2 * k; /* past n/8 one full sort is cheaper than more rounds */
+
+    int32_t k = *n_sorted == n ? n : (n < TOP_P_FIRST ? n : TOP_P_FIRST);
+    if (*n_sorted < k) {
+        sort_prefix(c, n, k);
+        *n_sorted = k;
     }
+    for (int32_t i = 0; i < k; i++) {
+        cum += exp((double)(c[i].logit - mx));
+        if (cum >= target) {
+            return i + 1;
+        }
+    }
+    if (k == n) {
+        return n; /* rounding kept the sum just under top_p: keep everything */
+    }
+
+    /* Bucket pass. */
+    double mass[TOP_P_BUCKETS] = {0};
+    float scale = mx > mn ? (float)TOP_P_BUCKETS / (mx - mn) : 0.0f;
+    for (int32_t i = 0; i < n; i++) {
+        mass[bucket_of(c[i].logit, mx, scale)] += exp((double)(c[i].logit - mx));
+    }
+    cum = 0.0;
+    int cut = 0;
+    while (cut < TOP_P_BUCKETS && cum + mass[cut] < target) {
+        cum += mass[cut++];
+    }
+    if (cut == TOP_P_BUCKETS) {
+        return n;
+    }
+    int32_t above = 0; /* c[0, above): buckets before cut, all kept */
+    for (int32_t i = 0; i < n; i++) {
+        if (bucket_of(c[i].logit, mx, scale) < cut) {
+            struct cand t = c[above];
+            c[above++] = c[i];
+            c[i] = t;
+        }
+    }
+    int32_t in_cut = 0; /* c[above, above + in_cut): the cut bucket */
+    for (int32_t i = above; i < n; i++) {
+        if (bucket_of(c[i].logit, mx, scale) == cut) {
+            struct cand t = c[above + in_cut];
+            c[above + in_cut++] = c[i];
+            c[i] = t;
+        }
+    }
+    sort_prefix(c + above, in_cut, in_cut);
+    *n_sorted = above == 0 ? in_cut : 0;
+    for (int32_t i = 0; i < in_cut; i++) {
+        cum += exp((double)(c[above + i].logit - mx));
+        if (cum >= target) {
+            return above + i + 1;
+        }
+    }
+    return above + in_cut;
 }
 
 /* min_p over c[0, n): stable compaction, returns the new n. */
@@ -345,15 +400,17 @@ static int32_t apply_min_p(struct cand *c, int32_t n, int32_t n_sorted, float mi
 /* Softmax over c[0, n) and one draw. */
 static int32_t draw(kvs_sampler *s, const struct cand *c, int32_t n)
 {
+    double *w = s->weight;
     float mx = max_logit(c, n, 0);
     double sum = 0.0;
     for (int32_t i = 0; i < n; i++) {
-        sum += exp((double)(c[i].logit - mx));
+        w[i] = exp((double)(c[i].logit - mx));
+        sum += w[i];
     }
     double r = uniform01(s->rng) * sum;
     double cum = 0.0;
     for (int32_t i = 0; i < n; i++) {
-        cum += exp((double)(c[i].logit - mx));
+        cum += w[i];
         if (r < cum) {
             return c[i].id;
         }
