@@ -244,7 +244,7 @@ static int split_digit_triples(const struct view *v, struct segs *out)
 {
     size_t pos = v->a, start = v->a;
     while (pos + 3 <= v->b) {
-        uint32_t *c = (uint32_t *)v->cpt + pos;
+        const uint32_t *c = v->cpt + pos;
         bool d3 = c[0] >= '0' && c[0] <= '9' && c[1] >= '0' && c[1] <= '9' && c[2] >= '0' &&
                   c[2] <= '9';
         if (!d3) {
