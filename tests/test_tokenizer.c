@@ -768,6 +768,48 @@ START_TEST(load_errors)
 }
 END_TEST
 
+/* A BPE token that is not in byte-level form decodes to llama.cpp's marker; a vocabulary
+ * whose markers would blow up quadratically is refused, not trusted. */
+START_TEST(unk_byte_pieces)
+{
+    char err[256];
+    for (int hostile = 0; hostile < 2; hostile++) {
+        size_t reps = hostile ? 20000 : 1;
+        char *big = malloc(3 * reps + 1);
+        for (size_t i = 0; i < reps; i++) {
+            memcpy(big + 3 * i, "\xe4\xb8\xad", 3); /* 中, not a GPT-2 byte character */
+        }
+        struct gb b = {0};
+        gb_header(&b, 3, 0, 4);
+        gb_kv_str(&b, "tokenizer.ggml.model", "gpt2");
+        gb_kv_str(&b, "tokenizer.ggml.pre", "gpt-2");
+        gb_kv_arr(&b, "tokenizer.ggml.tokens", KVS_GGUF_STRING, 2);
+        gb_str(&b, "a");
+        gb_strn(&b, big, 3 * reps);
+        gb_kv_arr(&b, "tokenizer.ggml.merges", KVS_GGUF_STRING, 0);
+        kvs_gguf *g = NULL;
+        ck_assert_int_eq(kvs_gguf_open_memory(b.p, b.n, &g, err, sizeof err), 0);
+        kvs_tokenizer *tok = NULL;
+        int rc = kvs_tokenizer_new_from_gguf(g, &tok, err, sizeof err);
+        if (hostile) {
+            ck_assert_int_eq(rc, KVS_TOO_LARGE);
+            ck_assert_ptr_null(tok);
+        } else {
+            ck_assert_int_eq(rc, 0);
+            size_t n;
+            const char *p = kvs_tokenizer_piece(tok, 1, false, &n);
+            const char *want = "[UNK_BYTE_0xe4b8ad\xe4\xb8\xad]";
+            ck_assert_uint_eq(n, strlen(want));
+            ck_assert(memcmp(p, want, n) == 0);
+            kvs_tokenizer_destroy(&tok);
+        }
+        kvs_gguf_destroy(&g);
+        gb_free(&b);
+        free(big);
+    }
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("tokenizer");
@@ -790,6 +832,7 @@ static Suite *suite(void)
     tcase_add_test(tc, accessors_smollm);
     tcase_add_test(tc, concurrent_encode);
     tcase_add_test(tc, load_errors);
+    tcase_add_test(tc, unk_byte_pieces);
     suite_add_tcase(s, tc);
     return s;
 }
