@@ -622,6 +622,75 @@ START_TEST(test_reproducible)
 }
 END_TEST
 
+/* The hot path allocates nothing: this program counts every malloc/calloc/realloc by
+ * wrapping glibc's allocator (not under ASan, which owns malloc: there the test checks
+ * nothing). */
+#if defined(__SANITIZE_ADDRESS__)
+#define KVS_COUNT_ALLOCS 0
+#else
+#define KVS_COUNT_ALLOCS 1
+extern void *__libc_malloc(size_t n);
+extern void *__libc_calloc(size_t n, size_t size);
+extern void *__libc_realloc(void *p, size_t n);
+extern void __libc_free(void *p);
+static long n_allocs; /* allocations made by this process */
+void *malloc(size_t n)
+{
+    n_allocs++;
+    return __libc_malloc(n);
+}
+void *calloc(size_t n, size_t size)
+{
+    n_allocs++;
+    return __libc_calloc(n, size);
+}
+void *realloc(void *p, size_t n)
+{
+    n_allocs++;
+    return __libc_realloc(p, n);
+}
+void free(void *p)
+{
+    __libc_free(p);
+}
+#endif
+
+START_TEST(test_no_allocation)
+{
+    enum { V = 5000 };
+    static float logits[V];
+    for (int i = 0; i < V; i++) {
+        logits[i] = trng_float();
+    }
+    struct kvs_sampling p = kvs_sampling_default();
+    p.temperature = 0.9f;
+    p.top_p = 0.99f;
+    p.min_p = 0.001f;
+    p.repeat_penalty = 1.2f;
+    kvs_sampler *s = make(p, V);
+    const char *stops[] = {"</s>", "User:"};
+    kvs_stop *m = kvs_stop_new(stops, 2);
+    size_t e;
+    kvs_sampler_accept(s, kvs_sampler_sample(s, logits)); /* warm up */
+#if KVS_COUNT_ALLOCS
+    long before = n_allocs;
+    void *probe = malloc(1); /* the counter works */
+    free(probe);
+    ck_assert_int_eq(n_allocs, before + 1);
+    before = n_allocs;
+#endif
+    for (int i = 0; i < 200; i++) {
+        kvs_sampler_accept(s, kvs_sampler_sample(s, logits));
+        kvs_stop_feed(m, "some text <", 11, &e);
+    }
+#if KVS_COUNT_ALLOCS
+    ck_assert_int_eq(n_allocs, before);
+#endif
+    kvs_stop_destroy(&m);
+    kvs_sampler_destroy(&s);
+}
+END_TEST
+
 /* ---- stop strings ---------------------------------------------------------------------- */
 
 static bool feed(kvs_stop *m, const char *s, size_t *emit)
@@ -839,6 +908,7 @@ static Suite *sampler_suite(void)
     tcase_add_test(tc, test_chain_order);
     tcase_add_test(tc, test_distribution);
     tcase_add_test(tc, test_reproducible);
+    tcase_add_test(tc, test_no_allocation);
     suite_add_tcase(s, tc);
     TCase *ts = tcase_create("stop");
     tcase_add_test(ts, test_stop_basic);
