@@ -81,7 +81,8 @@ void kvs_tokenizer_destroy(kvs_tokenizer **tok);
  * add_special: prepend BOS / append EOS as the metadata says (kvs_tokenizer_add_bos/eos).
  * parse_special: turn special-token text into special ids (see above).
  * Returns 0 with *n_out ids written; KVS_TOO_LARGE with *n_out = the count needed when cap
- * is too small (ids then holds the first cap ids); KVS_NO_MEMORY. Allocates scratch
+ * is too small (ids then holds the first cap ids; ids may be NULL when cap is 0, to size a
+ * buffer); KVS_NO_MEMORY. Allocates scratch
  * proportional to len per call; shares nothing mutable. */
 int kvs_tokenizer_encode(const kvs_tokenizer *tok, const char *text, size_t len,
                          bool add_special, bool parse_special, int32_t *ids, size_t cap,
