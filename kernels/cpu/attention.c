@@ -165,6 +165,16 @@ static void attend_one(const struct attn_job *j, int32_t r, int32_t h, float *sc
     const size_t cell_bytes = (size_t)hd * kv->elem;
     const bool f16 = kv->layout.dtype == KVS_DTYPE_F16;
 
+    /* With an f16 cache, q is rounded to f16 and so are the softmax weights that scale V,
+     * exactly where llama.cpp's CPU attention rounds them (its K.q and P.V products take f16
+     * operands), so that quantized models track llama.cpp's numerics. */
+    float q16[1024]; /* head_dim <= KVS_HPARAMS_MAX_HEAD_DIM (1024) */
+    if (f16) {
+        for (int32_t d = 0; d < hd; d++) {
+            q16[d] = kvs_fp16_to_fp32(kvs_fp32_to_fp16(q[d]));
+        }
+        q = q16;
+    }
     float m = -INFINITY, l = 0.0f;
     memset(acc, 0, (size_t)hd * sizeof(float));
     for (int32_t c0 = 0; c0 < n_ctx; c0 += bs) {
@@ -190,7 +200,8 @@ static void attend_one(const struct attn_job *j, int32_t r, int32_t h, float *sc
             float p = expf(scores[i] - m);
             l = l + p;
             if (f16) {
-                k->axpy_f16(acc, p, (const uint16_t *)(vb + i * cell_bytes), hd);
+                float p16 = kvs_fp16_to_fp32(kvs_fp32_to_fp16(p));
+                k->axpy_f16(acc, p16, (const uint16_t *)(vb + i * cell_bytes), hd);
             } else {
                 k->axpy_f32(acc, p, (const float *)(vb + i * cell_bytes), hd);
             }
@@ -202,14 +213,11 @@ static void attend_one(const struct attn_job *j, int32_t r, int32_t h, float *sc
     }
 }
 
-/* (row, head) pairs are dealt round-robin to the participants: rows of one prefill chunk
- * have growing contexts, so contiguous ranges would be unbalanced. */
-static void attn_worker(void *arg, int32_t ith, int32_t nth)
+static void attn_range(void *arg, int64_t i0, int64_t i1, int32_t ith)
 {
     const struct attn_job *j = arg;
-    int64_t n = (int64_t)j->ab->n_rows * j->n_head;
     struct kvs_cpu_thread_scratch *ts = &j->ts[ith];
-    for (int64_t i = ith; i < n; i += nth) {
+    for (int64_t i = i0; i < i1; i++) {
         attend_one(j, (int32_t)(i / j->n_head), (int32_t)(i % j->n_head), ts->scores, ts->acc);
     }
 }
@@ -256,7 +264,7 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
                          .q = q,
                          .ab = ab,
                          .out = out};
-    int64_t n = (int64_t)ab->n_rows * n_head;
-    kvs_threadpool_run(c->pool, n < c->n_threads ? (int32_t)n : 0, attn_worker, &j);
+    /* (row, head) pairs in small chunks: rows of a prefill chunk have growing contexts */
+    kvs_threadpool_for_chunks(c->pool, (int64_t)ab->n_rows * n_head, 1, 16, attn_range, &j);
     return 0;
 }

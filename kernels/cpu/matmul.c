@@ -8,6 +8,7 @@
  * independently of each other.
  */
 #include "kernels/cpu/cpu_impl.h"
+#include "kernels/dtype.h"
 
 #include <assert.h>
 #include <math.h>
@@ -25,7 +26,7 @@ static void quantize_q8_scalar(const float *x, struct kvs_cpu_q8 *out, int64_t n
             amax = a > amax ? a : amax;
         }
         float d = amax / 127.0f;
-        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        float id = amax != 0.0f ? 127.0f / amax : 0.0f; /* as llama.cpp's x86 path */
         int32_t sum = 0;
         for (int j = 0; j < KVS_QK; j++) {
             int32_t q = (int32_t)nearbyintf(xb[j] * id);
@@ -33,8 +34,10 @@ static void quantize_q8_scalar(const float *x, struct kvs_cpu_q8 *out, int64_t n
             out[b].q[j] = (int8_t)q;
             sum += q;
         }
-        out[b].d = d;
-        out[b].s = d * (float)sum;
+        /* d and s are rounded through fp16 as llama.cpp's Q8_1/Q8_0 blocks store them, so
+         * quantized models match llama.cpp's numerics (q itself uses the f32 d, as there) */
+        out[b].d = kvs_fp16_to_fp32(kvs_fp32_to_fp16(d));
+        out[b].s = kvs_fp16_to_fp32(kvs_fp32_to_fp16(d * (float)sum));
     }
 }
 

@@ -63,7 +63,7 @@ static void KVS_X86_NAME(quantize_q8)(const float *x, struct kvs_cpu_q8 *out, in
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
         float amax = _mm_cvtss_f32(m4);
         float d = amax / 127.0f;
-        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        float id = amax != 0.0f ? 127.0f / amax : 0.0f; /* as llama.cpp's x86 path */
         __m256 vid = _mm256_set1_ps(id);
         /* cvtps rounds to nearest even, as nearbyintf in the scalar level */
         __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid));
@@ -80,8 +80,10 @@ static void KVS_X86_NAME(quantize_q8)(const float *x, struct kvs_cpu_q8 *out, in
         __m256i p = _mm256_packs_epi16(p0, p1);
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)out[b].q, p);
-        out[b].d = d;
-        out[b].s = d * (float)sum;
+        /* d and s are rounded through fp16 as llama.cpp's Q8_1/Q8_0 blocks store them, so
+         * quantized models match llama.cpp's numerics (q itself uses the f32 d, as there) */
+        out[b].d = kvs_fp16_to_fp32(kvs_fp32_to_fp16(d));
+        out[b].s = kvs_fp16_to_fp32(kvs_fp32_to_fp16(d * (float)sum));
     }
 }
 

@@ -1,6 +1,12 @@
-/* Persistent worker threads: a generation counter announces a job, a pending counter
- * reports completion. Workers spin on the generation for KVS_SPIN_NS before sleeping on it
- * with a futex; the dispatcher wakes sleepers only when some are asleep. */
+/* Persistent worker threads with chunk claiming.
+ *
+ * Protocol: gen is odd while a job is open and even while closed. The caller writes the job
+ * (closed), opens it (gen++), claims chunks itself, closes it (gen++) and waits until no
+ * worker is inside (active == 0). A worker that sees an open generation enters (active++),
+ * re-checks that the same generation is still open (else leaves without touching the job),
+ * claims chunks until none are left and leaves (active--). A worker that wakes late finds the
+ * job closed and skips it. active and gen are seq_cst so the caller's close and a worker's
+ * entry are ordered: either the worker sees the close, or the caller sees the worker. */
 #include "kernels/cpu/threadpool.h"
 
 #include <assert.h>
@@ -22,26 +28,24 @@
 #define cpu_relax() ((void)0)
 #endif
 
-#define KVS_SPIN_NS 300000 /* how long an idle worker spins before sleeping (0.3 ms) */
-
-struct range_job {
-    kvs_threadpool_range_fn fn;
-    void *arg;
-    int64_t n;     /* items */
-    int64_t grain; /* piece boundaries are multiples of this */
-};
+#define KVS_SPIN_NS 300000    /* how long an idle worker spins before sleeping (0.3 ms) */
+#define KVS_WAIT_SPIN_NS 20000 /* the caller's pure spin on stragglers before yielding */
 
 struct kvs_threadpool {
-    int32_t n_threads;               /* participants, the caller included */
-    pthread_t *threads;              /* (n_threads - 1) workers */
-    _Atomic uint32_t gen;            /* job generation; futex word */
-    _Atomic int32_t pending;         /* workers of the current job not yet done */
-    _Atomic int32_t n_sleeping;      /* workers in (or entering) futex_wait */
-    _Atomic bool stop;               /* set before the last generation bump */
-    kvs_threadpool_fn fn;            /* current job; written before gen is bumped */
+    int32_t n_threads;          /* participants, the caller included */
+    pthread_t *threads;         /* (n_threads - 1) workers */
+    _Atomic uint32_t gen;       /* odd: a job is open; futex word */
+    _Atomic int32_t active;     /* workers inside the current job */
+    _Atomic int32_t n_sleeping; /* workers in (or entering) futex_wait */
+    _Atomic bool stop;          /* set before the last generation bump */
+    /* the job: written only while closed with active == 0 */
+    kvs_threadpool_range_fn fn;
     void *arg;
-    int32_t nth;                     /* participants of the current job */
-    struct range_job range;          /* scratch for kvs_threadpool_for, no allocation */
+    int64_t n;             /* items */
+    int64_t chunk;         /* items per chunk */
+    int64_t n_chunks;      /* chunks */
+    _Atomic int64_t next;  /* next chunk to claim */
+    _Atomic uint64_t n_jobs, n_worker_chunks; /* statistics */
 };
 
 struct worker_arg {
@@ -85,13 +89,29 @@ static uint32_t wait_generation(kvs_threadpool *tp, uint32_t seen)
             }
         }
     }
-    atomic_fetch_add(&tp->n_sleeping, 1); /* seq_cst: pairs with the dispatcher's bump */
+    atomic_fetch_add(&tp->n_sleeping, 1); /* seq_cst: pairs with the caller's open */
     uint32_t g;
     while ((g = atomic_load(&tp->gen)) == seen) {
         futex_wait(&tp->gen, seen);
     }
     atomic_fetch_sub(&tp->n_sleeping, 1);
     return g;
+}
+
+/* Claim and run chunks of the open job until none are left; returns chunks run. */
+static uint64_t run_chunks(kvs_threadpool *tp, int32_t ith)
+{
+    uint64_t done = 0;
+    for (;;) {
+        int64_t c = atomic_fetch_add_explicit(&tp->next, 1, memory_order_relaxed);
+        if (c >= tp->n_chunks) {
+            return done;
+        }
+        int64_t begin = c * tp->chunk;
+        int64_t end = begin + tp->chunk < tp->n ? begin + tp->chunk : tp->n;
+        tp->fn(tp->arg, begin, end, ith);
+        done++;
+    }
 }
 
 static void *worker_main(void *p)
@@ -101,14 +121,22 @@ static void *worker_main(void *p)
     kvs_threadpool *tp = wa.tp;
     uint32_t seen = 0;
     for (;;) {
-        seen = wait_generation(tp, seen);
-        if (atomic_load_explicit(&tp->stop, memory_order_acquire)) {
+        uint32_t g = wait_generation(tp, seen);
+        seen = g;
+        if (atomic_load(&tp->stop)) {
             break;
         }
-        if (wa.ith < tp->nth) {
-            tp->fn(tp->arg, wa.ith, tp->nth);
+        if ((g & 1) == 0) {
+            continue; /* woke after the job closed */
         }
-        atomic_fetch_sub_explicit(&tp->pending, 1, memory_order_release);
+        atomic_fetch_add(&tp->active, 1);
+        if (atomic_load(&tp->gen) == g) {
+            uint64_t done = run_chunks(tp, wa.ith);
+            if (done > 0) {
+                atomic_fetch_add_explicit(&tp->n_worker_chunks, done, memory_order_relaxed);
+            }
+        }
+        atomic_fetch_sub(&tp->active, 1); /* seq_cst: publishes the chunks' results */
     }
     return NULL;
 }
@@ -152,7 +180,7 @@ void kvs_threadpool_destroy(kvs_threadpool **tpp)
     }
     kvs_threadpool *tp = *tpp;
     atomic_store(&tp->stop, true);
-    atomic_fetch_add(&tp->gen, 1);
+    atomic_fetch_add(&tp->gen, 2); /* stays closed; any change wakes the workers */
     futex_wake_all(&tp->gen);
     for (int32_t i = 0; i < tp->n_threads - 1; i++) {
         pthread_join(tp->threads[i], NULL);
@@ -167,51 +195,14 @@ int32_t kvs_threadpool_size(const kvs_threadpool *tp)
     return tp->n_threads;
 }
 
-void kvs_threadpool_run(kvs_threadpool *tp, int32_t max_threads, kvs_threadpool_fn fn,
-                        void *arg)
+void kvs_threadpool_stats(const kvs_threadpool *tp, uint64_t *n_jobs, uint64_t *n_worker_chunks)
 {
-    int32_t nth = tp->n_threads;
-    if (max_threads > 0 && max_threads < nth) {
-        nth = max_threads;
-    }
-    if (nth <= 1) {
-        fn(arg, 0, 1);
-        return;
-    }
-    tp->fn = fn;
-    tp->arg = arg;
-    tp->nth = nth;
-    /* Every worker acknowledges every generation (idle ones too) so that the next job
-     * never races with a worker still reading this one's fields. */
-    atomic_store_explicit(&tp->pending, tp->n_threads - 1, memory_order_relaxed);
-    atomic_fetch_add(&tp->gen, 1); /* seq_cst: publishes the job */
-    if (atomic_load(&tp->n_sleeping) > 0) {
-        futex_wake_all(&tp->gen);
-    }
-    fn(arg, 0, nth);
-    for (uint32_t i = 0; atomic_load_explicit(&tp->pending, memory_order_acquire) != 0; i++) {
-        cpu_relax();
-        if ((i & 0xffff) == 0xffff) {
-            sched_yield(); /* an oversubscribed machine: let the worker run */
-        }
-    }
+    *n_jobs = atomic_load(&((kvs_threadpool *)tp)->n_jobs);
+    *n_worker_chunks = atomic_load(&((kvs_threadpool *)tp)->n_worker_chunks);
 }
 
-static void range_trampoline(void *arg, int32_t ith, int32_t nth)
-{
-    const struct range_job *j = arg;
-    int64_t n_grains = (j->n + j->grain - 1) / j->grain;
-    int64_t g0 = n_grains * ith / nth;
-    int64_t g1 = n_grains * (ith + 1) / nth;
-    int64_t begin = g0 * j->grain;
-    int64_t end = g1 * j->grain < j->n ? g1 * j->grain : j->n;
-    if (begin < end) {
-        j->fn(j->arg, begin, end, ith);
-    }
-}
-
-void kvs_threadpool_for(kvs_threadpool *tp, int64_t n, int64_t grain, kvs_threadpool_range_fn fn,
-                        void *arg)
+void kvs_threadpool_for_chunks(kvs_threadpool *tp, int64_t n, int64_t grain,
+                               int32_t chunks_per_thread, kvs_threadpool_range_fn fn, void *arg)
 {
     if (n <= 0) {
         return;
@@ -220,14 +211,41 @@ void kvs_threadpool_for(kvs_threadpool *tp, int64_t n, int64_t grain, kvs_thread
         grain = 1;
     }
     int64_t n_grains = (n + grain - 1) / grain;
-    int64_t nth = n_grains / 2;
-    if (nth > tp->n_threads) {
-        nth = tp->n_threads;
-    }
-    if (nth <= 1) {
+    if (tp->n_threads <= 1 || n_grains < 2) {
         fn(arg, 0, n, 0);
         return;
     }
-    tp->range = (struct range_job){.fn = fn, .arg = arg, .n = n, .grain = grain};
-    kvs_threadpool_run(tp, (int32_t)nth, range_trampoline, &tp->range);
+    int64_t want = (int64_t)tp->n_threads * (chunks_per_thread > 0 ? chunks_per_thread : 1);
+    int64_t grains_per_chunk = (n_grains + want - 1) / want;
+    tp->fn = fn;
+    tp->arg = arg;
+    tp->n = n;
+    tp->chunk = grains_per_chunk * grain;
+    tp->n_chunks = (n + tp->chunk - 1) / tp->chunk;
+    atomic_store_explicit(&tp->next, 0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&tp->n_jobs, 1, memory_order_relaxed);
+    atomic_fetch_add(&tp->gen, 1); /* open (odd); seq_cst publishes the job */
+    if (atomic_load(&tp->n_sleeping) > 0) {
+        futex_wake_all(&tp->gen);
+    }
+    run_chunks(tp, 0);
+    atomic_fetch_add(&tp->gen, 1); /* close (even) */
+    int64_t t0 = 0;
+    for (uint32_t i = 0; atomic_load(&tp->active) != 0; i++) {
+        cpu_relax();
+        if ((i & 63) == 63) { /* a straggler still finishing its chunk */
+            int64_t t = now_ns();
+            if (t0 == 0) {
+                t0 = t;
+            } else if (t - t0 > KVS_WAIT_SPIN_NS) {
+                sched_yield();
+            }
+        }
+    }
+}
+
+void kvs_threadpool_for(kvs_threadpool *tp, int64_t n, int64_t grain, kvs_threadpool_range_fn fn,
+                        void *arg)
+{
+    kvs_threadpool_for_chunks(tp, n, grain, 4, fn, arg);
 }

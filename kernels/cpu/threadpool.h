@@ -1,9 +1,12 @@
 /* A fixed set of persistent worker threads for the CPU backend's parallel loops.
  *
  * The pool has n_threads participants: the calling thread (index 0) and n_threads - 1
- * workers (indices 1..n_threads-1). A call runs fn on every participant and returns when
- * all have finished. Workers spin briefly after each job (decode issues ~300 small jobs per
- * token, so a sleeping worker would cost a futex wake per op) and then sleep on a futex.
+ * workers (indices 1..n_threads-1). A parallel-for cuts its range into a few chunks per
+ * participant (boundaries at multiples of grain) and every participant claims chunks until
+ * none are left, so a worker that the OS has descheduled (a busy machine) delays nothing:
+ * the caller takes its chunks. Which participant computes a chunk never changes results
+ * (each CPU kernel computes an output element in an order of its own). Workers spin briefly
+ * after each job (decode issues ~300 small jobs per token) and then sleep on a futex.
  * Dispatch allocates nothing.
  *
  * Thread-safety: one thread (the backend's driver) calls kvs_threadpool_run at a time.
@@ -14,9 +17,6 @@
 #include <stdint.h>
 
 typedef struct kvs_threadpool kvs_threadpool;
-
-/* Work of participant ith (0..nth-1); nth is the same for all participants of one call. */
-typedef void (*kvs_threadpool_fn)(void *arg, int32_t ith, int32_t nth);
 
 /* Work on items [begin, end) of a parallel-for; ith is the participant's index (for
  * per-thread scratch). */
@@ -32,17 +32,20 @@ void kvs_threadpool_destroy(kvs_threadpool **tp);
 /* Participants, the caller included. */
 int32_t kvs_threadpool_size(const kvs_threadpool *tp);
 
-/* Run fn(arg, ith, nth) on nth = min(max_threads, size) participants (max_threads <= 0
- * means all); nth == 1 runs inline without waking anyone. Returns after all finished. */
-void kvs_threadpool_run(kvs_threadpool *tp, int32_t max_threads, kvs_threadpool_fn fn,
-                        void *arg);
-
-/* Static parallel-for over [0, n): the range is cut into nth contiguous pieces whose
- * boundaries are multiples of grain (except the end); fewer participants are used when
- * there are fewer than 2 grains per participant. The partition never affects results of
- * the CPU kernels (each output element is computed by exactly one participant in an order
- * that does not depend on the partition). */
+/* Parallel-for over [0, n): fn runs on disjoint pieces covering [0, n), each piece a run
+ * of whole chunks (chunk = a multiple of grain, ~chunks_per_thread chunks per participant;
+ * the last piece may end at n). A range of fewer than 2 grains runs inline on the caller
+ * without waking anyone. Returns when every piece is done. */
 void kvs_threadpool_for(kvs_threadpool *tp, int64_t n, int64_t grain, kvs_threadpool_range_fn fn,
                         void *arg);
+
+/* The same with an explicit number of chunks per participant (more = better balance for
+ * uneven items, e.g. causal attention rows; fewer = less claiming traffic). */
+void kvs_threadpool_for_chunks(kvs_threadpool *tp, int64_t n, int64_t grain,
+                               int32_t chunks_per_thread, kvs_threadpool_range_fn fn, void *arg);
+
+/* Dispatches that ran on the workers since creation, and how many of their chunks the
+ * workers (not the caller) computed: a health signal for benchmarks. */
+void kvs_threadpool_stats(const kvs_threadpool *tp, uint64_t *n_jobs, uint64_t *n_worker_chunks);
 
 #endif
