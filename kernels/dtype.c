@@ -14,7 +14,7 @@ struct dtype_info {
 
 /* The one name table for enum kvs_dtype. */
 static const struct dtype_info dtype_table[] = {
-    {KVS_DTYPE_F32, "F32", 1, 4},    {KVS_DTYPE_F16, "F16", 1, 2},
+    {KVS_DTYPE_F32, "F32", 1, 4},     {KVS_DTYPE_F16, "F16", 1, 2},
     {KVS_DTYPE_Q4_0, "Q4_0", 32, 18}, {KVS_DTYPE_Q4_1, "Q4_1", 32, 20},
     {KVS_DTYPE_Q8_0, "Q8_0", 32, 34}, {KVS_DTYPE_BF16, "BF16", 1, 2},
 };
@@ -122,7 +122,7 @@ uint16_t kvs_fp32_to_fp16(float f)
         if (e < -10) {
             return sign; /* below half the smallest subnormal: rounds to zero */
         }
-        uint32_t full = man | 0x800000u; /* 24-bit significand */
+        uint32_t full = man | 0x800000u;     /* 24-bit significand */
         uint32_t shift = (uint32_t)(14 - e); /* 14..24 */
         uint32_t m = full >> shift;
         uint32_t rem = full & ((1u << shift) - 1u);

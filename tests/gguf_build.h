@@ -124,7 +124,7 @@ static inline void gb_kv_arr(struct gb *b, const char *key, uint32_t elem_type, 
 
 /* A tensor info record. */
 static inline void gb_tensor(struct gb *b, const char *name, uint32_t n_dims, const uint64_t *ne,
-                      uint32_t type, uint64_t offset)
+                             uint32_t type, uint64_t offset)
 {
     gb_str(b, name);
     gb_u32(b, n_dims);

@@ -80,7 +80,7 @@ START_TEST(test_fp16_known_values)
     ck_assert_uint_eq(kvs_fp32_to_fp16(ldexpf(1.0f, -24)), 0x0001);
     ck_assert_uint_eq(kvs_fp32_to_fp16(ldexpf(1.0f, -25)), 0x0000); /* tie to even: 0 */
     ck_assert_uint_eq(kvs_fp32_to_fp16(ldexpf(1.0001f, -25)), 0x0001);
-    ck_assert_uint_eq(kvs_fp32_to_fp16(ldexpf(3.0f, -25)), 0x0002); /* 1.5 ulp: tie to 2 */
+    ck_assert_uint_eq(kvs_fp32_to_fp16(ldexpf(3.0f, -25)), 0x0002);    /* 1.5 ulp: tie to 2 */
     ck_assert_uint_eq(kvs_fp32_to_fp16(ldexpf(1023.5f, -24)), 0x0400); /* carries to normal */
     ck_assert_uint_eq(kvs_fp32_to_fp16(1e-10f), 0x0000);
     ck_assert_uint_eq(kvs_fp32_to_fp16(-1e-10f), 0x8000);
@@ -176,8 +176,7 @@ START_TEST(test_dequant_float_types)
 
     const uint8_t f16[] = {0x00, 0x3c, 0x00, 0xc0, 0x00, 0x7c, 0x01, 0x00}; /* 1, -2, inf, 2^-24 */
     kvs_dequantize(KVS_DTYPE_F16, f16, out, 4);
-    ck_assert(out[0] == 1.0f && out[1] == -2.0f && isinf(out[2]) &&
-              out[3] == ldexpf(1.0f, -24));
+    ck_assert(out[0] == 1.0f && out[1] == -2.0f && isinf(out[2]) && out[3] == ldexpf(1.0f, -24));
 
     const uint8_t bf16[] = {0x80, 0x3f, 0x40, 0xc0, 0x49, 0x40}; /* 1, -3, 3.140625 */
     kvs_dequantize(KVS_DTYPE_BF16, bf16, out, 3);
@@ -219,7 +218,7 @@ START_TEST(test_dequant_q4_0)
     }
     kvs_dequantize(KVS_DTYPE_Q4_0, blk, out, 32);
     for (int j = 0; j < 16; j++) {
-        ck_assert(out[j] == 2.0f * (float)(j - 8));       /* low nibbles: elements 0..15 */
+        ck_assert(out[j] == 2.0f * (float)(j - 8));      /* low nibbles: elements 0..15 */
         ck_assert(out[16 + j] == 2.0f * (float)(7 - j)); /* high nibbles: 16..31 */
     }
     ck_assert(out[0] == -16.0f && out[15] == 14.0f && out[16] == 14.0f && out[31] == -16.0f);

@@ -1,9 +1,9 @@
 /* worker/gguf.c: the real default model loads; a small valid file reads back exactly; every
  * malformed variant (each truncation, bad header, hostile counts and lengths, bad tensors)
  * is refused with a message naming the problem; fuzz regressions stay clean. */
-#include "kernels/dtype.h"
 #include "common/status.h"
 #include "gguf_build.h"
+#include "kernels/dtype.h"
 #include "testutil.h"
 #include "worker/gguf.h"
 #include "worker/hparams.h"
@@ -302,8 +302,7 @@ START_TEST(test_bad_tensors)
 {
     struct gb b = {0};
     one_tensor(&b, 2, (uint64_t[]){4, 0}, KVS_DTYPE_F32, 0, 32);
-    expect_refused(&b, KVS_BAD_FORMAT,
-                   "tensor 'blk.0.attn_q.weight' has a zero-sized dimension");
+    expect_refused(&b, KVS_BAD_FORMAT, "tensor 'blk.0.attn_q.weight' has a zero-sized dimension");
 
     one_tensor(&b, 0, NULL, KVS_DTYPE_F32, 0, 32);
     expect_refused(&b, KVS_BAD_FORMAT, "has 0 dimensions");
@@ -312,8 +311,8 @@ START_TEST(test_bad_tensors)
 
     one_tensor(&b, 2, (uint64_t[]){1ull << 32, 1ull << 32}, KVS_DTYPE_F32, 0, 32);
     expect_refused(&b, KVS_BAD_FORMAT, "element count overflows");
-    one_tensor(&b, 4, (uint64_t[]){1ull << 16, 1ull << 16, 1ull << 16, 1ull << 16},
-               KVS_DTYPE_F32, 0, 32);
+    one_tensor(&b, 4, (uint64_t[]){1ull << 16, 1ull << 16, 1ull << 16, 1ull << 16}, KVS_DTYPE_F32,
+               0, 32);
     expect_refused(&b, KVS_BAD_FORMAT, "element count overflows");
     one_tensor(&b, 1, (uint64_t[]){UINT64_MAX}, KVS_DTYPE_F32, 0, 32);
     expect_refused(&b, KVS_BAD_FORMAT, "overflows");

@@ -132,14 +132,14 @@ END_TEST
  * `extra` keys are appended (each a (key, u32 value) pair or a string pair); the tensor
  * named `bad` is given a wrong shape, and the one named `skip` is left out. */
 struct model_opts {
-    const char *arch;             /* default "llama" */
-    const char *skip;             /* tensor to omit */
-    const char *bad;              /* tensor to misshape */
-    const char *u32_key[4];       /* extra / overriding u32 keys (suffix after "<arch>.") */
+    const char *arch;       /* default "llama" */
+    const char *skip;       /* tensor to omit */
+    const char *bad;        /* tensor to misshape */
+    const char *u32_key[4]; /* extra / overriding u32 keys (suffix after "<arch>.") */
     uint32_t u32_val[4];
-    const char *str_key;          /* one extra string key (full name) */
+    const char *str_key; /* one extra string key (full name) */
     const char *str_val;
-    const char *f32_key;          /* one extra f32 key (suffix) */
+    const char *f32_key; /* one extra f32 key (suffix) */
     float f32_val;
 };
 
@@ -166,9 +166,10 @@ static void build_model(struct gb *b, const struct model_opts *o)
     struct {
         const char *suffix;
         uint32_t v;
-    } base[] = {{"block_count", 1},       {"embedding_length", 32}, {"feed_forward_length", 64},
-                {"context_length", 256},  {"attention.head_count", 2},
-                {"attention.head_count_kv", 1}, {"vocab_size", 4}};
+    } base[] = {
+        {"block_count", 1},      {"embedding_length", 32},    {"feed_forward_length", 64},
+        {"context_length", 256}, {"attention.head_count", 2}, {"attention.head_count_kv", 1},
+        {"vocab_size", 4}};
     size_t n_base = sizeof base / sizeof base[0];
     size_t n_extra_u32 = 0;
     for (size_t i = 0; i < 4 && o->u32_key[i]; i++) {
@@ -182,7 +183,8 @@ static void build_model(struct gb *b, const struct model_opts *o)
         n_extra_u32 += !overrides;
     }
     bool eps_override = o->f32_key && strcmp(o->f32_key, "attention.layer_norm_rms_epsilon") == 0;
-    uint64_t n_kv = 2 - eps_override + n_base + n_extra_u32 + (o->str_key != NULL) + (o->f32_key != NULL);
+    uint64_t n_kv =
+        2 - eps_override + n_base + n_extra_u32 + (o->str_key != NULL) + (o->f32_key != NULL);
     gb_header(b, 3, n_t, n_kv);
     gb_kv_str(b, "general.architecture", arch);
     char key[128];
@@ -272,13 +274,16 @@ START_TEST(test_in_memory_model_ok)
     ck_assert_int_eq(hp.file_type, -1);
     ck_assert_str_eq(hp.name, "");
 
-    struct model_opts lin = {.str_key = "llama.rope.scaling.type", .str_val = "linear",
-                             .f32_key = "rope.scaling.factor", .f32_val = 4.0f};
+    struct model_opts lin = {.str_key = "llama.rope.scaling.type",
+                             .str_val = "linear",
+                             .f32_key = "rope.scaling.factor",
+                             .f32_val = 4.0f};
     ck_assert_msg(model_status(&lin, err, sizeof err, &hp) == 0, "%s", err);
     ck_assert_int_eq(hp.rope_scaling, KVS_ROPE_SCALING_LINEAR);
     ck_assert(hp.rope_scaling_factor == 4.0f);
 
-    struct model_opts l3 = {.str_key = "llama.rope.scaling.type", .str_val = "llama3",
+    struct model_opts l3 = {.str_key = "llama.rope.scaling.type",
+                            .str_val = "llama3",
                             .u32_key = {"rope.scaling.original_context_length"},
                             .u32_val = {8192}};
     ck_assert_msg(model_status(&l3, err, sizeof err, &hp) == 0, "%s", err);
@@ -297,13 +302,14 @@ START_TEST(test_in_memory_model_refused)
 {
     expect_model(&(struct model_opts){.arch = "gpt2"}, KVS_UNSUPPORTED,
                  "unsupported architecture 'gpt2' (supported: llama, qwen2)");
-    expect_model(&(struct model_opts){.u32_key = {"block_count"}, .u32_val = {0}},
-                 KVS_BAD_FORMAT, "llama.block_count 0 out of range (1..1024)");
+    expect_model(&(struct model_opts){.u32_key = {"block_count"}, .u32_val = {0}}, KVS_BAD_FORMAT,
+                 "llama.block_count 0 out of range (1..1024)");
     expect_model(&(struct model_opts){.u32_key = {"block_count"}, .u32_val = {5000}},
                  KVS_BAD_FORMAT, "llama.block_count 5000 out of range");
-    expect_model(&(struct model_opts){.u32_key = {"attention.head_count", "attention.head_count_kv"},
-                                      .u32_val = {4, 3}},
-                 KVS_BAD_FORMAT, "not a multiple of head_count_kv 3");
+    expect_model(
+        &(struct model_opts){.u32_key = {"attention.head_count", "attention.head_count_kv"},
+                             .u32_val = {4, 3}},
+        KVS_BAD_FORMAT, "not a multiple of head_count_kv 3");
     expect_model(&(struct model_opts){.u32_key = {"attention.head_count"}, .u32_val = {3}},
                  KVS_BAD_FORMAT, "embedding_length 32 is not a multiple of head_count 3");
     expect_model(&(struct model_opts){.u32_key = {"attention.key_length"}, .u32_val = {15}},
@@ -314,9 +320,9 @@ START_TEST(test_in_memory_model_refused)
                  KVS_UNSUPPORTED, "rope scaling type 'yarn' is not supported");
     expect_model(&(struct model_opts){.f32_key = "rope.freq_base", .f32_val = -1.0f},
                  KVS_BAD_FORMAT, "llama.rope.freq_base -1 out of range");
-    expect_model(&(struct model_opts){.f32_key = "attention.layer_norm_rms_epsilon",
-                                      .f32_val = NAN},
-                 KVS_BAD_FORMAT, "layer_norm_rms_epsilon");
+    expect_model(
+        &(struct model_opts){.f32_key = "attention.layer_norm_rms_epsilon", .f32_val = NAN},
+        KVS_BAD_FORMAT, "layer_norm_rms_epsilon");
     /* wrong value type for a u32 key */
     expect_model(&(struct model_opts){.str_key = "llama.attention.key_length", .str_val = "16"},
                  KVS_BAD_FORMAT, "key 'llama.attention.key_length' is not an unsigned 32-bit");

@@ -75,10 +75,11 @@ const char *kvs_gguf_type_name(enum kvs_gguf_type t)
 static const char *ggml_type_name(uint32_t type)
 {
     static const char *const names[] = {
-        "F32",  "F16",  "Q4_0", "Q4_1", "Q4_2", "Q4_3",    "Q5_0",    "Q5_1",   "Q8_0",
-        "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",    "Q8_K",    "IQ2_XXS", "IQ2_XS",
-        "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64",
-        "F64",  "IQ1_M", "BF16", "Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0",
+        "F32",      "F16",      "Q4_0",    "Q4_1",  "Q4_2",   "Q4_3",  "Q5_0",  "Q5_1",
+        "Q8_0",     "Q8_1",     "Q2_K",    "Q3_K",  "Q4_K",   "Q5_K",  "Q6_K",  "Q8_K",
+        "IQ2_XXS",  "IQ2_XS",   "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS",
+        "I8",       "I16",      "I32",     "I64",   "F64",    "IQ1_M", "BF16",  "Q4_0_4_4",
+        "Q4_0_4_8", "Q4_0_8_8", "TQ1_0",   "TQ2_0",
     };
     if (type < sizeof names / sizeof names[0]) {
         return names[type];
@@ -119,8 +120,7 @@ static uint16_t ld16(const uint8_t *p)
 
 static uint32_t ld32(const uint8_t *p)
 {
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
-           ((uint32_t)p[3] << 24);
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
 static uint64_t ld64(const uint8_t *p)
@@ -235,8 +235,8 @@ static bool rd_str(struct reader *r, const char **s, uint64_t *len, const char *
     }
     if (*len > remaining(r)) {
         seterr(r->err, r->errlen,
-               "%s at offset %zu: string length %llu exceeds the %zu bytes left in the file",
-               what, at, (unsigned long long)*len, remaining(r));
+               "%s at offset %zu: string length %llu exceeds the %zu bytes left in the file", what,
+               at, (unsigned long long)*len, remaining(r));
         return false;
     }
     *s = (const char *)(r->p + r->pos);
@@ -347,8 +347,8 @@ static int parse_header(struct reader *r, kvs_gguf *g)
     }
     if (g->version != 2 && g->version != 3) {
         bool swapped = (g->version & 0xffffu) == 0 && g->version != 0;
-        seterr(r->err, r->errlen, "GGUF version %u is not supported (need 2 or 3)%s",
-               g->version, swapped ? "; big-endian files are not supported" : "");
+        seterr(r->err, r->errlen, "GGUF version %u is not supported (need 2 or 3)%s", g->version,
+               swapped ? "; big-endian files are not supported" : "");
         return KVS_UNSUPPORTED;
     }
     if (!rd_u64(r, &g->n_tensors, "tensor count") || !rd_u64(r, &g->n_kv, "metadata count")) {
@@ -585,8 +585,8 @@ static int parse_tensor_infos(struct reader *r, kvs_gguf *g, struct name_view *n
         uint64_t row_bytes;
         if (!kvs_dtype_row_bytes(t->type, t->ne[0], &row_bytes)) {
             seterr(r->err, r->errlen,
-                   "tensor '%s': row length %llu is not a multiple of the %s block size %u",
-                   name, (unsigned long long)t->ne[0], kvs_dtype_name(t->type),
+                   "tensor '%s': row length %llu is not a multiple of the %s block size %u", name,
+                   (unsigned long long)t->ne[0], kvs_dtype_name(t->type),
                    kvs_dtype_block_elems(t->type));
             return KVS_BAD_FORMAT;
         }
@@ -708,8 +708,10 @@ static int place_data(kvs_gguf *g, size_t info_end, const uint64_t *offsets, cha
         printable(name, sizeof name, t->name, strlen(t->name));
         uint64_t off = offsets[i];
         if (off % a != 0) {
-            seterr(err, errlen, "tensor '%s': data offset %llu is not a multiple of the "
-                   "alignment %llu", name, (unsigned long long)off, (unsigned long long)a);
+            seterr(err, errlen,
+                   "tensor '%s': data offset %llu is not a multiple of the "
+                   "alignment %llu",
+                   name, (unsigned long long)off, (unsigned long long)a);
             return KVS_BAD_FORMAT;
         }
         if (off > avail || t->nbytes > avail - off) {
@@ -776,8 +778,7 @@ static int open_common(const void *base, size_t size, void *map, kvs_gguf **out,
     g->tensors = calloc(nt, sizeof *g->tensors);
     tnames = calloc(nt, sizeof *tnames);
     offsets = calloc(nt, sizeof *offsets);
-    if (g->kvs == NULL || keys == NULL || g->tensors == NULL || tnames == NULL ||
-        offsets == NULL) {
+    if (g->kvs == NULL || keys == NULL || g->tensors == NULL || tnames == NULL || offsets == NULL) {
         seterr(err, errlen, "out of memory for %llu metadata entries and %llu tensors",
                (unsigned long long)g->n_kv, (unsigned long long)g->n_tensors);
         rc = KVS_NO_MEMORY;
@@ -804,8 +805,7 @@ fail:
     return rc;
 }
 
-int kvs_gguf_open_memory(const void *data, size_t size, kvs_gguf **out, char *err,
-                         size_t errlen)
+int kvs_gguf_open_memory(const void *data, size_t size, kvs_gguf **out, char *err, size_t errlen)
 {
     if (data == NULL && size > 0) {
         seterr(err, errlen, "no data");
@@ -1131,8 +1131,7 @@ uint64_t kvs_gguf_n_tensors(const kvs_gguf *g)
 
 const kvs_gguf_tensor *kvs_gguf_find_tensor(const kvs_gguf *g, const char *name)
 {
-    int64_t i =
-        index_find(g, g->tensor_index, g->tensor_cap, tensor_name_at, name, strlen(name));
+    int64_t i = index_find(g, g->tensor_index, g->tensor_cap, tensor_name_at, name, strlen(name));
     return i < 0 ? NULL : &g->tensors[i];
 }
 

@@ -57,13 +57,13 @@ typedef struct kvs_gguf_arr {
 } kvs_gguf_arr;
 
 typedef struct kvs_gguf_tensor {
-    const char *name;                /* NUL-terminated copy owned by the kvs_gguf */
-    uint32_t type;                   /* enum kvs_dtype */
-    uint32_t n_dims;                 /* 1..KVS_GGUF_MAX_DIMS */
-    uint64_t ne[KVS_GGUF_MAX_DIMS];  /* elements per dim, ne[0] innermost; unused dims = 1 */
-    uint64_t n_elem;                 /* product of ne */
-    uint64_t nbytes;                 /* bytes of data */
-    const void *data;                /* borrowed from the mapping, aligned as the file says */
+    const char *name;               /* NUL-terminated copy owned by the kvs_gguf */
+    uint32_t type;                  /* enum kvs_dtype */
+    uint32_t n_dims;                /* 1..KVS_GGUF_MAX_DIMS */
+    uint64_t ne[KVS_GGUF_MAX_DIMS]; /* elements per dim, ne[0] innermost; unused dims = 1 */
+    uint64_t n_elem;                /* product of ne */
+    uint64_t nbytes;                /* bytes of data */
+    const void *data;               /* borrowed from the mapping, aligned as the file says */
 } kvs_gguf_tensor;
 
 /* Open and validate a file. On success returns 0 and *out (caller frees with
@@ -73,8 +73,7 @@ typedef struct kvs_gguf_tensor {
 int kvs_gguf_open(const char *path, kvs_gguf **out, char *err, size_t errlen);
 
 /* Same, over a caller-owned buffer that must outlive the kvs_gguf (used by the fuzzer). */
-int kvs_gguf_open_memory(const void *data, size_t size, kvs_gguf **out, char *err,
-                         size_t errlen);
+int kvs_gguf_open_memory(const void *data, size_t size, kvs_gguf **out, char *err, size_t errlen);
 
 /* Unmap and free; accepts NULL and *g == NULL; sets *g to NULL. */
 void kvs_gguf_destroy(kvs_gguf **g);

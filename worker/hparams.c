@@ -9,7 +9,8 @@
 #include <string.h>
 
 static const char *const arch_names[] = {[KVS_ARCH_LLAMA] = "llama", [KVS_ARCH_QWEN2] = "qwen2"};
-static const char *const rope_style_names[] = {[KVS_HP_ROPE_NORM] = "norm", [KVS_HP_ROPE_NEOX] = "neox"};
+static const char *const rope_style_names[] = {
+    [KVS_HP_ROPE_NORM] = "norm", [KVS_HP_ROPE_NEOX] = "neox"};
 static const char *const rope_scaling_names[] = {[KVS_ROPE_SCALING_NONE] = "none",
                                                  [KVS_ROPE_SCALING_LINEAR] = "linear",
                                                  [KVS_ROPE_SCALING_LLAMA3] = "llama3"};
@@ -70,8 +71,8 @@ static const char *arch_key(const struct hp_reader *r, const char *suffix, char 
 }
 
 /* Read <arch>.<suffix> as u32 in [lo, hi]; when absent use *def (or fail if def is NULL). */
-static int get_u32(const struct hp_reader *r, const char *suffix, const uint32_t *def,
-                   uint32_t lo, uint32_t hi, uint32_t *out)
+static int get_u32(const struct hp_reader *r, const char *suffix, const uint32_t *def, uint32_t lo,
+                   uint32_t hi, uint32_t *out)
 {
     char key[128];
     arch_key(r, suffix, key, sizeof key);
@@ -155,8 +156,7 @@ static int read_rope_scaling(const struct hp_reader *r, struct kvs_hparams *hp)
         hp->rope_scaling = KVS_ROPE_SCALING_LLAMA3;
     } else {
         seterr(r->err, r->errlen,
-               "rope scaling type '%s' is not supported (supported: none, linear, llama3)",
-               type);
+               "rope scaling type '%s' is not supported (supported: none, linear, llama3)", type);
         return KVS_UNSUPPORTED;
     }
     KVS_TRY(get_f32(r, "rope.scaling.factor", &one, 0.0f, 1024.0f, &hp->rope_scaling_factor));
@@ -227,8 +227,9 @@ int kvs_hparams_from_gguf(const kvs_gguf *g, struct kvs_hparams *hp, char *err, 
     kvs_gguf_str s;
     int rc = kvs_gguf_get_str(g, "general.architecture", &s);
     if (rc < 0) {
-        seterr(err, errlen, rc == KVS_NOT_FOUND ? "missing key 'general.architecture'"
-                                                : "general.architecture is not a string");
+        seterr(err, errlen,
+               rc == KVS_NOT_FOUND ? "missing key 'general.architecture'"
+                                   : "general.architecture is not a string");
         return KVS_BAD_FORMAT;
     }
     char arch[64];
@@ -248,9 +249,8 @@ int kvs_hparams_from_gguf(const kvs_gguf *g, struct kvs_hparams *hp, char *err, 
         copy_str(hp->name, sizeof hp->name, s);
     }
     uint32_t ft;
-    hp->file_type = kvs_gguf_get_u32(g, "general.file_type", &ft) == 0 && ft <= INT32_MAX
-                        ? (int32_t)ft
-                        : -1;
+    hp->file_type =
+        kvs_gguf_get_u32(g, "general.file_type", &ft) == 0 && ft <= INT32_MAX ? (int32_t)ft : -1;
 
     struct hp_reader r = {.g = g, .arch = hp->arch_name, .err = err, .errlen = errlen};
     KVS_TRY(get_u32(&r, "block_count", NULL, 1, KVS_HPARAMS_MAX_LAYER, &hp->n_layer));
@@ -266,8 +266,8 @@ int kvs_hparams_from_gguf(const kvs_gguf *g, struct kvs_hparams *hp, char *err, 
     }
     char key[128];
     if (kvs_gguf_find_key(g, arch_key(&r, "attention.key_length", key, sizeof key)) >= 0) {
-        KVS_TRY(get_u32(&r, "attention.key_length", NULL, 2, KVS_HPARAMS_MAX_HEAD_DIM,
-                        &hp->head_dim));
+        KVS_TRY(
+            get_u32(&r, "attention.key_length", NULL, 2, KVS_HPARAMS_MAX_HEAD_DIM, &hp->head_dim));
     } else {
         if (hp->n_embd % hp->n_head != 0) {
             seterr(err, errlen, "%s.embedding_length %u is not a multiple of head_count %u",
@@ -282,11 +282,11 @@ int kvs_hparams_from_gguf(const kvs_gguf *g, struct kvs_hparams *hp, char *err, 
         return KVS_BAD_FORMAT;
     }
     uint32_t vlen;
-    KVS_TRY(get_u32(&r, "attention.value_length", &hp->head_dim, 1, KVS_HPARAMS_MAX_HEAD_DIM,
-                    &vlen));
+    KVS_TRY(
+        get_u32(&r, "attention.value_length", &hp->head_dim, 1, KVS_HPARAMS_MAX_HEAD_DIM, &vlen));
     if (vlen != hp->head_dim) {
-        seterr(err, errlen, "value head dimension %u differs from key head dimension %u",
-               vlen, hp->head_dim);
+        seterr(err, errlen, "value head dimension %u differs from key head dimension %u", vlen,
+               hp->head_dim);
         return KVS_UNSUPPORTED;
     }
     KVS_TRY(get_u32(&r, "rope.dimension_count", &hp->head_dim, 2, hp->head_dim, &hp->rope_dim));
@@ -350,8 +350,8 @@ int kvs_hparams_check_tensors(const kvs_gguf *g, const struct kvs_hparams *hp, c
         const char *suffix;
         uint64_t ne0, ne1;
     } const per_layer[] = {
-        {"attn_norm.weight", hp->n_embd, 1},  {"attn_q.weight", hp->n_embd, q_dim},
-        {"attn_k.weight", hp->n_embd, kv_dim}, {"attn_v.weight", hp->n_embd, kv_dim},
+        {"attn_norm.weight", hp->n_embd, 1},       {"attn_q.weight", hp->n_embd, q_dim},
+        {"attn_k.weight", hp->n_embd, kv_dim},     {"attn_v.weight", hp->n_embd, kv_dim},
         {"attn_output.weight", q_dim, hp->n_embd}, {"ffn_norm.weight", hp->n_embd, 1},
         {"ffn_gate.weight", hp->n_embd, hp->n_ff}, {"ffn_up.weight", hp->n_embd, hp->n_ff},
         {"ffn_down.weight", hp->n_ff, hp->n_embd},
@@ -359,8 +359,7 @@ int kvs_hparams_check_tensors(const kvs_gguf *g, const struct kvs_hparams *hp, c
     struct {
         const char *suffix;
         uint64_t ne0;
-    } const biases[] = {
-        {"attn_q.bias", q_dim}, {"attn_k.bias", kv_dim}, {"attn_v.bias", kv_dim}};
+    } const biases[] = {{"attn_q.bias", q_dim}, {"attn_k.bias", kv_dim}, {"attn_v.bias", kv_dim}};
     bool need_bias = hp->arch == KVS_ARCH_QWEN2 || hp->has_qkv_bias;
     char name[96];
     for (uint32_t l = 0; l < hp->n_layer; l++) {

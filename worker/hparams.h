@@ -46,29 +46,29 @@ enum kvs_rope_scaling {
 
 struct kvs_hparams {
     enum kvs_arch arch;
-    char arch_name[16];          /* "llama", "qwen2" */
-    char name[128];              /* general.name (truncated, NUL-terminated; "" if absent) */
-    uint32_t n_layer;            /* transformer blocks */
-    uint32_t n_embd;             /* residual stream width */
-    uint32_t n_head;             /* query heads */
-    uint32_t n_head_kv;          /* key/value heads; n_head % n_head_kv == 0 */
-    uint32_t head_dim;           /* per head, even */
-    uint32_t n_ff;               /* FFN hidden width */
-    uint32_t n_vocab;            /* tokens */
-    uint32_t n_ctx_train;        /* positions the model was trained on */
-    float rope_freq_base;        /* theta */
-    uint32_t rope_dim;           /* leading dims of each head that are rotated, even, <= head_dim */
+    char arch_name[16];   /* "llama", "qwen2" */
+    char name[128];       /* general.name (truncated, NUL-terminated; "" if absent) */
+    uint32_t n_layer;     /* transformer blocks */
+    uint32_t n_embd;      /* residual stream width */
+    uint32_t n_head;      /* query heads */
+    uint32_t n_head_kv;   /* key/value heads; n_head % n_head_kv == 0 */
+    uint32_t head_dim;    /* per head, even */
+    uint32_t n_ff;        /* FFN hidden width */
+    uint32_t n_vocab;     /* tokens */
+    uint32_t n_ctx_train; /* positions the model was trained on */
+    float rope_freq_base; /* theta */
+    uint32_t rope_dim;    /* leading dims of each head that are rotated, even, <= head_dim */
     enum kvs_hp_rope_style rope_style;
     enum kvs_rope_scaling rope_scaling;
-    float rope_scaling_factor;     /* LINEAR / LLAMA3 factor; 1 when NONE */
-    float rope_scaling_low_freq;  /* LLAMA3 (default 1) */
-    float rope_scaling_high_freq; /* LLAMA3 (default 4) */
-    uint32_t rope_scaling_orig_ctx;      /* LLAMA3 original_context_length (default n_ctx_train) */
-    bool has_rope_freqs;         /* a rope_freqs.weight tensor [rope_dim/2] holds the factors */
-    float norm_eps;              /* RMSNorm epsilon */
-    bool tied_embeddings;        /* no output.weight: logits use token_embd.weight */
-    bool has_qkv_bias;           /* blk.N.attn_{q,k,v}.bias exist */
-    int32_t file_type;           /* general.file_type (llama_ftype), -1 if absent */
+    float rope_scaling_factor;      /* LINEAR / LLAMA3 factor; 1 when NONE */
+    float rope_scaling_low_freq;    /* LLAMA3 (default 1) */
+    float rope_scaling_high_freq;   /* LLAMA3 (default 4) */
+    uint32_t rope_scaling_orig_ctx; /* LLAMA3 original_context_length (default n_ctx_train) */
+    bool has_rope_freqs;            /* a rope_freqs.weight tensor [rope_dim/2] holds the factors */
+    float norm_eps;                 /* RMSNorm epsilon */
+    bool tied_embeddings;           /* no output.weight: logits use token_embd.weight */
+    bool has_qkv_bias;              /* blk.N.attn_{q,k,v}.bias exist */
+    int32_t file_type;              /* general.file_type (llama_ftype), -1 if absent */
 };
 
 /* Fill *hp from g's metadata (and tensor directory, for n_vocab fallback, tied embeddings,

@@ -30,14 +30,14 @@ static void usage(FILE *f)
 /* What inspect reports beyond the hyperparameters. */
 struct inspect_info {
     const char *path;
-    uint64_t file_size;                /* bytes */
-    uint32_t version;                  /* GGUF version */
+    uint64_t file_size; /* bytes */
+    uint32_t version;   /* GGUF version */
     uint64_t n_tensors;
-    uint64_t tensor_bytes;             /* sum of tensor data sizes */
-    uint64_t n_by_type[32];            /* tensors per enum kvs_dtype (ids < 32) */
-    kvs_gguf_str tok_model;            /* tokenizer.ggml.model (len 0 if absent) */
-    kvs_gguf_str tok_pre;              /* tokenizer.ggml.pre (len 0 if absent) */
-    const char *chat_template;         /* chatml | llama3 | llama2 | unknown | none */
+    uint64_t tensor_bytes;     /* sum of tensor data sizes */
+    uint64_t n_by_type[32];    /* tensors per enum kvs_dtype (ids < 32) */
+    kvs_gguf_str tok_model;    /* tokenizer.ggml.model (len 0 if absent) */
+    kvs_gguf_str tok_pre;      /* tokenizer.ggml.pre (len 0 if absent) */
+    const char *chat_template; /* chatml | llama3 | llama2 | unknown | none */
 };
 
 static bool contains(kvs_gguf_str s, const char *needle)
@@ -138,8 +138,9 @@ static void print_text(const struct inspect_info *in, const struct kvs_hparams *
     printf("feed forward:    %u\n", hp->n_ff);
     printf("vocabulary:      %u\n", hp->n_vocab);
     printf("context (train): %u\n", hp->n_ctx_train);
-    printf("rope:            %s, %u dims, base %g, scaling %s", kvs_hp_rope_style_name(hp->rope_style),
-           hp->rope_dim, (double)hp->rope_freq_base, kvs_rope_scaling_name(hp->rope_scaling));
+    printf("rope:            %s, %u dims, base %g, scaling %s",
+           kvs_hp_rope_style_name(hp->rope_style), hp->rope_dim, (double)hp->rope_freq_base,
+           kvs_rope_scaling_name(hp->rope_scaling));
     if (hp->rope_scaling != KVS_ROPE_SCALING_NONE) {
         printf(" (factor %g)", (double)hp->rope_scaling_factor);
     }
@@ -195,32 +196,31 @@ static int print_json(const struct inspect_info *in, const struct kvs_hparams *h
     json_t *by_type = json_object();
     for (uint32_t t = 0; t < 32; t++) {
         if (in->n_by_type[t] > 0) {
-            json_object_set_new(by_type, kvs_dtype_name(t), json_integer((json_int_t)in->n_by_type[t]));
+            json_object_set_new(by_type, kvs_dtype_name(t),
+                                json_integer((json_int_t)in->n_by_type[t]));
         }
     }
-    json_t *rope = json_pack("{s:s, s:i, s:f, s:s, s:f, s:f, s:f, s:i, s:b}", "style",
-                             kvs_hp_rope_style_name(hp->rope_style), "dim", (int)hp->rope_dim,
-                             "freq_base", short_double(hp->rope_freq_base), "scaling",
-                             kvs_rope_scaling_name(hp->rope_scaling), "scaling_factor",
-                             short_double(hp->rope_scaling_factor), "low_freq_factor",
-                             short_double(hp->rope_scaling_low_freq), "high_freq_factor",
-                             short_double(hp->rope_scaling_high_freq), "original_context_length",
-                             (int)hp->rope_scaling_orig_ctx, "has_rope_freqs",
-                             (int)hp->has_rope_freqs);
+    json_t *rope = json_pack(
+        "{s:s, s:i, s:f, s:s, s:f, s:f, s:f, s:i, s:b}", "style",
+        kvs_hp_rope_style_name(hp->rope_style), "dim", (int)hp->rope_dim, "freq_base",
+        short_double(hp->rope_freq_base), "scaling", kvs_rope_scaling_name(hp->rope_scaling),
+        "scaling_factor", short_double(hp->rope_scaling_factor), "low_freq_factor",
+        short_double(hp->rope_scaling_low_freq), "high_freq_factor",
+        short_double(hp->rope_scaling_high_freq), "original_context_length",
+        (int)hp->rope_scaling_orig_ctx, "has_rope_freqs", (int)hp->has_rope_freqs);
     json_t *root = json_pack(
         "{s:s, s:I, s:i, s:s, s:s, s:i, s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:o, s:f,"
         " s:b, s:b, s:{s:I, s:I, s:o}, s:{s:o, s:o}, s:s}",
-        "path", in->path, "file_size", (json_int_t)in->file_size, "gguf_version",
-        (int)in->version, "architecture", hp->arch_name, "name", hp->name, "file_type",
-        (int)hp->file_type, "file_type_name", file_type_name(hp->file_type), "n_layer",
-        (int)hp->n_layer, "n_embd", (int)hp->n_embd, "n_head", (int)hp->n_head, "n_head_kv",
-        (int)hp->n_head_kv, "head_dim", (int)hp->head_dim, "n_ff", (int)hp->n_ff, "n_vocab",
-        (int)hp->n_vocab, "n_ctx_train", (int)hp->n_ctx_train, "rope", rope, "norm_eps",
-        short_double(hp->norm_eps), "tied_embeddings", (int)hp->tied_embeddings, "has_qkv_bias",
-        (int)hp->has_qkv_bias, "tensors", "count", (json_int_t)in->n_tensors, "data_bytes",
-        (json_int_t)in->tensor_bytes, "by_type", by_type, "tokenizer", "model",
-        json_meta_str(in->tok_model), "pre", json_meta_str(in->tok_pre), "chat_template",
-        in->chat_template);
+        "path", in->path, "file_size", (json_int_t)in->file_size, "gguf_version", (int)in->version,
+        "architecture", hp->arch_name, "name", hp->name, "file_type", (int)hp->file_type,
+        "file_type_name", file_type_name(hp->file_type), "n_layer", (int)hp->n_layer, "n_embd",
+        (int)hp->n_embd, "n_head", (int)hp->n_head, "n_head_kv", (int)hp->n_head_kv, "head_dim",
+        (int)hp->head_dim, "n_ff", (int)hp->n_ff, "n_vocab", (int)hp->n_vocab, "n_ctx_train",
+        (int)hp->n_ctx_train, "rope", rope, "norm_eps", short_double(hp->norm_eps),
+        "tied_embeddings", (int)hp->tied_embeddings, "has_qkv_bias", (int)hp->has_qkv_bias,
+        "tensors", "count", (json_int_t)in->n_tensors, "data_bytes", (json_int_t)in->tensor_bytes,
+        "by_type", by_type, "tokenizer", "model", json_meta_str(in->tok_model), "pre",
+        json_meta_str(in->tok_pre), "chat_template", in->chat_template);
     if (root == NULL) {
         kvs_cli_error(CMD, "cannot build the JSON output");
         return 1;
