@@ -143,10 +143,13 @@ int kvs_engine_prefill(kvs_engine *e, kvs_seq *seq, const int32_t *tokens, int32
 }
 
 int kvs_engine_generate(kvs_engine *e, const int32_t *prompt, int32_t n_prompt,
-                        const struct kvs_sampling *sp, int32_t max_tokens,
-                        const char *const *stops, int n_stops, kvs_token_fn cb, void *user,
+                        const struct kvs_gen_opts *go, kvs_token_fn cb, void *user,
                         struct kvs_gen_result *res)
 {
+    const struct kvs_sampling *sp = &go->sampling;
+    int32_t max_tokens = go->max_tokens;
+    const char *const *stops = go->stops;
+    int n_stops = go->n_stops;
     memset(res, 0, sizeof *res);
     if (n_prompt <= 0 || max_tokens < 0) {
         return KVS_INVALID_ARGUMENT;
@@ -187,7 +190,7 @@ int kvs_engine_generate(kvs_engine *e, const int32_t *prompt, int32_t n_prompt,
     bool done = max_tokens == 0;
     while (!done) {
         int32_t tok = kvs_sampler_sample(smp, e->logits);
-        if (kvs_tokenizer_is_eog(e->tok, tok)) {
+        if (!go->ignore_eog && kvs_tokenizer_is_eog(e->tok, tok)) {
             res->stopped_eog = true;
             break;
         }

@@ -62,14 +62,21 @@ struct kvs_gen_result {
     double decode_s;          /* seconds for the remaining tokens */
 };
 
+struct kvs_gen_opts {
+    struct kvs_sampling sampling; /* how to pick tokens (kvs_sampling_default(): greedy) */
+    int32_t max_tokens;           /* tokens to generate at most, >= 0 */
+    const char *const *stops;     /* stop strings (borrowed), or NULL */
+    int n_stops;                  /* entries of stops */
+    bool ignore_eog;              /* keep going past end-of-generation tokens (benchmarks) */
+};
+
 /* Prefill prompt[0..n_prompt) into a fresh seq, then sample up to max_tokens tokens.
  * Stops on an end-of-generation token, a stop string, max_tokens, or when cb returns false.
  * Text is streamed through cb (may be NULL). Returns 0, KVS_INVALID_ARGUMENT (empty prompt,
  * max_tokens < 0, bad sampling), KVS_CONTEXT_FULL (prompt + max_tokens past the model's
  * context or the pool), or a backend error. The seq is released in every case. */
 int kvs_engine_generate(kvs_engine *e, const int32_t *prompt, int32_t n_prompt,
-                        const struct kvs_sampling *sp, int32_t max_tokens,
-                        const char *const *stops, int n_stops, kvs_token_fn cb, void *user,
+                        const struct kvs_gen_opts *go, kvs_token_fn cb, void *user,
                         struct kvs_gen_result *res);
 
 /* Prefill tokens into seq (reserving, chunking by max_batch_rows, committing). When

@@ -38,6 +38,7 @@ static void usage(FILE *f)
             "      --seed S            random seed (default 0)\n"
             "      --stop TEXT         stop when TEXT is generated (repeatable, up to 16)\n"
             "      --special           parse special-token text in the prompt\n"
+            "      --ignore-eos        do not stop at end-of-generation tokens (benchmarks)\n"
             "  -t, --threads N         CPU threads (default: all)\n"
             "  -c, --ctx N             KV capacity in cells (default: prompt + n)\n"
             "      --kv-f32            keep KV in f32 instead of f16\n"
@@ -125,7 +126,7 @@ static char *read_stdin(void)
 }
 
 enum { OPT_CHAT = 256, OPT_SYSTEM, OPT_TEMP, OPT_TOPK, OPT_TOPP, OPT_MINP, OPT_RP, OPT_RLN,
-       OPT_SEED, OPT_STOP, OPT_SPECIAL, OPT_KVF32, OPT_DEVICE };
+       OPT_SEED, OPT_STOP, OPT_SPECIAL, OPT_KVF32, OPT_DEVICE, OPT_IGNORE_EOS };
 
 int kvs_cmd_generate(int argc, char **argv)
 {
@@ -141,13 +142,14 @@ int kvs_cmd_generate(int argc, char **argv)
         {"special", no_argument, NULL, OPT_SPECIAL}, {"threads", required_argument, NULL, 't'},
         {"ctx", required_argument, NULL, 'c'},       {"kv-f32", no_argument, NULL, OPT_KVF32},
         {"device", required_argument, NULL, OPT_DEVICE},
+        {"ignore-eos", no_argument, NULL, OPT_IGNORE_EOS},
         {"output", required_argument, NULL, 'o'},    {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0}};
     const char *model = NULL, *prompt = NULL, *system = NULL, *device = "cpu";
     const char *stops[MAX_STOPS];
     int n_stops = 0;
     long n_predict = 128, threads = 0, ctx = 0;
-    bool chat = false, special = false, kv_f32 = false, json = false;
+    bool chat = false, special = false, kv_f32 = false, json = false, ignore_eos = false;
     struct kvs_sampling sp = kvs_sampling_default();
     /* sampling defaults for temp > 0, as llama.cpp's */
     sp.top_k = 40;
@@ -237,6 +239,7 @@ int kvs_cmd_generate(int argc, char **argv)
             break;
         case OPT_KVF32: kv_f32 = true; break;
         case OPT_DEVICE: device = optarg; break;
+        case OPT_IGNORE_EOS: ignore_eos = true; break;
         case 'o':
             if (strcmp(optarg, "json") == 0) {
                 json = true;
@@ -366,8 +369,9 @@ int kvs_cmd_generate(int argc, char **argv)
         goto out;
     }
     struct out_state ost = {.json = json};
-    st = kvs_engine_generate(e, ids, (int32_t)n_ids, &sp, (int32_t)n_predict, stops, n_stops,
-                             on_token, &ost, &res);
+    struct kvs_gen_opts go = {.sampling = sp, .max_tokens = (int32_t)n_predict,
+                              .stops = stops, .n_stops = n_stops, .ignore_eog = ignore_eos};
+    st = kvs_engine_generate(e, ids, (int32_t)n_ids, &go, on_token, &ost, &res);
     if (st < 0) {
         kvs_cli_error(CMD, "generation failed: %s", kvs_status_message(st));
         goto out;
