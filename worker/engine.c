@@ -46,6 +46,7 @@ int kvs_engine_open(const struct kvs_engine_opts *o, kvs_engine **out, char *err
     }
     const struct kvs_hparams *hp = &e->model->hp;
     int64_t cells = o->n_cells > 0 ? o->n_cells : (int64_t)hp->n_ctx_train;
+    e->n_ctx = cells < (int64_t)hp->n_ctx_train ? cells : (int64_t)hp->n_ctx_train;
     int32_t bs = KVS_POOL_DEFAULT_BLOCK_SIZE;
     int64_t n_block = (cells + bs - 1) / bs;
     if (n_block > INT32_MAX / bs) {
@@ -156,7 +157,7 @@ int kvs_engine_generate(kvs_engine *e, const int32_t *prompt, int32_t n_prompt,
     }
     const struct kvs_hparams *hp = &e->model->hp;
     int64_t need = (int64_t)n_prompt + max_tokens;
-    if (need > (int64_t)hp->n_ctx_train || need > kvs_pool_capacity_cells(e->pool)) {
+    if (need > e->n_ctx || need > kvs_pool_capacity_cells(e->pool)) {
         return KVS_CONTEXT_FULL;
     }
     kvs_sampler *smp = NULL;

@@ -41,6 +41,7 @@ typedef struct kvs_engine {
     kvs_batch batch;          /* scratch batch of max_batch_rows rows */
     float *logits;            /* host (max_batch_rows, n_vocab) scratch */
     int32_t max_batch_rows;
+    int64_t n_ctx;            /* cells one sequence may use: opts.n_cells or the model's context */
 } kvs_engine;
 
 /* Open an engine. 0 and *out (free with kvs_engine_destroy), or a negative status with a

@@ -265,9 +265,6 @@ int kvs_cmd_generate(int argc, char **argv)
         kvs_cli_error(CMD, "a prompt is required (-p TEXT)");
         return 2;
     }
-    if (sp.temperature <= 0.0f) { /* greedy: filters are irrelevant, keep them off */
-        sp.temperature = 0.0f;
-    }
     char err[512] = "";
     if (kvs_sampling_validate(&sp, err, sizeof err) < 0) {
         kvs_cli_error(CMD, "%s", err);
@@ -358,14 +355,9 @@ int kvs_cmd_generate(int argc, char **argv)
         rc = 2;
         goto out;
     }
-    const struct kvs_hparams *hp = &e->model->hp;
-    if ((int64_t)n_ids + n_predict > (int64_t)hp->n_ctx_train ||
-        (int64_t)n_ids + n_predict > kvs_pool_capacity_cells(e->pool)) {
+    if ((int64_t)n_ids + n_predict > e->n_ctx) {
         kvs_cli_error(CMD, "prompt of %zu tokens + %ld to generate exceeds the context of %lld",
-                      n_ids, n_predict,
-                      (long long)((int64_t)hp->n_ctx_train < kvs_pool_capacity_cells(e->pool)
-                                      ? (int64_t)hp->n_ctx_train
-                                      : kvs_pool_capacity_cells(e->pool)));
+                      n_ids, n_predict, (long long)e->n_ctx);
         goto out;
     }
     struct out_state ost = {.json = json};
