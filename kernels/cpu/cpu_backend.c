@@ -1,8 +1,9 @@
 /* The CPU backend: the kvs_backend_ops table, memory, weights, and the context.
  *
  * Memory is host memory (64-byte aligned malloc); upload/download are memcpy and sync is a
- * no-op (every op has finished when it returns). Weights keep their GGUF form (quantized
- * blocks stay quantized: decode is bound by weight bytes), copied into aligned memory. */
+ * no-op (every op has finished when it returns). Weights stay compact: float types are
+ * copied as they are, quantized rows are regrouped (struct kvs_cpu_rg: 8 blocks' quants,
+ * then their scales; the same bytes per row) so that the kernels convert 8 scales at once. */
 #include "kernels/cpu/cpu_impl.h"
 
 #include "common/log.h"
@@ -78,7 +79,11 @@ static int cpu_weight_load(kvs_backend *b, struct kvs_weight *w, const void *hos
     if (p == NULL) {
         return KVS_NO_MEMORY;
     }
-    memcpy(p, host_data, total);
+    if (be == KVS_QK) {
+        kvs_cpu_regroup(w->type, host_data, p, w->n_out, w->n_in, (size_t)row_bytes);
+    } else {
+        memcpy(p, host_data, total);
+    }
     w->row_bytes = row_bytes;
     w->data = p;
     w->extra = NULL;

@@ -38,15 +38,68 @@ int kvs_cpu_isa_detect(void);
 const char *kvs_cpu_isa_name(int isa);
 
 #define KVS_QK 32 /* elements per quantized block */
+#define KVS_QG 8  /* blocks per group of the regrouped rows below */
 
-/* One activation block: 32 values x ~= d * q. */
-struct kvs_cpu_q8 {
-    float d;      /* scale: max|x| / 127 (0 for an all-zero block) */
-    float s;      /* d * sum(q): the block's sum, for the Q4_1 / Q4_0 offset terms */
-    int8_t q[32]; /* round(x / d) */
+/* Quantized activations, 8 blocks (256 values) per group; x ~= d[j] * q[j][i]. A row of n
+ * values takes ceil(n / 256) groups; blocks past the row's end are zero (q, d, s = 0). */
+struct kvs_cpu_q8g {
+    int8_t q[KVS_QG][KVS_QK]; /* round(x / d), ties to even */
+    float d[KVS_QG];          /* scales: max|x| / 127 rounded to f16 (0 for all-zero blocks) */
+    float s[KVS_QG];          /* d * sum(q) rounded to f16: for the Q4_1 / Q4_0 offset terms */
 };
 
-/* GGUF weight blocks (kernels/dtype.h). */
+/* Regrouped quantized weight rows (what weight_load keeps in kvs_weight.data; the row size
+ * is GGUF's): each group of up to 8 blocks (n = 8, or fewer in the row's last group) holds
+ * the blocks' quants (n x 16 bytes for Q4_0/Q4_1, n x 32 for Q8_0), then their f16 scales
+ * d (n x 2 bytes), then for Q4_1 their f16 mins m (n x 2). Group g starts at byte
+ * 8 * g * block_bytes of the row. Quant bytes keep GGUF's order (low nibbles = elements
+ * 0..15, high nibbles = 16..31). */
+struct kvs_cpu_rg {
+    const uint8_t *qs;  /* (n, 16 or 32) */
+    const uint16_t *d;  /* (n) f16 */
+    const uint16_t *m;  /* (n) f16, Q4_1 only (else NULL) */
+    int n;              /* blocks in the group */
+};
+
+static inline int kvs_cpu_quant_bytes(uint32_t type)
+{
+    return type == KVS_DTYPE_Q8_0 ? 32 : 16;
+}
+
+static inline int kvs_cpu_block_bytes(uint32_t type)
+{
+    return type == KVS_DTYPE_Q8_0 ? 34 : (type == KVS_DTYPE_Q4_1 ? 20 : 18);
+}
+
+/* Group g of a regrouped row of nb blocks. */
+static inline struct kvs_cpu_rg kvs_cpu_rg_group(uint32_t type, const uint8_t *row, int64_t nb,
+                                                 int64_t g)
+{
+    struct kvs_cpu_rg r;
+    int64_t left = nb - g * KVS_QG;
+    r.n = left < KVS_QG ? (int)left : KVS_QG;
+    r.qs = row + g * KVS_QG * kvs_cpu_block_bytes(type);
+    r.d = (const uint16_t *)(r.qs + r.n * kvs_cpu_quant_bytes(type));
+    r.m = type == KVS_DTYPE_Q4_1 ? r.d + r.n : NULL;
+    return r;
+}
+
+/* Zero the blocks of the last group past nb (a row's padding). */
+static inline void kvs_cpu_q8g_pad(struct kvs_cpu_q8g *groups, int64_t nb)
+{
+    struct kvs_cpu_q8g *g = &groups[nb / KVS_QG];
+    for (int j = (int)(nb % KVS_QG); j > 0 && j < KVS_QG; j++) {
+        memset(g->q[j], 0, KVS_QK);
+        g->d[j] = 0.0f;
+        g->s[j] = 0.0f;
+    }
+}
+
+/* Regroup n_out GGUF rows (row_bytes each) of a quantized type from src into dst. */
+void kvs_cpu_regroup(uint32_t type, const void *src, void *dst, int64_t n_out, int64_t n_in,
+                     size_t row_bytes);
+
+/* GGUF weight blocks (kernels/dtype.h), as the host data arrives. */
 struct kvs_cpu_block_q8_0 {
     uint16_t d;
     int8_t q[32];
@@ -65,8 +118,8 @@ _Static_assert(sizeof(struct kvs_cpu_block_q4_0) == 18, "Q4_0 block");
 _Static_assert(sizeof(struct kvs_cpu_block_q4_1) == 20, "Q4_1 block");
 
 /* Compute y[r * ldy + o] for rows r in [0, n_rows) and outputs o in [o0, o1). x is the
- * f32 activations (float weights) or the kvs_cpu_q8 blocks (quantized weights), row r at
- * x + r * (n_in or n_in / 32). bias may be NULL. */
+ * f32 activations (float weights), row r at x + r * n_in, or the kvs_cpu_q8g groups
+ * (quantized weights), row r at x + r * ceil(n_in / 256). bias may be NULL. */
 typedef void (*kvs_cpu_gemm_fn)(const struct kvs_weight *w, const void *x, int32_t n_rows,
                                 int64_t o0, int64_t o1, const float *bias, float *y,
                                 int64_t ldy);
@@ -75,8 +128,8 @@ typedef void (*kvs_cpu_gemm_fn)(const struct kvs_weight *w, const void *x, int32
  * depends only on that element's inputs. */
 struct kvs_cpu_kernels {
     int isa;
-    /* x (n) -> n / 32 blocks; n a multiple of 32 */
-    void (*quantize_q8)(const float *x, struct kvs_cpu_q8 *out, int64_t n);
+    /* x (n) -> ceil(n / 256) groups; n a multiple of 32 */
+    void (*quantize_q8)(const float *x, struct kvs_cpu_q8g *out, int64_t n);
     kvs_cpu_gemm_fn gemm_f32, gemm_f16, gemm_bf16, gemm_q8_0, gemm_q4_0, gemm_q4_1;
     /* attention: dot(q, k) over n, k in f32 or f16 */
     float (*dot_f32)(const float *q, const float *k, int32_t n);
@@ -108,8 +161,8 @@ struct kvs_cpu {
     const struct kvs_cpu_kernels *k; /* the chosen ISA level's kernels */
     kvs_threadpool *pool;
     int32_t n_threads;
-    struct kvs_cpu_q8 *qx;  /* (cap_qx) quantized activations of the current matmul */
-    int64_t cap_qx;         /* blocks */
+    struct kvs_cpu_q8g *qx; /* (cap_qx) quantized activations of the current matmul */
+    int64_t cap_qx;         /* groups */
     double *rope_cs;        /* (cap_rope) cos/sin table of the current rope call */
     int64_t cap_rope;       /* doubles */
     struct kvs_cpu_thread_scratch *ts; /* (n_threads) */

@@ -8,7 +8,6 @@
  * independently of each other.
  */
 #include "kernels/cpu/cpu_impl.h"
-#include "kernels/dtype.h"
 
 #include <assert.h>
 #include <math.h>
@@ -16,29 +15,33 @@
 
 /* ---- scalar kernels --------------------------------------------------------------------- */
 
-static void quantize_q8_scalar(const float *x, struct kvs_cpu_q8 *out, int64_t n)
+static void quantize_q8_scalar(const float *x, struct kvs_cpu_q8g *out, int64_t n)
 {
-    for (int64_t b = 0; b < n / KVS_QK; b++) {
+    int64_t nb = n / KVS_QK;
+    for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * KVS_QK;
+        struct kvs_cpu_q8g *g = &out[b / KVS_QG];
+        int j = (int)(b % KVS_QG);
         float amax = 0.0f;
-        for (int j = 0; j < KVS_QK; j++) {
-            float a = fabsf(xb[j]);
+        for (int i = 0; i < KVS_QK; i++) {
+            float a = fabsf(xb[i]);
             amax = a > amax ? a : amax;
         }
         float d = amax / 127.0f;
         float id = amax != 0.0f ? 127.0f / amax : 0.0f; /* as llama.cpp's x86 path */
         int32_t sum = 0;
-        for (int j = 0; j < KVS_QK; j++) {
-            int32_t q = (int32_t)nearbyintf(xb[j] * id);
+        for (int i = 0; i < KVS_QK; i++) {
+            int32_t q = (int32_t)nearbyintf(xb[i] * id);
             q = q > 127 ? 127 : (q < -127 ? -127 : q);
-            out[b].q[j] = (int8_t)q;
+            g->q[j][i] = (int8_t)q;
             sum += q;
         }
         /* d and s are rounded through fp16 as llama.cpp's Q8_1/Q8_0 blocks store them, so
          * quantized models match llama.cpp's numerics (q itself uses the f32 d, as there) */
-        out[b].d = kvs_fp16_to_fp32(kvs_fp32_to_fp16(d));
-        out[b].s = kvs_fp16_to_fp32(kvs_fp32_to_fp16(d * (float)sum));
+        g->d[j] = kvs_cpu_f16_to_f32(kvs_cpu_f32_to_f16(d));
+        g->s[j] = kvs_cpu_f16_to_f32(kvs_cpu_f32_to_f16(d * (float)sum));
     }
+    kvs_cpu_q8g_pad(out, nb);
 }
 
 static void gemm_f32_scalar(const struct kvs_weight *w, const void *xv, int32_t n_rows, int64_t o0,
@@ -95,77 +98,46 @@ static void gemm_bf16_scalar(const struct kvs_weight *w, const void *xv, int32_t
     }
 }
 
-static void gemm_q8_0_scalar(const struct kvs_weight *w, const void *xv, int32_t n_rows,
-                             int64_t o0, int64_t o1, const float *bias, float *y, int64_t ldy)
+/* Quantized weights at the scalar level: per element, for each block b in order,
+ * acc = acc + (dw * dx) * isum, ms = ms + mw * sx; y = acc + ms (Q4_0: mw = dw, y = acc - 8 ms). */
+static void gemm_q_scalar(const struct kvs_weight *w, const void *xv, int32_t n_rows, int64_t o0,
+                          int64_t o1, const float *bias, float *y, int64_t ldy)
 {
-    const struct kvs_cpu_q8 *x = xv;
-    int64_t nb = w->n_in / KVS_QK;
+    const struct kvs_cpu_q8g *x = xv;
+    const uint32_t type = w->type;
+    const int64_t nb = w->n_in / KVS_QK, ng = (nb + KVS_QG - 1) / KVS_QG;
     for (int64_t o = o0; o < o1; o++) {
-        const struct kvs_cpu_block_q8_0 *wb =
-            (const void *)((const uint8_t *)w->data + o * w->row_bytes);
+        const uint8_t *row = (const uint8_t *)w->data + o * w->row_bytes;
         for (int32_t r = 0; r < n_rows; r++) {
-            const struct kvs_cpu_q8 *xb = x + r * nb;
-            float acc = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                int32_t isum = 0;
-                for (int j = 0; j < KVS_QK; j++) {
-                    isum += (int32_t)wb[b].q[j] * xb[b].q[j];
-                }
-                acc += kvs_cpu_f16_to_f32(wb[b].d) * xb[b].d * (float)isum;
-            }
-            y[r * ldy + o] = bias != NULL ? acc + bias[o] : acc;
-        }
-    }
-}
-
-static void gemm_q4_0_scalar(const struct kvs_weight *w, const void *xv, int32_t n_rows,
-                             int64_t o0, int64_t o1, const float *bias, float *y, int64_t ldy)
-{
-    const struct kvs_cpu_q8 *x = xv;
-    int64_t nb = w->n_in / KVS_QK;
-    for (int64_t o = o0; o < o1; o++) {
-        const struct kvs_cpu_block_q4_0 *wb =
-            (const void *)((const uint8_t *)w->data + o * w->row_bytes);
-        for (int32_t r = 0; r < n_rows; r++) {
-            const struct kvs_cpu_q8 *xb = x + r * nb;
+            const struct kvs_cpu_q8g *xr = x + r * ng;
             float acc = 0.0f, ms = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                int32_t isum = 0;
-                for (int j = 0; j < 16; j++) {
-                    isum += (int32_t)(wb[b].qs[j] & 0x0f) * xb[b].q[j];
-                    isum += (int32_t)(wb[b].qs[j] >> 4) * xb[b].q[j + 16];
+            for (int64_t g = 0; g < ng; g++) {
+                struct kvs_cpu_rg rg = kvs_cpu_rg_group(type, row, nb, g);
+                for (int j = 0; j < rg.n; j++) {
+                    const int8_t *xq = xr[g].q[j];
+                    int32_t isum = 0;
+                    if (type == KVS_DTYPE_Q8_0) {
+                        const int8_t *wq = (const int8_t *)rg.qs + j * 32;
+                        for (int i = 0; i < KVS_QK; i++) {
+                            isum += (int32_t)wq[i] * xq[i];
+                        }
+                    } else {
+                        const uint8_t *qs = rg.qs + j * 16;
+                        for (int i = 0; i < 16; i++) {
+                            isum += (int32_t)(qs[i] & 0x0f) * xq[i];
+                            isum += (int32_t)(qs[i] >> 4) * xq[i + 16];
+                        }
+                    }
+                    float dw = kvs_cpu_f16_to_f32(rg.d[j]);
+                    acc = acc + dw * xr[g].d[j] * (float)isum;
+                    if (type == KVS_DTYPE_Q4_1) {
+                        ms = ms + kvs_cpu_f16_to_f32(rg.m[j]) * xr[g].s[j];
+                    } else if (type == KVS_DTYPE_Q4_0) {
+                        ms = ms + dw * xr[g].s[j];
+                    }
                 }
-                float dw = kvs_cpu_f16_to_f32(wb[b].d);
-                acc += dw * xb[b].d * (float)isum;
-                ms += dw * xb[b].s;
             }
-            float v = acc - 8.0f * ms;
-            y[r * ldy + o] = bias != NULL ? v + bias[o] : v;
-        }
-    }
-}
-
-static void gemm_q4_1_scalar(const struct kvs_weight *w, const void *xv, int32_t n_rows,
-                             int64_t o0, int64_t o1, const float *bias, float *y, int64_t ldy)
-{
-    const struct kvs_cpu_q8 *x = xv;
-    int64_t nb = w->n_in / KVS_QK;
-    for (int64_t o = o0; o < o1; o++) {
-        const struct kvs_cpu_block_q4_1 *wb =
-            (const void *)((const uint8_t *)w->data + o * w->row_bytes);
-        for (int32_t r = 0; r < n_rows; r++) {
-            const struct kvs_cpu_q8 *xb = x + r * nb;
-            float acc = 0.0f, ms = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                int32_t isum = 0;
-                for (int j = 0; j < 16; j++) {
-                    isum += (int32_t)(wb[b].qs[j] & 0x0f) * xb[b].q[j];
-                    isum += (int32_t)(wb[b].qs[j] >> 4) * xb[b].q[j + 16];
-                }
-                acc += kvs_cpu_f16_to_f32(wb[b].d) * xb[b].d * (float)isum;
-                ms += kvs_cpu_f16_to_f32(wb[b].m) * xb[b].s;
-            }
-            float v = acc + ms;
+            float v = type == KVS_DTYPE_Q4_0 ? acc - 8.0f * ms : acc + ms;
             y[r * ldy + o] = bias != NULL ? v + bias[o] : v;
         }
     }
@@ -225,9 +197,9 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_scalar = {
     .gemm_f32 = gemm_f32_scalar,
     .gemm_f16 = gemm_f16_scalar,
     .gemm_bf16 = gemm_bf16_scalar,
-    .gemm_q8_0 = gemm_q8_0_scalar,
-    .gemm_q4_0 = gemm_q4_0_scalar,
-    .gemm_q4_1 = gemm_q4_1_scalar,
+    .gemm_q8_0 = gemm_q_scalar,
+    .gemm_q4_0 = gemm_q_scalar,
+    .gemm_q4_1 = gemm_q_scalar,
     .dot_f32 = dot_f32_scalar,
     .dot_f16 = dot_f16_scalar,
     .scale = scale_scalar,
@@ -241,16 +213,40 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_scalar = {
 struct quant_job {
     const struct kvs_cpu_kernels *k;
     const float *x;         /* (n_rows, n_in) */
-    struct kvs_cpu_q8 *qx;  /* (n_rows, n_in / 32) */
+    struct kvs_cpu_q8g *qx; /* (n_rows, ceil(n_in / 256)) */
     int64_t n_in;
 };
 
 static void quant_range(void *arg, int64_t r0, int64_t r1, int32_t ith)
 {
     const struct quant_job *j = arg;
-    int64_t nb = j->n_in / KVS_QK;
+    int64_t ng = (j->n_in / KVS_QK + KVS_QG - 1) / KVS_QG;
     for (int64_t r = r0; r < r1; r++) {
-        j->k->quantize_q8(j->x + r * j->n_in, j->qx + r * nb, j->n_in);
+        j->k->quantize_q8(j->x + r * j->n_in, j->qx + r * ng, j->n_in);
+    }
+}
+
+void kvs_cpu_regroup(uint32_t type, const void *src, void *dst, int64_t n_out, int64_t n_in,
+                     size_t row_bytes)
+{
+    const int64_t nb = n_in / KVS_QK, ng = (nb + KVS_QG - 1) / KVS_QG;
+    const int qb = kvs_cpu_quant_bytes(type), bb = kvs_cpu_block_bytes(type);
+    const int qoff = type == KVS_DTYPE_Q4_1 ? 4 : 2; /* GGUF block: d, (m), quants */
+    for (int64_t o = 0; o < n_out; o++) {
+        const uint8_t *in = (const uint8_t *)src + o * row_bytes;
+        uint8_t *out = (uint8_t *)dst + o * row_bytes;
+        for (int64_t g = 0; g < ng; g++) {
+            struct kvs_cpu_rg rg = kvs_cpu_rg_group(type, out, nb, g);
+            uint8_t *qs = (uint8_t *)rg.qs;
+            for (int j = 0; j < rg.n; j++) {
+                const uint8_t *blk = in + (g * KVS_QG + j) * bb;
+                memcpy(qs + j * qb, blk + qoff, (size_t)qb);
+                memcpy((uint8_t *)rg.d + 2 * j, blk, 2);
+                if (rg.m != NULL) {
+                    memcpy((uint8_t *)rg.m + 2 * j, blk + 2, 2);
+                }
+            }
+        }
     }
 }
 
@@ -310,9 +306,9 @@ int kvs_cpu_matmul(kvs_backend *b, const struct kvs_weight *w, const float *x, i
         if (w->n_in % KVS_QK != 0) {
             return KVS_INVALID_ARGUMENT;
         }
-        int64_t nb = w->n_in / KVS_QK;
-        KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->qx, &c->cap_qx, (int64_t)n_rows * nb,
-                                        sizeof(struct kvs_cpu_q8)));
+        int64_t ng = (w->n_in / KVS_QK + KVS_QG - 1) / KVS_QG;
+        KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->qx, &c->cap_qx, (int64_t)n_rows * ng,
+                                        sizeof(struct kvs_cpu_q8g)));
         struct quant_job qj = {.k = k, .x = x, .qx = c->qx, .n_in = w->n_in};
         /* a row takes ~n_in ns: only batches are worth waking the workers for */
         kvs_threadpool_for(c->pool, n_rows, 4, quant_range, &qj);

@@ -5,10 +5,11 @@
  *   KVS_X86_TILE_R, KVS_X86_TILE_C   rows x outputs of the multi-row quantized tile
  *
  * Per-element order (the batch-invariance contract, identical in every tile shape):
- *   quantized: acc (8 lanes) = fma(set1(dw * dx), cvt(isum8_b), acc) for blocks b in order,
- *              where isum8_b lane i = sum of products 4i..4i+3 of the block (exact integers,
- *              the same from maddubs+madd and from vpdpbusd); ms = ms + mw * sx (scalar);
- *              y = hsum(acc) + ms  (Q4_0: mw = dw and y = hsum(acc) - 8 * ms).
+ *   quantized: acc (8 lanes) = fma(set1(dw_b * dx_b), cvt(isum8_b), acc) for blocks b in
+ *              order, where isum8_b lane i = sum of products 4i..4i+3 of the block (exact
+ *              integers, the same from maddubs+madd and from vpdpbusd); per group of 8 blocks
+ *              ms (8 lanes, lane j = block j of each group) = fma(mw8, sx8, ms);
+ *              y = hsum(acc) + hsum(ms)  (Q4_0: mw = dw and y = hsum(acc) - 8 * hsum(ms)).
  *   float:     four 8-lane accumulators a_j over k = 32i + 8j + lane, then k-chunks of 8 in
  *              a_0, y = hsum((a_0 + a_1) + (a_2 + a_3)), then the k % 8 tail one by one.
  *   hsum(v):   (lo128 + hi128), then (+ movehl), then (+ lane 1).
@@ -49,11 +50,14 @@ KVS_INLINE float f16(uint16_t h)
     return _cvtsh_ss(h);
 }
 
-static void KVS_X86_NAME(quantize_q8)(const float *x, struct kvs_cpu_q8 *out, int64_t n)
+static void KVS_X86_NAME(quantize_q8)(const float *x, struct kvs_cpu_q8g *out, int64_t n)
 {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int64_t b = 0; b < n / KVS_QK; b++) {
+    const int64_t nb = n / KVS_QK;
+    for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * KVS_QK;
+        struct kvs_cpu_q8g *grp = &out[b / KVS_QG];
+        const int j = (int)(b % KVS_QG);
         __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
         __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
         __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
@@ -79,163 +83,170 @@ static void KVS_X86_NAME(quantize_q8)(const float *x, struct kvs_cpu_q8 *out, in
         __m256i p1 = _mm256_packs_epi32(i2, i3); /* 16-19 24-27 20-23 28-31 */
         __m256i p = _mm256_packs_epi16(p0, p1);
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)out[b].q, p);
-        /* d and s are rounded through fp16 as llama.cpp's Q8_1/Q8_0 blocks store them, so
-         * quantized models match llama.cpp's numerics (q itself uses the f32 d, as there) */
-        out[b].d = kvs_fp16_to_fp32(kvs_fp32_to_fp16(d));
-        out[b].s = kvs_fp16_to_fp32(kvs_fp32_to_fp16(d * (float)sum));
+        _mm256_storeu_si256((__m256i *)grp->q[j], p);
+        /* d and s rounded through f16 as llama.cpp's Q8_1 blocks store them */
+        grp->d[j] = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
+        grp->s[j] = _cvtsh_ss(_cvtss_sh(d * (float)sum, _MM_FROUND_TO_NEAREST_INT));
     }
+    kvs_cpu_q8g_pad(out, nb);
 }
 
-/* ---- quantized tiles: R activation rows x C weight rows ----------------------------------- */
+/* 8 f16 values (n <= 8 of them; the rest 0) -> f32 lanes. */
+KVS_INLINE __m256 load_f16x8(const uint16_t *p, int n)
+{
+    if (n == KVS_QG) {
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    }
+    uint16_t t[KVS_QG] = {0};
+    memcpy(t, p, (size_t)n * sizeof(uint16_t));
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+}
 
-#define Q_TILE_BEGIN(R, C)                                                                     \
-    __m256 acc[R][C];                                                                          \
-    float ms[R][C];                                                                            \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                       \
+/* ---- quantized tiles: R activation rows x C weight rows, one group of 8 blocks at a time.
+ * Per element: sc = dw8 * dx8 (8 blocks' scale products), then for each block j in order
+ * acc = fma(broadcast(sc[j]), cvt(isum8_j), acc); once per group ms = fma(mw8, sx8, ms);
+ * y = hsum(acc) + hsum(ms)  (Q4_0: mw8 = dw8, y = hsum(acc) - 8 hsum(ms); Q8_0: no ms). */
+
+#define Q_BLOCK_Q4(j)                                                                          \
     {                                                                                          \
-        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                                   \
+        __m256i wq = unpack_q4(rg.qs + (j) * 16);                                              \
+        __m256i idx = _mm256_set1_epi32(j);                                                    \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
         {                                                                                      \
-            acc[r][c] = _mm256_setzero_ps();                                                   \
-            ms[r][c] = 0.0f;                                                                   \
+            __m256i xq = _mm256_loadu_si256((const __m256i *)x[r * ldx + g].q[j]);             \
+            __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wq, xq));                                \
+            acc[r][c] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r], idx), isum, acc[r][c]); \
         }                                                                                      \
     }
 
-KVS_INLINE void tile_q4_1(const uint8_t *w, size_t row_bytes, const struct kvs_cpu_q8 *x,
-                          int64_t ldx, int64_t nb, const int R, const int C, float *out, int64_t ldo)
-{
-    Q_TILE_BEGIN(4, 4)
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i xq[4];
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            xq[r] = _mm256_loadu_si256((const __m256i *)x[r * ldx + b].q);
-        }
-#pragma GCC unroll 8
-        for (int c = 0; c < C; c++) {
-            const struct kvs_cpu_block_q4_1 *wb =
-                (const struct kvs_cpu_block_q4_1 *)(w + c * row_bytes) + b;
-            __m256i wq = unpack_q4(wb->qs);
-            float dw = f16(wb->d), mw = f16(wb->m);
-#pragma GCC unroll 8
-            for (int r = 0; r < R; r++) {
-                const struct kvs_cpu_q8 *xb = &x[r * ldx + b];
-                __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wq, xq[r]));
-                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb->d), isum, acc[r][c]);
-                ms[r][c] = ms[r][c] + mw * xb->s;
-            }
-        }
+#define Q_BLOCK_Q8(j)                                                                          \
+    {                                                                                          \
+        __m256i wq = _mm256_loadu_si256((const __m256i *)(rg.qs + (j) * 32));                  \
+        __m256i wa = _mm256_abs_epi8(wq);                                                      \
+        __m256i idx = _mm256_set1_epi32(j);                                                    \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
+        {                                                                                      \
+            __m256i xq = _mm256_loadu_si256((const __m256i *)x[r * ldx + g].q[j]);             \
+            __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wa, _mm256_sign_epi8(xq, wq)));          \
+            acc[r][c] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r], idx), isum, acc[r][c]); \
+        }                                                                                      \
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++) {
-#pragma GCC unroll 8
-        for (int c = 0; c < C; c++) {
-            out[r * ldo + c] = hsum8(acc[r][c]) + ms[r][c];
-        }
+
+/* TYPE: enum kvs_dtype; BLOCK: Q_BLOCK_Q4 or Q_BLOCK_Q8 */
+#define Q_TILE(NAME, TYPE, BLOCK)                                                              \
+    KVS_INLINE void NAME(const uint8_t *w, size_t row_bytes, const struct kvs_cpu_q8g *x,     \
+                         int64_t ldx, int64_t nb, const int R, const int C, float *out,        \
+                         int64_t ldo)                                                          \
+    {                                                                                          \
+        __m256 acc[4][4], ms[4][4];                                                            \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
+        {                                                                                      \
+            _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
+            {                                                                                  \
+                acc[r][c] = _mm256_setzero_ps();                                               \
+                ms[r][c] = _mm256_setzero_ps();                                                \
+            }                                                                                  \
+        }                                                                                      \
+        const int64_t ng = (nb + KVS_QG - 1) / KVS_QG;                                         \
+        for (int64_t g = 0; g < ng; g++) {                                                     \
+            _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
+            {                                                                                  \
+                const struct kvs_cpu_rg rg = kvs_cpu_rg_group(TYPE, w + c * row_bytes, nb, g); \
+                const __m256 dw = load_f16x8(rg.d, rg.n);                                      \
+                __m256 sc[4];                                                                  \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                           \
+                {                                                                              \
+                    const struct kvs_cpu_q8g *xg = &x[r * ldx + g];                            \
+                    sc[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(xg->d));                         \
+                    if (TYPE == KVS_DTYPE_Q4_0) {                                              \
+                        ms[r][c] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(xg->s), ms[r][c]);      \
+                    }                                                                          \
+                }                                                                              \
+                if (TYPE == KVS_DTYPE_Q4_1) {                                                  \
+                    const __m256 mw = load_f16x8(rg.m, rg.n);                                  \
+                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                       \
+                    {                                                                          \
+                        ms[r][c] =                                                             \
+                            _mm256_fmadd_ps(mw, _mm256_loadu_ps(x[r * ldx + g].s), ms[r][c]);  \
+                    }                                                                          \
+                }                                                                              \
+                if (rg.n == KVS_QG) {                                                          \
+                    BLOCK(0) BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4) BLOCK(5) BLOCK(6) BLOCK(7)     \
+                } else {                                                                       \
+                    for (int j = 0; j < rg.n; j++) {                                           \
+                        BLOCK(j)                                                               \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
+        {                                                                                      \
+            _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
+            {                                                                                  \
+                float v = hsum8(acc[r][c]);                                                    \
+                if (TYPE == KVS_DTYPE_Q4_1) {                                                  \
+                    v = v + hsum8(ms[r][c]);                                                   \
+                } else if (TYPE == KVS_DTYPE_Q4_0) {                                           \
+                    v = v - 8.0f * hsum8(ms[r][c]);                                            \
+                }                                                                              \
+                out[r * ldo + c] = v;                                                          \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+Q_TILE(tile_q4_1, KVS_DTYPE_Q4_1, Q_BLOCK_Q4)
+Q_TILE(tile_q4_0, KVS_DTYPE_Q4_0, Q_BLOCK_Q4)
+Q_TILE(tile_q8_0, KVS_DTYPE_Q8_0, Q_BLOCK_Q8)
+
+/* Decode streams every weight byte once: the hardware prefetchers lose the short row
+ * streams, so single-row tiles prefetch the rows two tiles ahead (measured: the 1-row
+ * token's matmuls are latency-bound without it). */
+#ifndef KVS_PF_ROWS
+#define KVS_PF_ROWS 8 /* rows ahead */
+#endif
+
+KVS_INLINE void prefetch_rows(const uint8_t *p, size_t bytes)
+{
+    for (size_t off = 0; off < bytes; off += 64) {
+        _mm_prefetch((const char *)p + off, _MM_HINT_T0);
     }
 }
 
-KVS_INLINE void tile_q4_0(const uint8_t *w, size_t row_bytes, const struct kvs_cpu_q8 *x,
-                          int64_t ldx, int64_t nb, const int R, const int C, float *out, int64_t ldo)
-{
-    Q_TILE_BEGIN(4, 4)
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i xq[4];
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            xq[r] = _mm256_loadu_si256((const __m256i *)x[r * ldx + b].q);
-        }
-#pragma GCC unroll 8
-        for (int c = 0; c < C; c++) {
-            const struct kvs_cpu_block_q4_0 *wb =
-                (const struct kvs_cpu_block_q4_0 *)(w + c * row_bytes) + b;
-            __m256i wq = unpack_q4(wb->qs);
-            float dw = f16(wb->d);
-#pragma GCC unroll 8
-            for (int r = 0; r < R; r++) {
-                const struct kvs_cpu_q8 *xb = &x[r * ldx + b];
-                __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wq, xq[r]));
-                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb->d), isum, acc[r][c]);
-                ms[r][c] = ms[r][c] + dw * xb->s;
-            }
-        }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++) {
-#pragma GCC unroll 8
-        for (int c = 0; c < C; c++) {
-            out[r * ldo + c] = hsum8(acc[r][c]) - 8.0f * ms[r][c];
-        }
-    }
-}
-
-KVS_INLINE void tile_q8_0(const uint8_t *w, size_t row_bytes, const struct kvs_cpu_q8 *x,
-                          int64_t ldx, int64_t nb, const int R, const int C, float *out, int64_t ldo)
-{
-    Q_TILE_BEGIN(4, 4)
-    (void)ms;
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i xq[4];
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            xq[r] = _mm256_loadu_si256((const __m256i *)x[r * ldx + b].q);
-        }
-#pragma GCC unroll 8
-        for (int c = 0; c < C; c++) {
-            const struct kvs_cpu_block_q8_0 *wb =
-                (const struct kvs_cpu_block_q8_0 *)(w + c * row_bytes) + b;
-            __m256i wq = _mm256_loadu_si256((const __m256i *)wb->q);
-            __m256i wa = _mm256_abs_epi8(wq);
-            float dw = f16(wb->d);
-#pragma GCC unroll 8
-            for (int r = 0; r < R; r++) {
-                const struct kvs_cpu_q8 *xb = &x[r * ldx + b];
-                __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wa, _mm256_sign_epi8(xq[r], wq)));
-                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb->d), isum, acc[r][c]);
-            }
-        }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++) {
-#pragma GCC unroll 8
-        for (int c = 0; c < C; c++) {
-            out[r * ldo + c] = hsum8(acc[r][c]);
-        }
-    }
-}
-
-/* Drive a tile function over rows [0, n_rows) x outputs [o0, o1): single rows take 1 x 4
- * tiles, groups of TILE_R rows take TILE_R x TILE_C tiles over panels of 16 outputs. */
+/* Drive a tile function over rows [0, n_rows) x outputs [o0, o1): groups of TILE_R rows
+ * take TILE_R x TILE_C tiles over panels of 16 outputs, single rows take 1 x 4 tiles. */
 #define GEMM_Q_DRIVER(NAME, TILE)                                                              \
     static void KVS_X86_NAME(NAME)(const struct kvs_weight *w, const void *xv, int32_t n_rows, \
                                    int64_t o0, int64_t o1, const float *bias, float *y,       \
                                    int64_t ldy)                                               \
     {                                                                                          \
-        const struct kvs_cpu_q8 *x = xv;                                                       \
+        const struct kvs_cpu_q8g *x = xv;                                                      \
         const uint8_t *wd = w->data;                                                           \
         const size_t rb = w->row_bytes;                                                        \
-        const int64_t nb = w->n_in / KVS_QK;                                                   \
+        const int64_t nb = w->n_in / KVS_QK, ng = (nb + KVS_QG - 1) / KVS_QG;                  \
         for (int64_t ob = o0; ob < o1; ob += 16) {                                             \
             int64_t oe = ob + 16 < o1 ? ob + 16 : o1;                                          \
             int32_t r = 0;                                                                     \
             for (; r + KVS_X86_TILE_R <= n_rows; r += KVS_X86_TILE_R) {                        \
                 int64_t o = ob;                                                                \
                 for (; o + KVS_X86_TILE_C <= oe; o += KVS_X86_TILE_C) {                        \
-                    TILE(wd + o * rb, rb, x + r * nb, nb, nb, KVS_X86_TILE_R, KVS_X86_TILE_C,  \
+                    TILE(wd + o * rb, rb, x + r * ng, ng, nb, KVS_X86_TILE_R, KVS_X86_TILE_C,  \
                          y + r * ldy + o, ldy);                                                \
                 }                                                                              \
                 for (; o < oe; o++) {                                                          \
-                    TILE(wd + o * rb, rb, x + r * nb, nb, nb, KVS_X86_TILE_R, 1,               \
+                    TILE(wd + o * rb, rb, x + r * ng, ng, nb, KVS_X86_TILE_R, 1,               \
                          y + r * ldy + o, ldy);                                                \
                 }                                                                              \
             }                                                                                  \
             for (; r < n_rows; r++) {                                                          \
                 int64_t o = ob;                                                                \
                 for (; o + 4 <= oe; o += 4) {                                                  \
-                    TILE(wd + o * rb, rb, x + r * nb, nb, nb, 1, 4, y + r * ldy + o, ldy);     \
+                    if (r == 0 && o + KVS_PF_ROWS + 4 <= w->n_out) {                           \
+                        prefetch_rows(wd + (o + KVS_PF_ROWS) * rb, 4 * rb);                    \
+                    }                                                                          \
+                    TILE(wd + o * rb, rb, x + r * ng, ng, nb, 1, 4, y + r * ldy + o, ldy);     \
                 }                                                                              \
                 for (; o < oe; o++) {                                                          \
-                    TILE(wd + o * rb, rb, x + r * nb, nb, nb, 1, 1, y + r * ldy + o, ldy);     \
+                    TILE(wd + o * rb, rb, x + r * ng, ng, nb, 1, 1, y + r * ldy + o, ldy);     \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \

@@ -28,35 +28,32 @@ static void dequantize_row(uint32_t type, const void *src, float *dst, int64_t n
         }
         break;
     case KVS_DTYPE_Q8_0:
-        for (int64_t b = 0; b < n / KVS_QK; b++) {
-            const struct kvs_cpu_block_q8_0 *blk = (const struct kvs_cpu_block_q8_0 *)src + b;
-            float d = kvs_cpu_f16_to_f32(blk->d);
-            for (int j = 0; j < KVS_QK; j++) {
-                dst[b * KVS_QK + j] = d * (float)blk->q[j];
-            }
-        }
-        break;
     case KVS_DTYPE_Q4_0:
-        for (int64_t b = 0; b < n / KVS_QK; b++) {
-            const struct kvs_cpu_block_q4_0 *blk = (const struct kvs_cpu_block_q4_0 *)src + b;
-            float d = kvs_cpu_f16_to_f32(blk->d);
-            for (int j = 0; j < 16; j++) {
-                dst[b * KVS_QK + j] = d * (float)((blk->qs[j] & 0x0f) - 8);
-                dst[b * KVS_QK + j + 16] = d * (float)((blk->qs[j] >> 4) - 8);
+    case KVS_DTYPE_Q4_1: { /* regrouped rows (cpu_impl.h) */
+        int64_t nb = n / KVS_QK;
+        for (int64_t g = 0; g < (nb + KVS_QG - 1) / KVS_QG; g++) {
+            struct kvs_cpu_rg rg = kvs_cpu_rg_group(type, src, nb, g);
+            for (int j = 0; j < rg.n; j++) {
+                float *o = dst + (g * KVS_QG + j) * KVS_QK;
+                float d = kvs_cpu_f16_to_f32(rg.d[j]);
+                if (type == KVS_DTYPE_Q8_0) {
+                    const int8_t *q = (const int8_t *)rg.qs + j * 32;
+                    for (int i = 0; i < KVS_QK; i++) {
+                        o[i] = d * (float)q[i];
+                    }
+                } else {
+                    const uint8_t *qs = rg.qs + j * 16;
+                    float m = type == KVS_DTYPE_Q4_1 ? kvs_cpu_f16_to_f32(rg.m[j]) : 0.0f;
+                    int off = type == KVS_DTYPE_Q4_0 ? 8 : 0;
+                    for (int i = 0; i < 16; i++) {
+                        o[i] = d * (float)((qs[i] & 0x0f) - off) + m;
+                        o[i + 16] = d * (float)((qs[i] >> 4) - off) + m;
+                    }
+                }
             }
         }
         break;
-    case KVS_DTYPE_Q4_1:
-        for (int64_t b = 0; b < n / KVS_QK; b++) {
-            const struct kvs_cpu_block_q4_1 *blk = (const struct kvs_cpu_block_q4_1 *)src + b;
-            float d = kvs_cpu_f16_to_f32(blk->d);
-            float m = kvs_cpu_f16_to_f32(blk->m);
-            for (int j = 0; j < 16; j++) {
-                dst[b * KVS_QK + j] = d * (float)(blk->qs[j] & 0x0f) + m;
-                dst[b * KVS_QK + j + 16] = d * (float)(blk->qs[j] >> 4) + m;
-            }
-        }
-        break;
+    }
     default:
         assert(!"unsupported type");
     }
