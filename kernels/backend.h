@@ -101,6 +101,13 @@ struct kvs_backend_ops {
     void (*kv_destroy)(kvs_backend *b, kvs_kv_cache **kv);
     /* Copy all layers' cells of block src into block dst (copy-on-write of a tail). */
     int (*kv_copy_block)(kvs_backend *b, kvs_kv_cache *kv, int32_t src, int32_t dst);
+    /* Optional (NULL = unsupported: snapshots, migration and SLIDE are then refused).
+     * Read / write one block in the canonical layout, whatever the backend keeps inside:
+     * for each layer l: K[cell][kv_head][head_dim] then V[cell][kv_head][head_dim], in the
+     * layout's dtype; kvs_kv_block_bytes() bytes in all. host_buf is host memory. */
+    int (*kv_read_block)(kvs_backend *b, kvs_kv_cache *kv, int32_t block, void *host_buf);
+    int (*kv_write_block)(kvs_backend *b, kvs_kv_cache *kv, int32_t block,
+                          const void *host_buf);
 
     /* ---- compute ---- */
     /* out[i] = dequantized row ids[i] of table (embedding gather); ids in host memory. */
@@ -141,6 +148,14 @@ struct kvs_backend {
     void *ctx;         /* the implementation's state */
     int32_t n_threads; /* CPU: worker threads; other backends: 1 */
 };
+
+/* Bytes of one block in the canonical layout of kv_read_block / kv_write_block. */
+static inline size_t kvs_kv_block_bytes(const struct kvs_kv_layout *l)
+{
+    size_t elem = l->dtype == 0 /* KVS_DTYPE_F32 */ ? 4 : 2;
+    return 2 * (size_t)l->n_layer * (size_t)l->block_size * (size_t)l->n_kv_head *
+           (size_t)l->head_dim * elem;
+}
 
 /* Create the CPU backend with n_threads (0 = number of online CPUs). Returns NULL on
  * failure. Caller frees with kvs_backend_destroy. */
