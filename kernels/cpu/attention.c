@@ -7,9 +7,12 @@
  * Attention of (row r, head h), online softmax in a fixed order that depends only on the
  * row's own context: for each block of cells 0..row_ctx[r]-1 in position order:
  *   s_j = dot(q, k_j) * scale           (the level's dot, cells j of the block in order)
- *   m'  = max(m, max_j s_j);  c = exp(m - m')  (0 on the first block)
+ *   m'  = max(m, max_j s_j);  c = expf(m - m')  (skipped on the first block)
  *   l   = l * c;  acc = acc * c
- *   for j in order: p = exp(s_j - m');  l = l + p;  acc = acc + p * v_j
+ *   p_j = exp(s_j - m')                 (the level's exp: libm, or the vector exp)
+ *   for j in order: l = l + p_j;  then for j in order: acc = acc + p_j * v_j
+ * With an f16 cache q and the p_j that scale V are rounded to f16, where llama.cpp's CPU
+ * attention rounds them (l sums the unrounded p_j).
  * out = acc * (1 / l). */
 #include "kernels/cpu/cpu_impl.h"
 
@@ -150,75 +153,92 @@ struct attn_job {
     float *out;                        /* (n_rows, n_head, head_dim) */
 };
 
-/* One (row, head): the online softmax described at the top of the file. */
-static void attend_one(const struct attn_job *j, int32_t r, int32_t h, float *scores, float *acc)
+/* One (row, KV head): the online softmax described at the top of the file for each of the
+ * group's query heads; the heads walk the blocks together so each K/V block is read once,
+ * and each head's operations are exactly those it would do alone. Scratch: scores
+ * (2 * block_size), acc (group * head_dim + 2 * group). */
+static void attend_group(const struct attn_job *j, int32_t r, int32_t kvh, float *scores,
+                         float *acc)
 {
     const kvs_kv_cache *kv = j->kv;
     const struct kvs_cpu_kernels *k = j->k;
-    const int32_t hd = kv->layout.head_dim, bs = kv->layout.block_size;
-    const int32_t kvh = h / j->group;
-    const float *q = j->q + ((int64_t)r * j->n_head + h) * hd;
-    float *out = j->out + ((int64_t)r * j->n_head + h) * hd;
+    const int32_t hd = kv->layout.head_dim, bs = kv->layout.block_size, G = j->group;
     const int32_t n_ctx = j->ab->row_ctx[r];
     const int32_t *table = j->ab->tables + j->ab->row_table[r];
     const size_t base = (size_t)j->layer * kv->layer_stride + (size_t)kvh * kv->head_stride;
-    const size_t cell_bytes = (size_t)hd * kv->elem;
     const bool f16 = kv->layout.dtype == KVS_DTYPE_F16;
+    float *m = acc + (int64_t)G * hd, *l = m + G;
+    float *p16 = scores + bs; /* a block's weights rounded to f16 (f16 caches) */
 
     /* With an f16 cache, q is rounded to f16 and so are the softmax weights that scale V,
      * exactly where llama.cpp's CPU attention rounds them (its K.q and P.V products take f16
      * operands), so that quantized models track llama.cpp's numerics. */
-    float q16[1024]; /* head_dim <= KVS_HPARAMS_MAX_HEAD_DIM (1024) */
+    float q16[8 * 256]; /* group * head_dim, checked by kvs_cpu_attention */
+    const float *q = j->q + ((int64_t)r * j->n_head + (int64_t)kvh * G) * hd;
     if (f16) {
-        for (int32_t d = 0; d < hd; d++) {
-            q16[d] = kvs_fp16_to_fp32(kvs_fp32_to_fp16(q[d]));
+        for (int32_t d = 0; d < G * hd; d++) {
+            q16[d] = kvs_cpu_f16_to_f32(kvs_cpu_f32_to_f16(q[d]));
         }
         q = q16;
     }
-    float m = -INFINITY, l = 0.0f;
-    memset(acc, 0, (size_t)hd * sizeof(float));
+    for (int32_t g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+    }
+    memset(acc, 0, (size_t)G * hd * sizeof(float));
     for (int32_t c0 = 0; c0 < n_ctx; c0 += bs) {
         int32_t nc = n_ctx - c0 < bs ? n_ctx - c0 : bs;
         size_t boff = base + (size_t)table[c0 / bs] * kv->block_stride;
         const uint8_t *kb = kv->k + boff, *vb = kv->v + boff;
-        float bmax = -INFINITY;
-        for (int32_t i = 0; i < nc; i++) {
-            float s = f16 ? k->dot_f16(q, (const uint16_t *)(kb + i * cell_bytes), hd)
-                          : k->dot_f32(q, (const float *)(kb + i * cell_bytes), hd);
-            s = s * j->scale;
-            scores[i] = s;
-            bmax = s > bmax ? s : bmax;
-        }
-        float mn = bmax > m ? bmax : m;
-        if (c0 > 0) {
-            float corr = expf(m - mn);
-            l = l * corr;
-            k->scale(acc, corr, hd);
-        }
-        m = mn;
-        for (int32_t i = 0; i < nc; i++) {
-            float p = expf(scores[i] - m);
-            l = l + p;
+        for (int32_t g = 0; g < G; g++) {
+            const float *qg = q + (int64_t)g * hd;
+            float *ag = acc + (int64_t)g * hd;
             if (f16) {
-                float p16 = kvs_fp16_to_fp32(kvs_fp32_to_fp16(p));
-                k->axpy_f16(acc, p16, (const uint16_t *)(vb + i * cell_bytes), hd);
+                k->scores_f16(qg, (const uint16_t *)kb, nc, hd, j->scale, scores);
             } else {
-                k->axpy_f32(acc, p, (const float *)(vb + i * cell_bytes), hd);
+                k->scores_f32(qg, (const float *)kb, nc, hd, j->scale, scores);
+            }
+            float bmax = -INFINITY;
+            for (int32_t i = 0; i < nc; i++) {
+                bmax = scores[i] > bmax ? scores[i] : bmax;
+            }
+            float mn = bmax > m[g] ? bmax : m[g];
+            if (c0 > 0) {
+                float corr = expf(m[g] - mn);
+                l[g] = l[g] * corr;
+                k->scale(ag, corr, hd);
+            }
+            m[g] = mn;
+            k->exp_shift(scores, nc, mn); /* scores now hold the weights p */
+            for (int32_t i = 0; i < nc; i++) {
+                l[g] = l[g] + scores[i];
+            }
+            if (f16) {
+                for (int32_t i = 0; i < nc; i++) {
+                    p16[i] = kvs_cpu_f16_to_f32(kvs_cpu_f32_to_f16(scores[i]));
+                }
+                k->pv_f16(ag, p16, (const uint16_t *)vb, nc, hd);
+            } else {
+                k->pv_f32(ag, scores, (const float *)vb, nc, hd);
             }
         }
     }
-    float inv = 1.0f / l;
-    for (int32_t d = 0; d < hd; d++) {
-        out[d] = acc[d] * inv;
+    for (int32_t g = 0; g < G; g++) {
+        float *out = j->out + ((int64_t)r * j->n_head + (int64_t)kvh * G + g) * hd;
+        float inv = 1.0f / l[g];
+        for (int32_t d = 0; d < hd; d++) {
+            out[d] = acc[(int64_t)g * hd + d] * inv;
+        }
     }
 }
 
 static void attn_range(void *arg, int64_t i0, int64_t i1, int32_t ith)
 {
     const struct attn_job *j = arg;
+    const int32_t n_kv_head = j->kv->layout.n_kv_head;
     struct kvs_cpu_thread_scratch *ts = &j->ts[ith];
     for (int64_t i = i0; i < i1; i++) {
-        attend_one(j, (int32_t)(i / j->n_head), (int32_t)(i % j->n_head), ts->scores, ts->acc);
+        attend_group(j, (int32_t)(i / n_kv_head), (int32_t)(i % n_kv_head), ts->scores, ts->acc);
     }
 }
 
@@ -231,9 +251,11 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
     if (layer < 0 || layer >= l->n_layer) {
         return KVS_OUT_OF_RANGE;
     }
-    if (n_head <= 0 || n_head % l->n_kv_head != 0) {
-        return KVS_INVALID_ARGUMENT;
+    if (n_head <= 0 || n_head % l->n_kv_head != 0 ||
+        (int64_t)(n_head / l->n_kv_head) * l->head_dim > 8 * 256) {
+        return KVS_INVALID_ARGUMENT; /* q16 scratch: group * head_dim <= 2048 */
     }
+    const int32_t group = n_head / l->n_kv_head;
     /* validate every block a row will read before any work starts */
     for (int32_t r = 0; r < ab->n_rows; r++) {
         if (ab->row_ctx[r] <= 0 || ab->row_table[r] < 0) {
@@ -249,22 +271,23 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
     }
     for (int32_t t = 0; t < c->n_threads; t++) {
         struct kvs_cpu_thread_scratch *ts = &c->ts[t];
-        KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->scores, &ts->cap_scores, l->block_size,
-                                        sizeof(float)));
-        KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->acc, &ts->cap_acc, l->head_dim,
-                                        sizeof(float)));
+        KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->scores, &ts->cap_scores,
+                                        2 * (int64_t)l->block_size, sizeof(float)));
+        KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->acc, &ts->cap_acc,
+                                        (int64_t)group * (l->head_dim + 2), sizeof(float)));
     }
     struct attn_job j = {.k = c->k,
                          .ts = c->ts,
                          .kv = kv,
                          .layer = layer,
                          .n_head = n_head,
-                         .group = n_head / l->n_kv_head,
+                         .group = group,
                          .scale = scale,
                          .q = q,
                          .ab = ab,
                          .out = out};
-    /* (row, head) pairs in small chunks: rows of a prefill chunk have growing contexts */
-    kvs_threadpool_for_chunks(c->pool, (int64_t)ab->n_rows * n_head, 1, 16, attn_range, &j);
+    /* (row, KV head) pairs in small chunks: rows of a prefill chunk have growing contexts */
+    kvs_threadpool_for_chunks(c->pool, (int64_t)ab->n_rows * l->n_kv_head, 1, 16, attn_range,
+                              &j);
     return 0;
 }

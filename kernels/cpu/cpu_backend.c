@@ -115,6 +115,7 @@ static void cpu_destroy(kvs_backend *b)
         }
         free(c->qx);
         free(c->rope_cs);
+        free(c->rope_pos);
         free(c);
     }
     free(b);

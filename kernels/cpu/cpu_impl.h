@@ -131,6 +131,19 @@ struct kvs_cpu_kernels {
     /* x (n) -> ceil(n / 256) groups; n a multiple of 32 */
     void (*quantize_q8)(const float *x, struct kvs_cpu_q8g *out, int64_t n);
     kvs_cpu_gemm_fn gemm_f32, gemm_f16, gemm_bf16, gemm_q8_0, gemm_q4_0, gemm_q4_1;
+    /* attention, one block of nc cells (cell i at k + i * hd / v + i * hd):
+     * scores: out[i] = dot(q, k_i) * scale (the level's fixed-order dot)
+     * exp_shift: s[i] = exp(s[i] - m), in place (the level's exp: libm expf or a vector one)
+     * pv: acc[d] = acc[d] + p[i] * v_i[d] for cells i in order */
+    void (*scores_f32)(const float *q, const float *k, int32_t nc, int32_t hd, float scale,
+                       float *out);
+    void (*scores_f16)(const float *q, const uint16_t *k, int32_t nc, int32_t hd, float scale,
+                       float *out);
+    void (*exp_shift)(float *s, int32_t n, float m);
+    void (*pv_f32)(float *acc, const float *p, const float *v, int32_t nc, int32_t hd);
+    void (*pv_f16)(float *acc, const float *p, const uint16_t *v, int32_t nc, int32_t hd);
+    /* out[i] = gate[i] / (1 + exp(-gate[i])) * up[i] with the level's exp */
+    void (*swiglu)(const float *gate, const float *up, int64_t n, float *out);
     /* attention: dot(q, k) over n, k in f32 or f16 */
     float (*dot_f32)(const float *q, const float *k, int32_t n);
     float (*dot_f16)(const float *q, const uint16_t *k, int32_t n);
@@ -151,7 +164,7 @@ extern const struct kvs_cpu_kernels kvs_cpu_kernels_avx512;
 
 /* Per-thread scratch for attention. */
 struct kvs_cpu_thread_scratch {
-    float *scores; /* (cap_scores) one block's scores */
+    float *scores; /* (cap_scores) one block's scores, then its f16-rounded weights */
     float *acc;    /* (cap_acc) one head's running output */
     int64_t cap_scores, cap_acc;
 };
@@ -163,8 +176,13 @@ struct kvs_cpu {
     int32_t n_threads;
     struct kvs_cpu_q8g *qx; /* (cap_qx) quantized activations of the current matmul */
     int64_t cap_qx;         /* groups */
-    double *rope_cs;        /* (cap_rope) cos/sin table of the current rope call */
+    double *rope_cs;        /* (cap_rope) cos/sin table: (n_rows, n_dims / 2, 2) */
     int64_t cap_rope;       /* doubles */
+    int32_t *rope_pos;      /* (cap_rope_pos) positions the table was made for */
+    int64_t cap_rope_pos;
+    int32_t rope_rows;      /* rows in the table; 0 = none */
+    struct kvs_rope rope_key; /* parameters the table was made for (freq_factors by value) */
+    float rope_factors[512];  /* copy of freq_factors (n_dims / 2 <= 512) */
     struct kvs_cpu_thread_scratch *ts; /* (n_threads) */
 };
 

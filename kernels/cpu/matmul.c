@@ -184,6 +184,51 @@ static void axpy_f16_scalar(float *acc, float p, const uint16_t *v, int32_t n)
     }
 }
 
+static void scores_f32_scalar(const float *q, const float *k, int32_t nc, int32_t hd, float scale,
+                              float *out)
+{
+    for (int32_t i = 0; i < nc; i++) {
+        out[i] = dot_f32_scalar(q, k + (int64_t)i * hd, hd) * scale;
+    }
+}
+
+static void scores_f16_scalar(const float *q, const uint16_t *k, int32_t nc, int32_t hd,
+                              float scale, float *out)
+{
+    for (int32_t i = 0; i < nc; i++) {
+        out[i] = dot_f16_scalar(q, k + (int64_t)i * hd, hd) * scale;
+    }
+}
+
+static void exp_shift_scalar(float *s, int32_t n, float m)
+{
+    for (int32_t i = 0; i < n; i++) {
+        s[i] = expf(s[i] - m);
+    }
+}
+
+static void pv_f32_scalar(float *acc, const float *p, const float *v, int32_t nc, int32_t hd)
+{
+    for (int32_t i = 0; i < nc; i++) {
+        axpy_f32_scalar(acc, p[i], v + (int64_t)i * hd, hd);
+    }
+}
+
+static void pv_f16_scalar(float *acc, const float *p, const uint16_t *v, int32_t nc, int32_t hd)
+{
+    for (int32_t i = 0; i < nc; i++) {
+        axpy_f16_scalar(acc, p[i], v + (int64_t)i * hd, hd);
+    }
+}
+
+static void swiglu_scalar(const float *gate, const float *up, int64_t n, float *out)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
 static void f32_to_f16_scalar(const float *x, uint16_t *out, int64_t n)
 {
     for (int64_t i = 0; i < n; i++) {
@@ -200,6 +245,12 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_scalar = {
     .gemm_q8_0 = gemm_q_scalar,
     .gemm_q4_0 = gemm_q_scalar,
     .gemm_q4_1 = gemm_q_scalar,
+    .scores_f32 = scores_f32_scalar,
+    .scores_f16 = scores_f16_scalar,
+    .exp_shift = exp_shift_scalar,
+    .pv_f32 = pv_f32_scalar,
+    .pv_f16 = pv_f16_scalar,
+    .swiglu = swiglu_scalar,
     .dot_f32 = dot_f32_scalar,
     .dot_f16 = dot_f16_scalar,
     .scale = scale_scalar,

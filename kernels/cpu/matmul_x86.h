@@ -433,3 +433,156 @@ static void KVS_X86_NAME(f32_to_f16)(const float *x, uint16_t *out, int64_t n)
         out[i] = kvs_cpu_f32_to_f16(x[i]);
     }
 }
+
+/* ---- vector exp and the attention block kernels -------------------------------------------- */
+
+/* exp(x) for 8 lanes: n = round(x log2 e), r = x - n ln2 (two-part ln2), Cephes' degree-6
+ * polynomial for e^r, times 2^n; ~2 ulp against expf; 0 below -87.3, x clamped at 88. */
+KVS_INLINE __m256 exp8(__m256 x)
+{
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i n = _mm256_cvtps_epi32(fx);
+    __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, p2));
+}
+
+/* the tail of an array through an 8-lane buffer, so every element takes the vector path */
+KVS_INLINE __m256 load_tail(const float *p, int n)
+{
+    float t[8] = {0};
+    memcpy(t, p, (size_t)n * sizeof(float));
+    return _mm256_loadu_ps(t);
+}
+
+static void KVS_X86_NAME(exp_shift)(float *s, int32_t n, float m)
+{
+    __m256 vm = _mm256_set1_ps(m);
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(s + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm)));
+    }
+    if (i < n) {
+        float t[8];
+        _mm256_storeu_ps(t, exp8(_mm256_sub_ps(load_tail(s + i, n - i), vm)));
+        memcpy(s + i, t, (size_t)(n - i) * sizeof(float));
+    }
+}
+
+static void KVS_X86_NAME(swiglu)(const float *gate, const float *up, int64_t n, float *out)
+{
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 e = exp8(_mm256_sub_ps(zero, g));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)),
+                                                _mm256_loadu_ps(up + i)));
+    }
+    if (i < n) {
+        float t[8];
+        __m256 g = load_tail(gate + i, (int)(n - i));
+        __m256 e = exp8(_mm256_sub_ps(zero, g));
+        _mm256_storeu_ps(t, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)),
+                                          load_tail(up + i, (int)(n - i))));
+        memcpy(out + i, t, (size_t)(n - i) * sizeof(float));
+    }
+}
+
+/* Scores of 8 cells at a time: per cell one 8-lane fma chain over the head's dims (d in
+ * order, lane = d % 8), then ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) by a hadd tree;
+ * a lane never mixes with another cell, so a cell's score is the same in a full or a partial
+ * group (partial groups repeat cell 0 in the unused lanes). hd a multiple of 8, else the
+ * fallback below. */
+#define SCORES_KV(T, LOAD8)                                                                    \
+    static void KVS_X86_NAME(scores_##T)(const float *q, const T *k, int32_t nc, int32_t hd,   \
+                                         float scale, float *out)                              \
+    {                                                                                          \
+        if (hd % 8 != 0) {                                                                     \
+            for (int32_t i = 0; i < nc; i++) {                                                 \
+                out[i] = KVS_X86_NAME(dot_##T)(q, k + (int64_t)i * hd, hd) * scale;            \
+            }                                                                                  \
+            return;                                                                            \
+        }                                                                                      \
+        const __m256 vs = _mm256_set1_ps(scale);                                               \
+        for (int32_t i = 0; i < nc; i += 8) {                                                  \
+            const T *kc[8];                                                                    \
+            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                               \
+            {                                                                                  \
+                kc[c] = k + (int64_t)(i + c < nc ? i + c : i) * hd;                            \
+            }                                                                                  \
+            __m256 a[8];                                                                       \
+            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                               \
+            {                                                                                  \
+                a[c] = _mm256_setzero_ps();                                                    \
+            }                                                                                  \
+            for (int32_t d = 0; d < hd; d += 8) {                                              \
+                __m256 qv = _mm256_loadu_ps(q + d);                                            \
+                _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                           \
+                {                                                                              \
+                    a[c] = _mm256_fmadd_ps(qv, LOAD8(kc[c], d), a[c]);                         \
+                }                                                                              \
+            }                                                                                  \
+            __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);           \
+            __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);           \
+            __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);                   \
+            __m256 sc = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),                    \
+                                      _mm256_permute2f128_ps(u0, u1, 0x31));                   \
+            sc = _mm256_mul_ps(sc, vs);                                                        \
+            if (i + 8 <= nc) {                                                                 \
+                _mm256_storeu_ps(out + i, sc);                                                 \
+            } else {                                                                           \
+                float t[8];                                                                    \
+                _mm256_storeu_ps(t, sc);                                                       \
+                memcpy(out + i, t, (size_t)(nc - i) * sizeof(float));                          \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+SCORES_KV(float, load8_f32)
+SCORES_KV(kvs_f16_t, load8_f16)
+
+/* acc += p_i v_i over the cells in order, 32 dims at a time in registers: per element the
+ * same fma chain as one axpy per cell. */
+#define PV_KV(T, LOAD8, LOAD1)                                                                 \
+    static void KVS_X86_NAME(pv_##T)(float *acc, const float *p, const T *v, int32_t nc,       \
+                                     int32_t hd)                                               \
+    {                                                                                          \
+        int32_t d = 0;                                                                         \
+        for (; d + 32 <= hd; d += 32) {                                                        \
+            __m256 a0 = _mm256_loadu_ps(acc + d), a1 = _mm256_loadu_ps(acc + d + 8);           \
+            __m256 a2 = _mm256_loadu_ps(acc + d + 16), a3 = _mm256_loadu_ps(acc + d + 24);     \
+            for (int32_t i = 0; i < nc; i++) {                                                 \
+                const T *vi = v + (int64_t)i * hd + d;                                         \
+                __m256 vp = _mm256_set1_ps(p[i]);                                              \
+                a0 = _mm256_fmadd_ps(vp, LOAD8(vi, 0), a0);                                    \
+                a1 = _mm256_fmadd_ps(vp, LOAD8(vi, 8), a1);                                    \
+                a2 = _mm256_fmadd_ps(vp, LOAD8(vi, 16), a2);                                   \
+                a3 = _mm256_fmadd_ps(vp, LOAD8(vi, 24), a3);                                   \
+            }                                                                                  \
+            _mm256_storeu_ps(acc + d, a0);                                                     \
+            _mm256_storeu_ps(acc + d + 8, a1);                                                 \
+            _mm256_storeu_ps(acc + d + 16, a2);                                                \
+            _mm256_storeu_ps(acc + d + 24, a3);                                                \
+        }                                                                                      \
+        if (d < hd) {                                                                          \
+            for (int32_t i = 0; i < nc; i++) {                                                 \
+                KVS_X86_NAME(axpy_##T)(acc + d, p[i], v + (int64_t)i * hd + d, hd - d);        \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+PV_KV(float, load8_f32, load1_f32)
+PV_KV(kvs_f16_t, load8_f16, load1_f16)

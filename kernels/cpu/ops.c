@@ -152,22 +152,48 @@ int kvs_cpu_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int3
     if (n_rows == 0) {
         return 0;
     }
-    KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->rope_cs, &c->cap_rope,
-                                    (int64_t)n_rows * rope->n_dims, sizeof(double)));
     /* theta_i = pos * freq_scale * base^(-2i / n_dims) / freq_factor_i, in double: a fixed
-     * formula per (pos, i), so a position's rotation never depends on its batch. */
+     * formula per (pos, i), so a position's rotation never depends on its batch. The table is
+     * kept for the next call with the same positions and parameters (q and k of every layer
+     * of one forward), which is then bitwise the same table. */
     int32_t half = rope->n_dims / 2;
-    for (int32_t r = 0; r < n_rows; r++) {
-        double *cs = c->rope_cs + (int64_t)r * rope->n_dims;
+    if (half > (int32_t)(sizeof c->rope_factors / sizeof c->rope_factors[0])) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    bool same = c->rope_rows == n_rows && c->rope_key.n_dims == rope->n_dims &&
+                c->rope_key.freq_base == rope->freq_base &&
+                c->rope_key.freq_scale == rope->freq_scale &&
+                (c->rope_key.freq_factors != NULL) == (rope->freq_factors != NULL) &&
+                (rope->freq_factors == NULL ||
+                 memcmp(c->rope_factors, rope->freq_factors, (size_t)half * sizeof(float)) == 0) &&
+                memcmp(c->rope_pos, host_pos, (size_t)n_rows * sizeof(int32_t)) == 0;
+    if (!same) {
+        KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->rope_cs, &c->cap_rope,
+                                        (int64_t)n_rows * rope->n_dims, sizeof(double)));
+        KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->rope_pos, &c->cap_rope_pos, n_rows,
+                                        sizeof(int32_t)));
+        double inv[512];
         for (int32_t i = 0; i < half; i++) {
-            double inv = pow((double)rope->freq_base, -2.0 * i / rope->n_dims);
-            double theta = (double)host_pos[r] * (double)rope->freq_scale * inv;
+            inv[i] = pow((double)rope->freq_base, -2.0 * i / rope->n_dims);
             if (rope->freq_factors != NULL) {
-                theta /= (double)rope->freq_factors[i];
+                inv[i] /= (double)rope->freq_factors[i];
             }
-            cs[2 * i] = cos(theta);
-            cs[2 * i + 1] = sin(theta);
         }
+        for (int32_t r = 0; r < n_rows; r++) {
+            double *cs = c->rope_cs + (int64_t)r * rope->n_dims;
+            double pf = (double)host_pos[r] * (double)rope->freq_scale;
+            for (int32_t i = 0; i < half; i++) {
+                double theta = pf * inv[i];
+                cs[2 * i] = cos(theta);
+                cs[2 * i + 1] = sin(theta);
+            }
+        }
+        memcpy(c->rope_pos, host_pos, (size_t)n_rows * sizeof(int32_t));
+        c->rope_key = *rope;
+        if (rope->freq_factors != NULL) {
+            memcpy(c->rope_factors, rope->freq_factors, (size_t)half * sizeof(float));
+        }
+        c->rope_rows = n_rows;
     }
     struct rope_job j = {.x = x,
                          .cs = c->rope_cs,
@@ -186,20 +212,25 @@ struct ew_job {
     float *out;
 };
 
+struct swiglu_job {
+    const struct kvs_cpu_kernels *k;
+    const float *gate, *up;
+    float *out;
+};
+
 static void swiglu_range(void *arg, int64_t i0, int64_t i1, int32_t ith)
 {
-    const struct ew_job *j = arg;
-    for (int64_t i = i0; i < i1; i++) {
-        float g = j->a[i];
-        j->out[i] = g / (1.0f + expf(-g)) * j->b[i];
-    }
+    const struct swiglu_job *j = arg;
+    j->k->swiglu(j->gate + i0, j->up + i0, i1 - i0, j->out + i0);
 }
 
 int kvs_cpu_swiglu(kvs_backend *b, const float *gate, const float *up, int64_t n, float *out)
 {
     struct kvs_cpu *c = b->ctx;
     assert(gate != NULL && up != NULL && out != NULL && n >= 0);
-    struct ew_job j = {.a = gate, .b = up, .out = out};
+    struct swiglu_job j = {.k = c->k, .gate = gate, .up = up, .out = out};
+    /* grains of 8 keep every element on the vector path (the tail path gives the same bits,
+     * but this keeps pieces aligned) */
     kvs_threadpool_for(c->pool, n, 8192, swiglu_range, &j);
     return 0;
 }
