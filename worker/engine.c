@@ -147,35 +147,51 @@ int kvs_engine_generate(kvs_engine *e, const int32_t *prompt, int32_t n_prompt,
                         const struct kvs_gen_opts *go, kvs_token_fn cb, void *user,
                         struct kvs_gen_result *res)
 {
-    const struct kvs_sampling *sp = &go->sampling;
-    int32_t max_tokens = go->max_tokens;
-    const char *const *stops = go->stops;
-    int n_stops = go->n_stops;
     memset(res, 0, sizeof *res);
-    if (n_prompt <= 0 || max_tokens < 0) {
+    if (n_prompt <= 0 || go->max_tokens < 0) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    int64_t need = (int64_t)n_prompt + go->max_tokens;
+    if (need > e->n_ctx || need > kvs_pool_capacity_cells(e->pool)) {
+        return KVS_CONTEXT_FULL;
+    }
+    kvs_seq *seq = kvs_pool_seq_new(e->pool);
+    if (seq == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    int rc = kvs_engine_generate_on(e, seq, prompt, n_prompt, go, cb, user, res);
+    kvs_pool_seq_release(e->pool, &seq);
+    return rc;
+}
+
+int kvs_engine_generate_on(kvs_engine *e, kvs_seq *seq, const int32_t *prompt,
+                           int32_t n_prompt, const struct kvs_gen_opts *go, kvs_token_fn cb,
+                           void *user, struct kvs_gen_result *res)
+{
+    memset(res, 0, sizeof *res);
+    if (n_prompt <= 0 || go->max_tokens < 0) {
         return KVS_INVALID_ARGUMENT;
     }
     const struct kvs_hparams *hp = &e->model->hp;
-    int64_t need = (int64_t)n_prompt + max_tokens;
-    if (need > e->n_ctx || need > kvs_pool_capacity_cells(e->pool)) {
+    const struct kvs_sampling *sp = &go->sampling;
+    int32_t max_tokens = go->max_tokens;
+    if ((int64_t)seq->n_cells + n_prompt + max_tokens > e->n_ctx) {
         return KVS_CONTEXT_FULL;
     }
     kvs_sampler *smp = NULL;
     kvs_stop *stop = NULL;
     kvs_detok *dt = NULL;
-    kvs_seq *seq = NULL;
     char *text = NULL;          /* all generated text so far */
     size_t text_len = 0, text_cap = 0, emitted = 0;
     int rc = kvs_sampler_new(sp, (int32_t)hp->n_vocab, &smp);
     if (rc < 0) {
         goto out;
     }
-    stop = kvs_stop_new(stops, n_stops);
+    stop = kvs_stop_new(go->stops, go->n_stops);
     dt = kvs_detok_new(e->tok, false);
-    seq = kvs_pool_seq_new(e->pool);
     res->tokens = malloc(((size_t)max_tokens + 1) * sizeof *res->tokens);
-    if (stop == NULL || dt == NULL || seq == NULL || res->tokens == NULL) {
-        rc = stop == NULL && n_stops > 0 ? KVS_INVALID_ARGUMENT : KVS_NO_MEMORY;
+    if (stop == NULL || dt == NULL || res->tokens == NULL) {
+        rc = stop == NULL && go->n_stops > 0 ? KVS_INVALID_ARGUMENT : KVS_NO_MEMORY;
         goto out;
     }
     for (int32_t i = 0; i < n_prompt; i++) {
@@ -250,7 +266,7 @@ int kvs_engine_generate(kvs_engine *e, const int32_t *prompt, int32_t n_prompt,
         const char *tail;
         size_t n_tail;
         kvs_detok_finish(dt, &tail, &n_tail);
-        if (text_len + n_tail > text_len && cb != NULL) {
+        if (n_tail > 0) {
             char *t = realloc(text, text_len + n_tail + 1);
             if (t == NULL) {
                 rc = KVS_NO_MEMORY;
@@ -270,9 +286,18 @@ out:
         free(res->tokens);
         res->tokens = NULL;
         res->n_tokens = 0;
+        free(text);
+    } else {
+        size_t keep = res->stopped_string ? emitted : text_len;
+        res->text = text != NULL ? text : malloc(1);
+        if (res->text == NULL) {
+            free(res->tokens);
+            res->tokens = NULL;
+            return KVS_NO_MEMORY;
+        }
+        res->text[keep] = '\0';
+        res->text_len = keep;
     }
-    free(text);
-    kvs_pool_seq_release(e->pool, &seq);
     kvs_detok_destroy(&dt);
     kvs_stop_destroy(&stop);
     kvs_sampler_destroy(&smp);

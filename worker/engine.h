@@ -57,6 +57,8 @@ typedef bool (*kvs_token_fn)(int32_t token, const char *text, size_t len, void *
 struct kvs_gen_result {
     int32_t *tokens;          /* generated ids, without the stop token; caller frees */
     int32_t n_tokens;
+    char *text;               /* the text streamed to cb, NUL-terminated; caller frees */
+    size_t text_len;          /* bytes of text (a stop string and what follows excluded) */
     bool stopped_eog;         /* ended on an end-of-generation token */
     bool stopped_string;      /* ended on a stop string */
     double prefill_s;         /* seconds for the prompt (up to the first token's logits) */
@@ -79,6 +81,14 @@ struct kvs_gen_opts {
 int kvs_engine_generate(kvs_engine *e, const int32_t *prompt, int32_t n_prompt,
                         const struct kvs_gen_opts *go, kvs_token_fn cb, void *user,
                         struct kvs_gen_result *res);
+
+/* As kvs_engine_generate, but into seq, which already holds a context (a fork of a
+ * session's seq, say): the prompt is prefilled after its cells and the answer decoded after
+ * that. seq keeps every cell written (the caller releases or trims it). KVS_CAPACITY when
+ * the pool cannot hold the new cells. */
+int kvs_engine_generate_on(kvs_engine *e, kvs_seq *seq, const int32_t *prompt,
+                           int32_t n_prompt, const struct kvs_gen_opts *go, kvs_token_fn cb,
+                           void *user, struct kvs_gen_result *res);
 
 /* Prefill tokens into seq (reserving, chunking by max_batch_rows, committing). When
  * logits_all is non-NULL it receives every position's logits ((n, n_vocab) host floats);

@@ -277,3 +277,53 @@ void kvs_pool_seq_trim(kvs_pool *pool, kvs_seq *seq)
         unref_block(pool, seq->table[--seq->n_blocks]);
     }
 }
+
+int kvs_pool_seq_slide(kvs_pool *pool, kvs_seq *seq, int32_t first, int32_t n_evict,
+                       kvs_pool_shift_fn shift, void *user)
+{
+    kvs_pool_seq_trim(pool, seq);
+    int32_t bs = pool->block_size;
+    int32_t used = seq->n_blocks;
+    if (first < 0 || n_evict < 1 || first + n_evict > used ||
+        (first + n_evict < used && seq->n_cells < (first + n_evict) * bs)) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    /* The evicted blocks go back first; then each kept block is copied, shifted, into a
+     * fresh block and its old reference dropped, so one free block is enough. */
+    int32_t free_after = pool->n_free;
+    for (int32_t i = first; i < first + n_evict; i++) {
+        free_after += pool->refcount[seq->table[i]] == 1;
+    }
+    int32_t shared_kept = 0; /* kept blocks whose old copy stays alive with another seq */
+    for (int32_t i = first + n_evict; i < used; i++) {
+        shared_kept += pool->refcount[seq->table[i]] > 1;
+    }
+    if (first + n_evict < used && free_after < 1 + shared_kept) {
+        return KVS_CAPACITY;
+    }
+    int32_t evicted_cells = seq->n_cells - first * bs < n_evict * bs ? seq->n_cells - first * bs
+                                                                     : n_evict * bs;
+    for (int32_t i = first; i < first + n_evict; i++) {
+        unref_block(pool, seq->table[i]);
+    }
+    int32_t out = first;
+    for (int32_t i = first + n_evict; i < used; i++) {
+        int32_t old = seq->table[i];
+        int32_t fresh = take_block(pool);
+        int rc = shift(old, fresh, user);
+        if (rc < 0) {
+            unref_block(pool, fresh);
+            for (int32_t j = i; j < used; j++) {
+                unref_block(pool, seq->table[j]);
+            }
+            seq->n_blocks = out;
+            seq->n_cells = out * bs;
+            return rc;
+        }
+        seq->table[out++] = fresh;
+        unref_block(pool, old);
+    }
+    seq->n_blocks = out;
+    seq->n_cells -= evicted_cells;
+    return KVS_OK;
+}

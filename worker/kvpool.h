@@ -84,6 +84,22 @@ void kvs_pool_seq_commit(kvs_pool *pool, kvs_seq *seq, int32_t n);
 /* Drop blocks past the committed length (unused reservations). */
 void kvs_pool_seq_trim(kvs_pool *pool, kvs_seq *seq);
 
+/* Called by kvs_pool_seq_slide to write block src's cells, shifted, into fresh block dst. */
+typedef int (*kvs_pool_shift_fn)(int32_t src, int32_t dst, void *user);
+
+/* Sliding eviction: drop n_evict blocks of seq starting at table index first (all cells
+ * after them move n_evict * block_size positions down) and replace every later block by a
+ * fresh copy written by shift (which re-rotates the keys). Blocks before first are kept
+ * as they are; no block that another seq references is modified. Needs at most one free
+ * block at any moment (evicted blocks are released first). Returns 0, KVS_INVALID_ARGUMENT
+ * (first / n_evict outside the committed blocks), KVS_CAPACITY (no block to copy into:
+ * the evicted blocks were all shared), or shift's error; on error the seq is unchanged
+ * only if nothing was evicted yet (KVS_INVALID_ARGUMENT / KVS_CAPACITY before the first
+ * copy); a shift error mid-way leaves the seq consistent but shorter (truncated at the
+ * failed block) and is logged. */
+int kvs_pool_seq_slide(kvs_pool *pool, kvs_seq *seq, int32_t first, int32_t n_evict,
+                       kvs_pool_shift_fn shift, void *user);
+
 /* The cell index (block * block_size + offset) that holds position pos of seq; pos must be
  * inside the reserved blocks (asserted). */
 static inline int32_t kvs_seq_slot(const kvs_seq *seq, int32_t pos, int32_t block_size)

@@ -413,6 +413,7 @@ int kvs_cmd_generate(int argc, char **argv)
     rc = 0;
 out:
     free(res.tokens);
+    free(res.text);
     free(ids);
     free(text);
     free(stdin_prompt);
