@@ -199,7 +199,7 @@ int main(int argc, char **argv)
     }
     char err[512];
     kvs_engine *e;
-    struct kvs_engine_opts eo = {.model_path = model, .n_threads = threads, .n_cells = 8192 + 512};
+    struct kvs_engine_opts eo = {.model_path = model, .n_threads = threads, .n_cells = 2 * 8192 + 512};
     if (kvs_engine_open(&eo, &e, err, sizeof err) < 0) {
         fprintf(stderr, "bench_session: %s\n", err);
         return 1;
