@@ -38,7 +38,9 @@ struct kvs_weight {
     int64_t n_in;     /* columns, the reduction dimension (ne[0]) */
     int64_t n_out;    /* rows (ne[1]) */
     size_t row_bytes; /* bytes of one row in `type` */
-    void *data;       /* backend memory, owned by the backend after kvs_backend_weight_load */
+    void *data;       /* backend memory in the backend's own form, owned by the backend after
+                       * weight_load (the CPU backend regroups quantized rows: only ops may
+                       * read it) */
     void *extra;      /* backend-private form (repacked, converted); NULL if none */
 };
 

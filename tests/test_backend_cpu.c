@@ -23,6 +23,7 @@
  */
 #include "common/status.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/threadpool.h" /* internal: tested directly for coverage */
 #include "kernels/dtype.h"
 
 #include <check.h>
@@ -31,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* ---- helpers --------------------------------------------------------------------------------- */
 
@@ -176,6 +178,57 @@ START_TEST(test_threads_many_small_calls)
     kvs_backend_destroy(&b);
     ck_assert_ptr_null(b);
     kvs_backend_destroy(&b); /* NULL is fine */
+}
+END_TEST
+
+struct cover_job {
+    int32_t *hits; /* (n) */
+    int64_t grain;
+    int bad;       /* a piece that did not start at a multiple of grain */
+};
+
+static void cover_range(void *arg, int64_t i0, int64_t i1, int32_t ith)
+{
+    struct cover_job *j = arg;
+    if (i0 % j->grain != 0 || ith < 0 || ith > 1) {
+        __atomic_store_n(&j->bad, 1, __ATOMIC_RELAXED);
+    }
+    for (int64_t i = i0; i < i1; i++) {
+        __atomic_fetch_add(&j->hits[i], 1, __ATOMIC_RELAXED);
+    }
+}
+
+START_TEST(test_threadpool_coverage)
+{
+    /* every index exactly once, whatever n, grain and chunking; pieces start on grains */
+    kvs_threadpool *tp = kvs_threadpool_new(2);
+    ck_assert_ptr_nonnull(tp);
+    ck_assert_int_eq(kvs_threadpool_size(tp), 2);
+    int32_t *hits = calloc(5000, sizeof(int32_t));
+    for (int it = 0; it < 1000; it++) {
+        int64_t n = (int64_t)(rnd_u64() % 5000);
+        int64_t grain = (int64_t)(1 + rnd_u64() % 40);
+        int32_t chunks = (int32_t)(rnd_u64() % 20);
+        memset(hits, 0, 5000 * sizeof(int32_t));
+        struct cover_job j = {.hits = hits, .grain = grain};
+        kvs_threadpool_for_chunks(tp, n, grain, chunks, cover_range, &j);
+        ck_assert_int_eq(j.bad, 0);
+        for (int64_t i = 0; i < n; i++) {
+            ck_assert_int_eq(hits[i], 1);
+        }
+        for (int64_t i = n; i < 5000; i++) {
+            ck_assert_int_eq(hits[i], 0);
+        }
+        if (it % 250 == 0) {
+            usleep(2000); /* let the worker fall asleep on the futex now and then */
+        }
+    }
+    uint64_t jobs = 0, worker_chunks = 0;
+    kvs_threadpool_stats(tp, &jobs, &worker_chunks);
+    ck_assert_uint_gt(jobs, 0);
+    free(hits);
+    kvs_threadpool_destroy(&tp);
+    ck_assert_ptr_null(tp);
 }
 END_TEST
 
@@ -798,6 +851,7 @@ static Suite *backend_cpu_suite(void)
     TCase *tc = tcase_create("core");
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, test_threads_many_small_calls);
+    tcase_add_test(tc, test_threadpool_coverage);
     tcase_add_test(tc, test_weight_load_errors);
     tcase_add_test(tc, test_kv_errors);
     tcase_add_loop_test(tc, test_matmul_accuracy, 0, n);
