@@ -300,7 +300,7 @@ int main(int argc, char **argv)
     time_t now = time(NULL);
     char date[32];
     strftime(date, sizeof date, "%Y-%m-%d", gmtime(&now));
-    char head[1024];
+    char head[2048];
     snprintf(head, sizeof head,
              "# Session latency (CPU), %s\n\nmodel %s, %d threads, KV f16; GEMM %.1f GFLOP/s, "
              "STREAM triad %.1f GB/s measured in this run. Estimate = FLOPs / GEMM rate + "
