@@ -19,6 +19,7 @@
 #include <assert.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 struct kvs_kv_cache {
     struct kvs_kv_layout layout;
@@ -99,6 +100,48 @@ int kvs_cpu_kv_copy_block(kvs_backend *b, kvs_kv_cache *kv, int32_t src, int32_t
                kv->v + base + (size_t)src * kv->block_stride, kv->block_stride);
     }
     return 0;
+}
+
+/* Canonical block layout (kernels/backend.h): per layer K[cell][kv_head][head_dim] then
+ * V[cell][kv_head][head_dim]; inside, a block is [kv_head][cell][head_dim]. */
+static int kv_block_io(kvs_kv_cache *kv, int32_t block, uint8_t *buf, bool write)
+{
+    if (block < 0 || block >= kv->layout.n_block) {
+        return KVS_OUT_OF_RANGE;
+    }
+    const int32_t bs = kv->layout.block_size, nh = kv->layout.n_kv_head;
+    const size_t row = (size_t)kv->layout.head_dim * kv->elem; /* one head of one cell */
+    size_t off = 0;
+    for (int32_t l = 0; l < kv->layout.n_layer; l++) {
+        for (int kvi = 0; kvi < 2; kvi++) {
+            uint8_t *base = (kvi == 0 ? kv->k : kv->v) + (size_t)l * kv->layer_stride +
+                            (size_t)block * kv->block_stride;
+            for (int32_t c = 0; c < bs; c++) {
+                for (int32_t h = 0; h < nh; h++) {
+                    uint8_t *cell = base + (size_t)h * kv->head_stride + (size_t)c * row;
+                    if (write) {
+                        memcpy(cell, buf + off, row);
+                    } else {
+                        memcpy(buf + off, cell, row);
+                    }
+                    off += row;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+int kvs_cpu_kv_read_block(kvs_backend *b, kvs_kv_cache *kv, int32_t block, void *host_buf)
+{
+    (void)b;
+    return kv_block_io(kv, block, host_buf, false);
+}
+
+int kvs_cpu_kv_write_block(kvs_backend *b, kvs_kv_cache *kv, int32_t block, const void *host_buf)
+{
+    (void)b;
+    return kv_block_io(kv, block, (uint8_t *)(uintptr_t)host_buf, true);
 }
 
 /* Byte offset of (layer, cell slot, kv head) in K or V. */

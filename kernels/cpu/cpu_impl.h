@@ -206,6 +206,9 @@ int kvs_cpu_gather(kvs_backend *b, const float *x, const int32_t *host_idx, int3
 int kvs_cpu_kv_new(kvs_backend *b, const struct kvs_kv_layout *layout, kvs_kv_cache **out);
 void kvs_cpu_kv_destroy(kvs_backend *b, kvs_kv_cache **kv);
 int kvs_cpu_kv_copy_block(kvs_backend *b, kvs_kv_cache *kv, int32_t src, int32_t dst);
+int kvs_cpu_kv_read_block(kvs_backend *b, kvs_kv_cache *kv, int32_t block, void *host_buf);
+int kvs_cpu_kv_write_block(kvs_backend *b, kvs_kv_cache *kv, int32_t block,
+                           const void *host_buf);
 int kvs_cpu_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *k,
                      const float *v, const struct kvs_attn_batch *ab);
 int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *q,
