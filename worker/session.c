@@ -299,6 +299,11 @@ const char *kvs_session_id(const kvs_session *s)
     return s->id;
 }
 
+const kvs_seq *kvs_session_seq(const kvs_session *s)
+{
+    return s->seq;
+}
+
 const int32_t *kvs_session_tokens(const kvs_session *s, int64_t *n)
 {
     *n = s->n_tokens;

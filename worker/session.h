@@ -136,6 +136,8 @@ int kvs_session_close(kvs_sessions *S, const char *id);
 
 const char *kvs_session_id(const kvs_session *s);
 void kvs_session_info(const kvs_session *s, struct kvs_session_info *info);
+/* The session's seq (borrowed; for tests and snapshots: do not modify). */
+const kvs_seq *kvs_session_seq(const kvs_session *s);
 /* Recorded ids (prefix + data), borrowed until the next append. */
 const int32_t *kvs_session_tokens(const kvs_session *s, int64_t *n);
 
