@@ -142,8 +142,7 @@ static size_t fill_payload(unsigned char *p, int i)
 static void make_log(const char *id, int n, uint64_t *offs)
 {
     kvs_sesslog *log = NULL;
-    ck_assert_int_eq(kvs_sesslog_create(dir, id, &ident_a, KVS_FSYNC_NO, &log, err, sizeof err),
-                     0);
+    ck_assert_int_eq(kvs_sesslog_create(dir, id, &ident_a, KVS_FSYNC_NO, &log, err, sizeof err), 0);
     unsigned char p[64];
     for (int i = 0; i < n; i++) {
         if (offs != NULL) {
@@ -189,8 +188,7 @@ START_TEST(test_ids_policies_crc)
     ck_assert_int_eq(kvs_sesslog_check_id(id), KVS_INVALID_ARGUMENT);
 
     kvs_sesslog *log = NULL;
-    ck_assert_int_eq(kvs_sesslog_create(dir, "../x", &ident_a, KVS_FSYNC_NO, &log, err,
-                                        sizeof err),
+    ck_assert_int_eq(kvs_sesslog_create(dir, "../x", &ident_a, KVS_FSYNC_NO, &log, err, sizeof err),
                      KVS_INVALID_ARGUMENT);
     struct kvs_log_identity bad = ident_a;
     bad.model_sha256[3] = 'G';
@@ -217,8 +215,11 @@ END_TEST
 START_TEST(test_payload_codecs)
 {
     int32_t toks[5] = {1, -2, 70000, 0x7fffffff, -0x7fffffff - 1};
-    struct kvs_log_append a = {.client_id = 0x1122334455667788ull, .client_seq = 42,
-                               .version_after = 7, .n_tokens = 5, .tokens = toks};
+    struct kvs_log_append a = {.client_id = 0x1122334455667788ull,
+                               .client_seq = 42,
+                               .version_after = 7,
+                               .n_tokens = 5,
+                               .tokens = toks};
     unsigned char buf[64];
     ck_assert_uint_eq(kvs_log_append_size(5), 48);
     ck_assert_int_eq(kvs_log_append_encode(&a, buf, sizeof buf), 48);
@@ -241,7 +242,8 @@ START_TEST(test_payload_codecs)
     buf[27] = 0x40; /* n_tokens = 2^30 + 5: length no longer matches */
     ck_assert_int_eq(kvs_log_append_decode(buf, 48, &d), KVS_BAD_FORMAT);
     ck_assert_uint_eq(kvs_log_append_size(UINT32_MAX), 0);
-    ck_assert_uint_eq(kvs_log_append_size((KVS_SESSLOG_MAX_PAYLOAD - 28) / 4), KVS_SESSLOG_MAX_PAYLOAD);
+    ck_assert_uint_eq(kvs_log_append_size((KVS_SESSLOG_MAX_PAYLOAD - 28) / 4),
+                      KVS_SESSLOG_MAX_PAYLOAD);
     ck_assert_uint_eq(kvs_log_append_size((KVS_SESSLOG_MAX_PAYLOAD - 28) / 4 + 1), 0);
 
     struct kvs_log_evict e = {.version_after = 9, .first_cell = 3, .n_cells = 100}, f;
@@ -258,14 +260,13 @@ END_TEST
 START_TEST(test_round_trip)
 {
     kvs_sesslog *log = NULL;
-    ck_assert_int_eq(kvs_sesslog_create(dir, "s1", &ident_a, KVS_FSYNC_ALWAYS, &log, err,
-                                        sizeof err),
-                     0);
+    ck_assert_int_eq(
+        kvs_sesslog_create(dir, "s1", &ident_a, KVS_FSYNC_ALWAYS, &log, err, sizeof err), 0);
     ck_assert_uint_eq(kvs_sesslog_end(log), KVS_SESSLOG_HEADER_BYTES);
     ck_assert_int_eq(kvs_sesslog_append(log, KVS_LOG_CREATE, "{\"budget\":64}", 13), 0);
     int32_t toks[3] = {10, 20, 30};
-    struct kvs_log_append a = {.client_id = 5, .client_seq = 1, .version_after = 1,
-                               .n_tokens = 3, .tokens = toks};
+    struct kvs_log_append a = {
+        .client_id = 5, .client_seq = 1, .version_after = 1, .n_tokens = 3, .tokens = toks};
     ck_assert_int_eq(kvs_sesslog_append_tokens(log, &a), 0);
     unsigned char eb[KVS_LOG_EVICT_BYTES];
     kvs_log_evict_encode(&(struct kvs_log_evict){2, 0, 16}, eb);
@@ -289,8 +290,7 @@ START_TEST(test_round_trip)
 
     struct recs r = {.stop_at = -1};
     struct kvs_replay_stats st;
-    ck_assert_int_eq(kvs_sesslog_replay(dir, "s1", &ident_a, collect, &r, &st, err, sizeof err),
-                     0);
+    ck_assert_int_eq(kvs_sesslog_replay(dir, "s1", &ident_a, collect, &r, &st, err, sizeof err), 0);
     ck_assert_int_eq(st.tail, KVS_REPLAY_CLEAN);
     ck_assert_uint_eq(st.n_records, 4);
     ck_assert_uint_eq(st.end_offset, end);
@@ -313,13 +313,12 @@ START_TEST(test_round_trip)
     recs_free(&r);
 
     /* reopen, append more, replay all */
-    ck_assert_int_eq(kvs_sesslog_open(dir, "s1", &ident_a, KVS_FSYNC_NO, &log, err, sizeof err),
-                     0);
+    ck_assert_int_eq(kvs_sesslog_open(dir, "s1", &ident_a, KVS_FSYNC_NO, &log, err, sizeof err), 0);
     ck_assert_uint_eq(kvs_sesslog_end(log), end);
     ck_assert_int_eq(kvs_sesslog_append(log, KVS_LOG_SNAPSHOT, "z", 1), 0);
     kvs_sesslog_close(&log);
-    ck_assert_int_eq(kvs_sesslog_open_replay(dir, "s1", &ident_a, KVS_FSYNC_NO, collect, &r,
-                                             &st, &log, err, sizeof err),
+    ck_assert_int_eq(kvs_sesslog_open_replay(dir, "s1", &ident_a, KVS_FSYNC_NO, collect, &r, &st,
+                                             &log, err, sizeof err),
                      0);
     ck_assert_uint_eq(r.n, 5);
     ck_assert_uint_eq(r.v[4].type, KVS_LOG_SNAPSHOT);
@@ -391,9 +390,8 @@ START_TEST(test_fsync_policies)
     struct kvs_sesslog_stats st;
     kvs_sesslog *log = NULL;
     /* ALWAYS: one fdatasync per acknowledged append (plus the creation's) */
-    ck_assert_int_eq(kvs_sesslog_create(dir, "al", &ident_a, KVS_FSYNC_ALWAYS, &log, err,
-                                        sizeof err),
-                     0);
+    ck_assert_int_eq(
+        kvs_sesslog_create(dir, "al", &ident_a, KVS_FSYNC_ALWAYS, &log, err, sizeof err), 0);
     for (int i = 0; i < 50; i++) {
         ck_assert_int_eq(kvs_sesslog_append(log, 2, "abcd", 4), 0);
         kvs_sesslog_get_stats(log, &st);
@@ -405,9 +403,8 @@ START_TEST(test_fsync_policies)
     kvs_sesslog_close(&log);
 
     /* EVERYSEC: at most one sync a second from the append path; tick flushes a pending one */
-    ck_assert_int_eq(kvs_sesslog_create(dir, "es", &ident_a, KVS_FSYNC_EVERYSEC, &log, err,
-                                        sizeof err),
-                     0);
+    ck_assert_int_eq(
+        kvs_sesslog_create(dir, "es", &ident_a, KVS_FSYNC_EVERYSEC, &log, err, sizeof err), 0);
     for (int i = 0; i < 200; i++) {
         ck_assert_int_eq(kvs_sesslog_append(log, 2, "abcd", 4), 0);
     }
@@ -465,8 +462,7 @@ START_TEST(test_torn_tail_every_offset)
         write_all(path, b, cut);
         struct recs r = {.stop_at = -1};
         struct kvs_replay_stats st;
-        ck_assert_int_eq(kvs_sesslog_replay(dir, "t", &ident_a, collect, &r, &st, err,
-                                            sizeof err),
+        ck_assert_int_eq(kvs_sesslog_replay(dir, "t", &ident_a, collect, &r, &st, err, sizeof err),
                          0);
         check_records(&r, N_REC - 1);
         ck_assert_int_eq(file_size("t"), (off_t)last);
@@ -478,16 +474,14 @@ START_TEST(test_torn_tail_every_offset)
     /* after a cut, appends continue right after the last good record */
     kvs_sesslog *log = NULL;
     write_all(path, b, full - 3);
-    ck_assert_int_eq(kvs_sesslog_open(dir, "t", &ident_a, KVS_FSYNC_NO, &log, err, sizeof err),
-                     0);
+    ck_assert_int_eq(kvs_sesslog_open(dir, "t", &ident_a, KVS_FSYNC_NO, &log, err, sizeof err), 0);
     ck_assert_uint_eq(kvs_sesslog_end(log), last);
     unsigned char p[64];
     size_t len = fill_payload(p, N_REC - 1);
     ck_assert_int_eq(kvs_sesslog_append(log, (uint32_t)((N_REC - 1) % 6) + 1, p, len), 0);
     kvs_sesslog_close(&log);
     struct recs r = {.stop_at = -1};
-    ck_assert_int_eq(kvs_sesslog_replay(dir, "t", &ident_a, collect, &r, NULL, err, sizeof err),
-                     0);
+    ck_assert_int_eq(kvs_sesslog_replay(dir, "t", &ident_a, collect, &r, NULL, err, sizeof err), 0);
     check_records(&r, N_REC);
     recs_free(&r);
     free(b);
@@ -511,9 +505,8 @@ START_TEST(test_flipped_bits_last_record)
             write_all(path, c, full);
             struct recs r = {.stop_at = -1};
             struct kvs_replay_stats st;
-            ck_assert_int_eq(kvs_sesslog_replay(dir, "f", &ident_a, collect, &r, &st, err,
-                                                sizeof err),
-                             0);
+            ck_assert_int_eq(
+                kvs_sesslog_replay(dir, "f", &ident_a, collect, &r, &st, err, sizeof err), 0);
             check_records(&r, N_REC - 1);
             ck_assert_int_eq(file_size("f"), (off_t)last);
             ck_assert_uint_eq(st.bad_offset, last);
@@ -528,8 +521,7 @@ START_TEST(test_flipped_bits_last_record)
     c[full - 1] ^= 0x10;
     write_all(path, c, full);
     struct recs r = {.stop_at = -1};
-    ck_assert_int_eq(kvs_sesslog_replay(dir, "f", &ident_a, collect, &r, NULL, err, sizeof err),
-                     0);
+    ck_assert_int_eq(kvs_sesslog_replay(dir, "f", &ident_a, collect, &r, NULL, err, sizeof err), 0);
     check_records(&r, N_REC - 2);
     ck_assert_int_eq(file_size("f"), (off_t)offs[N_REC - 2]);
     recs_free(&r);
@@ -559,8 +551,7 @@ START_TEST(test_garbage_after_last)
         write_all(path, c, full + 8192);
         struct recs r = {.stop_at = -1};
         struct kvs_replay_stats st;
-        ck_assert_int_eq(kvs_sesslog_replay(dir, "g", &ident_a, collect, &r, &st, err,
-                                            sizeof err),
+        ck_assert_int_eq(kvs_sesslog_replay(dir, "g", &ident_a, collect, &r, &st, err, sizeof err),
                          0);
         check_records(&r, N_REC);
         ck_assert_uint_eq(st.dropped_bytes, 8192);
@@ -589,8 +580,7 @@ START_TEST(test_corrupt_middle)
         write_all(path, c, full);
         struct recs r = {.stop_at = -1};
         struct kvs_replay_stats st;
-        ck_assert_int_eq(kvs_sesslog_replay(dir, "c", &ident_a, collect, &r, &st, err,
-                                            sizeof err),
+        ck_assert_int_eq(kvs_sesslog_replay(dir, "c", &ident_a, collect, &r, &st, err, sizeof err),
                          KVS_BAD_FORMAT);
         ck_assert_int_eq(st.tail, KVS_REPLAY_CORRUPT);
         ck_assert_uint_eq(st.bad_offset, offs[5]);
@@ -604,8 +594,7 @@ START_TEST(test_corrupt_middle)
         ck_assert_mem_eq(d, c, full);
         free(d);
         kvs_sesslog *log = NULL;
-        ck_assert_int_eq(kvs_sesslog_open(dir, "c", &ident_a, KVS_FSYNC_NO, &log, err,
-                                          sizeof err),
+        ck_assert_int_eq(kvs_sesslog_open(dir, "c", &ident_a, KVS_FSYNC_NO, &log, err, sizeof err),
                          KVS_BAD_FORMAT);
         ck_assert_ptr_null(log);
     }
@@ -638,8 +627,7 @@ START_TEST(test_rewrite)
     /* a crashed earlier rewrite left a temp file: ignored, then overwritten */
     write_all(tmp, (const unsigned char *)"garbage", 7);
     kvs_sesslog *log = NULL;
-    ck_assert_int_eq(kvs_sesslog_open(dir, "rw", &ident_a, KVS_FSYNC_ALWAYS, &log, err,
-                                      sizeof err),
+    ck_assert_int_eq(kvs_sesslog_open(dir, "rw", &ident_a, KVS_FSYNC_ALWAYS, &log, err, sizeof err),
                      0);
     /* not a record boundary: refused, the old log intact and in use, no temp left */
     ck_assert_int_eq(kvs_sesslog_rewrite(log, NULL, 0, offs[4] + 1), KVS_INVALID_ARGUMENT);
@@ -674,8 +662,7 @@ START_TEST(test_rewrite)
     recs_free(&r);
 
     /* keep nothing: the log is the header plus the head records */
-    ck_assert_int_eq(kvs_sesslog_open(dir, "rw", &ident_a, KVS_FSYNC_NO, &log, err, sizeof err),
-                     0);
+    ck_assert_int_eq(kvs_sesslog_open(dir, "rw", &ident_a, KVS_FSYNC_NO, &log, err, sizeof err), 0);
     ck_assert_int_eq(kvs_sesslog_rewrite(log, head + 1, 1, kvs_sesslog_end(log)), 0);
     ck_assert_uint_eq(kvs_sesslog_end(log), KVS_SESSLOG_HEADER_BYTES + 12);
     kvs_sesslog_close(&log);
@@ -692,9 +679,8 @@ END_TEST
 static void fill_until_failure(const char *d, void (*free_space)(void), const char *errno_text)
 {
     kvs_sesslog *log = NULL;
-    ck_assert_int_eq(kvs_sesslog_create(d, "full", &ident_a, KVS_FSYNC_ALWAYS, &log, err,
-                                        sizeof err),
-                     0);
+    ck_assert_int_eq(
+        kvs_sesslog_create(d, "full", &ident_a, KVS_FSYNC_ALWAYS, &log, err, sizeof err), 0);
     unsigned char p[3000];
     int acked = 0, failures = 0;
     for (int i = 0; i < 2000 && failures < 3; i++) {
@@ -724,8 +710,7 @@ static void fill_until_failure(const char *d, void (*free_space)(void), const ch
     kvs_sesslog_close(&log);
     struct recs r = {.stop_at = -1};
     struct kvs_replay_stats st;
-    ck_assert_int_eq(kvs_sesslog_replay(d, "full", &ident_a, collect, &r, &st, err, sizeof err),
-                     0);
+    ck_assert_int_eq(kvs_sesslog_replay(d, "full", &ident_a, collect, &r, &st, err, sizeof err), 0);
     ck_assert_int_eq(st.tail, KVS_REPLAY_CLEAN);
     ck_assert_uint_eq(r.n, (size_t)acked);
     for (int i = 0; i < acked; i++) {
@@ -795,9 +780,9 @@ static void child_append(int wfd, uint64_t first)
     char e[256];
     kvs_sesslog *log = NULL;
     /* an earlier round may have been killed after creating the log but before any append */
-    int rc = first == 0 ? kvs_sesslog_create(dir, "k", &ident_a, KVS_FSYNC_ALWAYS, &log, e,
-                                             sizeof e)
-                        : KVS_ALREADY_EXISTS;
+    int rc = first == 0
+                 ? kvs_sesslog_create(dir, "k", &ident_a, KVS_FSYNC_ALWAYS, &log, e, sizeof e)
+                 : KVS_ALREADY_EXISTS;
     if (rc == KVS_ALREADY_EXISTS) {
         rc = kvs_sesslog_open(dir, "k", &ident_a, KVS_FSYNC_ALWAYS, &log, e, sizeof e);
     }
@@ -810,8 +795,11 @@ static void child_append(int wfd, uint64_t first)
         for (uint32_t i = 0; i < n; i++) {
             toks[i] = (int32_t)(seq * 100 + i);
         }
-        struct kvs_log_append a = {.client_id = 1, .client_seq = seq, .version_after = seq + 1,
-                                   .n_tokens = n, .tokens = toks};
+        struct kvs_log_append a = {.client_id = 1,
+                                   .client_seq = seq,
+                                   .version_after = seq + 1,
+                                   .n_tokens = n,
+                                   .tokens = toks};
         if (kvs_sesslog_append_tokens(log, &a) != 0) {
             _exit(4);
         }

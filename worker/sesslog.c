@@ -28,21 +28,21 @@
 #define SYNC_INTERVAL_NS 1000000000ll /* EVERYSEC */
 
 struct kvs_sesslog {
-    int fd;                         /* the log file, O_RDWR, flock'ed */
-    char path[PATH_MAX];            /* <dir>/<id>.log */
-    char tmp_path[PATH_MAX];        /* <dir>/<id>.log.tmp */
-    char dir[PATH_MAX];             /* the data directory */
+    int fd;                  /* the log file, O_RDWR, flock'ed */
+    char path[PATH_MAX];     /* <dir>/<id>.log */
+    char tmp_path[PATH_MAX]; /* <dir>/<id>.log.tmp */
+    char dir[PATH_MAX];      /* the data directory */
     char id[KVS_SESSION_ID_MAX + 1];
     struct kvs_log_identity ident;
     enum kvs_fsync_policy policy;
-    uint64_t end;                   /* bytes: end of the last acknowledged record */
-    int64_t last_sync_ns;           /* CLOCK_MONOTONIC of the last fdatasync */
-    bool tail_dirty;                /* a failed write may have left bytes after end */
-    bool dir_dirty;                 /* the directory fsync after a rename is still owed */
-    unsigned char *buf;             /* record staging, cap bytes */
+    uint64_t end;         /* bytes: end of the last acknowledged record */
+    int64_t last_sync_ns; /* CLOCK_MONOTONIC of the last fdatasync */
+    bool tail_dirty;      /* a failed write may have left bytes after end */
+    bool dir_dirty;       /* the directory fsync after a rename is still owed */
+    unsigned char *buf;   /* record staging, cap bytes */
     size_t cap;
     struct kvs_sesslog_stats st;
-    char last_error[256];           /* the last KVS_IO's reason */
+    char last_error[256]; /* the last KVS_IO's reason */
 };
 
 /* ---- small helpers ---- */
@@ -50,7 +50,8 @@ struct kvs_sesslog {
 #if defined(__GNUC__)
 __attribute__((format(printf, 3, 4)))
 #endif
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
+static void
+seterr(char *err, size_t errlen, const char *fmt, ...)
 {
     if (err == NULL || errlen == 0) {
         return;
@@ -181,9 +182,9 @@ uint32_t kvs_crc32c(uint32_t crc, const void *buf, size_t len)
         uint32_t lo = get_u32(p) ^ c;
         uint32_t hi = get_u32(p + 4);
         c = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff] ^
-            crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24] ^
-            crc_table[3][hi & 0xff] ^ crc_table[2][(hi >> 8) & 0xff] ^
-            crc_table[1][(hi >> 16) & 0xff] ^ crc_table[0][hi >> 24];
+            crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24] ^ crc_table[3][hi & 0xff] ^
+            crc_table[2][(hi >> 8) & 0xff] ^ crc_table[1][(hi >> 16) & 0xff] ^
+            crc_table[0][hi >> 24];
         p += 8;
         len -= 8;
     }
@@ -330,8 +331,8 @@ static int header_check(const unsigned char h[KVS_SESSLOG_HEADER_BYTES], const c
     }
     uint32_t version = get_u32(h + 8);
     if (version != KVS_SESSLOG_VERSION) {
-        seterr(err, errlen, "session log format version %u is not supported (need %u)",
-               version, KVS_SESSLOG_VERSION);
+        seterr(err, errlen, "session log format version %u is not supported (need %u)", version,
+               KVS_SESSLOG_VERSION);
         return KVS_UNSUPPORTED;
     }
     uint32_t crc = get_u32(h + HDR_CRC_OFF);
@@ -443,8 +444,7 @@ static int rd_record(struct reader *r, uint64_t off, uint32_t *type, const unsig
     }
     if (left < (uint64_t)l + KVS_SESSLOG_RECORD_OVERHEAD) {
         *why = KVS_REPLAY_TORN;
-        snprintf(msg, msglen,
-                 "record at offset %llu needs %llu bytes, the file has %llu after it",
+        snprintf(msg, msglen, "record at offset %llu needs %llu bytes, the file has %llu after it",
                  (unsigned long long)off, (unsigned long long)l + KVS_SESSLOG_RECORD_OVERHEAD,
                  (unsigned long long)left);
         return 0;
@@ -607,8 +607,8 @@ static int scan(int fd, const char *path, const char *id, const struct kvs_log_i
         snprintf(first, sizeof first, "%s", st->reason);
         st->tail = KVS_REPLAY_CORRUPT;
         if (found == 1) {
-            snprintf(st->reason, sizeof st->reason, "%.100s; a good record follows at %llu",
-                     first, (unsigned long long)at);
+            snprintf(st->reason, sizeof st->reason, "%.100s; a good record follows at %llu", first,
+                     (unsigned long long)at);
         } else {
             snprintf(st->reason, sizeof st->reason,
                      "%.100s; could not rule out good records after it", first);
@@ -620,8 +620,8 @@ static int scan(int fd, const char *path, const char *id, const struct kvs_log_i
     st->tail = why;
     st->dropped_bytes = r.size - off;
     if (ftruncate(fd, (off_t)off) != 0 || fsync(fd) != 0) {
-        seterr(err, errlen, "%s: cutting the torn tail at %llu: %s", path,
-               (unsigned long long)off, strerror(errno));
+        seterr(err, errlen, "%s: cutting the torn tail at %llu: %s", path, (unsigned long long)off,
+               strerror(errno));
         rc = KVS_IO;
         goto fail;
     }
@@ -791,16 +791,15 @@ int kvs_sesslog_open_replay(const char *dir, const char *session_id,
 }
 
 int kvs_sesslog_replay(const char *dir, const char *session_id,
-                       const struct kvs_log_identity *ident, kvs_sesslog_record_fn cb,
-                       void *user, struct kvs_replay_stats *st, char *err, size_t errlen)
+                       const struct kvs_log_identity *ident, kvs_sesslog_record_fn cb, void *user,
+                       struct kvs_replay_stats *st, char *err, size_t errlen)
 {
-    return kvs_sesslog_open_replay(dir, session_id, ident, KVS_FSYNC_NO, cb, user, st, NULL,
-                                   err, errlen);
+    return kvs_sesslog_open_replay(dir, session_id, ident, KVS_FSYNC_NO, cb, user, st, NULL, err,
+                                   errlen);
 }
 
-int kvs_sesslog_open(const char *dir, const char *session_id,
-                     const struct kvs_log_identity *ident, enum kvs_fsync_policy policy,
-                     kvs_sesslog **out, char *err, size_t errlen)
+int kvs_sesslog_open(const char *dir, const char *session_id, const struct kvs_log_identity *ident,
+                     enum kvs_fsync_policy policy, kvs_sesslog **out, char *err, size_t errlen)
 {
     return kvs_sesslog_open_replay(dir, session_id, ident, policy, NULL, NULL, NULL, out, err,
                                    errlen);
@@ -810,8 +809,8 @@ int kvs_sesslog_open(const char *dir, const char *session_id,
 
 static int io_fail(kvs_sesslog *log, const char *what, int e)
 {
-    snprintf(log->last_error, sizeof log->last_error, "%s log of session '%s': %s", what,
-             log->id, strerror(e));
+    snprintf(log->last_error, sizeof log->last_error, "%s log of session '%s': %s", what, log->id,
+             strerror(e));
     log->st.n_failures++;
     return KVS_IO;
 }
@@ -875,9 +874,9 @@ static int write_record(kvs_sesslog *log, size_t n)
         cut_tail(log);
         return io_fail(log, "write", e);
     }
-    bool sync = log->policy == KVS_FSYNC_ALWAYS ||
-                (log->policy == KVS_FSYNC_EVERYSEC &&
-                 now_ns() - log->last_sync_ns >= SYNC_INTERVAL_NS);
+    bool sync =
+        log->policy == KVS_FSYNC_ALWAYS ||
+        (log->policy == KVS_FSYNC_EVERYSEC && now_ns() - log->last_sync_ns >= SYNC_INTERVAL_NS);
     if (sync && fdatasync(log->fd) != 0) {
         /* The record may or may not be on disk: take it back (not acknowledged), and make
          * sure the cut itself reaches the disk before anything else is written. */

@@ -58,10 +58,10 @@
 
 #define KVS_SESSLOG_VERSION 1u
 #define KVS_SESSLOG_HEADER_BYTES 224u
-#define KVS_SESSLOG_RECORD_OVERHEAD 12u         /* length + type + CRC, bytes */
-#define KVS_SESSLOG_MAX_PAYLOAD (16u << 20)     /* bytes per record payload (16 MiB) */
-#define KVS_SESSLOG_MAX_TYPE 255u               /* record types are 1..this */
-#define KVS_SESSION_ID_MAX 128u                 /* bytes */
+#define KVS_SESSLOG_RECORD_OVERHEAD 12u     /* length + type + CRC, bytes */
+#define KVS_SESSLOG_MAX_PAYLOAD (16u << 20) /* bytes per record payload (16 MiB) */
+#define KVS_SESSLOG_MAX_TYPE 255u           /* record types are 1..this */
+#define KVS_SESSION_ID_MAX 128u             /* bytes */
 
 /* Record types the session layer writes. The log itself treats types as opaque. */
 enum kvs_log_type {
@@ -115,22 +115,22 @@ int kvs_sesslog_create(const char *dir, const char *session_id,
 
 /* Why a replay stopped where it did. */
 enum kvs_replay_tail {
-    KVS_REPLAY_CLEAN = 0,   /* the file ended exactly after a good record (or the header) */
-    KVS_REPLAY_TORN,        /* tail cut: the last record runs past the end of the file */
-    KVS_REPLAY_BAD_CRC,     /* tail cut: a complete record failed its CRC */
-    KVS_REPLAY_BAD_RECORD,  /* tail cut: length over the cap or type out of range (garbage) */
-    KVS_REPLAY_CORRUPT,     /* a bad record followed by good ones: nothing cut, KVS_BAD_FORMAT */
-    KVS_REPLAY_STOPPED,     /* the callback returned < 0 (the rest was not read) */
+    KVS_REPLAY_CLEAN = 0,  /* the file ended exactly after a good record (or the header) */
+    KVS_REPLAY_TORN,       /* tail cut: the last record runs past the end of the file */
+    KVS_REPLAY_BAD_CRC,    /* tail cut: a complete record failed its CRC */
+    KVS_REPLAY_BAD_RECORD, /* tail cut: length over the cap or type out of range (garbage) */
+    KVS_REPLAY_CORRUPT,    /* a bad record followed by good ones: nothing cut, KVS_BAD_FORMAT */
+    KVS_REPLAY_STOPPED,    /* the callback returned < 0 (the rest was not read) */
 };
 const char *kvs_replay_tail_name(enum kvs_replay_tail t);
 
 struct kvs_replay_stats {
-    uint64_t n_records;       /* good records passed to the callback */
-    uint64_t end_offset;      /* bytes: the end of the last good record (the file size after) */
-    uint64_t dropped_bytes;   /* bytes cut from a torn or corrupt tail (0 if none) */
-    uint64_t bad_offset;      /* bytes: offset of the first bad record (when tail != CLEAN) */
+    uint64_t n_records;     /* good records passed to the callback */
+    uint64_t end_offset;    /* bytes: the end of the last good record (the file size after) */
+    uint64_t dropped_bytes; /* bytes cut from a torn or corrupt tail (0 if none) */
+    uint64_t bad_offset;    /* bytes: offset of the first bad record (when tail != CLEAN) */
     enum kvs_replay_tail tail;
-    char reason[160];         /* one line, "" when CLEAN */
+    char reason[160]; /* one line, "" when CLEAN */
 };
 
 /* Called once per good record, in file order. payload is borrowed until the callback
@@ -151,15 +151,14 @@ typedef int (*kvs_sesslog_record_fn)(uint32_t type, const void *payload, size_t 
  * replayed elsewhere), KVS_IO, KVS_NO_MEMORY, KVS_INVALID_ARGUMENT, or the callback's
  * negative status (st->tail = KVS_REPLAY_STOPPED; nothing cut). */
 int kvs_sesslog_replay(const char *dir, const char *session_id,
-                       const struct kvs_log_identity *ident, kvs_sesslog_record_fn cb,
-                       void *user, struct kvs_replay_stats *st, char *err, size_t errlen);
+                       const struct kvs_log_identity *ident, kvs_sesslog_record_fn cb, void *user,
+                       struct kvs_replay_stats *st, char *err, size_t errlen);
 
 /* Open an existing log for appending. It validates the whole file exactly as replay does
  * (cutting a torn tail), so appends always follow the last good record. Same errors as
  * kvs_sesslog_replay. Caller frees *out with kvs_sesslog_close. */
-int kvs_sesslog_open(const char *dir, const char *session_id,
-                     const struct kvs_log_identity *ident, enum kvs_fsync_policy policy,
-                     kvs_sesslog **out, char *err, size_t errlen);
+int kvs_sesslog_open(const char *dir, const char *session_id, const struct kvs_log_identity *ident,
+                     enum kvs_fsync_policy policy, kvs_sesslog **out, char *err, size_t errlen);
 
 /* Replay and open in one pass under one lock (what a restore wants): cb sees every good
  * record, then *out is open for appending. On error *out is NULL (the callback may have
@@ -194,11 +193,11 @@ uint64_t kvs_sesslog_end(const kvs_sesslog *log);
 const char *kvs_sesslog_last_error(const kvs_sesslog *log);
 
 struct kvs_sesslog_stats {
-    uint64_t n_appends;     /* acknowledged records */
-    uint64_t n_syncs;       /* fdatasync calls that succeeded */
-    uint64_t n_failures;    /* appends answered KVS_IO */
-    uint64_t bytes;         /* file size in bytes (header + good records) */
-    uint64_t unsynced;      /* acknowledged records not yet fdatasync'ed */
+    uint64_t n_appends;  /* acknowledged records */
+    uint64_t n_syncs;    /* fdatasync calls that succeeded */
+    uint64_t n_failures; /* appends answered KVS_IO */
+    uint64_t bytes;      /* file size in bytes (header + good records) */
+    uint64_t unsynced;   /* acknowledged records not yet fdatasync'ed */
 };
 void kvs_sesslog_get_stats(const kvs_sesslog *log, struct kvs_sesslog_stats *st);
 
@@ -236,11 +235,11 @@ int kvs_sesslog_remove(const char *dir, const char *session_id);
 /* APPEND payload: u64 client_id | u64 client_seq | u64 version_after | u32 n_tokens |
  * i32 tokens[n_tokens]; exactly 28 + 4 * n_tokens bytes. */
 struct kvs_log_append {
-    uint64_t client_id;         /* who sent the append (dedup of retries) */
-    uint64_t client_seq;        /* per-client sequence number */
-    uint64_t version_after;     /* session version once applied */
+    uint64_t client_id;     /* who sent the append (dedup of retries) */
+    uint64_t client_seq;    /* per-client sequence number */
+    uint64_t version_after; /* session version once applied */
     uint32_t n_tokens;
-    const int32_t *tokens;      /* encode: the tokens (n_tokens) */
+    const int32_t *tokens;          /* encode: the tokens (n_tokens) */
     const unsigned char *tokens_le; /* decode: borrowed from the payload, 4 * n_tokens bytes */
 };
 #define KVS_LOG_APPEND_FIXED 28u /* bytes before the tokens */

@@ -26,7 +26,8 @@
 #if defined(__GNUC__)
 __attribute__((format(printf, 3, 4)))
 #endif
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
+static void
+seterr(char *err, size_t errlen, const char *fmt, ...)
 {
     if (err == NULL || errlen == 0) {
         return;
@@ -120,10 +121,10 @@ static int snap_paths(const char *dir, const char *id, const struct kvs_log_iden
 
 struct writer {
     int fd;
-    uint64_t off;                     /* bytes written to fd */
-    unsigned char *buf;               /* IO_CHUNK bytes of pending output */
-    size_t n;                         /* pending bytes in buf */
-    crypto_generichash_state h;       /* over everything written */
+    uint64_t off;               /* bytes written to fd */
+    unsigned char *buf;         /* IO_CHUNK bytes of pending output */
+    size_t n;                   /* pending bytes in buf */
+    crypto_generichash_state h; /* over everything written */
 };
 
 static int w_flush(struct writer *w)
@@ -301,9 +302,9 @@ static int hash_range(int fd, uint64_t from, uint64_t to, unsigned char *buf,
     return 0;
 }
 
-int kvs_snapshot_read(const char *dir, const char *session_id,
-                      const struct kvs_log_identity *ident, kvs_snapshot_meta_fn on_meta,
-                      kvs_snapshot_block_fn write_block, void *user, char *err, size_t errlen)
+int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_log_identity *ident,
+                      kvs_snapshot_meta_fn on_meta, kvs_snapshot_block_fn write_block, void *user,
+                      char *err, size_t errlen)
 {
     char path[PATH_MAX], tmp[PATH_MAX];
     unsigned char *chunk = NULL, *meta = NULL, *block = NULL;
@@ -379,8 +380,7 @@ int kvs_snapshot_read(const char *dir, const char *session_id,
         seterr(err, errlen,
                "snapshot of '%s' is for model sha256 %s (kv dtype %u, block size %u), "
                "this worker runs %s (kv dtype %u, block size %u)",
-               session_id, sha, dtype, bs, ident->model_sha256, ident->kv_dtype,
-               ident->block_size);
+               session_id, sha, dtype, bs, ident->model_sha256, ident->kv_dtype, ident->block_size);
         rc = KVS_MODEL_MISMATCH;
         goto fail;
     }
@@ -391,9 +391,8 @@ int kvs_snapshot_read(const char *dir, const char *session_id,
         (n_blocks > 0 && block_bytes == 0) ||
         __builtin_mul_overflow((uint64_t)n_blocks, block_bytes, &blocks_total) ||
         __builtin_add_overflow(blocks_total, meta_len, &expect) ||
-        __builtin_add_overflow(expect,
-                               (uint64_t)KVS_SNAPSHOT_HEADER_BYTES + KVS_SNAPSHOT_TRAILER_BYTES,
-                               &expect) ||
+        __builtin_add_overflow(
+            expect, (uint64_t)KVS_SNAPSHOT_HEADER_BYTES + KVS_SNAPSHOT_TRAILER_BYTES, &expect) ||
         expect != size) {
         seterr(err, errlen,
                "%s: %llu bytes, but the header says %llu bytes of metadata and %u blocks of "

@@ -88,9 +88,9 @@ typedef int (*kvs_snapshot_block_fn)(uint32_t i, const void *buf, void *user);
  * KVS_NO_MEMORY, KVS_INVALID_ARGUMENT. After the callbacks started: a callback's negative
  * status, KVS_IO (a read error, or the file changed between the passes: the caller must
  * drop what it received). */
-int kvs_snapshot_read(const char *dir, const char *session_id,
-                      const struct kvs_log_identity *ident, kvs_snapshot_meta_fn on_meta,
-                      kvs_snapshot_block_fn write_block, void *user, char *err, size_t errlen);
+int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_log_identity *ident,
+                      kvs_snapshot_meta_fn on_meta, kvs_snapshot_block_fn write_block, void *user,
+                      char *err, size_t errlen);
 
 /* Delete `<id>.snap` and a leftover `<id>.snap.tmp`, then fsync the directory.
  * KVS_NOT_FOUND if there was no snapshot, KVS_INVALID_ARGUMENT, KVS_IO. */
