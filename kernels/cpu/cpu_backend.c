@@ -75,12 +75,19 @@ static int cpu_weight_load(kvs_backend *b, struct kvs_weight *w, const void *hos
     if (__builtin_mul_overflow((size_t)row_bytes, (size_t)w->n_out, &total)) {
         return KVS_TOO_LARGE;
     }
-    void *p = cpu_alloc(b, total);
+    /* + 64 bytes of slack: the kernels' 16-byte loads of a short group's scales and the
+     * paired kernel's 32-byte load of an odd last block may run past the last row */
+    void *p = cpu_alloc(b, total + 64);
     if (p == NULL) {
         return KVS_NO_MEMORY;
     }
     if (be == KVS_QK) {
+        const struct kvs_cpu *c = b->ctx;
         kvs_cpu_regroup(w->type, host_data, p, w->n_out, w->n_in, (size_t)row_bytes);
+        if (kvs_cpu_paired_q4(c->k->isa, w->type)) {
+            kvs_cpu_pair_q4(w->type, p, w->n_out, w->n_in, (size_t)row_bytes);
+        }
+        memset((uint8_t *)p + total, 0, 64);
     } else {
         memcpy(p, host_data, total);
     }

@@ -84,6 +84,16 @@ static inline struct kvs_cpu_rg kvs_cpu_rg_group(uint32_t type, const uint8_t *r
     return r;
 }
 
+/* At the AVX-512 level, Q4_0/Q4_1 rows are further pair-packed in place: in each group the
+ * 32 quant bytes of blocks j, j+1 (j even, j + 1 < n) become byte i = element i of block j
+ * | element i of block j+1 << 4; an odd last block keeps GGUF's nibble order. */
+void kvs_cpu_pair_q4(uint32_t type, void *data, int64_t n_out, int64_t n_in, size_t row_bytes);
+
+static inline bool kvs_cpu_paired_q4(int isa, uint32_t type)
+{
+    return isa == KVS_CPU_ISA_AVX512 && (type == KVS_DTYPE_Q4_0 || type == KVS_DTYPE_Q4_1);
+}
+
 /* Zero the blocks of the last group past nb (a row's padding). */
 static inline void kvs_cpu_q8g_pad(struct kvs_cpu_q8g *groups, int64_t nb)
 {

@@ -277,6 +277,29 @@ static void quant_range(void *arg, int64_t r0, int64_t r1, int32_t ith)
     }
 }
 
+void kvs_cpu_pair_q4(uint32_t type, void *data, int64_t n_out, int64_t n_in, size_t row_bytes)
+{
+    const int64_t nb = n_in / KVS_QK, ng = (nb + KVS_QG - 1) / KVS_QG;
+    for (int64_t o = 0; o < n_out; o++) {
+        uint8_t *row = (uint8_t *)data + o * row_bytes;
+        for (int64_t g = 0; g < ng; g++) {
+            struct kvs_cpu_rg rg = kvs_cpu_rg_group(type, row, nb, g);
+            for (int j = 0; j + 2 <= rg.n; j += 2) {
+                uint8_t *qs = (uint8_t *)rg.qs + j * 16, ea[32], eb[32];
+                for (int i = 0; i < 16; i++) {
+                    ea[i] = qs[i] & 0x0f;
+                    ea[i + 16] = qs[i] >> 4;
+                    eb[i] = qs[16 + i] & 0x0f;
+                    eb[i + 16] = qs[16 + i] >> 4;
+                }
+                for (int i = 0; i < 32; i++) {
+                    qs[i] = (uint8_t)(ea[i] | (eb[i] << 4));
+                }
+            }
+        }
+    }
+}
+
 void kvs_cpu_regroup(uint32_t type, const void *src, void *dst, int64_t n_out, int64_t n_in,
                      size_t row_bytes)
 {

@@ -13,7 +13,108 @@
 #define KVS_X86_VNNI 1
 #define KVS_X86_TILE_R 4 /* 32 registers: 4 rows x 2 outputs */
 #define KVS_X86_TILE_C 2
+#define KVS_X86_PAIRED_Q4 1
 #include "kernels/cpu/matmul_x86.h"
+
+/* Q4_0 / Q4_1 on pair-packed rows (kvs_cpu_pair_q4): the 32 bytes of blocks j, j+1 of a
+ * group hold element i of block j in the low nibble of byte i and element i of block j+1 in
+ * the high nibble, so [bytes & 15 | bytes >> 4 & 15] is the 64 elements in order and one
+ * 512-bit vpdpbusd against the activation's q[j], q[j+1] (64 contiguous bytes) gives lanes
+ * 0..7 = block j (lane i = products 4i..4i+3), 8..15 = block j+1. An odd last block of a
+ * short group keeps GGUF's nibble order and takes the same path with a zero partner.
+ *
+ * Per element: acc (16 lanes) = fma(permute(sc8, [j x 8, j+1 x 8]), cvt(isum16), acc) for
+ * pairs in order; ms (8 lanes) = fma(mw8, sx8, ms) per group; y = hsum8(lo(acc) + hi(acc)) +
+ * hsum8(ms) (Q4_0: mw8 = dw8, y = ... - 8 hsum8(ms)). */
+KVS_INLINE __m512i unpack_q4_pair(const uint8_t *qs)
+{
+    __m256i t = _mm256_loadu_si256((const __m256i *)qs);
+    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(t), _mm256_srli_epi16(t, 4), 1);
+    return _mm512_and_si512(z, _mm512_set1_epi8(0x0f));
+}
+
+KVS_INLINE __m512i unpack_q4_single(const uint8_t *qs)
+{
+    return _mm512_zextsi256_si512(unpack_q4(qs));
+}
+
+#define Q_PAIR(jp, UNPACK)                                                                     \
+    {                                                                                          \
+        const __m512i wq = UNPACK(rg.qs + (jp) * 16);                                          \
+        const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi32(jp),                          \
+                                               _mm256_set1_epi32((jp) + 1), 1);               \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
+        {                                                                                      \
+            __m512i xq = _mm512_loadu_si512((const void *)x[r * ldx + g].q[jp]);               \
+            __m512 isum = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq)); \
+            acc[r][c] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, sc[r]), isum, acc[r][c]);    \
+        }                                                                                      \
+    }
+
+#define Q_TILE_PAIRED(NAME, TYPE)                                                              \
+    KVS_INLINE void NAME(const uint8_t *w, size_t row_bytes, const struct kvs_cpu_q8g *x,     \
+                         int64_t ldx, int64_t nb, const int R, const int C, float *out,        \
+                         int64_t ldo)                                                          \
+    {                                                                                          \
+        __m512 acc[4][4];                                                                      \
+        __m256 ms[4][4];                                                                       \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
+        {                                                                                      \
+            _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
+            {                                                                                  \
+                acc[r][c] = _mm512_setzero_ps();                                               \
+                ms[r][c] = _mm256_setzero_ps();                                                \
+            }                                                                                  \
+        }                                                                                      \
+        const int64_t ng = (nb + KVS_QG - 1) / KVS_QG;                                         \
+        for (int64_t g = 0; g < ng; g++) {                                                     \
+            _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
+            {                                                                                  \
+                const struct kvs_cpu_rg rg = kvs_cpu_rg_group(TYPE, w + c * row_bytes, nb, g); \
+                const __m256 dw = load_f16x8(rg.d, rg.n);                                      \
+                const __m256 mw = TYPE == KVS_DTYPE_Q4_1 ? load_f16x8(rg.m, rg.n) : dw;        \
+                __m512 sc[4];                                                                  \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                           \
+                {                                                                              \
+                    const struct kvs_cpu_q8g *xg = &x[r * ldx + g];                            \
+                    sc[r] = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_loadu_ps(xg->d))); \
+                    ms[r][c] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(xg->s), ms[r][c]);          \
+                }                                                                              \
+                if (rg.n == KVS_QG) {                                                          \
+                    Q_PAIR(0, unpack_q4_pair) Q_PAIR(2, unpack_q4_pair)                        \
+                    Q_PAIR(4, unpack_q4_pair) Q_PAIR(6, unpack_q4_pair)                        \
+                } else {                                                                       \
+                    int jp = 0;                                                                \
+                    for (; jp + 2 <= rg.n; jp += 2) {                                          \
+                        Q_PAIR(jp, unpack_q4_pair)                                             \
+                    }                                                                          \
+                    if (jp < rg.n) {                                                           \
+                        Q_PAIR(jp, unpack_q4_single)                                           \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
+        {                                                                                      \
+            _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
+            {                                                                                  \
+                __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(acc[r][c]),                   \
+                                          _mm512_extractf32x8_ps(acc[r][c], 1));               \
+                float v = hsum8(a8);                                                           \
+                if (TYPE == KVS_DTYPE_Q4_1) {                                                  \
+                    v = v + hsum8(ms[r][c]);                                                   \
+                } else {                                                                       \
+                    v = v - 8.0f * hsum8(ms[r][c]);                                            \
+                }                                                                              \
+                out[r * ldo + c] = v;                                                          \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+Q_TILE_PAIRED(tile_q4_1, KVS_DTYPE_Q4_1)
+Q_TILE_PAIRED(tile_q4_0, KVS_DTYPE_Q4_0)
+GEMM_Q_DRIVER(gemm_q4_1, tile_q4_1)
+GEMM_Q_DRIVER(gemm_q4_0, tile_q4_0)
 
 const struct kvs_cpu_kernels kvs_cpu_kernels_avx512 = {
     .isa = KVS_CPU_ISA_AVX512,

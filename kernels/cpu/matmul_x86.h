@@ -3,6 +3,7 @@
  *   KVS_X86_NAME(s)  symbol suffixing, e.g. s##_avx2
  *   KVS_X86_VNNI     1 to take u8 x s8 dot products with vpdpbusd (AVX512-VNNI, 256-bit)
  *   KVS_X86_TILE_R, KVS_X86_TILE_C   rows x outputs of the multi-row quantized tile
+ *   KVS_X86_PAIRED_Q4 1 when the includer defines its own Q4_0/Q4_1 tiles (pair-packed rows)
  *
  * Per-element order (the batch-invariance contract, identical in every tile shape):
  *   quantized: acc (8 lanes) = fma(set1(dw_b * dx_b), cvt(isum8_b), acc) for blocks b in
@@ -91,15 +92,16 @@ static void KVS_X86_NAME(quantize_q8)(const float *x, struct kvs_cpu_q8g *out, i
     kvs_cpu_q8g_pad(out, nb);
 }
 
-/* 8 f16 values (n <= 8 of them; the rest 0) -> f32 lanes. */
+/* 8 f16 values (n <= 8 of them; lanes >= n are 0) -> f32 lanes. Reads 16 bytes even when
+ * n < 8: weight_load leaves 64 bytes of slack after the last row. */
 KVS_INLINE __m256 load_f16x8(const uint16_t *p, int n)
 {
+    __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
     if (n == KVS_QG) {
-        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        return v;
     }
-    uint16_t t[KVS_QG] = {0};
-    memcpy(t, p, (size_t)n * sizeof(uint16_t));
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+    const __m256 lane = _mm256_setr_ps(0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f);
+    return _mm256_and_ps(v, _mm256_cmp_ps(lane, _mm256_set1_ps((float)n), _CMP_LT_OQ));
 }
 
 /* ---- quantized tiles: R activation rows x C weight rows, one group of 8 blocks at a time.
@@ -194,8 +196,10 @@ KVS_INLINE __m256 load_f16x8(const uint16_t *p, int n)
         }                                                                                      \
     }
 
+#if !KVS_X86_PAIRED_Q4
 Q_TILE(tile_q4_1, KVS_DTYPE_Q4_1, Q_BLOCK_Q4)
 Q_TILE(tile_q4_0, KVS_DTYPE_Q4_0, Q_BLOCK_Q4)
+#endif
 Q_TILE(tile_q8_0, KVS_DTYPE_Q8_0, Q_BLOCK_Q8)
 
 /* Decode streams every weight byte once: the hardware prefetchers lose the short row
@@ -259,8 +263,10 @@ KVS_INLINE void prefetch_rows(const uint8_t *p, size_t bytes)
         }                                                                                      \
     }
 
+#if !KVS_X86_PAIRED_Q4 /* else the includer brings its own Q4 tiles */
 GEMM_Q_DRIVER(gemm_q4_1, tile_q4_1)
 GEMM_Q_DRIVER(gemm_q4_0, tile_q4_0)
+#endif
 GEMM_Q_DRIVER(gemm_q8_0, tile_q8_0)
 
 /* ---- float weights: R activation rows x 1 weight row ------------------------------------- */

@@ -10,8 +10,9 @@
 
 /* ---- get_rows ------------------------------------------------------------------------------ */
 
-/* Dequantize one row of n elements (n a multiple of the type's block). */
-static void dequantize_row(uint32_t type, const void *src, float *dst, int64_t n)
+/* Dequantize one row of n elements (n a multiple of the type's block), in the layout
+ * weight_load keeps (paired: Q4 pair-packed rows of the AVX-512 level). */
+static void dequantize_row(uint32_t type, const void *src, float *dst, int64_t n, bool paired)
 {
     switch (type) {
     case KVS_DTYPE_F32:
@@ -41,6 +42,13 @@ static void dequantize_row(uint32_t type, const void *src, float *dst, int64_t n
                     for (int i = 0; i < KVS_QK; i++) {
                         o[i] = d * (float)q[i];
                     }
+                } else if (paired && j + 1 - (j & 1) < rg.n) { /* in a pair: j even or odd */
+                    const uint8_t *qs = rg.qs + (j & ~1) * 16;
+                    float m = type == KVS_DTYPE_Q4_1 ? kvs_cpu_f16_to_f32(rg.m[j]) : 0.0f;
+                    int off = type == KVS_DTYPE_Q4_0 ? 8 : 0, shift = (j & 1) ? 4 : 0;
+                    for (int i = 0; i < 32; i++) {
+                        o[i] = d * (float)(((qs[i] >> shift) & 0x0f) - off) + m;
+                    }
                 } else {
                     const uint8_t *qs = rg.qs + j * 16;
                     float m = type == KVS_DTYPE_Q4_1 ? kvs_cpu_f16_to_f32(rg.m[j]) : 0.0f;
@@ -62,6 +70,7 @@ static void dequantize_row(uint32_t type, const void *src, float *dst, int64_t n
 int kvs_cpu_get_rows(kvs_backend *b, const struct kvs_weight *table, const int32_t *host_ids,
                      int32_t n, float *out)
 {
+    const struct kvs_cpu *c = b->ctx;
     assert(table != NULL && table->data != NULL && (host_ids != NULL || n == 0));
     for (int32_t i = 0; i < n; i++) {
         if (host_ids[i] < 0 || host_ids[i] >= table->n_out) {
@@ -70,7 +79,8 @@ int kvs_cpu_get_rows(kvs_backend *b, const struct kvs_weight *table, const int32
     }
     for (int32_t i = 0; i < n; i++) {
         const uint8_t *row = (const uint8_t *)table->data + (size_t)host_ids[i] * table->row_bytes;
-        dequantize_row(table->type, row, out + (int64_t)i * table->n_in, table->n_in);
+        dequantize_row(table->type, row, out + (int64_t)i * table->n_in, table->n_in,
+                       kvs_cpu_paired_q4(c->k->isa, table->type));
     }
     return 0;
 }
