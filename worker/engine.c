@@ -8,6 +8,9 @@
 #include "common/log.h"
 #include "common/status.h"
 #include "kernels/dtype.h"
+#ifdef KVS_HAVE_CUDA
+#include "kernels/cuda/cuda.h"
+#endif
 
 double kvs_now(void)
 {
@@ -20,16 +23,43 @@ int kvs_engine_open(const struct kvs_engine_opts *o, kvs_engine **out, char *err
 {
     *out = NULL;
     const char *dev = o->device != NULL ? o->device : "cpu";
-    if (strcmp(dev, "cpu") != 0) {
-        snprintf(err, errlen, "unknown device '%s' (this build supports: cpu)", dev);
+    int cuda_dev = -1; /* "cuda" = device 0, "cuda:N" = device N */
+    if (strcmp(dev, "cuda") == 0) {
+        cuda_dev = 0;
+    } else if (strncmp(dev, "cuda:", 5) == 0) {
+        char *end = NULL;
+        long n = strtol(dev + 5, &end, 10);
+        if (end == dev + 5 || *end != '\0' || n < 0 || n > 1024) {
+            snprintf(err, errlen, "bad device '%s' (expected cpu, cuda or cuda:N)", dev);
+            return KVS_INVALID_ARGUMENT;
+        }
+        cuda_dev = (int)n;
+    } else if (strcmp(dev, "cpu") != 0) {
+        snprintf(err, errlen, "unknown device '%s' (expected cpu, cuda or cuda:N)", dev);
         return KVS_NO_DEVICE;
     }
+#ifndef KVS_HAVE_CUDA
+    if (cuda_dev >= 0) {
+        snprintf(err, errlen, "device '%s': this build has no CUDA backend (built without nvcc)",
+                 dev);
+        return KVS_NO_DEVICE;
+    }
+#endif
     kvs_engine *e = calloc(1, sizeof *e);
     if (e == NULL) {
         return KVS_NO_MEMORY;
     }
     int rc;
-    e->backend = kvs_backend_cpu_new(o->n_threads);
+#ifdef KVS_HAVE_CUDA
+    if (cuda_dev >= 0) {
+        e->backend = kvs_backend_cuda_new(cuda_dev, err, errlen); /* err says why not */
+        if (e->backend == NULL) {
+            rc = KVS_NO_DEVICE;
+            goto fail;
+        }
+    } else
+#endif
+        e->backend = kvs_backend_cpu_new(o->n_threads);
     if (e->backend == NULL) {
         snprintf(err, errlen, "cannot start the CPU backend");
         rc = KVS_NO_MEMORY;
@@ -60,7 +90,7 @@ int kvs_engine_open(const struct kvs_engine_opts *o, kvs_engine **out, char *err
         .block_size = bs,
         .n_kv_head = (int32_t)hp->n_head_kv,
         .head_dim = (int32_t)hp->head_dim,
-        .dtype = o->kv_f32 ? KVS_DTYPE_F32 : KVS_DTYPE_F16,
+        .dtype = cuda_dev >= 0 ? KVS_DTYPE_BF16 : o->kv_f32 ? KVS_DTYPE_F32 : KVS_DTYPE_F16,
     };
     rc = kvs_pool_new(e->backend, &layout, &e->pool);
     if (rc < 0) {

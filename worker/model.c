@@ -10,6 +10,9 @@
 #include "common/log.h"
 #include "common/status.h"
 #include "kernels/dtype.h"
+#ifdef KVS_HAVE_CUDA
+#include "kernels/cuda/cuda.h"
+#endif
 
 struct loader {
     kvs_model *m;
@@ -88,7 +91,8 @@ static int rope_factors(struct loader *ld)
     kvs_model *m = ld->m;
     const struct kvs_hparams *hp = &m->hp;
     int32_t half = (int32_t)hp->rope_dim / 2;
-    const kvs_gguf_tensor *t = kvs_gguf_find_tensor(m->gguf, "rope_freqs.weight");
+    const kvs_gguf_tensor *t =
+        m->gguf != NULL ? kvs_gguf_find_tensor(m->gguf, "rope_freqs.weight") : NULL;
     if (t == NULL && hp->rope_scaling != KVS_ROPE_SCALING_LLAMA3) {
         return KVS_OK;
     }
@@ -228,6 +232,196 @@ fail:
     }
     kvs_model_destroy(&m);
     return rc;
+}
+
+/* ---- synthetic models ------------------------------------------------------------------------ */
+
+struct synth_shape {
+    const char *name;
+    uint32_t n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, n_ctx;
+    float rope_base;
+    int tied;
+};
+
+static const struct synth_shape synth_shapes[] = {
+    {"llama3-8b", 32, 4096, 32, 8, 14336, 128256, 131072, 500000.0f, 0},
+    {"llama3-1b", 16, 2048, 32, 8, 8192, 128256, 131072, 500000.0f, 1},
+    {"tiny", 2, 256, 4, 2, 512, 1024, 8192, 500000.0f, 0},
+};
+
+/* Weight element i of the tensor with this seed, as bf16 bits: a splitmix64 hash of
+ * (seed, i) -> uniform in [-1, 1) with 24 bits -> times scale -> round to nearest even.
+ * kernels/cuda/weights.cu has the same function for the device, bit for bit. */
+static uint16_t synth_value(uint64_t seed, uint64_t i, float scale)
+{
+    uint64_t z = (seed ^ (i * 0xD1B54A32D192ED03ull)) + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+    float v = (2.0f * u - 1.0f) * scale; /* 2u - 1 is exact */
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static int synth_matrix(kvs_backend *b, struct kvs_weight *w, int64_t n_out, int64_t n_in,
+                        uint64_t seed, float scale)
+{
+    *w = (struct kvs_weight){.type = KVS_DTYPE_BF16, .n_in = n_in, .n_out = n_out,
+                             .row_bytes = (size_t)n_in * 2};
+#ifdef KVS_HAVE_CUDA
+    if (kvs_backend_is_cuda(b)) {
+        return kvs_cuda_weight_random(b, w, seed, scale);
+    }
+#endif
+    size_t n = (size_t)n_in * (size_t)n_out;
+    uint16_t *host = malloc(n * sizeof *host);
+    if (host == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    for (size_t i = 0; i < n; i++) {
+        host[i] = synth_value(seed, i, scale);
+    }
+    int rc = b->ops->weight_load(b, w, host);
+    free(host);
+    return rc;
+}
+
+static int synth_ones(kvs_backend *b, int64_t n, float **out)
+{
+    float *host = malloc((size_t)n * sizeof *host);
+    if (host == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        host[i] = 1.0f;
+    }
+    float *dev = b->ops->alloc(b, (size_t)n * sizeof *dev);
+    int rc = dev == NULL ? KVS_NO_MEMORY : b->ops->upload(b, dev, host, (size_t)n * sizeof *dev);
+    free(host);
+    if (rc < 0) {
+        b->ops->free(b, dev);
+        return rc;
+    }
+    *out = dev;
+    return KVS_OK;
+}
+
+int kvs_model_is_synthetic(const char *name)
+{
+    return name != NULL && strncmp(name, "synthetic:", 10) == 0;
+}
+
+int kvs_model_synthetic(const char *name, kvs_backend *b, kvs_model **out, char *err,
+                        size_t errlen)
+{
+    *out = NULL;
+    char scratch[8];
+    if (err == NULL || errlen == 0) {
+        err = scratch;
+        errlen = sizeof scratch;
+    }
+    err[0] = '\0';
+    const struct synth_shape *sh = NULL;
+    for (size_t i = 0; kvs_model_is_synthetic(name) && i < sizeof synth_shapes / sizeof synth_shapes[0]; i++) {
+        if (strcmp(name + 10, synth_shapes[i].name) == 0) {
+            sh = &synth_shapes[i];
+        }
+    }
+    if (sh == NULL) {
+        snprintf(err, errlen,
+                 "unknown model '%s' (synthetic:llama3-8b, synthetic:llama3-1b, synthetic:tiny)",
+                 name);
+        return KVS_NOT_FOUND;
+    }
+    kvs_model *m = calloc(1, sizeof *m);
+    if (m == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    m->backend = b;
+    snprintf(m->path, sizeof m->path, "%s", name);
+    struct kvs_hparams *hp = &m->hp;
+    hp->arch = KVS_ARCH_LLAMA;
+    snprintf(hp->arch_name, sizeof hp->arch_name, "llama");
+    snprintf(hp->name, sizeof hp->name, "%s", name);
+    hp->n_layer = sh->n_layer;
+    hp->n_embd = sh->n_embd;
+    hp->n_head = sh->n_head;
+    hp->n_head_kv = sh->n_head_kv;
+    hp->head_dim = sh->n_embd / sh->n_head;
+    hp->n_ff = sh->n_ff;
+    hp->n_vocab = sh->n_vocab;
+    hp->n_ctx_train = sh->n_ctx;
+    hp->rope_freq_base = sh->rope_base;
+    hp->rope_dim = hp->head_dim;
+    hp->rope_style = KVS_HP_ROPE_NORM;
+    hp->rope_scaling = KVS_ROPE_SCALING_LLAMA3;
+    hp->rope_scaling_factor = 8.0f;
+    hp->rope_scaling_low_freq = 1.0f;
+    hp->rope_scaling_high_freq = 4.0f;
+    hp->rope_scaling_orig_ctx = 8192;
+    hp->norm_eps = 1e-5f;
+    hp->tied_embeddings = sh->tied != 0;
+    hp->file_type = -1;
+    struct loader ld = {.m = m, .err = err, .errlen = errlen};
+    int64_t E = hp->n_embd, FF = hp->n_ff, QD = (int64_t)hp->n_head * hp->head_dim;
+    int64_t KVD = (int64_t)hp->n_head_kv * hp->head_dim;
+    /* uniform in [-a, a] with a = sqrt(3 / n_in): unit-variance outputs for unit inputs */
+    float se = sqrtf(3.0f / (float)E), sff = sqrtf(3.0f / (float)FF), sq = sqrtf(3.0f / (float)QD);
+    int rc = synth_matrix(b, &m->tok_embd, hp->n_vocab, E, 0x100, 1.0f);
+    if (rc == 0 && sh->tied) {
+        m->output = m->tok_embd;
+        m->output_is_tied = 1;
+    } else if (rc == 0) {
+        rc = synth_matrix(b, &m->output, hp->n_vocab, E, 0x101, se);
+    }
+    if (rc == 0) {
+        rc = synth_ones(b, E, &m->output_norm);
+    }
+    if (rc == 0) {
+        m->layers = calloc(hp->n_layer, sizeof *m->layers);
+        rc = m->layers == NULL ? KVS_NO_MEMORY : 0;
+    }
+    for (uint32_t l = 0; rc == 0 && l < hp->n_layer; l++) {
+        struct kvs_layer *L = &m->layers[l];
+        uint64_t s = 0x1000 + (uint64_t)l * 16;
+        if ((rc = synth_ones(b, E, &L->attn_norm)) < 0 ||
+            (rc = synth_matrix(b, &L->wq, QD, E, s + 0, se)) < 0 ||
+            (rc = synth_matrix(b, &L->wk, KVD, E, s + 1, se)) < 0 ||
+            (rc = synth_matrix(b, &L->wv, KVD, E, s + 2, se)) < 0 ||
+            (rc = synth_matrix(b, &L->wo, E, QD, s + 3, sq)) < 0 ||
+            (rc = synth_ones(b, E, &L->ffn_norm)) < 0 ||
+            (rc = synth_matrix(b, &L->w_gate, FF, E, s + 4, se)) < 0 ||
+            (rc = synth_matrix(b, &L->w_up, FF, E, s + 5, se)) < 0 ||
+            (rc = synth_matrix(b, &L->w_down, E, FF, s + 6, sff)) < 0) {
+            break;
+        }
+    }
+    if (rc == 0) {
+        rc = rope_factors(&ld);
+    }
+    if (rc == 0) {
+        rc = b->ops->sync(b);
+    }
+    if (rc < 0) {
+        if (err[0] == '\0') {
+            snprintf(err, errlen, "cannot create %s on the %s backend: %s", name, b->ops->name,
+                     kvs_status_message(rc));
+        }
+        kvs_model_destroy(&m);
+        return rc;
+    }
+    m->rope = (struct kvs_rope){
+        .n_dims = (int32_t)hp->rope_dim,
+        .style = KVS_ROPE_NORM,
+        .freq_base = hp->rope_freq_base,
+        .freq_scale = 1.0f,
+        .freq_factors = m->rope_factors,
+    };
+    *out = m;
+    return KVS_OK;
 }
 
 static void free_weight(kvs_backend *b, struct kvs_weight *w)

@@ -52,6 +52,20 @@ typedef void (*kvs_model_progress_fn)(uint64_t done, uint64_t total, void *user)
 int kvs_model_load(const char *path, kvs_backend *b, kvs_model_progress_fn progress,
                    void *user, kvs_model **out, char *err, size_t errlen);
 
+/* A model of a named shape with random bf16 weights and no file, for benchmarks and tests:
+ * "synthetic:llama3-8b" (32 layers, 4096 wide, 32 heads, 8 KV heads, FFN 14336, vocab 128256,
+ * Llama 3 rope scaling), "synthetic:llama3-1b" (16 layers, 2048, 32/8 heads, FFN 8192, tied
+ * embeddings) and "synthetic:tiny" (2 layers, 256 wide, 4/2 heads, FFN 512, vocab 1024).
+ * Weight element i of a tensor is a fixed hash of (tensor seed, i), so a synthetic model is
+ * the same on every backend (the CUDA backend generates it on the device). No tokenizer
+ * (m->gguf is NULL). 0 and *out (free with kvs_model_destroy), or KVS_NOT_FOUND (unknown
+ * name), KVS_NO_MEMORY, KVS_DEVICE, with a reason in err. */
+int kvs_model_synthetic(const char *name, kvs_backend *b, kvs_model **out, char *err,
+                        size_t errlen);
+
+/* True when name names a synthetic model ("synthetic:..."). */
+int kvs_model_is_synthetic(const char *name);
+
 void kvs_model_destroy(kvs_model **m);
 
 /* Compute the file's SHA-256 as 64 lowercase hex digits + NUL into hex. 0 or KVS_IO. */

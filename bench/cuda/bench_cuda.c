@@ -1,0 +1,247 @@
+/* bench_cuda: the CUDA backend on synthetic:llama3-8b against its two ceilings.
+ *
+ * Measures (medians; every forward ends with a sync, decode steps download their logits):
+ *   decode b1 at 1K and 32K context     one row per step, logits downloaded
+ *   append 2048 tokens at 2048..4095    one forward of 2048 rows on a fork of a 2048-cell seq
+ *   TTFT, 32-token question on 32K      fork the 32K seq, prefill 32 rows, last row's logits
+ * and first the ceilings, measured here: cuBLAS bf16 8192^3 GEMM (median of 10) and a
+ * 2 GiB device-to-device copy (bytes read + written over time).
+ *
+ * Bounds, written before measuring (METHOD.md): decode reads every weight once (bf16) plus
+ * the context's K and V once: bytes / copy bandwidth. Append is FLOPs: 2 * matmul params *
+ * rows + attention 4 * n_head * head_dim * sum(ctx) per layer, over the GEMM rate. TTFT is
+ * the larger of its bytes bound and its FLOPs bound.
+ *
+ * Usage: bench_cuda [--model synthetic:llama3-8b] [--quick]   (exit 77 without a GPU) */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/status.h"
+#include "kernels/cuda/cuda.h"
+#include "kernels/dtype.h"
+#include "worker/forward.h"
+#include "worker/kvpool.h"
+#include "worker/model.h"
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return v[n / 2];
+}
+
+struct bench {
+    kvs_backend *b;
+    kvs_model *m;
+    kvs_pool *pool;
+    kvs_forward *fw;
+    kvs_batch batch;
+    float *logits; /* host (1, n_vocab) */
+    uint64_t rng;
+};
+
+#define CHECK(x)                                                                           \
+    do {                                                                                   \
+        int rc_ = (x);                                                                     \
+        if (rc_ < 0) {                                                                     \
+            fprintf(stderr, "bench_cuda: %s failed: %s (line %d)\n", #x,                   \
+                    kvs_status_message(rc_), __LINE__);                                    \
+            exit(1);                                                                       \
+        }                                                                                  \
+    } while (0)
+
+static int32_t token(struct bench *B)
+{
+    B->rng = B->rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (int32_t)((B->rng >> 33) % B->m->hp.n_vocab);
+}
+
+/* Append n tokens to seq in chunks of the forward's max rows; logits of the last row if
+ * want_last. Returns seconds (sync included). */
+static double feed(struct bench *B, kvs_seq *seq, int32_t n, int want_last)
+{
+    int32_t max_rows = kvs_forward_max_rows(B->fw);
+    double t0 = now();
+    for (int32_t i = 0; i < n; i += max_rows) {
+        int32_t c = n - i < max_rows ? n - i : max_rows;
+        CHECK(kvs_pool_seq_reserve(B->pool, seq, c));
+        kvs_batch_clear(&B->batch);
+        for (int32_t j = 0; j < c; j++) {
+            kvs_batch_add(&B->batch, seq, token(B), seq->n_cells + j,
+                          want_last && i + j == n - 1);
+        }
+        CHECK(kvs_forward_run(B->fw, &B->batch, B->logits));
+        kvs_pool_seq_commit(B->pool, seq, c);
+    }
+    return now() - t0;
+}
+
+static double decode_ms(struct bench *B, kvs_seq *seq, int steps)
+{
+    double t[64];
+    feed(B, seq, 1, 1); /* warm-up */
+    for (int i = 0; i < steps; i++) {
+        t[i] = feed(B, seq, 1, 1);
+    }
+    return median(t, steps) * 1e3;
+}
+
+int main(int argc, char **argv)
+{
+    const char *model = "synthetic:llama3-8b";
+    int quick = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
+            model = argv[++i];
+        } else if (strcmp(argv[i], "--quick") == 0) {
+            quick = 1;
+        }
+    }
+    char why[256] = "", err[512] = "";
+    if (kvs_cuda_device_count(why, sizeof why) == 0) {
+        printf("SKIP: no CUDA device (%s)\n", why);
+        return 77;
+    }
+    struct bench B = {.rng = 42};
+    B.b = kvs_backend_cuda_new(0, err, sizeof err);
+    if (B.b == NULL) {
+        fprintf(stderr, "bench_cuda: %s\n", err);
+        return 1;
+    }
+    char name[256];
+    kvs_cuda_device_name(0, name, sizeof name);
+
+    /* ---- ceilings ---- */
+    double t_gemm = 0, t_copy = 0;
+    size_t copy_bytes = (size_t)2 << 30;
+    CHECK(kvs_cuda_bench_gemm(B.b, 8192, 8192, 8192, 10, &t_gemm));
+    CHECK(kvs_cuda_bench_copy(B.b, copy_bytes, 10, &t_copy));
+    double gemm_rate = 2.0 * 8192.0 * 8192.0 * 8192.0 / t_gemm; /* FLOP/s */
+    double bw = 2.0 * (double)copy_bytes / t_copy;               /* bytes/s, read + write */
+    printf("device: %s\n", name);
+    printf("ceiling: cuBLAS bf16 GEMM 8192^3: %.3f ms = %.0f TFLOP/s (median of 10)\n",
+           t_gemm * 1e3, gemm_rate * 1e-12);
+    printf("ceiling: device copy 2 GiB: %.3f ms = %.0f GB/s read+write (median of 10)\n",
+           t_copy * 1e3, bw * 1e-9);
+
+    /* ---- model ---- */
+    double t0 = now();
+    if (kvs_model_synthetic(model, B.b, &B.m, err, sizeof err) < 0) {
+        fprintf(stderr, "bench_cuda: %s\n", err);
+        return 1;
+    }
+    const struct kvs_hparams *hp = &B.m->hp;
+    printf("model: %s created on the device in %.2f s\n", model, now() - t0);
+    const int32_t ctx_long = quick ? 8192 : 32768, n_append = 2048, n_q = 32;
+    int64_t cells = (int64_t)ctx_long + 64 + 2 * 4096 + 1024 + 256;
+    struct kvs_kv_layout lay = {.n_layer = (int32_t)hp->n_layer,
+                                .n_block = (int32_t)((cells + 15) / 16 + 8),
+                                .block_size = KVS_POOL_DEFAULT_BLOCK_SIZE,
+                                .n_kv_head = (int32_t)hp->n_head_kv,
+                                .head_dim = (int32_t)hp->head_dim,
+                                .dtype = KVS_DTYPE_BF16};
+    CHECK(kvs_pool_new(B.b, &lay, &B.pool));
+    CHECK(kvs_forward_new(B.m, B.pool, n_append, &B.fw));
+    CHECK(kvs_batch_init(&B.batch, n_append));
+    B.logits = malloc((size_t)hp->n_vocab * sizeof(float));
+
+    /* ---- bounds ---- */
+    double E = hp->n_embd, FF = hp->n_ff, QD = (double)hp->n_head * hp->head_dim;
+    double KVD = (double)hp->n_head_kv * hp->head_dim, L = hp->n_layer, V = hp->n_vocab;
+    double params = L * (E * QD * 2 + E * KVD * 2 + 3 * E * FF) + V * E; /* matmul weights */
+    double kv_cell = L * KVD * 2 * 2;                                    /* bytes per cell */
+    double attn_flops_cell = L * 4.0 * QD; /* per (row, context cell): QK and PV */
+    double b_dec1k = (params * 2 + 1024 * kv_cell) / bw;
+    double b_dec32k = (params * 2 + ctx_long * kv_cell) / bw;
+    double sum_ctx_append = 0;
+    for (int32_t p = 2048; p < 2048 + n_append; p++) {
+        sum_ctx_append += p + 1;
+    }
+    double b_append = (2 * (params - V * E) * n_append + attn_flops_cell * sum_ctx_append) /
+                      gemm_rate; /* no LM head: an append wants no logits */
+    double ttft_flops = 2 * params * n_q + attn_flops_cell * (double)n_q * (ctx_long + n_q / 2);
+    double b_ttft = fmax(ttft_flops / gemm_rate, (params * 2 + ctx_long * kv_cell) / bw);
+    printf("bounds: weights %.2f GB bf16, KV %.0f KiB per cell\n", params * 2e-9, kv_cell / 1024);
+
+    /* ---- decode at 1K ---- */
+    kvs_seq *s1 = kvs_pool_seq_new(B.pool);
+    feed(&B, s1, 1023, 0);
+    double dec1k = decode_ms(&B, s1, quick ? 5 : 20);
+    kvs_pool_seq_release(B.pool, &s1);
+
+    /* ---- append 2048 at 2048..4095, on forks of a 2048-cell seq ---- */
+    kvs_seq *base = kvs_pool_seq_new(B.pool);
+    feed(&B, base, 2048, 0);
+    double ta[5];
+    int n_rep = quick ? 2 : 4;
+    for (int i = 0; i < n_rep + 1; i++) {
+        kvs_seq *f = kvs_pool_seq_fork(B.pool, base);
+        double t = feed(&B, f, n_append, 0);
+        if (i > 0) {
+            ta[i - 1] = t; /* the first is a warm-up (cuBLAS heuristics, scratch growth) */
+        }
+        kvs_pool_seq_release(B.pool, &f);
+    }
+    double append_s = median(ta, n_rep);
+    kvs_pool_seq_release(B.pool, &base);
+
+    /* ---- long context: decode and TTFT ---- */
+    kvs_seq *lg = kvs_pool_seq_new(B.pool);
+    double tfill = feed(&B, lg, ctx_long - 1, 0);
+    printf("filled %d cells in %.2f s (%.0f tok/s, includes attention over a growing context)\n",
+           ctx_long - 1, tfill, (ctx_long - 1) / tfill);
+    double dec32k = decode_ms(&B, lg, quick ? 5 : 10); /* lg now holds ctx_long + steps cells */
+    double tt[8];
+    int n_tt = quick ? 3 : 5;
+    for (int i = 0; i < n_tt + 1; i++) {
+        kvs_seq *f = kvs_pool_seq_fork(B.pool, lg);
+        double t = feed(&B, f, n_q, 1);
+        if (i > 0) {
+            tt[i - 1] = t;
+        }
+        kvs_pool_seq_release(B.pool, &f);
+    }
+    double ttft = median(tt, n_tt) * 1e3;
+    kvs_pool_seq_release(B.pool, &lg);
+
+    /* ---- table ---- */
+    printf("\n%-34s %12s %12s %8s %10s\n", "measure", "measured", "bound", "bound/m", "gate");
+    printf("%-34s %9.3f ms %9.3f ms %7.0f%% %10s\n", "decode b1, 1K context", dec1k, b_dec1k * 1e3,
+           100 * b_dec1k * 1e3 / dec1k, "<= 5.0 ms");
+    char lbl[64];
+    snprintf(lbl, sizeof lbl, "decode b1, %dK context", ctx_long / 1024);
+    printf("%-34s %9.3f ms %9.3f ms %7.0f%% %10s\n", lbl, dec32k, b_dec32k * 1e3,
+           100 * b_dec32k * 1e3 / dec32k, "<= 7.0 ms");
+    printf("%-34s %8.0f tok/s %6.0f tok/s %6.0f%% %10s\n", "append 2048 @ 2048..4095",
+           n_append / append_s, n_append / b_append, 100 * b_append / append_s, ">= 25K");
+    snprintf(lbl, sizeof lbl, "TTFT 32-token question, %dK ctx", ctx_long / 1024);
+    printf("%-34s %9.3f ms %9.3f ms %7.0f%% %10s\n", lbl, ttft, b_ttft * 1e3,
+           100 * b_ttft * 1e3 / ttft, "<= 10 ms");
+    printf("RESULT decode1k_ms=%.3f decode%dk_ms=%.3f append_tok_s=%.0f ttft_ms=%.3f "
+           "gemm_tflops=%.0f copy_gbs=%.0f\n",
+           dec1k, ctx_long / 1024, dec32k, n_append / append_s, ttft, gemm_rate * 1e-12,
+           bw * 1e-9);
+
+    free(B.logits);
+    kvs_batch_free(&B.batch);
+    kvs_forward_destroy(&B.fw);
+    kvs_pool_destroy(&B.pool);
+    kvs_model_destroy(&B.m);
+    kvs_backend_destroy(&B.b);
+    return 0;
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One command on the GPU machine: build for sm_90, run the CUDA tests, then time.
+#   bench/cuda/run_h200.sh [build-dir]
+# Writes logs under $OUT (or ./bench-out) and prints a short table last.
+# KVS_PREBUILT=dir: use binaries built elsewhere (test_cuda, test_cuda_parity, bench_cuda
+# and a lib/ folder of the non-CUDA shared libraries) instead of building here: the device
+# image has CUDA and CMake but not Check, Jansson or libsodium.
+# KVS_SANITIZE_GPU=1: also run the op tests under compute-sanitizer memcheck.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/bench-out}
+mkdir -p "$OUT"
+B=${KVS_PREBUILT:-${1:-build-h200}}
+export KVS_SOURCE_DIR=$PWD
+if [ -z "${KVS_PREBUILT:-}" ]; then
+  cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DKVS_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    >"$OUT/cmake.log" 2>&1 && cmake --build "$B" -j"$(nproc)" --target test_cuda test_cuda_parity \
+    >>"$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; exit 1; }
+  cc -O2 -std=c11 -D_GNU_SOURCE -DKVS_HAVE_CUDA=1 -I. -I/usr/local/cuda/include \
+    bench/cuda/bench_cuda.c "$B"/libkvs_engine.a "$B"/libkvs_kernels.a "$B"/libkvs_cuda.a \
+    "$B"/libkvs_common.a -L/usr/local/cuda/lib64 -lcublas -lcublasLt -lcudart -lstdc++ \
+    -ljansson -lsodium -lm -lpthread -o "$B"/bench_cuda || exit 1
+fi
+[ -d "$B/lib" ] && export LD_LIBRARY_PATH="$PWD/$B/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv \
+  >"$OUT/gpu.txt" 2>&1
+git rev-parse HEAD >"$OUT/commit.txt" 2>/dev/null
+
+"$B"/test_cuda 2>&1 | tee "$OUT/test_cuda.log"; rc1=${PIPESTATUS[0]}
+"$B"/test_cuda_parity 2>&1 | tee "$OUT/test_cuda_parity.log"; rc2=${PIPESTATUS[0]}
+timeout 300 "$B"/bench_cuda ${KVS_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; rc3=${PIPESTATUS[0]}
+rc4=skipped
+if [ "${KVS_SANITIZE_GPU:-0}" = 1 ]; then
+  CK_RUN_CASE=ops timeout 240 compute-sanitizer --tool memcheck --leak-check no \
+    "$B"/test_cuda_parity >"$OUT/memcheck.log" 2>&1; rc4=$?
+  tail -3 "$OUT/memcheck.log"
+fi
+echo
+echo "==== summary ($(head -1 "$OUT/gpu.txt" >/dev/null; sed -n 2p "$OUT/gpu.txt"))"
+echo "test_cuda rc=$rc1  test_cuda_parity rc=$rc2  bench rc=$rc3  memcheck rc=$rc4"
+grep -E "^(forward|worst|[0-9]+%)|Checks|FAIL|Failure" "$OUT/test_cuda_parity.log" | head -20
+grep -E "^(ceiling|decode|append|TTFT|RESULT|filled|model)" "$OUT/bench.log"

@@ -1,0 +1,504 @@
+/* Paged attention over bf16 KV for mixed batches (prefill chunks and decode rows together).
+ *
+ * Row r attends to cells 0..row_ctx[r]-1 of its seq, cell c living in block
+ * tables[row_table[r] + c / block_size]. GQA: query head h reads KV head h / G.
+ *
+ * Tensor-core path (head_dim a multiple of 16, at most 128, G dividing 64): a block of 4
+ * warps takes one KV head and a tile of 64 query vectors = 64/G consecutive batch rows x G
+ * heads (so the KV a tile reads is shared by all its rows and heads). Consecutive rows with
+ * the same block table (one seq's chunk) form a sub-tile that streams its KV once, 64 cells
+ * at a time: S = Q K^T (WMMA bf16, fp32), scale and per-row causal mask, online softmax
+ * (fp32 max, sum and rescale, P rounded to bf16), O += P V (WMMA). Rows of different seqs in
+ * one tile are handled one sub-tile after another.
+ *
+ * Split over the context (flash decoding): when the batch gives fewer tiles than twice the
+ * SMs, grid.z splits each sub-tile's KV tiles evenly; each split writes (acc, m, l) and a
+ * combine kernel merges them: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
+ *
+ * Fallback (other head dims or group sizes): one warp per (row, head, split), fp32 all the
+ * way, cell by cell. Both paths raise the device flag on a block id outside the pool or a
+ * row without context (reported by sync). */
+#include "kernels/cuda/cuda_impl.h"
+
+#include <assert.h>
+#include <math.h>
+
+#include <mma.h>
+
+using namespace nvcuda;
+
+#define TILE_Q 64     /* query vectors per block */
+#define TILE_C 64     /* KV cells per step */
+#define ATT_WARPS 4   /* each warp owns 16 query vectors */
+#define ATT_THREADS (ATT_WARPS * 32)
+#define MAX_TC_DIM 128
+#define MAX_SPLIT 64
+
+struct attn_args {
+    const float *q;             /* (n_rows, n_head, hd) */
+    float *out;                 /* (n_rows, n_head, hd) */
+    float *partial;             /* (n_rows, n_head, n_split, hd + 2): acc, m, l */
+    const __nv_bfloat16 *k, *v; /* this layer's K and V */
+    const int32_t *row_ctx, *row_table, *tables;
+    int *flag;
+    int32_t n_rows, n_head, n_kv_head, hd, group, block_size, n_block, n_split;
+    size_t head_stride, block_stride; /* elements */
+    float scale;
+};
+
+/* Rows [*start, *end) of [t0, t1) with the same block table as row *start. */
+static __device__ __forceinline__ int32_t sub_tile_end(const attn_args &a, int32_t start,
+                                                       int32_t t1)
+{
+    int32_t tab = a.row_table[start], end = start + 1;
+    while (end < t1 && a.row_table[end] == tab) {
+        end++;
+    }
+    return end;
+}
+
+/* The KV tiles [*kt0, *kt1) that split s of a context of n_ctx cells covers. */
+static __device__ __forceinline__ void split_range(int32_t n_ctx, int32_t n_split, int32_t s,
+                                                   int32_t *kt0, int32_t *kt1)
+{
+    int32_t n_tiles = (n_ctx + TILE_C - 1) / TILE_C;
+    int32_t per = (n_tiles + n_split - 1) / n_split;
+    *kt0 = min(s * per, n_tiles);
+    *kt1 = min(*kt0 + per, n_tiles);
+}
+
+/* Write one query's result: final (normalized) or this split's partial. */
+static __device__ __forceinline__ void write_result(const attn_args &a, int32_t row, int32_t head,
+                                                    int32_t split, int32_t d, float acc, float m,
+                                                    float l)
+{
+    if (a.n_split == 1) {
+        if (l == 0.0f) {
+            if (d == 0) {
+                *a.flag = 2; /* a row with no context */
+            }
+            a.out[((int64_t)row * a.n_head + head) * a.hd + d] = 0.0f;
+        } else {
+            a.out[((int64_t)row * a.n_head + head) * a.hd + d] = acc / l;
+        }
+        return;
+    }
+    float *p = a.partial + (((int64_t)row * a.n_head + head) * a.n_split + split) * (a.hd + 2);
+    p[d] = acc;
+    if (d == 0) {
+        p[a.hd] = m;
+        p[a.hd + 1] = l;
+    }
+}
+
+/* ---- tensor-core path ---------------------------------------------------------------------- */
+
+#define CH_MAX (TILE_C * MAX_TC_DIM / 8 / ATT_THREADS) /* 16-byte chunks per thread per tile */
+
+struct tc_smem {
+    int ldq, lds, ldp, ldo;  /* leading dims (elements) */
+    size_t q, k, v, s, p, o, st, total; /* byte offsets */
+};
+
+static __host__ __device__ inline size_t align128(size_t x)
+{
+    return (x + 127) & ~(size_t)127;
+}
+
+static __host__ __device__ inline tc_smem tc_layout(int hd)
+{
+    tc_smem L;
+    L.ldq = hd + 8;     /* bf16 rows of Q, K, V: 16-byte multiple, breaks bank alignment */
+    L.lds = TILE_C + 4; /* f32 scores */
+    L.ldp = TILE_C + 8; /* bf16 probabilities */
+    L.ldo = hd + 4;     /* f32 output accumulators */
+    size_t off = 0;
+    L.q = off; off = align128(off + (size_t)TILE_Q * L.ldq * 2);
+    L.k = off; off = align128(off + (size_t)TILE_C * L.ldq * 2);
+    L.v = off; off = align128(off + (size_t)TILE_C * L.ldq * 2);
+    L.s = off; off = align128(off + (size_t)ATT_WARPS * 16 * L.lds * 4);
+    L.p = off; off = align128(off + (size_t)ATT_WARPS * 16 * L.ldp * 2);
+    L.o = off; off = align128(off + (size_t)ATT_WARPS * 16 * L.ldo * 4);
+    L.st = off; off = align128(off + (size_t)ATT_WARPS * 16 * 3 * 4); /* m, l, corr */
+    L.total = off;
+    return L;
+}
+
+/* Load KV tile kt of a sub-tile (cells kt*64 ..) into registers; cells past n_ctx are zero. */
+static __device__ __forceinline__ void tc_fetch(const attn_args &a, const __nv_bfloat16 *kb,
+                                                const __nv_bfloat16 *vb, const int32_t *table,
+                                                int32_t n_ctx, int32_t kt, uint4 (&rk)[CH_MAX],
+                                                uint4 (&rv)[CH_MAX])
+{
+    const int cpr = a.hd / 8;
+#pragma unroll
+    for (int u = 0; u < CH_MAX; u++) {
+        int j = threadIdx.x + u * ATT_THREADS;
+        rk[u] = make_uint4(0, 0, 0, 0);
+        rv[u] = make_uint4(0, 0, 0, 0);
+        if (j < TILE_C * cpr) {
+            int32_t c = kt * TILE_C + j / cpr;
+            if (c < n_ctx) {
+                int32_t blk = table[c / a.block_size];
+                if (blk >= 0 && blk < a.n_block) {
+                    size_t off = (size_t)blk * a.block_stride +
+                                 (size_t)(c % a.block_size) * a.hd + (size_t)(j % cpr) * 8;
+                    rk[u] = *(const uint4 *)(kb + off);
+                    rv[u] = *(const uint4 *)(vb + off);
+                } else {
+                    *a.flag = 1;
+                }
+            }
+        }
+    }
+}
+
+static __device__ __forceinline__ void tc_store(const attn_args &a, const tc_smem &L,
+                                                unsigned char *sm, const uint4 (&rk)[CH_MAX],
+                                                const uint4 (&rv)[CH_MAX])
+{
+    const int cpr = a.hd / 8;
+    __nv_bfloat16 *sK = (__nv_bfloat16 *)(sm + L.k), *sV = (__nv_bfloat16 *)(sm + L.v);
+#pragma unroll
+    for (int u = 0; u < CH_MAX; u++) {
+        int j = threadIdx.x + u * ATT_THREADS;
+        if (j < TILE_C * cpr) {
+            int cell = j / cpr, part = j % cpr;
+            *(uint4 *)(sK + cell * L.ldq + part * 8) = rk[u];
+            *(uint4 *)(sV + cell * L.ldq + part * 8) = rv[u];
+        }
+    }
+}
+
+static __global__ void __launch_bounds__(ATT_THREADS) attn_tc_kernel(attn_args a)
+{
+    extern __shared__ __align__(128) unsigned char sm[];
+    const tc_smem L = tc_layout(a.hd);
+    __nv_bfloat16 *sQ = (__nv_bfloat16 *)(sm + L.q);
+    __nv_bfloat16 *sK = (__nv_bfloat16 *)(sm + L.k), *sV = (__nv_bfloat16 *)(sm + L.v);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float *sS = (float *)(sm + L.s) + warp * 16 * L.lds;
+    __nv_bfloat16 *sP = (__nv_bfloat16 *)(sm + L.p) + warp * 16 * L.ldp;
+    float *sO = (float *)(sm + L.o) + warp * 16 * L.ldo;
+    float *sM = (float *)(sm + L.st) + warp * 48, *sL = sM + 16, *sC = sM + 32;
+
+    const int32_t rows_per_tile = TILE_Q / a.group;
+    const int32_t t0 = blockIdx.x * rows_per_tile;
+    const int32_t t1 = min(t0 + rows_per_tile, a.n_rows);
+    const int32_t kvh = blockIdx.y, split = blockIdx.z, hd = a.hd;
+    const __nv_bfloat16 *kb = a.k + (size_t)kvh * a.head_stride;
+    const __nv_bfloat16 *vb = a.v + (size_t)kvh * a.head_stride;
+
+    for (int32_t start = t0; start < t1;) {
+        const int32_t end = sub_tile_end(a, start, t1);
+        const int32_t *table = a.tables + a.row_table[start];
+        int32_t n_ctx = 0;
+        for (int32_t r = start; r < end; r++) {
+            n_ctx = max(n_ctx, a.row_ctx[r]);
+        }
+        int32_t kt0, kt1;
+        split_range(n_ctx, a.n_split, split, &kt0, &kt1);
+
+        /* Q of the sub-tile's rows (others zero), state reset */
+        __syncthreads(); /* the previous sub-tile is done with shared memory */
+        for (int e = threadIdx.x; e < TILE_Q * hd; e += ATT_THREADS) {
+            int qi = e / hd, d = e % hd;
+            int32_t row = t0 + qi / a.group;
+            float x = 0.0f;
+            if (row >= start && row < end) {
+                x = a.q[((int64_t)row * a.n_head + kvh * a.group + qi % a.group) * hd + d];
+            }
+            sQ[qi * L.ldq + d] = __float2bfloat16_rn(x);
+        }
+        for (int e = lane; e < 16 * hd; e += 32) {
+            sO[(e / hd) * L.ldo + e % hd] = 0.0f;
+        }
+        if (lane < 16) {
+            sM[lane] = -INFINITY;
+            sL[lane] = 0.0f;
+        }
+        /* does this warp own any query of the sub-tile? (warp-uniform) */
+        const int32_t w_row0 = t0 + (warp * 16) / a.group, w_row1 = t0 + (warp * 16 + 15) / a.group;
+        const bool active = w_row1 >= start && w_row0 < end;
+
+        uint4 rk[CH_MAX], rv[CH_MAX];
+        if (kt0 < kt1) {
+            tc_fetch(a, kb, vb, table, n_ctx, kt0, rk, rv);
+        }
+        for (int32_t kt = kt0; kt < kt1; kt++) {
+            __syncthreads(); /* everyone is done with the previous K/V tile */
+            tc_store(a, L, sm, rk, rv);
+            __syncthreads();
+            if (kt + 1 < kt1) {
+                tc_fetch(a, kb, vb, table, n_ctx, kt + 1, rk, rv); /* in flight during compute */
+            }
+            if (!active) {
+                continue;
+            }
+            /* S = Q_w K^T: 16 queries x 64 cells */
+            for (int j = 0; j < TILE_C / 16; j++) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> fs;
+                wmma::fill_fragment(fs, 0.0f);
+                for (int kk = 0; kk < hd / 16; kk++) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fq;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fk;
+                    wmma::load_matrix_sync(fq, sQ + warp * 16 * L.ldq + kk * 16, L.ldq);
+                    wmma::load_matrix_sync(fk, sK + j * 16 * L.ldq + kk * 16, L.ldq);
+                    wmma::mma_sync(fs, fq, fk, fs);
+                }
+                wmma::store_matrix_sync(sS + j * 16, fs, L.lds, wmma::mem_row_major);
+            }
+            __syncwarp();
+            /* online softmax: lanes 2i and 2i+1 share query i, 32 cells each */
+            {
+                const int qi = lane >> 1, half = lane & 1;
+                const int32_t row = t0 + (warp * 16 + qi) / a.group;
+                const int32_t ctx = (row >= start && row < end) ? a.row_ctx[row] : 0;
+                float sv[32];
+                float tmax = -INFINITY;
+#pragma unroll
+                for (int i = 0; i < 32; i++) {
+                    int col = half * 32 + i;
+                    int32_t c = kt * TILE_C + col;
+                    float s = c < ctx ? sS[qi * L.lds + col] * a.scale : -INFINITY;
+                    sv[i] = s;
+                    tmax = fmaxf(tmax, s);
+                }
+                tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+                const float m_old = sM[qi];
+                const float m_new = fmaxf(m_old, tmax);
+                float corr = 1.0f, sum = 0.0f;
+                if (m_new != -INFINITY) {
+                    corr = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+                }
+#pragma unroll
+                for (int i = 0; i < 32; i++) {
+                    float p = sv[i] == -INFINITY ? 0.0f : expf(sv[i] - m_new);
+                    __nv_bfloat16 pb = __float2bfloat16_rn(p);
+                    sP[qi * L.ldp + half * 32 + i] = pb;
+                    sum += __bfloat162float(pb); /* l sums what multiplies V */
+                }
+                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                __syncwarp();
+                if (half == 0) {
+                    sM[qi] = m_new;
+                    sL[qi] = sL[qi] * corr + sum;
+                    sC[qi] = corr;
+                }
+            }
+            __syncwarp();
+            for (int e = lane; e < 16 * hd; e += 32) {
+                sO[(e / hd) * L.ldo + e % hd] *= sC[e / hd];
+            }
+            __syncwarp();
+            /* O_w += P V: 16 queries x hd */
+            for (int j = 0; j < hd / 16; j++) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> fo;
+                wmma::load_matrix_sync(fo, sO + j * 16, L.ldo, wmma::mem_row_major);
+                for (int kk = 0; kk < TILE_C / 16; kk++) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fp;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fv;
+                    wmma::load_matrix_sync(fp, sP + kk * 16, L.ldp);
+                    wmma::load_matrix_sync(fv, sV + kk * 16 * L.ldq + j * 16, L.ldq);
+                    wmma::mma_sync(fo, fp, fv, fo);
+                }
+                wmma::store_matrix_sync(sO + j * 16, fo, L.ldo, wmma::mem_row_major);
+            }
+            __syncwarp();
+        }
+        __syncwarp();
+        /* results of the warp's queries that belong to the sub-tile */
+        for (int e = lane; e < 16 * hd; e += 32) {
+            int qi = e / hd, d = e % hd;
+            int qt = warp * 16 + qi;
+            int32_t row = t0 + qt / a.group;
+            if (row >= start && row < end) {
+                write_result(a, row, kvh * a.group + qt % a.group, split, d,
+                             sO[qi * L.ldo + d], sM[qi], sL[qi]);
+            }
+        }
+        start = end;
+    }
+}
+
+/* ---- fallback: one warp per (row, head, split), fp32 -------------------------------------- */
+
+#define SIMPLE_MAX_PER_LANE 32 /* head_dim <= 1024 */
+
+static __global__ void attn_simple_kernel(attn_args a)
+{
+    const int lane = threadIdx.x;
+    const int32_t row = blockIdx.x / a.n_head, head = blockIdx.x % a.n_head, split = blockIdx.y;
+    const int32_t kvh = head / a.group, hd = a.hd;
+    const int32_t n_ctx = a.row_ctx[row];
+    const int32_t *table = a.tables + a.row_table[row];
+    const float *q = a.q + ((int64_t)row * a.n_head + head) * hd;
+    const __nv_bfloat16 *kb = a.k + (size_t)kvh * a.head_stride;
+    const __nv_bfloat16 *vb = a.v + (size_t)kvh * a.head_stride;
+    float qr[SIMPLE_MAX_PER_LANE], acc[SIMPLE_MAX_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < SIMPLE_MAX_PER_LANE; i++) {
+        int d = lane + 32 * i;
+        qr[i] = d < hd ? q[d] : 0.0f;
+        acc[i] = 0.0f;
+    }
+    int32_t kt0, kt1;
+    split_range(n_ctx, a.n_split, split, &kt0, &kt1);
+    int32_t c0 = kt0 * TILE_C, c1 = min(kt1 * TILE_C, n_ctx);
+    float m = -INFINITY, l = 0.0f;
+    for (int32_t c = c0; c < c1; c++) {
+        int32_t blk = table[c / a.block_size];
+        if (blk < 0 || blk >= a.n_block) {
+            if (lane == 0) {
+                *a.flag = 1;
+            }
+            continue;
+        }
+        size_t off = (size_t)blk * a.block_stride + (size_t)(c % a.block_size) * hd;
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < SIMPLE_MAX_PER_LANE; i++) {
+            int d = lane + 32 * i;
+            if (d < hd) {
+                s += qr[i] * __bfloat162float(kb[off + d]);
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            s += __shfl_xor_sync(0xffffffffu, s, o);
+        }
+        s *= a.scale;
+        float mn = fmaxf(m, s);
+        float corr = m == -INFINITY ? 0.0f : expf(m - mn);
+        float p = expf(s - mn);
+        l = l * corr + p;
+#pragma unroll
+        for (int i = 0; i < SIMPLE_MAX_PER_LANE; i++) {
+            int d = lane + 32 * i;
+            if (d < hd) {
+                acc[i] = acc[i] * corr + p * __bfloat162float(vb[off + d]);
+            }
+        }
+        m = mn;
+    }
+#pragma unroll
+    for (int i = 0; i < SIMPLE_MAX_PER_LANE; i++) {
+        int d = lane + 32 * i;
+        if (d < hd) {
+            write_result(a, row, head, split, d, acc[i], m, l);
+        }
+    }
+}
+
+/* ---- combine -------------------------------------------------------------------------------- */
+
+static __global__ void attn_combine_kernel(attn_args a)
+{
+    const int32_t rh = blockIdx.x; /* row * n_head + head */
+    const float *p = a.partial + (int64_t)rh * a.n_split * (a.hd + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < a.n_split; s++) {
+        const float *ps = p + (int64_t)s * (a.hd + 2);
+        if (ps[a.hd + 1] > 0.0f) {
+            M = fmaxf(M, ps[a.hd]);
+        }
+    }
+    float Lsum = 0.0f;
+    for (int s = 0; s < a.n_split; s++) {
+        const float *ps = p + (int64_t)s * (a.hd + 2);
+        if (ps[a.hd + 1] > 0.0f) {
+            Lsum += ps[a.hd + 1] * expf(ps[a.hd] - M);
+        }
+    }
+    for (int d = threadIdx.x; d < a.hd; d += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < a.n_split; s++) {
+            const float *ps = p + (int64_t)s * (a.hd + 2);
+            if (ps[a.hd + 1] > 0.0f) {
+                o += ps[d] * expf(ps[a.hd] - M);
+            }
+        }
+        if (Lsum > 0.0f) {
+            a.out[(int64_t)rh * a.hd + d] = o / Lsum;
+        } else {
+            a.out[(int64_t)rh * a.hd + d] = 0.0f;
+            if (d == 0) {
+                *a.flag = 2; /* a row with no context */
+            }
+        }
+    }
+}
+
+/* ---- entry ------------------------------------------------------------------------------------ */
+
+int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *q,
+                       int32_t n_head, float scale, const struct kvs_attn_batch *ab, float *out)
+{
+    struct kvs_cuda *c = kvs_cuda_ctx(b);
+    assert(kv != NULL && q != NULL && ab != NULL && out != NULL);
+    const struct kvs_kv_layout *l = &kv->layout;
+    if (layer < 0 || layer >= l->n_layer) {
+        return KVS_OUT_OF_RANGE;
+    }
+    if (n_head <= 0 || n_head % l->n_kv_head != 0 || l->head_dim > 32 * SIMPLE_MAX_PER_LANE) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    if (ab->n_rows == 0) {
+        return 0;
+    }
+    attn_args a;
+    a.q = q;
+    a.out = out;
+    a.partial = NULL;
+    a.k = kv->k + (size_t)layer * kv->layer_stride;
+    a.v = kv->v + (size_t)layer * kv->layer_stride;
+    a.row_ctx = ab->row_ctx;
+    a.row_table = ab->row_table;
+    a.tables = ab->tables;
+    a.flag = c->d_flag;
+    a.n_rows = ab->n_rows;
+    a.n_head = n_head;
+    a.n_kv_head = l->n_kv_head;
+    a.hd = l->head_dim;
+    a.group = n_head / l->n_kv_head;
+    a.block_size = l->block_size;
+    a.n_block = l->n_block;
+    a.head_stride = kv->head_stride;
+    a.block_stride = kv->block_stride;
+    a.scale = scale;
+
+    const bool tc = a.hd % 16 == 0 && a.hd <= MAX_TC_DIM && TILE_Q % a.group == 0 &&
+                    tc_layout(a.hd).total <= c->smem_optin;
+    int64_t n_units = tc ? (int64_t)((a.n_rows + TILE_Q / a.group - 1) / (TILE_Q / a.group)) *
+                               a.n_kv_head
+                         : (int64_t)a.n_rows * n_head / 4;
+    int64_t want = 2 * (int64_t)c->n_sm;
+    a.n_split = n_units >= want ? 1 : (int32_t)((want + n_units - 1) / n_units);
+    if (a.n_split > MAX_SPLIT) {
+        a.n_split = MAX_SPLIT;
+    }
+    if (a.n_split > 1) {
+        size_t need = (size_t)a.n_rows * n_head * a.n_split * (a.hd + 2) * sizeof(float);
+        KVS_TRY(kvs_cuda_buf_reserve(&c->partial, need));
+        a.partial = (float *)c->partial.p;
+    }
+    if (tc) {
+        size_t smem = tc_layout(a.hd).total;
+        CU_TRY(cudaFuncSetAttribute(attn_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)smem));
+        dim3 grid((unsigned)((a.n_rows + TILE_Q / a.group - 1) / (TILE_Q / a.group)),
+                  (unsigned)a.n_kv_head, (unsigned)a.n_split);
+        attn_tc_kernel<<<grid, ATT_THREADS, smem, c->stream>>>(a);
+    } else {
+        dim3 grid((unsigned)(a.n_rows * n_head), (unsigned)a.n_split);
+        attn_simple_kernel<<<grid, 32, 0, c->stream>>>(a);
+    }
+    CU_LAUNCHED();
+    if (a.n_split > 1) {
+        attn_combine_kernel<<<(unsigned)(a.n_rows * n_head), 128, 0, c->stream>>>(a);
+        CU_LAUNCHED();
+    }
+    return 0;
+}
+
+/* For the tests: force the fallback path or a split count (0 = automatic). Not in the
+ * public header; declared where used. */

@@ -1,0 +1,142 @@
+/* Internals shared by the CUDA backend's files (C++ / CUDA only): the context, the check
+ * macros and each op family's entry points. One .cu per op family:
+ *   backend.cu    the ops table, memory, sync, scratch, lifecycle, bench ceilings
+ *   weights.cu    weight_load (device dequantization to bf16), random weights, get_rows
+ *   gemm.cu       matmul: GEMV kernel for a few rows, cuBLAS for more
+ *   norm_rope.cu  rmsnorm, rope, swiglu, add, gather
+ *   kv.cu         KV storage: new, destroy, copy_block, store
+ *   attention.cu  paged attention (tensor cores, split over the context) and its combine
+ */
+#ifndef KVS_CUDA_IMPL_H
+#define KVS_CUDA_IMPL_H
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/cuda.h"
+
+extern "C" {
+#include "common/log.h"
+#include "common/status.h"
+#include "kernels/dtype.h"
+}
+
+/* Check a CUDA runtime call: log the call and the runtime's message once, return KVS_DEVICE. */
+#define CU_TRY(call)                                                                       \
+    do {                                                                                   \
+        cudaError_t cu_e_ = (call);                                                        \
+        if (cu_e_ != cudaSuccess) {                                                        \
+            KVS_ERROR("cuda: %s: %s (%s:%d)", #call, cudaGetErrorString(cu_e_), __FILE__,  \
+                      __LINE__);                                                           \
+            return KVS_DEVICE;                                                             \
+        }                                                                                  \
+    } while (0)
+
+/* After every kernel launch. */
+#define CU_LAUNCHED() CU_TRY(cudaGetLastError())
+
+#define CUBLAS_TRY(call)                                                                   \
+    do {                                                                                   \
+        cublasStatus_t cb_s_ = (call);                                                     \
+        if (cb_s_ != CUBLAS_STATUS_SUCCESS) {                                              \
+            KVS_ERROR("cuda: %s: cuBLAS status %d (%s:%d)", #call, (int)cb_s_, __FILE__,   \
+                      __LINE__);                                                           \
+            return KVS_DEVICE;                                                             \
+        }                                                                                  \
+    } while (0)
+
+/* A grow-only device buffer: steady state never allocates. */
+struct kvs_cuda_buf {
+    void *p;      /* device memory */
+    size_t bytes; /* allocated */
+};
+
+/* A grow-only device buffer that mirrors a small host array, re-uploaded only when the host
+ * contents change (positions and ids repeat across the layers of one forward). */
+struct kvs_cuda_mirror {
+    struct kvs_cuda_buf dev; /* device copy */
+    void *host;              /* host copy of what dev holds */
+    size_t bytes;            /* valid bytes in both */
+    size_t host_cap;         /* allocated bytes of host */
+};
+
+struct kvs_cuda {
+    int dev;                       /* device index */
+    cudaStream_t stream;           /* every op runs on it */
+    cublasHandle_t cublas;         /* bound to stream */
+    int n_sm;                      /* multiprocessors */
+    size_t smem_optin;             /* max dynamic shared memory per block */
+    int *d_flag;                   /* device: bad-index flag raised by kernels (see cuda.h) */
+    struct kvs_cuda_buf xb;        /* bf16 copy of a matmul's x */
+    struct kvs_cuda_buf partial;   /* attention split partials */
+    struct kvs_cuda_buf blockbuf;  /* one KV block in the canonical layout (read/write) */
+    struct kvs_cuda_mirror pos;    /* rope positions */
+    struct kvs_cuda_mirror freq;   /* rope per-frequency factors (double) */
+    struct kvs_cuda_mirror ids;    /* get_rows ids */
+    struct kvs_cuda_mirror idx;    /* gather indices */
+};
+
+static inline struct kvs_cuda *kvs_cuda_ctx(kvs_backend *b)
+{
+    return (struct kvs_cuda *)b->ctx;
+}
+
+/* backend.cu */
+int kvs_cuda_buf_reserve(struct kvs_cuda_buf *buf, size_t bytes);
+void kvs_cuda_buf_free(struct kvs_cuda_buf *buf);
+/* Make m's device copy hold host[0..bytes); uploads on c's stream only when it changed. */
+int kvs_cuda_mirror_set(struct kvs_cuda *c, struct kvs_cuda_mirror *m, const void *host,
+                        size_t bytes);
+void kvs_cuda_mirror_free(struct kvs_cuda_mirror *m);
+
+/* weights.cu */
+int kvs_cuda_weight_load(kvs_backend *b, struct kvs_weight *w, const void *host_data);
+void kvs_cuda_weight_free(kvs_backend *b, struct kvs_weight *w);
+int kvs_cuda_get_rows(kvs_backend *b, const struct kvs_weight *table, const int32_t *host_ids,
+                      int32_t n, float *out);
+
+/* gemm.cu */
+int kvs_cuda_matmul(kvs_backend *b, const struct kvs_weight *w, const float *x, int32_t n_rows,
+                    const float *bias, float *y);
+
+/* norm_rope.cu */
+int kvs_cuda_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_rows,
+                     int32_t dim, float eps, float *out);
+int kvs_cuda_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int32_t head_dim,
+                  const int32_t *host_pos, const struct kvs_rope *rope);
+int kvs_cuda_swiglu(kvs_backend *b, const float *gate, const float *up, int64_t n, float *out);
+int kvs_cuda_add(kvs_backend *b, float *x, const float *y, int64_t n);
+int kvs_cuda_gather(kvs_backend *b, const float *x, const int32_t *host_idx, int32_t n,
+                    int32_t dim, float *out);
+
+/* kv.cu */
+struct kvs_kv_cache {
+    struct kvs_kv_layout layout;
+    size_t head_stride;  /* elements of one KV head's cells in one block: block_size * head_dim */
+    size_t block_stride; /* elements of one block of one layer: n_kv_head * head_stride */
+    size_t layer_stride; /* elements of one layer: n_block * block_stride */
+    __nv_bfloat16 *k, *v; /* (n_layer, n_block, n_kv_head, block_size, head_dim) each */
+};
+int kvs_cuda_kv_new(kvs_backend *b, const struct kvs_kv_layout *layout, kvs_kv_cache **out);
+void kvs_cuda_kv_destroy(kvs_backend *b, kvs_kv_cache **kv);
+int kvs_cuda_kv_copy_block(kvs_backend *b, kvs_kv_cache *kv, int32_t src, int32_t dst);
+int kvs_cuda_kv_read_block(kvs_backend *b, kvs_kv_cache *kv, int32_t block, void *host_buf);
+int kvs_cuda_kv_write_block(kvs_backend *b, kvs_kv_cache *kv, int32_t block,
+                            const void *host_buf);
+int kvs_cuda_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *k,
+                      const float *v, const struct kvs_attn_batch *ab);
+
+/* attention.cu */
+int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *q,
+                       int32_t n_head, float scale, const struct kvs_attn_batch *ab, float *out);
+
+/* Blocks for n elements at threads per block, capped for grid-stride loops. */
+static inline unsigned kvs_cuda_blocks(int64_t n, int threads)
+{
+    int64_t g = (n + threads - 1) / threads;
+    return (unsigned)(g < 1 ? 1 : (g > 65535 * 16 ? 65535 * 16 : g));
+}
+
+#endif

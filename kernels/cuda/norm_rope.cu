@@ -1,0 +1,199 @@
+/* Row-wise and element-wise ops: RMSNorm, RoPE, SwiGLU, residual add, row gather. All f32.
+ * Host arrays (positions, gather indices) go through the context's mirrors, so a forward
+ * uploads its positions once, not once per layer. */
+#include "kernels/cuda/cuda_impl.h"
+
+#include <assert.h>
+#include <math.h>
+
+#include <vector>
+
+/* ---- rmsnorm ------------------------------------------------------------------------------- */
+
+#define NORM_THREADS 256
+
+/* One block per row: sum of squares in fp32 (tree order), then out = x * scale * w. */
+static __global__ void __launch_bounds__(NORM_THREADS)
+    rmsnorm_kernel(const float *x, const float *__restrict__ w, int32_t dim, float eps, float *out)
+{
+    __shared__ float warp_sums[NORM_THREADS / 32];
+    const float *xr = x + (int64_t)blockIdx.x * dim;
+    float *o = out + (int64_t)blockIdx.x * dim;
+    float s = 0.0f;
+    for (int32_t i = threadIdx.x; i < dim; i += NORM_THREADS) {
+        s += xr[i] * xr[i];
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, off);
+    }
+    if ((threadIdx.x & 31) == 0) {
+        warp_sums[threadIdx.x >> 5] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        s = threadIdx.x < NORM_THREADS / 32 ? warp_sums[threadIdx.x] : 0.0f;
+        for (int off = 16; off > 0; off >>= 1) {
+            s += __shfl_xor_sync(0xffffffffu, s, off);
+        }
+        if (threadIdx.x == 0) {
+            warp_sums[0] = s;
+        }
+    }
+    __syncthreads();
+    const float scale = rsqrtf(warp_sums[0] / (float)dim + eps);
+    /* each thread rewrites only the elements it read, so out may equal x */
+    for (int32_t i = threadIdx.x; i < dim; i += NORM_THREADS) {
+        o[i] = (xr[i] * scale) * w[i];
+    }
+}
+
+int kvs_cuda_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_rows,
+                     int32_t dim, float eps, float *out)
+{
+    struct kvs_cuda *c = kvs_cuda_ctx(b);
+    assert(x != NULL && w != NULL && out != NULL && n_rows >= 0 && dim > 0);
+    if (n_rows == 0) {
+        return 0;
+    }
+    rmsnorm_kernel<<<(unsigned)n_rows, NORM_THREADS, 0, c->stream>>>(x, w, dim, eps, out);
+    CU_LAUNCHED();
+    return 0;
+}
+
+/* ---- rope ---------------------------------------------------------------------------------- */
+
+/* One thread per (row, frequency i): theta = pos * freq[i] in double (as the CPU), then the
+ * pair (i0, i1) of every head of the row is rotated. */
+static __global__ void rope_kernel(float *x, int32_t n_rows, int32_t n_heads, int32_t head_dim,
+                                   int32_t half, int32_t neox, const int32_t *__restrict__ pos,
+                                   const double *__restrict__ freq)
+{
+    int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (t >= (int64_t)n_rows * half) {
+        return;
+    }
+    int32_t r = (int32_t)(t / half), i = (int32_t)(t % half);
+    double theta = (double)pos[r] * freq[i];
+    double sd, cd;
+    sincos(theta, &sd, &cd);
+    float cs = (float)cd, sn = (float)sd;
+    int32_t i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+    for (int32_t h = 0; h < n_heads; h++) {
+        float *xh = x + ((int64_t)r * n_heads + h) * head_dim;
+        float x0 = xh[i0], x1 = xh[i1];
+        xh[i0] = x0 * cs - x1 * sn;
+        xh[i1] = x0 * sn + x1 * cs;
+    }
+}
+
+int kvs_cuda_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int32_t head_dim,
+                  const int32_t *host_pos, const struct kvs_rope *rope)
+{
+    struct kvs_cuda *c = kvs_cuda_ctx(b);
+    assert(x != NULL && rope != NULL && n_rows >= 0 && n_heads > 0);
+    if (rope->n_dims <= 0 || rope->n_dims % 2 != 0 || rope->n_dims > head_dim ||
+        (rope->style != KVS_ROPE_NORM && rope->style != KVS_ROPE_NEOX)) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    if (n_rows == 0) {
+        return 0;
+    }
+    /* freq_i = freq_scale * base^(-2i / n_dims) / freq_factor_i, the CPU's formula in double */
+    int32_t half = rope->n_dims / 2;
+    double freq[512]; /* head_dim <= KVS_HPARAMS_MAX_HEAD_DIM (1024) */
+    if (half > 512) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    for (int32_t i = 0; i < half; i++) {
+        double inv = pow((double)rope->freq_base, -2.0 * i / rope->n_dims);
+        freq[i] = (double)rope->freq_scale * inv;
+        if (rope->freq_factors != NULL) {
+            freq[i] /= (double)rope->freq_factors[i];
+        }
+    }
+    KVS_TRY(kvs_cuda_mirror_set(c, &c->pos, host_pos, (size_t)n_rows * sizeof(int32_t)));
+    KVS_TRY(kvs_cuda_mirror_set(c, &c->freq, freq, (size_t)half * sizeof(double)));
+    int64_t n = (int64_t)n_rows * half;
+    rope_kernel<<<kvs_cuda_blocks(n, 128), 128, 0, c->stream>>>(
+        x, n_rows, n_heads, head_dim, half, rope->style == KVS_ROPE_NEOX,
+        (const int32_t *)c->pos.dev.p, (const double *)c->freq.dev.p);
+    CU_LAUNCHED();
+    return 0;
+}
+
+/* ---- element-wise ---------------------------------------------------------------------------- */
+
+static __global__ void swiglu_kernel(const float *gate, const float *up, int64_t n, float *out)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+int kvs_cuda_swiglu(kvs_backend *b, const float *gate, const float *up, int64_t n, float *out)
+{
+    struct kvs_cuda *c = kvs_cuda_ctx(b);
+    assert(gate != NULL && up != NULL && out != NULL && n >= 0);
+    if (n == 0) {
+        return 0;
+    }
+    swiglu_kernel<<<kvs_cuda_blocks(n, 256), 256, 0, c->stream>>>(gate, up, n, out);
+    CU_LAUNCHED();
+    return 0;
+}
+
+static __global__ void add_kernel(float *x, const float *y, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        x[i] += y[i];
+    }
+}
+
+int kvs_cuda_add(kvs_backend *b, float *x, const float *y, int64_t n)
+{
+    struct kvs_cuda *c = kvs_cuda_ctx(b);
+    assert(x != NULL && y != NULL && n >= 0);
+    if (n == 0) {
+        return 0;
+    }
+    add_kernel<<<kvs_cuda_blocks(n, 256), 256, 0, c->stream>>>(x, y, n);
+    CU_LAUNCHED();
+    return 0;
+}
+
+/* out may not overlap x except in place (out == x with idx[i] == i), as on the CPU where the
+ * forward gathers into a separate buffer. */
+static __global__ void gather_kernel(const float *x, const int32_t *__restrict__ idx, int32_t n,
+                                     int32_t dim, float *out)
+{
+    int64_t total = (int64_t)n * dim;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = i / dim, d = i % dim;
+        out[i] = x[(int64_t)idx[r] * dim + d];
+    }
+}
+
+int kvs_cuda_gather(kvs_backend *b, const float *x, const int32_t *host_idx, int32_t n,
+                    int32_t dim, float *out)
+{
+    struct kvs_cuda *c = kvs_cuda_ctx(b);
+    assert(x != NULL && out != NULL && (host_idx != NULL || n == 0) && dim >= 0);
+    for (int32_t i = 0; i < n; i++) {
+        if (host_idx[i] < 0) {
+            return KVS_OUT_OF_RANGE;
+        }
+    }
+    if (n == 0 || dim == 0) {
+        return 0;
+    }
+    KVS_TRY(kvs_cuda_mirror_set(c, &c->idx, host_idx, (size_t)n * sizeof(int32_t)));
+    int64_t total = (int64_t)n * dim;
+    gather_kernel<<<kvs_cuda_blocks(total, 256), 256, 0, c->stream>>>(
+        x, (const int32_t *)c->idx.dev.p, n, dim, out);
+    CU_LAUNCHED();
+    return 0;
+}
