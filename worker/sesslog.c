@@ -713,7 +713,7 @@ int kvs_sesslog_create(const char *dir, const char *session_id,
     fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
         seterr(err, errlen, "%s: %s", tmp, strerror(errno));
-        return errno == ENOENT ? KVS_NOT_FOUND : KVS_IO;
+        return KVS_IO; /* a missing data directory included */
     }
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         seterr(err, errlen, "%s: in use", tmp);

@@ -223,7 +223,7 @@ int kvs_snapshot_write(const char *dir, const char *session_id,
     w.fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (w.fd < 0) {
         seterr(err, errlen, "%s: %s", tmp, strerror(errno));
-        rc = errno == ENOENT ? KVS_NOT_FOUND : KVS_IO;
+        rc = KVS_IO; /* a missing data directory included */
         goto fail;
     }
     crypto_generichash_init(&w.h, NULL, 0, HASH_BYTES);

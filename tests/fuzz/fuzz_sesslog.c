@@ -212,7 +212,7 @@ static void oracle(const uint8_t *data, size_t size)
     uint8_t mask = data[3] ? data[3] : 1;
     data += 4;
     size -= 4;
-    unsigned char *body = malloc(size * 2 + 64);
+    unsigned char *body = malloc(size * 4 + 64); /* 3 input bytes become a 12-byte record */
     uint64_t starts[2048];
     size_t nrec = 0, blen = 0;
     while (size >= 3 && nrec < 2048) {
