@@ -1,6 +1,8 @@
 #include "session.h"
 
+#include <errno.h>
 #include <stdio.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,55 +13,7 @@
 
 #include <math.h>
 
-struct flash {
-    char name[KVS_FLASH_NAME_MAX + 1];
-    int32_t *question;               /* formatted question ids (owned) */
-    int32_t n_question;
-    struct kvs_query_opts opts;      /* stops are not kept: flash queries take none */
-    struct kvs_flash_trigger trigger;
-    struct kvs_answer answer;        /* last answer (owned); answer.version = its version */
-    bool has_answer;
-    int64_t data_tokens_at_eval;     /* session's total appended tokens at the last eval */
-    double last_eval_s;              /* kvs_now() of the last eval */
-};
-
-struct client_ack {
-    uint64_t client_id;              /* 0 = free slot */
-    uint64_t client_seq;             /* last applied */
-    struct kvs_append_result ack;    /* its acknowledgement */
-    uint64_t last_used;              /* session append counter, for LRU replacement */
-};
-
-struct kvs_session {
-    kvs_sessions *S;                 /* owner */
-    char id[KVS_SESSION_ID_MAX + 1];
-    kvs_seq *seq;                    /* prefix + data cells */
-    int32_t *tokens;                 /* (cap_tokens) recorded ids: prefix then data */
-    int64_t n_tokens, cap_tokens;
-    int64_t n_prefix;                /* tokens of the pinned prefix */
-    int64_t budget;                  /* cells reserved */
-    int32_t reserved_blocks;         /* blocks reserved in S for the budget */
-    uint64_t version;
-    uint64_t appends;
-    int64_t appended_total;          /* tokens ever appended (not reduced by eviction) */
-    int64_t evicted;                 /* tokens evicted so far */
-    enum kvs_session_format format;
-    enum kvs_context_policy policy;
-    struct flash *flash;             /* (n_flash) */
-    int32_t n_flash;
-    kvs_flash_fn watch_fn;
-    void *watch_user;
-    struct kvs_flash_stats fstats;
-    struct client_ack *clients;      /* (KVS_CLIENTS_MAX) */
-};
-
-struct kvs_sessions {
-    kvs_engine *e;                   /* borrowed */
-    kvs_session **all;               /* (cap) */
-    int32_t n, cap;
-    int32_t reserved_blocks;         /* blocks promised to sessions and in-flight queries */
-    struct kvs_chat_template chat;   /* the model's template */
-};
+#include "worker/session_impl.h"
 
 /* ---- helpers ---------------------------------------------------------------------------- */
 
@@ -231,24 +185,37 @@ static int record_tokens(kvs_session *s, const int32_t *ids, int64_t n)
 
 int kvs_sessions_new(kvs_engine *e, const struct kvs_sessions_opts *o, kvs_sessions **out)
 {
-    (void)o;
     *out = NULL;
     kvs_sessions *S = calloc(1, sizeof *S);
     if (S == NULL) {
         return KVS_NO_MEMORY;
     }
     S->e = e;
+    if (o != NULL && o->data_dir != NULL) {
+        S->data_dir = strdup(o->data_dir);
+        S->fsync = o->fsync;
+        const struct kvs_kv_layout *l = kvs_pool_layout(e->pool);
+        S->ident.kv_dtype = l->dtype;
+        S->ident.block_size = (uint32_t)l->block_size;
+        if (S->data_dir == NULL || kvs_model_sha256(e->model, S->ident.model_sha256) < 0 ||
+            (mkdir(S->data_dir, 0700) < 0 && errno != EEXIST)) {
+            free(S->data_dir);
+            free(S);
+            return KVS_IO;
+        }
+    }
     const char *tmpl = kvs_tokenizer_chat_template(e->tok);
     kvs_chat_template_init(&S->chat, tmpl, tmpl != NULL ? strlen(tmpl) : 0);
     *out = S;
     return KVS_OK;
 }
 
-static void session_free(kvs_session *s)
+void kvs_sess_free(kvs_session *s)
 {
     if (s == NULL) {
         return;
     }
+    kvs_sess_log_close(s, false);
     kvs_pool_seq_release(s->S->e->pool, &s->seq);
     for (int32_t i = 0; i < s->n_flash; i++) {
         free(s->flash[i].question);
@@ -267,9 +234,10 @@ void kvs_sessions_destroy(kvs_sessions **Sp)
     }
     kvs_sessions *S = *Sp;
     for (int32_t i = 0; i < S->n; i++) {
-        session_free(S->all[i]);
+        kvs_sess_free(S->all[i]);
     }
     free(S->all);
+    free(S->data_dir);
     free(S);
     *Sp = NULL;
 }
@@ -347,19 +315,97 @@ static int prefill(kvs_session *s, const int32_t *ids, int64_t n)
     return rc;
 }
 
+int kvs_sess_new(kvs_sessions *S, const char *id, enum kvs_session_format format,
+                 enum kvs_context_policy policy, int64_t budget, int32_t query_reserve,
+                 const int32_t *prefix, int64_t n_prefix, kvs_session **out, char *err,
+                 size_t errlen)
+{
+    *out = NULL;
+    kvs_engine *e = S->e;
+    if (!valid_name(id, KVS_SESSION_ID_MAX)) {
+        ERR(KVS_INVALID_ARGUMENT, "invalid session id (1..%u bytes of [A-Za-z0-9._-], not "
+                                  "starting with '.')",
+            (unsigned)KVS_SESSION_ID_MAX);
+    }
+    if (kvs_session_find(S, id) != NULL) {
+        ERR(KVS_ALREADY_EXISTS, "session '%s' already exists", id);
+    }
+    if (budget < 1 || budget > e->n_ctx) {
+        ERR(KVS_INVALID_ARGUMENT, "budget %lld cells must be in [1, %lld]", (long long)budget,
+            (long long)e->n_ctx);
+    }
+    if (n_prefix > budget) {
+        ERR(KVS_CONTEXT_FULL, "the prefix (%lld tokens) does not fit the budget of %lld cells",
+            (long long)n_prefix, (long long)budget);
+    }
+    int32_t blocks = blocks_for(S, budget);
+    if (blocks > kvs_pool_n_blocks(e->pool) - S->reserved_blocks) {
+        ERR(KVS_CAPACITY, "a budget of %lld cells does not fit: %lld cells free",
+            (long long)budget, (long long)kvs_sessions_cells_free(S));
+    }
+    if (S->n == S->cap) {
+        int32_t cap = S->cap ? S->cap * 2 : 16;
+        kvs_session **all = realloc(S->all, (size_t)cap * sizeof *all);
+        if (all == NULL) {
+            return KVS_NO_MEMORY;
+        }
+        S->all = all;
+        S->cap = cap;
+    }
+    kvs_session *s = calloc(1, sizeof *s);
+    if (s == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    s->S = S;
+    snprintf(s->id, sizeof s->id, "%s", id);
+    s->budget = budget;
+    s->query_reserve = query_reserve;
+    s->format = format;
+    s->policy = policy;
+    s->seq = kvs_pool_seq_new(e->pool);
+    s->clients = calloc(KVS_CLIENTS_MAX, sizeof *s->clients);
+    if (s->seq == NULL || s->clients == NULL) {
+        kvs_sess_free(s);
+        return KVS_NO_MEMORY;
+    }
+    S->reserved_blocks += blocks;
+    s->reserved_blocks = blocks;
+    if (n_prefix > 0) {
+        int rc = prefill(s, prefix, n_prefix);
+        if (rc == 0) {
+            rc = record_tokens(s, prefix, n_prefix);
+        }
+        if (rc < 0) {
+            S->reserved_blocks -= blocks;
+            kvs_sess_free(s);
+            ERR(rc, "cannot prefill the prefix: %s", kvs_status_message(rc));
+        }
+    }
+    s->n_prefix = s->n_tokens;
+    S->all[S->n++] = s;
+    *out = s;
+    return KVS_OK;
+}
+
+/* Remove s from the registry and free it (its files stay unless remove_files). */
+static void unlink_session(kvs_sessions *S, kvs_session *s, bool remove_files)
+{
+    for (int32_t i = 0; i < S->n; i++) {
+        if (S->all[i] == s) {
+            S->all[i] = S->all[--S->n];
+            break;
+        }
+    }
+    S->reserved_blocks -= s->reserved_blocks;
+    kvs_sess_log_close(s, remove_files);
+    kvs_sess_free(s);
+}
+
 int kvs_session_create(kvs_sessions *S, const char *id, const struct kvs_session_opts *o,
                        kvs_session **out, char *err, size_t errlen)
 {
     *out = NULL;
     kvs_engine *e = S->e;
-    if (!valid_name(id, KVS_SESSION_ID_MAX)) {
-        ERR(KVS_INVALID_ARGUMENT, "invalid session id (1..%d bytes of [A-Za-z0-9._-], not "
-                                  "starting with '.')",
-            KVS_SESSION_ID_MAX);
-    }
-    if (kvs_session_find(S, id) != NULL) {
-        ERR(KVS_ALREADY_EXISTS, "session '%s' already exists", id);
-    }
     if (o->format != KVS_FORMAT_RAW && o->format != KVS_FORMAT_CHAT) {
         ERR(KVS_INVALID_ARGUMENT, "unknown session format %d", (int)o->format);
     }
@@ -379,28 +425,17 @@ int kvs_session_create(kvs_sessions *S, const char *id, const struct kvs_session
         ERR(KVS_INVALID_ARGUMENT, "budget %lld cells must be in [1, %lld]",
             (long long)o->budget_cells, (long long)e->n_ctx);
     }
-    int32_t blocks = blocks_for(S, budget);
-    if (blocks > kvs_pool_n_blocks(e->pool) - S->reserved_blocks) {
-        ERR(KVS_CAPACITY, "a budget of %lld cells does not fit: %lld cells free",
-            (long long)budget, (long long)kvs_sessions_cells_free(S));
+    if (!valid_name(id, KVS_SESSION_ID_MAX)) {
+        ERR(KVS_INVALID_ARGUMENT, "invalid session id (1..%u bytes of [A-Za-z0-9._-], not "
+                                  "starting with '.')",
+            (unsigned)KVS_SESSION_ID_MAX);
     }
-    kvs_session *s = calloc(1, sizeof *s);
-    if (s == NULL) {
-        return KVS_NO_MEMORY;
-    }
-    s->S = S;
-    snprintf(s->id, sizeof s->id, "%s", id);
-    s->budget = budget;
-    s->format = o->format;
-    s->policy = o->policy;
-    s->seq = kvs_pool_seq_new(e->pool);
-    s->clients = calloc(KVS_CLIENTS_MAX, sizeof *s->clients);
-    struct ids pre = {0};
-    int rc = KVS_NO_MEMORY;
-    if (s->seq == NULL || s->clients == NULL) {
-        goto fail;
+    if (kvs_session_find(S, id) != NULL) {
+        ERR(KVS_ALREADY_EXISTS, "session '%s' already exists", id);
     }
     /* the pinned prefix */
+    struct ids pre = {0};
+    int rc;
     if (o->format == KVS_FORMAT_CHAT) {
         const char *sys = o->prefix;
         size_t sys_len = o->prefix_len;
@@ -417,62 +452,33 @@ int kvs_session_create(kvs_sessions *S, const char *id, const struct kvs_session
         rc = tok_append(e, &pre, o->prefix != NULL ? o->prefix : "", o->prefix_len, true, false);
     }
     if (rc < 0) {
-        snprintf(err, errlen, "cannot tokenize the prefix: %s", kvs_status_message(rc));
-        goto fail;
+        free(pre.v);
+        ERR(rc, "cannot tokenize the prefix: %s", kvs_status_message(rc));
     }
-    if ((int64_t)pre.n > budget) {
-        snprintf(err, errlen, "the prefix (%zu tokens) does not fit the budget of %lld cells",
-                 pre.n, (long long)budget);
-        rc = KVS_CONTEXT_FULL;
-        goto fail;
-    }
-    S->reserved_blocks += blocks;
-    s->reserved_blocks = blocks;
-    if (pre.n > 0) {
-        rc = prefill(s, pre.v, (int64_t)pre.n);
-        if (rc == 0) {
-            rc = record_tokens(s, pre.v, (int64_t)pre.n);
-        }
-        if (rc < 0) {
-            S->reserved_blocks -= blocks;
-            snprintf(err, errlen, "cannot prefill the prefix: %s", kvs_status_message(rc));
-            goto fail;
-        }
-    }
-    s->n_prefix = s->n_tokens;
-    if (S->n == S->cap) {
-        int32_t cap = S->cap ? S->cap * 2 : 16;
-        kvs_session **all = realloc(S->all, (size_t)cap * sizeof *all);
-        if (all == NULL) {
-            S->reserved_blocks -= blocks;
-            rc = KVS_NO_MEMORY;
-            goto fail;
-        }
-        S->all = all;
-        S->cap = cap;
-    }
-    S->all[S->n++] = s;
+    kvs_session *s;
+    rc = kvs_sess_new(S, id, o->format, o->policy, budget, reserve, pre.v, (int64_t)pre.n, &s,
+                      err, errlen);
     free(pre.v);
+    if (rc < 0) {
+        return rc;
+    }
+    rc = kvs_sess_log_create(s, err, errlen);
+    if (rc < 0) {
+        unlink_session(S, s, false);
+        return rc;
+    }
     *out = s;
     return KVS_OK;
-fail:
-    free(pre.v);
-    session_free(s);
-    return rc;
 }
 
 int kvs_session_close(kvs_sessions *S, const char *id)
 {
-    for (int32_t i = 0; i < S->n; i++) {
-        kvs_session *s = S->all[i];
-        if (strcmp(s->id, id) == 0) {
-            S->reserved_blocks -= s->reserved_blocks;
-            session_free(s);
-            S->all[i] = S->all[--S->n];
-            return KVS_OK;
-        }
+    kvs_session *s = kvs_session_find(S, id);
+    if (s == NULL) {
+        return KVS_NOT_FOUND;
     }
-    return KVS_NOT_FOUND;
+    unlink_session(S, s, true);
+    return KVS_OK;
 }
 
 /* ---- queries ---------------------------------------------------------------------------- */
@@ -664,9 +670,9 @@ static void flash_after_append(kvs_session *s)
     }
 }
 
-int kvs_flash_register(kvs_session *s, const char *name, const char *question, size_t len,
+int kvs_sess_flash_add(kvs_session *s, const char *name, const int32_t *q, int32_t nq,
                        const struct kvs_query_opts *o, const struct kvs_flash_trigger *t,
-                       char *err, size_t errlen)
+                       bool evaluate, char *err, size_t errlen)
 {
     if (!valid_name(name, KVS_FLASH_NAME_MAX)) {
         ERR(KVS_INVALID_ARGUMENT, "invalid flash query name (1..%d bytes of [A-Za-z0-9._-])",
@@ -678,9 +684,6 @@ int kvs_flash_register(kvs_session *s, const char *name, const char *question, s
     if (s->n_flash >= KVS_FLASH_MAX_PER_SESSION) {
         ERR(KVS_TOO_LARGE, "at most %d flash queries per session", KVS_FLASH_MAX_PER_SESSION);
     }
-    if (question == NULL || len == 0) {
-        ERR(KVS_INVALID_ARGUMENT, "the question is empty");
-    }
     if (t != NULL && (t->every_tokens < 0 || t->min_interval_ms < 0)) {
         ERR(KVS_INVALID_ARGUMENT, "trigger values must be >= 0");
     }
@@ -688,23 +691,23 @@ int kvs_flash_register(kvs_session *s, const char *name, const char *question, s
         ERR(KVS_INVALID_ARGUMENT, "flash queries take no stop strings");
     }
     KVS_TRY(check_query_opts(o, err, errlen));
-    struct ids q = {0};
-    int rc = frame_question(s, &q, question, len);
-    if (rc < 0 || q.n == 0) {
-        free(q.v);
-        ERR(rc < 0 ? rc : KVS_INVALID_ARGUMENT, "cannot tokenize the question");
+    if (nq <= 0) {
+        ERR(KVS_INVALID_ARGUMENT, "the question is empty");
     }
     struct flash *fl = realloc(s->flash, (size_t)(s->n_flash + 1) * sizeof *fl);
     if (fl == NULL) {
-        free(q.v);
         return KVS_NO_MEMORY;
     }
     s->flash = fl;
     struct flash *f = &s->flash[s->n_flash];
     memset(f, 0, sizeof *f);
+    f->question = malloc((size_t)nq * sizeof *f->question);
+    if (f->question == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    memcpy(f->question, q, (size_t)nq * sizeof *q);
     snprintf(f->name, sizeof f->name, "%s", name);
-    f->question = q.v;
-    f->n_question = (int32_t)q.n;
+    f->n_question = nq;
     f->opts = *o;
     f->opts.stops = NULL;
     f->opts.n_stops = 0;
@@ -712,14 +715,39 @@ int kvs_flash_register(kvs_session *s, const char *name, const char *question, s
     if (t != NULL) {
         f->trigger = *t;
     }
-    s->n_flash++;
-    rc = flash_eval(s, f);
+    int rc = kvs_sess_log_flash(s, f, true);
     if (rc < 0) {
-        /* keep the registration: it is retried after the next append */
-        snprintf(err, errlen, "registered, but the first evaluation failed: %s",
-                 kvs_status_message(rc));
+        free(f->question);
+        ERR(rc, "cannot log the flash query: %s", kvs_status_message(rc));
+    }
+    s->n_flash++;
+    if (evaluate) {
+        rc = flash_eval(s, f);
+        if (rc < 0) {
+            /* keep the registration: it is retried after the next append */
+            snprintf(err, errlen, "registered, but the first evaluation failed: %s",
+                     kvs_status_message(rc));
+        }
     }
     return KVS_OK;
+}
+
+int kvs_flash_register(kvs_session *s, const char *name, const char *question, size_t len,
+                       const struct kvs_query_opts *o, const struct kvs_flash_trigger *t,
+                       char *err, size_t errlen)
+{
+    if (question == NULL || len == 0) {
+        ERR(KVS_INVALID_ARGUMENT, "the question is empty");
+    }
+    struct ids q = {0};
+    int rc = frame_question(s, &q, question, len);
+    if (rc < 0) {
+        free(q.v);
+        ERR(rc, "cannot tokenize the question: %s", kvs_status_message(rc));
+    }
+    rc = kvs_sess_flash_add(s, name, q.v, (int32_t)q.n, o, t, true, err, errlen);
+    free(q.v);
+    return rc;
 }
 
 int kvs_flash_unregister(kvs_session *s, const char *name)
@@ -728,6 +756,7 @@ int kvs_flash_unregister(kvs_session *s, const char *name)
     if (f == NULL) {
         return KVS_NOT_FOUND;
     }
+    KVS_TRY(kvs_sess_log_flash(s, f, false));
     free(f->question);
     kvs_answer_free(&f->answer);
     *f = s->flash[--s->n_flash];
@@ -807,9 +836,9 @@ static struct client_ack *client_slot(kvs_session *s, uint64_t client_id, bool c
 /* SLIDE: make room for n more cells by evicting whole data blocks after the prefix. */
 static int slide(kvs_session *s, int64_t n, int32_t *evicted, char *err, size_t errlen);
 
-static int append_ids(kvs_session *s, const int32_t *ids, int64_t n, uint64_t client_id,
-                      uint64_t client_seq, struct kvs_append_result *r, char *err,
-                      size_t errlen)
+int kvs_sess_append_ids(kvs_session *s, const int32_t *ids, int64_t n, uint64_t client_id,
+                        uint64_t client_seq, struct kvs_append_result *r, char *err,
+                        size_t errlen)
 {
     memset(r, 0, sizeof *r);
     if (n <= 0) {
@@ -848,7 +877,12 @@ static int append_ids(kvs_session *s, const int32_t *ids, int64_t n, uint64_t cl
         }
         KVS_TRY(slide(s, n, &evicted, err, errlen));
     }
-    int rc = record_tokens(s, ids, n);
+    /* durable before applied: an acknowledged append is in the log (fsync policy) */
+    int rc = kvs_sess_log_append(s, ids, n, client_id, client_seq, err, errlen);
+    if (rc < 0) {
+        return rc;
+    }
+    rc = record_tokens(s, ids, n);
     if (rc < 0) {
         return rc;
     }
@@ -868,7 +902,9 @@ static int append_ids(kvs_session *s, const int32_t *ids, int64_t n, uint64_t cl
         c->ack = *r;
         c->last_used = s->appends;
     }
-    flash_after_append(s);
+    if (!s->S->restoring) {
+        flash_after_append(s);
+    }
     return KVS_OK;
 }
 
@@ -876,7 +912,7 @@ int kvs_session_append_tokens(kvs_session *s, const int32_t *ids, int32_t n,
                               uint64_t client_id, uint64_t client_seq,
                               struct kvs_append_result *r, char *err, size_t errlen)
 {
-    return append_ids(s, ids, n, client_id, client_seq, r, err, errlen);
+    return kvs_sess_append_ids(s, ids, n, client_id, client_seq, r, err, errlen);
 }
 
 int kvs_session_append(kvs_session *s, const char *text, size_t len, uint64_t client_id,
@@ -893,7 +929,7 @@ int kvs_session_append(kvs_session *s, const char *text, size_t len, uint64_t cl
         free(b.v);
         ERR(rc, "cannot tokenize the record: %s", kvs_status_message(rc));
     }
-    rc = append_ids(s, b.v, (int64_t)b.n, client_id, client_seq, r, err, errlen);
+    rc = kvs_sess_append_ids(s, b.v, (int64_t)b.n, client_id, client_seq, r, err, errlen);
     free(b.v);
     return rc;
 }
@@ -960,7 +996,7 @@ static int shift_block(int32_t src, int32_t dst, void *user)
     return b->ops->kv_write_block(b, kv, dst, c->buf);
 }
 
-static int slide(kvs_session *s, int64_t n, int32_t *evicted, char *err, size_t errlen)
+int kvs_sess_evict(kvs_session *s, int32_t first, int32_t k, char *err, size_t errlen)
 {
     kvs_engine *e = s->S->e;
     int32_t bs = kvs_pool_block_size(e->pool);
@@ -968,23 +1004,12 @@ static int slide(kvs_session *s, int64_t n, int32_t *evicted, char *err, size_t 
         ERR(KVS_UNSUPPORTED, "the %s backend cannot shift KV blocks (policy slide)",
             e->backend->ops->name);
     }
-    int64_t cur = s->seq->n_cells;
-    int64_t need = cur + n - s->budget;              /* cells to free */
-    int32_t first = (int32_t)((s->n_prefix + bs - 1) / bs); /* first block after the prefix */
-    int32_t used = (int32_t)((cur + bs - 1) / bs);
-    int32_t k = (int32_t)((need + bs - 1) / bs);
-    if (first + k > used) {
-        ERR(KVS_CONTEXT_FULL, "context full: %lld cells needed but only %lld can be evicted "
-                              "after the pinned prefix",
-            (long long)need, (long long)((int64_t)(used - first) * bs));
-    }
     const struct kvs_kv_layout *l = kvs_pool_layout(e->pool);
-    struct shift_ctx c = {.e = e, .buf = malloc(kvs_kv_block_bytes(l)),
-                          .delta = -k * bs};
+    struct shift_ctx c = {.e = e, .buf = malloc(kvs_kv_block_bytes(l)), .delta = -k * bs};
     if (c.buf == NULL) {
         return KVS_NO_MEMORY;
     }
-    int64_t before = cur;
+    int64_t before = s->seq->n_cells;
     int rc = kvs_pool_seq_slide(e->pool, s->seq, first, k, shift_block, &c);
     free(c.buf);
     if (rc < 0) {
@@ -997,6 +1022,30 @@ static int slide(kvs_session *s, int64_t n, int32_t *evicted, char *err, size_t 
     s->n_tokens -= gone;
     s->evicted += gone;
     s->version++;
-    *evicted = (int32_t)gone;
+    return (int)gone;
+}
+
+static int slide(kvs_session *s, int64_t n, int32_t *evicted, char *err, size_t errlen)
+{
+    kvs_engine *e = s->S->e;
+    int32_t bs = kvs_pool_block_size(e->pool);
+    int64_t cur = s->seq->n_cells;
+    int64_t need = cur + n - s->budget;                      /* cells to free */
+    int32_t first = (int32_t)((s->n_prefix + bs - 1) / bs); /* first block after the prefix */
+    int32_t used = (int32_t)((cur + bs - 1) / bs);
+    int32_t k = (int32_t)((need + bs - 1) / bs);
+    if (first + k > used) {
+        ERR(KVS_CONTEXT_FULL, "context full: %lld cells needed but only %lld can be evicted "
+                              "after the pinned prefix",
+            (long long)need, (long long)((int64_t)(used - first) * bs));
+    }
+    int64_t n_cells = (int64_t)k * bs < cur - (int64_t)first * bs ? (int64_t)k * bs
+                                                                  : cur - (int64_t)first * bs;
+    KVS_TRY(kvs_sess_log_evict(s, (int64_t)first * bs, n_cells, err, errlen));
+    int gone = kvs_sess_evict(s, first, k, err, errlen);
+    if (gone < 0) {
+        return gone;
+    }
+    *evicted = gone;
     return KVS_OK;
 }

@@ -37,8 +37,8 @@
 #include <stdint.h>
 
 #include "worker/engine.h"
+#include "worker/sesslog.h" /* KVS_SESSION_ID_MAX, enum kvs_fsync_policy */
 
-#define KVS_SESSION_ID_MAX 128        /* bytes of a session id */
 #define KVS_FLASH_NAME_MAX 64         /* bytes of a flash query name */
 #define KVS_FLASH_MAX_PER_SESSION 32  /* registered flash queries per session */
 #define KVS_QUERY_RESERVE_DEFAULT 512 /* cells kept free for a query by the default budget */
@@ -104,12 +104,30 @@ struct kvs_session_info {
 /* ---- the registry ---- */
 
 struct kvs_sessions_opts {
-    const char *data_dir;            /* durable logs; NULL = in memory only */
-    int fsync_policy;                /* enum kvs_fsync_policy (worker/sesslog.h) */
+    const char *data_dir;            /* durable logs and snapshots; NULL = in memory only */
+    enum kvs_fsync_policy fsync;     /* KVS_FSYNC_ALWAYS (0) by default */
 };
 
-/* Sessions on engine e (borrowed; must outlive the registry). 0 or KVS_NO_MEMORY. */
+/* Sessions on engine e (borrowed; must outlive the registry). With a data_dir (created if
+ * missing) every session keeps an append log there (worker/sesslog.h), identified by the
+ * model's SHA-256, KV dtype and block size. 0, KVS_IO (the directory or the model file
+ * cannot be read), KVS_NO_MEMORY. Existing logs are not read: see kvs_sessions_restore. */
 int kvs_sessions_new(kvs_engine *e, const struct kvs_sessions_opts *o, kvs_sessions **out);
+
+/* Bring back every session found in the data dir: from its snapshot (if valid) plus the log
+ * records after it, or by replaying the log alone. A torn or corrupt log tail is dropped
+ * with a warning; a corrupt snapshot is refused (warning) and the log replayed instead when
+ * it still holds the whole history; a log of another model is refused. Sessions that cannot
+ * be restored are reported in err (one line each, up to errlen) and skipped; the others
+ * are restored. Returns the number restored (>= 0) or KVS_IO when the directory cannot be
+ * listed. Flash answers are not recomputed until asked for or the next append. */
+int kvs_sessions_restore(kvs_sessions *S, char *err, size_t errlen);
+
+/* Write session s's snapshot (its KV blocks and state, checksummed, temp + rename). With
+ * compact, the log is then rewritten to hold only what the snapshot does not (a corrupt
+ * snapshot then loses the session: keep compact off where that matters). 0, KVS_IO,
+ * KVS_UNSUPPORTED (no data dir, or a backend without block I/O). */
+int kvs_session_snapshot(kvs_session *s, bool compact, char *err, size_t errlen);
 /* Closes every session (their logs stay on disk) and frees; accepts NULL; nulls *S. */
 void kvs_sessions_destroy(kvs_sessions **S);
 
