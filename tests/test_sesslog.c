@@ -599,6 +599,36 @@ START_TEST(test_corrupt_middle)
                          KVS_BAD_FORMAT);
         ck_assert_ptr_null(log);
     }
+    /* recovery: start the log afresh over the corrupt one */
+    struct kvs_log_record head[2] = {{KVS_LOG_CREATE, "opts", 4}, {KVS_LOG_SNAPSHOT, NULL, 0}};
+    kvs_sesslog *log = NULL, *two = NULL;
+    ck_assert_int_eq(
+        kvs_sesslog_replace(dir, "c", &ident_a, KVS_FSYNC_ALWAYS, head, 2, &log, err, sizeof err),
+        0);
+    ck_assert_int_eq(
+        kvs_sesslog_replace(dir, "c", &ident_a, KVS_FSYNC_ALWAYS, head, 2, &two, err, sizeof err),
+        KVS_BUSY); /* not while it is open */
+    ck_assert_ptr_null(two);
+    ck_assert_int_eq(kvs_sesslog_append(log, KVS_LOG_APPEND, "after", 5), 0);
+    kvs_sesslog_close(&log);
+    struct recs r = {.stop_at = -1};
+    struct kvs_replay_stats st;
+    ck_assert_int_eq(kvs_sesslog_replay(dir, "c", &ident_a, collect, &r, &st, err, sizeof err), 0);
+    ck_assert_int_eq(st.tail, KVS_REPLAY_CLEAN);
+    ck_assert_uint_eq(r.n, 3);
+    ck_assert_uint_eq(r.v[0].type, KVS_LOG_CREATE);
+    ck_assert_uint_eq(r.v[1].type, KVS_LOG_SNAPSHOT);
+    ck_assert_mem_eq(r.v[2].payload, "after", 5);
+    recs_free(&r);
+    /* replace also creates a log that did not exist; no temp file stays behind */
+    ck_assert_int_eq(
+        kvs_sesslog_replace(dir, "fresh", &ident_a, KVS_FSYNC_NO, NULL, 0, &log, err, sizeof err),
+        0);
+    kvs_sesslog_close(&log);
+    char tmp[512];
+    path_of(tmp, sizeof tmp, "fresh", ".log.tmp");
+    ck_assert_int_eq(access(tmp, F_OK), -1);
+    ck_assert_int_eq(file_size("fresh"), KVS_SESSLOG_HEADER_BYTES);
     free(b);
     free(c);
 }

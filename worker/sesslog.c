@@ -686,12 +686,19 @@ static bool policy_ok(enum kvs_fsync_policy p)
 
 /* ---- public: create / replay / open ---- */
 
-int kvs_sesslog_create(const char *dir, const char *session_id,
-                       const struct kvs_log_identity *ident, enum kvs_fsync_policy policy,
-                       kvs_sesslog **out, char *err, size_t errlen)
+static void record_frame(unsigned char *rec, uint32_t type, uint32_t len);
+static int check_head(const struct kvs_log_record *head, size_t n_head);
+
+/* A new log holding the header and head[0..n_head): written to <id>.log.tmp, fsynced, then
+ * hard-linked to <id>.log (create: fails if one exists) or renamed over it (replace: the
+ * existing log must not be open anywhere), and the directory fsynced. */
+static int fresh_log(const char *dir, const char *session_id, const struct kvs_log_identity *ident,
+                     enum kvs_fsync_policy policy, const struct kvs_log_record *head, size_t n_head,
+                     bool replace, kvs_sesslog **out, char *err, size_t errlen)
 {
     char path[PATH_MAX], tmp[PATH_MAX];
-    int fd = -1, rc;
+    int fd = -1, old_fd = -1, rc;
+    unsigned char *rec = NULL;
     *out = NULL;
     if (ident == NULL || !policy_ok(policy)) {
         seterr(err, errlen, "no identity or unknown fsync policy");
@@ -700,20 +707,34 @@ int kvs_sesslog_create(const char *dir, const char *session_id,
     KVS_TRY(check_args(dir, session_id, ident, err, errlen));
     KVS_TRY(make_path(path, dir, session_id, ".log", err, errlen));
     KVS_TRY(make_path(tmp, dir, session_id, ".log.tmp", err, errlen));
-
-    struct stat sb;
-    if (stat(path, &sb) == 0) {
-        seterr(err, errlen, "a log for session '%s' already exists", session_id);
-        return KVS_ALREADY_EXISTS;
+    rc = check_head(head, n_head);
+    if (rc != KVS_OK) {
+        seterr(err, errlen, "invalid initial record (type 1..%u, at most %u bytes)",
+               KVS_SESSLOG_MAX_TYPE, KVS_SESSLOG_MAX_PAYLOAD);
+        return rc;
     }
-    if (errno != ENOENT) {
-        seterr(err, errlen, "%s: %s", path, strerror(errno));
-        return KVS_IO;
+
+    if (replace) {
+        rc = open_locked(path, &old_fd, err, errlen);
+        if (rc != KVS_OK && rc != KVS_NOT_FOUND) {
+            return rc;
+        }
+    } else {
+        struct stat sb;
+        if (stat(path, &sb) == 0) {
+            seterr(err, errlen, "a log for session '%s' already exists", session_id);
+            return KVS_ALREADY_EXISTS;
+        }
+        if (errno != ENOENT) {
+            seterr(err, errlen, "%s: %s", path, strerror(errno));
+            return KVS_IO;
+        }
     }
     fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
         seterr(err, errlen, "%s: %s", tmp, strerror(errno));
-        return KVS_IO; /* a missing data directory included */
+        rc = KVS_IO; /* a missing data directory included */
+        goto fail;
     }
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         seterr(err, errlen, "%s: in use", tmp);
@@ -722,12 +743,31 @@ int kvs_sesslog_create(const char *dir, const char *session_id,
     }
     unsigned char h[KVS_SESSLOG_HEADER_BYTES];
     header_encode(h, session_id, ident);
-    if (pwrite_all(fd, h, sizeof h, 0) != 0 || fsync(fd) != 0) {
-        seterr(err, errlen, "%s: %s", tmp, strerror(errno));
-        rc = KVS_IO;
-        goto fail;
+    uint64_t end = sizeof h;
+    if (pwrite_all(fd, h, sizeof h, 0) != 0) {
+        goto io_fail;
     }
-    if (link(tmp, path) != 0) {
+    for (size_t i = 0; i < n_head; i++) {
+        size_t n = head[i].len + KVS_SESSLOG_RECORD_OVERHEAD;
+        unsigned char *nr = realloc(rec, n);
+        if (nr == NULL) {
+            rc = KVS_NO_MEMORY;
+            goto fail;
+        }
+        rec = nr;
+        if (head[i].len > 0) {
+            memcpy(rec + 8, head[i].payload, head[i].len);
+        }
+        record_frame(rec, head[i].type, (uint32_t)head[i].len);
+        if (pwrite_all(fd, rec, n, end) != 0) {
+            goto io_fail;
+        }
+        end += n;
+    }
+    if (fsync(fd) != 0) {
+        goto io_fail;
+    }
+    if (replace ? rename(tmp, path) != 0 : link(tmp, path) != 0) {
         int e = errno;
         seterr(err, errlen, "%s: %s", path, strerror(e));
         rc = e == EEXIST ? KVS_ALREADY_EXISTS : KVS_IO;
@@ -735,24 +775,53 @@ int kvs_sesslog_create(const char *dir, const char *session_id,
     }
     if (fsync_dir(dir) != 0) {
         seterr(err, errlen, "%s: directory fsync: %s", dir, strerror(errno));
-        unlink(path);
+        if (!replace) {
+            unlink(path);
+        } /* replace: the new log is in place or the old one is; neither is half-written */
         rc = KVS_IO;
         goto fail;
     }
-    unlink(tmp); /* a leftover is harmless: nothing reads <id>.log.tmp */
-    rc = log_new(dir, session_id, ident, policy, fd, KVS_SESSLOG_HEADER_BYTES, out);
+    if (!replace) {
+        unlink(tmp); /* a leftover is harmless: nothing reads <id>.log.tmp */
+    }
+    rc = log_new(dir, session_id, ident, policy, fd, end, out);
     if (rc != KVS_OK) {
-        unlink(path);
-        fsync_dir(dir);
-        close(fd);
-        return rc;
+        goto fail;
     }
     (*out)->st.n_syncs = 1;
+    free(rec);
+    if (old_fd >= 0) {
+        close(old_fd);
+    }
     return KVS_OK;
+io_fail:
+    seterr(err, errlen, "%s: %s", tmp, strerror(errno));
+    rc = KVS_IO;
 fail:
-    close(fd);
+    free(rec);
+    if (fd >= 0) {
+        close(fd);
+    }
+    if (old_fd >= 0) {
+        close(old_fd);
+    }
     unlink(tmp);
     return rc;
+}
+
+int kvs_sesslog_create(const char *dir, const char *session_id,
+                       const struct kvs_log_identity *ident, enum kvs_fsync_policy policy,
+                       kvs_sesslog **out, char *err, size_t errlen)
+{
+    return fresh_log(dir, session_id, ident, policy, NULL, 0, false, out, err, errlen);
+}
+
+int kvs_sesslog_replace(const char *dir, const char *session_id,
+                        const struct kvs_log_identity *ident, enum kvs_fsync_policy policy,
+                        const struct kvs_log_record *head, size_t n_head, kvs_sesslog **out,
+                        char *err, size_t errlen)
+{
+    return fresh_log(dir, session_id, ident, policy, head, n_head, true, out, err, errlen);
 }
 
 int kvs_sesslog_open_replay(const char *dir, const char *session_id,
@@ -994,14 +1063,9 @@ void kvs_sesslog_close(kvs_sesslog **plog)
 
 /* ---- compaction ---- */
 
-int kvs_sesslog_rewrite(kvs_sesslog *log, const struct kvs_log_record *head, size_t n_head,
-                        uint64_t keep_from_offset)
+static int check_head(const struct kvs_log_record *head, size_t n_head)
 {
-    assert(log != NULL);
-    int rc = KVS_OK, fd = -1;
-    struct reader r = {.fd = log->fd, .size = log->end};
-    if (keep_from_offset < KVS_SESSLOG_HEADER_BYTES || keep_from_offset > log->end ||
-        (n_head > 0 && head == NULL)) {
+    if (n_head > 0 && head == NULL) {
         return KVS_INVALID_ARGUMENT;
     }
     for (size_t i = 0; i < n_head; i++) {
@@ -1013,6 +1077,20 @@ int kvs_sesslog_rewrite(kvs_sesslog *log, const struct kvs_log_record *head, siz
             return KVS_TOO_LARGE;
         }
     }
+    return KVS_OK;
+}
+
+int kvs_sesslog_rewrite(kvs_sesslog *log, const struct kvs_log_record *head, size_t n_head,
+                        uint64_t keep_from_offset)
+{
+    assert(log != NULL);
+    int rc = KVS_OK, fd = -1;
+    struct reader r = {.fd = log->fd, .size = log->end};
+    if (keep_from_offset < KVS_SESSLOG_HEADER_BYTES || keep_from_offset > log->end ||
+        (n_head > 0 && head == NULL)) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    KVS_TRY(check_head(head, n_head));
     if (log->tail_dirty) {
         cut_tail(log);
         if (log->tail_dirty) {

@@ -107,7 +107,8 @@ typedef struct kvs_sesslog kvs_sesslog;
  * fsynced before it returns (whatever the policy). *out is an open log for appending;
  * caller frees with kvs_sesslog_close.
  * Errors: KVS_INVALID_ARGUMENT (bad id, identity, policy or a path over PATH_MAX),
- * KVS_ALREADY_EXISTS (a log for this id exists), KVS_IO (with errno text in err),
+ * KVS_ALREADY_EXISTS (a log for this id exists), KVS_IO (with errno text in err; a
+ * missing data directory too), KVS_BUSY (another create of this id in progress),
  * KVS_NO_MEMORY. On error nothing is left behind but possibly `<id>.log.tmp`. */
 int kvs_sesslog_create(const char *dir, const char *session_id,
                        const struct kvs_log_identity *ident, enum kvs_fsync_policy policy,
@@ -220,6 +221,20 @@ struct kvs_log_record {
  * the new log is in use and the next appends retry the directory fsync first. */
 int kvs_sesslog_rewrite(kvs_sesslog *log, const struct kvs_log_record *head, size_t n_head,
                         uint64_t keep_from_offset);
+
+/* Start the session's log afresh whatever is there (nothing, a log corrupt in the middle,
+ * or a log superseded by a snapshot restored from elsewhere): header + head[0..n_head) are
+ * written to `<id>.log.tmp`, fsynced and renamed over `<id>.log`, and the directory is
+ * fsynced, so a crash leaves the old file or the new one. *out is open for appending.
+ * This is the recovery path after KVS_BAD_FORMAT / KVS_REPLAY_CORRUPT: rebuild the session
+ * from its snapshot and the good records, then replace the log with records that describe
+ * that state (e.g. CREATE + SNAPSHOT).
+ * Errors: KVS_INVALID_ARGUMENT, KVS_TOO_LARGE, KVS_BUSY (the existing log is open),
+ * KVS_IO, KVS_NO_MEMORY: the old file, if any, is untouched. */
+int kvs_sesslog_replace(const char *dir, const char *session_id,
+                        const struct kvs_log_identity *ident, enum kvs_fsync_policy policy,
+                        const struct kvs_log_record *head, size_t n_head, kvs_sesslog **out,
+                        char *err, size_t errlen);
 
 /* Close (syncing first under ALWAYS/EVERYSEC if anything is unsynced; an error there is
  * only logged). Accepts NULL and *log == NULL; sets *log to NULL. */
