@@ -469,6 +469,10 @@ START_TEST(test_attention)
         {8, 8, 64, 2, {70, 129}, {60, 100}},
         {16, 2, 64, 4, {65, 64, 63, 2}, {64, 63, 62, 1}}, /* four decode rows, four seqs */
         {4, 4, 80, 1, {100}, {50}},
+        /* decode path: groups of hd/8 lanes that leave the cell loop at different steps */
+        {8, 4, 64, 1, {777}, {776}},
+        {4, 2, 16, 2, {33, 50}, {32, 48}},
+        {8, 1, 128, 3, {1, 2000, 4100}, {0, 1999, 4099}}, /* G = 8 */
         /* fallback path: head dims over 128, group sizes that do not divide 64 */
         {6, 2, 32, 2, {50, 90}, {40, 80}},
         {2, 2, 256, 1, {77}, {70}},

@@ -31,7 +31,7 @@ git rev-parse HEAD >"$OUT/commit.txt" 2>/dev/null
 timeout 300 "$B"/bench_cuda ${KVS_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; rc3=${PIPESTATUS[0]}
 rc4=skipped
 if [ "${KVS_SANITIZE_GPU:-0}" = 1 ]; then
-  CK_RUN_CASE=ops timeout 240 compute-sanitizer --tool memcheck --leak-check no \
+  CK_RUN_CASE=ops timeout 120 compute-sanitizer --tool memcheck --leak-check no \
     "$B"/test_cuda_parity >"$OUT/memcheck.log" 2>&1; rc4=$?
   tail -3 "$OUT/memcheck.log"
 fi

@@ -15,6 +15,9 @@
  * SMs, grid.z splits each sub-tile's KV tiles evenly; each split writes (acc, m, l) and a
  * combine kernel merges them: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
  *
+ * Decode path (at most KVS_CUDA_DECODE_MAX_ROWS rows): CUDA cores, one block per (row, KV
+ * head, split), many splits; see attn_decode_kernel.
+ *
  * Fallback (other head dims or group sizes): one warp per (row, head, split), fp32 all the
  * way, cell by cell. Both paths raise the device flag on a block id outside the pool or a
  * row without context (reported by sync). */
@@ -124,32 +127,40 @@ static __host__ __device__ inline tc_smem tc_layout(int hd)
     return L;
 }
 
-/* Load KV tile kt of a sub-tile (cells kt*64 ..) into registers; cells past n_ctx are zero. */
+/* Load KV tile kt of a sub-tile (cells kt*64 ..) into registers; cells past n_ctx are zero.
+ * Block ids first, all loads in flight at once, then the K/V loads (no chain of latencies). */
 static __device__ __forceinline__ void tc_fetch(const attn_args &a, const __nv_bfloat16 *kb,
-                                                const __nv_bfloat16 *vb, const int32_t *table,
-                                                int32_t n_ctx, int32_t kt, uint4 (&rk)[CH_MAX],
+                                                const __nv_bfloat16 *vb,
+                                                const int32_t *__restrict__ table, int32_t n_ctx,
+                                                int32_t kt, uint4 (&rk)[CH_MAX],
                                                 uint4 (&rv)[CH_MAX])
 {
     const int cpr = a.hd / 8;
+    int32_t blk[CH_MAX];
 #pragma unroll
     for (int u = 0; u < CH_MAX; u++) {
         int j = threadIdx.x + u * ATT_THREADS;
+        int32_t c = kt * TILE_C + j / cpr;
+        blk[u] = (j < TILE_C * cpr && c < n_ctx) ? __ldg(table + c / a.block_size) : -2;
+    }
+    bool bad = false;
+#pragma unroll
+    for (int u = 0; u < CH_MAX; u++) {
+        int j = threadIdx.x + u * ATT_THREADS;
+        int32_t c = kt * TILE_C + j / cpr;
         rk[u] = make_uint4(0, 0, 0, 0);
         rv[u] = make_uint4(0, 0, 0, 0);
-        if (j < TILE_C * cpr) {
-            int32_t c = kt * TILE_C + j / cpr;
-            if (c < n_ctx) {
-                int32_t blk = table[c / a.block_size];
-                if (blk >= 0 && blk < a.n_block) {
-                    size_t off = (size_t)blk * a.block_stride +
-                                 (size_t)(c % a.block_size) * a.hd + (size_t)(j % cpr) * 8;
-                    rk[u] = *(const uint4 *)(kb + off);
-                    rv[u] = *(const uint4 *)(vb + off);
-                } else {
-                    *a.flag = 1;
-                }
-            }
+        if (blk[u] >= 0 && blk[u] < a.n_block) {
+            size_t off = (size_t)blk[u] * a.block_stride + (size_t)(c % a.block_size) * a.hd +
+                         (size_t)(j % cpr) * 8;
+            rk[u] = __ldg((const uint4 *)(kb + off));
+            rv[u] = __ldg((const uint4 *)(vb + off));
+        } else if (blk[u] != -2) {
+            bad = true;
         }
+    }
+    if (bad) {
+        *a.flag = 1;
     }
 }
 
@@ -321,6 +332,150 @@ static __global__ void __launch_bounds__(ATT_THREADS) attn_tc_kernel(attn_args a
     }
 }
 
+/* ---- decode path: few rows, CUDA cores, many splits ---------------------------------------- */
+
+/* grid (n_rows, n_kv_head, n_split), 4 warps. A "lane group" of hd/8 lanes takes one cell at a
+ * time (each lane 8 dims: one 16-byte load of K and one of V), for all G query heads of the
+ * KV head at once (G a template argument: 1, 2, 4 or 8); the groups of the block stride over the split's cells, each keeping its own
+ * online softmax (m, l, acc), merged through shared memory at the end. Memory-bound: every K
+ * and V byte of the row's context is read once per KV head. */
+#define DEC_THREADS 128
+
+/* Fold one cell (its K and V slices, already loaded) into the group's online softmax. */
+template <int G>
+static __device__ __forceinline__ void dec_cell(const uint4 &kr, const uint4 &vr, int lpc,
+                                                unsigned gmask,
+                                                const float (&q)[G][8], float (&acc)[G][8],
+                                                float (&m)[G], float (&l)[G])
+{
+    float kf[8], vf[8];
+    const __nv_bfloat162 *k2 = (const __nv_bfloat162 *)&kr, *v2 = (const __nv_bfloat162 *)&vr;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 t = __bfloat1622float2(k2[i]), u = __bfloat1622float2(v2[i]);
+        kf[2 * i] = t.x;
+        kf[2 * i + 1] = t.y;
+        vf[2 * i] = u.x;
+        vf[2 * i + 1] = u.y;
+    }
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            s += q[g][i] * kf[i];
+        }
+        for (int o = lpc / 2; o > 0; o >>= 1) {
+            s += __shfl_xor_sync(gmask, s, o, lpc);
+        }
+        float mn = fmaxf(m[g], s);
+        float corr = __expf(m[g] - mn); /* 0 when m was -inf */
+        float p = __expf(s - mn);
+        l[g] = l[g] * corr + p;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            acc[g][i] = acc[g][i] * corr + p * vf[i];
+        }
+        m[g] = mn;
+    }
+}
+
+template <int G>
+static __global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(attn_args a)
+{
+    extern __shared__ __align__(16) float dsm[]; /* (n_groups, G, hd + 2) */
+    const int32_t row = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, hd = a.hd;
+    const int lpc = hd / 8, n_groups = DEC_THREADS / lpc;
+    const int grp = threadIdx.x / lpc, gl = threadIdx.x % lpc; /* group, lane in group */
+    /* groups of one warp may leave the cell loop at different steps: shuffles name only the
+     * group's own lanes */
+    const unsigned gmask =
+        lpc == 32 ? 0xffffffffu : ((1u << lpc) - 1u) << ((threadIdx.x & 31) / lpc * lpc);
+    const int32_t n_ctx = a.row_ctx[row];
+    const int32_t *__restrict__ table = a.tables + a.row_table[row];
+    const __nv_bfloat16 *kb = a.k + (size_t)kvh * a.head_stride + gl * 8;
+    const __nv_bfloat16 *vb = a.v + (size_t)kvh * a.head_stride + gl * 8;
+    float q[G][8], acc[G][8], m[G], l[G];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            acc[g][i] = 0.0f;
+            q[g][i] = a.q[((int64_t)row * a.n_head + kvh * G + g) * hd + gl * 8 + i] * a.scale;
+        }
+    }
+    int32_t kt0, kt1;
+    split_range(n_ctx, a.n_split, split, &kt0, &kt1);
+    const int32_t c1 = min(kt1 * TILE_C, n_ctx);
+    bool bad = false;
+    /* two cells per group per step: both loads in flight before either is used */
+    for (int32_t c = kt0 * TILE_C + grp; c < c1; c += 2 * n_groups) {
+        const int32_t c2 = c + n_groups;
+        int32_t b1 = __ldg(table + c / a.block_size);
+        int32_t b2 = c2 < c1 ? __ldg(table + c2 / a.block_size) : -2;
+        bool ok1 = b1 >= 0 && b1 < a.n_block, ok2 = b2 >= 0 && b2 < a.n_block;
+        bad |= !ok1 || (b2 != -2 && !ok2);
+        uint4 k1 = make_uint4(0, 0, 0, 0), v1 = k1, k2 = k1, v2 = k1;
+        if (ok1) {
+            size_t off = (size_t)b1 * a.block_stride + (size_t)(c % a.block_size) * hd;
+            k1 = __ldg((const uint4 *)(kb + off));
+            v1 = __ldg((const uint4 *)(vb + off));
+        }
+        if (ok2) {
+            size_t off = (size_t)b2 * a.block_stride + (size_t)(c2 % a.block_size) * hd;
+            k2 = __ldg((const uint4 *)(kb + off));
+            v2 = __ldg((const uint4 *)(vb + off));
+        }
+        /* the whole group shares c, so ok1/ok2 are uniform within the group */
+        if (ok1) {
+            dec_cell<G>(k1, v1, lpc, gmask, q, acc, m, l);
+        }
+        if (ok2) {
+            dec_cell<G>(k2, v2, lpc, gmask, q, acc, m, l);
+        }
+    }
+    if (bad) {
+        *a.flag = 1;
+    }
+    /* merge the groups: each writes its state, then threads own (g, d) outputs */
+    const int stride = hd + 2;
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        float *st = dsm + ((size_t)grp * G + g) * stride;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            st[gl * 8 + i] = acc[g][i];
+        }
+        if (gl == 0) {
+            st[hd] = m[g];
+            st[hd + 1] = l[g];
+        }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < G * hd; e += DEC_THREADS) {
+        int g = e / hd, d = e % hd;
+        float M = -INFINITY;
+        for (int k = 0; k < n_groups; k++) {
+            const float *st = dsm + ((size_t)k * G + g) * stride;
+            if (st[hd + 1] > 0.0f) {
+                M = fmaxf(M, st[hd]);
+            }
+        }
+        float Ls = 0.0f, o = 0.0f;
+        for (int k = 0; k < n_groups; k++) {
+            const float *st = dsm + ((size_t)k * G + g) * stride;
+            if (st[hd + 1] > 0.0f) {
+                float w = __expf(st[hd] - M);
+                Ls += st[hd + 1] * w;
+                o += st[d] * w;
+            }
+        }
+        write_result(a, row, kvh * G + g, split, d, o, M, Ls);
+    }
+}
+
 /* ---- fallback: one warp per (row, head, split), fp32 -------------------------------------- */
 
 #define SIMPLE_MAX_PER_LANE 32 /* head_dim <= 1024 */
@@ -466,12 +621,18 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
     a.block_stride = kv->block_stride;
     a.scale = scale;
 
-    const bool tc = a.hd % 16 == 0 && a.hd <= MAX_TC_DIM && TILE_Q % a.group == 0 &&
+    /* decode path: few rows (each row reads its own KV), head dims whose 8-dim slices tile a
+     * warp, GQA groups up to DEC_MAX_G */
+    const bool dec = a.n_rows <= KVS_CUDA_DECODE_MAX_ROWS && a.hd % 8 == 0 &&
+                     32 % (a.hd / 8) == 0 &&
+                     (a.group == 1 || a.group == 2 || a.group == 4 || a.group == 8);
+    const bool tc = !dec && a.hd % 16 == 0 && a.hd <= MAX_TC_DIM && TILE_Q % a.group == 0 &&
                     tc_layout(a.hd).total <= c->smem_optin;
-    int64_t n_units = tc ? (int64_t)((a.n_rows + TILE_Q / a.group - 1) / (TILE_Q / a.group)) *
-                               a.n_kv_head
-                         : (int64_t)a.n_rows * n_head / 4;
-    int64_t want = 2 * (int64_t)c->n_sm;
+    int64_t n_units = dec  ? (int64_t)a.n_rows * a.n_kv_head
+                      : tc ? (int64_t)((a.n_rows + TILE_Q / a.group - 1) / (TILE_Q / a.group)) *
+                                 a.n_kv_head
+                           : (int64_t)a.n_rows * n_head / 4;
+    int64_t want = (dec ? 4 : 2) * (int64_t)c->n_sm;
     a.n_split = n_units >= want ? 1 : (int32_t)((want + n_units - 1) / n_units);
     if (a.n_split > MAX_SPLIT) {
         a.n_split = MAX_SPLIT;
@@ -481,10 +642,26 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
         KVS_TRY(kvs_cuda_buf_reserve(&c->partial, need));
         a.partial = (float *)c->partial.p;
     }
-    if (tc) {
+    if (dec) {
+        size_t smem = (size_t)(DEC_THREADS / (a.hd / 8)) * a.group * (a.hd + 2) * sizeof(float);
+        dim3 grid((unsigned)a.n_rows, (unsigned)a.n_kv_head, (unsigned)a.n_split);
+        switch (a.group) {
+        case 1: attn_decode_kernel<1><<<grid, DEC_THREADS, smem, c->stream>>>(a); break;
+        case 2: attn_decode_kernel<2><<<grid, DEC_THREADS, smem, c->stream>>>(a); break;
+        case 4: attn_decode_kernel<4><<<grid, DEC_THREADS, smem, c->stream>>>(a); break;
+        default: attn_decode_kernel<8><<<grid, DEC_THREADS, smem, c->stream>>>(a); break;
+        }
+    } else if (tc) {
         size_t smem = tc_layout(a.hd).total;
-        CU_TRY(cudaFuncSetAttribute(attn_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)smem));
+        if (!c->attn_smem_set) {
+            CU_TRY(cudaFuncSetAttribute(attn_tc_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+            c->attn_smem_set = smem;
+        } else if (smem > c->attn_smem_set) {
+            CU_TRY(cudaFuncSetAttribute(attn_tc_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+            c->attn_smem_set = smem;
+        }
         dim3 grid((unsigned)((a.n_rows + TILE_Q / a.group - 1) / (TILE_Q / a.group)),
                   (unsigned)a.n_kv_head, (unsigned)a.n_split);
         attn_tc_kernel<<<grid, ATT_THREADS, smem, c->stream>>>(a);
@@ -500,5 +677,3 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
     return 0;
 }
 
-/* For the tests: force the fallback path or a split count (0 = automatic). Not in the
- * public header; declared where used. */

@@ -14,7 +14,9 @@
  *     bandwidth-bound GEMV kernel reading x in f32, more through cuBLAS (x rounded to bf16).
  *   - KV: bf16 only (layout dtype must be KVS_DTYPE_BF16), laid out as the CPU's:
  *     (n_layer, n_block, n_kv_head, block_size, head_dim) for K and for V.
- *   - attention: flash-attention style on tensor cores (bf16 Q, K, P, V; fp32 scores and
+ *   - attention: batches of at most KVS_CUDA_DECODE_MAX_ROWS rows take a decode kernel (CUDA
+ *     cores, fp32, split over the context into many pieces: flash decoding); larger batches
+ *     flash-attention style on tensor cores (bf16 Q, K, P, V; fp32 scores and
  *     accumulators), split over the context (flash decoding) when the batch alone does not
  *     fill the GPU; a plain fp32 kernel for head dims the tensor-core path does not take.
  *   - bad indices inside backend memory (row_slot, block tables) cannot be checked on the
@@ -35,7 +37,8 @@ extern "C" {
 
 #include "kernels/backend.h"
 
-#define KVS_CUDA_GEMV_MAX_ROWS 8 /* matmuls of at most this many rows skip cuBLAS */
+#define KVS_CUDA_GEMV_MAX_ROWS 8   /* matmuls of at most this many rows skip cuBLAS */
+#define KVS_CUDA_DECODE_MAX_ROWS 8 /* attention batches of at most this many rows: decode path */
 
 /* Number of usable CUDA devices (>= 0). On any runtime error returns 0 and writes the
  * runtime's message into why (if whylen > 0). */
