@@ -62,6 +62,9 @@ struct ids {
 
 static int ids_push(struct ids *b, const int32_t *x, size_t n)
 {
+    if (n == 0) {
+        return KVS_OK;
+    }
     if (b->n + n > b->cap) {
         size_t cap = b->cap ? b->cap : 64;
         while (cap < b->n + n) {
@@ -164,6 +167,9 @@ static int frame_question(const kvs_session *s, struct ids *b, const char *text,
 
 static int record_tokens(kvs_session *s, const int32_t *ids, int64_t n)
 {
+    if (n == 0) {
+        return KVS_OK;
+    }
     if (s->n_tokens + n > s->cap_tokens) {
         int64_t cap = s->cap_tokens ? s->cap_tokens : 256;
         while (cap < s->n_tokens + n) {
@@ -540,7 +546,9 @@ static int run_query(kvs_session *s, const int32_t *q, int32_t nq, const struct 
             rc = KVS_NO_MEMORY;
             goto out;
         }
-        memcpy(prompt, s->tokens, (size_t)ctx * sizeof *prompt);
+        if (ctx > 0) {
+            memcpy(prompt, s->tokens, (size_t)ctx * sizeof *prompt);
+        }
         memcpy(prompt + ctx, q, (size_t)nq * sizeof *prompt);
     } else {
         fork = kvs_pool_seq_fork(e->pool, s->seq);

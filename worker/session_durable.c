@@ -39,7 +39,7 @@ struct wbuf {
 
 static void put(struct wbuf *w, const void *x, size_t n)
 {
-    if (w->oom) {
+    if (w->oom || n == 0) {
         return;
     }
     if (w->n + n > w->cap) {

@@ -59,17 +59,21 @@ N_GEN = 64
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n-batch", type=int, default=512,
+                    help="llama.cpp batch (and ubatch) size for the teacher-forced pass")
     ap.add_argument("--model", default=os.path.expanduser(
         "~/.cache/kvstream/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("-o", "--out", default=os.path.join(os.path.dirname(__file__), "..", "data",
                                                         "llamacpp", "smollm2-q4_1.json"))
     args = ap.parse_args()
     sha = hashlib.sha256(open(args.model, "rb").read()).hexdigest()
-    llm = llama_cpp.Llama(model_path=args.model, n_ctx=1024, n_batch=512, n_threads=2,
-                          logits_all=True, verbose=False, flash_attn=False)
+    llm = llama_cpp.Llama(model_path=args.model, n_ctx=1024, n_batch=args.n_batch,
+                          n_ubatch=args.n_batch, n_threads=2, logits_all=True, verbose=False,
+                          flash_attn=False)
     add_bos = llm._model.add_bos_token() if hasattr(llm._model, "add_bos_token") else None
     out = {"llama_cpp_python": llama_cpp.__version__, "model_sha256": sha,
-           "settings": {"n_ctx": 1024, "n_batch": 512, "n_threads": 2, "kv_type": "f16",
+           "settings": {"n_ctx": 1024, "n_batch": args.n_batch, "n_ubatch": args.n_batch,
+                        "n_threads": 2, "kv_type": "f16",
                         "flash_attn": False, "add_bos": bool(add_bos), "topk": TOPK,
                         "n_gen": N_GEN, "special": True},
            "prompts": []}
