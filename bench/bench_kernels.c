@@ -215,17 +215,20 @@ int main(int argc, char **argv)
     static const int64_t layer_shapes[7][2] = {{576, 576},   {192, 576},  {192, 576}, {576, 576},
                                                {1536, 576},  {1536, 576}, {576, 1536}};
     enum { N_LAYER = 30 };
-    for (size_t ti = 0; ti < 2; ti++) {
+    /* ti 2 = the real default model: Q4_1 layers, Q8_0 tied embedding/output */
+    for (size_t ti = 0; ti < 3; ti++) {
+        uint32_t layer_type = ti == 2 ? KVS_DTYPE_Q4_1 : types[ti];
+        uint32_t out_type = ti == 2 ? KVS_DTYPE_Q8_0 : types[ti];
         for (int t = 0; t < 2; t++) {
             kvs_backend *b = bk[t];
             struct kvs_weight *ws = malloc(sizeof(struct kvs_weight) * (N_LAYER * 7 + 1));
             double bytes = 0.0, macs = 0.0;
             for (int l = 0; l < N_LAYER; l++) {
                 for (int i = 0; i < 7; i++) {
-                    ws[l * 7 + i] = make_weight(b, types[ti], layer_shapes[i][0], layer_shapes[i][1]);
+                    ws[l * 7 + i] = make_weight(b, layer_type, layer_shapes[i][0], layer_shapes[i][1]);
                 }
             }
-            ws[N_LAYER * 7] = make_weight(b, types[ti], 49152, 576);
+            ws[N_LAYER * 7] = make_weight(b, out_type, 49152, 576);
             for (int i = 0; i < N_LAYER * 7 + 1; i++) {
                 bytes += (double)ws[i].row_bytes * (double)ws[i].n_out;
                 macs += (double)ws[i].n_in * (double)ws[i].n_out;
@@ -245,7 +248,8 @@ int main(int argc, char **argv)
             }
             printf("\ndecode token matmuls %s, %d thread(s): %.3f ms mean, %.3f ms best "
                    "(%.1f M MACs, %.1f MB of weights, %.1f GB/s, %.0f tok/s bound)\n",
-                   kvs_dtype_name(types[ti]), t + 1, sum / reps * 1e3, best * 1e3, macs / 1e6,
+                   ti == 2 ? "Q4_1+Q8_0 out (default model)" : kvs_dtype_name(types[ti]), t + 1,
+                   sum / reps * 1e3, best * 1e3, macs / 1e6,
                    bytes / 1e6, bytes / (sum / reps) / 1e9, reps / sum);
             for (int i = 0; i < N_LAYER * 7 + 1; i++) {
                 b->ops->weight_free(b, &ws[i]);
