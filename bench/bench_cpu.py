@@ -42,10 +42,15 @@ def run_llamacpp(llm, text, n_gen):
     llm.eval(ids)
     t1 = time.perf_counter()
     import numpy as np
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    n_vocab = llm.n_vocab()
+
+    def last_logits():  # the last row llama.cpp computed (logits_all is off, as in serving)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+
+    tok = int(np.argmax(last_logits()))
     for _ in range(n_gen - 1):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
     t2 = time.perf_counter()
     return len(ids), len(ids) / (t1 - t0), (n_gen - 1) / (t2 - t1)
 
