@@ -3,6 +3,7 @@
  * semantics, context policies, capacity and bad input. Runs on a tiny 2-layer model with the
  * SmolLM2 tokenizer, written by tests/tools/make_tiny_gguf.py. */
 #include <check.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -372,6 +373,7 @@ START_TEST(test_slide)
     ck_assert_int_eq(kvs_sessions_new(e, &(struct kvs_sessions_opts){0}, &S), 0);
     char err[256], text[512];
     int same = 0, cases = 0;
+    double kl_sum = 0, kl_max = 0;
     for (int seed = 1; seed <= 10; seed++) {
         rs = (uint64_t)seed * 104729;
         kvs_session *s, *f;
@@ -409,6 +411,38 @@ START_TEST(test_slide)
         struct kvs_append_result r;
         ck_assert_int_eq(kvs_session_append_tokens(f, kept + np, (int32_t)(in.cells_used - np), 0,
                                                    0, &r, err, sizeof err), 0);
+        /* next-token distributions after the question, slid vs fresh: KL(fresh || slid) */
+        {
+            int32_t q[16];
+            size_t nq = 0;
+            ck_assert_int_eq(kvs_tokenizer_encode(e->tok, "Last:", 5, false, false, q, 16, &nq), 0);
+            int32_t nv = (int32_t)e->model->hp.n_vocab;
+            float *la = malloc((size_t)nv * sizeof *la), *lb = malloc((size_t)nv * sizeof *lb);
+            kvs_seq *fa = kvs_pool_seq_fork(e->pool, kvs_session_seq(s));
+            kvs_seq *fb = kvs_pool_seq_fork(e->pool, kvs_session_seq(f));
+            ck_assert_int_eq(kvs_engine_prefill(e, fa, q, (int32_t)nq, NULL, la), 0);
+            ck_assert_int_eq(kvs_engine_prefill(e, fb, q, (int32_t)nq, NULL, lb), 0);
+            double ma = la[0], mb = lb[0], za = 0, zb = 0, kl = 0;
+            for (int32_t v = 0; v < nv; v++) {
+                ma = la[v] > ma ? la[v] : ma;
+                mb = lb[v] > mb ? lb[v] : mb;
+            }
+            for (int32_t v = 0; v < nv; v++) {
+                za += exp(la[v] - ma);
+                zb += exp(lb[v] - mb);
+            }
+            for (int32_t v = 0; v < nv; v++) {
+                double pb = exp(lb[v] - mb) / zb;
+                double lpa = la[v] - ma - log(za), lpb = lb[v] - mb - log(zb);
+                kl += pb * (lpb - lpa);
+            }
+            kl_sum += kl;
+            kl_max = kl > kl_max ? kl : kl_max;
+            kvs_pool_seq_release(e->pool, &fa);
+            kvs_pool_seq_release(e->pool, &fb);
+            free(la);
+            free(lb);
+        }
         struct kvs_query_opts qo = {.sampling = kvs_sampling_default(), .max_tokens = 8};
         struct kvs_answer a, b;
         ck_assert_int_eq(kvs_session_query(s, "Last:", 5, &qo, NULL, NULL, &a, err, sizeof err), 0);
@@ -421,8 +455,9 @@ START_TEST(test_slide)
         ck_assert_int_eq(kvs_session_close(S, "slide"), 0);
         ck_assert_int_eq(kvs_session_close(S, "fresh"), 0);
     }
-    printf("slide: greedy answers equal to a fresh session on the kept tokens in %d/%d cases\n",
-           same, cases);
+    printf("slide: greedy answers equal to a fresh session on the kept tokens in %d/%d cases; "
+           "next-token KL(fresh || slid) mean %.2e, max %.2e\n",
+           same, cases, kl_sum / cases, kl_max);
     ck_assert_int_ge(same * 10, cases * 8);
     ck_assert_int_eq(kvs_pool_n_free(e->pool), kvs_pool_n_blocks(e->pool));
     kvs_sessions_destroy(&S);
