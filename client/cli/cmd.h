@@ -8,6 +8,7 @@
 int kvs_cmd_tokenize(int argc, char **argv);
 int kvs_cmd_inspect(int argc, char **argv);
 int kvs_cmd_generate(int argc, char **argv);
+int kvs_cmd_demo(int argc, char **argv);
 
 /* Print "kvstream <cmd>: <message>\n" on standard error. */
 #if defined(__GNUC__)

@@ -13,6 +13,7 @@ struct command {
 };
 
 static const struct command commands[] = {
+    {"demo", kvs_cmd_demo, "stream a synthetic market feed into sessions, with flash queries"},
     {"generate", kvs_cmd_generate, "generate text from a prompt (stateless, one shot)"},
     {"tokenize", kvs_cmd_tokenize, "tokenize JSON strings read one per line from stdin"},
     {"inspect", kvs_cmd_inspect, "print a model file's metadata, or why it is refused"},
