@@ -167,12 +167,18 @@ kvs_seq *kvs_pool_seq_new(kvs_pool *pool)
 
 kvs_seq *kvs_pool_seq_fork(kvs_pool *pool, const kvs_seq *src)
 {
+    return kvs_pool_seq_fork_n(pool, src, src->n_cells);
+}
+
+kvs_seq *kvs_pool_seq_fork_n(kvs_pool *pool, const kvs_seq *src, int32_t n_cells)
+{
+    assert(n_cells >= 0 && n_cells <= src->n_cells);
     kvs_seq *s = calloc(1, sizeof *s);
     if (s == NULL) {
         return NULL;
     }
-    /* Share only blocks holding committed cells; unused reservations stay with src. */
-    int32_t used = (src->n_cells + pool->block_size - 1) / pool->block_size;
+    /* Share only blocks holding the visible cells; the rest stays with src. */
+    int32_t used = (n_cells + pool->block_size - 1) / pool->block_size;
     if (grow_table(s, used) < 0) {
         free(s);
         return NULL;
@@ -184,7 +190,7 @@ kvs_seq *kvs_pool_seq_fork(kvs_pool *pool, const kvs_seq *src)
         pool->refcount[s->table[i]]++;
     }
     s->n_blocks = used;
-    s->n_cells = src->n_cells;
+    s->n_cells = n_cells;
     return s;
 }
 

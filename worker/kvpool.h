@@ -64,6 +64,10 @@ kvs_seq *kvs_pool_seq_new(kvs_pool *pool);
  * allocation failure (nothing changed). */
 kvs_seq *kvs_pool_seq_fork(kvs_pool *pool, const kvs_seq *src);
 
+/* A fork of the first n_cells cells of src (n_cells <= src->n_cells): the view a query
+ * takes while src is still being extended by an append in progress. NULL on failure. */
+kvs_seq *kvs_pool_seq_fork_n(kvs_pool *pool, const kvs_seq *src, int32_t n_cells);
+
 /* Drop a seq's references (blocks whose refcount reaches 0 return to the free list) and
  * free it. Accepts NULL and *seq == NULL; sets *seq to NULL. */
 void kvs_pool_seq_release(kvs_pool *pool, kvs_seq **seq);

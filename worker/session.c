@@ -41,7 +41,7 @@ static bool valid_name(const char *s, size_t max)
     return true;
 }
 
-static int32_t blocks_for(const kvs_sessions *S, int64_t cells)
+int32_t kvs_sess_blocks_for(const kvs_sessions *S, int64_t cells)
 {
     int32_t bs = kvs_pool_block_size(S->e->pool);
     /* + 1: a fork's copy-on-write of a shared partial tail */
@@ -163,6 +163,20 @@ static int frame_question(const kvs_session *s, struct ids *b, const char *text,
         return tok_templated(s->S, b, 1, text, len, false);
     }
     return tok_append(s->S->e, b, text, len, false, false);
+}
+
+int kvs_sess_frame(const kvs_session *s, bool question, const char *text, size_t len,
+                   int32_t **ids, int64_t *n)
+{
+    struct ids b = {0};
+    int rc = question ? frame_question(s, &b, text, len) : frame_record(s, &b, text, len);
+    if (rc < 0) {
+        free(b.v);
+        return rc;
+    }
+    *ids = b.v;
+    *n = (int64_t)b.n;
+    return KVS_OK;
 }
 
 static int record_tokens(kvs_session *s, const int32_t *ids, int64_t n)
@@ -344,7 +358,7 @@ int kvs_sess_new(kvs_sessions *S, const char *id, enum kvs_session_format format
         ERR(KVS_CONTEXT_FULL, "the prefix (%lld tokens) does not fit the budget of %lld cells",
             (long long)n_prefix, (long long)budget);
     }
-    int32_t blocks = blocks_for(S, budget);
+    int32_t blocks = kvs_sess_blocks_for(S, budget);
     if (blocks > kvs_pool_n_blocks(e->pool) - S->reserved_blocks) {
         ERR(KVS_CAPACITY, "a budget of %lld cells does not fit: %lld cells free",
             (long long)budget, (long long)kvs_sessions_cells_free(S));
@@ -530,7 +544,7 @@ static int run_query(kvs_session *s, const int32_t *q, int32_t nq, const struct 
             (long long)ctx, nq, max_tokens, (long long)e->n_ctx);
     }
     /* reserve |question| + max answer (stateless: the whole context again) */
-    int32_t blocks = blocks_for(S, (o->stateless ? ctx : 0) + nq + max_tokens);
+    int32_t blocks = kvs_sess_blocks_for(S, (o->stateless ? ctx : 0) + nq + max_tokens);
     if (blocks > kvs_pool_n_blocks(e->pool) - S->reserved_blocks) {
         ERR(KVS_BUSY, "no KV reserve for a query of %d + %d tokens now",
             nq, max_tokens);
@@ -585,7 +599,7 @@ out:
     return rc;
 }
 
-static int check_query_opts(const struct kvs_query_opts *o, char *err, size_t errlen)
+int kvs_sess_check_query_opts(const struct kvs_query_opts *o, char *err, size_t errlen)
 {
     int rc = kvs_sampling_validate(&o->sampling, err, errlen);
     if (rc < 0) {
@@ -608,7 +622,7 @@ int kvs_session_query(kvs_session *s, const char *question, size_t len,
     if (question == NULL || len == 0) {
         ERR(KVS_INVALID_ARGUMENT, "the question is empty");
     }
-    KVS_TRY(check_query_opts(o, err, errlen));
+    KVS_TRY(kvs_sess_check_query_opts(o, err, errlen));
     struct ids q = {0};
     int rc = frame_question(s, &q, question, len);
     if (rc == 0 && q.n == 0) {
@@ -625,7 +639,7 @@ int kvs_session_query(kvs_session *s, const char *question, size_t len,
 
 /* ---- flash queries ---------------------------------------------------------------------- */
 
-static struct flash *flash_find(kvs_session *s, const char *name)
+struct flash *kvs_sess_flash_find(kvs_session *s, const char *name)
 {
     for (int32_t i = 0; i < s->n_flash; i++) {
         if (strcmp(s->flash[i].name, name) == 0) {
@@ -686,7 +700,7 @@ int kvs_sess_flash_add(kvs_session *s, const char *name, const int32_t *q, int32
         ERR(KVS_INVALID_ARGUMENT, "invalid flash query name (1..%d bytes of [A-Za-z0-9._-])",
             KVS_FLASH_NAME_MAX);
     }
-    if (flash_find(s, name) != NULL) {
+    if (kvs_sess_flash_find(s, name) != NULL) {
         ERR(KVS_ALREADY_EXISTS, "flash query '%s' already exists", name);
     }
     if (s->n_flash >= KVS_FLASH_MAX_PER_SESSION) {
@@ -698,7 +712,7 @@ int kvs_sess_flash_add(kvs_session *s, const char *name, const int32_t *q, int32
     if (o->n_stops > 0) {
         ERR(KVS_INVALID_ARGUMENT, "flash queries take no stop strings");
     }
-    KVS_TRY(check_query_opts(o, err, errlen));
+    KVS_TRY(kvs_sess_check_query_opts(o, err, errlen));
     if (nq <= 0) {
         ERR(KVS_INVALID_ARGUMENT, "the question is empty");
     }
@@ -760,7 +774,7 @@ int kvs_flash_register(kvs_session *s, const char *name, const char *question, s
 
 int kvs_flash_unregister(kvs_session *s, const char *name)
 {
-    struct flash *f = flash_find(s, name);
+    struct flash *f = kvs_sess_flash_find(s, name);
     if (f == NULL) {
         return KVS_NOT_FOUND;
     }
@@ -785,7 +799,7 @@ int kvs_flash_get(kvs_session *s, const char *name, enum kvs_flash_mode mode,
                   struct kvs_answer *a, char *err, size_t errlen)
 {
     memset(a, 0, sizeof *a);
-    struct flash *f = flash_find(s, name);
+    struct flash *f = kvs_sess_flash_find(s, name);
     if (f == NULL) {
         ERR(KVS_NOT_FOUND, "no flash query '%s' on session '%s'", name, s->id);
     }
@@ -844,9 +858,9 @@ static struct client_ack *client_slot(kvs_session *s, uint64_t client_id, bool c
 /* SLIDE: make room for n more cells by evicting whole data blocks after the prefix. */
 static int slide(kvs_session *s, int64_t n, int32_t *evicted, char *err, size_t errlen);
 
-int kvs_sess_append_ids(kvs_session *s, const int32_t *ids, int64_t n, uint64_t client_id,
-                        uint64_t client_seq, struct kvs_append_result *r, char *err,
-                        size_t errlen)
+int kvs_sess_append_begin(kvs_session *s, const int32_t *ids, int64_t n, uint64_t client_id,
+                          uint64_t client_seq, struct kvs_append_result *r, char *err,
+                          size_t errlen)
 {
     memset(r, 0, sizeof *r);
     if (n <= 0) {
@@ -859,13 +873,12 @@ int kvs_sess_append_ids(kvs_session *s, const int32_t *ids, int64_t n, uint64_t 
                 ids[i], (long long)i);
         }
     }
-    struct client_ack *c = NULL;
     if (client_id != 0) {
-        c = client_slot(s, client_id, false);
+        struct client_ack *c = client_slot(s, client_id, false);
         if (c != NULL && client_seq == c->client_seq) {
             *r = c->ack;
             r->duplicate = true;
-            return KVS_OK;
+            return 1;
         }
         if (c != NULL && client_seq != c->client_seq + 1) {
             ERR(KVS_OUT_OF_ORDER, "client sequence %llu after %llu",
@@ -894,22 +907,41 @@ int kvs_sess_append_ids(kvs_session *s, const int32_t *ids, int64_t n, uint64_t 
     if (rc < 0) {
         return rc;
     }
+    r->evicted = evicted;
+    return KVS_OK;
+}
+
+void kvs_sess_append_end(kvs_session *s, int64_t n, uint64_t client_id, uint64_t client_seq,
+                         struct kvs_append_result *r)
+{
+    s->version++;
+    s->appends++;
+    s->appended_total += n;
+    int32_t evicted = r->evicted;
+    *r = (struct kvs_append_result){.version = s->version, .cells = s->seq->n_cells,
+                                    .n_tokens = (int32_t)n, .evicted = evicted};
+    if (client_id != 0) {
+        struct client_ack *c = client_slot(s, client_id, true);
+        c->client_seq = client_seq;
+        c->ack = *r;
+        c->last_used = s->appends;
+    }
+}
+
+int kvs_sess_append_ids(kvs_session *s, const int32_t *ids, int64_t n, uint64_t client_id,
+                        uint64_t client_seq, struct kvs_append_result *r, char *err,
+                        size_t errlen)
+{
+    int rc = kvs_sess_append_begin(s, ids, n, client_id, client_seq, r, err, errlen);
+    if (rc != 0) {
+        return rc < 0 ? rc : KVS_OK; /* 1: a duplicate, answered */
+    }
     rc = prefill(s, ids, n);
     if (rc < 0) {
         s->n_tokens -= n;
         ERR(rc, "append failed: %s", kvs_status_message(rc));
     }
-    s->version++;
-    s->appends++;
-    s->appended_total += n;
-    *r = (struct kvs_append_result){.version = s->version, .cells = s->seq->n_cells,
-                                    .n_tokens = (int32_t)n, .evicted = evicted};
-    if (client_id != 0) {
-        c = client_slot(s, client_id, true);
-        c->client_seq = client_seq;
-        c->ack = *r;
-        c->last_used = s->appends;
-    }
+    kvs_sess_append_end(s, n, client_id, client_seq, r);
     if (!s->S->restoring) {
         flash_after_append(s);
     }

@@ -92,4 +92,20 @@ int kvs_sess_flash_add(kvs_session *s, const char *name, const int32_t *q, int32
                        bool evaluate, char *err, size_t errlen);
 void kvs_sess_free(kvs_session *s);
 
+/* The scheduler's building blocks (worker/sched.c). */
+int32_t kvs_sess_blocks_for(const kvs_sessions *S, int64_t cells);
+int kvs_sess_check_query_opts(const struct kvs_query_opts *o, char *err, size_t errlen);
+struct flash *kvs_sess_flash_find(kvs_session *s, const char *name);
+/* Tokenize text with the record (question = false) or question template; *ids malloc'd. */
+int kvs_sess_frame(const kvs_session *s, bool question, const char *text, size_t len,
+                   int32_t **ids, int64_t *n);
+/* Phase 1 of an append: validate, dedup (returns 1 with *r = the original ack), make room
+ * (policy), log, record the ids. The caller then prefills the last n recorded ids into
+ * s->seq and calls kvs_sess_append_end. */
+int kvs_sess_append_begin(kvs_session *s, const int32_t *ids, int64_t n, uint64_t client_id,
+                          uint64_t client_seq, struct kvs_append_result *r, char *err,
+                          size_t errlen);
+void kvs_sess_append_end(kvs_session *s, int64_t n, uint64_t client_id, uint64_t client_seq,
+                         struct kvs_append_result *r);
+
 #endif
