@@ -402,6 +402,7 @@ int kvs_sess_new(kvs_sessions *S, const char *id, enum kvs_session_format format
         }
     }
     s->n_prefix = s->n_tokens;
+    s->visible = s->seq->n_cells;
     S->all[S->n++] = s;
     *out = s;
     return KVS_OK;
@@ -917,6 +918,7 @@ void kvs_sess_append_end(kvs_session *s, int64_t n, uint64_t client_id, uint64_t
     s->version++;
     s->appends++;
     s->appended_total += n;
+    s->visible = s->seq->n_cells;
     int32_t evicted = r->evicted;
     *r = (struct kvs_append_result){.version = s->version, .cells = s->seq->n_cells,
                                     .n_tokens = (int32_t)n, .evicted = evicted};
@@ -1062,6 +1064,7 @@ int kvs_sess_evict(kvs_session *s, int32_t first, int32_t k, char *err, size_t e
     s->n_tokens -= gone;
     s->evicted += gone;
     s->version++;
+    s->visible = s->seq->n_cells;
     return (int)gone;
 }
 

@@ -406,6 +406,7 @@ static int snap_meta(const void *meta, size_t len, uint32_t n_blocks, size_t blo
         return rc;
     }
     kvs_pool_seq_commit(e->pool, s->seq, (int32_t)n_tokens);
+    s->visible = n_tokens;
     rs->snap_version = version;
     return KVS_OK;
 }

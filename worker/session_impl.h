@@ -51,6 +51,7 @@ struct kvs_session {
     struct kvs_flash_stats fstats;
     struct client_ack *clients;      /* (KVS_CLIENTS_MAX) */
     kvs_sesslog *log;                /* durable append log, or NULL (in memory only) */
+    int64_t visible;                 /* cells of completely appended data (what a query sees) */
     int32_t query_reserve;           /* as created (recorded in the log) */
 };
 

@@ -1,0 +1,384 @@
+/* The scheduler: batching is real (forward calls carry rows of many sessions) and exact
+ * (every greedy answer equals the same session run alone through the synchronous path),
+ * priorities (decode and question rows before append chunks), the append chunk bound,
+ * fairness between sessions, the flash-query minimum share, deadlines and admission.
+ * Time is driven by the test (a fake clock). Tiny 2-layer model, SmolLM2 tokenizer. */
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/status.h"
+#include "testutil.h"
+#include "worker/sched.h"
+
+static char model[512];
+
+static void make_model(void)
+{
+    const char *tmp = getenv("TMPDIR") != NULL ? getenv("TMPDIR") : "/tmp";
+    snprintf(model, sizeof model, "%s/kvs-test-sched-%d.gguf", tmp, (int)getpid());
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd,
+             "python3 %s/tests/tools/make_tiny_gguf.py -o %s --type q8_0 --layers 2 --n-embd 64 "
+             "--n-head 4 --n-head-kv 2 --n-ff 128 --ctx 2048 --seed 5 --vocab %s",
+             kvs_test_source_dir(), model, kvs_test_default_model());
+    if (system(cmd) != 0) {
+        fprintf(stderr, "test_sched: cannot make the model\n");
+        abort();
+    }
+}
+
+static kvs_engine *engine(int64_t cells, int32_t rows)
+{
+    struct kvs_engine_opts o = {.model_path = model, .n_threads = 2, .n_cells = cells,
+                                .max_batch_rows = rows};
+    kvs_engine *e;
+    char err[256];
+    if (kvs_engine_open(&o, &e, err, sizeof err) < 0) {
+        fprintf(stderr, "%s\n", err);
+        return NULL;
+    }
+    return e;
+}
+
+struct result {
+    int status;
+    bool done;
+    struct kvs_answer *a;
+    struct kvs_append_result r;
+    int step_done;
+};
+
+static int cur_step;
+
+static void on_append(int status, const struct kvs_append_result *r, const char *err, void *user)
+{
+    (void)err;
+    struct result *x = user;
+    x->status = status;
+    x->done = true;
+    x->step_done = cur_step;
+    if (r != NULL) {
+        x->r = *r;
+    }
+}
+
+static void on_query(int status, struct kvs_answer *a, const char *err, void *user)
+{
+    (void)err;
+    struct result *x = user;
+    x->status = status;
+    x->done = true;
+    x->a = a;
+    x->step_done = cur_step;
+}
+
+static void run(kvs_sched *sc, int max_steps)
+{
+    for (int i = 0; i < max_steps && kvs_sched_busy(sc); i++) {
+        cur_step++;
+        ck_assert_int_ge(kvs_sched_step(sc, (double)cur_step), 0);
+    }
+    ck_assert(!kvs_sched_busy(sc));
+}
+
+static const char *REC[] = {"AAPL 189.23 +0.42", "MSFT 411.10 -1.05 vol=800", "ERROR timeout",
+                            "NVDA 875.02 +5.40", "GOOG 141.77"};
+
+/* N sessions through the scheduler vs each alone through the synchronous path. */
+static void exactness(int n_sessions)
+{
+    kvs_engine *e = engine(32768, 256), *ref = engine(4096, 64);
+    ck_assert_ptr_nonnull(e);
+    ck_assert_ptr_nonnull(ref);
+    kvs_sessions *S, *R;
+    ck_assert_int_eq(kvs_sessions_new(e, NULL, &S), 0);
+    ck_assert_int_eq(kvs_sessions_new(ref, NULL, &R), 0);
+    kvs_sched *sc;
+    ck_assert_int_eq(kvs_sched_new(S, &(struct kvs_sched_opts){.append_chunk = 16}, &sc), 0);
+    char err[256];
+    kvs_session *ss[32];
+    struct result ap[32][5], qr[32];
+    memset(ap, 0, sizeof ap);
+    memset(qr, 0, sizeof qr);
+    for (int i = 0; i < n_sessions; i++) {
+        char id[16], prefix[64];
+        snprintf(id, sizeof id, "s%d", i);
+        snprintf(prefix, sizeof prefix, "Desk %d feed:", i);
+        struct kvs_session_opts o = {.budget_cells = 256, .prefix = prefix, .prefix_len = strlen(prefix)};
+        ck_assert_int_eq(kvs_session_create(S, id, &o, &ss[i], err, sizeof err), 0);
+        for (int k = 0; k < 1 + i % 5; k++) {
+            const char *t = REC[(i + k) % 5];
+            ck_assert_int_eq(kvs_sched_append(sc, ss[i], t, strlen(t), 0, 0, 0, on_append, &ap[i][k]), 0);
+        }
+    }
+    run(sc, 1000);
+    struct kvs_query_opts qo = {.sampling = kvs_sampling_default(), .max_tokens = 6};
+    for (int i = 0; i < n_sessions; i++) {
+        ck_assert_int_eq(kvs_sched_query(sc, ss[i], "Latest?", 7, &qo, 0, NULL, on_query, &qr[i],
+                                         err, sizeof err), 0);
+    }
+    run(sc, 1000);
+    const struct kvs_sched_stats *st = kvs_sched_stats(sc);
+    if (n_sessions > 1) {
+        ck_assert_int_ge(st->max_n_seqs, n_sessions < 8 ? n_sessions : 8);
+    }
+    printf("sched %d sessions: %llu steps, at most %d sequences in one forward\n", n_sessions,
+           (unsigned long long)st->steps, st->max_n_seqs);
+    /* each session alone, synchronously */
+    for (int i = 0; i < n_sessions; i++) {
+        char prefix[64];
+        snprintf(prefix, sizeof prefix, "Desk %d feed:", i);
+        kvs_session *r;
+        struct kvs_session_opts o = {.budget_cells = 256, .prefix = prefix, .prefix_len = strlen(prefix)};
+        ck_assert_int_eq(kvs_session_create(R, "alone", &o, &r, err, sizeof err), 0);
+        for (int k = 0; k < 1 + i % 5; k++) {
+            const char *t = REC[(i + k) % 5];
+            struct kvs_append_result res;
+            ck_assert_int_eq(kvs_session_append(r, t, strlen(t), 0, 0, &res, err, sizeof err), 0);
+            ck_assert(ap[i][k].done);
+            ck_assert_int_eq(ap[i][k].status, 0);
+            ck_assert_uint_eq(ap[i][k].r.version, res.version);
+        }
+        struct kvs_answer a;
+        ck_assert_int_eq(kvs_session_query(r, "Latest?", 7, &qo, NULL, NULL, &a, err, sizeof err), 0);
+        ck_assert(qr[i].done);
+        ck_assert_int_eq(qr[i].status, 0);
+        ck_assert_int_eq(qr[i].a->n_tokens, a.n_tokens);
+        ck_assert_int_eq(memcmp(qr[i].a->tokens, a.tokens, (size_t)a.n_tokens * sizeof *a.tokens), 0);
+        kvs_answer_free(&a);
+        kvs_answer_free(qr[i].a);
+        free(qr[i].a);
+        ck_assert_int_eq(kvs_session_close(R, "alone"), 0);
+    }
+    kvs_sched_destroy(&sc);
+    kvs_sessions_destroy(&S);
+    kvs_sessions_destroy(&R);
+    kvs_engine_destroy(&e);
+    kvs_engine_destroy(&ref);
+}
+
+START_TEST(test_exact_1)
+{
+    exactness(1);
+}
+END_TEST
+
+START_TEST(test_exact_4)
+{
+    exactness(4);
+}
+END_TEST
+
+START_TEST(test_exact_32)
+{
+    exactness(32);
+}
+END_TEST
+
+/* A big append cannot hold a query back: the question's rows go first, appends are chunked. */
+START_TEST(test_priority_and_chunking)
+{
+    kvs_engine *e = engine(8192, 64);
+    kvs_sessions *S;
+    ck_assert_int_eq(kvs_sessions_new(e, NULL, &S), 0);
+    kvs_sched *sc;
+    ck_assert_int_eq(kvs_sched_new(S, &(struct kvs_sched_opts){.max_batch_tokens = 48,
+                                                                .append_chunk = 16}, &sc), 0);
+    char err[256], big[4096] = "";
+    kvs_session *a, *b;
+    ck_assert_int_eq(kvs_session_create(S, "a", &(struct kvs_session_opts){.budget_cells = 2048}, &a, err, sizeof err), 0);
+    ck_assert_int_eq(kvs_session_create(S, "b", &(struct kvs_session_opts){.budget_cells = 512}, &b, err, sizeof err), 0);
+    for (int i = 0; i < 60; i++) {
+        strcat(big, "AAPL 189.23 +0.42 ");
+    }
+    struct result ra = {0}, rq = {0};
+    ck_assert_int_eq(kvs_sched_append(sc, a, big, strlen(big), 0, 0, 0, on_append, &ra), 0);
+    struct kvs_query_opts qo = {.sampling = kvs_sampling_default(), .max_tokens = 4};
+    ck_assert_int_eq(kvs_sched_query(sc, b, "What is the price of AAPL now?", 30, &qo, 0, NULL,
+                                     on_query, &rq, err, sizeof err), 0);
+    cur_step = 0;
+    int first_token_step = -1;
+    while (kvs_sched_busy(sc)) {
+        cur_step++;
+        ck_assert_int_ge(kvs_sched_step(sc, cur_step), 0);
+        const struct kvs_sched_stats *st = kvs_sched_stats(sc);
+        ck_assert_int_le(st->last_rows[KVS_CLASS_APPEND], 16); /* the chunk bound */
+        if (cur_step == 1) {
+            ck_assert_int_gt(st->last_rows[KVS_CLASS_QUESTION], 0); /* questions first */
+        }
+        if (first_token_step < 0 && (rq.done || st->last_rows[KVS_CLASS_DECODE] > 0)) {
+            first_token_step = cur_step;
+        }
+        ck_assert_int_lt(cur_step, 500);
+    }
+    ck_assert_int_le(first_token_step, 2);
+    ck_assert(ra.done && ra.status == 0);
+    ck_assert(rq.done && rq.status == 0);
+    ck_assert_int_lt(rq.step_done, ra.step_done); /* the query did not wait for the append */
+    kvs_answer_free(rq.a);
+    free(rq.a);
+    kvs_sched_destroy(&sc);
+    kvs_sessions_destroy(&S);
+    kvs_engine_destroy(&e);
+}
+END_TEST
+
+/* A flood of appends to one session does not starve another session's append. */
+START_TEST(test_fairness)
+{
+    kvs_engine *e = engine(8192, 64);
+    kvs_sessions *S;
+    ck_assert_int_eq(kvs_sessions_new(e, NULL, &S), 0);
+    kvs_sched *sc;
+    ck_assert_int_eq(kvs_sched_new(S, &(struct kvs_sched_opts){.max_batch_tokens = 16,
+                                                                .append_chunk = 16}, &sc), 0);
+    char err[256];
+    kvs_session *a, *b;
+    ck_assert_int_eq(kvs_session_create(S, "a", &(struct kvs_session_opts){.budget_cells = 1900}, &a, err, sizeof err), 0);
+    ck_assert_int_eq(kvs_session_create(S, "b", &(struct kvs_session_opts){.budget_cells = 512}, &b, err, sizeof err), 0);
+    static struct result flood[40];
+    memset(flood, 0, sizeof flood);
+    for (int i = 0; i < 40; i++) {
+        ck_assert_int_eq(kvs_sched_append(sc, a, REC[1], strlen(REC[1]), 0, 0, 0, on_append, &flood[i]), 0);
+    }
+    struct result rb = {0};
+    ck_assert_int_eq(kvs_sched_append(sc, b, REC[0], strlen(REC[0]), 0, 0, 0, on_append, &rb), 0);
+    cur_step = 0;
+    run(sc, 1000);
+    ck_assert(rb.done && rb.status == 0);
+    ck_assert_int_le(rb.step_done, 3); /* served within a couple of steps, not after the flood */
+    ck_assert_int_gt(flood[39].step_done, 10);
+    kvs_sched_destroy(&sc);
+    kvs_sessions_destroy(&S);
+    kvs_engine_destroy(&e);
+}
+END_TEST
+
+static int flash_done_step;
+static void on_flash(kvs_session *s, const char *name, const struct kvs_answer *a, void *user)
+{
+    (void)s;
+    (void)name;
+    (void)a;
+    (void)user;
+    flash_done_step = cur_step;
+}
+
+/* Flash work gets at least its share of every step while appends saturate the budget. */
+START_TEST(test_flash_share)
+{
+    kvs_engine *e = engine(8192, 64);
+    kvs_sessions *S;
+    ck_assert_int_eq(kvs_sessions_new(e, NULL, &S), 0);
+    kvs_sched *sc;
+    ck_assert_int_eq(kvs_sched_new(S, &(struct kvs_sched_opts){.max_batch_tokens = 40,
+                                                                .append_chunk = 40,
+                                                                .flash_min_share = 0.25f}, &sc), 0);
+    char err[256];
+    kvs_session *f, *bulk[4];
+    ck_assert_int_eq(kvs_session_create(S, "f", &(struct kvs_session_opts){.budget_cells = 1024}, &f, err, sizeof err), 0);
+    struct kvs_query_opts qo = {.sampling = kvs_sampling_default(), .max_tokens = 3};
+    ck_assert_int_eq(kvs_flash_register(f, "q", "A long question about the state of the feed now?", 48, &qo, NULL, err, sizeof err), 0);
+    static struct result rs[64];
+    memset(rs, 0, sizeof rs);
+    for (int i = 0; i < 4; i++) {
+        char id[8];
+        snprintf(id, sizeof id, "b%d", i);
+        ck_assert_int_eq(kvs_session_create(S, id, &(struct kvs_session_opts){.budget_cells = 1500}, &bulk[i], err, sizeof err), 0);
+        for (int k = 0; k < 10; k++) {
+            char big[512] = "";
+            for (int w = 0; w < 12; w++) {
+                strcat(big, "MSFT 411.10 -1.05 ");
+            }
+            ck_assert_int_eq(kvs_sched_append(sc, bulk[i], big, strlen(big), 0, 0, 0, on_append, &rs[i * 10 + k]), 0);
+        }
+    }
+    struct result rf = {0};
+    ck_assert_int_eq(kvs_sched_append(sc, f, "AAPL 1", 6, 0, 0, 0, on_append, &rf), 0);
+    kvs_flash_watch(f, on_flash, NULL);
+    flash_done_step = -1;
+    cur_step = 0;
+    int first_flash_rows = -1;
+    while (kvs_sched_busy(sc)) {
+        cur_step++;
+        ck_assert_int_ge(kvs_sched_step(sc, cur_step), 0);
+        const struct kvs_sched_stats *st = kvs_sched_stats(sc);
+        int32_t others = st->last_rows[KVS_CLASS_APPEND];
+        if (first_flash_rows < 0 && st->last_rows[KVS_CLASS_FLASH] > 0) {
+            first_flash_rows = st->last_rows[KVS_CLASS_FLASH];
+            ck_assert_int_gt(others, 0); /* the appends were saturating the budget meanwhile */
+        }
+        ck_assert_int_lt(cur_step, 2000);
+    }
+    /* the question is longer than 10 tokens: its first prefill step gets the whole floor
+     * (ceil(0.25 * 40) = 10 rows) although the appends alone could fill the budget */
+    ck_assert_int_ge(first_flash_rows, 10);
+    ck_assert_int_ge(flash_done_step, 0);
+    ck_assert_int_lt(flash_done_step, rs[39].step_done); /* answered while the flood ran */
+    struct kvs_answer a;
+    ck_assert_int_eq(kvs_flash_get(f, "q", KVS_FLASH_ALLOW_STALE, &a, err, sizeof err), 0);
+    ck_assert(a.fresh);
+    kvs_answer_free(&a);
+    kvs_sched_destroy(&sc);
+    kvs_sessions_destroy(&S);
+    kvs_engine_destroy(&e);
+}
+END_TEST
+
+START_TEST(test_deadlines_and_admission)
+{
+    kvs_engine *e = engine(1024, 64);
+    kvs_sessions *S;
+    ck_assert_int_eq(kvs_sessions_new(e, NULL, &S), 0);
+    kvs_sched *sc;
+    ck_assert_int_eq(kvs_sched_new(S, NULL, &sc), 0);
+    char err[256];
+    kvs_session *s;
+    ck_assert_int_eq(kvs_session_create(S, "s", &(struct kvs_session_opts){.budget_cells = 700}, &s, err, sizeof err), 0);
+    struct result r1 = {0};
+    ck_assert_int_eq(kvs_sched_append(sc, s, "late", 4, 0, 0, 5.0, on_append, &r1), 0);
+    ck_assert_int_eq(kvs_sched_step(sc, 10.0), 0); /* past its deadline before it started */
+    ck_assert(r1.done);
+    ck_assert_int_eq(r1.status, KVS_TIMEOUT);
+    ck_assert_uint_eq(kvs_sched_stats(sc)->expired, 1);
+    /* a query whose reserve is not there: BUSY at once, never queued */
+    struct kvs_query_opts qo = {.sampling = kvs_sampling_default(), .max_tokens = 900};
+    struct result rq = {0};
+    ck_assert_int_eq(kvs_sched_query(sc, s, "q", 1, &qo, 0, NULL, on_query, &rq, err, sizeof err), KVS_BUSY);
+    ck_assert(!rq.done);
+    ck_assert(!kvs_sched_busy(sc));
+    /* cancelled on shutdown */
+    ck_assert_int_eq(kvs_sched_append(sc, s, "x", 1, 0, 0, 0, on_append, &r1), 0);
+    kvs_sched_destroy(&sc);
+    ck_assert_int_eq(r1.status, KVS_CANCELLED);
+    ck_assert_int_eq(kvs_pool_n_free(e->pool), kvs_pool_n_blocks(e->pool) - (int32_t)((kvs_session_seq(s)->n_cells + 15) / 16));
+    kvs_sessions_destroy(&S);
+    kvs_engine_destroy(&e);
+}
+END_TEST
+
+int main(void)
+{
+    make_model();
+    Suite *su = suite_create("sched");
+    TCase *tc = tcase_create("sched");
+    tcase_set_timeout(tc, 600);
+    tcase_add_test(tc, test_exact_1);
+    tcase_add_test(tc, test_exact_4);
+    tcase_add_test(tc, test_exact_32);
+    tcase_add_test(tc, test_priority_and_chunking);
+    tcase_add_test(tc, test_fairness);
+    tcase_add_test(tc, test_flash_share);
+    tcase_add_test(tc, test_deadlines_and_admission);
+    suite_add_tcase(su, tc);
+    SRunner *sr = srunner_create(su);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    unlink(model);
+    return failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,678 @@
+#include "sched.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/status.h"
+#include "worker/session_impl.h"
+
+enum job_kind { JOB_APPEND, JOB_QUERY, JOB_FLASH };
+
+struct job {
+    enum job_kind kind;
+    kvs_session *s;
+    double deadline;                 /* seconds (same clock as now); <= 0: none */
+    int32_t *ids;                    /* (n_ids) tokens to prefill: record or question */
+    int64_t n_ids;
+    int64_t done;                    /* of n_ids prefilled */
+    /* append */
+    uint64_t client_id, client_seq;
+    struct kvs_append_result ack;
+    bool begun;                      /* kvs_sess_append_begin ran (logged, recorded) */
+    kvs_sched_append_fn append_done;
+    /* query / flash */
+    kvs_seq *seq;                    /* the fork */
+    int32_t reserved_blocks;         /* taken from the registry at acceptance */
+    kvs_sampler *smp;
+    kvs_stop *stop;
+    kvs_detok *dt;
+    bool decoding;                   /* prefill done: one decode row per step */
+    int32_t next_tok;                /* the token the next decode row feeds */
+    int32_t max_tokens;
+    int32_t *out;                    /* (max_tokens + 1) generated ids */
+    int32_t n_out;
+    char *text;                      /* generated text */
+    size_t text_len, text_cap, emitted;
+    uint64_t version;                /* session version the query sees */
+    int64_t ctx;                     /* cells it sees */
+    double t_accept, t_first;        /* kvs_now() at acceptance and at the first token */
+    kvs_token_fn on_token;
+    kvs_sched_query_fn query_done;
+    char flash_name[KVS_FLASH_NAME_MAX + 1];
+    void *user;
+    /* this step */
+    int32_t rows;                    /* rows planned for this step */
+    int32_t logit_row;               /* index into the step's logits, or -1 */
+};
+
+struct kvs_sched {
+    kvs_sessions *S;                 /* borrowed */
+    kvs_engine *e;                   /* S's engine */
+    struct kvs_sched_opts o;
+    struct job **jobs;               /* (cap) in arrival order */
+    int32_t n, cap;
+    int32_t rr[KVS_N_CLASSES];       /* round-robin start per class */
+    float *logits;                   /* (max_batch_tokens, n_vocab) host */
+    struct kvs_sched_stats st;
+    double now;                      /* of the current step */
+};
+
+static enum kvs_job_class job_class(const struct job *j)
+{
+    switch (j->kind) {
+    case JOB_APPEND: return KVS_CLASS_APPEND;
+    case JOB_FLASH: return KVS_CLASS_FLASH;
+    default: return j->decoding ? KVS_CLASS_DECODE : KVS_CLASS_QUESTION;
+    }
+}
+
+int kvs_sched_new(kvs_sessions *S, const struct kvs_sched_opts *o, kvs_sched **out)
+{
+    *out = NULL;
+    kvs_sched *sc = calloc(1, sizeof *sc);
+    if (sc == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    sc->S = S;
+    sc->e = S->e;
+    if (o != NULL) {
+        sc->o = *o;
+    }
+    int32_t max_rows = kvs_forward_max_rows(sc->e->fw);
+    if (sc->o.max_batch_tokens <= 0 || sc->o.max_batch_tokens > max_rows) {
+        sc->o.max_batch_tokens = max_rows;
+    }
+    if (sc->o.append_chunk <= 0) {
+        sc->o.append_chunk = 64;
+    }
+    if (sc->o.flash_min_share <= 0.0f || sc->o.flash_min_share > 1.0f) {
+        sc->o.flash_min_share = 0.1f;
+    }
+    sc->logits = malloc((size_t)sc->o.max_batch_tokens * sc->e->model->hp.n_vocab * sizeof(float));
+    if (sc->logits == NULL) {
+        free(sc);
+        return KVS_NO_MEMORY;
+    }
+    *out = sc;
+    return KVS_OK;
+}
+
+static void job_free(kvs_sched *sc, struct job *j)
+{
+    kvs_pool_seq_release(sc->e->pool, &j->seq);
+    sc->S->reserved_blocks -= j->reserved_blocks;
+    kvs_sampler_destroy(&j->smp);
+    kvs_stop_destroy(&j->stop);
+    kvs_detok_destroy(&j->dt);
+    free(j->ids);
+    free(j->out);
+    free(j->text);
+    free(j);
+}
+
+/* Fail j with status (its callback runs) and free it. */
+static void job_fail(kvs_sched *sc, struct job *j, int status, const char *why)
+{
+    if (j->kind == JOB_APPEND && j->append_done != NULL) {
+        j->append_done(status, NULL, why, j->user);
+    } else if (j->kind == JOB_QUERY && j->query_done != NULL) {
+        j->query_done(status, NULL, why, j->user);
+    }
+    if (status == KVS_TIMEOUT) {
+        sc->st.expired++;
+    }
+    job_free(sc, j);
+}
+
+static int push_job(kvs_sched *sc, struct job *j)
+{
+    if (sc->n == sc->cap) {
+        int32_t cap = sc->cap ? sc->cap * 2 : 64;
+        struct job **v = realloc(sc->jobs, (size_t)cap * sizeof *v);
+        if (v == NULL) {
+            return KVS_NO_MEMORY;
+        }
+        sc->jobs = v;
+        sc->cap = cap;
+    }
+    sc->jobs[sc->n++] = j;
+    return KVS_OK;
+}
+
+void kvs_sched_destroy(kvs_sched **scp)
+{
+    if (scp == NULL || *scp == NULL) {
+        return;
+    }
+    kvs_sched *sc = *scp;
+    for (int32_t i = 0; i < sc->n; i++) {
+        job_fail(sc, sc->jobs[i], KVS_CANCELLED, "the scheduler was shut down");
+    }
+    free(sc->jobs);
+    free(sc->logits);
+    free(sc);
+    *scp = NULL;
+}
+
+bool kvs_sched_busy(const kvs_sched *sc)
+{
+    return sc->n > 0;
+}
+
+const struct kvs_sched_stats *kvs_sched_stats(const kvs_sched *sc)
+{
+    return &sc->st;
+}
+
+int kvs_sched_append(kvs_sched *sc, kvs_session *s, const char *text, size_t len,
+                     uint64_t client_id, uint64_t client_seq, double deadline,
+                     kvs_sched_append_fn done, void *user)
+{
+    if (text == NULL || len == 0) {
+        sc->st.refused++;
+        return KVS_INVALID_ARGUMENT;
+    }
+    struct job *j = calloc(1, sizeof *j);
+    if (j == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    j->kind = JOB_APPEND;
+    j->s = s;
+    j->deadline = deadline;
+    j->client_id = client_id;
+    j->client_seq = client_seq;
+    j->append_done = done;
+    j->user = user;
+    j->logit_row = -1;
+    /* tokenized now, off the step path; the plan (policy, log) runs when it starts */
+    int rc = kvs_sess_frame(s, false, text, len, &j->ids, &j->n_ids);
+    if (rc == 0 && j->n_ids == 0) {
+        rc = KVS_INVALID_ARGUMENT;
+    }
+    if (rc == 0) {
+        rc = push_job(sc, j);
+    }
+    if (rc < 0) {
+        sc->st.refused++;
+        free(j->ids);
+        free(j);
+    }
+    return rc;
+}
+
+/* Accept a query or flash evaluation on s: reserve, fork at the visible data, set up
+ * sampling. On error nothing is kept. */
+static int accept(kvs_sched *sc, struct job *j, const struct kvs_query_opts *o, char *err,
+                  size_t errlen)
+{
+    kvs_engine *e = sc->e;
+    kvs_session *s = j->s;
+    j->max_tokens = o->max_tokens > 0 ? o->max_tokens : 64;
+    j->ctx = s->visible;
+    j->version = s->version;
+    j->logit_row = -1;
+    if (j->ctx + j->n_ids + j->max_tokens > e->n_ctx) {
+        snprintf(err, errlen, "context %lld + question %lld + answer %d exceed the model's %lld",
+                 (long long)j->ctx, (long long)j->n_ids, j->max_tokens, (long long)e->n_ctx);
+        return KVS_CONTEXT_FULL;
+    }
+    int32_t blocks = kvs_sess_blocks_for(sc->S, j->n_ids + j->max_tokens);
+    if (blocks > kvs_pool_n_blocks(e->pool) - sc->S->reserved_blocks) {
+        snprintf(err, errlen, "no KV reserve for a query of %lld + %d tokens now",
+                 (long long)j->n_ids, j->max_tokens);
+        return KVS_BUSY;
+    }
+    j->seq = kvs_pool_seq_fork_n(e->pool, s->seq, (int32_t)j->ctx);
+    int rc = kvs_sampler_new(&o->sampling, (int32_t)e->model->hp.n_vocab, &j->smp);
+    j->stop = kvs_stop_new(o->stops, o->n_stops);
+    j->dt = kvs_detok_new(e->tok, false);
+    j->out = malloc(((size_t)j->max_tokens + 1) * sizeof *j->out);
+    if (j->seq == NULL || rc < 0 || j->stop == NULL || j->dt == NULL || j->out == NULL) {
+        kvs_pool_seq_release(e->pool, &j->seq);
+        kvs_sampler_destroy(&j->smp);
+        kvs_stop_destroy(&j->stop);
+        kvs_detok_destroy(&j->dt);
+        free(j->out);
+        j->out = NULL;
+        snprintf(err, errlen, "cannot start the query");
+        return rc < 0 ? rc : KVS_NO_MEMORY;
+    }
+    for (int64_t i = 0; i < j->n_ids; i++) {
+        kvs_sampler_accept(j->smp, j->ids[i]);
+    }
+    sc->S->reserved_blocks += blocks;
+    j->reserved_blocks = blocks;
+    j->t_accept = kvs_now();
+    return KVS_OK;
+}
+
+int kvs_sched_query(kvs_sched *sc, kvs_session *s, const char *question, size_t len,
+                    const struct kvs_query_opts *o, double deadline, kvs_token_fn on_token,
+                    kvs_sched_query_fn done, void *user, char *err, size_t errlen)
+{
+    if (question == NULL || len == 0 || o->stateless) {
+        snprintf(err, errlen, "%s", o->stateless ? "stateless queries are not scheduled"
+                                                 : "the question is empty");
+        sc->st.refused++;
+        return KVS_INVALID_ARGUMENT;
+    }
+    int rc = kvs_sess_check_query_opts(o, err, errlen);
+    if (rc < 0) {
+        sc->st.refused++;
+        return rc;
+    }
+    struct job *j = calloc(1, sizeof *j);
+    if (j == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    j->kind = JOB_QUERY;
+    j->s = s;
+    j->deadline = deadline;
+    j->on_token = on_token;
+    j->query_done = done;
+    j->user = user;
+    rc = kvs_sess_frame(s, true, question, len, &j->ids, &j->n_ids);
+    if (rc == 0 && j->n_ids == 0) {
+        rc = KVS_INVALID_ARGUMENT;
+    }
+    if (rc == 0) {
+        rc = accept(sc, j, o, err, errlen);
+    }
+    if (rc == 0) {
+        rc = push_job(sc, j);
+    }
+    if (rc < 0) {
+        sc->st.refused++;
+        job_free(sc, j);
+    }
+    return rc;
+}
+
+/* Queue the flash evaluations of s that are due (one pending job per flash query). */
+static void queue_flash(kvs_sched *sc, kvs_session *s)
+{
+    for (int32_t i = 0; i < s->n_flash; i++) {
+        struct flash *f = &s->flash[i];
+        if (f->has_answer && f->answer.version == s->version) {
+            continue;
+        }
+        int64_t fresh_tokens = s->appended_total - f->data_tokens_at_eval;
+        if (f->has_answer && f->trigger.every_tokens > 0 && fresh_tokens < f->trigger.every_tokens) {
+            continue;
+        }
+        if (f->has_answer && f->trigger.min_interval_ms > 0 &&
+            (sc->now - f->last_eval_s) * 1000.0 < f->trigger.min_interval_ms) {
+            continue;
+        }
+        bool pending = false;
+        for (int32_t k = 0; k < sc->n && !pending; k++) {
+            struct job *o = sc->jobs[k];
+            pending = o->kind == JOB_FLASH && o->s == s && strcmp(o->flash_name, f->name) == 0;
+        }
+        if (pending) {
+            continue;
+        }
+        struct job *j = calloc(1, sizeof *j);
+        if (j == NULL) {
+            return;
+        }
+        j->kind = JOB_FLASH;
+        j->s = s;
+        snprintf(j->flash_name, sizeof j->flash_name, "%s", f->name);
+        j->ids = malloc((size_t)f->n_question * sizeof *j->ids);
+        char err[160];
+        if (j->ids == NULL) {
+            free(j);
+            return;
+        }
+        memcpy(j->ids, f->question, (size_t)f->n_question * sizeof *j->ids);
+        j->n_ids = f->n_question;
+        if (accept(sc, j, &f->opts, err, sizeof err) < 0 || push_job(sc, j) < 0) {
+            KVS_DEBUG("flash %s/%s deferred: %s", s->id, f->name, err);
+            job_free(sc, j);
+            return;
+        }
+    }
+}
+
+/* Finish a query or flash job (generation ended normally). */
+static void finish_generation(kvs_sched *sc, struct job *j)
+{
+    const char *tail;
+    size_t n_tail;
+    kvs_detok_finish(j->dt, &tail, &n_tail);
+    size_t keep = j->emitted;
+    bool stopped = j->text != NULL && j->emitted < j->text_len;
+    if (!stopped || n_tail > 0) {
+        char *t = realloc(j->text, j->text_len + n_tail + 1);
+        if (t != NULL) {
+            j->text = t;
+            memcpy(j->text + j->text_len, tail, n_tail);
+            j->text_len += n_tail;
+        }
+    }
+    keep = j->text_len;
+    if (j->text == NULL) {
+        j->text = calloc(1, 1);
+    }
+    if (j->text != NULL) {
+        j->text[keep] = '\0';
+    }
+    double now = kvs_now();
+    struct kvs_answer a = {.text = j->text, .len = keep, .tokens = j->out,
+                           .n_tokens = j->n_out, .version = j->version, .context_tokens = j->ctx,
+                           .question_tokens = (int32_t)j->n_ids,
+                           .ttft_s = (j->t_first > 0 ? j->t_first : now) - j->t_accept,
+                           .total_s = now - j->t_accept, .fresh = true};
+    j->text = NULL;
+    j->out = NULL;
+    if (j->kind == JOB_QUERY) {
+        if (j->on_token != NULL && keep > j->emitted) {
+            j->on_token(-1, a.text + j->emitted, keep - j->emitted, j->user);
+        }
+        struct kvs_answer *copy = malloc(sizeof *copy);
+        if (copy != NULL) {
+            *copy = a;
+        } else {
+            kvs_answer_free(&a);
+        }
+        if (j->query_done != NULL) {
+            j->query_done(copy != NULL ? KVS_OK : KVS_NO_MEMORY, copy, NULL, j->user);
+        } else if (copy != NULL) {
+            kvs_answer_free(copy);
+            free(copy);
+        }
+    } else {
+        kvs_session *s = j->s;
+        struct flash *f = kvs_sess_flash_find(s, j->flash_name);
+        sc->st.flash_evals++;
+        s->fstats.evaluations++;
+        if (j->version != s->version) {
+            sc->st.flash_wasted++;
+        }
+        if (f != NULL && (!f->has_answer || f->answer.version <= j->version)) {
+            kvs_answer_free(&f->answer);
+            f->answer = a;
+            f->has_answer = true;
+            f->data_tokens_at_eval = s->appended_total;
+            f->last_eval_s = sc->now;
+            if (s->watch_fn != NULL) {
+                s->watch_fn(s, f->name, &f->answer, s->watch_user);
+            }
+        } else {
+            kvs_answer_free(&a);
+        }
+    }
+    sc->st.completed++;
+}
+
+/* Take a sampled token for a query / flash job. Returns true when the job is finished. */
+static bool take_token(kvs_sched *sc, struct job *j, const float *logits)
+{
+    int32_t tok = kvs_sampler_sample(j->smp, logits);
+    if (j->t_first <= 0) {
+        j->t_first = kvs_now();
+    }
+    if (kvs_tokenizer_is_eog(sc->e->tok, tok)) {
+        return true;
+    }
+    kvs_sampler_accept(j->smp, tok);
+    j->out[j->n_out++] = tok;
+    const char *piece;
+    size_t n_piece;
+    if (kvs_detok_push(j->dt, tok, &piece, &n_piece) == 0 && n_piece > 0) {
+        if (j->text_len + n_piece + 1 > j->text_cap) {
+            size_t cap = (j->text_cap + n_piece + 1) * 2;
+            char *t = realloc(j->text, cap);
+            if (t == NULL) {
+                return true;
+            }
+            j->text = t;
+            j->text_cap = cap;
+        }
+        memcpy(j->text + j->text_len, piece, n_piece);
+        j->text_len += n_piece;
+        size_t safe = 0;
+        bool matched = kvs_stop_feed(j->stop, piece, n_piece, &safe);
+        if (j->kind == JOB_QUERY && j->on_token != NULL && safe > j->emitted) {
+            j->on_token(tok, j->text + j->emitted, safe - j->emitted, j->user);
+        }
+        j->emitted = safe;
+        if (matched) {
+            j->text_len = safe;
+            return true;
+        }
+    } else {
+        size_t safe = 0;
+        if (kvs_stop_feed(j->stop, "", 0, &safe)) {
+            return true;
+        }
+    }
+    if (j->n_out >= j->max_tokens) {
+        return true;
+    }
+    j->decoding = true;
+    j->next_tok = tok;
+    return false;
+}
+
+static void remove_job(kvs_sched *sc, int32_t i)
+{
+    memmove(sc->jobs + i, sc->jobs + i + 1, (size_t)(sc->n - i - 1) * sizeof *sc->jobs);
+    sc->n--;
+}
+
+/* Add up to `want` rows of job j to the batch (reserving its cells). Returns rows added. */
+static int32_t plan_rows(kvs_sched *sc, struct job *j, int32_t want)
+{
+    kvs_engine *e = sc->e;
+    kvs_batch *b = &e->batch;
+    kvs_seq *seq = j->kind == JOB_APPEND ? j->s->seq : j->seq;
+    int32_t rows = j->decoding ? 1 : (int32_t)(j->n_ids - j->done < want ? j->n_ids - j->done : want);
+    if (rows <= 0 || b->n_rows + rows > b->cap) {
+        return 0;
+    }
+    if (kvs_pool_seq_reserve(e->pool, seq, rows) < 0) {
+        return 0;
+    }
+    for (int32_t r = 0; r < rows; r++) {
+        int32_t tok = j->decoding ? j->next_tok : j->ids[j->done + r];
+        bool last = j->kind != JOB_APPEND && (j->decoding || j->done + r == j->n_ids - 1);
+        if (last) {
+            j->logit_row = 0; /* fixed up below */
+        }
+        kvs_batch_add(b, seq, tok, seq->n_cells + r, last);
+    }
+    j->rows = rows;
+    return rows;
+}
+
+int kvs_sched_step(kvs_sched *sc, double now)
+{
+    sc->now = now;
+    kvs_engine *e = sc->e;
+    memset(sc->st.last_rows, 0, sizeof sc->st.last_rows);
+    /* 1. expire jobs that have not started */
+    for (int32_t i = 0; i < sc->n;) {
+        struct job *j = sc->jobs[i];
+        bool started = (j->kind == JOB_APPEND && j->begun) || (j->kind != JOB_APPEND &&
+                                                              (j->done > 0 || j->decoding));
+        if (j->deadline > 0 && now > j->deadline && (!started || j->kind == JOB_QUERY)) {
+            remove_job(sc, i);
+            job_fail(sc, j, KVS_TIMEOUT, "deadline exceeded");
+            continue;
+        }
+        i++;
+    }
+    if (sc->n == 0) {
+        return 0;
+    }
+    double t0 = kvs_now();
+    kvs_batch_clear(&e->batch);
+    for (int32_t i = 0; i < sc->n; i++) {
+        sc->jobs[i]->rows = 0;
+        sc->jobs[i]->logit_row = -1;
+    }
+    int32_t budget = sc->o.max_batch_tokens;
+    bool flash_work = false;
+    for (int32_t i = 0; i < sc->n && !flash_work; i++) {
+        flash_work = sc->jobs[i]->kind == JOB_FLASH;
+    }
+    int32_t flash_floor = flash_work ? (int32_t)ceilf(sc->o.flash_min_share * (float)budget) : 0;
+    if (flash_floor < (flash_work ? 1 : 0)) {
+        flash_floor = 1;
+    }
+    int32_t avail = budget - flash_floor;
+    /* 2. plan by class: decode, question, append, then flash (with its floor) */
+    for (int cls = 0; cls < KVS_N_CLASSES; cls++) {
+        if (cls == KVS_CLASS_FLASH) {
+            avail += flash_floor;
+        }
+        int32_t start = sc->n > 0 ? sc->rr[cls] % sc->n : 0;
+        for (int32_t k = 0; k < sc->n && avail > 0; k++) {
+            struct job *j = sc->jobs[(start + k) % sc->n];
+            if (j->rows > 0) {
+                continue;
+            }
+            bool flash_class = j->kind == JOB_FLASH;
+            if ((int)job_class(j) != cls && !(cls == KVS_CLASS_FLASH && flash_class)) {
+                continue;
+            }
+            if (flash_class && cls != KVS_CLASS_FLASH) {
+                continue;
+            }
+            if (j->kind == JOB_APPEND) {
+                /* one append per session at a time, in arrival order */
+                bool earlier = false;
+                for (int32_t q = 0; q < sc->n && sc->jobs[q] != j && !earlier; q++) {
+                    earlier = sc->jobs[q]->kind == JOB_APPEND && sc->jobs[q]->s == j->s;
+                }
+                if (earlier) {
+                    continue;
+                }
+                if (!j->begun) {
+                    char err[256] = "";
+                    int rc = kvs_sess_append_begin(j->s, j->ids, j->n_ids, j->client_id,
+                                                   j->client_seq, &j->ack, err, sizeof err);
+                    if (rc != 0) {
+                        int32_t idx = 0;
+                        while (sc->jobs[idx] != j) {
+                            idx++;
+                        }
+                        remove_job(sc, idx);
+                        if (rc == 1) { /* a retry: its original acknowledgement */
+                            if (j->append_done != NULL) {
+                                j->append_done(KVS_OK, &j->ack, NULL, j->user);
+                            }
+                            sc->st.completed++;
+                            job_free(sc, j);
+                        } else {
+                            job_fail(sc, j, rc, err);
+                        }
+                        k--;
+                        continue;
+                    }
+                    j->begun = true;
+                }
+            }
+            int32_t want = j->kind == JOB_APPEND ? (avail < sc->o.append_chunk ? avail
+                                                                              : sc->o.append_chunk)
+                                                 : avail;
+            int32_t got = plan_rows(sc, j, want);
+            avail -= got;
+            sc->st.last_rows[cls] += got;
+        }
+        sc->rr[cls]++;
+    }
+    /* 3. forward */
+    kvs_batch *b = &e->batch;
+    if (b->n_rows == 0) {
+        return 0;
+    }
+    /* logits come back in row order: assign indices by walking the batch */
+    for (int32_t r = 0, idx = 0; r < b->n_rows; r++) {
+        if (b->want_logits[r]) {
+            for (int32_t i = 0; i < sc->n; i++) {
+                struct job *j = sc->jobs[i];
+                kvs_seq *seq = j->kind == JOB_APPEND ? j->s->seq : j->seq;
+                if (j->rows > 0 && j->logit_row >= 0 && seq == b->seq[r]) {
+                    j->logit_row = idx;
+                }
+            }
+            idx++;
+        }
+    }
+    int rc = kvs_forward_run(e->fw, b, sc->logits);
+    if (rc < 0) {
+        return rc;
+    }
+    const struct kvs_forward_stats *fs = kvs_forward_stats(e->fw);
+    sc->st.last_n_seqs = fs->last_n_seqs;
+    if (fs->last_n_seqs > sc->st.max_n_seqs) {
+        sc->st.max_n_seqs = fs->last_n_seqs;
+    }
+    /* 4. commit, sample, complete */
+    int32_t n_vocab = (int32_t)e->model->hp.n_vocab;
+    for (int32_t i = 0; i < sc->n;) {
+        struct job *j = sc->jobs[i];
+        if (j->rows == 0) {
+            i++;
+            continue;
+        }
+        kvs_seq *seq = j->kind == JOB_APPEND ? j->s->seq : j->seq;
+        kvs_pool_seq_commit(e->pool, seq, j->rows);
+        if (!j->decoding) {
+            j->done += j->rows;
+        }
+        bool finished = false;
+        if (j->kind == JOB_APPEND) {
+            if (j->done == j->n_ids) {
+                kvs_sess_append_end(j->s, j->n_ids, j->client_id, j->client_seq, &j->ack);
+                if (j->append_done != NULL) {
+                    j->append_done(KVS_OK, &j->ack, NULL, j->user);
+                }
+                sc->st.completed++;
+                finished = true;
+                remove_job(sc, i);
+                kvs_session *s = j->s;
+                job_free(sc, j);
+                queue_flash(sc, s);
+                continue;
+            }
+        } else if (j->logit_row >= 0) {
+            finished = take_token(sc, j, sc->logits + (size_t)j->logit_row * n_vocab);
+            if (!finished && j->kind == JOB_QUERY && j->deadline > 0 && now > j->deadline) {
+                remove_job(sc, i);
+                job_fail(sc, j, KVS_TIMEOUT, "deadline exceeded while answering");
+                continue;
+            }
+        }
+        if (finished) {
+            remove_job(sc, i);
+            kvs_session *s = j->s;
+            bool was_flash = j->kind == JOB_FLASH;
+            finish_generation(sc, j);
+            job_free(sc, j);
+            if (was_flash) {
+                queue_flash(sc, s); /* the session may have moved on meanwhile */
+            }
+            continue;
+        }
+        i++;
+    }
+    memset(sc->st.queued, 0, sizeof sc->st.queued);
+    for (int32_t i = 0; i < sc->n; i++) {
+        sc->st.queued[job_class(sc->jobs[i])]++;
+    }
+    int32_t total = 0;
+    for (int c = 0; c < KVS_N_CLASSES; c++) {
+        sc->st.rows[c] += (uint64_t)sc->st.last_rows[c];
+        total += sc->st.last_rows[c];
+    }
+    sc->st.steps++;
+    sc->st.last_step_s = kvs_now() - t0;
+    return total;
+}
