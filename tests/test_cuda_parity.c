@@ -469,6 +469,12 @@ START_TEST(test_attention)
         {8, 8, 64, 2, {70, 129}, {60, 100}},
         {16, 2, 64, 4, {65, 64, 63, 2}, {64, 63, 62, 1}}, /* four decode rows, four seqs */
         {4, 4, 80, 1, {100}, {50}},
+        /* flash path: a 32-row question (split over the context), a long causal prefill,
+         * 8 decode-like rows (warps split the KV tile) */
+        {32, 8, 128, 1, {3000}, {2968}},
+        {32, 8, 128, 1, {600}, {0}},
+        {32, 8, 128, 2, {1500, 700}, {1496, 696}},
+        {16, 16, 64, 1, {900}, {880}},
         /* decode path: groups of hd/8 lanes that leave the cell loop at different steps */
         {8, 4, 64, 1, {777}, {776}},
         {4, 2, 16, 2, {33, 50}, {32, 48}},

@@ -148,7 +148,8 @@ int main(int argc, char **argv)
     const struct kvs_hparams *hp = &B.m->hp;
     printf("model: %s created on the device in %.2f s\n", model, now() - t0);
     const int32_t ctx_long = quick ? 8192 : 32768, n_append = 2048, n_q = 32;
-    int64_t cells = (int64_t)ctx_long + 64 + 2 * 4096 + 1024 + 256;
+    const int32_t ctx_max = quick ? 8192 : 65536; /* TTFT contexts up to this */
+    int64_t cells = (int64_t)ctx_max + 64 + 2 * 4096 + 1024 + 256 + 8192 + 64 * 64;
     struct kvs_kv_layout lay = {.n_layer = (int32_t)hp->n_layer,
                                 .n_block = (int32_t)((cells + 15) / 16 + 8),
                                 .block_size = KVS_POOL_DEFAULT_BLOCK_SIZE,
@@ -158,7 +159,7 @@ int main(int argc, char **argv)
     CHECK(kvs_pool_new(B.b, &lay, &B.pool));
     CHECK(kvs_forward_new(B.m, B.pool, n_append, &B.fw));
     CHECK(kvs_batch_init(&B.batch, n_append));
-    B.logits = malloc((size_t)hp->n_vocab * sizeof(float));
+    B.logits = malloc((size_t)64 * hp->n_vocab * sizeof(float));
 
     /* ---- bounds ---- */
     double E = hp->n_embd, FF = hp->n_ff, QD = (double)hp->n_head * hp->head_dim;
@@ -178,10 +179,13 @@ int main(int argc, char **argv)
     double b_ttft = fmax(ttft_flops / gemm_rate, (params * 2 + ctx_long * kv_cell) / bw);
     printf("bounds: weights %.2f GB bf16, KV %.0f KiB per cell\n", params * 2e-9, kv_cell / 1024);
 
-    /* ---- decode at 1K ---- */
+    /* ---- decode at 1K (flash attention, then the previous kernels: KVS_CUDA_ATTN=old) ---- */
     kvs_seq *s1 = kvs_pool_seq_new(B.pool);
     feed(&B, s1, 1023, 0);
     double dec1k = decode_ms(&B, s1, quick ? 5 : 20);
+    setenv("KVS_CUDA_ATTN", "old", 1);
+    double dec1k_old = decode_ms(&B, s1, quick ? 5 : 10);
+    unsetenv("KVS_CUDA_ATTN");
     kvs_pool_seq_release(B.pool, &s1);
 
     /* ---- append 2048 at 2048..4095, on forks of a 2048-cell seq ---- */
@@ -200,23 +204,81 @@ int main(int argc, char **argv)
     double append_s = median(ta, n_rep);
     kvs_pool_seq_release(B.pool, &base);
 
-    /* ---- long context: decode and TTFT ---- */
-    kvs_seq *lg = kvs_pool_seq_new(B.pool);
-    double tfill = feed(&B, lg, ctx_long - 1, 0);
-    printf("filled %d cells in %.2f s (%.0f tok/s, includes attention over a growing context)\n",
-           ctx_long - 1, tfill, (ctx_long - 1) / tfill);
-    double dec32k = decode_ms(&B, lg, quick ? 5 : 10); /* lg now holds ctx_long + steps cells */
-    double tt[8];
-    int n_tt = quick ? 3 : 5;
-    for (int i = 0; i < n_tt + 1; i++) {
-        kvs_seq *f = kvs_pool_seq_fork(B.pool, lg);
-        double t = feed(&B, f, n_q, 1);
-        if (i > 0) {
-            tt[i - 1] = t;
+    /* ---- 64 sessions at 8K: forks of one 8K seq, one decode row each per step ---- */
+    double sess_tps = 0;
+    if (!quick) {
+        kvs_seq *s8 = kvs_pool_seq_new(B.pool);
+        feed(&B, s8, 8192, 0);
+        kvs_seq *ss[64];
+        for (int i = 0; i < 64; i++) {
+            ss[i] = kvs_pool_seq_fork(B.pool, s8);
         }
-        kvs_pool_seq_release(B.pool, &f);
+        int steps = 6;
+        double t_s = 0;
+        for (int it = 0; it < steps + 1; it++) {
+            for (int i = 0; i < 64; i++) {
+                CHECK(kvs_pool_seq_reserve(B.pool, ss[i], 1));
+            }
+            kvs_batch_clear(&B.batch);
+            for (int i = 0; i < 64; i++) {
+                kvs_batch_add(&B.batch, ss[i], token(&B), ss[i]->n_cells, 1);
+            }
+            double t1 = now();
+            CHECK(kvs_forward_run(B.fw, &B.batch, B.logits));
+            if (it > 0) {
+                t_s += now() - t1;
+            }
+            for (int i = 0; i < 64; i++) {
+                kvs_pool_seq_commit(B.pool, ss[i], 1);
+            }
+        }
+        sess_tps = 64.0 * steps / t_s;
+        for (int i = 0; i < 64; i++) {
+            kvs_pool_seq_release(B.pool, &ss[i]);
+        }
+        kvs_pool_seq_release(B.pool, &s8);
+        printf("sessions: 64 x 8K context, batched decode: %.0f tok/s\n", sess_tps);
     }
-    double ttft = median(tt, n_tt) * 1e3;
+
+    /* ---- long context: TTFT at growing contexts (1K, 8K, 32K, 64K), decode at ctx_long ---- */
+    kvs_seq *lg = kvs_pool_seq_new(B.pool);
+    const int32_t tt_ctx[4] = {1024, 8192, 32768, 65536};
+    double ttft_at[4] = {0, 0, 0, 0}, tfill = 0, dec32k = 0, dec32k_old = 0, stateless32k = 0;
+    int n_tt = quick ? 3 : 5;
+    for (int k = 0; k < 4 && tt_ctx[k] <= ctx_max; k++) {
+        double tf = feed(&B, lg, tt_ctx[k] - lg->n_cells, 0);
+        tfill += tf;
+        printf("filled to %d cells: %.2f s so far (%.0f tok/s)\n", tt_ctx[k], tfill,
+               tt_ctx[k] / tfill);
+        if (tt_ctx[k] == 32768) {
+            stateless32k = tfill * 1e3; /* chunked prefill of 32K from nothing */
+        }
+        double tt[8];
+        for (int i = 0; i < n_tt + 1; i++) {
+            kvs_seq *f = kvs_pool_seq_fork(B.pool, lg);
+            double t = feed(&B, f, n_q, 1);
+            if (i > 0) {
+                tt[i - 1] = t;
+            }
+            kvs_pool_seq_release(B.pool, &f);
+        }
+        ttft_at[k] = median(tt, n_tt) * 1e3;
+        printf("TTFT at %d: %.3f ms\n", tt_ctx[k], ttft_at[k]);
+        if (tt_ctx[k] == ctx_long) {
+            kvs_seq *f = kvs_pool_seq_fork(B.pool, lg);
+            dec32k = decode_ms(&B, f, quick ? 5 : 10);
+            setenv("KVS_CUDA_ATTN", "old", 1);
+            dec32k_old = decode_ms(&B, f, quick ? 3 : 5);
+            unsetenv("KVS_CUDA_ATTN");
+            kvs_pool_seq_release(B.pool, &f);
+        }
+    }
+    double ttft = 0;
+    for (int k = 0; k < 4; k++) {
+        if (tt_ctx[k] == ctx_long) {
+            ttft = ttft_at[k];
+        }
+    }
     kvs_pool_seq_release(B.pool, &lg);
 
     /* ---- table ---- */
@@ -232,6 +294,11 @@ int main(int argc, char **argv)
     snprintf(lbl, sizeof lbl, "TTFT 32-token question, %dK ctx", ctx_long / 1024);
     printf("%-34s %9.3f ms %9.3f ms %7.0f%% %10s\n", lbl, ttft, b_ttft * 1e3,
            100 * b_ttft * 1e3 / ttft, "<= 10 ms");
+    printf("decode with the previous attention kernels: 1K %.3f ms, %dK %.3f ms\n", dec1k_old,
+           ctx_long / 1024, dec32k_old);
+    printf("RESULT ttft_ms 1024=%.3f 8192=%.3f 32768=%.3f 65536=%.3f stateless32k_ms=%.1f "
+           "sessions64_ctx8k_tps=%.0f\n",
+           ttft_at[0], ttft_at[1], ttft_at[2], ttft_at[3], stateless32k, sess_tps);
     printf("RESULT decode1k_ms=%.3f decode%dk_ms=%.3f append_tok_s=%.0f ttft_ms=%.3f "
            "gemm_tflops=%.0f copy_gbs=%.0f\n",
            dec1k, ctx_long / 1024, dec32k, n_append / append_s, ttft, gemm_rate * 1e-12,

@@ -28,6 +28,9 @@ git rev-parse HEAD >"$OUT/commit.txt" 2>/dev/null
 
 "$B"/test_cuda 2>&1 | tee "$OUT/test_cuda.log"; rc1=${PIPESTATUS[0]}
 "$B"/test_cuda_parity 2>&1 | tee "$OUT/test_cuda_parity.log"; rc2=${PIPESTATUS[0]}
+# the previous attention kernels (kept for comparison: KVS_CUDA_ATTN=old) on the op checks
+KVS_CUDA_ATTN=old CK_RUN_CASE=ops "$B"/test_cuda_parity >"$OUT/test_cuda_parity_old.log" 2>&1
+rc2o=$?
 timeout 300 "$B"/bench_cuda ${KVS_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; rc3=${PIPESTATUS[0]}
 rc4=skipped
 if [ "${KVS_SANITIZE_GPU:-0}" = 1 ]; then
@@ -37,6 +40,7 @@ if [ "${KVS_SANITIZE_GPU:-0}" = 1 ]; then
 fi
 echo
 echo "==== summary ($(head -1 "$OUT/gpu.txt" >/dev/null; sed -n 2p "$OUT/gpu.txt"))"
-echo "test_cuda rc=$rc1  test_cuda_parity rc=$rc2  bench rc=$rc3  memcheck rc=$rc4"
+echo "test_cuda rc=$rc1  test_cuda_parity rc=$rc2 (old attention, ops: $rc2o)  bench rc=$rc3  memcheck rc=$rc4"
 grep -E "^(forward|worst|[0-9]+%)|Checks|FAIL|Failure" "$OUT/test_cuda_parity.log" | head -20
-grep -E "^(ceiling|decode|append|TTFT|RESULT|filled|model)" "$OUT/bench.log"
+grep -E "Checks|Failure" "$OUT/test_cuda_parity_old.log" | head -5
+grep -E "^(ceiling|decode|append|TTFT|RESULT|filled|model|sessions)" "$OUT/bench.log"

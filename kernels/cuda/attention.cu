@@ -25,6 +25,8 @@
 
 #include <assert.h>
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include <mma.h>
 
@@ -544,6 +546,384 @@ static __global__ void attn_simple_kernel(attn_args a)
     }
 }
 
+/* ---- FlashAttention-2 path: mma.sync m16n8k16, registers hold S, P, O ---------------------- */
+
+/* A block of 4 warps takes one KV head and a tile of query vectors (rows x the G heads of the
+ * KV head), streams the sub-tile's KV in 64-cell tiles through two shared-memory stages filled
+ * by cp.async (block-table addressing per cell, zero fill past the context), and keeps the
+ * online softmax in registers:
+ *   KVW = false: 64 query vectors, warp w owns vectors 16w..16w+15 and all 64 cells of a tile.
+ *   KVW = true:  16 query vectors (few rows: decode, short questions), every warp owns all 16
+ *                vectors and cells 16w..16w+15 of each tile; the four warps' states are merged
+ *                through shared memory at the end.
+ * S = Q K^T (bf16 in, fp32 out), scaled into the log2 domain, masked per row (cell < ctx),
+ * P = exp2(S - m) rounded to bf16 and fed to P V straight from the S registers (the
+ * accumulator layout of m16n8k16 is the A layout of the next product). Partials (split > 1)
+ * store m in natural-log units for the shared combine kernel. */
+#define FA_TC 64 /* cells per tile */
+#define FA_THREADS 128
+
+static __device__ __forceinline__ uint32_t smem_u32(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+static __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool full)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)),
+                 "l"(src), "r"(full ? 16 : 0));
+}
+
+static __device__ __forceinline__ void cp_async_commit()
+{
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int N>
+static __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+static __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+static __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+static __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4],
+                                                uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *(uint32_t *)&v;
+}
+
+static __host__ __device__ constexpr int fa_ld(int hd)
+{
+    return hd + 8; /* bf16 row stride: 16-byte multiple, rows land on distinct bank groups */
+}
+
+static __host__ __device__ constexpr size_t fa_smem(int hd, bool kvw)
+{
+    /* Q, then 2 stages of K and V; the KVW merge reuses the K/V area */
+    return ((size_t)(kvw ? 16 : 64) + 4 * FA_TC) * fa_ld(hd) * 2;
+}
+
+/* Issue the cp.async loads of KV tile kt (cells kt*64 ..) into stage buffers sK, sV. */
+template <int HD>
+static __device__ __forceinline__ void fa_load(const attn_args &a, const __nv_bfloat16 *kb,
+                                               const __nv_bfloat16 *vb,
+                                               const int32_t *__restrict__ table, int32_t n_ctx,
+                                               int32_t kt, __nv_bfloat16 *sK, __nv_bfloat16 *sV)
+{
+    constexpr int CPR = HD / 8, LD = fa_ld(HD);
+    bool bad = false;
+#pragma unroll
+    for (int u = 0; u < FA_TC * CPR / FA_THREADS; u++) {
+        const int j = threadIdx.x + u * FA_THREADS;
+        const int cell = j / CPR, part = j % CPR;
+        const int32_t c = kt * FA_TC + cell;
+        const __nv_bfloat16 *ks = kb, *vs = vb;
+        bool ok = false;
+        if (c < n_ctx) {
+            int32_t blk = __ldg(table + c / a.block_size);
+            ok = blk >= 0 && blk < a.n_block;
+            bad |= !ok;
+            if (ok) {
+                size_t off = (size_t)blk * a.block_stride + (size_t)(c % a.block_size) * HD +
+                             part * 8;
+                ks = kb + off;
+                vs = vb + off;
+            }
+        }
+        cp_async16(sK + cell * LD + part * 8, ks, ok);
+        cp_async16(sV + cell * LD + part * 8, vs, ok);
+    }
+    if (bad) {
+        *a.flag = 1;
+    }
+}
+
+template <int HD, bool KVW>
+static __global__ void __launch_bounds__(FA_THREADS) attn_fa_kernel(attn_args a)
+{
+    constexpr int LD = fa_ld(HD), QV = KVW ? 16 : 64; /* query vectors per block */
+    constexpr int NT = KVW ? 2 : 8;                   /* 8-cell n-tiles per warp per tile */
+    constexpr int KS = HD / 16, DT = HD / 8;          /* k-steps over dims; 8-dim output tiles */
+    extern __shared__ __align__(128) unsigned char fsm[];
+    __nv_bfloat16 *sQ = (__nv_bfloat16 *)fsm;
+    __nv_bfloat16 *sKV = sQ + QV * LD; /* stage s: K at sKV + 2s*64*LD, V after it */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int qb = KVW ? 0 : warp * 16;      /* the warp's first query vector */
+    const int cb = KVW ? warp * 16 : 0;      /* the warp's first cell within a tile */
+    const int32_t G = a.group, rows_per_tile = QV / G;
+    const int32_t t0 = blockIdx.x * rows_per_tile;
+    const int32_t t1 = min(t0 + rows_per_tile, a.n_rows);
+    const int32_t kvh = blockIdx.y, split = blockIdx.z;
+    const __nv_bfloat16 *kb = a.k + (size_t)kvh * a.head_stride;
+    const __nv_bfloat16 *vb = a.v + (size_t)kvh * a.head_stride;
+    const float sl2 = a.scale * 1.4426950408889634f; /* scores in log2 units */
+
+    for (int32_t start = t0; start < t1;) {
+        const int32_t end = sub_tile_end(a, start, t1);
+        const int32_t *table = a.tables + a.row_table[start];
+        int32_t n_ctx = 0;
+        for (int32_t r = start; r < end; r++) {
+            n_ctx = max(n_ctx, a.row_ctx[r]);
+        }
+        int32_t kt0, kt1;
+        split_range(n_ctx, a.n_split, split, &kt0, &kt1);
+
+        __syncthreads(); /* the previous sub-tile is done with shared memory */
+        if (kt0 < kt1) {
+            fa_load<HD>(a, kb, vb, table, n_ctx, kt0, sKV, sKV + FA_TC * LD);
+        }
+        cp_async_commit();
+        /* Q of the sub-tile's rows (others zero) */
+        for (int e = threadIdx.x; e < QV * HD / 4; e += FA_THREADS) {
+            const int qi = e / (HD / 4), d = (e % (HD / 4)) * 4;
+            const int32_t row = t0 + qi / G;
+            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (row >= start && row < end) {
+                x = *(const float4 *)(a.q + ((int64_t)row * a.n_head + kvh * G + qi % G) * HD +
+                                      d);
+            }
+            uint2 p;
+            p.x = pack_bf16(x.x, x.y);
+            p.y = pack_bf16(x.z, x.w);
+            *(uint2 *)(sQ + qi * LD + d) = p;
+        }
+        /* this thread's two rows of the warp's 16 query vectors: ctx (0 outside the sub-tile) */
+        int32_t ctx[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int32_t row = t0 + (qb + (lane >> 2) + 8 * h) / G;
+            ctx[h] = (row >= start && row < end) ? a.row_ctx[row] : 0;
+        }
+        const bool active = KVW || (__any_sync(0xffffffffu, ctx[0] > 0 || ctx[1] > 0));
+        __syncthreads();
+        uint32_t qf[KS][4];
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+            ldsm_x4(qf[ks], sQ + (qb + (lane & 15)) * LD + ks * 16 + (lane >> 4) * 8);
+        }
+        float o[DT][4];
+#pragma unroll
+        for (int i = 0; i < DT; i++) {
+            o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+        }
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+        for (int32_t kt = kt0; kt < kt1; kt++) {
+            const int st = (kt - kt0) & 1;
+            if (kt + 1 < kt1) {
+                __nv_bfloat16 *nk = sKV + (size_t)(st ^ 1) * 2 * FA_TC * LD;
+                fa_load<HD>(a, kb, vb, table, n_ctx, kt + 1, nk, nk + FA_TC * LD);
+                cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncthreads();
+            const __nv_bfloat16 *sK = sKV + (size_t)st * 2 * FA_TC * LD;
+            const __nv_bfloat16 *sV = sK + FA_TC * LD;
+            const int32_t c_first = kt * FA_TC + cb; /* the warp's first cell */
+            if (active) {
+                float s[NT][4];
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+                }
+#pragma unroll
+                for (int ks = 0; ks < KS; ks++) {
+#pragma unroll
+                    for (int np = 0; np < NT / 2; np++) {
+                        uint32_t b[4];
+                        ldsm_x4(b, sK + (cb + np * 16 + (lane & 7) + (lane >> 4) * 8) * LD +
+                                       ks * 16 + ((lane >> 3) & 1) * 8);
+                        mma_bf16(s[2 * np], qf[ks], b[0], b[1]);
+                        mma_bf16(s[2 * np + 1], qf[ks], b[2], b[3]);
+                    }
+                }
+                /* mask, scale, row max */
+                float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int h = e >> 1;
+                        const int32_t c = c_first + j * 8 + (lane & 3) * 2 + (e & 1);
+                        const float v = c < ctx[h] ? s[j][e] * sl2 : -INFINITY;
+                        s[j][e] = v;
+                        mx[h] = fmaxf(mx[h], v);
+                    }
+                }
+                float corr[2], base[2];
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+                    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+                    const float mn = fmaxf(m[h], mx[h]);
+                    base[h] = mn == -INFINITY ? 0.0f : mn;
+                    corr[h] = exp2f(m[h] - base[h]); /* 0 when m was -inf */
+                    m[h] = mn;
+                    l[h] *= corr[h];
+                }
+#pragma unroll
+                for (int i = 0; i < DT; i++) {
+                    o[i][0] *= corr[0];
+                    o[i][1] *= corr[0];
+                    o[i][2] *= corr[1];
+                    o[i][3] *= corr[1];
+                }
+                /* P = exp2(S - m), bf16, as A fragments; l sums the rounded values */
+                uint32_t pf[NT / 2][4];
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    float p[4];
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        p[e] = exp2f(s[j][e] - base[e >> 1]);
+                    }
+                    const uint32_t lo = pack_bf16(p[0], p[1]), hi = pack_bf16(p[2], p[3]);
+                    const __nv_bfloat162 lo2 = *(const __nv_bfloat162 *)&lo;
+                    const __nv_bfloat162 hi2 = *(const __nv_bfloat162 *)&hi;
+                    l[0] += __low2float(lo2) + __high2float(lo2);
+                    l[1] += __low2float(hi2) + __high2float(hi2);
+                    pf[j >> 1][(j & 1) * 2 + 0] = lo;
+                    pf[j >> 1][(j & 1) * 2 + 1] = hi;
+                }
+                /* O += P V */
+#pragma unroll
+                for (int kk = 0; kk < NT / 2; kk++) {
+#pragma unroll
+                    for (int dp = 0; dp < DT / 2; dp++) {
+                        uint32_t b[4];
+                        ldsm_x4_t(b, sV + (cb + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
+                                         dp * 16 + (lane >> 4) * 8);
+                        mma_bf16(o[2 * dp], pf[kk], b[0], b[1]);
+                        mma_bf16(o[2 * dp + 1], pf[kk], b[2], b[3]);
+                    }
+                }
+            }
+            __syncthreads(); /* everyone is done with this stage before it is refilled */
+        }
+        /* row sums across the quad */
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+            l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+        }
+        const float ln2 = 0.6931471805599453f;
+        if (!KVW) {
+            if (active) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int qv = qb + (lane >> 2) + 8 * h;
+                    const int32_t row = t0 + qv / G;
+                    if (row >= start && row < end) {
+#pragma unroll
+                        for (int i = 0; i < DT; i++) {
+#pragma unroll
+                            for (int e = 0; e < 2; e++) {
+                                write_result(a, row, kvh * G + qv % G, split,
+                                             i * 8 + (lane & 3) * 2 + e, o[i][2 * h + e],
+                                             m[h] * ln2, l[h]);
+                            }
+                        }
+                    }
+                }
+            }
+        } else {
+            /* merge the four warps (each saw a quarter of every tile) through shared memory */
+            float *mg = (float *)sKV; /* (4 warps, 16 vectors, HD + 2) */
+            constexpr int MS = HD + 2;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int qv = (lane >> 2) + 8 * h;
+                float *st = mg + (warp * 16 + qv) * MS;
+#pragma unroll
+                for (int i = 0; i < DT; i++) {
+                    st[i * 8 + (lane & 3) * 2] = o[i][2 * h];
+                    st[i * 8 + (lane & 3) * 2 + 1] = o[i][2 * h + 1];
+                }
+                if ((lane & 3) == 0) {
+                    st[HD] = m[h];
+                    st[HD + 1] = l[h];
+                }
+            }
+            __syncthreads();
+            for (int e = threadIdx.x; e < 16 * HD; e += FA_THREADS) {
+                const int qv = e / HD, d = e % HD;
+                const int32_t row = t0 + qv / G;
+                if (row < start || row >= end) {
+                    continue;
+                }
+                float M = -INFINITY;
+#pragma unroll
+                for (int w = 0; w < 4; w++) {
+                    const float *st = mg + (w * 16 + qv) * MS;
+                    if (st[HD + 1] > 0.0f) {
+                        M = fmaxf(M, st[HD]);
+                    }
+                }
+                float Ls = 0.0f, acc = 0.0f;
+#pragma unroll
+                for (int w = 0; w < 4; w++) {
+                    const float *st = mg + (w * 16 + qv) * MS;
+                    if (st[HD + 1] > 0.0f) {
+                        const float wt = exp2f(st[HD] - M);
+                        Ls += st[HD + 1] * wt;
+                        acc += st[d] * wt;
+                    }
+                }
+                write_result(a, row, kvh * G + qv % G, split, d, acc, M * ln2, Ls);
+            }
+        }
+        start = end;
+    }
+}
+
+typedef void (*fa_fn)(attn_args);
+
+template <int HD>
+static fa_fn fa_pick(bool kvw)
+{
+    return kvw ? attn_fa_kernel<HD, true> : attn_fa_kernel<HD, false>;
+}
+
+/* The kernel for head dim hd (a multiple of 16 up to 128), or NULL. */
+static fa_fn fa_kernel_for(int hd, bool kvw)
+{
+    switch (hd) {
+    case 16: return fa_pick<16>(kvw);
+    case 32: return fa_pick<32>(kvw);
+    case 48: return fa_pick<48>(kvw);
+    case 64: return fa_pick<64>(kvw);
+    case 80: return fa_pick<80>(kvw);
+    case 96: return fa_pick<96>(kvw);
+    case 112: return fa_pick<112>(kvw);
+    case 128: return fa_pick<128>(kvw);
+    default: return NULL;
+    }
+}
+
 /* ---- combine -------------------------------------------------------------------------------- */
 
 static __global__ void attn_combine_kernel(attn_args a)
@@ -620,6 +1000,55 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
     a.head_stride = kv->head_stride;
     a.block_stride = kv->block_stride;
     a.scale = scale;
+
+    /* flash-attention path (mma.sync, cp.async): head dims a multiple of 16 up to 128; KVW
+     * (warps split the KV tile) when the batch has few query vectors. KVS_CUDA_ATTN=old
+     * selects the previous kernels (decode on CUDA cores, WMMA tiles) for comparison. */
+    const char *mode = getenv("KVS_CUDA_ATTN");
+    const bool use_old = mode != NULL && strcmp(mode, "old") == 0;
+    const bool kvw = (int64_t)a.n_rows * a.group <= 32 && 16 % a.group == 0;
+    fa_fn fa = NULL;
+    if (!use_old && (uintptr_t)q % 16 == 0 && (kvw || 64 % a.group == 0) &&
+        fa_smem(a.hd, kvw) <= c->smem_optin) {
+        fa = fa_kernel_for(a.hd, kvw);
+    }
+    if (fa != NULL) {
+        const size_t smem = fa_smem(a.hd, kvw);
+        bool set = false;
+        for (int i = 0; i < c->n_fa_set; i++) {
+            set |= c->fa_set[i] == (const void *)fa;
+        }
+        if (!set) {
+            CU_TRY(cudaFuncSetAttribute(fa, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)smem));
+            if (c->n_fa_set < 32) {
+                c->fa_set[c->n_fa_set++] = (const void *)fa;
+            }
+        }
+        const int32_t rpt = (kvw ? 16 : 64) / a.group;
+        const int64_t tiles = (a.n_rows + rpt - 1) / rpt;
+        const int64_t n_units = tiles * a.n_kv_head;
+        int per_sm = (int)(220 * 1024 / (smem + 1024));
+        per_sm = per_sm < 1 ? 1 : (per_sm > 4 ? 4 : per_sm);
+        const int64_t want = (int64_t)per_sm * c->n_sm;
+        a.n_split = n_units >= want ? 1 : (int32_t)((want + n_units - 1) / n_units);
+        if (a.n_split > MAX_SPLIT) {
+            a.n_split = MAX_SPLIT;
+        }
+        if (a.n_split > 1) {
+            size_t need = (size_t)a.n_rows * n_head * a.n_split * (a.hd + 2) * sizeof(float);
+            KVS_TRY(kvs_cuda_buf_reserve(&c->partial, need));
+            a.partial = (float *)c->partial.p;
+        }
+        dim3 grid((unsigned)tiles, (unsigned)a.n_kv_head, (unsigned)a.n_split);
+        fa<<<grid, FA_THREADS, smem, c->stream>>>(a);
+        CU_LAUNCHED();
+        if (a.n_split > 1) {
+            attn_combine_kernel<<<(unsigned)(a.n_rows * n_head), 128, 0, c->stream>>>(a);
+            CU_LAUNCHED();
+        }
+        return 0;
+    }
 
     /* decode path: few rows (each row reads its own KV), head dims whose 8-dim slices tile a
      * warp, GQA groups up to DEC_MAX_G */

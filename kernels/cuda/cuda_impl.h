@@ -69,6 +69,8 @@ struct kvs_cuda {
     int n_sm;                      /* multiprocessors */
     size_t smem_optin;             /* max dynamic shared memory per block */
     size_t attn_smem_set;          /* dynamic shared memory the attention kernel may use */
+    const void *fa_set[32];        /* flash-attention kernels whose smem limit was raised */
+    int n_fa_set;
     int *d_flag;                   /* device: bad-index flag raised by kernels (see cuda.h) */
     struct kvs_cuda_buf xb;        /* bf16 copy of a matmul's x */
     struct kvs_cuda_buf partial;   /* attention split partials */
