@@ -1,0 +1,183 @@
+"""The client: framing ["", msgpack map], request ids, streamed replies, errors."""
+import itertools
+import os
+import time
+
+import msgpack
+import zmq
+
+PROTOCOL_VERSION = 1
+
+
+class KvsError(Exception):
+    """An error reply: code is the stable name ("NOT_FOUND"), status its number."""
+
+    def __init__(self, code, status, message, reply=None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.status = status
+        self.message = message
+        self.reply = reply
+
+
+class KvsTimeout(KvsError):
+    def __init__(self, message):
+        super().__init__("TIMEOUT", -13, message)
+
+
+class Client:
+    def __init__(self, endpoint, timeout=30.0, context=None):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        # Liveness as the worker does it (PROTOCOL.md section 1).
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, 250)
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 1000)
+        self._sock.setsockopt(zmq.HEARTBEAT_TTL, 1000)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
+        self._sock.connect(endpoint)
+        # Ids start at a random point so that two clients' ids rarely look alike in logs.
+        self._ids = itertools.count(int.from_bytes(os.urandom(3), "big") + 1)
+        self._pending = {}  # id -> [replies received before they were asked for]
+        self.version = None
+
+    def close(self):
+        self._sock.close(0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- transport ----------------------------------------------------------------------
+    def send_raw(self, frames):
+        """Send arbitrary frames (tests of bad input)."""
+        self._sock.send_multipart(frames)
+
+    def _send(self, op, fields):
+        rid = next(self._ids)
+        msg = {"id": rid, "op": op}
+        msg.update({k: v for k, v in fields.items() if v is not None})
+        self._sock.send_multipart([b"", msgpack.packb(msg, use_bin_type=True)])
+        self._pending.setdefault(rid, [])
+        return rid
+
+    def recv_any(self, timeout=None):
+        """The next reply of any id (a dict), or raise KvsTimeout."""
+        timeout = self.timeout if timeout is None else timeout
+        if not self._sock.poll(int(timeout * 1000)):
+            raise KvsTimeout(f"no reply from {self.endpoint} within {timeout}s")
+        frames = self._sock.recv_multipart()
+        if len(frames) != 2 or frames[0] != b"":
+            raise KvsError("BAD_FORMAT", -6, f"reply with {len(frames)} frames")
+        return msgpack.unpackb(frames[1], raw=False)
+
+    def _next_reply(self, rid, timeout):
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            queue = self._pending.get(rid)
+            if queue:
+                return queue.pop(0)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._pending.pop(rid, None)
+                raise KvsTimeout(f"request {rid}: no reply within the timeout")
+            rep = self.recv_any(left)
+            other = rep.get("id")
+            if other in self._pending:
+                self._pending[other].append(rep)
+            # replies to unknown ids (timed out earlier, or id 0) are dropped
+
+    @staticmethod
+    def _check(rep):
+        err = rep.get("error")
+        if err is not None:
+            raise KvsError(err.get("code"), err.get("status"), err.get("message"), rep)
+        return rep
+
+    def call(self, op, timeout=None, **fields):
+        """One request, one reply (a dict without "id"). Raises KvsError."""
+        rid = self._send(op, fields)
+        try:
+            rep = self._next_reply(rid, timeout)
+        finally:
+            self._pending.pop(rid, None)
+        rep = self._check(rep)
+        rep.pop("id", None)
+        return rep
+
+    def stream(self, op, timeout=None, **fields):
+        """A streamed request: yields each reply; the last has done=True."""
+        rid = self._send(op, dict(fields, stream=True))
+        expect = 0
+        try:
+            while True:
+                rep = self._check(self._next_reply(rid, timeout))
+                seq = rep.get("seq")
+                if seq != expect:
+                    raise KvsError("BAD_FORMAT", -6, f"seq {seq}, expected {expect}", rep)
+                expect += 1
+                yield rep
+                if rep.get("done"):
+                    return
+        finally:
+            self._pending.pop(rid, None)
+
+    # ---- operations (PROTOCOL.md section 5) -------------------------------------------------
+    def hello(self, versions=(PROTOCOL_VERSION,), client="kvstream-python"):
+        rep = self.call("hello", versions=list(versions), client=client)
+        self.version = rep["version"]
+        return rep
+
+    def ping(self, timeout=None):
+        return self.call("ping", timeout=timeout)
+
+    def status(self):
+        return self.call("status")
+
+    def create(self, session, prefix=None, cells=None, query_reserve=None, format=None,
+               policy=None):
+        return self.call("session.create", session=session, prefix=prefix, cells=cells,
+                         query_reserve=query_reserve, format=format, policy=policy)
+
+    def append(self, session, text=None, tokens=None, client_id=None, client_seq=None):
+        return self.call("session.append", session=session, text=text,
+                         tokens=list(tokens) if tokens is not None else None,
+                         client_id=client_id, client_seq=client_seq)
+
+    def info(self, session):
+        return self.call("session.info", session=session)
+
+    def close_session(self, session):
+        return self.call("session.close", session=session)
+
+    def list(self):
+        return self.call("session.list")["sessions"]
+
+    def snapshot(self, session, compact=False):
+        return self.call("session.snapshot", session=session, compact=compact)
+
+    def query(self, session, question, timeout=None, **opts):
+        """The whole answer: answer, tokens, version, context_tokens, ttft_ms, total_ms."""
+        return self.call("query", timeout=timeout, session=session, question=question, **opts)
+
+    def query_stream(self, session, question, timeout=None, **opts):
+        """Yields {"seq", "token", "text"} pieces, then the result with done=True."""
+        return self.stream("query", timeout=timeout, session=session, question=question,
+                           **opts)
+
+    def flash_register(self, session, name, question, **opts):
+        return self.call("flash.register", session=session, name=name, question=question,
+                         **opts)
+
+    def flash_unregister(self, session, name):
+        return self.call("flash.unregister", session=session, name=name)
+
+    def flash_list(self, session):
+        return self.call("flash.list", session=session)["names"]
+
+    def flash_get(self, session, name, allow_stale=False):
+        return self.call("flash.get", session=session, name=name, allow_stale=allow_stale)
