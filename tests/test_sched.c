@@ -361,6 +361,70 @@ START_TEST(test_deadlines_and_admission)
 }
 END_TEST
 
+/* 32 sessions with the same 1,000-token instructions: the prefix is computed once and its
+ * blocks are shared (counted once by admission: 32 private copies would not even fit). */
+START_TEST(test_prefix_sharing)
+{
+    kvs_engine *e = engine(8192, 256);
+    kvs_sessions *S;
+    ck_assert_int_eq(kvs_sessions_new(e, NULL, &S), 0);
+    char err[256];
+    char *prefix = malloc(20000);
+    prefix[0] = '\0';
+    int32_t n_tok = 0;
+    for (int w = 0; n_tok < 1000; w++) {
+        strcat(prefix, w % 3 ? " price" : " AAPL 189.23 +0.42");
+        size_t n = 0;
+        kvs_tokenizer_encode(e->tok, prefix, strlen(prefix), false, false, NULL, 0, &n);
+        n_tok = (int32_t)n;
+    }
+    uint64_t rows0 = kvs_forward_stats(e->fw)->rows;
+    int32_t free0 = kvs_pool_n_free(e->pool) - kvs_pool_n_cached(e->pool);
+    int64_t n_prefix = 0;
+    for (int i = 0; i < 32; i++) {
+        char id[8];
+        snprintf(id, sizeof id, "p%d", i);
+        kvs_session *s;
+        struct kvs_session_opts o = {.budget_cells = 1100, .prefix = prefix, .prefix_len = strlen(prefix)};
+        ck_assert_msg(kvs_session_create(S, id, &o, &s, err, sizeof err) == 0, "%s: %s", id, err);
+        struct kvs_session_info in;
+        kvs_session_info(s, &in);
+        n_prefix = in.prefix_tokens;
+    }
+    uint64_t rows = kvs_forward_stats(e->fw)->rows - rows0;
+    int64_t cells = (int64_t)(free0 - (kvs_pool_n_free(e->pool) - kvs_pool_n_cached(e->pool))) * 16;
+    printf("prefix sharing: 32 sessions x %lld-token prefix use %lld cells (unshared: %lld) and "
+           "%llu forward rows (unshared: %lld)\n",
+           (long long)n_prefix, (long long)cells, (long long)(32 * n_prefix),
+           (unsigned long long)rows, (long long)(32 * n_prefix));
+    int64_t full = n_prefix / 16 * 16;
+    ck_assert_int_le(cells, full + 32 * 16);                    /* ~1x the prefix, not 32x */
+    ck_assert_int_le((int64_t)rows, n_prefix + 31 * (n_prefix - full)); /* computed once */
+    ck_assert_uint_ge(kvs_pool_stats(e->pool)->hit_blocks, (uint64_t)(31 * (full / 16)));
+    /* every session answers like one that computed its prefix alone */
+    struct kvs_query_opts qo = {.sampling = kvs_sampling_default(), .max_tokens = 5};
+    struct kvs_answer a, b;
+    ck_assert_int_eq(kvs_session_query(kvs_session_find(S, "p31"), "Next?", 5, &qo, NULL, NULL, &a, err, sizeof err), 0);
+    qo.stateless = true;
+    ck_assert_int_eq(kvs_session_query(kvs_session_find(S, "p31"), "Next?", 5, &qo, NULL, NULL, &b, err, sizeof err), 0);
+    ck_assert_int_eq(a.n_tokens, b.n_tokens);
+    ck_assert_int_eq(memcmp(a.tokens, b.tokens, (size_t)a.n_tokens * sizeof *a.tokens), 0);
+    kvs_answer_free(&a);
+    kvs_answer_free(&b);
+    /* closing every session leaves the prefix cached (LRU), reclaimable: the pool is whole */
+    for (int i = 0; i < 32; i++) {
+        char id[8];
+        snprintf(id, sizeof id, "p%d", i);
+        ck_assert_int_eq(kvs_session_close(S, id), 0);
+    }
+    ck_assert_int_eq(kvs_pool_n_free(e->pool), kvs_pool_n_blocks(e->pool));
+    ck_assert_int_eq(kvs_pool_n_cached(e->pool), (int32_t)(full / 16));
+    free(prefix);
+    kvs_sessions_destroy(&S);
+    kvs_engine_destroy(&e);
+}
+END_TEST
+
 int main(void)
 {
     make_model();
@@ -374,6 +438,7 @@ int main(void)
     tcase_add_test(tc, test_fairness);
     tcase_add_test(tc, test_flash_share);
     tcase_add_test(tc, test_deadlines_and_admission);
+    tcase_add_test(tc, test_prefix_sharing);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);

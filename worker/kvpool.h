@@ -29,6 +29,12 @@
 
 typedef struct kvs_pool kvs_pool;
 
+struct kvs_pool_stats {
+    uint64_t indexed_blocks;  /* blocks ever added to the prefix index */
+    uint64_t hit_blocks;      /* blocks shared from the index instead of computed */
+    uint64_t reclaimed;       /* cached (unreferenced, indexed) blocks taken back for space */
+};
+
 typedef struct kvs_seq {
     int32_t *table;    /* (cap_blocks) block ids in position order */
     int32_t n_blocks;  /* blocks referenced by table */
@@ -53,7 +59,10 @@ kvs_kv_cache *kvs_pool_kv(const kvs_pool *pool);
 const struct kvs_kv_layout *kvs_pool_layout(const kvs_pool *pool);
 int32_t kvs_pool_block_size(const kvs_pool *pool);
 int32_t kvs_pool_n_blocks(const kvs_pool *pool);
-int32_t kvs_pool_n_free(const kvs_pool *pool);          /* blocks on the free list */
+int32_t kvs_pool_n_free(const kvs_pool *pool);          /* blocks free or reclaimable */
+int32_t kvs_pool_n_cached(const kvs_pool *pool);        /* unreferenced indexed blocks (LRU) */
+int32_t kvs_pool_n_indexed_in_use(const kvs_pool *pool);/* indexed blocks some seq references */
+const struct kvs_pool_stats *kvs_pool_stats(const kvs_pool *pool);
 int64_t kvs_pool_capacity_cells(const kvs_pool *pool);   /* n_blocks * block_size */
 int32_t kvs_pool_refcount(const kvs_pool *pool, int32_t block);
 
@@ -103,6 +112,24 @@ typedef int (*kvs_pool_shift_fn)(int32_t src, int32_t dst, void *user);
  * failed block) and is logged. */
 int kvs_pool_seq_slide(kvs_pool *pool, kvs_seq *seq, int32_t first, int32_t n_evict,
                        kvs_pool_shift_fn shift, void *user);
+
+/* ---- prefix index ----
+ * Full blocks of pinned prefixes are indexed by a keyed hash chain of their tokens:
+ * h_i = XXH3(tokens of block i, seed = h_{i-1} ^ key), key random per pool. A hit is
+ * confirmed by comparing the tokens before the block is shared. Indexed blocks are
+ * immutable; when no seq references one any more it stays cached (LRU) and is reclaimed
+ * only when a fresh block is needed and the free list is empty. */
+
+uint64_t kvs_pool_chain_hash(const kvs_pool *pool, uint64_t prev, const int32_t *tokens);
+/* The indexed block with this chain hash and these block_size tokens, or -1. */
+int32_t kvs_pool_lookup(const kvs_pool *pool, uint64_t hash, const int32_t *tokens);
+/* Start an empty seq with the longest run of leading full blocks of tokens[0..n) found in
+ * the index (shared, refcounts +1). Returns the cells it now holds (a multiple of the block
+ * size; 0 if none). */
+int32_t kvs_pool_seq_share_prefix(kvs_pool *pool, kvs_seq *seq, const int32_t *tokens, int32_t n);
+bool kvs_pool_is_indexed(const kvs_pool *pool, int32_t block);
+/* Index the full blocks of seq holding tokens[0..n) (only those not indexed yet). */
+void kvs_pool_seq_index(kvs_pool *pool, const kvs_seq *seq, const int32_t *tokens, int32_t n);
 
 /* The cell index (block * block_size + offset) that holds position pos of seq; pos must be
  * inside the reserved blocks (asserted). */

@@ -220,7 +220,7 @@ static int accept(kvs_sched *sc, struct job *j, const struct kvs_query_opts *o, 
         return KVS_CONTEXT_FULL;
     }
     int32_t blocks = kvs_sess_blocks_for(sc->S, j->n_ids + j->max_tokens);
-    if (blocks > kvs_pool_n_blocks(e->pool) - sc->S->reserved_blocks) {
+    if (blocks > kvs_sess_blocks_free(sc->S)) {
         snprintf(err, errlen, "no KV reserve for a query of %lld + %d tokens now",
                  (long long)j->n_ids, j->max_tokens);
         return KVS_BUSY;

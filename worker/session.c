@@ -48,9 +48,17 @@ int32_t kvs_sess_blocks_for(const kvs_sessions *S, int64_t cells)
     return (int32_t)((cells + bs - 1) / bs) + 1;
 }
 
+/* Blocks not promised to anyone: the pool minus session and query reservations minus the
+ * shared prefix blocks in use (counted once, whoever uses them). */
+int32_t kvs_sess_blocks_free(const kvs_sessions *S)
+{
+    return kvs_pool_n_blocks(S->e->pool) - S->reserved_blocks -
+           kvs_pool_n_indexed_in_use(S->e->pool);
+}
+
 int64_t kvs_sessions_cells_free(const kvs_sessions *S)
 {
-    int64_t blocks = kvs_pool_n_blocks(S->e->pool) - S->reserved_blocks;
+    int64_t blocks = kvs_sess_blocks_free(S);
     return blocks > 0 ? blocks * kvs_pool_block_size(S->e->pool) : 0;
 }
 
@@ -358,8 +366,22 @@ int kvs_sess_new(kvs_sessions *S, const char *id, enum kvs_session_format format
         ERR(KVS_CONTEXT_FULL, "the prefix (%lld tokens) does not fit the budget of %lld cells",
             (long long)n_prefix, (long long)budget);
     }
-    int32_t blocks = kvs_sess_blocks_for(S, budget);
-    if (blocks > kvs_pool_n_blocks(e->pool) - S->reserved_blocks) {
+    /* Leading full blocks of the prefix that another session already computed are shared
+     * (prefix index); the others are computed and indexed below. Shared prefix blocks are
+     * counted once (kvs_sess_blocks_free), so a session reserves its budget minus them. */
+    int32_t bs = kvs_pool_block_size(e->pool);
+    int32_t full = (int32_t)(n_prefix / bs);
+    kvs_seq *seq = kvs_pool_seq_new(e->pool);
+    if (seq == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    int32_t shared = prefix != NULL && n_prefix > 0
+                         ? kvs_pool_seq_share_prefix(e->pool, seq, prefix, (int32_t)n_prefix)
+                         : 0;
+    int32_t blocks = kvs_sess_blocks_for(S, budget) - full;
+    int32_t new_shared = full - shared / bs; /* prefix blocks this session adds to the index */
+    if (blocks + new_shared > kvs_sess_blocks_free(S)) {
+        kvs_pool_seq_release(e->pool, &seq);
         ERR(KVS_CAPACITY, "a budget of %lld cells does not fit: %lld cells free",
             (long long)budget, (long long)kvs_sessions_cells_free(S));
     }
@@ -382,25 +404,31 @@ int kvs_sess_new(kvs_sessions *S, const char *id, enum kvs_session_format format
     s->query_reserve = query_reserve;
     s->format = format;
     s->policy = policy;
-    s->seq = kvs_pool_seq_new(e->pool);
+    s->seq = seq;
     s->clients = calloc(KVS_CLIENTS_MAX, sizeof *s->clients);
-    if (s->seq == NULL || s->clients == NULL) {
+    if (s->clients == NULL) {
         kvs_sess_free(s);
         return KVS_NO_MEMORY;
     }
-    S->reserved_blocks += blocks;
-    s->reserved_blocks = blocks;
     if (n_prefix > 0) {
-        int rc = prefill(s, prefix, n_prefix);
+        int rc = shared < n_prefix ? prefill(s, prefix + shared, n_prefix - shared) : 0;
         if (rc == 0) {
             rc = record_tokens(s, prefix, n_prefix);
         }
         if (rc < 0) {
-            S->reserved_blocks -= blocks;
             kvs_sess_free(s);
             ERR(rc, "cannot prefill the prefix: %s", kvs_status_message(rc));
         }
+        kvs_pool_seq_index(e->pool, s->seq, prefix, (int32_t)n_prefix);
+        /* blocks of ours that did not make it into the index stay on our reservation */
+        for (int32_t i = 0; i < full; i++) {
+            blocks += !kvs_pool_is_indexed(e->pool, s->seq->table[i]);
+        }
+    } else {
+        blocks += full;
     }
+    S->reserved_blocks += blocks;
+    s->reserved_blocks = blocks;
     s->n_prefix = s->n_tokens;
     s->visible = s->seq->n_cells;
     S->all[S->n++] = s;
@@ -546,7 +574,7 @@ static int run_query(kvs_session *s, const int32_t *q, int32_t nq, const struct 
     }
     /* reserve |question| + max answer (stateless: the whole context again) */
     int32_t blocks = kvs_sess_blocks_for(S, (o->stateless ? ctx : 0) + nq + max_tokens);
-    if (blocks > kvs_pool_n_blocks(e->pool) - S->reserved_blocks) {
+    if (blocks > kvs_sess_blocks_free(S)) {
         ERR(KVS_BUSY, "no KV reserve for a query of %d + %d tokens now",
             nq, max_tokens);
     }

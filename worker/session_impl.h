@@ -95,6 +95,7 @@ void kvs_sess_free(kvs_session *s);
 
 /* The scheduler's building blocks (worker/sched.c). */
 int32_t kvs_sess_blocks_for(const kvs_sessions *S, int64_t cells);
+int32_t kvs_sess_blocks_free(const kvs_sessions *S);
 int kvs_sess_check_query_opts(const struct kvs_query_opts *o, char *err, size_t errlen);
 struct flash *kvs_sess_flash_find(kvs_session *s, const char *name);
 /* Tokenize text with the record (question = false) or question template; *ids malloc'd. */
