@@ -179,6 +179,46 @@ int main(int argc, char **argv)
     double b_ttft = fmax(ttft_flops / gemm_rate, (params * 2 + ctx_long * kv_cell) / bw);
     printf("bounds: weights %.2f GB bf16, KV %.0f KiB per cell\n", params * 2e-9, kv_cell / 1024);
 
+    /* ---- matmuls alone: one decode step's weights (1 row, GEMV) and 32 rows (cuBLAS) ---- */
+    double mm_ms[2] = {0, 0};
+    {
+        kvs_backend *bk = B.b;
+        size_t nx = (size_t)32 * (size_t)(hp->n_ff > hp->n_embd ? hp->n_ff : hp->n_embd);
+        float *hx = malloc(nx * sizeof(float));
+        for (size_t i = 0; i < nx; i++) {
+            hx[i] = (float)((int)(i * 2654435761u % 2001) - 1000) * 1e-3f;
+        }
+        float *dx = bk->ops->alloc(bk, nx * sizeof(float));
+        float *dy = bk->ops->alloc(bk, (size_t)32 * hp->n_vocab * sizeof(float));
+        CHECK(bk->ops->upload(bk, dx, hx, nx * sizeof(float)));
+        const int rows[2] = {1, 32};
+        for (int k = 0; k < 2; k++) {
+            double tm[8];
+            for (int rep = 0; rep < 6; rep++) {
+                CHECK(bk->ops->sync(bk));
+                double t1 = now();
+                for (int32_t li = 0; li < (int32_t)hp->n_layer; li++) {
+                    const struct kvs_layer *ly = &B.m->layers[li];
+                    const struct kvs_weight *ws[7] = {&ly->wq, &ly->wk, &ly->wv, &ly->wo,
+                                                      &ly->w_gate, &ly->w_up, &ly->w_down};
+                    for (int j = 0; j < 7; j++) {
+                        CHECK(bk->ops->matmul(bk, ws[j], dx, rows[k], NULL, dy));
+                    }
+                }
+                CHECK(bk->ops->matmul(bk, &B.m->output, dx, 1, NULL, dy));
+                CHECK(bk->ops->sync(bk));
+                tm[rep] = now() - t1;
+            }
+            mm_ms[k] = median(tm + 1, 5) * 1e3;
+            printf("matmuls alone, %d row(s) per layer matmul (+ LM head 1 row): %.3f ms = %.0f GB/s "
+                   "of weights\n",
+                   rows[k], mm_ms[k], params * 2 / (mm_ms[k] * 1e-3) * 1e-9);
+        }
+        bk->ops->free(bk, dx);
+        bk->ops->free(bk, dy);
+        free(hx);
+    }
+
     /* ---- decode at 1K (flash attention, then the previous kernels: KVS_CUDA_ATTN=old) ---- */
     kvs_seq *s1 = kvs_pool_seq_new(B.pool);
     feed(&B, s1, 1023, 0);

@@ -47,6 +47,7 @@ struct attn_args {
     const int32_t *row_ctx, *row_table, *tables;
     int *flag;
     int32_t n_rows, n_head, n_kv_head, hd, group, block_size, n_block, n_split;
+    int32_t bs_shift; /* log2(block_size) when a power of two, else -1 */
     size_t head_stride, block_stride; /* elements */
     float scale;
 };
@@ -619,10 +620,15 @@ static __host__ __device__ constexpr int fa_ld(int hd)
     return hd + 8; /* bf16 row stride: 16-byte multiple, rows land on distinct bank groups */
 }
 
+static __host__ __device__ constexpr int fa_stages(bool kvw)
+{
+    return kvw ? 3 : 2; /* KVW streams (decode): more tiles in flight */
+}
+
 static __host__ __device__ constexpr size_t fa_smem(int hd, bool kvw)
 {
-    /* Q, then 2 stages of K and V; the KVW merge reuses the K/V area */
-    return ((size_t)(kvw ? 16 : 64) + 4 * FA_TC) * fa_ld(hd) * 2;
+    /* Q, then the stages of K and V; the KVW merge reuses the K/V area */
+    return ((size_t)(kvw ? 16 : 64) + 2 * fa_stages(kvw) * FA_TC) * fa_ld(hd) * 2;
 }
 
 /* Issue the cp.async loads of KV tile kt (cells kt*64 ..) into stage buffers sK, sV. */
@@ -642,12 +648,13 @@ static __device__ __forceinline__ void fa_load(const attn_args &a, const __nv_bf
         const __nv_bfloat16 *ks = kb, *vs = vb;
         bool ok = false;
         if (c < n_ctx) {
-            int32_t blk = __ldg(table + c / a.block_size);
+            const int32_t bi = a.bs_shift >= 0 ? c >> a.bs_shift : c / a.block_size;
+            const int32_t bc = a.bs_shift >= 0 ? c & (a.block_size - 1) : c % a.block_size;
+            int32_t blk = __ldg(table + bi);
             ok = blk >= 0 && blk < a.n_block;
             bad |= !ok;
             if (ok) {
-                size_t off = (size_t)blk * a.block_stride + (size_t)(c % a.block_size) * HD +
-                             part * 8;
+                size_t off = (size_t)blk * a.block_stride + (size_t)bc * HD + part * 8;
                 ks = kb + off;
                 vs = vb + off;
             }
@@ -666,6 +673,7 @@ static __global__ void __launch_bounds__(FA_THREADS) attn_fa_kernel(attn_args a)
     constexpr int LD = fa_ld(HD), QV = KVW ? 16 : 64; /* query vectors per block */
     constexpr int NT = KVW ? 2 : 8;                   /* 8-cell n-tiles per warp per tile */
     constexpr int KS = HD / 16, DT = HD / 8;          /* k-steps over dims; 8-dim output tiles */
+    constexpr int S = fa_stages(KVW);
     extern __shared__ __align__(128) unsigned char fsm[];
     __nv_bfloat16 *sQ = (__nv_bfloat16 *)fsm;
     __nv_bfloat16 *sKV = sQ + QV * LD; /* stage s: K at sKV + 2s*64*LD, V after it */
@@ -691,10 +699,14 @@ static __global__ void __launch_bounds__(FA_THREADS) attn_fa_kernel(attn_args a)
         split_range(n_ctx, a.n_split, split, &kt0, &kt1);
 
         __syncthreads(); /* the previous sub-tile is done with shared memory */
-        if (kt0 < kt1) {
-            fa_load<HD>(a, kb, vb, table, n_ctx, kt0, sKV, sKV + FA_TC * LD);
+#pragma unroll
+        for (int s = 0; s < S - 1; s++) {
+            if (kt0 + s < kt1) {
+                __nv_bfloat16 *nk = sKV + (size_t)s * 2 * FA_TC * LD;
+                fa_load<HD>(a, kb, vb, table, n_ctx, kt0 + s, nk, nk + FA_TC * LD);
+            }
+            cp_async_commit(); /* one group per tile, empty or not */
         }
-        cp_async_commit();
         /* Q of the sub-tile's rows (others zero) */
         for (int e = threadIdx.x; e < QV * HD / 4; e += FA_THREADS) {
             const int qi = e / (HD / 4), d = (e % (HD / 4)) * 4;
@@ -731,16 +743,14 @@ static __global__ void __launch_bounds__(FA_THREADS) attn_fa_kernel(attn_args a)
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
         for (int32_t kt = kt0; kt < kt1; kt++) {
-            const int st = (kt - kt0) & 1;
-            if (kt + 1 < kt1) {
-                __nv_bfloat16 *nk = sKV + (size_t)(st ^ 1) * 2 * FA_TC * LD;
-                fa_load<HD>(a, kb, vb, table, n_ctx, kt + 1, nk, nk + FA_TC * LD);
-                cp_async_commit();
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
+            const int st = (kt - kt0) % S;
+            cp_async_wait<S - 2>(); /* tile kt has landed (this thread's part) */
+            __syncthreads();        /* ... everyone's; and tile kt-1's stage is free */
+            if (kt + S - 1 < kt1) {
+                __nv_bfloat16 *nk = sKV + (size_t)((st + S - 1) % S) * 2 * FA_TC * LD;
+                fa_load<HD>(a, kb, vb, table, n_ctx, kt + S - 1, nk, nk + FA_TC * LD);
             }
-            __syncthreads();
+            cp_async_commit();
             const __nv_bfloat16 *sK = sKV + (size_t)st * 2 * FA_TC * LD;
             const __nv_bfloat16 *sV = sK + FA_TC * LD;
             const int32_t c_first = kt * FA_TC + cb; /* the warp's first cell */
@@ -822,8 +832,9 @@ static __global__ void __launch_bounds__(FA_THREADS) attn_fa_kernel(attn_args a)
                     }
                 }
             }
-            __syncthreads(); /* everyone is done with this stage before it is refilled */
         }
+        cp_async_wait<0>();
+        __syncthreads(); /* every warp is done with the K/V stages (the KVW merge reuses them) */
         /* row sums across the quad */
 #pragma unroll
         for (int h = 0; h < 2; h++) {
@@ -1000,6 +1011,12 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
     a.head_stride = kv->head_stride;
     a.block_stride = kv->block_stride;
     a.scale = scale;
+    a.bs_shift = -1;
+    for (int s = 0; s < 31; s++) {
+        if ((1 << s) == a.block_size) {
+            a.bs_shift = s;
+        }
+    }
 
     /* flash-attention path (mma.sync, cp.async): head dims a multiple of 16 up to 128; KVW
      * (warps split the KV tile) when the batch has few query vectors. KVS_CUDA_ATTN=old
@@ -1014,24 +1031,28 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
     }
     if (fa != NULL) {
         const size_t smem = fa_smem(a.hd, kvw);
-        bool set = false;
+        int per_sm = 0;
         for (int i = 0; i < c->n_fa_set; i++) {
-            set |= c->fa_set[i] == (const void *)fa;
+            if (c->fa_set[i] == (const void *)fa) {
+                per_sm = c->fa_per_sm[i];
+            }
         }
-        if (!set) {
+        if (per_sm == 0) {
             CU_TRY(cudaFuncSetAttribute(fa, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         (int)smem));
+            CU_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fa, FA_THREADS, smem));
+            per_sm = per_sm < 1 ? 1 : per_sm;
             if (c->n_fa_set < 32) {
+                c->fa_per_sm[c->n_fa_set] = per_sm;
                 c->fa_set[c->n_fa_set++] = (const void *)fa;
             }
         }
         const int32_t rpt = (kvw ? 16 : 64) / a.group;
         const int64_t tiles = (a.n_rows + rpt - 1) / rpt;
         const int64_t n_units = tiles * a.n_kv_head;
-        int per_sm = (int)(220 * 1024 / (smem + 1024));
-        per_sm = per_sm < 1 ? 1 : (per_sm > 4 ? 4 : per_sm);
         const int64_t want = (int64_t)per_sm * c->n_sm;
-        a.n_split = n_units >= want ? 1 : (int32_t)((want + n_units - 1) / n_units);
+        /* whole waves: units * n_split <= one wave of resident blocks */
+        a.n_split = n_units >= want ? 1 : (int32_t)(want / n_units);
         if (a.n_split > MAX_SPLIT) {
             a.n_split = MAX_SPLIT;
         }

@@ -70,6 +70,7 @@ struct kvs_cuda {
     size_t smem_optin;             /* max dynamic shared memory per block */
     size_t attn_smem_set;          /* dynamic shared memory the attention kernel may use */
     const void *fa_set[32];        /* flash-attention kernels whose smem limit was raised */
+    int fa_per_sm[32];             /* ... and their resident blocks per SM */
     int n_fa_set;
     int *d_flag;                   /* device: bad-index flag raised by kernels (see cuda.h) */
     struct kvs_cuda_buf xb;        /* bf16 copy of a matmul's x */
