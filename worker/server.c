@@ -466,7 +466,13 @@ static void io_reply(kvs_server *srv, const void *ident, size_t ident_len, const
                      size_t len)
 {
     if (zmq_send(srv->router, ident, ident_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
-        KVS_WARN("server: reply dropped (%s)", zmq_strerror(errno));
+        /* EHOSTUNREACH: the peer is gone (every later piece of its stream lands here too,
+         * so only at debug level); EAGAIN: it is not reading (its HWM is full). */
+        if (errno == EHOSTUNREACH) {
+            KVS_DEBUG("server: reply to a gone peer dropped");
+        } else {
+            KVS_WARN("server: reply dropped (%s)", zmq_strerror(errno));
+        }
         return;
     }
     if (zmq_send(srv->router, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||

@@ -185,3 +185,23 @@ def test_refuses_non_loopback(tiny_model):
     p = subprocess.run([worker_binary(), "--model", tiny_model, "--listen", "tcp://0.0.0.0:0"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "--insecure" in p.stderr
+
+
+def test_disconnect_mid_stream_and_slow_consumer(worker, client):
+    client.create("x", cells=2048)
+    client.append("x", "some context")
+    # a client that asks for a long streamed answer and goes away at once
+    gone = worker.client()
+    gone._send("query", {"session": "x", "question": "Go on:", "max_tokens": 300,
+                         "stream": True})
+    gone.close()
+    # a client that asks and never reads
+    slow = worker.client()
+    for _ in range(3):
+        slow._send("query", {"session": "x", "question": "More:", "max_tokens": 100,
+                             "stream": True})
+    r = client.query("x", "Go on:", max_tokens=8)
+    assert len(r["tokens"]) > 0
+    assert client.ping() == {"pong": True}
+    slow.close()
+    assert client.info("x")["version"] == 1
