@@ -1,5 +1,10 @@
 /* Paged attention over bf16 KV for mixed batches (prefill chunks and decode rows together).
  *
+ * Default path: the FlashAttention-2 kernel (attn_fa_kernel, below the decode path) for head
+ * dims that are multiples of 16 up to 128. The tensor-core (WMMA) and decode paths described
+ * next are the previous kernels, used with KVS_CUDA_ATTN=old or where the flash kernel does
+ * not apply (group sizes it cannot tile, misaligned q).
+ *
  * Row r attends to cells 0..row_ctx[r]-1 of its seq, cell c living in block
  * tables[row_table[r] + c / block_size]. GQA: query head h reads KV head h / G.
  *

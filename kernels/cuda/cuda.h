@@ -14,11 +14,11 @@
  *     bandwidth-bound GEMV kernel reading x in f32, more through cuBLAS (x rounded to bf16).
  *   - KV: bf16 only (layout dtype must be KVS_DTYPE_BF16), laid out as the CPU's:
  *     (n_layer, n_block, n_kv_head, block_size, head_dim) for K and for V.
- *   - attention: batches of at most KVS_CUDA_DECODE_MAX_ROWS rows take a decode kernel (CUDA
- *     cores, fp32, split over the context into many pieces: flash decoding); larger batches
- *     flash-attention style on tensor cores (bf16 Q, K, P, V; fp32 scores and
- *     accumulators), split over the context (flash decoding) when the batch alone does not
- *     fill the GPU; a plain fp32 kernel for head dims the tensor-core path does not take.
+ *   - attention: a FlashAttention-2 kernel on tensor cores (mma.sync; bf16 Q, K, P, V; fp32
+ *     scores and accumulators) for head dims that are multiples of 16 up to 128, split over
+ *     the context (flash decoding) when the batch alone does not fill the GPU; a plain fp32
+ *     kernel for other head dims. KVS_CUDA_ATTN=old selects the previous kernels (CUDA-core
+ *     decode for at most KVS_CUDA_DECODE_MAX_ROWS rows, WMMA tiles) for comparison.
  *   - bad indices inside backend memory (row_slot, block tables) cannot be checked on the
  *     host without a round trip: kernels skip them and raise a device flag that the next
  *     sync() reports as KVS_OUT_OF_RANGE.
