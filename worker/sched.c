@@ -526,6 +526,11 @@ int kvs_sched_step(kvs_sched *sc, double now)
         flash_floor = 1;
     }
     int32_t avail = budget - flash_floor;
+    int32_t jobs_planned = 0;
+    if (sc->o.max_jobs_per_step > 0) {
+        avail = budget; /* one request at a time: no share to keep, no other job to serve */
+        flash_floor = 0;
+    }
     /* 2. plan by class: decode, question, append, then flash (with its floor) */
     for (int cls = 0; cls < KVS_N_CLASSES; cls++) {
         if (cls == KVS_CLASS_FLASH) {
@@ -533,6 +538,9 @@ int kvs_sched_step(kvs_sched *sc, double now)
         }
         int32_t start = sc->n > 0 ? sc->rr[cls] % sc->n : 0;
         for (int32_t k = 0; k < sc->n && avail > 0; k++) {
+            if (sc->o.max_jobs_per_step > 0 && jobs_planned >= sc->o.max_jobs_per_step) {
+                break;
+            }
             struct job *j = sc->jobs[(start + k) % sc->n];
             if (j->rows > 0) {
                 continue;
@@ -583,6 +591,7 @@ int kvs_sched_step(kvs_sched *sc, double now)
                                                  : avail;
             int32_t got = plan_rows(sc, j, want);
             avail -= got;
+            jobs_planned += got > 0;
             sc->st.last_rows[cls] += got;
         }
         sc->rr[cls]++;

@@ -44,6 +44,8 @@ struct kvs_sched_opts {
     int32_t max_batch_tokens; /* rows per step (0 = the engine's max_batch_rows) */
     int32_t append_chunk;     /* rows of one append per step (0 = 64) */
     float flash_min_share;    /* budget share kept for flash work when it has any (0 = 0.1) */
+    int32_t max_jobs_per_step;/* 0 = no limit; 1 = one request at a time (the no-batching
+                               * baseline of the benchmarks) */
 };
 
 struct kvs_sched_stats {
