@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -353,6 +354,77 @@ START_TEST(test_sigkill)
 }
 END_TEST
 
+/* A full disk (EFBIG through RLIMIT_FSIZE, in a child process) fails the append with
+ * KVS_IO, applies nothing and loses nothing acknowledged; once there is room again appends
+ * succeed, and a restore holds exactly the acknowledged ones. */
+START_TEST(test_disk_full)
+{
+    fresh_dir();
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        struct node n;
+        char err[256];
+        if (node_open(&n, model_a) < 0) {
+            _exit(10);
+        }
+        kvs_session *s;
+        if (kvs_session_create(n.S, "f", &(struct kvs_session_opts){.budget_cells = 1024}, &s,
+                               err, sizeof err) < 0) {
+            _exit(11);
+        }
+        struct kvs_append_result r;
+        for (int i = 0; i < 3; i++) {
+            if (kvs_session_append(s, RECS[i], strlen(RECS[i]), 0, 0, &r, err, sizeof err) < 0) {
+                _exit(12);
+            }
+        }
+        char path[700];
+        snprintf(path, sizeof path, "%s/f.log", dir);
+        struct stat st;
+        if (stat(path, &st) < 0) {
+            _exit(13);
+        }
+        signal(SIGXFSZ, SIG_IGN);
+        struct rlimit lim = {.rlim_cur = (rlim_t)st.st_size + 8, .rlim_max = RLIM_INFINITY};
+        if (setrlimit(RLIMIT_FSIZE, &lim) < 0) {
+            _exit(14);
+        }
+        struct kvs_session_info before, after;
+        kvs_session_info(s, &before);
+        int rc = kvs_session_append(s, RECS[3], strlen(RECS[3]), 0, 0, &r, err, sizeof err);
+        kvs_session_info(s, &after);
+        if (rc != KVS_IO || strstr(err, "log") == NULL) {
+            _exit(15);
+        }
+        if (after.appends != before.appends || after.cells_used != before.cells_used ||
+            after.version != before.version) {
+            _exit(16); /* something was applied */
+        }
+        lim.rlim_cur = RLIM_INFINITY;
+        setrlimit(RLIMIT_FSIZE, &lim);
+        if (kvs_session_append(s, RECS[4], strlen(RECS[4]), 0, 0, &r, err, sizeof err) < 0) {
+            _exit(17);
+        }
+        node_close(&n);
+        _exit(0);
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d",
+                  WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    struct node b;
+    char err[512];
+    ck_assert_int_eq(node_open(&b, model_a), 0);
+    ck_assert_int_eq(kvs_sessions_restore(b.S, err, sizeof err), 1);
+    struct kvs_session_info in;
+    kvs_session_info(kvs_session_find(b.S, "f"), &in);
+    ck_assert_uint_eq(in.appends, 4); /* 3 before the full disk, 1 after; the failed one is not there */
+    node_close(&b);
+    rm_dir();
+}
+END_TEST
+
 int main(void)
 {
     make_model(model_a, sizeof model_a, 3);
@@ -364,6 +436,7 @@ int main(void)
     tcase_add_test(tc, test_snapshot_and_tail);
     tcase_add_test(tc, test_torn_tail_and_wrong_model);
     tcase_add_test(tc, test_sigkill);
+    tcase_add_test(tc, test_disk_full);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);
