@@ -51,10 +51,12 @@ if [ $? -ne 0 ]; then
     failed=$((failed + 1))
 else
     stage "sanitizer tests"
-    # The llama.cpp parity test runs a 30-layer model: it is covered by the release run.
+    # Tests that mostly run the 30-layer default model (llama.cpp parity, the generate and
+    # demo CLI tests) are covered by the release run; under ASan they would take most of
+    # the CI budget. KVS_TEST_QUICK trims the rest the same way (see tests/test_forward.c).
     ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
         KVS_TEST_QUICK=1 ctest --test-dir build-asan --output-on-failure -j"$JOBS" \
-        -E 'parity_llamacpp' 2>&1 | tee ctest-asan.log
+        -E 'parity_llamacpp|cli_demo|cli_generate' 2>&1 | tee ctest-asan.log
     count_ctest ctest-asan.log
 fi
 
