@@ -120,6 +120,8 @@ static void cpu_destroy(kvs_backend *b)
             }
             free(c->ts);
         }
+        free(c->attn.part);
+        free(c->attn.idx);
         free(c->qx);
         free(c->rope_cs);
         free(c->rope_pos);

@@ -152,6 +152,19 @@ struct kvs_cpu_kernels {
     void (*exp_shift)(float *s, int32_t n, float m);
     void (*pv_f32)(float *acc, const float *p, const float *v, int32_t nc, int32_t hd);
     void (*pv_f16)(float *acc, const float *p, const uint16_t *v, int32_t nc, int32_t hd);
+    /* the same for several queries / weight rows sharing one block (heads of a KV group,
+     * rows of one sequence): out[j][i] and acc[j][d] get exactly the bits that scores / pv
+     * give for query j alone; the block is read once for all of them */
+    void (*scores_multi_f32)(const float *const *q, int32_t nq, const float *k, int32_t nc,
+                             int32_t hd, float scale, float *const *out);
+    void (*scores_multi_f16)(const float *const *q, int32_t nq, const uint16_t *k, int32_t nc,
+                             int32_t hd, float scale, float *const *out);
+    void (*pv_multi_f32)(float *const *acc, const float *const *p, int32_t np, const float *v,
+                         int32_t nc, int32_t hd);
+    void (*pv_multi_f16)(float *const *acc, const float *const *p, int32_t np,
+                         const uint16_t *v, int32_t nc, int32_t hd);
+    /* x = f16_to_f32(f32_to_f16(x)) (round to nearest even), n elements */
+    void (*round_f16)(float *x, int64_t n);
     /* out[i] = gate[i] / (1 + exp(-gate[i])) * up[i] with the level's exp */
     void (*swiglu)(const float *gate, const float *up, int64_t n, float *out);
     /* attention: dot(q, k) over n, k in f32 or f16 */
@@ -174,9 +187,16 @@ extern const struct kvs_cpu_kernels kvs_cpu_kernels_avx512;
 
 /* Per-thread scratch for attention. */
 struct kvs_cpu_thread_scratch {
-    float *scores; /* (cap_scores) one block's scores, then its f16-rounded weights */
-    float *acc;    /* (cap_acc) one head's running output */
+    float *scores; /* (cap_scores) a tile's block scores, then its f16-rounded weights */
+    float *acc;    /* (cap_acc) a tile's running outputs, maxima, sums and rounded queries */
     int64_t cap_scores, cap_acc;
+};
+
+/* Attention scratch shared by the threads of one call (kernels/cpu/attention.c). */
+struct kvs_cpu_attn_scratch {
+    float *part;   /* (cap_part) per-segment (acc, m, l) of rows longer than one segment */
+    int32_t *idx;  /* (cap_idx) tiles, tasks and per-row offsets into part */
+    int64_t cap_part, cap_idx;
 };
 
 /* The backend context (kvs_backend.ctx). */
@@ -194,6 +214,7 @@ struct kvs_cpu {
     struct kvs_rope rope_key; /* parameters the table was made for (freq_factors by value) */
     float rope_factors[512];  /* copy of freq_factors (n_dims / 2 <= 512) */
     struct kvs_cpu_thread_scratch *ts; /* (n_threads) */
+    struct kvs_cpu_attn_scratch attn;  /* grown by attention, freed with the context */
 };
 
 /* Grow a 64-byte aligned scratch buffer to at least `need` elements of `elem` bytes; keeps

@@ -221,6 +221,45 @@ static void pv_f16_scalar(float *acc, const float *p, const uint16_t *v, int32_t
     }
 }
 
+static void scores_multi_f32_scalar(const float *const *q, int32_t nq, const float *k,
+                                    int32_t nc, int32_t hd, float scale, float *const *out)
+{
+    for (int32_t j = 0; j < nq; j++) {
+        scores_f32_scalar(q[j], k, nc, hd, scale, out[j]);
+    }
+}
+
+static void scores_multi_f16_scalar(const float *const *q, int32_t nq, const uint16_t *k,
+                                    int32_t nc, int32_t hd, float scale, float *const *out)
+{
+    for (int32_t j = 0; j < nq; j++) {
+        scores_f16_scalar(q[j], k, nc, hd, scale, out[j]);
+    }
+}
+
+static void pv_multi_f32_scalar(float *const *acc, const float *const *p, int32_t np,
+                                const float *v, int32_t nc, int32_t hd)
+{
+    for (int32_t j = 0; j < np; j++) {
+        pv_f32_scalar(acc[j], p[j], v, nc, hd);
+    }
+}
+
+static void pv_multi_f16_scalar(float *const *acc, const float *const *p, int32_t np,
+                                const uint16_t *v, int32_t nc, int32_t hd)
+{
+    for (int32_t j = 0; j < np; j++) {
+        pv_f16_scalar(acc[j], p[j], v, nc, hd);
+    }
+}
+
+static void round_f16_scalar(float *x, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        x[i] = kvs_cpu_f16_to_f32(kvs_cpu_f32_to_f16(x[i]));
+    }
+}
+
 static void swiglu_scalar(const float *gate, const float *up, int64_t n, float *out)
 {
     for (int64_t i = 0; i < n; i++) {
@@ -250,6 +289,11 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_scalar = {
     .exp_shift = exp_shift_scalar,
     .pv_f32 = pv_f32_scalar,
     .pv_f16 = pv_f16_scalar,
+    .scores_multi_f32 = scores_multi_f32_scalar,
+    .scores_multi_f16 = scores_multi_f16_scalar,
+    .pv_multi_f32 = pv_multi_f32_scalar,
+    .pv_multi_f16 = pv_multi_f16_scalar,
+    .round_f16 = round_f16_scalar,
     .swiglu = swiglu_scalar,
     .dot_f32 = dot_f32_scalar,
     .dot_f16 = dot_f16_scalar,

@@ -7,6 +7,8 @@
 #define KVS_X86_VNNI 0
 #define KVS_X86_TILE_R 4 /* 16 ymm registers: 4 rows x 1 output */
 #define KVS_X86_TILE_C 1
+#define KVS_X86_SCORES_NQ 1 /* queries per scores tile: 8 accumulators */
+#define KVS_X86_PV_NQ 2     /* weight rows per pv tile */
 #include "kernels/cpu/matmul_x86.h"
 
 const struct kvs_cpu_kernels kvs_cpu_kernels_avx2 = {
@@ -23,6 +25,11 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_avx2 = {
     .exp_shift = exp_shift_avx2,
     .pv_f32 = pv_float_avx2,
     .pv_f16 = pv_kvs_f16_t_avx2,
+    .scores_multi_f32 = scores_multi_float_avx2,
+    .scores_multi_f16 = scores_multi_kvs_f16_t_avx2,
+    .pv_multi_f32 = pv_multi_float_avx2,
+    .pv_multi_f16 = pv_multi_kvs_f16_t_avx2,
+    .round_f16 = round_f16_avx2,
     .swiglu = swiglu_avx2,
     .dot_f32 = dot_float_avx2,
     .dot_f16 = dot_kvs_f16_t_avx2,

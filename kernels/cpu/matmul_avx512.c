@@ -14,6 +14,8 @@
 #define KVS_X86_TILE_R 4 /* 32 registers: 4 rows x 2 outputs */
 #define KVS_X86_TILE_C 2
 #define KVS_X86_PAIRED_Q4 1
+#define KVS_X86_SCORES_NQ 3 /* queries per scores tile: 24 accumulators */
+#define KVS_X86_PV_NQ 4     /* weight rows per pv tile */
 #include "kernels/cpu/matmul_x86.h"
 
 /* Q4_0 / Q4_1 on pair-packed rows (kvs_cpu_pair_q4): the 32 bytes of blocks j, j+1 of a
@@ -130,6 +132,11 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_avx512 = {
     .exp_shift = exp_shift_avx512,
     .pv_f32 = pv_float_avx512,
     .pv_f16 = pv_kvs_f16_t_avx512,
+    .scores_multi_f32 = scores_multi_float_avx512,
+    .scores_multi_f16 = scores_multi_kvs_f16_t_avx512,
+    .pv_multi_f32 = pv_multi_float_avx512,
+    .pv_multi_f16 = pv_multi_kvs_f16_t_avx512,
+    .round_f16 = round_f16_avx512,
     .swiglu = swiglu_avx512,
     .dot_f32 = dot_float_avx512,
     .dot_f16 = dot_kvs_f16_t_avx512,

@@ -592,3 +592,163 @@ SCORES_KV(kvs_f16_t, load8_f16)
 
 PV_KV(float, load8_f32, load1_f32)
 PV_KV(kvs_f16_t, load8_f16, load1_f16)
+
+/* ---- attention over several queries sharing one block ------------------------------------ */
+
+/* Scores of NQ queries (heads of a KV group, rows of one sequence) against the same 8 cells at
+ * a time: each K vector is loaded (and converted) once for all queries. Per (query, cell) the
+ * operations are exactly scores_T's: one 8-lane fma chain over d in order, the same hadd tree,
+ * then * scale; so a query's scores do not depend on which queries share the call. */
+#define SCORES_MULTI_KV(T, LOAD8)                                                              \
+    KVS_INLINE void scores_tile_##T(const float *const *q, const int NQ, const T *k,          \
+                                    int32_t nc, int32_t hd, __m256 vs, float *const *out)       \
+    {                                                                                          \
+        for (int32_t i = 0; i < nc; i += 8) {                                                  \
+            const T *kc[8];                                                                    \
+            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                               \
+            {                                                                                  \
+                kc[c] = k + (int64_t)(i + c < nc ? i + c : i) * hd;                            \
+            }                                                                                  \
+            __m256 a[4][8];                                                                    \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NQ; j++)                              \
+            {                                                                                  \
+                _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                           \
+                {                                                                              \
+                    a[j][c] = _mm256_setzero_ps();                                             \
+                }                                                                              \
+            }                                                                                  \
+            for (int32_t d = 0; d < hd; d += 8) {                                              \
+                __m256 qv[4];                                                                  \
+                _Pragma("GCC unroll 4") for (int j = 0; j < NQ; j++)                          \
+                {                                                                              \
+                    qv[j] = _mm256_loadu_ps(q[j] + d);                                         \
+                }                                                                              \
+                _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                           \
+                {                                                                              \
+                    __m256 kv = LOAD8(kc[c], d);                                               \
+                    _Pragma("GCC unroll 4") for (int j = 0; j < NQ; j++)                      \
+                    {                                                                          \
+                        a[j][c] = _mm256_fmadd_ps(qv[j], kv, a[j][c]);                         \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NQ; j++)                              \
+            {                                                                                  \
+                __m256 t0 = _mm256_hadd_ps(a[j][0], a[j][1]);                                  \
+                __m256 t1 = _mm256_hadd_ps(a[j][2], a[j][3]);                                  \
+                __m256 t2 = _mm256_hadd_ps(a[j][4], a[j][5]);                                  \
+                __m256 t3 = _mm256_hadd_ps(a[j][6], a[j][7]);                                  \
+                __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);               \
+                __m256 sc = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),                \
+                                          _mm256_permute2f128_ps(u0, u1, 0x31));               \
+                sc = _mm256_mul_ps(sc, vs);                                                    \
+                if (i + 8 <= nc) {                                                             \
+                    _mm256_storeu_ps(out[j] + i, sc);                                          \
+                } else {                                                                       \
+                    float t[8];                                                                \
+                    _mm256_storeu_ps(t, sc);                                                   \
+                    memcpy(out[j] + i, t, (size_t)(nc - i) * sizeof(float));                   \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    static void KVS_X86_NAME(scores_multi_##T)(const float *const *q, int32_t nq, const T *k, \
+                                               int32_t nc, int32_t hd, float scale,            \
+                                               float *const *out)                              \
+    {                                                                                          \
+        if (hd % 8 != 0) {                                                                     \
+            for (int32_t j = 0; j < nq; j++) {                                                 \
+                KVS_X86_NAME(scores_##T)(q[j], k, nc, hd, scale, out[j]);                      \
+            }                                                                                  \
+            return;                                                                            \
+        }                                                                                      \
+        const __m256 vs = _mm256_set1_ps(scale);                                               \
+        int32_t j = 0;                                                                         \
+        for (; j + KVS_X86_SCORES_NQ <= nq; j += KVS_X86_SCORES_NQ) {                          \
+            scores_tile_##T(q + j, KVS_X86_SCORES_NQ, k, nc, hd, vs, out + j);                 \
+        }                                                                                      \
+        for (; j < nq; j++) {                                                                  \
+            scores_tile_##T(q + j, 1, k, nc, hd, vs, out + j);                                 \
+        }                                                                                      \
+    }
+
+SCORES_MULTI_KV(float, load8_f32)
+SCORES_MULTI_KV(kvs_f16_t, load8_f16)
+
+/* acc_j += p_j[i] v_i for NP (acc, p) pairs sharing one block of V: each V vector is loaded
+ * once for all pairs; per element the same fma chain over the cells in order as pv_T. */
+#define PV_MULTI_KV(T, LOAD8)                                                                  \
+    KVS_INLINE void pv_tile_##T(float *const *acc, const float *const *p, const int NP,       \
+                                const T *v, int32_t nc, int32_t hd)                            \
+    {                                                                                          \
+        int32_t d = 0;                                                                         \
+        for (; d + 32 <= hd; d += 32) {                                                        \
+            __m256 a[4][4];                                                                    \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NP; j++)                              \
+            {                                                                                  \
+                _Pragma("GCC unroll 4") for (int e = 0; e < 4; e++)                           \
+                {                                                                              \
+                    a[j][e] = _mm256_loadu_ps(acc[j] + d + 8 * e);                             \
+                }                                                                              \
+            }                                                                                  \
+            for (int32_t i = 0; i < nc; i++) {                                                 \
+                const T *vi = v + (int64_t)i * hd + d;                                         \
+                __m256 vv[4];                                                                  \
+                _Pragma("GCC unroll 4") for (int e = 0; e < 4; e++)                           \
+                {                                                                              \
+                    vv[e] = LOAD8(vi, 8 * e);                                                  \
+                }                                                                              \
+                _Pragma("GCC unroll 4") for (int j = 0; j < NP; j++)                          \
+                {                                                                              \
+                    __m256 vp = _mm256_set1_ps(p[j][i]);                                       \
+                    _Pragma("GCC unroll 4") for (int e = 0; e < 4; e++)                       \
+                    {                                                                          \
+                        a[j][e] = _mm256_fmadd_ps(vp, vv[e], a[j][e]);                         \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NP; j++)                              \
+            {                                                                                  \
+                _Pragma("GCC unroll 4") for (int e = 0; e < 4; e++)                           \
+                {                                                                              \
+                    _mm256_storeu_ps(acc[j] + d + 8 * e, a[j][e]);                             \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        if (d < hd) {                                                                          \
+            for (int j = 0; j < NP; j++) {                                                     \
+                for (int32_t i = 0; i < nc; i++) {                                             \
+                    KVS_X86_NAME(axpy_##T)(acc[j] + d, p[j][i], v + (int64_t)i * hd + d,       \
+                                           hd - d);                                            \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    static void KVS_X86_NAME(pv_multi_##T)(float *const *acc, const float *const *p,          \
+                                           int32_t np, const T *v, int32_t nc, int32_t hd)     \
+    {                                                                                          \
+        int32_t j = 0;                                                                         \
+        for (; j + KVS_X86_PV_NQ <= np; j += KVS_X86_PV_NQ) {                                  \
+            pv_tile_##T(acc + j, p + j, KVS_X86_PV_NQ, v, nc, hd);                             \
+        }                                                                                      \
+        for (; j < np; j++) {                                                                  \
+            pv_tile_##T(acc + j, p + j, 1, v, nc, hd);                                         \
+        }                                                                                      \
+    }
+
+PV_MULTI_KV(float, load8_f32)
+PV_MULTI_KV(kvs_f16_t, load8_f16)
+
+/* x = f16_to_f32(f32_to_f16(x)), round to nearest even: the same values as the scalar
+ * kvs_cpu_f32_to_f16 / kvs_cpu_f16_to_f32 pair for every finite x. */
+static void KVS_X86_NAME(round_f16)(float *x, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT);
+        _mm256_storeu_ps(x + i, _mm256_cvtph_ps(h));
+    }
+    for (; i < n; i++) {
+        x[i] = kvs_cpu_f16_to_f32(kvs_cpu_f32_to_f16(x[i]));
+    }
+}
