@@ -202,7 +202,7 @@ int kvs_cpu_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const floa
  * (row, head) performs exactly the operations it would perform alone; a row whose context
  * ends earlier stops at its own last cell. */
 #define TILE_ROWS 8
-#define PAIRS_MAX 32 /* (row, head) pairs per multi-kernel call */
+#define PAIRS_MAX 64 /* (row, head) pairs of a tile: group * tile rows */
 
 struct attn_job {
     const struct kvs_cpu_kernels *k;
@@ -320,32 +320,52 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh, int
                     op[np++] = sc + (int64_t)i * bs;
                 }
             }
-            /* the per-pair softmax update */
+            /* the per-pair softmax update; the pairs' serial chains (block max, sum of the
+             * weights) are interleaved cell by cell, each in its own order */
+            float bmax[PAIRS_MAX];
+            int32_t act[PAIRS_MAX], ncs[PAIRS_MAX];
+            int32_t na = 0;
             for (int32_t i = 0; i < P; i++) {
-                if (ctx[i / G] <= c0) {
-                    continue;
+                if (ctx[i / G] > c0) {
+                    act[na] = i;
+                    ncs[na] = ctx[i / G] - c0 < bs ? ctx[i / G] - c0 : bs;
+                    bmax[na++] = -INFINITY;
                 }
-                const int32_t nc = ctx[i / G] - c0 < bs ? ctx[i / G] - c0 : bs;
+            }
+            for (int32_t c = 0; c < n_blk; c++) {
+                for (int32_t a = 0; a < na; a++) {
+                    float v = sc[(int64_t)act[a] * bs + c];
+                    if (c < ncs[a]) {
+                        bmax[a] = v > bmax[a] ? v : bmax[a];
+                    }
+                }
+            }
+            for (int32_t a = 0; a < na; a++) {
+                const int32_t i = act[a], nc = ncs[a];
                 float *si = sc + (int64_t)i * bs;
-                float bmax = -INFINITY;
-                for (int32_t c = 0; c < nc; c++) {
-                    bmax = si[c] > bmax ? si[c] : bmax;
-                }
-                float mn = bmax > st_m[i] ? bmax : st_m[i];
-                if (c0 > c_start) {
+                float mn = bmax[a] > st_m[i] ? bmax[a] : st_m[i];
+                /* a correction of exactly 1 (the maximum did not move) changes no bits */
+                if (c0 > c_start && mn != st_m[i]) {
                     float corr = expf(st_m[i] - mn);
                     st_l[i] = st_l[i] * corr;
                     k->scale(st + (int64_t)i * hd, corr, hd);
                 }
                 st_m[i] = mn;
                 k->exp_shift(si, nc, mn); /* si now holds the weights p */
-                for (int32_t c = 0; c < nc; c++) {
-                    st_l[i] = st_l[i] + si[c];
+            }
+            for (int32_t c = 0; c < n_blk; c++) {
+                for (int32_t a = 0; a < na; a++) {
+                    float v = sc[(int64_t)act[a] * bs + c];
+                    if (c < ncs[a]) {
+                        st_l[act[a]] = st_l[act[a]] + v;
+                    }
                 }
-                if (f16) {
-                    float *pi = p16 + (int64_t)i * bs;
-                    memcpy(pi, si, (size_t)nc * sizeof(float));
-                    k->round_f16(pi, nc);
+            }
+            if (f16) {
+                for (int32_t a = 0; a < na; a++) {
+                    memcpy(p16 + (int64_t)act[a] * bs, sc + (int64_t)act[a] * bs,
+                           (size_t)ncs[a] * sizeof(float));
+                    k->round_f16(p16 + (int64_t)act[a] * bs, ncs[a]);
                 }
             }
             /* p.V: pairs that take the whole block together, the others one by one */
@@ -443,11 +463,13 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
         return KVS_OUT_OF_RANGE;
     }
     if (n_head <= 0 || n_head % l->n_kv_head != 0 ||
-        (int64_t)(n_head / l->n_kv_head) * l->head_dim > 8 * 256) {
-        return KVS_INVALID_ARGUMENT; /* group * head_dim <= 2048 */
+        (int64_t)(n_head / l->n_kv_head) * l->head_dim > 8 * 256 ||
+        n_head / l->n_kv_head > PAIRS_MAX) {
+        return KVS_INVALID_ARGUMENT; /* group * head_dim <= 2048, group <= 64 */
     }
     const int32_t group = n_head / l->n_kv_head, bs = l->block_size, hd = l->head_dim;
     const int32_t seg = (KVS_CPU_ATTN_SEGMENT + bs - 1) / bs * bs;
+    const int32_t tile_rows = TILE_ROWS < PAIRS_MAX / group ? TILE_ROWS : PAIRS_MAX / group;
     /* validate every block a row will read before any work starts */
     for (int32_t r = 0; r < ab->n_rows; r++) {
         if (ab->row_ctx[r] <= 0 || ab->row_table[r] < 0) {
@@ -461,7 +483,7 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
             }
         }
     }
-    const int64_t pairs = (int64_t)TILE_ROWS * group;
+    const int64_t pairs = (int64_t)tile_rows * group;
     for (int32_t t = 0; t < c->n_threads; t++) {
         struct kvs_cpu_thread_scratch *ts = &c->ts[t];
         KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->scores, &ts->cap_scores, 2 * pairs * bs,
@@ -475,7 +497,7 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
     int64_t n_rec = 0;
     for (int32_t r = 0; r < n_rows;) {
         int32_t e = r + 1, max_ctx = ab->row_ctx[r];
-        while (e < n_rows && e - r < TILE_ROWS && ab->row_table[e] == ab->row_table[r]) {
+        while (e < n_rows && e - r < tile_rows && ab->row_table[e] == ab->row_table[r]) {
             max_ctx = ab->row_ctx[e] > max_ctx ? ab->row_ctx[e] : max_ctx;
             e++;
         }
@@ -506,7 +528,7 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
     int32_t ti = 0, tk = 0;
     for (int32_t r = 0; r < n_rows;) {
         int32_t e = r + 1, max_ctx = ab->row_ctx[r];
-        while (e < n_rows && e - r < TILE_ROWS && ab->row_table[e] == ab->row_table[r]) {
+        while (e < n_rows && e - r < tile_rows && ab->row_table[e] == ab->row_table[r]) {
             max_ctx = ab->row_ctx[e] > max_ctx ? ab->row_ctx[e] : max_ctx;
             e++;
         }
