@@ -141,7 +141,7 @@ static int walk_value(struct walk *w, int depth, bool is_key)
     }
     size_t at = w->off;
     uint8_t b = w->p[w->off++];
-    uint64_t len;
+    uint64_t len = 0;
     bool is_str = (b >= 0xa0 && b <= 0xbf) || (b >= 0xd9 && b <= 0xdb);
     if (is_key && !is_str) {
         return fail(KVS_BAD_FORMAT, w->err, w->errlen, "map key at byte %zu is not a string",
