@@ -250,7 +250,7 @@ static void finalize(float *out, const float *acc, float l, int32_t hd)
 /* One (tile, KV head, segment or all segments): for each segment, the online softmax at the
  * top of the file over the segment's cells for each (row, group head) whose context reaches
  * it, then the fold of the segment into the row's running state (the first segment is the
- * state). Scratch: scores (2 * R * G * block_size), acc (R * G * (3 * head_dim + 4)). */
+ * state). Scratch: scores (2 * R * G * block_size + 2 * block_size * head_dim), acc (R * G * (3 * head_dim + 4)). */
 static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh, int32_t seg_sel,
                         float *scores, float *acc)
 {
@@ -267,6 +267,7 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh, int
     float *cur = run_l + P, *cur_m = cur + (int64_t)P * hd, *cur_l = cur_m + P;
     float *q16 = cur_l + P;
     float *sc = scores, *p16 = scores + (int64_t)P * bs;
+    float *kw = p16 + (int64_t)P * bs, *vw = kw + (int64_t)bs * hd; /* widened blocks */
     int32_t max_ctx = 0;
     for (int32_t r = 0; r < R; r++) {
         max_ctx = ctx[r] > max_ctx ? ctx[r] : max_ctx;
@@ -303,12 +304,22 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh, int
             const int32_t n_blk = c_end - c0 < bs ? c_end - c0 : bs;
             size_t boff = base + (size_t)table[c0 / bs] * kv->block_stride;
             const uint8_t *kb = kv->k + boff, *vb = kv->v + boff;
+            /* many pairs: widen the f16 block to f32 once (exact, so every product is the
+             * one the f16 kernels form) instead of once per kernel call */
+            bool f16b = f16;
+            if (f16 && P > 3) {
+                k->f16_to_f32((const uint16_t *)kb, kw, (int64_t)n_blk * hd);
+                k->f16_to_f32((const uint16_t *)vb, vw, (int64_t)n_blk * hd);
+                kb = (const uint8_t *)kw;
+                vb = (const uint8_t *)vw;
+                f16b = false;
+            }
             /* scores of every active pair over the block's cells (a cell's score does not
              * depend on how many cells are computed; a row uses its own first nc) */
             int32_t np = 0;
             for (int32_t i = 0; i <= P; i++) {
                 if (np == PAIRS_MAX || (i == P && np > 0)) {
-                    if (f16) {
+                    if (f16b) {
                         k->scores_multi_f16(qp, np, (const uint16_t *)kb, n_blk, hd, j->scale, op);
                     } else {
                         k->scores_multi_f32(qp, np, (const float *)kb, n_blk, hd, j->scale, op);
@@ -373,7 +384,7 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh, int
             np = 0;
             for (int32_t i = 0; i <= P; i++) {
                 if (np == PAIRS_MAX || (i == P && np > 0)) {
-                    if (f16) {
+                    if (f16b) {
                         k->pv_multi_f16(ap, pp, np, (const uint16_t *)vb, n_blk, hd);
                     } else {
                         k->pv_multi_f32(ap, pp, np, (const float *)vb, n_blk, hd);
@@ -389,7 +400,7 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh, int
                 if (nc == n_blk) {
                     ap[np] = a;
                     pp[np++] = w;
-                } else if (f16) {
+                } else if (f16b) {
                     k->pv_multi_f16(&a, &w, 1, (const uint16_t *)vb, nc, hd);
                 } else {
                     k->pv_multi_f32(&a, &w, 1, (const float *)vb, nc, hd);
@@ -486,8 +497,8 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
     const int64_t pairs = (int64_t)tile_rows * group;
     for (int32_t t = 0; t < c->n_threads; t++) {
         struct kvs_cpu_thread_scratch *ts = &c->ts[t];
-        KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->scores, &ts->cap_scores, 2 * pairs * bs,
-                                        sizeof(float)));
+        KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->scores, &ts->cap_scores,
+                                        2 * pairs * bs + 2 * (int64_t)bs * hd, sizeof(float)));
         KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->acc, &ts->cap_acc,
                                         pairs * (3 * (int64_t)hd + 4), sizeof(float)));
     }

@@ -165,6 +165,8 @@ struct kvs_cpu_kernels {
                          const uint16_t *v, int32_t nc, int32_t hd);
     /* x = f16_to_f32(f32_to_f16(x)) (round to nearest even), n elements */
     void (*round_f16)(float *x, int64_t n);
+    /* out = f16 x widened to f32 (exact), n elements */
+    void (*f16_to_f32)(const uint16_t *x, float *out, int64_t n);
     /* out[i] = gate[i] / (1 + exp(-gate[i])) * up[i] with the level's exp */
     void (*swiglu)(const float *gate, const float *up, int64_t n, float *out);
     /* attention: dot(q, k) over n, k in f32 or f16 */

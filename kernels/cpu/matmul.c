@@ -260,6 +260,13 @@ static void round_f16_scalar(float *x, int64_t n)
     }
 }
 
+static void f16_to_f32_scalar(const uint16_t *x, float *out, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        out[i] = kvs_cpu_f16_to_f32(x[i]);
+    }
+}
+
 static void swiglu_scalar(const float *gate, const float *up, int64_t n, float *out)
 {
     for (int64_t i = 0; i < n; i++) {
@@ -294,6 +301,7 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_scalar = {
     .pv_multi_f32 = pv_multi_f32_scalar,
     .pv_multi_f16 = pv_multi_f16_scalar,
     .round_f16 = round_f16_scalar,
+    .f16_to_f32 = f16_to_f32_scalar,
     .swiglu = swiglu_scalar,
     .dot_f32 = dot_f32_scalar,
     .dot_f16 = dot_f16_scalar,

@@ -30,6 +30,7 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_avx2 = {
     .pv_multi_f32 = pv_multi_float_avx2,
     .pv_multi_f16 = pv_multi_kvs_f16_t_avx2,
     .round_f16 = round_f16_avx2,
+    .f16_to_f32 = f16_to_f32_avx2,
     .swiglu = swiglu_avx2,
     .dot_f32 = dot_float_avx2,
     .dot_f16 = dot_kvs_f16_t_avx2,

@@ -137,6 +137,7 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_avx512 = {
     .pv_multi_f32 = pv_multi_float_avx512,
     .pv_multi_f16 = pv_multi_kvs_f16_t_avx512,
     .round_f16 = round_f16_avx512,
+    .f16_to_f32 = f16_to_f32_avx512,
     .swiglu = swiglu_avx512,
     .dot_f32 = dot_float_avx512,
     .dot_f16 = dot_kvs_f16_t_avx512,

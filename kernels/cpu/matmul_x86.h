@@ -752,3 +752,14 @@ static void KVS_X86_NAME(round_f16)(float *x, int64_t n)
         x[i] = kvs_cpu_f16_to_f32(kvs_cpu_f32_to_f16(x[i]));
     }
 }
+
+static void KVS_X86_NAME(f16_to_f32)(const uint16_t *x, float *out, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
+    }
+    for (; i < n; i++) {
+        out[i] = f16(x[i]);
+    }
+}
