@@ -822,6 +822,226 @@ START_TEST(test_attention_long_context)
 }
 END_TEST
 
+/* Batch invariance of attention under tiling and segmentation: every row of a batch gets the
+ * bits it gets alone on one thread, whatever rows share the call (runs of one sequence that
+ * tile together, sequences interleaved, shuffled rows, a row repeated), with 1 or 2
+ * threads, for contexts at and across the segment boundaries (1024 cells) and partial
+ * blocks. Loop index: ISA level x cache dtype x shape. */
+struct tile_shape {
+    int32_t block_size, n_kv_head, head_dim, n_head;
+};
+
+START_TEST(test_attention_tiles)
+{
+    static const struct tile_shape shapes[] = {
+        {16, 3, 64, 9}, /* SmolLM2: group 3 */
+        {7, 2, 40, 8},  /* odd block (segments round up to 1029 cells), pv tail, group 4 */
+        {16, 1, 20, 1}, /* head_dim not a multiple of 8: the per-cell dot fallback */
+    };
+    const int n_shapes = (int)(sizeof shapes / sizeof shapes[0]);
+    const char *isa = isa_names[_i / (2 * n_shapes)];
+    const uint32_t dtype = (_i / n_shapes) % 2 == 0 ? KVS_DTYPE_F16 : KVS_DTYPE_F32;
+    const struct tile_shape *sh = &shapes[_i % n_shapes];
+    const int32_t bs = sh->block_size, hd = sh->head_dim, nkv = sh->n_kv_head;
+    const int32_t nh = sh->n_head, T = 3100, n_seq = 3;
+    const int32_t nblk = (T + bs - 1) / bs;
+    kvs_backend *b1 = new_backend(isa, 1), *b2 = new_backend(isa, 2);
+    struct kvs_kv_layout lay = {.n_layer = 2, .n_block = n_seq * nblk, .block_size = bs,
+                                .n_kv_head = nkv, .head_dim = hd, .dtype = dtype};
+    kvs_kv_cache *kv = NULL;
+    ck_assert_int_eq(b1->ops->kv_new(b1, &lay, &kv), 0);
+
+    /* three sequences of T cells in scattered blocks; tables concatenated */
+    int32_t *tables = malloc((size_t)n_seq * nblk * sizeof(int32_t));
+    for (int32_t i = 0; i < n_seq * nblk; i++) {
+        tables[i] = i;
+    }
+    for (int32_t i = n_seq * nblk - 1; i > 0; i--) {
+        int32_t j = (int32_t)(rnd_u64() % (uint64_t)(i + 1)), t = tables[i];
+        tables[i] = tables[j];
+        tables[j] = t;
+    }
+    int64_t kvn = (int64_t)T * nkv * hd;
+    float *K = malloc((size_t)kvn * 4), *V = malloc((size_t)kvn * 4);
+    int32_t *slot = malloc((size_t)T * 4), *ctx = malloc((size_t)T * 4), *rt = malloc((size_t)T * 4);
+    for (int32_t sq = 0; sq < n_seq; sq++) {
+        fill_normal(K, kvn);
+        fill_normal(V, kvn);
+        for (int32_t p = 0; p < T; p++) {
+            slot[p] = tables[sq * nblk + p / bs] * bs + p % bs;
+            ctx[p] = p + 1;
+            rt[p] = sq * nblk;
+        }
+        struct kvs_attn_batch ab = {.n_rows = T, .row_slot = slot, .row_ctx = ctx,
+                                    .row_table = rt, .tables = tables};
+        ck_assert_int_eq(b1->ops->kv_store(b1, kv, 1, K, V, &ab), 0);
+    }
+
+    /* the rows: (sequence, context), with the boundary contexts in every sequence */
+    static const int32_t edges[] = {1, 2, 15, 16, 17, 1023, 1024, 1025, 1028, 1029, 1030,
+                                    2047, 2048, 2049, 2058, 3000, 3100};
+    enum { N_ROWS = 160 };
+    int32_t rseq[N_ROWS], rctx[N_ROWS];
+    int32_t n_rows = 0;
+    for (int32_t sq = 0; sq < n_seq; sq++) {
+        for (size_t e = 0; e < sizeof edges / sizeof edges[0]; e++) {
+            rseq[n_rows] = sq;
+            rctx[n_rows++] = edges[e];
+        }
+    }
+    /* runs of consecutive positions (prefill chunks) around the boundaries */
+    static const int32_t runs[][2] = {{1010, 30}, {2040, 14}, {3087, 13}, {1, 20}};
+    for (size_t ri = 0; ri < sizeof runs / sizeof runs[0]; ri++) {
+        for (int32_t i = 0; i < runs[ri][1]; i++) {
+            rseq[n_rows] = (int32_t)ri % n_seq;
+            rctx[n_rows++] = runs[ri][0] + i;
+        }
+    }
+    while (n_rows < N_ROWS) {
+        rseq[n_rows] = (int32_t)(rnd_u64() % (uint64_t)n_seq);
+        rctx[n_rows++] = (int32_t)(1 + rnd_u64() % (uint64_t)T);
+    }
+    int64_t qrow = (int64_t)nh * hd;
+    float *Q = malloc((size_t)(N_ROWS * qrow) * 4), *ref = malloc((size_t)(N_ROWS * qrow) * 4);
+    float *qb = malloc((size_t)(N_ROWS * qrow) * 4), *ob = malloc((size_t)(N_ROWS * qrow) * 4);
+    fill_normal(Q, N_ROWS * qrow);
+    float scale = 1.0f / sqrtf((float)hd);
+
+    /* each row alone, one thread */
+    for (int32_t r = 0; r < n_rows; r++) {
+        int32_t sl = -1, rtab = rseq[r] * nblk;
+        struct kvs_attn_batch ab = {.n_rows = 1, .row_slot = &sl, .row_ctx = &rctx[r],
+                                    .row_table = &rtab, .tables = tables};
+        ck_assert_int_eq(b1->ops->attention(b1, kv, 1, Q + r * qrow, nh, scale, &ab,
+                                            ref + r * qrow), 0);
+    }
+
+    /* batches: rows in their listed order (runs tile), cut at random sizes; then shuffled;
+     * then one run with the sequences interleaved row by row and a row repeated */
+    int32_t *order = malloc((size_t)N_ROWS * 4);
+    for (int pass = 0; pass < 6; pass++) {
+        for (int32_t i = 0; i < n_rows; i++) {
+            order[i] = i;
+        }
+        if (pass >= 2 && pass < 4) {
+            for (int32_t i = n_rows - 1; i > 0; i--) {
+                int32_t j = (int32_t)(rnd_u64() % (uint64_t)(i + 1)), t = order[i];
+                order[i] = order[j];
+                order[j] = t;
+            }
+        } else if (pass >= 4) { /* a run of sequence 0, interleaved with sequence 1 rows */
+            int32_t n = 0;
+            for (int32_t i = 0; i < n_rows && n + 1 < n_rows; i++) {
+                if (rseq[i] == 0) {
+                    order[n++] = i;
+                    order[n++] = i; /* the same row twice, adjacent: one tile */
+                }
+            }
+            for (int32_t i = 0; i < n_rows && n < n_rows; i++) {
+                if (rseq[i] != 0) {
+                    order[n++] = i;
+                }
+            }
+        }
+        kvs_backend *b = pass % 2 == 0 ? b2 : b1;
+        for (int32_t r0 = 0; r0 < n_rows;) {
+            int32_t n = pass >= 4 ? n_rows - r0 : (int32_t)(1 + rnd_u64() % 48);
+            if (r0 + n > n_rows) {
+                n = n_rows - r0;
+            }
+            for (int32_t i = 0; i < n; i++) {
+                int32_t r = order[r0 + i];
+                slot[i] = -1;
+                ctx[i] = rctx[r];
+                rt[i] = rseq[r] * nblk;
+                memcpy(qb + i * qrow, Q + r * qrow, (size_t)qrow * 4);
+            }
+            struct kvs_attn_batch ab = {.n_rows = n, .row_slot = slot, .row_ctx = ctx,
+                                        .row_table = rt, .tables = tables};
+            ck_assert_int_eq(b->ops->attention(b, kv, 1, qb, nh, scale, &ab, ob), 0);
+            for (int32_t i = 0; i < n; i++) {
+                int32_t r = order[r0 + i];
+                ck_assert_msg(memcmp(ob + i * qrow, ref + r * qrow, (size_t)qrow * 4) == 0,
+                              "%s %s bs %d hd %d: row (seq %d, ctx %d) at %d of a batch of %d "
+                              "(pass %d) differs from the row alone",
+                              isa, dtype == KVS_DTYPE_F16 ? "f16" : "f32", bs, hd, rseq[r],
+                              rctx[r], i, n, pass);
+            }
+            r0 += n;
+        }
+    }
+
+    /* accuracy of the segmented rows against the double reference (one probe per edge) */
+    {
+        struct attn_case c = {2, n_seq * nblk, bs, nkv, hd, nh, dtype};
+        double *dref = malloc((size_t)qrow * sizeof(double));
+        float *Kr = malloc((size_t)kvn * 4), *Vr = malloc((size_t)kvn * 4);
+        uint16_t *blk = malloc(kvs_kv_block_bytes(&lay));
+        const size_t elem = dtype == KVS_DTYPE_F16 ? 2 : 4;
+        /* read sequence 2's cells back from the cache (layer 1) */
+        for (int32_t p = 0; p < T; p += bs) {
+            ck_assert_int_eq(b1->ops->kv_read_block(b1, kv, tables[2 * nblk + p / bs], blk), 0);
+            const uint8_t *base = (const uint8_t *)blk + (size_t)2 * bs * nkv * hd * elem;
+            for (int32_t c2 = 0; c2 < bs && p + c2 < T; c2++) {
+                for (int32_t x = 0; x < nkv * hd; x++) {
+                    size_t ko = ((size_t)c2 * nkv * hd + x) * elem;
+                    size_t vo = ko + (size_t)bs * nkv * hd * elem;
+                    float kf, vf;
+                    if (elem == 2) {
+                        uint16_t h;
+                        memcpy(&h, base + ko, 2);
+                        kf = kvs_fp16_to_fp32(h);
+                        memcpy(&h, base + vo, 2);
+                        vf = kvs_fp16_to_fp32(h);
+                    } else {
+                        memcpy(&kf, base + ko, 4);
+                        memcpy(&vf, base + vo, 4);
+                    }
+                    Kr[(int64_t)(p + c2) * nkv * hd + x] = kf;
+                    Vr[(int64_t)(p + c2) * nkv * hd + x] = vf;
+                }
+            }
+        }
+        double vmax = 0.0;
+        for (int64_t i = 0; i < kvn; i++) {
+            vmax = fmax(vmax, fabs(Vr[i]));
+        }
+        for (int32_t r = 0; r < n_rows; r++) {
+            if (rseq[r] != 2 || rctx[r] < 1000) {
+                continue;
+            }
+            attn_ref(&c, Q + r * qrow, Kr, Vr, rctx[r], scale, dref);
+            for (int32_t i = 0; i < qrow; i++) {
+                double tol = 2e-6 + 64.0 * 0x1.0p-24 * sqrt((double)rctx[r]) * 4.0 +
+                             (dtype == KVS_DTYPE_F16 ? 1.01 * 0x1.0p-11 * vmax : 0.0);
+                ck_assert_msg(fabs(ref[r * qrow + i] - dref[i]) <= tol,
+                              "%s segmented row ctx %d: %g vs %g", isa, rctx[r],
+                              ref[r * qrow + i], dref[i]);
+            }
+        }
+        free(blk);
+        free(Kr);
+        free(Vr);
+        free(dref);
+    }
+
+    free(order);
+    free(Q);
+    free(ref);
+    free(qb);
+    free(ob);
+    free(K);
+    free(V);
+    free(slot);
+    free(ctx);
+    free(rt);
+    free(tables);
+    b1->ops->kv_destroy(b1, &kv);
+    kvs_backend_destroy(&b1);
+    kvs_backend_destroy(&b2);
+}
+END_TEST
+
 START_TEST(test_kv_errors)
 {
     kvs_backend *b = new_backend("scalar", 1);
@@ -861,6 +1081,7 @@ static Suite *backend_cpu_suite(void)
     tcase_add_loop_test(tc, test_rope, 0, n);
     tcase_add_loop_test(tc, test_attention, 0, n);
     tcase_add_loop_test(tc, test_attention_long_context, 0, n);
+    tcase_add_loop_test(tc, test_attention_tiles, 0, n * 2 * 3);
     suite_add_tcase(s, tc);
     return s;
 }
