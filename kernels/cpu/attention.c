@@ -333,24 +333,17 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh, int
             }
             /* the per-pair softmax update; the pairs' serial chains (block max, sum of the
              * weights) are interleaved cell by cell, each in its own order */
-            float bmax[PAIRS_MAX];
-            int32_t act[PAIRS_MAX], ncs[PAIRS_MAX];
+            float bmax[PAIRS_MAX], lsum[PAIRS_MAX];
+            int32_t act[PAIRS_MAX], ncs[PAIRS_MAX], offs[PAIRS_MAX];
             int32_t na = 0;
             for (int32_t i = 0; i < P; i++) {
                 if (ctx[i / G] > c0) {
                     act[na] = i;
-                    ncs[na] = ctx[i / G] - c0 < bs ? ctx[i / G] - c0 : bs;
-                    bmax[na++] = -INFINITY;
+                    offs[na] = i * bs;
+                    ncs[na++] = ctx[i / G] - c0 < bs ? ctx[i / G] - c0 : bs;
                 }
             }
-            for (int32_t c = 0; c < n_blk; c++) {
-                for (int32_t a = 0; a < na; a++) {
-                    float v = sc[(int64_t)act[a] * bs + c];
-                    if (c < ncs[a]) {
-                        bmax[a] = v > bmax[a] ? v : bmax[a];
-                    }
-                }
-            }
+            k->col_max(sc, offs, ncs, na, n_blk, bmax);
             for (int32_t a = 0; a < na; a++) {
                 const int32_t i = act[a], nc = ncs[a];
                 float *si = sc + (int64_t)i * bs;
@@ -363,14 +356,11 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh, int
                 }
                 st_m[i] = mn;
                 k->exp_shift(si, nc, mn); /* si now holds the weights p */
+                lsum[a] = st_l[i];
             }
-            for (int32_t c = 0; c < n_blk; c++) {
-                for (int32_t a = 0; a < na; a++) {
-                    float v = sc[(int64_t)act[a] * bs + c];
-                    if (c < ncs[a]) {
-                        st_l[act[a]] = st_l[act[a]] + v;
-                    }
-                }
+            k->col_sum(sc, offs, ncs, na, n_blk, lsum);
+            for (int32_t a = 0; a < na; a++) {
+                st_l[act[a]] = lsum[a];
             }
             if (f16) {
                 for (int32_t a = 0; a < na; a++) {

@@ -165,6 +165,14 @@ struct kvs_cpu_kernels {
                          const uint16_t *v, int32_t nc, int32_t hd);
     /* x = f16_to_f32(f32_to_f16(x)) (round to nearest even), n elements */
     void (*round_f16)(float *x, int64_t n);
+    /* per column j < np, over c = 0, 1, ... while c < nc[j] (nc[j] <= n), in order:
+     * col_max: out[j] = s[off[j] + c] > out[j] ? s[off[j] + c] : out[j], from out[j] = -inf
+     * col_sum: acc[j] = acc[j] + s[off[j] + c]
+     * (a block's maximum score and sum of weights for several heads / rows at once) */
+    void (*col_max)(const float *s, const int32_t *off, const int32_t *nc, int32_t np, int32_t n,
+                    float *out);
+    void (*col_sum)(const float *s, const int32_t *off, const int32_t *nc, int32_t np, int32_t n,
+                    float *acc);
     /* out = f16 x widened to f32 (exact), n elements */
     void (*f16_to_f32)(const uint16_t *x, float *out, int64_t n);
     /* out[i] = gate[i] / (1 + exp(-gate[i])) * up[i] with the level's exp */

@@ -267,6 +267,28 @@ static void f16_to_f32_scalar(const uint16_t *x, float *out, int64_t n)
     }
 }
 
+static void col_max_scalar(const float *s, const int32_t *off, const int32_t *nc, int32_t np,
+                           int32_t n, float *out)
+{
+    for (int32_t j = 0; j < np; j++) {
+        float m = -INFINITY;
+        for (int32_t c = 0; c < nc[j]; c++) {
+            m = s[off[j] + c] > m ? s[off[j] + c] : m;
+        }
+        out[j] = m;
+    }
+}
+
+static void col_sum_scalar(const float *s, const int32_t *off, const int32_t *nc, int32_t np,
+                           int32_t n, float *acc)
+{
+    for (int32_t j = 0; j < np; j++) {
+        for (int32_t c = 0; c < nc[j]; c++) {
+            acc[j] = acc[j] + s[off[j] + c];
+        }
+    }
+}
+
 static void swiglu_scalar(const float *gate, const float *up, int64_t n, float *out)
 {
     for (int64_t i = 0; i < n; i++) {
@@ -302,6 +324,8 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_scalar = {
     .pv_multi_f16 = pv_multi_f16_scalar,
     .round_f16 = round_f16_scalar,
     .f16_to_f32 = f16_to_f32_scalar,
+    .col_max = col_max_scalar,
+    .col_sum = col_sum_scalar,
     .swiglu = swiglu_scalar,
     .dot_f32 = dot_f32_scalar,
     .dot_f16 = dot_f16_scalar,

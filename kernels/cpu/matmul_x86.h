@@ -763,3 +763,62 @@ static void KVS_X86_NAME(f16_to_f32)(const uint16_t *x, float *out, int64_t n)
         out[i] = f16(x[i]);
     }
 }
+
+/* Columns 8 at a time, lane j = column j: a gather of cell c of each column, then the same
+ * compare-select / add a column does alone (max_ps(a, b) is a > b ? a : b), lanes past
+ * their column's nc keeping their value. */
+KVS_INLINE void col_lanes(const float *s, const int32_t *off, const int32_t *nc, int32_t np,
+                          int32_t j, __m256i *vo, __m256i *vn)
+{
+    int32_t o[8] = {0}, m[8] = {0};
+    for (int32_t l = 0; l < 8 && j + l < np; l++) {
+        o[l] = off[j + l];
+        m[l] = nc[j + l];
+    }
+    *vo = _mm256_loadu_si256((const __m256i *)o);
+    *vn = _mm256_loadu_si256((const __m256i *)m);
+}
+
+static void KVS_X86_NAME(col_max)(const float *s, const int32_t *off, const int32_t *nc,
+                                  int32_t np, int32_t n, float *out)
+{
+    for (int32_t j = 0; j < np; j += 8) {
+        __m256i vo, vn;
+        col_lanes(s, off, nc, np, j, &vo, &vn);
+        __m256 m = _mm256_set1_ps(-INFINITY);
+        for (int32_t c = 0; c < n; c++) {
+            __m256i live = _mm256_cmpgt_epi32(vn, _mm256_set1_epi32(c));
+            __m256 v = _mm256_mask_i32gather_ps(m, s + c, vo, _mm256_castsi256_ps(live), 4);
+            m = _mm256_blendv_ps(m, _mm256_max_ps(v, m), _mm256_castsi256_ps(live));
+        }
+        float t[8];
+        _mm256_storeu_ps(t, m);
+        for (int32_t l = 0; l < 8 && j + l < np; l++) {
+            out[j + l] = t[l];
+        }
+    }
+}
+
+static void KVS_X86_NAME(col_sum)(const float *s, const int32_t *off, const int32_t *nc,
+                                  int32_t np, int32_t n, float *acc)
+{
+    for (int32_t j = 0; j < np; j += 8) {
+        __m256i vo, vn;
+        col_lanes(s, off, nc, np, j, &vo, &vn);
+        float t[8] = {0};
+        for (int32_t l = 0; l < 8 && j + l < np; l++) {
+            t[l] = acc[j + l];
+        }
+        __m256 a = _mm256_loadu_ps(t);
+        for (int32_t c = 0; c < n; c++) {
+            __m256i live = _mm256_cmpgt_epi32(vn, _mm256_set1_epi32(c));
+            __m256 v = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), s + c, vo,
+                                                _mm256_castsi256_ps(live), 4);
+            a = _mm256_blendv_ps(a, _mm256_add_ps(a, v), _mm256_castsi256_ps(live));
+        }
+        _mm256_storeu_ps(t, a);
+        for (int32_t l = 0; l < 8 && j + l < np; l++) {
+            acc[j + l] = t[l];
+        }
+    }
+}
