@@ -88,13 +88,15 @@ struct run_result {
     bool sustainable;
 };
 
+static int32_t max_batch = 64; /* rows per step: bounds the step time (~90 ms on 2 cores) */
+
 static struct run_result run(kvs_engine *e, bool batched, double rate_appends, double seconds,
                              double ttft_bound)
 {
     kvs_sessions *S;
     kvs_sessions_new(e, NULL, &S);
     kvs_sched *sc;
-    struct kvs_sched_opts so = {.max_batch_tokens = 256, .append_chunk = 64,
+    struct kvs_sched_opts so = {.max_batch_tokens = max_batch, .append_chunk = 32,
                                 .max_jobs_per_step = batched ? 0 : 1};
     kvs_sched_new(S, &so, &sc);
     char err[256];
@@ -186,6 +188,8 @@ int main(int argc, char **argv)
             seconds = atof(argv[++i]);
         } else if (!strcmp(argv[i], "--ttft-ms") && i + 1 < argc) {
             bound = atof(argv[++i]);
+        } else if (!strcmp(argv[i], "--batch") && i + 1 < argc) {
+            max_batch = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "-o") && i + 1 < argc) {
             out = argv[++i];
         } else {

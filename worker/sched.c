@@ -60,11 +60,14 @@ struct kvs_sched {
     double now;                      /* of the current step */
 };
 
+/* A flash evaluation's prefill is flash work (after appends, with its minimum share); once
+ * it decodes, its one row per step rides with the other decode rows: an answer that has
+ * started is finished quickly, which is what keeps flash answers fresh. */
 static enum kvs_job_class job_class(const struct job *j)
 {
     switch (j->kind) {
     case JOB_APPEND: return KVS_CLASS_APPEND;
-    case JOB_FLASH: return KVS_CLASS_FLASH;
+    case JOB_FLASH: return j->decoding ? KVS_CLASS_DECODE : KVS_CLASS_FLASH;
     default: return j->decoding ? KVS_CLASS_DECODE : KVS_CLASS_QUESTION;
     }
 }
@@ -519,7 +522,7 @@ int kvs_sched_step(kvs_sched *sc, double now)
     int32_t budget = sc->o.max_batch_tokens;
     bool flash_work = false;
     for (int32_t i = 0; i < sc->n && !flash_work; i++) {
-        flash_work = sc->jobs[i]->kind == JOB_FLASH;
+        flash_work = job_class(sc->jobs[i]) == KVS_CLASS_FLASH;
     }
     int32_t flash_floor = flash_work ? (int32_t)ceilf(sc->o.flash_min_share * (float)budget) : 0;
     if (flash_floor < (flash_work ? 1 : 0)) {
@@ -545,11 +548,7 @@ int kvs_sched_step(kvs_sched *sc, double now)
             if (j->rows > 0) {
                 continue;
             }
-            bool flash_class = j->kind == JOB_FLASH;
-            if ((int)job_class(j) != cls && !(cls == KVS_CLASS_FLASH && flash_class)) {
-                continue;
-            }
-            if (flash_class && cls != KVS_CLASS_FLASH) {
+            if ((int)job_class(j) != cls) {
                 continue;
             }
             if (j->kind == JOB_APPEND) {
