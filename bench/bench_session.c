@@ -18,7 +18,7 @@
 #include "kernels/dtype.h"
 #include "worker/session.h"
 
-#define QUESTION " Question: which symbol had the largest move, and in which direction?"
+#define QUESTION " Question: which symbol had the largest move, and in which direction was it?" /* 16 tokens */
 
 static double median(double *v, int n)
 {
