@@ -1,5 +1,8 @@
 #include "status.h"
 
+#include <stdarg.h>
+#include <stdio.h>
+
 const char *kvs_status_name(int status)
 {
     switch (status) {
@@ -22,4 +25,15 @@ const char *kvs_status_message(int status)
 #undef KVS_STATUS_MSG
     }
     return "unknown status";
+}
+
+void kvs_errf(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (err == NULL || errlen == 0) {
+        return;
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
 }

@@ -45,6 +45,15 @@ const char *kvs_status_name(int status);
 /* Short human message ("not found"); "unknown status" for a value not in the table. */
 const char *kvs_status_message(int status);
 
+#include <stddef.h>
+
+/* Write a one-line reason into err[0..errlen) (printf format); does nothing when err is NULL
+ * or errlen is 0. The shared way every module reports why a call failed. */
+#if defined(__GNUC__)
+__attribute__((format(printf, 3, 4)))
+#endif
+void kvs_errf(char *err, size_t errlen, const char *fmt, ...);
+
 /* Propagate a negative status: KVS_TRY(x) returns x from the caller when it is an error. */
 #define KVS_TRY(expr)                                                                      \
     do {                                                                                   \

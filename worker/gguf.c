@@ -146,21 +146,6 @@ static double ldf64(const uint8_t *p)
 
 /* ---- errors ---- */
 
-#if defined(__GNUC__)
-__attribute__((format(printf, 3, 4)))
-#endif
-static void
-seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0) {
-        return;
-    }
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 /* A printable, bounded rendering of a name from the file (for error messages). */
 static const char *printable(char *buf, size_t bufsz, const char *s, uint64_t len)
 {
@@ -197,7 +182,7 @@ static size_t remaining(const struct reader *r)
 static bool need(struct reader *r, uint64_t n, const char *what)
 {
     if (n > remaining(r)) {
-        seterr(r->err, r->errlen,
+        kvs_errf(r->err, r->errlen,
                "file truncated: %s at offset %zu needs %llu bytes but only %zu remain "
                "(file size %zu)",
                what, r->pos, (unsigned long long)n, remaining(r), r->size);
@@ -234,7 +219,7 @@ static bool rd_str(struct reader *r, const char **s, uint64_t *len, const char *
         return false;
     }
     if (*len > remaining(r)) {
-        seterr(r->err, r->errlen,
+        kvs_errf(r->err, r->errlen,
                "%s at offset %zu: string length %llu exceeds the %zu bytes left in the file", what,
                at, (unsigned long long)*len, remaining(r));
         return false;
@@ -334,7 +319,7 @@ static int parse_header(struct reader *r, kvs_gguf *g)
     }
     if (magic != GGUF_MAGIC) {
         char m[8];
-        seterr(r->err, r->errlen, "not a GGUF file (magic '%s', expected 'GGUF')",
+        kvs_errf(r->err, r->errlen, "not a GGUF file (magic '%s', expected 'GGUF')",
                printable(m, sizeof m, (const char *)r->p, 4));
         return KVS_BAD_FORMAT;
     }
@@ -342,12 +327,12 @@ static int parse_header(struct reader *r, kvs_gguf *g)
         return KVS_BAD_FORMAT;
     }
     if (g->version == 1) {
-        seterr(r->err, r->errlen, "GGUF version 1 is not supported (need 2 or 3)");
+        kvs_errf(r->err, r->errlen, "GGUF version 1 is not supported (need 2 or 3)");
         return KVS_UNSUPPORTED;
     }
     if (g->version != 2 && g->version != 3) {
         bool swapped = (g->version & 0xffffu) == 0 && g->version != 0;
-        seterr(r->err, r->errlen, "GGUF version %u is not supported (need 2 or 3)%s", g->version,
+        kvs_errf(r->err, r->errlen, "GGUF version %u is not supported (need 2 or 3)%s", g->version,
                swapped ? "; big-endian files are not supported" : "");
         return KVS_UNSUPPORTED;
     }
@@ -356,7 +341,7 @@ static int parse_header(struct reader *r, kvs_gguf *g)
     }
     size_t left = remaining(r);
     if (g->n_kv > left / GGUF_MIN_KV_BYTES) {
-        seterr(r->err, r->errlen,
+        kvs_errf(r->err, r->errlen,
                "metadata count %llu cannot fit in the %zu bytes left in the file "
                "(at least %d bytes each)",
                (unsigned long long)g->n_kv, left, GGUF_MIN_KV_BYTES);
@@ -364,14 +349,14 @@ static int parse_header(struct reader *r, kvs_gguf *g)
     }
     if (g->n_tensors > left / GGUF_MIN_TENSOR_BYTES ||
         g->n_kv * GGUF_MIN_KV_BYTES + g->n_tensors * GGUF_MIN_TENSOR_BYTES > left) {
-        seterr(r->err, r->errlen,
+        kvs_errf(r->err, r->errlen,
                "tensor count %llu cannot fit in the %zu bytes left in the file "
                "(at least %d bytes each)",
                (unsigned long long)g->n_tensors, left, GGUF_MIN_TENSOR_BYTES);
         return KVS_BAD_FORMAT;
     }
     if (g->n_kv > GGUF_MAX_COUNT || g->n_tensors > GGUF_MAX_COUNT) {
-        seterr(r->err, r->errlen, "%llu metadata entries and %llu tensors exceed the limit %u",
+        kvs_errf(r->err, r->errlen, "%llu metadata entries and %llu tensors exceed the limit %u",
                (unsigned long long)g->n_kv, (unsigned long long)g->n_tensors, GGUF_MAX_COUNT);
         return KVS_UNSUPPORTED;
     }
@@ -394,7 +379,7 @@ static int parse_value(struct reader *r, struct gguf_kv *kv, const char *key)
     if (kv->type != KVS_GGUF_ARRAY) {
         uint64_t sz = scalar_size(kv->type);
         if (sz == 0) {
-            seterr(r->err, r->errlen, "key '%s' has unknown value type %u", key,
+            kvs_errf(r->err, r->errlen, "key '%s' has unknown value type %u", key,
                    (unsigned)kv->type);
             return KVS_BAD_FORMAT;
         }
@@ -404,7 +389,7 @@ static int parse_value(struct reader *r, struct gguf_kv *kv, const char *key)
         }
         kv->val = r->p + r->pos;
         if (kv->type == KVS_GGUF_BOOL && kv->val[0] > 1) {
-            seterr(r->err, r->errlen, "key '%s': bool value %u is not 0 or 1", key,
+            kvs_errf(r->err, r->errlen, "key '%s': bool value %u is not 0 or 1", key,
                    (unsigned)kv->val[0]);
             return KVS_BAD_FORMAT;
         }
@@ -420,7 +405,7 @@ static int parse_value(struct reader *r, struct gguf_kv *kv, const char *key)
         return KVS_BAD_FORMAT;
     }
     if (et == KVS_GGUF_ARRAY) {
-        seterr(r->err, r->errlen, "key '%s': arrays of arrays are not supported", key);
+        kvs_errf(r->err, r->errlen, "key '%s': arrays of arrays are not supported", key);
         return KVS_UNSUPPORTED;
     }
     kv->arr.type = (enum kvs_gguf_type)et;
@@ -428,7 +413,7 @@ static int parse_value(struct reader *r, struct gguf_kv *kv, const char *key)
     kv->arr.data = r->p + r->pos;
     if (et == KVS_GGUF_STRING) {
         if (n > remaining(r) / 8) {
-            seterr(r->err, r->errlen,
+            kvs_errf(r->err, r->errlen,
                    "key '%s': array of %llu strings cannot fit in the %zu bytes left in "
                    "the file",
                    key, (unsigned long long)n, remaining(r));
@@ -436,7 +421,7 @@ static int parse_value(struct reader *r, struct gguf_kv *kv, const char *key)
         }
         uint64_t *off = malloc((size_t)(n > 0 ? n : 1) * sizeof *off);
         if (off == NULL) {
-            seterr(r->err, r->errlen, "out of memory for the %llu strings of key '%s'",
+            kvs_errf(r->err, r->errlen, "out of memory for the %llu strings of key '%s'",
                    (unsigned long long)n, key);
             return KVS_NO_MEMORY;
         }
@@ -455,11 +440,11 @@ static int parse_value(struct reader *r, struct gguf_kv *kv, const char *key)
     }
     uint64_t sz = scalar_size(et);
     if (sz == 0) {
-        seterr(r->err, r->errlen, "key '%s': array has unknown element type %u", key, et);
+        kvs_errf(r->err, r->errlen, "key '%s': array has unknown element type %u", key, et);
         return KVS_BAD_FORMAT;
     }
     if (n > remaining(r) / sz) {
-        seterr(r->err, r->errlen,
+        kvs_errf(r->err, r->errlen,
                "key '%s': array of %llu %s values (%llu bytes each) exceeds the %zu bytes "
                "left in the file",
                key, (unsigned long long)n, kvs_gguf_type_name((enum kvs_gguf_type)et),
@@ -469,7 +454,7 @@ static int parse_value(struct reader *r, struct gguf_kv *kv, const char *key)
     if (et == KVS_GGUF_BOOL) {
         for (uint64_t i = 0; i < n; i++) {
             if (r->p[r->pos + i] > 1) {
-                seterr(r->err, r->errlen, "key '%s': bool element %llu is %u, not 0 or 1", key,
+                kvs_errf(r->err, r->errlen, "key '%s': bool element %llu is %u, not 0 or 1", key,
                        (unsigned long long)i, (unsigned)r->p[r->pos + i]);
                 return KVS_BAD_FORMAT;
             }
@@ -490,12 +475,12 @@ static int parse_kvs(struct reader *r, kvs_gguf *g, struct name_view *keys)
         }
         printable(name, sizeof name, keys[i].ptr, keys[i].len);
         if (keys[i].len == 0) {
-            seterr(r->err, r->errlen, "metadata entry %llu has an empty key",
+            kvs_errf(r->err, r->errlen, "metadata entry %llu has an empty key",
                    (unsigned long long)i);
             return KVS_BAD_FORMAT;
         }
         if (memchr(keys[i].ptr, '\0', (size_t)keys[i].len) != NULL) {
-            seterr(r->err, r->errlen, "key '%s' contains a NUL byte", name);
+            kvs_errf(r->err, r->errlen, "key '%s' contains a NUL byte", name);
             return KVS_BAD_FORMAT;
         }
         uint32_t type;
@@ -504,7 +489,7 @@ static int parse_kvs(struct reader *r, kvs_gguf *g, struct name_view *keys)
             return KVS_BAD_FORMAT;
         }
         if (type > KVS_GGUF_FLOAT64) {
-            seterr(r->err, r->errlen, "key '%s' has unknown value type %u", name, type);
+            kvs_errf(r->err, r->errlen, "key '%s' has unknown value type %u", name, type);
             return KVS_BAD_FORMAT;
         }
         kv->type = (enum kvs_gguf_type)type;
@@ -530,11 +515,11 @@ static int parse_tensor_infos(struct reader *r, kvs_gguf *g, struct name_view *n
         }
         printable(name, sizeof name, names[i].ptr, names[i].len);
         if (names[i].len == 0) {
-            seterr(r->err, r->errlen, "tensor %llu has an empty name", (unsigned long long)i);
+            kvs_errf(r->err, r->errlen, "tensor %llu has an empty name", (unsigned long long)i);
             return KVS_BAD_FORMAT;
         }
         if (memchr(names[i].ptr, '\0', (size_t)names[i].len) != NULL) {
-            seterr(r->err, r->errlen, "tensor name '%s' contains a NUL byte", name);
+            kvs_errf(r->err, r->errlen, "tensor name '%s' contains a NUL byte", name);
             return KVS_BAD_FORMAT;
         }
         snprintf(what, sizeof what, "info of tensor '%s'", name);
@@ -542,7 +527,7 @@ static int parse_tensor_infos(struct reader *r, kvs_gguf *g, struct name_view *n
             return KVS_BAD_FORMAT;
         }
         if (t->n_dims < 1 || t->n_dims > KVS_GGUF_MAX_DIMS) {
-            seterr(r->err, r->errlen, "tensor '%s' has %u dimensions (allowed 1..%d)", name,
+            kvs_errf(r->err, r->errlen, "tensor '%s' has %u dimensions (allowed 1..%d)", name,
                    t->n_dims, KVS_GGUF_MAX_DIMS);
             return KVS_BAD_FORMAT;
         }
@@ -558,7 +543,7 @@ static int parse_tensor_infos(struct reader *r, kvs_gguf *g, struct name_view *n
         }
         for (uint32_t d = 0; d < t->n_dims; d++) {
             if (t->ne[d] == 0) {
-                seterr(r->err, r->errlen, "tensor '%s' has a zero-sized dimension", name);
+                kvs_errf(r->err, r->errlen, "tensor '%s' has a zero-sized dimension", name);
                 return KVS_BAD_FORMAT;
             }
             if (t->ne[d] > (uint64_t)INT64_MAX || t->n_elem > (uint64_t)INT64_MAX / t->ne[d]) {
@@ -568,7 +553,7 @@ static int parse_tensor_infos(struct reader *r, kvs_gguf *g, struct name_view *n
             }
         }
         if (overflow) {
-            seterr(r->err, r->errlen, "tensor '%s': the element count overflows", name);
+            kvs_errf(r->err, r->errlen, "tensor '%s': the element count overflows", name);
             return KVS_BAD_FORMAT;
         }
         uint64_t off;
@@ -576,7 +561,7 @@ static int parse_tensor_infos(struct reader *r, kvs_gguf *g, struct name_view *n
             return KVS_BAD_FORMAT;
         }
         if (!kvs_dtype_is_supported(t->type)) {
-            seterr(r->err, r->errlen,
+            kvs_errf(r->err, r->errlen,
                    "tensor '%s' has unsupported type %u (%s); supported: F32, F16, BF16, "
                    "Q8_0, Q4_0, Q4_1",
                    name, t->type, ggml_type_name(t->type));
@@ -584,7 +569,7 @@ static int parse_tensor_infos(struct reader *r, kvs_gguf *g, struct name_view *n
         }
         uint64_t row_bytes;
         if (!kvs_dtype_row_bytes(t->type, t->ne[0], &row_bytes)) {
-            seterr(r->err, r->errlen,
+            kvs_errf(r->err, r->errlen,
                    "tensor '%s': row length %llu is not a multiple of the %s block size %u", name,
                    (unsigned long long)t->ne[0], kvs_dtype_name(t->type),
                    kvs_dtype_block_elems(t->type));
@@ -592,7 +577,7 @@ static int parse_tensor_infos(struct reader *r, kvs_gguf *g, struct name_view *n
         }
         uint64_t n_rows = t->n_elem / t->ne[0];
         if (row_bytes != 0 && n_rows > UINT64_MAX / row_bytes) {
-            seterr(r->err, r->errlen, "tensor '%s': the byte size overflows", name);
+            kvs_errf(r->err, r->errlen, "tensor '%s': the byte size overflows", name);
             return KVS_BAD_FORMAT;
         }
         t->nbytes = row_bytes * n_rows;
@@ -614,7 +599,7 @@ static int build_names(kvs_gguf *g, const struct name_view *tnames, char *err, s
     }
     g->names = malloc((size_t)total);
     if (g->names == NULL) {
-        seterr(err, errlen, "out of memory for %llu bytes of names", (unsigned long long)total);
+        kvs_errf(err, errlen, "out of memory for %llu bytes of names", (unsigned long long)total);
         return KVS_NO_MEMORY;
     }
     char *p = g->names;
@@ -641,12 +626,12 @@ static int build_indexes(kvs_gguf *g, char *err, size_t errlen)
     g->kv_index = calloc((size_t)g->kv_cap, sizeof *g->kv_index);
     g->tensor_index = calloc((size_t)g->tensor_cap, sizeof *g->tensor_index);
     if (g->kv_index == NULL || g->tensor_index == NULL) {
-        seterr(err, errlen, "out of memory for the name indexes");
+        kvs_errf(err, errlen, "out of memory for the name indexes");
         return KVS_NO_MEMORY;
     }
     for (uint64_t i = 0; i < g->n_kv; i++) {
         if (!index_insert(g, g->kv_index, g->kv_cap, kv_name_at, i)) {
-            seterr(err, errlen, "duplicate key '%s'",
+            kvs_errf(err, errlen, "duplicate key '%s'",
                    printable(name, sizeof name, g->kvs[i].key, g->kvs[i].key_len));
             return KVS_BAD_FORMAT;
         }
@@ -654,7 +639,7 @@ static int build_indexes(kvs_gguf *g, char *err, size_t errlen)
     for (uint64_t i = 0; i < g->n_tensors; i++) {
         if (!index_insert(g, g->tensor_index, g->tensor_cap, tensor_name_at, i)) {
             const char *t = g->tensors[i].name;
-            seterr(err, errlen, "duplicate tensor name '%s'",
+            kvs_errf(err, errlen, "duplicate tensor name '%s'",
                    printable(name, sizeof name, t, strlen(t)));
             return KVS_BAD_FORMAT;
         }
@@ -671,13 +656,13 @@ static int read_alignment(kvs_gguf *g, char *err, size_t errlen)
     }
     const struct gguf_kv *kv = &g->kvs[i];
     if (kv->type != KVS_GGUF_UINT32) {
-        seterr(err, errlen, "general.alignment has type %s, expected uint32",
+        kvs_errf(err, errlen, "general.alignment has type %s, expected uint32",
                kvs_gguf_type_name(kv->type));
         return KVS_BAD_FORMAT;
     }
     uint32_t a = ld32(kv->val);
     if (a == 0 || (a & (a - 1)) != 0) {
-        seterr(err, errlen, "general.alignment %u is not a power of two", a);
+        kvs_errf(err, errlen, "general.alignment %u is not a power of two", a);
         return KVS_BAD_FORMAT;
     }
     g->alignment = a;
@@ -696,7 +681,7 @@ static int place_data(kvs_gguf *g, size_t info_end, const uint64_t *offsets, cha
         return KVS_OK; /* a vocab-only file may end without the padding */
     }
     if (start > g->size) {
-        seterr(err, errlen,
+        kvs_errf(err, errlen,
                "the data section (at offset %llu, aligned to %llu) starts past the end of "
                "the file (size %zu)",
                (unsigned long long)start, (unsigned long long)a, g->size);
@@ -708,14 +693,14 @@ static int place_data(kvs_gguf *g, size_t info_end, const uint64_t *offsets, cha
         printable(name, sizeof name, t->name, strlen(t->name));
         uint64_t off = offsets[i];
         if (off % a != 0) {
-            seterr(err, errlen,
+            kvs_errf(err, errlen,
                    "tensor '%s': data offset %llu is not a multiple of the "
                    "alignment %llu",
                    name, (unsigned long long)off, (unsigned long long)a);
             return KVS_BAD_FORMAT;
         }
         if (off > avail || t->nbytes > avail - off) {
-            seterr(err, errlen,
+            kvs_errf(err, errlen,
                    "tensor '%s': data [offset %llu, %llu bytes] lies outside the file "
                    "(size %zu)",
                    name, (unsigned long long)(start + (off > UINT64_MAX - start ? 0 : off)),
@@ -755,7 +740,7 @@ static int open_common(const void *base, size_t size, void *map, kvs_gguf **out,
     *out = NULL;
     kvs_gguf *g = calloc(1, sizeof *g);
     if (g == NULL) {
-        seterr(err, errlen, "out of memory");
+        kvs_errf(err, errlen, "out of memory");
         if (map != NULL) {
             munmap(map, size);
         }
@@ -779,7 +764,7 @@ static int open_common(const void *base, size_t size, void *map, kvs_gguf **out,
     tnames = calloc(nt, sizeof *tnames);
     offsets = calloc(nt, sizeof *offsets);
     if (g->kvs == NULL || keys == NULL || g->tensors == NULL || tnames == NULL || offsets == NULL) {
-        seterr(err, errlen, "out of memory for %llu metadata entries and %llu tensors",
+        kvs_errf(err, errlen, "out of memory for %llu metadata entries and %llu tensors",
                (unsigned long long)g->n_kv, (unsigned long long)g->n_tensors);
         rc = KVS_NO_MEMORY;
         goto fail;
@@ -808,7 +793,7 @@ fail:
 int kvs_gguf_open_memory(const void *data, size_t size, kvs_gguf **out, char *err, size_t errlen)
 {
     if (data == NULL && size > 0) {
-        seterr(err, errlen, "no data");
+        kvs_errf(err, errlen, "no data");
         *out = NULL;
         return KVS_INVALID_ARGUMENT;
     }
@@ -820,23 +805,23 @@ int kvs_gguf_open(const char *path, kvs_gguf **out, char *err, size_t errlen)
     *out = NULL;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        seterr(err, errlen, "cannot open: %s", strerror(errno));
+        kvs_errf(err, errlen, "cannot open: %s", strerror(errno));
         return errno == ENOENT ? KVS_NOT_FOUND : KVS_IO;
     }
     struct stat st;
     if (fstat(fd, &st) != 0) {
-        seterr(err, errlen, "cannot stat: %s", strerror(errno));
+        kvs_errf(err, errlen, "cannot stat: %s", strerror(errno));
         close(fd);
         return KVS_IO;
     }
     if (!S_ISREG(st.st_mode)) {
-        seterr(err, errlen, "not a regular file");
+        kvs_errf(err, errlen, "not a regular file");
         close(fd);
         return KVS_IO;
     }
     if (st.st_size < 24) {
         close(fd);
-        seterr(err, errlen, "file too small for a GGUF header (%lld bytes, need 24)",
+        kvs_errf(err, errlen, "file too small for a GGUF header (%lld bytes, need 24)",
                (long long)st.st_size);
         return KVS_BAD_FORMAT;
     }
@@ -845,7 +830,7 @@ int kvs_gguf_open(const char *path, kvs_gguf **out, char *err, size_t errlen)
     int saved = errno;
     close(fd);
     if (map == MAP_FAILED) {
-        seterr(err, errlen, "cannot map %zu bytes: %s", size, strerror(saved));
+        kvs_errf(err, errlen, "cannot map %zu bytes: %s", size, strerror(saved));
         return KVS_IO;
     }
     return open_common(map, size, map, out, err, errlen);

@@ -30,21 +30,6 @@ const char *kvs_rope_scaling_name(enum kvs_rope_scaling scaling)
     return (unsigned)scaling < 3 ? rope_scaling_names[scaling] : "unknown";
 }
 
-#if defined(__GNUC__)
-__attribute__((format(printf, 3, 4)))
-#endif
-static void
-seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0) {
-        return;
-    }
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 /* A bounded, printable copy of a metadata string. */
 static void copy_str(char *dst, size_t n, kvs_gguf_str s)
 {
@@ -80,18 +65,18 @@ static int get_u32(const struct hp_reader *r, const char *suffix, const uint32_t
     int rc = kvs_gguf_get_u32(r->g, key, &v);
     if (rc == KVS_NOT_FOUND) {
         if (def == NULL) {
-            seterr(r->err, r->errlen, "missing key '%s'", key);
+            kvs_errf(r->err, r->errlen, "missing key '%s'", key);
             return KVS_BAD_FORMAT;
         }
         *out = *def;
         return KVS_OK;
     }
     if (rc < 0) {
-        seterr(r->err, r->errlen, "key '%s' is not an unsigned 32-bit integer", key);
+        kvs_errf(r->err, r->errlen, "key '%s' is not an unsigned 32-bit integer", key);
         return KVS_BAD_FORMAT;
     }
     if (v < lo || v > hi) {
-        seterr(r->err, r->errlen, "%s %u out of range (%u..%u)", key, v, lo, hi);
+        kvs_errf(r->err, r->errlen, "%s %u out of range (%u..%u)", key, v, lo, hi);
         return KVS_BAD_FORMAT;
     }
     *out = v;
@@ -108,18 +93,18 @@ static int get_f32(const struct hp_reader *r, const char *suffix, const float *d
     int rc = kvs_gguf_get_f32(r->g, key, &v);
     if (rc == KVS_NOT_FOUND) {
         if (def == NULL) {
-            seterr(r->err, r->errlen, "missing key '%s'", key);
+            kvs_errf(r->err, r->errlen, "missing key '%s'", key);
             return KVS_BAD_FORMAT;
         }
         *out = *def;
         return KVS_OK;
     }
     if (rc < 0) {
-        seterr(r->err, r->errlen, "key '%s' is not a number", key);
+        kvs_errf(r->err, r->errlen, "key '%s' is not a number", key);
         return KVS_BAD_FORMAT;
     }
     if (!isfinite(v) || !(v > lo) || !(v <= hi)) {
-        seterr(r->err, r->errlen, "%s %g out of range (%g, %g]", key, (double)v, (double)lo,
+        kvs_errf(r->err, r->errlen, "%s %g out of range (%g, %g]", key, (double)v, (double)lo,
                (double)hi);
         return KVS_BAD_FORMAT;
     }
@@ -139,7 +124,7 @@ static int read_rope_scaling(const struct hp_reader *r, struct kvs_hparams *hp)
     hp->rope_scaling_orig_ctx = hp->n_ctx_train;
     int rc = kvs_gguf_get_str(r->g, arch_key(r, "rope.scaling.type", key, sizeof key), &s);
     if (rc == KVS_TYPE_MISMATCH) {
-        seterr(r->err, r->errlen, "key '%s' is not a string", key);
+        kvs_errf(r->err, r->errlen, "key '%s' is not a string", key);
         return KVS_BAD_FORMAT;
     }
     if (rc == KVS_NOT_FOUND) {
@@ -155,7 +140,7 @@ static int read_rope_scaling(const struct hp_reader *r, struct kvs_hparams *hp)
     } else if (s.len == 6 && memcmp(s.ptr, "llama3", 6) == 0) {
         hp->rope_scaling = KVS_ROPE_SCALING_LLAMA3;
     } else {
-        seterr(r->err, r->errlen,
+        kvs_errf(r->err, r->errlen,
                "rope scaling type '%s' is not supported (supported: none, linear, llama3)", type);
         return KVS_UNSUPPORTED;
     }
@@ -169,7 +154,7 @@ static int read_rope_scaling(const struct hp_reader *r, struct kvs_hparams *hp)
         KVS_TRY(get_u32(r, "rope.scaling.original_context_length", &ctx, 1, KVS_HPARAMS_MAX_CTX,
                         &hp->rope_scaling_orig_ctx));
         if (!(hp->rope_scaling_high_freq > hp->rope_scaling_low_freq)) {
-            seterr(r->err, r->errlen,
+            kvs_errf(r->err, r->errlen,
                    "rope scaling: high_freq_factor %g must exceed low_freq_factor %g",
                    (double)hp->rope_scaling_high_freq, (double)hp->rope_scaling_low_freq);
             return KVS_BAD_FORMAT;
@@ -184,12 +169,12 @@ static int read_vocab_size(const struct hp_reader *r, struct kvs_hparams *hp)
     int rc = kvs_gguf_get_arr(r->g, "tokenizer.ggml.tokens", &tokens);
     if (rc == 0) {
         if (tokens.type != KVS_GGUF_STRING) {
-            seterr(r->err, r->errlen, "tokenizer.ggml.tokens is an array of %s, not strings",
+            kvs_errf(r->err, r->errlen, "tokenizer.ggml.tokens is an array of %s, not strings",
                    kvs_gguf_type_name(tokens.type));
             return KVS_BAD_FORMAT;
         }
         if (tokens.n == 0 || tokens.n > KVS_HPARAMS_MAX_VOCAB) {
-            seterr(r->err, r->errlen, "tokenizer.ggml.tokens has %llu tokens (allowed 1..%u)",
+            kvs_errf(r->err, r->errlen, "tokenizer.ggml.tokens has %llu tokens (allowed 1..%u)",
                    (unsigned long long)tokens.n, KVS_HPARAMS_MAX_VOCAB);
             return KVS_BAD_FORMAT;
         }
@@ -197,7 +182,7 @@ static int read_vocab_size(const struct hp_reader *r, struct kvs_hparams *hp)
         return KVS_OK;
     }
     if (rc == KVS_TYPE_MISMATCH) {
-        seterr(r->err, r->errlen, "tokenizer.ggml.tokens is not an array");
+        kvs_errf(r->err, r->errlen, "tokenizer.ggml.tokens is not an array");
         return KVS_BAD_FORMAT;
     }
     char key[128];
@@ -206,14 +191,14 @@ static int read_vocab_size(const struct hp_reader *r, struct kvs_hparams *hp)
     }
     const kvs_gguf_tensor *t = kvs_gguf_find_tensor(r->g, "token_embd.weight");
     if (t == NULL) {
-        seterr(r->err, r->errlen,
+        kvs_errf(r->err, r->errlen,
                "cannot tell the vocabulary size: no tokenizer.ggml.tokens, %s or "
                "token_embd.weight",
                key);
         return KVS_BAD_FORMAT;
     }
     if (t->ne[1] > KVS_HPARAMS_MAX_VOCAB) {
-        seterr(r->err, r->errlen, "token_embd.weight has %llu rows (allowed 1..%u)",
+        kvs_errf(r->err, r->errlen, "token_embd.weight has %llu rows (allowed 1..%u)",
                (unsigned long long)t->ne[1], KVS_HPARAMS_MAX_VOCAB);
         return KVS_BAD_FORMAT;
     }
@@ -227,7 +212,7 @@ int kvs_hparams_from_gguf(const kvs_gguf *g, struct kvs_hparams *hp, char *err, 
     kvs_gguf_str s;
     int rc = kvs_gguf_get_str(g, "general.architecture", &s);
     if (rc < 0) {
-        seterr(err, errlen,
+        kvs_errf(err, errlen,
                rc == KVS_NOT_FOUND ? "missing key 'general.architecture'"
                                    : "general.architecture is not a string");
         return KVS_BAD_FORMAT;
@@ -241,7 +226,7 @@ int kvs_hparams_from_gguf(const kvs_gguf *g, struct kvs_hparams *hp, char *err, 
         hp->arch = KVS_ARCH_QWEN2;
         hp->rope_style = KVS_HP_ROPE_NEOX;
     } else {
-        seterr(err, errlen, "unsupported architecture '%s' (supported: llama, qwen2)", arch);
+        kvs_errf(err, errlen, "unsupported architecture '%s' (supported: llama, qwen2)", arch);
         return KVS_UNSUPPORTED;
     }
     snprintf(hp->arch_name, sizeof hp->arch_name, "%s", kvs_arch_name(hp->arch));
@@ -260,7 +245,7 @@ int kvs_hparams_from_gguf(const kvs_gguf *g, struct kvs_hparams *hp, char *err, 
     KVS_TRY(get_u32(&r, "attention.head_count", NULL, 1, hp->n_embd, &hp->n_head));
     KVS_TRY(get_u32(&r, "attention.head_count_kv", &hp->n_head, 1, hp->n_head, &hp->n_head_kv));
     if (hp->n_head % hp->n_head_kv != 0) {
-        seterr(err, errlen, "%s.attention.head_count %u is not a multiple of head_count_kv %u",
+        kvs_errf(err, errlen, "%s.attention.head_count %u is not a multiple of head_count_kv %u",
                hp->arch_name, hp->n_head, hp->n_head_kv);
         return KVS_BAD_FORMAT;
     }
@@ -270,14 +255,14 @@ int kvs_hparams_from_gguf(const kvs_gguf *g, struct kvs_hparams *hp, char *err, 
             get_u32(&r, "attention.key_length", NULL, 2, KVS_HPARAMS_MAX_HEAD_DIM, &hp->head_dim));
     } else {
         if (hp->n_embd % hp->n_head != 0) {
-            seterr(err, errlen, "%s.embedding_length %u is not a multiple of head_count %u",
+            kvs_errf(err, errlen, "%s.embedding_length %u is not a multiple of head_count %u",
                    hp->arch_name, hp->n_embd, hp->n_head);
             return KVS_BAD_FORMAT;
         }
         hp->head_dim = hp->n_embd / hp->n_head;
     }
     if (hp->head_dim % 2 != 0 || hp->head_dim > KVS_HPARAMS_MAX_HEAD_DIM) {
-        seterr(err, errlen, "head dimension %u must be even and at most %u", hp->head_dim,
+        kvs_errf(err, errlen, "head dimension %u must be even and at most %u", hp->head_dim,
                KVS_HPARAMS_MAX_HEAD_DIM);
         return KVS_BAD_FORMAT;
     }
@@ -285,13 +270,13 @@ int kvs_hparams_from_gguf(const kvs_gguf *g, struct kvs_hparams *hp, char *err, 
     KVS_TRY(
         get_u32(&r, "attention.value_length", &hp->head_dim, 1, KVS_HPARAMS_MAX_HEAD_DIM, &vlen));
     if (vlen != hp->head_dim) {
-        seterr(err, errlen, "value head dimension %u differs from key head dimension %u", vlen,
+        kvs_errf(err, errlen, "value head dimension %u differs from key head dimension %u", vlen,
                hp->head_dim);
         return KVS_UNSUPPORTED;
     }
     KVS_TRY(get_u32(&r, "rope.dimension_count", &hp->head_dim, 2, hp->head_dim, &hp->rope_dim));
     if (hp->rope_dim % 2 != 0) {
-        seterr(err, errlen, "%s.rope.dimension_count %u is odd", hp->arch_name, hp->rope_dim);
+        kvs_errf(err, errlen, "%s.rope.dimension_count %u is odd", hp->arch_name, hp->rope_dim);
         return KVS_BAD_FORMAT;
     }
     const float theta = 10000.0f;
@@ -312,17 +297,17 @@ static int expect(const kvs_gguf *g, const char *name, uint64_t ne0, uint64_t ne
 {
     const kvs_gguf_tensor *t = kvs_gguf_find_tensor(g, name);
     if (t == NULL) {
-        seterr(err, errlen, "missing tensor '%s'", name);
+        kvs_errf(err, errlen, "missing tensor '%s'", name);
         return KVS_BAD_FORMAT;
     }
     if (t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != 1 || t->ne[3] != 1) {
         if (ne1 == 1) {
-            seterr(err, errlen, "tensor '%s' has shape [%llu, %llu, %llu, %llu], expected [%llu]",
+            kvs_errf(err, errlen, "tensor '%s' has shape [%llu, %llu, %llu, %llu], expected [%llu]",
                    name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
                    (unsigned long long)t->ne[2], (unsigned long long)t->ne[3],
                    (unsigned long long)ne0);
         } else {
-            seterr(err, errlen,
+            kvs_errf(err, errlen,
                    "tensor '%s' has shape [%llu, %llu, %llu, %llu], expected [%llu, %llu]", name,
                    (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
                    (unsigned long long)t->ne[2], (unsigned long long)t->ne[3],

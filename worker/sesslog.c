@@ -4,6 +4,7 @@
  * the crash guarantees are in sesslog.h. */
 #include "worker/sesslog.h"
 
+#include "common/endian.h"
 #include "common/log.h"
 #include "common/status.h"
 
@@ -46,45 +47,6 @@ struct kvs_sesslog {
 };
 
 /* ---- small helpers ---- */
-
-#if defined(__GNUC__)
-__attribute__((format(printf, 3, 4)))
-#endif
-static void
-seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0) {
-        return;
-    }
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
-static void put_u32(unsigned char *p, uint32_t v)
-{
-    p[0] = (unsigned char)v;
-    p[1] = (unsigned char)(v >> 8);
-    p[2] = (unsigned char)(v >> 16);
-    p[3] = (unsigned char)(v >> 24);
-}
-
-static void put_u64(unsigned char *p, uint64_t v)
-{
-    put_u32(p, (uint32_t)v);
-    put_u32(p + 4, (uint32_t)(v >> 32));
-}
-
-static uint32_t get_u32(const unsigned char *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t get_u64(const unsigned char *p)
-{
-    return (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
-}
 
 static int64_t now_ns(void)
 {
@@ -179,8 +141,8 @@ uint32_t kvs_crc32c(uint32_t crc, const void *buf, size_t len)
     const unsigned char *p = buf;
     uint32_t c = ~crc;
     while (len >= 8) {
-        uint32_t lo = get_u32(p) ^ c;
-        uint32_t hi = get_u32(p + 4);
+        uint32_t lo = kvs_get_u32(p) ^ c;
+        uint32_t hi = kvs_get_u32(p + 4);
         c = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff] ^
             crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24] ^ crc_table[3][hi & 0xff] ^
             crc_table[2][(hi >> 8) & 0xff] ^ crc_table[1][(hi >> 16) & 0xff] ^
@@ -276,17 +238,17 @@ static int check_args(const char *dir, const char *id, const struct kvs_log_iden
                       char *err, size_t errlen)
 {
     if (dir == NULL || dir[0] == '\0') {
-        seterr(err, errlen, "no data directory");
+        kvs_errf(err, errlen, "no data directory");
         return KVS_INVALID_ARGUMENT;
     }
     if (kvs_sesslog_check_id(id) != 0) {
-        seterr(err, errlen,
+        kvs_errf(err, errlen,
                "invalid session id (need 1..%u bytes of [A-Za-z0-9._-], not starting with '.')",
                KVS_SESSION_ID_MAX);
         return KVS_INVALID_ARGUMENT;
     }
     if (ident != NULL && kvs_log_identity_check(ident) != 0) {
-        seterr(err, errlen, "invalid model sha256 (need 64 lowercase hex characters)");
+        kvs_errf(err, errlen, "invalid model sha256 (need 64 lowercase hex characters)");
         return KVS_INVALID_ARGUMENT;
     }
     return KVS_OK;
@@ -297,7 +259,7 @@ static int make_path(char *out, const char *dir, const char *id, const char *suf
 {
     int n = snprintf(out, PATH_MAX, "%s/%s%s", dir, id, suffix);
     if (n < 0 || n >= PATH_MAX) {
-        seterr(err, errlen, "path of session '%s' in '%s' is longer than %d bytes", id, dir,
+        kvs_errf(err, errlen, "path of session '%s' in '%s' is longer than %d bytes", id, dir,
                PATH_MAX - 1);
         return KVS_INVALID_ARGUMENT;
     }
@@ -311,40 +273,40 @@ static void header_encode(unsigned char h[KVS_SESSLOG_HEADER_BYTES], const char 
 {
     memset(h, 0, KVS_SESSLOG_HEADER_BYTES);
     memcpy(h, LOG_MAGIC, 8);
-    put_u32(h + 8, KVS_SESSLOG_VERSION);
-    put_u32(h + 12, 0);
+    kvs_put_u32(h + 8, KVS_SESSLOG_VERSION);
+    kvs_put_u32(h + 12, 0);
     memcpy(h + 16, ident->model_sha256, 64);
-    put_u32(h + 80, ident->kv_dtype);
-    put_u32(h + 84, ident->block_size);
+    kvs_put_u32(h + 80, ident->kv_dtype);
+    kvs_put_u32(h + 84, ident->block_size);
     size_t n = strlen(id);
-    put_u32(h + 88, (uint32_t)n);
+    kvs_put_u32(h + 88, (uint32_t)n);
     memcpy(h + 92, id, n);
-    put_u32(h + HDR_CRC_OFF, kvs_crc32c(0, h, HDR_CRC_OFF));
+    kvs_put_u32(h + HDR_CRC_OFF, kvs_crc32c(0, h, HDR_CRC_OFF));
 }
 
 static int header_check(const unsigned char h[KVS_SESSLOG_HEADER_BYTES], const char *id,
                         const struct kvs_log_identity *ident, char *err, size_t errlen)
 {
     if (memcmp(h, LOG_MAGIC, 8) != 0) {
-        seterr(err, errlen, "not a session log (bad magic)");
+        kvs_errf(err, errlen, "not a session log (bad magic)");
         return KVS_BAD_FORMAT;
     }
-    uint32_t version = get_u32(h + 8);
+    uint32_t version = kvs_get_u32(h + 8);
     if (version != KVS_SESSLOG_VERSION) {
-        seterr(err, errlen, "session log format version %u is not supported (need %u)", version,
+        kvs_errf(err, errlen, "session log format version %u is not supported (need %u)", version,
                KVS_SESSLOG_VERSION);
         return KVS_UNSUPPORTED;
     }
-    uint32_t crc = get_u32(h + HDR_CRC_OFF);
+    uint32_t crc = kvs_get_u32(h + HDR_CRC_OFF);
     if (kvs_crc32c(0, h, HDR_CRC_OFF) != crc) {
-        seterr(err, errlen, "session log header fails its CRC");
+        kvs_errf(err, errlen, "session log header fails its CRC");
         return KVS_BAD_FORMAT;
     }
-    if (get_u32(h + 12) != 0) {
-        seterr(err, errlen, "session log header flags 0x%x are not supported", get_u32(h + 12));
+    if (kvs_get_u32(h + 12) != 0) {
+        kvs_errf(err, errlen, "session log header flags 0x%x are not supported", kvs_get_u32(h + 12));
         return KVS_UNSUPPORTED;
     }
-    uint32_t n = get_u32(h + 88);
+    uint32_t n = kvs_get_u32(h + 88);
     size_t want = strlen(id);
     if (n != want || memcmp(h + 92, id, n) != 0) {
         char other[KVS_SESSION_ID_MAX + 1] = {0};
@@ -354,7 +316,7 @@ static int header_check(const unsigned char h[KVS_SESSLOG_HEADER_BYTES], const c
                 *c = '?';
             }
         }
-        seterr(err, errlen, "log file of session '%s' holds session '%s'", id, other);
+        kvs_errf(err, errlen, "log file of session '%s' holds session '%s'", id, other);
         return KVS_BAD_FORMAT;
     }
     char sha[65];
@@ -365,10 +327,10 @@ static int header_check(const unsigned char h[KVS_SESSLOG_HEADER_BYTES], const c
             sha[i] = '?';
         }
     }
-    uint32_t dtype = get_u32(h + 80), bs = get_u32(h + 84);
+    uint32_t dtype = kvs_get_u32(h + 80), bs = kvs_get_u32(h + 84);
     if (memcmp(sha, ident->model_sha256, 64) != 0 || dtype != ident->kv_dtype ||
         bs != ident->block_size) {
-        seterr(err, errlen,
+        kvs_errf(err, errlen,
                "session '%s' was logged for model sha256 %s (kv dtype %u, block size %u), "
                "this worker runs %s (kv dtype %u, block size %u)",
                id, sha, dtype, bs, ident->model_sha256, ident->kv_dtype, ident->block_size);
@@ -435,7 +397,7 @@ static int rd_record(struct reader *r, uint64_t off, uint32_t *type, const unsig
     if (rd_get(r, off, 8, &p) != 0) {
         return -1;
     }
-    uint32_t l = get_u32(p), t = get_u32(p + 4);
+    uint32_t l = kvs_get_u32(p), t = kvs_get_u32(p + 4);
     if (l > KVS_SESSLOG_MAX_PAYLOAD || t == 0 || t > KVS_SESSLOG_MAX_TYPE) {
         *why = KVS_REPLAY_BAD_RECORD;
         snprintf(msg, msglen, "record at offset %llu has length %u (max %u) and type %u (1..%u)",
@@ -452,7 +414,7 @@ static int rd_record(struct reader *r, uint64_t off, uint32_t *type, const unsig
     if (rd_get(r, off, (size_t)l + KVS_SESSLOG_RECORD_OVERHEAD, &p) != 0) {
         return -1;
     }
-    uint32_t crc = get_u32(p + 8 + l);
+    uint32_t crc = kvs_get_u32(p + 8 + l);
     if (kvs_crc32c(0, p, 8 + (size_t)l) != crc) {
         *why = KVS_REPLAY_BAD_CRC;
         snprintf(msg, msglen, "record at offset %llu (type %u, %u bytes) fails its CRC",
@@ -482,8 +444,8 @@ static int rd_resync(struct reader *r, uint64_t bad, uint64_t *at)
         if (rd_get(r, bad, 8, &p) != 0) {
             return -1;
         }
-        uint64_t next = bad + KVS_SESSLOG_RECORD_OVERHEAD + (uint64_t)get_u32(p);
-        if (get_u32(p) <= KVS_SESSLOG_MAX_PAYLOAD && next < r->size) {
+        uint64_t next = bad + KVS_SESSLOG_RECORD_OVERHEAD + (uint64_t)kvs_get_u32(p);
+        if (kvs_get_u32(p) <= KVS_SESSLOG_MAX_PAYLOAD && next < r->size) {
             int rc = rd_record(r, next, &t, &p, &l, &why, msg, sizeof msg);
             if (rc != 0) {
                 *at = next;
@@ -495,7 +457,7 @@ static int rd_resync(struct reader *r, uint64_t bad, uint64_t *at)
         if (rd_get(r, off, 8, &p) != 0) {
             return -1;
         }
-        uint32_t cl = get_u32(p), ct = get_u32(p + 4);
+        uint32_t cl = kvs_get_u32(p), ct = kvs_get_u32(p + 4);
         if (ct == 0 || ct > KVS_SESSLOG_MAX_TYPE || cl > KVS_SESSLOG_MAX_PAYLOAD ||
             (uint64_t)cl + KVS_SESSLOG_RECORD_OVERHEAD > r->size - off) {
             continue;
@@ -505,7 +467,7 @@ static int rd_resync(struct reader *r, uint64_t bad, uint64_t *at)
             if (rd_get(r, end, 8, &p) != 0) {
                 return -1;
             }
-            uint32_t nl = get_u32(p), nt = get_u32(p + 4);
+            uint32_t nl = kvs_get_u32(p), nt = kvs_get_u32(p + 4);
             if (nt == 0 || nt > KVS_SESSLOG_MAX_TYPE || nl > KVS_SESSLOG_MAX_PAYLOAD) {
                 continue;
             }
@@ -534,18 +496,18 @@ static int scan(int fd, const char *path, const char *id, const struct kvs_log_i
     memset(st, 0, sizeof *st);
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
-        seterr(err, errlen, "%s: %s", path, strerror(errno));
+        kvs_errf(err, errlen, "%s: %s", path, strerror(errno));
         return KVS_IO;
     }
     r.size = (uint64_t)sb.st_size;
     unsigned char h[KVS_SESSLOG_HEADER_BYTES];
     if (r.size < KVS_SESSLOG_HEADER_BYTES) {
-        seterr(err, errlen, "%s: %llu bytes, shorter than the %u-byte header", path,
+        kvs_errf(err, errlen, "%s: %llu bytes, shorter than the %u-byte header", path,
                (unsigned long long)r.size, KVS_SESSLOG_HEADER_BYTES);
         return KVS_BAD_FORMAT;
     }
     if (pread_all(fd, h, sizeof h, 0) != 0) {
-        seterr(err, errlen, "%s: %s", path, strerror(errno));
+        kvs_errf(err, errlen, "%s: %s", path, strerror(errno));
         return KVS_IO;
     }
     rc = header_check(h, id, ident, err, errlen);
@@ -561,7 +523,7 @@ static int scan(int fd, const char *path, const char *id, const struct kvs_log_i
         int g = rd_record(&r, off, &type, &payload, &len, &why, st->reason, sizeof st->reason);
         if (g < 0) {
             int e = errno;
-            seterr(err, errlen, "%s: %s", path, strerror(e));
+            kvs_errf(err, errlen, "%s: %s", path, strerror(e));
             rc = e == ENOMEM ? KVS_NO_MEMORY : KVS_IO;
             goto fail;
         }
@@ -576,7 +538,7 @@ static int scan(int fd, const char *path, const char *id, const struct kvs_log_i
                 st->end_offset = off;
                 snprintf(st->reason, sizeof st->reason, "stopped by the callback at offset %llu",
                          (unsigned long long)off);
-                seterr(err, errlen, "replay of '%s' stopped by the callback (%s)", id,
+                kvs_errf(err, errlen, "replay of '%s' stopped by the callback (%s)", id,
                        kvs_status_name(c));
                 rc = c;
                 goto fail;
@@ -598,7 +560,7 @@ static int scan(int fd, const char *path, const char *id, const struct kvs_log_i
     int found = rd_resync(&r, off, &at);
     if (found < 0) {
         int e = errno;
-        seterr(err, errlen, "%s: %s", path, strerror(e));
+        kvs_errf(err, errlen, "%s: %s", path, strerror(e));
         rc = e == ENOMEM ? KVS_NO_MEMORY : KVS_IO;
         goto fail;
     }
@@ -613,14 +575,14 @@ static int scan(int fd, const char *path, const char *id, const struct kvs_log_i
             snprintf(st->reason, sizeof st->reason,
                      "%.100s; could not rule out good records after it", first);
         }
-        seterr(err, errlen, "session log %s is corrupt in the middle: %s", path, st->reason);
+        kvs_errf(err, errlen, "session log %s is corrupt in the middle: %s", path, st->reason);
         rc = KVS_BAD_FORMAT;
         goto fail;
     }
     st->tail = why;
     st->dropped_bytes = r.size - off;
     if (ftruncate(fd, (off_t)off) != 0 || fsync(fd) != 0) {
-        seterr(err, errlen, "%s: cutting the torn tail at %llu: %s", path, (unsigned long long)off,
+        kvs_errf(err, errlen, "%s: cutting the torn tail at %llu: %s", path, (unsigned long long)off,
                strerror(errno));
         rc = KVS_IO;
         goto fail;
@@ -643,13 +605,13 @@ static int open_locked(const char *path, int *fd_out, char *err, size_t errlen)
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0) {
         int e = errno;
-        seterr(err, errlen, "%s: %s", path, strerror(e));
+        kvs_errf(err, errlen, "%s: %s", path, strerror(e));
         return e == ENOENT ? KVS_NOT_FOUND : KVS_IO;
     }
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         int e = errno;
         close(fd);
-        seterr(err, errlen, "%s: %s", path,
+        kvs_errf(err, errlen, "%s: %s", path,
                e == EWOULDBLOCK ? "in use by another log handle" : strerror(e));
         return e == EWOULDBLOCK ? KVS_BUSY : KVS_IO;
     }
@@ -701,7 +663,7 @@ static int fresh_log(const char *dir, const char *session_id, const struct kvs_l
     unsigned char *rec = NULL;
     *out = NULL;
     if (ident == NULL || !policy_ok(policy)) {
-        seterr(err, errlen, "no identity or unknown fsync policy");
+        kvs_errf(err, errlen, "no identity or unknown fsync policy");
         return KVS_INVALID_ARGUMENT;
     }
     KVS_TRY(check_args(dir, session_id, ident, err, errlen));
@@ -709,7 +671,7 @@ static int fresh_log(const char *dir, const char *session_id, const struct kvs_l
     KVS_TRY(make_path(tmp, dir, session_id, ".log.tmp", err, errlen));
     rc = check_head(head, n_head);
     if (rc != KVS_OK) {
-        seterr(err, errlen, "invalid initial record (type 1..%u, at most %u bytes)",
+        kvs_errf(err, errlen, "invalid initial record (type 1..%u, at most %u bytes)",
                KVS_SESSLOG_MAX_TYPE, KVS_SESSLOG_MAX_PAYLOAD);
         return rc;
     }
@@ -722,22 +684,22 @@ static int fresh_log(const char *dir, const char *session_id, const struct kvs_l
     } else {
         struct stat sb;
         if (stat(path, &sb) == 0) {
-            seterr(err, errlen, "a log for session '%s' already exists", session_id);
+            kvs_errf(err, errlen, "a log for session '%s' already exists", session_id);
             return KVS_ALREADY_EXISTS;
         }
         if (errno != ENOENT) {
-            seterr(err, errlen, "%s: %s", path, strerror(errno));
+            kvs_errf(err, errlen, "%s: %s", path, strerror(errno));
             return KVS_IO;
         }
     }
     fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
-        seterr(err, errlen, "%s: %s", tmp, strerror(errno));
+        kvs_errf(err, errlen, "%s: %s", tmp, strerror(errno));
         rc = KVS_IO; /* a missing data directory included */
         goto fail;
     }
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        seterr(err, errlen, "%s: in use", tmp);
+        kvs_errf(err, errlen, "%s: in use", tmp);
         rc = KVS_BUSY;
         goto fail;
     }
@@ -769,12 +731,12 @@ static int fresh_log(const char *dir, const char *session_id, const struct kvs_l
     }
     if (replace ? rename(tmp, path) != 0 : link(tmp, path) != 0) {
         int e = errno;
-        seterr(err, errlen, "%s: %s", path, strerror(e));
+        kvs_errf(err, errlen, "%s: %s", path, strerror(e));
         rc = e == EEXIST ? KVS_ALREADY_EXISTS : KVS_IO;
         goto fail;
     }
     if (fsync_dir(dir) != 0) {
-        seterr(err, errlen, "%s: directory fsync: %s", dir, strerror(errno));
+        kvs_errf(err, errlen, "%s: directory fsync: %s", dir, strerror(errno));
         if (!replace) {
             unlink(path);
         } /* replace: the new log is in place or the old one is; neither is half-written */
@@ -795,7 +757,7 @@ static int fresh_log(const char *dir, const char *session_id, const struct kvs_l
     }
     return KVS_OK;
 io_fail:
-    seterr(err, errlen, "%s: %s", tmp, strerror(errno));
+    kvs_errf(err, errlen, "%s: %s", tmp, strerror(errno));
     rc = KVS_IO;
 fail:
     free(rec);
@@ -841,7 +803,7 @@ int kvs_sesslog_open_replay(const char *dir, const char *session_id,
     }
     memset(st, 0, sizeof *st);
     if (ident == NULL || !policy_ok(policy)) {
-        seterr(err, errlen, "no identity or unknown fsync policy");
+        kvs_errf(err, errlen, "no identity or unknown fsync policy");
         return KVS_INVALID_ARGUMENT;
     }
     KVS_TRY(check_args(dir, session_id, ident, err, errlen));
@@ -970,9 +932,9 @@ static int write_record(kvs_sesslog *log, size_t n)
 
 static void record_frame(unsigned char *rec, uint32_t type, uint32_t len)
 {
-    put_u32(rec, len);
-    put_u32(rec + 4, type);
-    put_u32(rec + 8 + len, kvs_crc32c(0, rec, 8 + (size_t)len));
+    kvs_put_u32(rec, len);
+    kvs_put_u32(rec + 4, type);
+    kvs_put_u32(rec + 8 + len, kvs_crc32c(0, rec, 8 + (size_t)len));
 }
 
 int kvs_sesslog_append(kvs_sesslog *log, uint32_t type, const void *payload, size_t len)
@@ -1216,12 +1178,12 @@ int64_t kvs_log_append_encode(const struct kvs_log_append *a, void *buf, size_t 
         return KVS_INVALID_ARGUMENT;
     }
     unsigned char *p = buf;
-    put_u64(p, a->client_id);
-    put_u64(p + 8, a->client_seq);
-    put_u64(p + 16, a->version_after);
-    put_u32(p + 24, a->n_tokens);
+    kvs_put_u64(p, a->client_id);
+    kvs_put_u64(p + 8, a->client_seq);
+    kvs_put_u64(p + 16, a->version_after);
+    kvs_put_u32(p + 24, a->n_tokens);
     for (uint32_t i = 0; i < a->n_tokens; i++) {
-        put_u32(p + KVS_LOG_APPEND_FIXED + 4 * (size_t)i, (uint32_t)a->tokens[i]);
+        kvs_put_u32(p + KVS_LOG_APPEND_FIXED + 4 * (size_t)i, (uint32_t)a->tokens[i]);
     }
     return (int64_t)n;
 }
@@ -1233,13 +1195,13 @@ int kvs_log_append_decode(const void *payload, size_t len, struct kvs_log_append
     if (len < KVS_LOG_APPEND_FIXED) {
         return KVS_BAD_FORMAT;
     }
-    uint32_t n = get_u32(p + 24);
+    uint32_t n = kvs_get_u32(p + 24);
     if ((uint64_t)len != KVS_LOG_APPEND_FIXED + 4ull * n) {
         return KVS_BAD_FORMAT;
     }
-    out->client_id = get_u64(p);
-    out->client_seq = get_u64(p + 8);
-    out->version_after = get_u64(p + 16);
+    out->client_id = kvs_get_u64(p);
+    out->client_seq = kvs_get_u64(p + 8);
+    out->version_after = kvs_get_u64(p + 16);
     out->n_tokens = n;
     out->tokens_le = p + KVS_LOG_APPEND_FIXED;
     return KVS_OK;
@@ -1248,15 +1210,15 @@ int kvs_log_append_decode(const void *payload, size_t len, struct kvs_log_append
 void kvs_log_append_tokens(const struct kvs_log_append *a, int32_t *dst)
 {
     for (uint32_t i = 0; i < a->n_tokens; i++) {
-        dst[i] = (int32_t)get_u32(a->tokens_le + 4 * (size_t)i);
+        dst[i] = (int32_t)kvs_get_u32(a->tokens_le + 4 * (size_t)i);
     }
 }
 
 void kvs_log_evict_encode(const struct kvs_log_evict *e, unsigned char buf[KVS_LOG_EVICT_BYTES])
 {
-    put_u64(buf, e->version_after);
-    put_u32(buf + 8, e->first_cell);
-    put_u32(buf + 12, e->n_cells);
+    kvs_put_u64(buf, e->version_after);
+    kvs_put_u32(buf + 8, e->first_cell);
+    kvs_put_u32(buf + 12, e->n_cells);
 }
 
 int kvs_log_evict_decode(const void *payload, size_t len, struct kvs_log_evict *out)
@@ -1266,8 +1228,8 @@ int kvs_log_evict_decode(const void *payload, size_t len, struct kvs_log_evict *
     if (len != KVS_LOG_EVICT_BYTES) {
         return KVS_BAD_FORMAT;
     }
-    out->version_after = get_u64(p);
-    out->first_cell = get_u32(p + 8);
-    out->n_cells = get_u32(p + 12);
+    out->version_after = kvs_get_u64(p);
+    out->first_cell = kvs_get_u32(p + 8);
+    out->n_cells = kvs_get_u32(p + 12);
     return KVS_OK;
 }

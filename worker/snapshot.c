@@ -2,6 +2,7 @@
  * renamed into place, and a two-pass reader that proves the whole file before it hands out
  * a byte. The byte layout is in snapshot.h. */
 #include "worker/snapshot.h"
+#include "common/endian.h"
 
 #include "common/status.h"
 
@@ -22,45 +23,6 @@
 #define HASH_BYTES 32u
 #define HDR_CRC_OFF 240u
 #define IO_CHUNK (1u << 20) /* bytes per read/write call */
-
-#if defined(__GNUC__)
-__attribute__((format(printf, 3, 4)))
-#endif
-static void
-seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0) {
-        return;
-    }
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
-static void put_u32(unsigned char *p, uint32_t v)
-{
-    p[0] = (unsigned char)v;
-    p[1] = (unsigned char)(v >> 8);
-    p[2] = (unsigned char)(v >> 16);
-    p[3] = (unsigned char)(v >> 24);
-}
-
-static void put_u64(unsigned char *p, uint64_t v)
-{
-    put_u32(p, (uint32_t)v);
-    put_u32(p + 4, (uint32_t)(v >> 32));
-}
-
-static uint32_t get_u32(const unsigned char *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t get_u64(const unsigned char *p)
-{
-    return (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
-}
 
 static int pread_all(int fd, void *buf, size_t n, uint64_t off)
 {
@@ -101,17 +63,17 @@ static int snap_paths(const char *dir, const char *id, const struct kvs_log_iden
                       char *path, char *tmp, char *err, size_t errlen)
 {
     if (dir == NULL || dir[0] == '\0' || kvs_sesslog_check_id(id) != 0) {
-        seterr(err, errlen, "invalid data directory or session id");
+        kvs_errf(err, errlen, "invalid data directory or session id");
         return KVS_INVALID_ARGUMENT;
     }
     if (ident != NULL && kvs_log_identity_check(ident) != 0) {
-        seterr(err, errlen, "invalid model sha256 (need 64 lowercase hex characters)");
+        kvs_errf(err, errlen, "invalid model sha256 (need 64 lowercase hex characters)");
         return KVS_INVALID_ARGUMENT;
     }
     int n = snprintf(path, PATH_MAX, "%s/%s.snap", dir, id);
     int m = snprintf(tmp, PATH_MAX, "%s/%s.snap.tmp", dir, id);
     if (n < 0 || n >= PATH_MAX || m < 0 || m >= PATH_MAX) {
-        seterr(err, errlen, "snapshot path of '%s' is longer than %d bytes", id, PATH_MAX - 1);
+        kvs_errf(err, errlen, "snapshot path of '%s' is longer than %d bytes", id, PATH_MAX - 1);
         return KVS_INVALID_ARGUMENT;
     }
     return KVS_OK;
@@ -172,17 +134,17 @@ static void header_encode(unsigned char h[KVS_SNAPSHOT_HEADER_BYTES], const char
 {
     memset(h, 0, KVS_SNAPSHOT_HEADER_BYTES);
     memcpy(h, SNAP_MAGIC, 8);
-    put_u32(h + 8, KVS_SNAPSHOT_VERSION);
+    kvs_put_u32(h + 8, KVS_SNAPSHOT_VERSION);
     memcpy(h + 16, ident->model_sha256, 64);
-    put_u32(h + 80, ident->kv_dtype);
-    put_u32(h + 84, ident->block_size);
+    kvs_put_u32(h + 80, ident->kv_dtype);
+    kvs_put_u32(h + 84, ident->block_size);
     size_t n = strlen(id);
-    put_u32(h + 88, (uint32_t)n);
+    kvs_put_u32(h + 88, (uint32_t)n);
     memcpy(h + 92, id, n);
-    put_u32(h + 220, n_blocks);
-    put_u64(h + 224, block_bytes);
-    put_u64(h + 232, meta_len);
-    put_u32(h + HDR_CRC_OFF, kvs_crc32c(0, h, HDR_CRC_OFF));
+    kvs_put_u32(h + 220, n_blocks);
+    kvs_put_u64(h + 224, block_bytes);
+    kvs_put_u64(h + 232, meta_len);
+    kvs_put_u32(h + HDR_CRC_OFF, kvs_crc32c(0, h, HDR_CRC_OFF));
 }
 
 int kvs_snapshot_write(const char *dir, const char *session_id,
@@ -195,23 +157,23 @@ int kvs_snapshot_write(const char *dir, const char *session_id,
     unsigned char *block = NULL;
     int rc = KVS_OK;
     if (ident == NULL) {
-        seterr(err, errlen, "no model identity");
+        kvs_errf(err, errlen, "no model identity");
         return KVS_INVALID_ARGUMENT;
     }
     KVS_TRY(snap_paths(dir, session_id, ident, path, tmp, err, errlen));
     if ((meta == NULL && meta_len > 0) ||
         (n_blocks > 0 && (block_bytes == 0 || read_block == NULL))) {
-        seterr(err, errlen, "metadata or block arguments missing");
+        kvs_errf(err, errlen, "metadata or block arguments missing");
         return KVS_INVALID_ARGUMENT;
     }
     if ((uint64_t)meta_len > KVS_SNAPSHOT_MAX_META ||
         (uint64_t)block_bytes > KVS_SNAPSHOT_MAX_BLOCK_BYTES) {
-        seterr(err, errlen, "snapshot metadata %zu bytes (max %llu) or block %zu bytes (max %llu)",
+        kvs_errf(err, errlen, "snapshot metadata %zu bytes (max %llu) or block %zu bytes (max %llu)",
                meta_len, KVS_SNAPSHOT_MAX_META, block_bytes, KVS_SNAPSHOT_MAX_BLOCK_BYTES);
         return KVS_TOO_LARGE;
     }
     if (sodium_init() < 0) {
-        seterr(err, errlen, "libsodium failed to initialize");
+        kvs_errf(err, errlen, "libsodium failed to initialize");
         return KVS_INTERNAL;
     }
     w.buf = malloc(IO_CHUNK);
@@ -222,7 +184,7 @@ int kvs_snapshot_write(const char *dir, const char *session_id,
     }
     w.fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (w.fd < 0) {
-        seterr(err, errlen, "%s: %s", tmp, strerror(errno));
+        kvs_errf(err, errlen, "%s: %s", tmp, strerror(errno));
         rc = KVS_IO; /* a missing data directory included */
         goto fail;
     }
@@ -235,7 +197,7 @@ int kvs_snapshot_write(const char *dir, const char *session_id,
     for (uint32_t i = 0; i < n_blocks; i++) {
         rc = read_block(i, block, user);
         if (rc < 0) {
-            seterr(err, errlen, "snapshot of '%s' abandoned at block %u (%s)", session_id, i,
+            kvs_errf(err, errlen, "snapshot of '%s' abandoned at block %u (%s)", session_id, i,
                    kvs_status_name(rc));
             goto fail;
         }
@@ -268,12 +230,12 @@ int kvs_snapshot_write(const char *dir, const char *session_id,
     if (fsync_dir(dir) != 0) {
         /* The rename happened; whether it survives a crash is unknown: say so. The old
          * snapshot or the new one is in place either way. */
-        seterr(err, errlen, "%s: directory fsync: %s", dir, strerror(errno));
+        kvs_errf(err, errlen, "%s: directory fsync: %s", dir, strerror(errno));
         return KVS_IO;
     }
     return KVS_OK;
 io_fail:
-    seterr(err, errlen, "writing %s: %s", tmp, strerror(errno));
+    kvs_errf(err, errlen, "writing %s: %s", tmp, strerror(errno));
     rc = KVS_IO;
 fail:
     if (w.fd >= 0) {
@@ -310,18 +272,18 @@ int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_
     unsigned char *chunk = NULL, *meta = NULL, *block = NULL;
     int fd = -1, rc = KVS_OK;
     if (ident == NULL || on_meta == NULL || write_block == NULL) {
-        seterr(err, errlen, "identity and callbacks are required");
+        kvs_errf(err, errlen, "identity and callbacks are required");
         return KVS_INVALID_ARGUMENT;
     }
     KVS_TRY(snap_paths(dir, session_id, ident, path, tmp, err, errlen));
     if (sodium_init() < 0) {
-        seterr(err, errlen, "libsodium failed to initialize");
+        kvs_errf(err, errlen, "libsodium failed to initialize");
         return KVS_INTERNAL;
     }
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         int e = errno;
-        seterr(err, errlen, "%s: %s", path, strerror(e));
+        kvs_errf(err, errlen, "%s: %s", path, strerror(e));
         return e == ENOENT ? KVS_NOT_FOUND : KVS_IO;
     }
     struct stat sb;
@@ -331,7 +293,7 @@ int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_
     uint64_t size = (uint64_t)sb.st_size;
     unsigned char h[KVS_SNAPSHOT_HEADER_BYTES];
     if (size < KVS_SNAPSHOT_HEADER_BYTES + KVS_SNAPSHOT_TRAILER_BYTES) {
-        seterr(err, errlen, "%s: %llu bytes, shorter than an empty snapshot (%u)", path,
+        kvs_errf(err, errlen, "%s: %llu bytes, shorter than an empty snapshot (%u)", path,
                (unsigned long long)size, KVS_SNAPSHOT_HEADER_BYTES + KVS_SNAPSHOT_TRAILER_BYTES);
         rc = KVS_BAD_FORMAT;
         goto fail;
@@ -340,29 +302,29 @@ int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_
         goto io_fail;
     }
     if (memcmp(h, SNAP_MAGIC, 8) != 0) {
-        seterr(err, errlen, "%s: not a snapshot (bad magic)", path);
+        kvs_errf(err, errlen, "%s: not a snapshot (bad magic)", path);
         rc = KVS_BAD_FORMAT;
         goto fail;
     }
-    if (get_u32(h + 8) != KVS_SNAPSHOT_VERSION) {
-        seterr(err, errlen, "%s: snapshot version %u is not supported (need %u)", path,
-               get_u32(h + 8), KVS_SNAPSHOT_VERSION);
+    if (kvs_get_u32(h + 8) != KVS_SNAPSHOT_VERSION) {
+        kvs_errf(err, errlen, "%s: snapshot version %u is not supported (need %u)", path,
+               kvs_get_u32(h + 8), KVS_SNAPSHOT_VERSION);
         rc = KVS_UNSUPPORTED;
         goto fail;
     }
-    if (kvs_crc32c(0, h, HDR_CRC_OFF) != get_u32(h + HDR_CRC_OFF) || get_u32(h + 244) != 0) {
-        seterr(err, errlen, "%s: snapshot header fails its CRC", path);
+    if (kvs_crc32c(0, h, HDR_CRC_OFF) != kvs_get_u32(h + HDR_CRC_OFF) || kvs_get_u32(h + 244) != 0) {
+        kvs_errf(err, errlen, "%s: snapshot header fails its CRC", path);
         rc = KVS_BAD_FORMAT;
         goto fail;
     }
-    if (get_u32(h + 12) != 0) {
-        seterr(err, errlen, "%s: snapshot flags 0x%x are not supported", path, get_u32(h + 12));
+    if (kvs_get_u32(h + 12) != 0) {
+        kvs_errf(err, errlen, "%s: snapshot flags 0x%x are not supported", path, kvs_get_u32(h + 12));
         rc = KVS_UNSUPPORTED;
         goto fail;
     }
-    uint32_t id_len = get_u32(h + 88);
+    uint32_t id_len = kvs_get_u32(h + 88);
     if (id_len != strlen(session_id) || memcmp(h + 92, session_id, id_len) != 0) {
-        seterr(err, errlen, "%s: the snapshot belongs to another session", path);
+        kvs_errf(err, errlen, "%s: the snapshot belongs to another session", path);
         rc = KVS_BAD_FORMAT;
         goto fail;
     }
@@ -374,18 +336,18 @@ int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_
             sha[i] = '?';
         }
     }
-    uint32_t dtype = get_u32(h + 80), bs = get_u32(h + 84);
+    uint32_t dtype = kvs_get_u32(h + 80), bs = kvs_get_u32(h + 84);
     if (memcmp(sha, ident->model_sha256, 64) != 0 || dtype != ident->kv_dtype ||
         bs != ident->block_size) {
-        seterr(err, errlen,
+        kvs_errf(err, errlen,
                "snapshot of '%s' is for model sha256 %s (kv dtype %u, block size %u), "
                "this worker runs %s (kv dtype %u, block size %u)",
                session_id, sha, dtype, bs, ident->model_sha256, ident->kv_dtype, ident->block_size);
         rc = KVS_MODEL_MISMATCH;
         goto fail;
     }
-    uint32_t n_blocks = get_u32(h + 220);
-    uint64_t block_bytes = get_u64(h + 224), meta_len = get_u64(h + 232);
+    uint32_t n_blocks = kvs_get_u32(h + 220);
+    uint64_t block_bytes = kvs_get_u64(h + 224), meta_len = kvs_get_u64(h + 232);
     uint64_t blocks_total = 0, expect = 0;
     if (meta_len > KVS_SNAPSHOT_MAX_META || block_bytes > KVS_SNAPSHOT_MAX_BLOCK_BYTES ||
         (n_blocks > 0 && block_bytes == 0) ||
@@ -394,7 +356,7 @@ int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_
         __builtin_add_overflow(
             expect, (uint64_t)KVS_SNAPSHOT_HEADER_BYTES + KVS_SNAPSHOT_TRAILER_BYTES, &expect) ||
         expect != size) {
-        seterr(err, errlen,
+        kvs_errf(err, errlen,
                "%s: %llu bytes, but the header says %llu bytes of metadata and %u blocks of "
                "%llu bytes (truncated or over-long)",
                path, (unsigned long long)size, (unsigned long long)meta_len, n_blocks,
@@ -422,7 +384,7 @@ int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_
     crypto_generichash_final(&hs, digest, HASH_BYTES);
     if (memcmp(trailer, SNAP_END_MAGIC, 8) != 0 ||
         sodium_memcmp(digest, trailer + 8, HASH_BYTES) != 0) {
-        seterr(err, errlen, "%s: checksum mismatch (the snapshot is corrupt)", path);
+        kvs_errf(err, errlen, "%s: checksum mismatch (the snapshot is corrupt)", path);
         rc = KVS_BAD_FORMAT;
         goto fail;
     }
@@ -442,7 +404,7 @@ int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_
     crypto_generichash_update(&hs, meta, (size_t)meta_len);
     rc = on_meta(meta, (size_t)meta_len, n_blocks, (size_t)block_bytes, user);
     if (rc < 0) {
-        seterr(err, errlen, "snapshot of '%s': metadata refused (%s)", session_id,
+        kvs_errf(err, errlen, "snapshot of '%s': metadata refused (%s)", session_id,
                kvs_status_name(rc));
         goto fail;
     }
@@ -454,7 +416,7 @@ int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_
         crypto_generichash_update(&hs, block, (size_t)block_bytes);
         rc = write_block(i, block, user);
         if (rc < 0) {
-            seterr(err, errlen, "snapshot of '%s': block %u refused (%s)", session_id, i,
+            kvs_errf(err, errlen, "snapshot of '%s': block %u refused (%s)", session_id, i,
                    kvs_status_name(rc));
             goto fail;
         }
@@ -462,14 +424,14 @@ int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_
     crypto_generichash_update(&hs, trailer, 8);
     crypto_generichash_final(&hs, digest, HASH_BYTES);
     if (sodium_memcmp(digest, trailer + 8, HASH_BYTES) != 0) {
-        seterr(err, errlen, "%s: the snapshot changed while it was read", path);
+        kvs_errf(err, errlen, "%s: the snapshot changed while it was read", path);
         rc = KVS_IO;
         goto fail;
     }
     rc = KVS_OK;
     goto done;
 io_fail:
-    seterr(err, errlen, "reading %s: %s", path, strerror(errno));
+    kvs_errf(err, errlen, "reading %s: %s", path, strerror(errno));
     rc = KVS_IO;
 fail:
 done:
