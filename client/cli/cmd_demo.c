@@ -219,7 +219,8 @@ int kvs_cmd_demo(int argc, char **argv)
     kvs_session_query(ss[0], qq, strlen(qq), &q, NULL, NULL, &st, err, sizeof err);
     struct kvs_session_info in;
     kvs_session_info(ss[0], &in);
-    printf("\nsummary: %ld appends (%.1f ms each on average); flash answers ready when asked: "
+    printf("\nsummary: %ld appends (%.1f ms each on average, including the synchronous refresh "
+           "of the session's flash query); flash answers ready when asked: "
            "%ld/%ld (%.0f%%, %.3f ms each); direct question TTFT %.1f ms on average\n",
            n_appends, n_appends ? append_s / n_appends * 1e3 : 0.0, n_hits, n_asked,
            n_asked ? 100.0 * n_hits / n_asked : 0.0, n_asked ? hit_s / n_asked * 1e3 : 0.0,
