@@ -203,6 +203,7 @@ int kvs_cpu_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const floa
  * ends earlier stops at its own last cell. */
 #define TILE_ROWS 8
 #define PAIRS_MAX 64 /* (row, head) pairs of a tile: group * tile rows */
+#define SPLIT_MAX_FLOATS ((int64_t)16 << 20) /* segment records kept in split mode (64 MiB) */
 
 struct attn_job {
     const struct kvs_cpu_kernels *k;
@@ -250,7 +251,8 @@ static void finalize(float *out, const float *acc, float l, int32_t hd)
 /* One (tile, KV head, segment or all segments): for each segment, the online softmax at the
  * top of the file over the segment's cells for each (row, group head) whose context reaches
  * it, then the fold of the segment into the row's running state (the first segment is the
- * state). Scratch: scores (2 * R * G * block_size + 2 * block_size * head_dim), acc (R * G * (3 * head_dim + 4)). */
+ * state). Scratch: scores (2 * R * G * block_size + 2 * block_size * head_dim),
+ * acc (R * G * (3 * head_dim + 4)). */
 static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh, int32_t seg_sel,
                         float *scores, float *acc)
 {
@@ -332,7 +334,7 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh, int
                 }
             }
             /* the per-pair softmax update; the pairs' serial chains (block max, sum of the
-             * weights) are interleaved cell by cell, each in its own order */
+             * weights) run side by side in lanes (col_max / col_sum), each in its own order */
             float bmax[PAIRS_MAX], lsum[PAIRS_MAX];
             int32_t act[PAIRS_MAX], ncs[PAIRS_MAX], offs[PAIRS_MAX];
             int32_t na = 0;
@@ -515,7 +517,8 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
     }
     /* Split mode (each segment a task of its own, records merged afterwards) when the tiles
      * alone cannot keep the threads busy: the arithmetic is the same fold either way. */
-    const bool split = n_long > 0 && (int64_t)n_tiles * l->n_kv_head < 4 * (int64_t)c->n_threads;
+    const bool split = n_long > 0 && (int64_t)n_tiles * l->n_kv_head < 4 * (int64_t)c->n_threads &&
+                       n_rec * (hd + 2) <= SPLIT_MAX_FLOATS;
     const int32_t n_task = split ? n_seg_tasks : n_tiles;
     KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->attn.idx, &c->attn.cap_idx,
                                     (int64_t)n_tiles + 1 + 2 * (int64_t)n_task + 2 * n_rows,
