@@ -7,7 +7,8 @@
  * Attention of (row r, head h), online softmax in a fixed order that depends only on the
  * row's own context: for each block of cells 0..row_ctx[r]-1 in position order:
  *   s_j = dot(q, k_j) * scale           (the level's dot, cells j of the block in order)
- *   m'  = max(m, max_j s_j);  c = expf(m - m')  (skipped on the first block)
+ *   m'  = max(m, max_j s_j);  c = expf(m - m')  (skipped on the first block, and when
+ *                                       m' = m, where c would be exactly 1)
  *   l   = l * c;  acc = acc * c
  *   p_j = exp(s_j - m')                 (the level's exp: libm, or the vector exp)
  *   for j in order: l = l + p_j;  then for j in order: acc = acc + p_j * v_j
