@@ -16,7 +16,9 @@
  * own inputs, never on how many rows share the call, where a row sits in the batch, how
  * many threads run, or how a sequence was chunked or forked. In particular matmul walks K
  * in a fixed order per output element, and attention walks a row's context cells in
- * position order, block by block, with a fixed online-softmax update.
+ * position order, block by block, with a fixed online-softmax update; a long row's context
+ * is cut into fixed segments (1024 cells on the CPU, a function of the row's own length
+ * only) whose partial results are merged in position order.
  *
  * Thread-safety: one thread drives a backend (the worker's scheduler thread); the backend
  * may use its own threads internally.
