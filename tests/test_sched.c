@@ -286,7 +286,7 @@ START_TEST(test_flash_share)
     static struct result rs[64];
     memset(rs, 0, sizeof rs);
     for (int i = 0; i < 4; i++) {
-        char id[8];
+        char id[16];
         snprintf(id, sizeof id, "b%d", i);
         ck_assert_int_eq(kvs_session_create(S, id, &(struct kvs_session_opts){.budget_cells = 1500}, &bulk[i], err, sizeof err), 0);
         for (int k = 0; k < 10; k++) {
@@ -382,7 +382,7 @@ START_TEST(test_prefix_sharing)
     int32_t free0 = kvs_pool_n_free(e->pool) - kvs_pool_n_cached(e->pool);
     int64_t n_prefix = 0;
     for (int i = 0; i < 32; i++) {
-        char id[8];
+        char id[16];
         snprintf(id, sizeof id, "p%d", i);
         kvs_session *s;
         struct kvs_session_opts o = {.budget_cells = 1100, .prefix = prefix, .prefix_len = strlen(prefix)};
@@ -413,7 +413,7 @@ START_TEST(test_prefix_sharing)
     kvs_answer_free(&b);
     /* closing every session leaves the prefix cached (LRU), reclaimable: the pool is whole */
     for (int i = 0; i < 32; i++) {
-        char id[8];
+        char id[16];
         snprintf(id, sizeof id, "p%d", i);
         ck_assert_int_eq(kvs_session_close(S, id), 0);
     }
@@ -460,7 +460,7 @@ START_TEST(test_pressure_no_deadlock)
     char err[256];
     kvs_session *ss[4];
     for (int i = 0; i < 4; i++) {
-        char id[8];
+        char id[16];
         snprintf(id, sizeof id, "p%d", i);
         struct kvs_session_opts o = {.budget_cells = 200, .policy = KVS_POLICY_SLIDE};
         ck_assert_msg(kvs_session_create(S, id, &o, &ss[i], err, sizeof err) == 0, "%s", err);
