@@ -495,6 +495,12 @@ START_TEST(test_pressure_no_deadlock)
     ck_assert_int_gt(accepted_q, 0);
     printf("pressure: %d appends applied, %d queries answered, %d refused with BUSY\n",
            n_append_ok, n_query_ok, n_busy_ok);
+    const struct kvs_sched_stats *st = kvs_sched_stats(sc);
+    ck_assert_int_eq(st->cells_total, 1024);
+    ck_assert_int_le(st->cells_used, st->cells_total);
+    ck_assert_int_ge(st->cells_free, 0);
+    ck_assert_int_le(st->cells_reserved + st->cells_free, st->cells_total);
+    ck_assert_int_gt(st->cells_used, 0);
     kvs_sched_destroy(&sc);
     kvs_sessions_destroy(&S);
     kvs_engine_destroy(&e);

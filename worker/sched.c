@@ -682,5 +682,13 @@ int kvs_sched_step(kvs_sched *sc, double now)
     }
     sc->st.steps++;
     sc->st.last_step_s = kvs_now() - t0;
+    sc->st.last_occupancy = (float)total / (float)sc->o.max_batch_tokens;
+    int32_t bs = kvs_pool_block_size(e->pool);
+    sc->st.cells_total = kvs_pool_capacity_cells(e->pool);
+    sc->st.cells_used = (int64_t)(kvs_pool_n_blocks(e->pool) - kvs_pool_n_free(e->pool)) * bs;
+    sc->st.cells_reserved = (int64_t)sc->S->reserved_blocks * bs;
+    sc->st.cells_free = kvs_sessions_cells_free(sc->S);
+    sc->st.prefix_hit_cells = kvs_pool_stats(e->pool)->hit_blocks * (uint64_t)bs;
+    sc->st.prefix_cached_cells = (int64_t)kvs_pool_n_cached(e->pool) * bs;
     return total;
 }

@@ -61,6 +61,14 @@ struct kvs_sched_stats {
     uint64_t flash_evals;                 /* flash answers computed */
     uint64_t flash_wasted;                /* ... whose session had moved on when they completed */
     double last_step_s;                   /* wall seconds of the last step */
+    float last_occupancy;                 /* rows of the last step / max_batch_tokens */
+    /* KV, refreshed every step */
+    int64_t cells_total;                  /* the pool */
+    int64_t cells_used;                   /* in blocks some seq references (shared counted once) */
+    int64_t cells_reserved;               /* promised to sessions and running queries */
+    int64_t cells_free;                   /* neither used nor promised (admission's headroom) */
+    uint64_t prefix_hit_cells;            /* cells shared from the prefix index instead of computed */
+    int64_t prefix_cached_cells;          /* unreferenced prefix blocks kept for later hits */
 };
 
 typedef struct kvs_sched kvs_sched;
