@@ -5,6 +5,7 @@
 #include "worker/sesslog.h"
 
 #include "common/endian.h"
+#include "common/fileio.h"
 #include "common/log.h"
 #include "common/status.h"
 
@@ -53,64 +54,6 @@ static int64_t now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000ll + ts.tv_nsec;
-}
-
-static int pwrite_all(int fd, const void *buf, size_t n, uint64_t off)
-{
-    const unsigned char *p = buf;
-    while (n > 0) {
-        ssize_t w = pwrite(fd, p, n, (off_t)off);
-        if (w < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            return -1;
-        }
-        if (w == 0) {
-            errno = EIO;
-            return -1;
-        }
-        p += w;
-        n -= (size_t)w;
-        off += (uint64_t)w;
-    }
-    return 0;
-}
-
-/* Read exactly n bytes at off; -1 with errno (EIO for an unexpected end of file). */
-static int pread_all(int fd, void *buf, size_t n, uint64_t off)
-{
-    unsigned char *p = buf;
-    while (n > 0) {
-        ssize_t r = pread(fd, p, n, (off_t)off);
-        if (r < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            return -1;
-        }
-        if (r == 0) {
-            errno = EIO;
-            return -1;
-        }
-        p += r;
-        n -= (size_t)r;
-        off += (uint64_t)r;
-    }
-    return 0;
-}
-
-static int fsync_dir(const char *dir)
-{
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) {
-        return -1;
-    }
-    int rc = fsync(fd);
-    int e = errno;
-    close(fd);
-    errno = e;
-    return rc;
 }
 
 /* ---- CRC-32C, slice-by-8 ---- */
@@ -372,7 +315,7 @@ static int rd_get(struct reader *r, uint64_t off, size_t len, const unsigned cha
         r->cap = want;
     }
     r->n = 0;
-    if (pread_all(r->fd, r->buf, want, off) != 0) {
+    if (kvs_pread_all(r->fd, r->buf, want, off) != 0) {
         return -1;
     }
     r->base = off;
@@ -506,7 +449,7 @@ static int scan(int fd, const char *path, const char *id, const struct kvs_log_i
                (unsigned long long)r.size, KVS_SESSLOG_HEADER_BYTES);
         return KVS_BAD_FORMAT;
     }
-    if (pread_all(fd, h, sizeof h, 0) != 0) {
+    if (kvs_pread_all(fd, h, sizeof h, 0) != 0) {
         kvs_errf(err, errlen, "%s: %s", path, strerror(errno));
         return KVS_IO;
     }
@@ -706,7 +649,7 @@ static int fresh_log(const char *dir, const char *session_id, const struct kvs_l
     unsigned char h[KVS_SESSLOG_HEADER_BYTES];
     header_encode(h, session_id, ident);
     uint64_t end = sizeof h;
-    if (pwrite_all(fd, h, sizeof h, 0) != 0) {
+    if (kvs_pwrite_all(fd, h, sizeof h, 0) != 0) {
         goto io_fail;
     }
     for (size_t i = 0; i < n_head; i++) {
@@ -721,7 +664,7 @@ static int fresh_log(const char *dir, const char *session_id, const struct kvs_l
             memcpy(rec + 8, head[i].payload, head[i].len);
         }
         record_frame(rec, head[i].type, (uint32_t)head[i].len);
-        if (pwrite_all(fd, rec, n, end) != 0) {
+        if (kvs_pwrite_all(fd, rec, n, end) != 0) {
             goto io_fail;
         }
         end += n;
@@ -735,7 +678,7 @@ static int fresh_log(const char *dir, const char *session_id, const struct kvs_l
         rc = e == EEXIST ? KVS_ALREADY_EXISTS : KVS_IO;
         goto fail;
     }
-    if (fsync_dir(dir) != 0) {
+    if (kvs_fsync_dir(dir) != 0) {
         kvs_errf(err, errlen, "%s: directory fsync: %s", dir, strerror(errno));
         if (!replace) {
             unlink(path);
@@ -889,7 +832,7 @@ static int ensure_buf(kvs_sesslog *log, size_t n)
 static int write_record(kvs_sesslog *log, size_t n)
 {
     if (log->dir_dirty) {
-        if (fsync_dir(log->dir) != 0) {
+        if (kvs_fsync_dir(log->dir) != 0) {
             return io_fail(log, "directory fsync for", errno);
         }
         log->dir_dirty = false;
@@ -900,7 +843,7 @@ static int write_record(kvs_sesslog *log, size_t n)
             return io_fail(log, "truncate", errno);
         }
     }
-    if (pwrite_all(log->fd, log->buf, n, log->end) != 0) {
+    if (kvs_pwrite_all(log->fd, log->buf, n, log->end) != 0) {
         int e = errno;
         cut_tail(log);
         return io_fail(log, "write", e);
@@ -984,7 +927,7 @@ int kvs_sesslog_sync(kvs_sesslog *log)
 {
     assert(log != NULL);
     if (log->dir_dirty) {
-        if (fsync_dir(log->dir) != 0) {
+        if (kvs_fsync_dir(log->dir) != 0) {
             return io_fail(log, "directory fsync for", errno);
         }
         log->dir_dirty = false;
@@ -1070,7 +1013,7 @@ int kvs_sesslog_rewrite(kvs_sesslog *log, const struct kvs_log_record *head, siz
     unsigned char h[KVS_SESSLOG_HEADER_BYTES];
     header_encode(h, log->id, &log->ident);
     uint64_t off = 0;
-    if (pwrite_all(fd, h, sizeof h, 0) != 0) {
+    if (kvs_pwrite_all(fd, h, sizeof h, 0) != 0) {
         rc = io_fail(log, "write", errno);
         goto fail;
     }
@@ -1085,7 +1028,7 @@ int kvs_sesslog_rewrite(kvs_sesslog *log, const struct kvs_log_record *head, siz
         }
         record_frame(log->buf, head[i].type, (uint32_t)head[i].len);
         size_t n = head[i].len + KVS_SESSLOG_RECORD_OVERHEAD;
-        if (pwrite_all(fd, log->buf, n, off) != 0) {
+        if (kvs_pwrite_all(fd, log->buf, n, off) != 0) {
             rc = io_fail(log, "write", errno);
             goto fail;
         }
@@ -1111,7 +1054,7 @@ int kvs_sesslog_rewrite(kvs_sesslog *log, const struct kvs_log_record *head, siz
             goto fail;
         }
         size_t n = (size_t)l + KVS_SESSLOG_RECORD_OVERHEAD;
-        if (pwrite_all(fd, p - 8, n, off) != 0) {
+        if (kvs_pwrite_all(fd, p - 8, n, off) != 0) {
             rc = io_fail(log, "write", errno);
             goto fail;
         }
@@ -1135,7 +1078,7 @@ int kvs_sesslog_rewrite(kvs_sesslog *log, const struct kvs_log_record *head, siz
     log->last_sync_ns = now_ns();
     log->tail_dirty = false;
     free(r.buf);
-    if (fsync_dir(log->dir) != 0) {
+    if (kvs_fsync_dir(log->dir) != 0) {
         log->dir_dirty = true;
         return io_fail(log, "directory fsync for", errno);
     }
@@ -1157,7 +1100,7 @@ int kvs_sesslog_remove(const char *dir, const char *session_id)
     if (unlink(path) != 0) {
         return errno == ENOENT ? KVS_NOT_FOUND : KVS_IO;
     }
-    return fsync_dir(dir) == 0 ? KVS_OK : KVS_IO;
+    return kvs_fsync_dir(dir) == 0 ? KVS_OK : KVS_IO;
 }
 
 /* ---- payloads ---- */

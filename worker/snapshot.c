@@ -3,6 +3,7 @@
  * a byte. The byte layout is in snapshot.h. */
 #include "worker/snapshot.h"
 #include "common/endian.h"
+#include "common/fileio.h"
 
 #include "common/status.h"
 
@@ -23,41 +24,6 @@
 #define HASH_BYTES 32u
 #define HDR_CRC_OFF 240u
 #define IO_CHUNK (1u << 20) /* bytes per read/write call */
-
-static int pread_all(int fd, void *buf, size_t n, uint64_t off)
-{
-    unsigned char *p = buf;
-    while (n > 0) {
-        ssize_t r = pread(fd, p, n, (off_t)off);
-        if (r < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            return -1;
-        }
-        if (r == 0) {
-            errno = EIO; /* the file shrank under us */
-            return -1;
-        }
-        p += r;
-        n -= (size_t)r;
-        off += (uint64_t)r;
-    }
-    return 0;
-}
-
-static int fsync_dir(const char *dir)
-{
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) {
-        return -1;
-    }
-    int rc = fsync(fd);
-    int e = errno;
-    close(fd);
-    errno = e;
-    return rc;
-}
 
 static int snap_paths(const char *dir, const char *id, const struct kvs_log_identity *ident,
                       char *path, char *tmp, char *err, size_t errlen)
@@ -227,7 +193,7 @@ int kvs_snapshot_write(const char *dir, const char *session_id,
     }
     free(w.buf);
     free(block);
-    if (fsync_dir(dir) != 0) {
+    if (kvs_fsync_dir(dir) != 0) {
         /* The rename happened; whether it survives a crash is unknown: say so. The old
          * snapshot or the new one is in place either way. */
         kvs_errf(err, errlen, "%s: directory fsync: %s", dir, strerror(errno));
@@ -255,7 +221,7 @@ static int hash_range(int fd, uint64_t from, uint64_t to, unsigned char *buf,
 {
     while (from < to) {
         size_t k = to - from > IO_CHUNK ? IO_CHUNK : (size_t)(to - from);
-        if (pread_all(fd, buf, k, from) != 0) {
+        if (kvs_pread_all(fd, buf, k, from) != 0) {
             return -1;
         }
         crypto_generichash_update(st, buf, k);
@@ -298,7 +264,7 @@ int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_
         rc = KVS_BAD_FORMAT;
         goto fail;
     }
-    if (pread_all(fd, h, sizeof h, 0) != 0) {
+    if (kvs_pread_all(fd, h, sizeof h, 0) != 0) {
         goto io_fail;
     }
     if (memcmp(h, SNAP_MAGIC, 8) != 0) {
@@ -374,7 +340,7 @@ int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_
         goto fail;
     }
     uint64_t tpos = size - KVS_SNAPSHOT_TRAILER_BYTES;
-    if (pread_all(fd, trailer, sizeof trailer, tpos) != 0) {
+    if (kvs_pread_all(fd, trailer, sizeof trailer, tpos) != 0) {
         goto io_fail;
     }
     crypto_generichash_init(&hs, NULL, 0, HASH_BYTES);
@@ -398,7 +364,7 @@ int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_
     }
     crypto_generichash_init(&hs, NULL, 0, HASH_BYTES);
     crypto_generichash_update(&hs, h, sizeof h);
-    if (pread_all(fd, meta, (size_t)meta_len, KVS_SNAPSHOT_HEADER_BYTES) != 0) {
+    if (kvs_pread_all(fd, meta, (size_t)meta_len, KVS_SNAPSHOT_HEADER_BYTES) != 0) {
         goto io_fail;
     }
     crypto_generichash_update(&hs, meta, (size_t)meta_len);
@@ -410,7 +376,7 @@ int kvs_snapshot_read(const char *dir, const char *session_id, const struct kvs_
     }
     uint64_t off = KVS_SNAPSHOT_HEADER_BYTES + meta_len;
     for (uint32_t i = 0; i < n_blocks; i++, off += block_bytes) {
-        if (pread_all(fd, block, (size_t)block_bytes, off) != 0) {
+        if (kvs_pread_all(fd, block, (size_t)block_bytes, off) != 0) {
             goto io_fail;
         }
         crypto_generichash_update(&hs, block, (size_t)block_bytes);
@@ -450,5 +416,5 @@ int kvs_snapshot_remove(const char *dir, const char *session_id)
     if (unlink(path) != 0) {
         return errno == ENOENT ? KVS_NOT_FOUND : KVS_IO;
     }
-    return fsync_dir(dir) == 0 ? KVS_OK : KVS_IO;
+    return kvs_fsync_dir(dir) == 0 ? KVS_OK : KVS_IO;
 }
