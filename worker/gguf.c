@@ -1003,28 +1003,33 @@ int kvs_gguf_get_f32(const kvs_gguf *g, const char *key, float *out)
     return KVS_OK;
 }
 
-int kvs_gguf_get_bool(const kvs_gguf *g, const char *key, bool *out)
+/* The entry key of exactly type t: 0, KVS_NOT_FOUND or KVS_TYPE_MISMATCH. */
+static int find_typed(const kvs_gguf *g, const char *key, enum kvs_gguf_type t,
+                      const struct gguf_kv **out)
 {
     const struct gguf_kv *kv = find_kv(g, key);
     if (kv == NULL) {
         return KVS_NOT_FOUND;
     }
-    if (kv->type != KVS_GGUF_BOOL) {
+    if (kv->type != t) {
         return KVS_TYPE_MISMATCH;
     }
+    *out = kv;
+    return KVS_OK;
+}
+
+int kvs_gguf_get_bool(const kvs_gguf *g, const char *key, bool *out)
+{
+    const struct gguf_kv *kv;
+    KVS_TRY(find_typed(g, key, KVS_GGUF_BOOL, &kv));
     *out = kv->val[0] != 0;
     return KVS_OK;
 }
 
 int kvs_gguf_get_str(const kvs_gguf *g, const char *key, kvs_gguf_str *out)
 {
-    const struct gguf_kv *kv = find_kv(g, key);
-    if (kv == NULL) {
-        return KVS_NOT_FOUND;
-    }
-    if (kv->type != KVS_GGUF_STRING) {
-        return KVS_TYPE_MISMATCH;
-    }
+    const struct gguf_kv *kv;
+    KVS_TRY(find_typed(g, key, KVS_GGUF_STRING, &kv));
     out->ptr = (const char *)kv->val;
     out->len = kv->len;
     return KVS_OK;
@@ -1032,13 +1037,8 @@ int kvs_gguf_get_str(const kvs_gguf *g, const char *key, kvs_gguf_str *out)
 
 int kvs_gguf_get_arr(const kvs_gguf *g, const char *key, kvs_gguf_arr *out)
 {
-    const struct gguf_kv *kv = find_kv(g, key);
-    if (kv == NULL) {
-        return KVS_NOT_FOUND;
-    }
-    if (kv->type != KVS_GGUF_ARRAY) {
-        return KVS_TYPE_MISMATCH;
-    }
+    const struct gguf_kv *kv;
+    KVS_TRY(find_typed(g, key, KVS_GGUF_ARRAY, &kv));
     *out = kv->arr;
     return KVS_OK;
 }
