@@ -56,6 +56,7 @@ struct kvs_sched {
     int32_t n, cap;
     int32_t rr[KVS_N_CLASSES];       /* round-robin start per class */
     float *logits;                   /* (max_batch_tokens, n_vocab) host */
+    int32_t n_logit_rows;            /* rows wanting logits planned so far in this step */
     struct kvs_sched_stats st;
     double now;                      /* of the current step */
 };
@@ -485,7 +486,7 @@ static int32_t plan_rows(kvs_sched *sc, struct job *j, int32_t want)
         int32_t tok = j->decoding ? j->next_tok : j->ids[j->done + r];
         bool last = j->kind != JOB_APPEND && (j->decoding || j->done + r == j->n_ids - 1);
         if (last) {
-            j->logit_row = 0; /* fixed up below */
+            j->logit_row = sc->n_logit_rows++; /* logits come back in row order */
         }
         kvs_batch_add(b, seq, tok, seq->n_cells + r, last);
     }
@@ -515,6 +516,7 @@ int kvs_sched_step(kvs_sched *sc, double now)
     }
     double t0 = kvs_now();
     kvs_batch_clear(&e->batch);
+    sc->n_logit_rows = 0;
     for (int32_t i = 0; i < sc->n; i++) {
         sc->jobs[i]->rows = 0;
         sc->jobs[i]->logit_row = -1;
@@ -599,19 +601,6 @@ int kvs_sched_step(kvs_sched *sc, double now)
     kvs_batch *b = &e->batch;
     if (b->n_rows == 0) {
         return 0;
-    }
-    /* logits come back in row order: assign indices by walking the batch */
-    for (int32_t r = 0, idx = 0; r < b->n_rows; r++) {
-        if (b->want_logits[r]) {
-            for (int32_t i = 0; i < sc->n; i++) {
-                struct job *j = sc->jobs[i];
-                kvs_seq *seq = j->kind == JOB_APPEND ? j->s->seq : j->seq;
-                if (j->rows > 0 && j->logit_row >= 0 && seq == b->seq[r]) {
-                    j->logit_row = idx;
-                }
-            }
-            idx++;
-        }
     }
     int rc = kvs_forward_run(e->fw, b, sc->logits);
     if (rc < 0) {

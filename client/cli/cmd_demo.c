@@ -201,10 +201,11 @@ int kvs_cmd_demo(int argc, char **argv)
             struct kvs_session_info in;
             kvs_session_info(ss[i], &in);
             one_line(fa.text);
+            one_line(qa.text);
             printf("%-7ld %-6s %8lld %9.1f %-5s %9.3f %9.1f  %s=%.24s | %s?%.20s\n", k, names[i],
                    (long long)in.cells_used, r.n_tokens ? (append_s / n_appends) * 1e3 : 0.0,
                    fa.fresh ? "hit" : "stale", flash_ms, qa.ttft_s * 1e3, SYMS[i * 2], fa.text,
-                   SYMS[i * 2 + 1], (one_line(qa.text), qa.text));
+                   SYMS[i * 2 + 1], qa.text);
             fflush(stdout);
             kvs_answer_free(&fa);
             kvs_answer_free(&qa);
