@@ -31,7 +31,9 @@
     X(NO_DEVICE, -19, "no device")                                                 \
     X(DEVICE, -20, "device error")                                                 \
     X(MODEL_MISMATCH, -21, "model mismatch")                                       \
-    X(INTERNAL, -22, "internal error")
+    X(INTERNAL, -22, "internal error")                                             \
+    X(UNAVAILABLE, -23, "service unavailable")                                     \
+    X(NOT_LEADER, -24, "not the leader")
 
 enum kvs_status {
 #define KVS_STATUS_ENUM(name, value, msg) KVS_##name = value,
