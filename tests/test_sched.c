@@ -50,6 +50,7 @@ struct result {
     struct kvs_answer *a;
     struct kvs_append_result r;
     int step_done;
+    int calls;                       /* callbacks received */
 };
 
 static int cur_step;
@@ -61,6 +62,7 @@ static void on_append(int status, const struct kvs_append_result *r, const char 
     x->status = status;
     x->done = true;
     x->step_done = cur_step;
+    x->calls++;
     if (r != NULL) {
         x->r = *r;
     }
@@ -74,6 +76,7 @@ static void on_query(int status, struct kvs_answer *a, const char *err, void *us
     x->done = true;
     x->a = a;
     x->step_done = cur_step;
+    x->calls++;
 }
 
 static void run(kvs_sched *sc, int max_steps)
@@ -507,6 +510,99 @@ START_TEST(test_pressure_no_deadlock)
 }
 END_TEST
 
+/* kvs_sched_cancel: every job of one user fails with CANCELLED (callbacks run once, before
+ * it returns), a query's reserved cells and fork are released at once, an append already
+ * begun is finished without its acknowledgement, other users' jobs are untouched, and a
+ * callback may cancel during a step. */
+static kvs_sched *cancel_sc;
+static struct result cancel_victim;
+static int n_cancel_from_cb;
+static bool on_token_cancel(int32_t tok, const char *text, size_t len, void *user)
+{
+    (void)tok;
+    (void)text;
+    (void)len;
+    (void)user;
+    if (n_cancel_from_cb == 0) {
+        n_cancel_from_cb = 1 + kvs_sched_cancel(cancel_sc, &cancel_victim);
+    }
+    return true;
+}
+
+START_TEST(test_cancel)
+{
+    kvs_engine *e = engine(4096, 64);
+    kvs_sessions *S;
+    ck_assert_int_eq(kvs_sessions_new(e, NULL, &S), 0);
+    kvs_sched *sc;
+    ck_assert_int_eq(kvs_sched_new(S, &(struct kvs_sched_opts){.append_chunk = 16}, &sc), 0);
+    cancel_sc = sc;
+    char err[256], big[2048] = "";
+    kvs_session *s, *t;
+    ck_assert_int_eq(kvs_session_create(S, "s", &(struct kvs_session_opts){.budget_cells = 512}, &s, err, sizeof err), 0);
+    ck_assert_int_eq(kvs_session_create(S, "t", &(struct kvs_session_opts){.budget_cells = 1024}, &t, err, sizeof err), 0);
+    for (int i = 0; i < 20; i++) {
+        strcat(big, "AAPL 189.23 +0.42 ");
+    }
+    int64_t free0 = kvs_sessions_cells_free(S);
+    int32_t pool_free0 = kvs_pool_n_free(e->pool);
+    /* user A: a query, a big append (begun in the first step) and one queued behind it;
+     * user B: a query of its own */
+    struct result ua = {0}, qb = {0};
+    struct kvs_query_opts qo = {.sampling = kvs_sampling_default(), .max_tokens = 30};
+    ck_assert_int_eq(kvs_sched_query(sc, s, "Status now?", 11, &qo, 0, NULL, on_query, &ua, err, sizeof err), 0);
+    ck_assert_int_eq(kvs_sched_query(sc, s, "Status now?", 11, &qo, 0, NULL, on_query, &qb, err, sizeof err), 0);
+    ck_assert_int_eq(kvs_sched_append(sc, t, big, strlen(big), 0, 0, 0, on_append, &ua), 0);
+    ck_assert_int_eq(kvs_sched_append(sc, t, "MSFT 1", 6, 0, 0, 0, on_append, &ua), 0);
+    int64_t free_queued = kvs_sessions_cells_free(S);
+    ck_assert_int_lt(free_queued, free0); /* the queries hold their reserve */
+    cur_step = 1;
+    ck_assert_int_gt(kvs_sched_step(sc, 1.0), 0);
+    ck_assert_int_eq(ua.calls, 0);
+    ck_assert_int_gt(kvs_session_seq(t)->n_cells, 0); /* the big append has begun */
+    /* A's three jobs: their callbacks run now, with CANCELLED */
+    ck_assert_int_eq(kvs_sched_cancel(sc, &ua), 3);
+    ck_assert_int_eq(ua.calls, 3);
+    ck_assert_int_eq(ua.status, KVS_CANCELLED);
+    ck_assert_ptr_null(ua.a);
+    /* the query's reserve is back: only qb's is still held */
+    ck_assert_int_eq(free0 - kvs_sessions_cells_free(S), (free0 - free_queued) / 2);
+    /* nothing left to cancel for A, and NULL matches nothing */
+    ck_assert_int_eq(kvs_sched_cancel(sc, &ua), 0);
+    ck_assert_int_eq(kvs_sched_cancel(sc, NULL), 0);
+    ck_assert_uint_eq(kvs_sched_stats(sc)->cancelled, 3);
+    /* a query cancelled from another query's on_token, inside a step */
+    memset(&cancel_victim, 0, sizeof cancel_victim);
+    n_cancel_from_cb = 0;
+    struct result qc = {0};
+    ck_assert_int_eq(kvs_sched_query(sc, s, "Anything?", 9, &qo, 0, NULL, on_query, &cancel_victim, err, sizeof err), 0);
+    ck_assert_int_eq(kvs_sched_query(sc, s, "Status now?", 11, &qo, 0, on_token_cancel, on_query, &qc, err, sizeof err), 0);
+    run(sc, 1000);
+    ck_assert_int_eq(n_cancel_from_cb, 2); /* the victim was cancelled, once */
+    ck_assert(cancel_victim.done);
+    ck_assert_int_eq(cancel_victim.status, KVS_CANCELLED);
+    ck_assert(qb.done && qb.status == 0 && qc.done && qc.status == 0);
+    ck_assert_int_eq(ua.calls, 3); /* never called again */
+    ck_assert_int_eq(cancel_victim.calls, 1);
+    /* the begun append was applied (its log says so), the queued one was not */
+    struct kvs_session_info in;
+    kvs_session_info(t, &in);
+    ck_assert_uint_eq(in.appends, 1);
+    ck_assert_int_eq(kvs_session_seq(t)->n_cells, in.cells_used);
+    /* every reserve is back; the pool holds only the sessions' cells */
+    ck_assert_int_eq(kvs_sessions_cells_free(S), free0);
+    ck_assert_int_eq(kvs_session_seq(s)->n_cells, 0);
+    ck_assert_int_eq(pool_free0 - kvs_pool_n_free(e->pool), (int32_t)((in.cells_used + 15) / 16));
+    kvs_answer_free(qb.a);
+    free(qb.a);
+    kvs_answer_free(qc.a);
+    free(qc.a);
+    kvs_sched_destroy(&sc);
+    kvs_sessions_destroy(&S);
+    kvs_engine_destroy(&e);
+}
+END_TEST
+
 int main(void)
 {
     make_model();
@@ -522,6 +618,7 @@ int main(void)
     tcase_add_test(tc, test_deadlines_and_admission);
     tcase_add_test(tc, test_prefix_sharing);
     tcase_add_test(tc, test_pressure_no_deadlock);
+    tcase_add_test(tc, test_cancel);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);

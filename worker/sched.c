@@ -43,6 +43,8 @@ struct job {
     kvs_sched_query_fn query_done;
     char flash_name[KVS_FLASH_NAME_MAX + 1];
     void *user;
+    uint64_t id;                     /* arrival number (kvs_sched_cancel's snapshot) */
+    bool cancelled;                  /* callbacks detached; freed at the next safe point */
     /* this step */
     int32_t rows;                    /* rows planned for this step */
     int32_t logit_row;               /* index into the step's logits, or -1 */
@@ -59,6 +61,8 @@ struct kvs_sched {
     int32_t n_logit_rows;            /* rows wanting logits planned so far in this step */
     struct kvs_sched_stats st;
     double now;                      /* of the current step */
+    uint64_t next_id;                /* of the next job pushed */
+    bool in_step;                    /* kvs_sched_step is running (callbacks may re-enter) */
 };
 
 /* A flash evaluation's prefill is flash work (after appends, with its minimum share); once
@@ -142,6 +146,7 @@ static int push_job(kvs_sched *sc, struct job *j)
         sc->jobs = v;
         sc->cap = cap;
     }
+    j->id = sc->next_id++;
     sc->jobs[sc->n++] = j;
     return KVS_OK;
 }
@@ -159,6 +164,63 @@ void kvs_sched_destroy(kvs_sched **scp)
     free(sc->logits);
     free(sc);
     *scp = NULL;
+}
+
+/* Free the jobs kvs_sched_cancel detached (their callbacks have run). */
+static void sweep_cancelled(kvs_sched *sc)
+{
+    for (int32_t i = 0; i < sc->n;) {
+        struct job *j = sc->jobs[i];
+        if (j->cancelled) {
+            memmove(sc->jobs + i, sc->jobs + i + 1, (size_t)(sc->n - i - 1) * sizeof *sc->jobs);
+            sc->n--;
+            job_free(sc, j);
+            continue;
+        }
+        i++;
+    }
+}
+
+int kvs_sched_cancel(kvs_sched *sc, void *user)
+{
+    if (user == NULL) {
+        return 0;
+    }
+    /* Only the jobs there now: a callback may submit (or cancel) jobs, so the scan restarts
+     * after each one and skips jobs that arrived since. */
+    uint64_t before = sc->next_id;
+    int cancelled = 0;
+    for (int32_t i = 0; i < sc->n;) {
+        struct job *j = sc->jobs[i];
+        if (j->user != user || j->cancelled || j->id >= before) {
+            i++;
+            continue;
+        }
+        kvs_sched_append_fn append_done = j->append_done;
+        kvs_sched_query_fn query_done = j->query_done;
+        j->append_done = NULL;
+        j->query_done = NULL;
+        j->on_token = NULL;
+        j->user = NULL;
+        /* an append already begun is in the log and the session's record: it is finished
+         * (unacknowledged) so that the session stays what its log says; anything else is
+         * dropped, at once outside a step, at the step's end inside one */
+        j->cancelled = !(j->kind == JOB_APPEND && j->begun);
+        cancelled++;
+        sc->st.cancelled++;
+        if (append_done != NULL) {
+            append_done(KVS_CANCELLED, NULL,
+                        j->cancelled ? "cancelled" : "cancelled (already logged: it is applied)",
+                        user);
+        } else if (query_done != NULL) {
+            query_done(KVS_CANCELLED, NULL, "cancelled", user);
+        }
+        i = 0;
+    }
+    if (!sc->in_step) {
+        sweep_cancelled(sc);
+    }
+    return cancelled;
 }
 
 bool kvs_sched_busy(const kvs_sched *sc)
@@ -494,7 +556,7 @@ static int32_t plan_rows(kvs_sched *sc, struct job *j, int32_t want)
     return rows;
 }
 
-int kvs_sched_step(kvs_sched *sc, double now)
+static int step(kvs_sched *sc, double now)
 {
     sc->now = now;
     kvs_engine *e = sc->e;
@@ -502,6 +564,10 @@ int kvs_sched_step(kvs_sched *sc, double now)
     /* 1. expire jobs that have not started */
     for (int32_t i = 0; i < sc->n;) {
         struct job *j = sc->jobs[i];
+        if (j->cancelled) {
+            i++;
+            continue;
+        }
         bool started = (j->kind == JOB_APPEND && j->begun) || (j->kind != JOB_APPEND &&
                                                               (j->done > 0 || j->decoding));
         if (j->deadline > 0 && now > j->deadline && (!started || j->kind == JOB_QUERY)) {
@@ -547,7 +613,7 @@ int kvs_sched_step(kvs_sched *sc, double now)
                 break;
             }
             struct job *j = sc->jobs[(start + k) % sc->n];
-            if (j->rows > 0) {
+            if (j->rows > 0 || j->cancelled) {
                 continue;
             }
             if ((int)job_class(j) != cls) {
@@ -557,7 +623,8 @@ int kvs_sched_step(kvs_sched *sc, double now)
                 /* one append per session at a time, in arrival order */
                 bool earlier = false;
                 for (int32_t q = 0; q < sc->n && sc->jobs[q] != j && !earlier; q++) {
-                    earlier = sc->jobs[q]->kind == JOB_APPEND && sc->jobs[q]->s == j->s;
+                    earlier = sc->jobs[q]->kind == JOB_APPEND && sc->jobs[q]->s == j->s &&
+                              !sc->jobs[q]->cancelled;
                 }
                 if (earlier) {
                     continue;
@@ -615,7 +682,7 @@ int kvs_sched_step(kvs_sched *sc, double now)
     int32_t n_vocab = (int32_t)e->model->hp.n_vocab;
     for (int32_t i = 0; i < sc->n;) {
         struct job *j = sc->jobs[i];
-        if (j->rows == 0) {
+        if (j->rows == 0 || j->cancelled) { /* a cancelled job's rows go with its fork */
             i++;
             continue;
         }
@@ -660,10 +727,6 @@ int kvs_sched_step(kvs_sched *sc, double now)
         }
         i++;
     }
-    memset(sc->st.queued, 0, sizeof sc->st.queued);
-    for (int32_t i = 0; i < sc->n; i++) {
-        sc->st.queued[job_class(sc->jobs[i])]++;
-    }
     int32_t total = 0;
     for (int c = 0; c < KVS_N_CLASSES; c++) {
         sc->st.rows[c] += (uint64_t)sc->st.last_rows[c];
@@ -680,4 +743,17 @@ int kvs_sched_step(kvs_sched *sc, double now)
     sc->st.prefix_hit_cells = kvs_pool_stats(e->pool)->hit_blocks * (uint64_t)bs;
     sc->st.prefix_cached_cells = (int64_t)kvs_pool_n_cached(e->pool) * bs;
     return total;
+}
+
+int kvs_sched_step(kvs_sched *sc, double now)
+{
+    sc->in_step = true;
+    int rc = step(sc, now);
+    sc->in_step = false;
+    sweep_cancelled(sc); /* jobs cancelled by callbacks during the step */
+    memset(sc->st.queued, 0, sizeof sc->st.queued);
+    for (int32_t i = 0; i < sc->n; i++) {
+        sc->st.queued[job_class(sc->jobs[i])]++;
+    }
+    return rc;
 }

@@ -58,6 +58,7 @@ struct kvs_sched_stats {
     uint64_t completed;                   /* jobs finished successfully */
     uint64_t expired;                     /* jobs failed with KVS_TIMEOUT */
     uint64_t refused;                     /* submissions refused (BUSY, bad input) */
+    uint64_t cancelled;                   /* jobs cancelled by kvs_sched_cancel */
     uint64_t flash_evals;                 /* flash answers computed */
     uint64_t flash_wasted;                /* ... whose session had moved on when they completed */
     double last_step_s;                   /* wall seconds of the last step */
@@ -98,6 +99,18 @@ int kvs_sched_append(kvs_sched *sc, kvs_session *s, const char *text, size_t len
 int kvs_sched_query(kvs_sched *sc, kvs_session *s, const char *question, size_t len,
                     const struct kvs_query_opts *o, double deadline, kvs_token_fn on_token,
                     kvs_sched_query_fn done, void *user, char *err, size_t errlen);
+
+/* Cancel every queued or running append and query submitted with this user pointer (the
+ * client went away, or gave up): each one's callback runs before this returns, with
+ * KVS_CANCELLED, and is never called again; on_token is not called again either. A query's
+ * fork and reserved cells are released. An append that has already begun (its record is in
+ * the log and the session's token record) cannot be withdrawn: it is finished without an
+ * acknowledgement, and its callback says so in err; a retry with the same client sequence
+ * number gets the original acknowledgement. Jobs submitted from inside the callbacks are
+ * not touched. Returns how many jobs were cancelled (0 when none, and for user == NULL:
+ * flash evaluations, which have no user, are not cancelled this way). May be called from a
+ * callback during kvs_sched_step; the jobs are then freed at the end of the step. */
+int kvs_sched_cancel(kvs_sched *sc, void *user);
 
 /* One step at time now. Returns the rows computed (0 when there was nothing to do) or a
  * negative status from the forward pass. */
