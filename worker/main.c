@@ -1,7 +1,8 @@
 /* kvs-worker: serve one engine's sessions over the wire protocol (docs/PROTOCOL.md).
  *
  *   kvs-worker --model PATH [--listen tcp://127.0.0.1:7710] [--data-dir DIR]
- *              [--fsync always|everysec|no] [--threads N] [--cells N] [--insecure]
+ *              [--fsync always|everysec|no] [--threads N] [--cells N] [--device DEV]
+ *              [--insecure]
  *
  * Prints one line "kvs-worker: listening on ENDPOINT" on standard
  * output when ready (a port of * in --listen picks a free one: read it from this line).
@@ -40,6 +41,7 @@ static void usage(FILE *f)
             "      --fsync POLICY      always (default) | everysec | no\n"
             "  -t, --threads N         CPU threads (default: all)\n"
             "  -c, --cells N           KV capacity in cells (default: the model's context)\n"
+            "      --device DEV        cpu (default), cuda or cuda:N\n"
             "  -h, --help\n");
 }
 
@@ -64,6 +66,7 @@ int main(int argc, char **argv)
         {"insecure", no_argument, 0, 'I'},     {"data-dir", required_argument, 0, 'd'},
         {"fsync", required_argument, 0, 'F'},  {"threads", required_argument, 0, 't'},
         {"cells", required_argument, 0, 'c'},  {"help", no_argument, 0, 'h'},
+        {"device", required_argument, 0, 'D'},
         {0, 0, 0, 0},
     };
     int c;
@@ -73,6 +76,7 @@ int main(int argc, char **argv)
         case 'm': o.engine.model_path = optarg; break;
         case 'l': o.listen = optarg; break;
         case 'I': o.insecure = true; break;
+        case 'D': o.engine.device = optarg; break;
         case 'd': o.data_dir = optarg; break;
         case 'F':
             if (kvs_fsync_policy_parse(optarg, &o.fsync) < 0) {
