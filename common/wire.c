@@ -348,7 +348,7 @@ static bool key_is(const msgpack_object *k, const char *s)
     X(policy) X(client_id) X(client_seq) X(cells) X(query_reserve) X(max_tokens)           \
     X(stateless) X(stream) X(allow_stale) X(compact) X(stops) X(temperature) X(top_k)      \
     X(top_p) X(min_p) X(repeat_penalty) X(seed) X(every_tokens) X(min_interval_ms)         \
-    X(versions) X(client)
+    X(versions) X(client) X(deadline_ms) X(target) X(after_version)
 
 enum known_key {
 #define KEY_ENUM(k) K_##k,
@@ -510,6 +510,19 @@ static int decode_field(struct kvs_wire_request *rq, enum known_key k, const msg
         KVS_TRY(get_uint(key, v, INT32_MAX, &u, err, errlen));
         rq->min_interval_ms = (uint32_t)u;
         return 0;
+    case K_deadline_ms:
+        KVS_TRY(get_uint(key, v, KVS_WIRE_MAX_DEADLINE_MS, &u, err, errlen));
+        rq->deadline_ms = (uint32_t)u;
+        return 0;
+    case K_target:
+        KVS_TRY(get_uint(key, v, UINT64_MAX, &rq->target, err, errlen));
+        if (rq->target == 0) {
+            return fail(KVS_INVALID_ARGUMENT, err, errlen, "field 'target': must be >= 1");
+        }
+        return 0;
+    case K_after_version:
+        rq->has_after_version = true;
+        return get_uint(key, v, UINT64_MAX, &rq->after_version, err, errlen);
     case K_stateless:
         return get_bool(key, v, &rq->stateless, err, errlen);
     case K_stream:
@@ -567,8 +580,14 @@ static int check_required(const struct kvs_wire_request *rq, char *err, size_t e
     case KVS_OP_FLASH_UNREGISTER: case KVS_OP_FLASH_GET:
         KVS_TRY(require(rq->session, "session", op, err, errlen));
         return require(rq->name, "name", op, err, errlen);
+    case KVS_OP_CANCEL:
+        if (rq->target == 0) {
+            return fail(KVS_INVALID_ARGUMENT, err, errlen, "field 'target': required by cancel");
+        }
+        return 0;
     case KVS_OP_SESSION_CREATE: case KVS_OP_SESSION_INFO: case KVS_OP_SESSION_CLOSE:
-    case KVS_OP_SESSION_SNAPSHOT: case KVS_OP_FLASH_LIST:
+    case KVS_OP_SESSION_SNAPSHOT: case KVS_OP_FLASH_LIST: case KVS_OP_FLASH_WATCH:
+    case KVS_OP_SESSION_DUMP:
         return require(rq->session, "session", op, err, errlen);
     default:
         return fail(KVS_INTERNAL, err, errlen, "unhandled op");

@@ -1,4 +1,4 @@
-/* The wire protocol's messages (docs/PROTOCOL.md, version 1): limits, the validating
+/* The wire protocol's messages (docs/PROTOCOL.md, version 1.1): limits, the validating
  * request decoder and reply encoding helpers.
  *
  * Decoding is two passes over the payload frame:
@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #define KVS_WIRE_VERSION 1                 /* the protocol version this code speaks */
+#define KVS_WIRE_MINOR 1                   /* its minor version (hello's `minor`) */
 #define KVS_WIRE_MAX_FRAME (1u << 20)      /* payload bytes */
 #define KVS_WIRE_MAX_DEPTH 8               /* nesting; the top-level map is depth 1 */
 #define KVS_WIRE_MAX_OBJECTS 65536u        /* values + keys + elements in one message */
@@ -36,6 +37,7 @@
 #define KVS_WIRE_MAX_VERSIONS 16           /* entries of hello's `versions` */
 #define KVS_WIRE_SESSION_MAX 128           /* bytes of a session id */
 #define KVS_WIRE_NAME_MAX 64               /* bytes of a flash query name */
+#define KVS_WIRE_MAX_DEADLINE_MS 3600000u  /* deadline_ms at most (one hour) */
 
 /* X(enum suffix, wire name) */
 #define KVS_WIRE_OP_TABLE(X)                                                               \
@@ -52,7 +54,10 @@
     X(FLASH_REGISTER, "flash.register")                                                    \
     X(FLASH_UNREGISTER, "flash.unregister")                                                \
     X(FLASH_LIST, "flash.list")                                                            \
-    X(FLASH_GET, "flash.get")
+    X(FLASH_GET, "flash.get")                                                              \
+    X(FLASH_WATCH, "flash.watch")                                                          \
+    X(CANCEL, "cancel")                                                                    \
+    X(SESSION_DUMP, "session.dump")
 
 enum kvs_wire_op {
     KVS_OP_UNKNOWN = 0,
@@ -94,6 +99,10 @@ struct kvs_wire_request {
     uint32_t top_k;
     uint64_t seed;
     uint32_t every_tokens, min_interval_ms; /* flash trigger */
+    uint32_t deadline_ms;           /* 0 = no deadline */
+    uint64_t target;                /* cancel: the request id to cancel */
+    uint64_t after_version;         /* flash.watch: resume point (has_after_version) */
+    bool has_after_version;
     uint32_t versions[KVS_WIRE_MAX_VERSIONS]; /* hello; default {1} */
     int n_versions;
     char *arena_;                   /* owned storage of the strings above */

@@ -2,11 +2,13 @@
  *
  *   kvs-worker --model PATH [--listen tcp://127.0.0.1:7710] [--data-dir DIR]
  *              [--fsync always|everysec|no] [--threads N] [--cells N] [--device DEV]
+ *              [--batch-tokens N] [--append-chunk N]
  *              [--insecure]
  *
  * Prints one line "kvs-worker: listening on ENDPOINT" on standard
  * output when ready (a port of * in --listen picks a free one: read it from this line).
- * SIGTERM / SIGINT: finish the request in progress, cancel queued ones, close the logs,
+ * SIGTERM / SIGINT: stop taking requests, let the scheduler finish for up to 2 s, cancel the
+ * rest, close the logs,
  * exit 0. Exit status: 0 clean shutdown, 1 start-up failure (reason on stderr), 2 usage.
  */
 #include "common/log.h"
@@ -42,6 +44,8 @@ static void usage(FILE *f)
             "  -t, --threads N         CPU threads (default: all)\n"
             "  -c, --cells N           KV capacity in cells (default: the model's context)\n"
             "      --device DEV        cpu (default), cuda or cuda:N\n"
+            "      --batch-tokens N    rows per scheduler step (default: the engine's batch)\n"
+            "      --append-chunk N    rows of one append per step (default 64)\n"
             "  -h, --help\n");
 }
 
@@ -67,6 +71,8 @@ int main(int argc, char **argv)
         {"fsync", required_argument, 0, 'F'},  {"threads", required_argument, 0, 't'},
         {"cells", required_argument, 0, 'c'},  {"help", no_argument, 0, 'h'},
         {"device", required_argument, 0, 'D'},
+        {"batch-tokens", required_argument, 0, 'B'},
+        {"append-chunk", required_argument, 0, 'A'},
         {0, 0, 0, 0},
     };
     int c;
@@ -97,6 +103,19 @@ int main(int argc, char **argv)
                 return 2;
             }
             o.engine.n_cells = v;
+            break;
+        case 'B':
+        case 'A':
+            if (parse_i64(optarg, 1, 1 << 20, &v) < 0) {
+                fprintf(stderr, "kvs-worker: --%s must be 1..1048576\n",
+                        c == 'B' ? "batch-tokens" : "append-chunk");
+                return 2;
+            }
+            if (c == 'B') {
+                o.sched.max_batch_tokens = (int32_t)v;
+            } else {
+                o.sched.append_chunk = (int32_t)v;
+            }
             break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;

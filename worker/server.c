@@ -1,10 +1,12 @@
-/* kvs-worker's server: I/O thread (ROUTER) + engine thread (sessions), see worker/server.h
- * and docs/PROTOCOL.md. */
+/* kvs-worker's server: I/O thread (ROUTER, flash cache, watchers) + engine thread (sessions
+ * and the scheduler), see worker/server.h and docs/PROTOCOL.md. */
 #include "worker/server.h"
 
 #include "common/log.h"
 #include "common/status.h"
 #include "common/wire.h"
+#include "worker/flashcache.h"
+#include "worker/sched.h"
 #include "worker/session.h"
 
 #include <errno.h>
@@ -19,11 +21,61 @@
 #define PAIR_ENDPOINT_FMT "inproc://kvs-engine-%p"
 #define IDENT_MAX 256            /* bytes of a ROUTER peer identity (libzmq: 255) */
 #define RECV_BATCH 64            /* ROUTER messages handled per poll round */
-#define SERVER_VERSION "0.1.0"
+#define SERVER_VERSION "0.2.0"
+#define DRAIN_S 2.0              /* at shutdown, seconds the scheduler may finish work */
+
+/* Engine -> I/O messages on the inproc pair; frame 0 is one of these bytes:
+ *   R [ident][payload][final: 1 byte]     a reply to relay to a peer
+ *   V [session][version: u64]             the session's version now
+ *   F [session][name][version: u64][n_keys: u32][body]  a new flash answer
+ *   U [session][name]                     a flash query was unregistered
+ *   X [session]                           the session was closed
+ *   E                                     the engine thread has exited
+ * I/O -> engine: [ident][payload][t_recv: double] a request; [ident] alone: that peer is
+ * gone (cancel its work); one empty frame: stop. */
+enum { MSG_REPLY = 'R', MSG_VERSION = 'V', MSG_FLASH = 'F', MSG_UNREG = 'U', MSG_CLOSED = 'X',
+       MSG_EXIT = 'E' };
+
+struct sstate;
+
+/* An engine request that outlives its dispatch: a scheduler job (its callback pending) or a
+ * request deferred until its session is settled. */
+struct req {
+    struct req *prev, *next;        /* srv->live */
+    kvs_server *srv;
+    uint8_t ident[IDENT_MAX];       /* the peer */
+    size_t ident_len;
+    uint64_t id;
+    enum kvs_wire_op op;
+    bool stream;
+    int64_t seq;                    /* next seq of a stream */
+    double t_recv;                  /* kvs_now() when the I/O thread received it */
+    double deadline;                /* kvs_now() seconds; 0 = none */
+    struct sstate *ss;              /* its session's state (NULL: none / not yet known) */
+    char session[KVS_SESSION_ID_MAX + 1];
+    bool deferred;                  /* in the deferred queue (payload kept) */
+    bool scheduled;                 /* a scheduler job: its callback answers */
+    uint8_t *payload;               /* (payload_len) the request, when deferred */
+    size_t payload_len;
+    int fail_status;                /* when cancelled by the server: the status to answer */
+    char fail_msg[96];
+};
+
+/* The server's view of one session (engine thread). */
+struct sstate {
+    kvs_session *s;                 /* borrowed from the registry */
+    int32_t appends;                /* scheduled appends not yet answered */
+    bool unsettled;                 /* a logged append was cancelled: it still runs, so the
+                                     * session is settled only when the scheduler is idle */
+    uint64_t published;             /* version last sent to the I/O thread */
+    uint32_t blocked_pass;          /* run_deferred: an earlier request of it still waits */
+};
 
 struct kvs_server {
     kvs_engine *e;                  /* owned; driven by the engine thread while running */
     kvs_sessions *S;                /* owned; engine thread */
+    kvs_sched *sc;                  /* owned; engine thread */
+    struct kvs_sched_opts sched_opts;
     void *zctx;                     /* ZeroMQ context (owned) */
     void *router;                   /* I/O thread: the clients' socket */
     void *pair_io;                  /* I/O thread's end of the inproc pair */
@@ -31,11 +83,23 @@ struct kvs_server {
     char endpoint[256];             /* bound endpoint (ZMQ_LAST_ENDPOINT) */
     char model_sha256[65];          /* of the model file */
     int32_t queue_max;              /* requests forwarded and not finished, at most */
-    int32_t in_flight;              /* I/O thread: forwarded, final reply not yet seen */
     volatile sig_atomic_t stop_requested; /* set by kvs_server_stop */
     atomic_int stopping;            /* engine thread: answer CANCELLED from now on */
-    kvs_wire_buf out;               /* I/O thread's reply buffer */
-    kvs_wire_buf eout;              /* engine thread's reply buffer */
+    /* I/O thread */
+    int32_t in_flight;              /* forwarded, final reply not yet seen */
+    kvs_flashcache *fc;             /* published flash answers, versions, watchers */
+    kvs_wire_buf out;               /* reply buffer */
+    /* shared counters (written by the I/O thread, read by status on the engine thread) */
+    atomic_int io_in_flight, io_watchers;
+    atomic_ullong io_flash_hits, io_watchers_dropped;
+    /* engine thread */
+    kvs_wire_buf eout;              /* reply buffer */
+    struct req live;                /* sentinel of the list of live requests */
+    int32_t n_deferred;             /* of them, deferred */
+    int32_t closes_waiting;         /* deferred session.close: a barrier for everything */
+    struct sstate **ss;             /* (n_ss) */
+    int32_t n_ss, cap_ss;
+    uint32_t pass;                  /* run_deferred counter */
 };
 
 /* ---- helpers ------------------------------------------------------------------------------ */
@@ -83,67 +147,61 @@ static void pack_bool(msgpack_packer *pk, bool v)
     }
 }
 
-/* ---- engine thread -------------------------------------------------------------------------- */
-
-/* Send [identity][payload][final] to the I/O thread. */
-static void eng_send(kvs_server *srv, const zmq_msg_t *ident, const kvs_wire_buf *b,
-                     bool final)
+/* Send frames[0..n) as one message; false (logged) on failure. */
+static bool send_frames(void *sock, const void *const *data, const size_t *len, int n)
 {
-    uint8_t f = final ? 1 : 0;
-    if (zmq_send(srv->pair_eng, zmq_msg_data((zmq_msg_t *)ident), zmq_msg_size((zmq_msg_t *)ident),
-                 ZMQ_SNDMORE) < 0 ||
-        zmq_send(srv->pair_eng, b->sb.data, b->sb.size, ZMQ_SNDMORE) < 0 ||
-        zmq_send(srv->pair_eng, &f, 1, 0) < 0) {
-        KVS_ERROR("server: engine -> io send failed: %s", zmq_strerror(errno));
+    for (int i = 0; i < n; i++) {
+        if (zmq_send(sock, data[i], len[i], i + 1 < n ? ZMQ_SNDMORE : 0) < 0) {
+            KVS_ERROR("server: inproc send failed: %s", zmq_strerror(errno));
+            return false;
+        }
     }
-}
-
-static void eng_error(kvs_server *srv, const zmq_msg_t *ident, uint64_t id, int status,
-                      const char *msg, int64_t seq)
-{
-    kvs_wire_encode_error(&srv->eout, id, status, msg, seq);
-    eng_send(srv, ident, &srv->eout, true);
-}
-
-struct stream_ctx {
-    kvs_server *srv;
-    const zmq_msg_t *ident;
-    uint64_t id;
-    int64_t seq;       /* next seq */
-    bool stream;       /* send pieces */
-};
-
-static bool on_token(int32_t token, const char *text, size_t len, void *user)
-{
-    struct stream_ctx *c = user;
-    if (!c->stream) {
-        return true;
-    }
-    kvs_wire_buf *b = &c->srv->eout;
-    kvs_wire_buf_clear(b);
-    msgpack_pack_map(&b->pk, 4);
-    pack_key(&b->pk, "id"), msgpack_pack_uint64(&b->pk, c->id);
-    pack_key(&b->pk, "seq"), msgpack_pack_int64(&b->pk, c->seq++);
-    pack_key(&b->pk, "token"), msgpack_pack_int32(&b->pk, token);
-    pack_key(&b->pk, "text"), kvs_wire_pack_str(&b->pk, text, len);
-    eng_send(c->srv, c->ident, b, false);
     return true;
 }
 
-/* Reply with an answer: {id, [seq, done,] answer, tokens, version, context_tokens,
- * question_tokens, ttft_ms, total_ms, [fresh]}. */
-static void send_answer(kvs_server *srv, const zmq_msg_t *ident, uint64_t id, int64_t seq,
-                        const struct kvs_answer *a, bool with_fresh)
+/* ---- engine thread: replies and publications -------------------------------------------- */
+
+static void eng_send(kvs_server *srv, const uint8_t *ident, size_t ident_len,
+                     const kvs_wire_buf *b, bool final)
 {
-    kvs_wire_buf *b = &srv->eout;
-    kvs_wire_buf_clear(b);
-    msgpack_packer *pk = &b->pk;
-    msgpack_pack_map(pk, 8 + (seq >= 0 ? 2 : 0) + (with_fresh ? 1 : 0));
-    pack_key(pk, "id"), msgpack_pack_uint64(pk, id);
-    if (seq >= 0) {
-        pack_key(pk, "seq"), msgpack_pack_int64(pk, seq);
-        pack_key(pk, "done"), msgpack_pack_true(pk);
+    uint8_t kind = MSG_REPLY, f = final ? 1 : 0;
+    const void *d[4] = {&kind, ident, b->sb.data, &f};
+    size_t l[4] = {1, ident_len, b->sb.size, 1};
+    send_frames(srv->pair_eng, d, l, 4);
+}
+
+static void req_send(struct req *r, const kvs_wire_buf *b, bool final)
+{
+    eng_send(r->srv, r->ident, r->ident_len, b, final);
+}
+
+/* An error reply to r (streamed requests get seq and done). */
+static void req_error(struct req *r, int status, const char *msg)
+{
+    kvs_wire_encode_error(&r->srv->eout, r->id, status, msg, r->stream ? r->seq : -1);
+    req_send(r, &r->srv->eout, true);
+}
+
+static void publish_version(kvs_server *srv, struct sstate *ss)
+{
+    struct kvs_session_info in;
+    kvs_session_info(ss->s, &in);
+    if (in.version == ss->published && ss->published != 0) {
+        return;
     }
+    ss->published = in.version;
+    uint8_t kind = MSG_VERSION;
+    const char *id = kvs_session_id(ss->s);
+    const void *d[3] = {&kind, id, &in.version};
+    size_t l[3] = {1, strlen(id), sizeof in.version};
+    send_frames(srv->pair_eng, d, l, 3);
+}
+
+/* The result keys of an answer (7 pairs): answer, tokens, version, context_tokens,
+ * question_tokens, ttft_ms, total_ms. */
+#define ANSWER_KEYS 7
+static void pack_answer_keys(msgpack_packer *pk, const struct kvs_answer *a)
+{
     pack_key(pk, "answer"), kvs_wire_pack_str(pk, a->text ? a->text : "", a->len);
     pack_key(pk, "tokens"), msgpack_pack_array(pk, (size_t)a->n_tokens);
     for (int32_t i = 0; i < a->n_tokens; i++) {
@@ -154,10 +212,126 @@ static void send_answer(kvs_server *srv, const zmq_msg_t *ident, uint64_t id, in
     pack_key(pk, "question_tokens"), msgpack_pack_int32(pk, a->question_tokens);
     pack_key(pk, "ttft_ms"), msgpack_pack_double(pk, a->ttft_s * 1e3);
     pack_key(pk, "total_ms"), msgpack_pack_double(pk, a->total_s * 1e3);
-    if (with_fresh) {
-        pack_key(pk, "fresh"), pack_bool(pk, a->fresh);
+}
+
+/* kvs_flash_watch callback: every new flash answer of every session goes to the I/O
+ * thread's cache (and from there to the watchers). */
+static void on_flash(kvs_session *s, const char *name, const struct kvs_answer *a, void *user)
+{
+    kvs_server *srv = user;
+    kvs_wire_buf *b = &srv->eout;
+    kvs_wire_buf_clear(b);
+    pack_answer_keys(&b->pk, a);
+    uint8_t kind = MSG_FLASH;
+    uint32_t n_keys = ANSWER_KEYS;
+    const char *id = kvs_session_id(s);
+    const void *d[6] = {&kind, id, name, &a->version, &n_keys, b->sb.data};
+    size_t l[6] = {1, strlen(id), strlen(name), sizeof a->version, sizeof n_keys, b->sb.size};
+    send_frames(srv->pair_eng, d, l, 6);
+}
+
+static void publish_simple(kvs_server *srv, uint8_t kind, const char *session, const char *name)
+{
+    const void *d[3] = {&kind, session, name};
+    size_t l[3] = {1, strlen(session), name ? strlen(name) : 0};
+    send_frames(srv->pair_eng, d, l, name ? 3 : 2);
+}
+
+/* ---- engine thread: session states ------------------------------------------------------ */
+
+static struct sstate *ss_find(kvs_server *srv, const kvs_session *s)
+{
+    for (int32_t i = 0; i < srv->n_ss; i++) {
+        if (srv->ss[i]->s == s) {
+            return srv->ss[i];
+        }
     }
-    eng_send(srv, ident, b, true);
+    return NULL;
+}
+
+/* The state of s, made on first use (and the session's flash answers then published). */
+static struct sstate *ss_get(kvs_server *srv, kvs_session *s)
+{
+    struct sstate *ss = ss_find(srv, s);
+    if (ss != NULL) {
+        return ss;
+    }
+    if (srv->n_ss == srv->cap_ss) {
+        int32_t cap = srv->cap_ss ? 2 * srv->cap_ss : 16;
+        struct sstate **v = realloc(srv->ss, (size_t)cap * sizeof *v);
+        if (v == NULL) {
+            return NULL;
+        }
+        srv->ss = v;
+        srv->cap_ss = cap;
+    }
+    ss = calloc(1, sizeof *ss);
+    if (ss == NULL) {
+        return NULL;
+    }
+    ss->s = s;
+    srv->ss[srv->n_ss++] = ss;
+    kvs_flash_watch(s, on_flash, srv);
+    publish_version(srv, ss);
+    return ss;
+}
+
+static void ss_remove(kvs_server *srv, struct sstate *ss)
+{
+    for (int32_t i = 0; i < srv->n_ss; i++) {
+        if (srv->ss[i] == ss) {
+            srv->ss[i] = srv->ss[--srv->n_ss];
+            break;
+        }
+    }
+    free(ss);
+}
+
+/* True when nothing of the scheduler writes into the session's context. */
+static bool ss_settled(const kvs_server *srv, const struct sstate *ss)
+{
+    return ss->appends == 0 && (!ss->unsettled || !kvs_sched_busy(srv->sc));
+}
+
+/* ---- engine thread: requests ------------------------------------------------------------ */
+
+static struct req *req_new(kvs_server *srv, const uint8_t *ident, size_t ident_len,
+                           const struct kvs_wire_request *rq, double t_recv)
+{
+    struct req *r = calloc(1, sizeof *r);
+    if (r == NULL) {
+        return NULL;
+    }
+    r->srv = srv;
+    memcpy(r->ident, ident, ident_len);
+    r->ident_len = ident_len;
+    r->id = rq->id;
+    r->op = rq->op;
+    r->stream = rq->stream && rq->op == KVS_OP_QUERY;
+    r->t_recv = t_recv;
+    r->deadline = rq->deadline_ms > 0 ? t_recv + rq->deadline_ms / 1e3 : 0;
+    if (rq->session != NULL) {
+        snprintf(r->session, sizeof r->session, "%s", rq->session);
+    }
+    r->next = srv->live.next;
+    r->prev = &srv->live;
+    srv->live.next->prev = r;
+    srv->live.next = r;
+    return r;
+}
+
+static void req_free(struct req *r)
+{
+    r->prev->next = r->next;
+    r->next->prev = r->prev;
+    if (r->deferred) {
+        r->srv->n_deferred--;
+        if (r->op == KVS_OP_SESSION_CLOSE) {
+            r->srv->closes_waiting--;
+        }
+    }
+    free(r->payload);
+    free(r);
 }
 
 static void begin_reply(kvs_server *srv, uint64_t id, size_t n_more)
@@ -165,6 +339,114 @@ static void begin_reply(kvs_server *srv, uint64_t id, size_t n_more)
     kvs_wire_buf_clear(&srv->eout);
     msgpack_pack_map(&srv->eout.pk, 1 + n_more);
     pack_key(&srv->eout.pk, "id"), msgpack_pack_uint64(&srv->eout.pk, id);
+}
+
+/* The status a scheduler callback reports: the server's own reason when it cancelled. */
+static int cb_status(struct req *r, int status, const char **err)
+{
+    if (status == KVS_CANCELLED && r->fail_status != 0) {
+        *err = r->fail_msg;
+        return r->fail_status;
+    }
+    return status;
+}
+
+static void on_append(int status, const struct kvs_append_result *ar, const char *err,
+                      void *user)
+{
+    struct req *r = user;
+    kvs_server *srv = r->srv;
+    struct sstate *ss = r->ss;
+    ss->appends--;
+    if (status == 0) {
+        publish_version(srv, ss); /* before the ack: a client that has it finds the cache there */
+        begin_reply(srv, r->id, 5);
+        msgpack_packer *pk = &srv->eout.pk;
+        pack_key(pk, "version"), msgpack_pack_uint64(pk, ar->version);
+        pack_key(pk, "cells"), msgpack_pack_int64(pk, ar->cells);
+        pack_key(pk, "n_tokens"), msgpack_pack_int32(pk, ar->n_tokens);
+        pack_key(pk, "evicted"), msgpack_pack_int32(pk, ar->evicted);
+        pack_key(pk, "duplicate"), pack_bool(pk, ar->duplicate);
+        req_send(r, &srv->eout, true);
+    } else {
+        if (status == KVS_CANCELLED) {
+            ss->unsettled = true; /* it may have been logged, and then it still runs */
+        }
+        status = cb_status(r, status, &err);
+        req_error(r, status, err != NULL ? err : kvs_status_message(status));
+    }
+    req_free(r);
+}
+
+static bool on_query_token(int32_t token, const char *text, size_t len, void *user)
+{
+    struct req *r = user;
+    if (!r->stream) {
+        return true;
+    }
+    kvs_wire_buf *b = &r->srv->eout;
+    kvs_wire_buf_clear(b);
+    msgpack_pack_map(&b->pk, token >= 0 ? 4 : 3);
+    pack_key(&b->pk, "id"), msgpack_pack_uint64(&b->pk, r->id);
+    pack_key(&b->pk, "seq"), msgpack_pack_int64(&b->pk, r->seq++);
+    if (token >= 0) {
+        pack_key(&b->pk, "token"), msgpack_pack_int32(&b->pk, token);
+    }
+    pack_key(&b->pk, "text"), kvs_wire_pack_str(&b->pk, text, len);
+    req_send(r, b, false);
+    return true;
+}
+
+/* Reply with an answer: {id, [seq, done,] result keys, [fresh]}. */
+static void send_answer(kvs_server *srv, const uint8_t *ident, size_t ident_len, uint64_t id,
+                        int64_t seq, const struct kvs_answer *a, bool with_fresh)
+{
+    kvs_wire_buf *b = &srv->eout;
+    kvs_wire_buf_clear(b);
+    msgpack_packer *pk = &b->pk;
+    msgpack_pack_map(pk, 1 + ANSWER_KEYS + (seq >= 0 ? 2 : 0) + (with_fresh ? 1 : 0));
+    pack_key(pk, "id"), msgpack_pack_uint64(pk, id);
+    if (seq >= 0) {
+        pack_key(pk, "seq"), msgpack_pack_int64(pk, seq);
+        pack_key(pk, "done"), msgpack_pack_true(pk);
+    }
+    pack_answer_keys(pk, a);
+    if (with_fresh) {
+        pack_key(pk, "fresh"), pack_bool(pk, a->fresh);
+    }
+    eng_send(srv, ident, ident_len, b, true);
+}
+
+static void on_query_done(int status, struct kvs_answer *a, const char *err, void *user)
+{
+    struct req *r = user;
+    kvs_server *srv = r->srv;
+    if (status == 0) {
+        send_answer(srv, r->ident, r->ident_len, r->id, r->stream ? r->seq : -1, a, false);
+    } else {
+        status = cb_status(r, status, &err);
+        req_error(r, status, err != NULL ? err : kvs_status_message(status));
+    }
+    if (a != NULL) {
+        kvs_answer_free(a);
+        free(a);
+    }
+    req_free(r);
+}
+
+/* Cancel r (scheduled or deferred) with status: its requester gets the error. */
+static void req_cancel(struct req *r, int status, const char *why)
+{
+    if (r->scheduled) {
+        r->fail_status = status;
+        snprintf(r->fail_msg, sizeof r->fail_msg, "%s", why);
+        if (kvs_sched_cancel(r->srv->sc, r) > 0) {
+            return; /* the callback answered and freed r */
+        }
+        KVS_ERROR("server: request %llu was not in the scheduler", (unsigned long long)r->id);
+    }
+    req_error(r, status, why);
+    req_free(r);
 }
 
 static int query_opts(const struct kvs_wire_request *rq, struct kvs_query_opts *qo, char *err,
@@ -203,43 +485,167 @@ static void pack_info(msgpack_packer *pk, const kvs_session *s)
 }
 #define INFO_KEYS 11
 
-/* Run one decoded request on the engine; every path sends exactly one final reply. */
-static void eng_execute(kvs_server *srv, const zmq_msg_t *ident,
-                        const struct kvs_wire_request *rq)
+static void pack_classes(msgpack_packer *pk, const char *key, const uint64_t *v64,
+                         const int32_t *v32)
+{
+    static const char *const names[KVS_N_CLASSES] = {"decode", "question", "append", "flash"};
+    pack_key(pk, key), msgpack_pack_map(pk, KVS_N_CLASSES);
+    for (int c = 0; c < KVS_N_CLASSES; c++) {
+        pack_key(pk, names[c]);
+        if (v64 != NULL) {
+            msgpack_pack_uint64(pk, v64[c]);
+        } else {
+            msgpack_pack_int32(pk, v32[c]);
+        }
+    }
+}
+
+static void eng_status(kvs_server *srv, struct req *r)
+{
+    msgpack_packer *pk = &srv->eout.pk;
+    const struct kvs_hparams *hp = &srv->e->model->hp;
+    const struct kvs_sched_stats *st = kvs_sched_stats(srv->sc);
+    uint64_t hits = 0, misses = 0;
+    for (int32_t i = 0; i < kvs_sessions_count(srv->S); i++) {
+        struct kvs_flash_stats fs;
+        kvs_flash_stats(kvs_sessions_at(srv->S, i), &fs);
+        hits += fs.hits;
+        misses += fs.misses;
+    }
+    uint64_t io_hits = atomic_load(&srv->io_flash_hits);
+    begin_reply(srv, r->id, 10);
+    pack_key(pk, "model"), msgpack_pack_map(pk, 5);
+    pack_key(pk, "sha256"), kvs_wire_pack_cstr(pk, srv->model_sha256);
+    pack_key(pk, "path"), kvs_wire_pack_cstr(pk, srv->e->model->path);
+    pack_key(pk, "n_ctx"), msgpack_pack_int64(pk, srv->e->n_ctx);
+    pack_key(pk, "n_vocab"), msgpack_pack_uint32(pk, hp->n_vocab);
+    pack_key(pk, "n_layer"), msgpack_pack_uint32(pk, hp->n_layer);
+    pack_key(pk, "capacity"), msgpack_pack_map(pk, 3);
+    pack_key(pk, "cells_total"), msgpack_pack_int64(pk, kvs_pool_capacity_cells(srv->e->pool));
+    pack_key(pk, "cells_free"), msgpack_pack_int64(pk, kvs_sessions_cells_free(srv->S));
+    pack_key(pk, "block_size"), msgpack_pack_int32(pk, kvs_pool_block_size(srv->e->pool));
+    pack_key(pk, "sessions"), msgpack_pack_int32(pk, kvs_sessions_count(srv->S));
+    pack_key(pk, "protocol"), msgpack_pack_int(pk, KVS_WIRE_VERSION);
+    pack_key(pk, "protocol_minor"), msgpack_pack_int(pk, KVS_WIRE_MINOR);
+    pack_key(pk, "queue"), msgpack_pack_map(pk, 3);
+    pack_key(pk, "max"), msgpack_pack_int32(pk, srv->queue_max);
+    pack_key(pk, "in_flight"), msgpack_pack_int32(pk, atomic_load(&srv->io_in_flight));
+    pack_key(pk, "deferred"), msgpack_pack_int32(pk, srv->n_deferred);
+    pack_key(pk, "watchers"), msgpack_pack_int32(pk, atomic_load(&srv->io_watchers));
+    pack_key(pk, "scheduler"), msgpack_pack_map(pk, 13);
+    pack_key(pk, "steps"), msgpack_pack_uint64(pk, st->steps);
+    pack_classes(pk, "rows", st->rows, NULL);
+    pack_classes(pk, "last_rows", NULL, st->last_rows);
+    pack_classes(pk, "queued", NULL, st->queued);
+    pack_key(pk, "occupancy"), msgpack_pack_double(pk, st->last_occupancy);
+    pack_key(pk, "step_ms"), msgpack_pack_double(pk, st->last_step_s * 1e3);
+    pack_key(pk, "max_batch_tokens"), msgpack_pack_int32(pk, srv->sched_opts.max_batch_tokens);
+    pack_key(pk, "last_n_seqs"), msgpack_pack_int32(pk, st->last_n_seqs);
+    pack_key(pk, "max_n_seqs"), msgpack_pack_int32(pk, st->max_n_seqs);
+    pack_key(pk, "completed"), msgpack_pack_uint64(pk, st->completed);
+    pack_key(pk, "expired"), msgpack_pack_uint64(pk, st->expired);
+    pack_key(pk, "refused"), msgpack_pack_uint64(pk, st->refused);
+    pack_key(pk, "cancelled"), msgpack_pack_uint64(pk, st->cancelled);
+    pack_key(pk, "cells"), msgpack_pack_map(pk, 6);
+    pack_key(pk, "total"), msgpack_pack_int64(pk, kvs_pool_capacity_cells(srv->e->pool));
+    pack_key(pk, "used"), msgpack_pack_int64(pk, st->cells_used);
+    pack_key(pk, "reserved"), msgpack_pack_int64(pk, st->cells_reserved);
+    pack_key(pk, "free"), msgpack_pack_int64(pk, kvs_sessions_cells_free(srv->S));
+    pack_key(pk, "prefix_hit"), msgpack_pack_uint64(pk, st->prefix_hit_cells);
+    pack_key(pk, "prefix_cached"), msgpack_pack_int64(pk, st->prefix_cached_cells);
+    pack_key(pk, "flash"), msgpack_pack_map(pk, 5);
+    pack_key(pk, "evaluations"), msgpack_pack_uint64(pk, st->flash_evals);
+    pack_key(pk, "wasted"), msgpack_pack_uint64(pk, st->flash_wasted);
+    pack_key(pk, "hits"), msgpack_pack_uint64(pk, hits + io_hits);
+    pack_key(pk, "misses"), msgpack_pack_uint64(pk, misses);
+    pack_key(pk, "io_hits"), msgpack_pack_uint64(pk, io_hits);
+    req_send(r, &srv->eout, true);
+}
+
+/* session.dump: the recorded ids and the data decoded. */
+static int eng_dump(kvs_server *srv, struct req *r, kvs_session *s, char *err, size_t errlen)
+{
+    int64_t n = 0;
+    const int32_t *ids = kvs_session_tokens(s, &n);
+    struct kvs_session_info in;
+    kvs_session_info(s, &in);
+    size_t cap = (size_t)(n - in.prefix_tokens) * kvs_tokenizer_max_piece(srv->e->tok) + 1;
+    if ((size_t)n * 5 + cap > KVS_WIRE_MAX_FRAME) {
+        snprintf(err, errlen, "session '%s' holds %lld tokens: the dump would exceed a frame",
+                 kvs_session_id(s), (long long)n);
+        return KVS_TOO_LARGE;
+    }
+    char *text = malloc(cap);
+    if (text == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    size_t len = 0;
+    int rc = kvs_tokenizer_decode(srv->e->tok, ids + in.prefix_tokens,
+                                  (size_t)(n - in.prefix_tokens), false, text, cap, &len);
+    if (rc < 0 || len > KVS_WIRE_MAX_FRAME - (size_t)n * 5 - 256) {
+        free(text);
+        snprintf(err, errlen, "cannot decode the session's data");
+        return rc < 0 ? rc : KVS_TOO_LARGE;
+    }
+    msgpack_packer *pk = &srv->eout.pk;
+    begin_reply(srv, r->id, 5);
+    pack_key(pk, "session"), kvs_wire_pack_cstr(pk, kvs_session_id(s));
+    pack_key(pk, "version"), msgpack_pack_uint64(pk, in.version);
+    pack_key(pk, "prefix_tokens"), msgpack_pack_int64(pk, in.prefix_tokens);
+    pack_key(pk, "tokens"), msgpack_pack_array(pk, (size_t)n);
+    for (int64_t i = 0; i < n; i++) {
+        msgpack_pack_int32(pk, ids[i]);
+    }
+    pack_key(pk, "text"), kvs_wire_pack_str(pk, text, len);
+    free(text);
+    req_send(r, &srv->eout, true);
+    return KVS_OK;
+}
+
+/* Does rq need its session settled (no append of it in progress)? */
+static bool needs_settled(const struct kvs_wire_request *rq)
+{
+    switch (rq->op) {
+    case KVS_OP_SESSION_CLOSE: case KVS_OP_SESSION_SNAPSHOT: case KVS_OP_SESSION_DUMP:
+    case KVS_OP_FLASH_REGISTER: case KVS_OP_FLASH_GET:
+        return true;
+    case KVS_OP_QUERY:
+        return rq->stateless;
+    case KVS_OP_SESSION_APPEND:
+        return rq->has_tokens;
+    default:
+        return false;
+    }
+}
+
+/* Run rq now (r is its live record). Every path answers r once (now, or later from a
+ * scheduler callback) and frees it unless it became a scheduler job. */
+static void eng_execute(kvs_server *srv, struct req *r, const struct kvs_wire_request *rq)
 {
     char err[512] = "";
     int rc = 0;
     msgpack_packer *pk = &srv->eout.pk;
     kvs_session *s = NULL;
+    struct sstate *ss = NULL;
+    if (r->deadline > 0 && kvs_now() > r->deadline) {
+        req_error(r, KVS_TIMEOUT, "deadline exceeded before the request ran");
+        req_free(r);
+        return;
+    }
     if (rq->session != NULL && rq->op != KVS_OP_SESSION_CREATE) {
         s = kvs_session_find(srv->S, rq->session);
-        if (s == NULL) {
+        ss = s != NULL ? ss_get(srv, s) : NULL;
+        if (ss == NULL) {
             snprintf(err, sizeof err, "session '%s' not found", rq->session);
-            eng_error(srv, ident, rq->id, KVS_NOT_FOUND, err, rq->stream ? 0 : -1);
+            req_error(r, KVS_NOT_FOUND, err);
+            req_free(r);
             return;
         }
     }
     switch (rq->op) {
-    case KVS_OP_STATUS: {
-        const struct kvs_hparams *hp = &srv->e->model->hp;
-        begin_reply(srv, rq->id, 5);
-        pack_key(pk, "model"), msgpack_pack_map(pk, 5);
-        pack_key(pk, "sha256"), kvs_wire_pack_cstr(pk, srv->model_sha256);
-        pack_key(pk, "path"), kvs_wire_pack_cstr(pk, srv->e->model->path);
-        pack_key(pk, "n_ctx"), msgpack_pack_int64(pk, srv->e->n_ctx);
-        pack_key(pk, "n_vocab"), msgpack_pack_uint32(pk, hp->n_vocab);
-        pack_key(pk, "n_layer"), msgpack_pack_uint32(pk, hp->n_layer);
-        pack_key(pk, "capacity"), msgpack_pack_map(pk, 3);
-        pack_key(pk, "cells_total"), msgpack_pack_int64(pk, kvs_pool_capacity_cells(srv->e->pool));
-        pack_key(pk, "cells_free"), msgpack_pack_int64(pk, kvs_sessions_cells_free(srv->S));
-        pack_key(pk, "block_size"), msgpack_pack_int32(pk, kvs_pool_block_size(srv->e->pool));
-        pack_key(pk, "sessions"), msgpack_pack_int32(pk, kvs_sessions_count(srv->S));
-        pack_key(pk, "protocol"), msgpack_pack_int(pk, KVS_WIRE_VERSION);
-        pack_key(pk, "queue"), msgpack_pack_map(pk, 1);
-        pack_key(pk, "max"), msgpack_pack_int32(pk, srv->queue_max);
-        eng_send(srv, ident, &srv->eout, true);
-        return;
-    }
+    case KVS_OP_STATUS:
+        eng_status(srv, r);
+        break;
     case KVS_OP_SESSION_CREATE: {
         struct kvs_session_opts so = {0};
         so.budget_cells = (int64_t)rq->cells;
@@ -254,6 +660,7 @@ static void eng_execute(kvs_server *srv, const zmq_msg_t *ident,
         if (rc < 0) {
             break;
         }
+        ss_get(srv, s); /* watch and publish its version before the reply */
         struct kvs_session_info in;
         kvs_session_info(s, &in);
         begin_reply(srv, rq->id, 4);
@@ -261,55 +668,66 @@ static void eng_execute(kvs_server *srv, const zmq_msg_t *ident,
         pack_key(pk, "version"), msgpack_pack_uint64(pk, in.version);
         pack_key(pk, "cells"), msgpack_pack_int64(pk, in.cells_used);
         pack_key(pk, "cells_budget"), msgpack_pack_int64(pk, in.cells_budget);
-        eng_send(srv, ident, &srv->eout, true);
-        return;
+        req_send(r, &srv->eout, true);
+        break;
     }
     case KVS_OP_SESSION_APPEND: {
+        if (!rq->has_tokens) {
+            r->ss = ss;
+            rc = kvs_sched_append(srv->sc, s, rq->text, rq->text_len, rq->client_id,
+                                  rq->client_seq, r->deadline, on_append, r);
+            if (rc < 0) {
+                snprintf(err, sizeof err, "cannot queue the append: %s", kvs_status_message(rc));
+                break;
+            }
+            r->scheduled = true;
+            ss->appends++;
+            return;
+        }
+        /* raw ids: synchronously, the session being settled */
         struct kvs_append_result ar = {0};
-        if (rq->has_tokens) {
-            uint32_t n_vocab = srv->e->model->hp.n_vocab;
-            for (int32_t i = 0; i < rq->n_tokens; i++) {
-                if ((uint32_t)rq->tokens[i] >= n_vocab) {
-                    snprintf(err, sizeof err, "field 'tokens': id %d at %d is not < n_vocab %u",
-                             rq->tokens[i], i, n_vocab);
-                    rc = KVS_INVALID_ARGUMENT;
-                    break;
-                }
+        uint32_t n_vocab = srv->e->model->hp.n_vocab;
+        for (int32_t i = 0; i < rq->n_tokens && rc == 0; i++) {
+            if ((uint32_t)rq->tokens[i] >= n_vocab) {
+                snprintf(err, sizeof err, "field 'tokens': id %d at %d is not < n_vocab %u",
+                         rq->tokens[i], i, n_vocab);
+                rc = KVS_INVALID_ARGUMENT;
             }
-            if (rc == 0) {
-                rc = kvs_session_append_tokens(s, rq->tokens, rq->n_tokens, rq->client_id,
-                                               rq->client_seq, &ar, err, sizeof err);
-            }
-        } else {
-            rc = kvs_session_append(s, rq->text, rq->text_len, rq->client_id, rq->client_seq,
-                                    &ar, err, sizeof err);
+        }
+        if (rc == 0) {
+            rc = kvs_session_append_tokens(s, rq->tokens, rq->n_tokens, rq->client_id,
+                                           rq->client_seq, &ar, err, sizeof err);
         }
         if (rc < 0) {
             break;
         }
+        publish_version(srv, ss);
         begin_reply(srv, rq->id, 5);
         pack_key(pk, "version"), msgpack_pack_uint64(pk, ar.version);
         pack_key(pk, "cells"), msgpack_pack_int64(pk, ar.cells);
         pack_key(pk, "n_tokens"), msgpack_pack_int32(pk, ar.n_tokens);
         pack_key(pk, "evicted"), msgpack_pack_int32(pk, ar.evicted);
         pack_key(pk, "duplicate"), pack_bool(pk, ar.duplicate);
-        eng_send(srv, ident, &srv->eout, true);
-        return;
+        req_send(r, &srv->eout, true);
+        break;
     }
     case KVS_OP_SESSION_INFO:
         begin_reply(srv, rq->id, INFO_KEYS);
         pack_info(pk, s);
-        eng_send(srv, ident, &srv->eout, true);
-        return;
+        req_send(r, &srv->eout, true);
+        break;
     case KVS_OP_SESSION_CLOSE:
         rc = kvs_session_close(srv->S, rq->session);
         if (rc < 0) {
+            snprintf(err, sizeof err, "session '%s' not found", rq->session);
             break;
         }
+        ss_remove(srv, ss);
+        publish_simple(srv, MSG_CLOSED, rq->session, NULL);
         begin_reply(srv, rq->id, 1);
         pack_key(pk, "closed"), msgpack_pack_true(pk);
-        eng_send(srv, ident, &srv->eout, true);
-        return;
+        req_send(r, &srv->eout, true);
+        break;
     case KVS_OP_SESSION_LIST: {
         int32_t n = kvs_sessions_count(srv->S);
         int32_t shown = n > 65536 ? 65536 : n;
@@ -319,8 +737,8 @@ static void eng_execute(kvs_server *srv, const zmq_msg_t *ident,
             kvs_wire_pack_cstr(pk, kvs_session_id(kvs_sessions_at(srv->S, i)));
         }
         pack_key(pk, "truncated"), pack_bool(pk, shown < n);
-        eng_send(srv, ident, &srv->eout, true);
-        return;
+        req_send(r, &srv->eout, true);
+        break;
     }
     case KVS_OP_SESSION_SNAPSHOT:
         rc = kvs_session_snapshot(s, rq->compact, err, sizeof err);
@@ -329,26 +747,38 @@ static void eng_execute(kvs_server *srv, const zmq_msg_t *ident,
         }
         begin_reply(srv, rq->id, 1);
         pack_key(pk, "snapshot"), msgpack_pack_true(pk);
-        eng_send(srv, ident, &srv->eout, true);
-        return;
+        req_send(r, &srv->eout, true);
+        break;
+    case KVS_OP_SESSION_DUMP:
+        rc = eng_dump(srv, r, s, err, sizeof err);
+        break;
     case KVS_OP_QUERY: {
         struct kvs_query_opts qo;
         rc = query_opts(rq, &qo, err, sizeof err);
         if (rc < 0) {
             break;
         }
-        struct stream_ctx c = {srv, ident, rq->id, 0, rq->stream};
-        struct kvs_answer a = {0};
-        rc = kvs_session_query(s, rq->question, rq->question_len, &qo, on_token, &c, &a, err,
-                               sizeof err);
-        if (rc < 0) {
-            kvs_answer_free(&a);
-            eng_error(srv, ident, rq->id, rc, err, rq->stream ? c.seq : -1);
+        if (!rq->stateless) {
+            r->ss = ss;
+            rc = kvs_sched_query(srv->sc, s, rq->question, rq->question_len, &qo, r->deadline,
+                                 on_query_token, on_query_done, r, err, sizeof err);
+            if (rc < 0) {
+                break;
+            }
+            r->scheduled = true;
             return;
         }
-        send_answer(srv, ident, rq->id, rq->stream ? c.seq : -1, &a, false);
+        /* the baseline: synchronously on the engine thread, the session being settled */
+        struct kvs_answer a = {0};
+        rc = kvs_session_query(s, rq->question, rq->question_len, &qo, on_query_token, r, &a,
+                               err, sizeof err);
+        if (rc < 0) {
+            kvs_answer_free(&a);
+            break;
+        }
+        send_answer(srv, r->ident, r->ident_len, rq->id, r->stream ? r->seq : -1, &a, false);
         kvs_answer_free(&a);
-        return;
+        break;
     }
     case KVS_OP_FLASH_REGISTER: {
         struct kvs_query_opts qo;
@@ -364,8 +794,8 @@ static void eng_execute(kvs_server *srv, const zmq_msg_t *ident,
         }
         begin_reply(srv, rq->id, 1);
         pack_key(pk, "registered"), msgpack_pack_true(pk);
-        eng_send(srv, ident, &srv->eout, true);
-        return;
+        req_send(r, &srv->eout, true);
+        break;
     }
     case KVS_OP_FLASH_UNREGISTER:
         rc = kvs_flash_unregister(s, rq->name);
@@ -373,10 +803,11 @@ static void eng_execute(kvs_server *srv, const zmq_msg_t *ident,
             snprintf(err, sizeof err, "flash query '%s' not found", rq->name);
             break;
         }
+        publish_simple(srv, MSG_UNREG, rq->session, rq->name);
         begin_reply(srv, rq->id, 1);
         pack_key(pk, "unregistered"), msgpack_pack_true(pk);
-        eng_send(srv, ident, &srv->eout, true);
-        return;
+        req_send(r, &srv->eout, true);
+        break;
     case KVS_OP_FLASH_LIST: {
         int32_t n = kvs_flash_count(s);
         begin_reply(srv, rq->id, 1);
@@ -384,8 +815,8 @@ static void eng_execute(kvs_server *srv, const zmq_msg_t *ident,
         for (int32_t i = 0; i < n; i++) {
             kvs_wire_pack_cstr(pk, kvs_flash_name(s, i));
         }
-        eng_send(srv, ident, &srv->eout, true);
-        return;
+        req_send(r, &srv->eout, true);
+        break;
     }
     case KVS_OP_FLASH_GET: {
         struct kvs_answer a = {0};
@@ -395,90 +826,398 @@ static void eng_execute(kvs_server *srv, const zmq_msg_t *ident,
             kvs_answer_free(&a);
             break;
         }
-        send_answer(srv, ident, rq->id, -1, &a, true);
+        send_answer(srv, r->ident, r->ident_len, rq->id, -1, &a, true);
         kvs_answer_free(&a);
-        return;
+        break;
     }
     default:
         rc = KVS_INTERNAL;
         snprintf(err, sizeof err, "op %s is not handled by the engine", kvs_wire_op_name(rq->op));
         break;
     }
-    eng_error(srv, ident, rq->id, rc, err, -1);
+    if (rc < 0) {
+        req_error(r, rc, err[0] ? err : kvs_status_message(rc));
+    }
+    req_free(r);
+}
+
+/* cancel: the target request of the same peer, scheduled or deferred. */
+static void eng_cancel(kvs_server *srv, struct req *c, uint64_t target)
+{
+    struct req *t = NULL;
+    for (struct req *r = srv->live.next; r != &srv->live; r = r->next) {
+        if (r != c && r->id == target && r->ident_len == c->ident_len &&
+            memcmp(r->ident, c->ident, c->ident_len) == 0) {
+            t = r;
+            break;
+        }
+    }
+    if (t == NULL) {
+        char err[96];
+        snprintf(err, sizeof err, "no request %llu of this connection in flight",
+                 (unsigned long long)target);
+        req_error(c, KVS_NOT_FOUND, err);
+    } else {
+        char why[64];
+        snprintf(why, sizeof why, "cancelled by request %llu", (unsigned long long)c->id);
+        req_cancel(t, KVS_CANCELLED, why);
+        begin_reply(srv, c->id, 1);
+        pack_key(&srv->eout.pk, "cancelled"), msgpack_pack_int(&srv->eout.pk, 1);
+        req_send(c, &srv->eout, true);
+    }
+    req_free(c);
+}
+
+/* Keep r (whose request is payload) in the deferred queue. */
+static void defer(kvs_server *srv, struct req *r, const void *payload, size_t len)
+{
+    r->payload = malloc(len > 0 ? len : 1);
+    if (r->payload == NULL) {
+        req_error(r, KVS_NO_MEMORY, "out of memory");
+        req_free(r);
+        return;
+    }
+    memcpy(r->payload, payload, len);
+    r->payload_len = len;
+    r->deferred = true;
+    srv->n_deferred++;
+    if (r->op == KVS_OP_SESSION_CLOSE) {
+        srv->closes_waiting++;
+    }
+    /* the live list is newest first; the deferred queue runs oldest first (see run_deferred) */
+}
+
+/* Is a deferred request of this session waiting? */
+static bool session_has_deferred(const kvs_server *srv, const char *session)
+{
+    if (srv->n_deferred == 0) {
+        return false;
+    }
+    for (const struct req *r = srv->live.next; r != &srv->live; r = r->next) {
+        if (r->deferred && strcmp(r->session, session) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Can rq run now, or must it wait (deferred)? */
+static bool must_wait(kvs_server *srv, const struct kvs_wire_request *rq)
+{
+    if (rq->op == KVS_OP_STATUS || rq->op == KVS_OP_CANCEL) {
+        return false;
+    }
+    if (srv->closes_waiting > 0) {
+        return true; /* a close waits for an idle scheduler: nothing new is started meanwhile */
+    }
+    if (rq->session == NULL || rq->op == KVS_OP_SESSION_CREATE) {
+        return false;
+    }
+    if (session_has_deferred(srv, rq->session)) {
+        return true; /* keep the session's order */
+    }
+    kvs_session *s = kvs_session_find(srv->S, rq->session);
+    struct sstate *ss = s != NULL ? ss_find(srv, s) : NULL;
+    if (ss == NULL || !needs_settled(rq)) {
+        return false;
+    }
+    if (rq->op == KVS_OP_SESSION_CLOSE) {
+        return kvs_sched_busy(srv->sc); /* flash evaluations of the session may be queued */
+    }
+    return !ss_settled(srv, ss);
+}
+
+/* One request from the I/O thread. */
+static void eng_dispatch(kvs_server *srv, zmq_msg_t *ident, zmq_msg_t *payload, double t_recv)
+{
+    struct kvs_wire_request rq;
+    char err[256];
+    const uint8_t *id = zmq_msg_data(ident);
+    size_t id_len = zmq_msg_size(ident);
+    int rc = kvs_wire_decode(zmq_msg_data(payload), zmq_msg_size(payload), &rq, err, sizeof err);
+    struct req *r = rc == 0 ? req_new(srv, id, id_len, &rq, t_recv) : NULL;
+    if (rc < 0 || r == NULL) { /* the I/O thread checked it: a bug, or out of memory */
+        kvs_wire_encode_error(&srv->eout, rq.id, rc < 0 ? rc : KVS_NO_MEMORY,
+                              rc < 0 ? err : "out of memory", -1);
+        eng_send(srv, id, id_len, &srv->eout, true);
+    } else if (atomic_load(&srv->stopping)) {
+        req_error(r, KVS_CANCELLED, "worker shutting down");
+        req_free(r);
+    } else if (rq.op == KVS_OP_CANCEL) {
+        eng_cancel(srv, r, rq.target);
+    } else if (must_wait(srv, &rq)) {
+        defer(srv, r, zmq_msg_data(payload), zmq_msg_size(payload));
+    } else {
+        eng_execute(srv, r, &rq);
+    }
+    kvs_wire_request_free(&rq);
+}
+
+/* Run the deferred requests that can run now, oldest first, keeping each session's order;
+ * expire the ones past their deadline. */
+static void run_deferred(kvs_server *srv)
+{
+    if (srv->n_deferred == 0) {
+        return;
+    }
+    srv->pass++;
+    double now = kvs_now();
+    struct req *r = srv->live.prev; /* the oldest */
+    while (r != &srv->live) {
+        struct req *newer = r->prev;
+        if (!r->deferred) {
+            r = newer;
+            continue;
+        }
+        if (r->deadline > 0 && now > r->deadline) {
+            req_error(r, KVS_TIMEOUT, "deadline exceeded while waiting for the session");
+            req_free(r);
+            r = newer;
+            continue;
+        }
+        struct kvs_wire_request rq;
+        char err[256];
+        if (kvs_wire_decode(r->payload, r->payload_len, &rq, err, sizeof err) < 0) {
+            req_error(r, KVS_INTERNAL, err);
+            req_free(r);
+            kvs_wire_request_free(&rq);
+            r = newer;
+            continue;
+        }
+        kvs_session *s = rq.session != NULL ? kvs_session_find(srv->S, rq.session) : NULL;
+        struct sstate *ss = s != NULL ? ss_get(srv, s) : NULL;
+        bool wait = false;
+        if (rq.op == KVS_OP_SESSION_CLOSE) {
+            wait = kvs_sched_busy(srv->sc) || (ss != NULL && ss->blocked_pass == srv->pass);
+        } else if (ss != NULL) {
+            wait = ss->blocked_pass == srv->pass || (needs_settled(&rq) && !ss_settled(srv, ss));
+        }
+        if (wait) {
+            if (ss != NULL) {
+                ss->blocked_pass = srv->pass;
+            }
+            bool is_close = rq.op == KVS_OP_SESSION_CLOSE;
+            kvs_wire_request_free(&rq);
+            if (is_close) {
+                break; /* a waiting close holds everything behind it */
+            }
+            r = newer;
+            continue;
+        }
+        /* leave the queue, then run as if it had just arrived */
+        r->deferred = false;
+        srv->n_deferred--;
+        if (r->op == KVS_OP_SESSION_CLOSE) {
+            srv->closes_waiting--;
+        }
+        free(r->payload);
+        r->payload = NULL;
+        eng_execute(srv, r, &rq);
+        kvs_wire_request_free(&rq);
+        r = newer;
+    }
+}
+
+/* Publish the versions that moved without an acknowledgement (a cancelled logged append,
+ * completed by the scheduler), and settle sessions once the scheduler is idle. */
+static void after_step(kvs_server *srv)
+{
+    bool idle = !kvs_sched_busy(srv->sc);
+    for (int32_t i = 0; i < srv->n_ss; i++) {
+        struct sstate *ss = srv->ss[i];
+        if (ss->unsettled) {
+            publish_version(srv, ss);
+            if (idle) {
+                ss->unsettled = false;
+            }
+        }
+    }
+    run_deferred(srv);
+}
+
+/* Cancel every live request of a peer that is gone. */
+static void eng_peer_gone(kvs_server *srv, const void *ident, size_t len)
+{
+    for (struct req *r = srv->live.next; r != &srv->live;) {
+        struct req *next = r->next;
+        if (r->ident_len == len && memcmp(r->ident, ident, len) == 0) {
+            KVS_DEBUG("server: request %llu: peer gone, cancelled", (unsigned long long)r->id);
+            req_cancel(r, KVS_CANCELLED, "the client is gone");
+            next = srv->live.next; /* callbacks may have freed others: restart */
+        }
+        r = next;
+    }
+}
+
+/* Receive one multipart message (non-blocking): keeps the first n_max parts, counts the
+ * rest. Returns the part count, 0 when nothing is waiting, < 0 on error. */
+static int recv_parts(void *sock, zmq_msg_t *parts, int n_max)
+{
+    int n = 0;
+    for (;;) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, sock, n == 0 ? ZMQ_DONTWAIT : 0) < 0) {
+            zmq_msg_close(&m);
+            if (n == 0 && errno == EAGAIN) {
+                return 0;
+            }
+            if (errno == EINTR && n > 0) {
+                continue;
+            }
+            for (int i = 0; i < n && i < n_max; i++) {
+                zmq_msg_close(&parts[i]);
+            }
+            return n == 0 && errno == EINTR ? 0 : -1;
+        }
+        bool more = zmq_msg_more(&m);
+        if (n < n_max) {
+            parts[n] = m;
+        } else {
+            zmq_msg_close(&m);
+        }
+        n++;
+        if (!more) {
+            return n;
+        }
+    }
+}
+
+static void close_parts(zmq_msg_t *parts, int n, int n_max)
+{
+    for (int i = 0; i < n && i < n_max; i++) {
+        zmq_msg_close(&parts[i]);
+    }
+}
+
+/* Take every message the I/O thread has queued. Returns false once the stop marker came. */
+static bool eng_drain(kvs_server *srv)
+{
+    for (;;) {
+        zmq_msg_t parts[3];
+        int n = recv_parts(srv->pair_eng, parts, 3);
+        if (n <= 0) {
+            return true;
+        }
+        if (n == 1 && zmq_msg_size(&parts[0]) == 0) {
+            close_parts(parts, n, 3);
+            return false;
+        }
+        if (n == 1) {
+            eng_peer_gone(srv, zmq_msg_data(&parts[0]), zmq_msg_size(&parts[0]));
+        } else if (n == 3 && zmq_msg_size(&parts[2]) == sizeof(double)) {
+            double t_recv;
+            memcpy(&t_recv, zmq_msg_data(&parts[2]), sizeof t_recv);
+            eng_dispatch(srv, &parts[0], &parts[1], t_recv);
+        } else {
+            KVS_ERROR("server: engine got a message of %d parts", n);
+        }
+        close_parts(parts, n, 3);
+    }
 }
 
 static void *engine_main(void *arg)
 {
     kvs_server *srv = arg;
-    for (;;) {
-        zmq_msg_t ident, payload;
-        zmq_msg_init(&ident);
-        zmq_msg_init(&payload);
-        if (zmq_msg_recv(&ident, srv->pair_eng, 0) < 0) {
-            if (errno == EINTR) {
-                zmq_msg_close(&ident);
-                zmq_msg_close(&payload);
-                continue;
+    for (int32_t i = 0; i < kvs_sessions_count(srv->S); i++) {
+        ss_get(srv, kvs_sessions_at(srv->S, i)); /* watch, and publish the versions */
+    }
+    bool running = true;
+    while (running) {
+        bool busy = kvs_sched_busy(srv->sc);
+        zmq_pollitem_t it = {srv->pair_eng, 0, ZMQ_POLLIN, 0};
+        long timeout = busy ? 0 : srv->n_deferred > 0 ? 50 : -1;
+        if (zmq_poll(&it, 1, timeout) < 0 && errno != EINTR) {
+            KVS_ERROR("server: engine poll: %s", zmq_strerror(errno));
+            break;
+        }
+        running = eng_drain(srv);
+        if (!running) {
+            break;
+        }
+        if (kvs_sched_busy(srv->sc)) {
+            int rc = kvs_sched_step(srv->sc, kvs_now());
+            if (rc < 0) {
+                /* the forward pass failed: fail the requests rather than spin */
+                KVS_ERROR("server: scheduler step failed: %s", kvs_status_name(rc));
+                for (struct req *r = srv->live.next; r != &srv->live;) {
+                    struct req *next = r->next;
+                    if (r->scheduled) {
+                        req_cancel(r, rc, "the forward pass failed");
+                        next = srv->live.next;
+                    }
+                    r = next;
+                }
             }
-            KVS_ERROR("server: engine recv failed: %s", zmq_strerror(errno));
-            zmq_msg_close(&ident);
-            zmq_msg_close(&payload);
-            break;
         }
-        if (zmq_msg_size(&ident) == 0) { /* the stop marker */
-            zmq_msg_close(&ident);
-            zmq_msg_close(&payload);
-            break;
-        }
-        while (zmq_msg_recv(&payload, srv->pair_eng, 0) < 0 && errno == EINTR) {
-        }
-        struct kvs_wire_request rq;
-        char err[256];
-        int rc = kvs_wire_decode(zmq_msg_data(&payload), zmq_msg_size(&payload), &rq, err,
-                                 sizeof err);
-        if (rc < 0) {
-            eng_error(srv, &ident, rq.id, rc, err, -1); /* the I/O thread checked it: a bug */
-        } else if (atomic_load(&srv->stopping)) {
-            eng_error(srv, &ident, rq.id, KVS_CANCELLED, "worker shutting down",
-                      rq.stream ? 0 : -1);
-        } else {
-            double t0 = kvs_now();
-            eng_execute(srv, &ident, &rq);
-            KVS_DEBUG("server: %s id=%llu %.1f ms", kvs_wire_op_name(rq.op),
-                      (unsigned long long)rq.id, (kvs_now() - t0) * 1e3);
-        }
-        kvs_wire_request_free(&rq);
-        zmq_msg_close(&ident);
-        zmq_msg_close(&payload);
+        after_step(srv);
     }
-    /* Close the sessions here, on their owner thread: logs are flushed and closed. */
+    /* Shutdown: requests waiting for a session are cancelled, the scheduler gets DRAIN_S to
+     * finish the work in progress (new requests are answered CANCELLED meanwhile), what is
+     * left is cancelled, and the sessions are closed here, on their owner thread. */
+    atomic_store(&srv->stopping, 1);
+    for (struct req *r = srv->live.next; r != &srv->live;) {
+        struct req *next = r->next;
+        if (r->deferred) {
+            req_cancel(r, KVS_CANCELLED, "worker shutting down");
+        }
+        r = next;
+    }
+    double t_end = kvs_now() + DRAIN_S;
+    while (kvs_sched_busy(srv->sc) && kvs_now() < t_end) {
+        eng_drain(srv);
+        if (kvs_sched_step(srv->sc, kvs_now()) < 0) {
+            break;
+        }
+        after_step(srv);
+    }
+    for (struct req *r = srv->live.next; r != &srv->live;) {
+        req_cancel(r, KVS_CANCELLED, "worker shutting down");
+        r = srv->live.next;
+    }
+    kvs_sched_destroy(&srv->sc);
     kvs_sessions_destroy(&srv->S);
-    if (zmq_send(srv->pair_eng, "", 0, 0) < 0) { /* the exit marker */
-        KVS_ERROR("server: engine exit send failed: %s", zmq_strerror(errno));
+    for (int32_t i = 0; i < srv->n_ss; i++) {
+        free(srv->ss[i]);
     }
+    srv->n_ss = 0;
+    uint8_t kind = MSG_EXIT;
+    const void *d[1] = {&kind};
+    size_t l[1] = {1};
+    send_frames(srv->pair_eng, d, l, 1);
     return NULL;
 }
 
 /* ---- I/O thread ------------------------------------------------------------------------------ */
 
-/* Send [identity][""][b] to a peer without blocking; a gone or full peer loses the reply. */
-static void io_reply(kvs_server *srv, const void *ident, size_t ident_len, const void *data,
-                     size_t len)
+/* Send [identity][""][b] to a peer without blocking. 0, or the errno of a lost reply:
+ * EHOSTUNREACH (the peer is gone), EAGAIN (it is not reading: its send queue is full). */
+static int io_reply(kvs_server *srv, const void *ident, size_t ident_len, const void *data,
+                    size_t len)
 {
     if (zmq_send(srv->router, ident, ident_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
-        /* EHOSTUNREACH: the peer is gone (every later piece of its stream lands here too,
-         * so only at debug level); EAGAIN: it is not reading (its HWM is full). */
-        if (errno == EHOSTUNREACH) {
+        int e = errno;
+        /* every later piece of a stream to a gone peer lands here too: debug level only */
+        if (e == EHOSTUNREACH) {
             KVS_DEBUG("server: reply to a gone peer dropped");
         } else {
-            KVS_WARN("server: reply dropped (%s)", zmq_strerror(errno));
+            KVS_WARN("server: reply dropped (%s)", zmq_strerror(e));
         }
-        return;
+        return e;
     }
     if (zmq_send(srv->router, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
         zmq_send(srv->router, data, len, ZMQ_DONTWAIT) < 0) {
-        KVS_WARN("server: reply dropped mid-message (%s)", zmq_strerror(errno));
+        int e = errno;
+        KVS_WARN("server: reply dropped mid-message (%s)", zmq_strerror(e));
+        return e;
     }
+    return 0;
+}
+
+static bool fc_send(const void *ident, size_t ident_len, const void *data, size_t len,
+                    void *user)
+{
+    return io_reply(user, ident, ident_len, data, len) == 0;
 }
 
 static void io_error(kvs_server *srv, const zmq_msg_t *ident, uint64_t id, int status,
@@ -489,7 +1228,12 @@ static void io_error(kvs_server *srv, const zmq_msg_t *ident, uint64_t id, int s
              srv->out.sb.data, srv->out.sb.size);
 }
 
-static void io_hello(kvs_server *srv, const zmq_msg_t *ident, const struct kvs_wire_request *rq)
+static void io_send_out(kvs_server *srv, zmq_msg_t *ident)
+{
+    io_reply(srv, zmq_msg_data(ident), zmq_msg_size(ident), srv->out.sb.data, srv->out.sb.size);
+}
+
+static void io_hello(kvs_server *srv, zmq_msg_t *ident, const struct kvs_wire_request *rq)
 {
     uint32_t best = 0;
     for (int i = 0; i < rq->n_versions; i++) {
@@ -503,9 +1247,10 @@ static void io_hello(kvs_server *srv, const zmq_msg_t *ident, const struct kvs_w
     }
     msgpack_packer *pk = &srv->out.pk;
     kvs_wire_buf_clear(&srv->out);
-    msgpack_pack_map(pk, 5);
+    msgpack_pack_map(pk, 6);
     pack_key(pk, "id"), msgpack_pack_uint64(pk, rq->id);
     pack_key(pk, "version"), msgpack_pack_uint32(pk, best);
+    pack_key(pk, "minor"), msgpack_pack_uint32(pk, KVS_WIRE_MINOR);
     pack_key(pk, "server"), kvs_wire_pack_cstr(pk, "kvs-worker");
     pack_key(pk, "server_version"), kvs_wire_pack_cstr(pk, SERVER_VERSION);
     pack_key(pk, "limits"), msgpack_pack_map(pk, 7);
@@ -516,13 +1261,26 @@ static void io_hello(kvs_server *srv, const zmq_msg_t *ident, const struct kvs_w
     pack_key(pk, "max_tokens_per_append"), msgpack_pack_uint32(pk, KVS_WIRE_MAX_TOKENS);
     pack_key(pk, "max_stops"), msgpack_pack_uint32(pk, KVS_WIRE_MAX_STOPS);
     pack_key(pk, "max_answer_tokens"), msgpack_pack_uint32(pk, KVS_WIRE_MAX_ANSWER_TOKENS);
-    io_reply(srv, zmq_msg_data((zmq_msg_t *)ident), zmq_msg_size((zmq_msg_t *)ident),
-             srv->out.sb.data, srv->out.sb.size);
+    io_send_out(srv, ident);
+}
+
+/* Forward a request to the engine: [ident][payload][t_recv]. */
+static bool io_forward(kvs_server *srv, zmq_msg_t *ident, zmq_msg_t *payload, double t_recv)
+{
+    if (zmq_msg_send(ident, srv->pair_io, ZMQ_SNDMORE) < 0 ||
+        zmq_msg_send(payload, srv->pair_io, ZMQ_SNDMORE) < 0 ||
+        zmq_send(srv->pair_io, &t_recv, sizeof t_recv, 0) < 0) {
+        KVS_ERROR("server: io -> engine send failed: %s", zmq_strerror(errno));
+        return false;
+    }
+    srv->in_flight++;
+    return true;
 }
 
 /* One message from the ROUTER: [identity][""][payload] expected. */
 static void io_handle(kvs_server *srv, zmq_msg_t *parts, int n_parts, bool stopping)
 {
+    double t_recv = kvs_now();
     zmq_msg_t *ident = &parts[0];
     if (n_parts != 3 || zmq_msg_size(&parts[1]) != 0) {
         io_error(srv, ident, 0, KVS_BAD_FORMAT, "expected the frames [\"\", payload]");
@@ -540,87 +1298,109 @@ static void io_handle(kvs_server *srv, zmq_msg_t *parts, int n_parts, bool stopp
         msgpack_pack_map(&srv->out.pk, 2);
         pack_key(&srv->out.pk, "id"), msgpack_pack_uint64(&srv->out.pk, rq.id);
         pack_key(&srv->out.pk, "pong"), msgpack_pack_true(&srv->out.pk);
-        io_reply(srv, zmq_msg_data(ident), zmq_msg_size(ident), srv->out.sb.data,
-                 srv->out.sb.size);
+        io_send_out(srv, ident);
     } else if (rq.op == KVS_OP_HELLO) {
         io_hello(srv, ident, &rq);
     } else if (stopping) {
         io_error(srv, ident, rq.id, KVS_CANCELLED, "worker shutting down");
-    } else if (srv->in_flight >= srv->queue_max) {
+    } else if (rq.op == KVS_OP_FLASH_GET &&
+               kvs_flashcache_get(srv->fc, rq.session, rq.name, rq.allow_stale, rq.id,
+                                  &srv->out)) {
+        io_send_out(srv, ident); /* the fast path: a cached answer */
+        atomic_store(&srv->io_flash_hits, kvs_flashcache_hits(srv->fc));
+    } else if (rq.op == KVS_OP_FLASH_WATCH) {
+        rc = kvs_flashcache_watch(srv->fc, zmq_msg_data(ident), zmq_msg_size(ident), rq.id,
+                                  rq.session, rq.has_after_version, rq.after_version, err,
+                                  sizeof err);
+        if (rc < 0) {
+            io_error(srv, ident, rq.id, rc, err);
+        }
+    } else if (rq.op == KVS_OP_CANCEL &&
+               kvs_flashcache_unwatch(srv->fc, zmq_msg_data(ident), zmq_msg_size(ident),
+                                      rq.target, "watch cancelled")) {
+        kvs_wire_buf_clear(&srv->out);
+        msgpack_pack_map(&srv->out.pk, 2);
+        pack_key(&srv->out.pk, "id"), msgpack_pack_uint64(&srv->out.pk, rq.id);
+        pack_key(&srv->out.pk, "cancelled"), msgpack_pack_int(&srv->out.pk, 1);
+        io_send_out(srv, ident);
+    } else if (rq.op != KVS_OP_CANCEL && srv->in_flight >= srv->queue_max) {
         snprintf(err, sizeof err, "engine queue full (%d requests)", srv->queue_max);
         io_error(srv, ident, rq.id, KVS_BUSY, err);
-    } else if (zmq_msg_send(ident, srv->pair_io, ZMQ_SNDMORE) < 0 ||
-               zmq_msg_send(&parts[2], srv->pair_io, 0) < 0) {
-        KVS_ERROR("server: io -> engine send failed: %s", zmq_strerror(errno));
+    } else if (!io_forward(srv, ident, &parts[2], t_recv)) {
         io_error(srv, ident, rq.id, KVS_INTERNAL, "could not queue the request");
-    } else {
-        srv->in_flight++;
     }
+    atomic_store(&srv->io_in_flight, srv->in_flight);
+    atomic_store(&srv->io_watchers, kvs_flashcache_n_watchers(srv->fc));
     kvs_wire_request_free(&rq);
 }
 
-/* Receive one multipart message (non-blocking): keeps the first 3 parts, counts the rest.
- * Returns the part count, 0 when nothing is waiting, < 0 on error. */
-static int recv_parts(void *sock, zmq_msg_t parts[3])
+static void msg_str(zmq_msg_t *m, char *out, size_t cap)
 {
-    int n = 0;
-    for (;;) {
-        zmq_msg_t m;
-        zmq_msg_init(&m);
-        if (zmq_msg_recv(&m, sock, n == 0 ? ZMQ_DONTWAIT : 0) < 0) {
-            zmq_msg_close(&m);
-            if (n == 0 && errno == EAGAIN) {
-                return 0;
-            }
-            if (errno == EINTR && n > 0) {
-                continue;
-            }
-            for (int i = 0; i < n && i < 3; i++) {
-                zmq_msg_close(&parts[i]);
-            }
-            return n == 0 && errno == EINTR ? 0 : -1;
-        }
-        bool more = zmq_msg_more(&m);
-        if (n < 3) {
-            parts[n] = m;
-        } else {
-            zmq_msg_close(&m);
-        }
-        n++;
-        if (!more) {
-            return n;
-        }
-    }
+    size_t n = zmq_msg_size(m) < cap - 1 ? zmq_msg_size(m) : cap - 1;
+    memcpy(out, zmq_msg_data(m), n);
+    out[n] = '\0';
 }
 
-static void close_parts(zmq_msg_t parts[3], int n)
+static uint64_t msg_u64(zmq_msg_t *m)
 {
-    for (int i = 0; i < n && i < 3; i++) {
-        zmq_msg_close(&parts[i]);
+    uint64_t v = 0;
+    if (zmq_msg_size(m) == sizeof v) {
+        memcpy(&v, zmq_msg_data(m), sizeof v);
     }
+    return v;
 }
 
-/* Relay engine messages to peers. Returns true when the engine has exited. */
-static bool io_relay(kvs_server *srv)
+/* Handle the engine's messages. Returns true when the engine has exited. */
+static bool io_from_engine(kvs_server *srv)
 {
     for (;;) {
-        zmq_msg_t parts[3];
-        int n = recv_parts(srv->pair_io, parts);
+        zmq_msg_t p[6];
+        int n = recv_parts(srv->pair_io, p, 6);
         if (n <= 0) {
             return false;
         }
-        if (n == 1 && zmq_msg_size(&parts[0]) == 0) {
-            close_parts(parts, n);
+        char kind = zmq_msg_size(&p[0]) == 1 ? *(const char *)zmq_msg_data(&p[0]) : 0;
+        char session[KVS_SESSION_ID_MAX + 1], name[KVS_WIRE_NAME_MAX + 1];
+        bool exited = false;
+        if (kind == MSG_REPLY && n == 4) {
+            bool final = *(const uint8_t *)zmq_msg_data(&p[3]) == 1;
+            int e = io_reply(srv, zmq_msg_data(&p[1]), zmq_msg_size(&p[1]),
+                             zmq_msg_data(&p[2]), zmq_msg_size(&p[2]));
+            if (final) {
+                srv->in_flight--;
+            } else if (e == EHOSTUNREACH) {
+                /* a stream to a gone peer: let the engine stop its work */
+                zmq_send(srv->pair_io, zmq_msg_data(&p[1]), zmq_msg_size(&p[1]), 0);
+            }
+        } else if (kind == MSG_VERSION && n == 3) {
+            msg_str(&p[1], session, sizeof session);
+            kvs_flashcache_version(srv->fc, session, msg_u64(&p[2]));
+        } else if (kind == MSG_FLASH && n == 6 && zmq_msg_size(&p[4]) == sizeof(uint32_t)) {
+            uint32_t n_keys;
+            memcpy(&n_keys, zmq_msg_data(&p[4]), sizeof n_keys);
+            msg_str(&p[1], session, sizeof session);
+            msg_str(&p[2], name, sizeof name);
+            kvs_flashcache_answer(srv->fc, session, name, msg_u64(&p[3]), zmq_msg_data(&p[5]),
+                                  zmq_msg_size(&p[5]), n_keys);
+            atomic_store(&srv->io_watchers_dropped, kvs_flashcache_dropped(srv->fc));
+        } else if (kind == MSG_UNREG && n == 3) {
+            msg_str(&p[1], session, sizeof session);
+            msg_str(&p[2], name, sizeof name);
+            kvs_flashcache_unregister(srv->fc, session, name);
+        } else if (kind == MSG_CLOSED && n == 2) {
+            msg_str(&p[1], session, sizeof session);
+            kvs_flashcache_close(srv->fc, session);
+        } else if (kind == MSG_EXIT) {
+            exited = true;
+        } else {
+            KVS_ERROR("server: unexpected engine message ('%c', %d parts)", kind ? kind : '?', n);
+        }
+        close_parts(p, n, 6);
+        atomic_store(&srv->io_in_flight, srv->in_flight);
+        atomic_store(&srv->io_watchers, kvs_flashcache_n_watchers(srv->fc));
+        if (exited) {
             return true;
         }
-        if (n == 3) {
-            io_reply(srv, zmq_msg_data(&parts[0]), zmq_msg_size(&parts[0]),
-                     zmq_msg_data(&parts[1]), zmq_msg_size(&parts[1]));
-            if (*(const uint8_t *)zmq_msg_data(&parts[2]) == 1) {
-                srv->in_flight--;
-            }
-        }
-        close_parts(parts, n);
     }
 }
 
@@ -635,8 +1415,10 @@ int kvs_server_run(kvs_server *srv)
     int rc = 0;
     while (!engine_done) {
         if (srv->stop_requested && !stop_sent) {
-            KVS_INFO("server: shutting down (%d requests in flight)", srv->in_flight);
+            KVS_INFO("server: shutting down (%d requests in flight, %d watches)", srv->in_flight,
+                     kvs_flashcache_n_watchers(srv->fc));
             atomic_store(&srv->stopping, 1);
+            kvs_flashcache_end_all(srv->fc, KVS_CANCELLED, "worker shutting down");
             if (zmq_send(srv->pair_io, "", 0, 0) < 0) {
                 KVS_ERROR("server: stop send failed: %s", zmq_strerror(errno));
             }
@@ -652,20 +1434,22 @@ int kvs_server_run(kvs_server *srv)
             rc = KVS_INTERNAL;
             break;
         }
+        /* engine messages first: a version published before a reply is known before the
+         * next request is read */
         if (items[1].revents & ZMQ_POLLIN) {
-            engine_done = io_relay(srv);
+            engine_done = io_from_engine(srv);
         }
         if (items[0].revents & ZMQ_POLLIN) {
             for (int i = 0; i < RECV_BATCH; i++) {
                 zmq_msg_t parts[3];
-                int n = recv_parts(srv->router, parts);
+                int n = recv_parts(srv->router, parts, 3);
                 if (n <= 0) {
                     break;
                 }
                 if (n >= 1 && zmq_msg_size(&parts[0]) <= IDENT_MAX) {
                     io_handle(srv, parts, n, stop_sent);
                 }
-                close_parts(parts, n);
+                close_parts(parts, n, 3);
             }
         }
     }
@@ -708,10 +1492,21 @@ int kvs_server_new(const struct kvs_server_opts *o, kvs_server **out, char *err,
         return KVS_NO_MEMORY;
     }
     srv->queue_max = o->queue_max > 0 ? o->queue_max : KVS_SERVER_QUEUE_MAX;
+    srv->live.next = srv->live.prev = &srv->live;
     atomic_init(&srv->stopping, 0);
+    atomic_init(&srv->io_in_flight, 0);
+    atomic_init(&srv->io_watchers, 0);
+    atomic_init(&srv->io_flash_hits, 0);
+    atomic_init(&srv->io_watchers_dropped, 0);
     kvs_wire_buf_init(&srv->out);
     kvs_wire_buf_init(&srv->eout);
-    int rc = kvs_engine_open(&o->engine, &srv->e, err, errlen);
+    int rc = KVS_NO_MEMORY;
+    srv->fc = kvs_flashcache_new(fc_send, srv);
+    if (srv->fc == NULL) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    rc = kvs_engine_open(&o->engine, &srv->e, err, errlen);
     if (rc < 0) {
         goto fail;
     }
@@ -725,6 +1520,16 @@ int kvs_server_new(const struct kvs_server_opts *o, kvs_server **out, char *err,
     if (rc < 0) {
         snprintf(err, errlen, "cannot open the data dir %s", o->data_dir ? o->data_dir : "-");
         goto fail;
+    }
+    srv->sched_opts = o->sched;
+    rc = kvs_sched_new(srv->S, &srv->sched_opts, &srv->sc);
+    if (rc < 0) {
+        snprintf(err, errlen, "cannot create the scheduler");
+        goto fail;
+    }
+    if (srv->sched_opts.max_batch_tokens <= 0 ||
+        srv->sched_opts.max_batch_tokens > kvs_forward_max_rows(srv->e->fw)) {
+        srv->sched_opts.max_batch_tokens = kvs_forward_max_rows(srv->e->fw); /* as sched does */
     }
     if (o->data_dir != NULL) {
         char rerr[2048] = "";
@@ -805,8 +1610,17 @@ void kvs_server_destroy(kvs_server **psrv)
     if (srv->zctx) {
         zmq_ctx_term(srv->zctx);
     }
+    /* requests still live here were never run (kvs_server_run not called) */
+    while (srv->live.next != NULL && srv->live.next != &srv->live) {
+        req_free(srv->live.next);
+    }
+    kvs_sched_destroy(&srv->sc);
     kvs_sessions_destroy(&srv->S);
-    kvs_engine_destroy(&srv->e);
+    for (int32_t i = 0; i < srv->n_ss; i++) {
+        free(srv->ss[i]);
+    }
+    free(srv->ss);
+    kvs_flashcache_destroy(&srv->fc);
     kvs_wire_buf_destroy(&srv->out);
     kvs_wire_buf_destroy(&srv->eout);
     free(srv);

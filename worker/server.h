@@ -1,21 +1,34 @@
 /* The kvs-worker server: the wire protocol (docs/PROTOCOL.md) on a ZeroMQ ROUTER socket in
- * front of one engine and its sessions.
+ * front of one engine, its sessions and its scheduler.
  *
  * Two threads, one owner per state, talking by messages over an inproc PAIR:
- *   I/O thread (the caller of kvs_server_run): owns the ROUTER socket. Receives, checks the
- *     envelope, pre-validates and decodes each payload (common/wire.h), answers bad input,
- *     hello and ping itself, answers BUSY when the engine queue is full, and forwards the
- *     other requests as [peer identity][payload]. Relays replies from the engine thread to
- *     the peers ([identity][""][payload]); a reply to a peer that is gone or not reading
- *     is dropped and logged (ROUTER_MANDATORY, non-blocking sends).
- *   engine thread: owns the kvs_engine and kvs_sessions. Decodes the forwarded request,
- *     runs it with the synchronous session API, sends replies (streamed query tokens one
- *     message each) as [identity][payload][final flag].
+ *   I/O thread (the caller of kvs_server_run): owns the ROUTER socket and the flash cache
+ *     (worker/flashcache.h). Receives, checks the envelope, pre-validates and decodes each
+ *     payload (common/wire.h), answers bad input, hello and ping itself, flash.get of a
+ *     cached fresh answer, flash.watch and the cancel of a watch; answers BUSY when the
+ *     engine queue is full, and forwards the other requests as [identity][payload][time
+ *     received]. Relays replies from the engine thread to the peers; a reply to a peer that
+ *     is gone or not reading is dropped and logged (ROUTER_MANDATORY, non-blocking sends),
+ *     and a stream to a gone peer makes the engine cancel that peer's work.
+ *   engine thread: owns the kvs_engine, the kvs_sessions and the kvs_sched. Its loop: take
+ *     every request the I/O thread queued, run one scheduler step while there is work
+ *     (block on the pair when there is none), then run the requests that were waiting for
+ *     their session to settle. Appends of text and stateful queries become scheduler jobs
+ *     (their deadline_ms the job's deadline); their callbacks send the replies (streamed
+ *     query tokens one message each). Everything else runs synchronously between steps;
+ *     the operations that need a settled session (close, snapshot, dump, flash register and
+ *     get, stateless query, append of raw tokens) wait in a deferred queue until the
+ *     session's appends in progress are done, and later requests to that session wait
+ *     behind them (a close waits for an idle scheduler, and holds every new request
+ *     meanwhile: queued flash evaluations reference the session). cancel finds the target
+ *     by (peer, id) among the scheduled and deferred requests. The engine publishes every
+ *     session version and flash answer to the I/O thread (the flash cache's input).
  *
  * Shutdown (kvs_server_stop, e.g. from a SIGTERM handler): the I/O thread stops taking
- * requests (new ones are answered CANCELLED), the engine finishes the request in progress,
- * answers the ones still queued with CANCELLED, closes the sessions (logs flushed and closed)
- * and exits; the I/O thread flushes the last replies and kvs_server_run returns 0.
+ * requests (new ones are answered CANCELLED) and ends the watches; the engine cancels the
+ * deferred requests, lets the scheduler finish for up to 2 s, cancels what is left, closes
+ * the sessions (logs flushed and closed) and exits; the I/O thread flushes the last replies
+ * and kvs_server_run returns 0.
  */
 #ifndef KVS_SERVER_H
 #define KVS_SERVER_H
@@ -25,6 +38,7 @@
 #include <stdint.h>
 
 #include "worker/engine.h"
+#include "worker/sched.h"
 #include "worker/sesslog.h"
 
 #define KVS_SERVER_QUEUE_MAX 64 /* requests forwarded to the engine and not yet finished */
@@ -36,6 +50,7 @@ struct kvs_server_opts {
     enum kvs_fsync_policy fsync;   /* for the session logs */
     struct kvs_engine_opts engine; /* model, threads, cells */
     int32_t queue_max;             /* 0 = KVS_SERVER_QUEUE_MAX */
+    struct kvs_sched_opts sched;   /* step budget, append chunk (zeros = the defaults) */
 };
 
 typedef struct kvs_server kvs_server;
