@@ -6,6 +6,9 @@
 
 #include "common/log.h"
 #include "common/status.h"
+#ifdef KVS_HAVE_CUDA
+#include "kernels/cuda/cuda.h"
+#endif
 
 #define MAX_LOGIT_ROWS 64 /* rows per LM-head matmul; more are done in several passes */
 
@@ -244,31 +247,17 @@ static int plan_batch(kvs_forward *fw, const kvs_batch *bt, int32_t *n_logits)
     return KVS_OK;
 }
 
-int kvs_forward_run(kvs_forward *fw, const kvs_batch *bt, float *logits)
+/* The layers of one batch, and the LM head of its first n_head_rows logit rows (at most
+ * MAX_LOGIT_ROWS) into fw->logits. Issues ops only: nothing is downloaded or synced. */
+static int forward_ops(kvs_forward *fw, const kvs_batch *bt, const struct kvs_attn_batch *ab,
+                       int32_t n_head_rows)
 {
-    if (bt->n_rows == 0) {
-        return KVS_OK;
-    }
-    if (bt->n_rows > fw->max_rows) {
-        return KVS_INVALID_ARGUMENT;
-    }
     const kvs_model *m = fw->m;
     const struct kvs_hparams *hp = &m->hp;
     kvs_backend *b = fw->b;
     const struct kvs_backend_ops *op = b->ops;
     kvs_kv_cache *kv = kvs_pool_kv(fw->pool);
-    int32_t n = bt->n_rows, n_logits = 0;
-    KVS_TRY(plan_batch(fw, bt, &n_logits));
-    if (n_logits > 0 && logits == NULL) {
-        return KVS_INVALID_ARGUMENT;
-    }
-    const struct kvs_attn_batch ab = {
-        .n_rows = n,
-        .row_slot = fw->d_slot,
-        .row_ctx = fw->d_ctx,
-        .row_table = fw->d_rtab,
-        .tables = fw->d_tables,
-    };
+    int32_t n = bt->n_rows;
     int32_t E = (int32_t)hp->n_embd, FF = (int32_t)hp->n_ff;
     int32_t H = (int32_t)hp->n_head, HKV = (int32_t)hp->n_head_kv, D = (int32_t)hp->head_dim;
     float scale = 1.0f / sqrtf((float)D);
@@ -283,8 +272,8 @@ int kvs_forward_run(kvs_forward *fw, const kvs_batch *bt, float *logits)
         KVS_TRY(op->matmul(b, &L->wv, fw->h, n, L->bv, fw->v));
         KVS_TRY(op->rope(b, fw->q, n, H, D, bt->pos, &m->rope));
         KVS_TRY(op->rope(b, fw->k, n, HKV, D, bt->pos, &m->rope));
-        KVS_TRY(op->kv_store(b, kv, (int32_t)l, fw->k, fw->v, &ab));
-        KVS_TRY(op->attention(b, kv, (int32_t)l, fw->q, H, scale, &ab, fw->att));
+        KVS_TRY(op->kv_store(b, kv, (int32_t)l, fw->k, fw->v, ab));
+        KVS_TRY(op->attention(b, kv, (int32_t)l, fw->q, H, scale, ab, fw->att));
         KVS_TRY(op->matmul(b, &L->wo, fw->att, n, NULL, fw->o));
         KVS_TRY(op->add(b, fw->x, fw->o, (int64_t)n * E));
         /* feed-forward block */
@@ -295,8 +284,62 @@ int kvs_forward_run(kvs_forward *fw, const kvs_batch *bt, float *logits)
         KVS_TRY(op->matmul(b, &L->w_down, fw->gate, n, NULL, fw->o));
         KVS_TRY(op->add(b, fw->x, fw->o, (int64_t)n * E));
     }
-    /* LM head, only for the rows that want logits, in chunks of MAX_LOGIT_ROWS. */
-    for (int32_t i = 0; i < n_logits; i += MAX_LOGIT_ROWS) {
+    if (n_head_rows > 0) {
+        KVS_TRY(op->gather(b, fw->x, fw->logit_idx, n_head_rows, E, fw->lx));
+        KVS_TRY(op->rmsnorm(b, fw->lx, m->output_norm, n_head_rows, E, hp->norm_eps, fw->lx));
+        KVS_TRY(op->matmul(b, &m->output, fw->lx, n_head_rows, NULL, fw->logits));
+    }
+    return KVS_OK;
+}
+
+int kvs_forward_run(kvs_forward *fw, const kvs_batch *bt, float *logits)
+{
+    if (bt->n_rows == 0) {
+        return KVS_OK;
+    }
+    if (bt->n_rows > fw->max_rows) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    const kvs_model *m = fw->m;
+    const struct kvs_hparams *hp = &m->hp;
+    kvs_backend *b = fw->b;
+    const struct kvs_backend_ops *op = b->ops;
+    int32_t n = bt->n_rows, n_logits = 0;
+    KVS_TRY(plan_batch(fw, bt, &n_logits));
+    if (n_logits > 0 && logits == NULL) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    const struct kvs_attn_batch ab = {
+        .n_rows = n,
+        .row_slot = fw->d_slot,
+        .row_ctx = fw->d_ctx,
+        .row_table = fw->d_rtab,
+        .tables = fw->d_tables,
+    };
+    int32_t E = (int32_t)hp->n_embd;
+
+    /* the layers and the first LM-head pass: on CUDA as a graph where the shape recurs
+     * (kernels/cuda/cuda.h: the ops may be issued up to three times) */
+    int32_t n_head_rows = n_logits < MAX_LOGIT_ROWS ? n_logits : MAX_LOGIT_ROWS;
+    int rc = KVS_OK;
+#ifdef KVS_HAVE_CUDA
+    const bool graph = kvs_backend_is_cuda(b);
+    if (graph) {
+        KVS_TRY(kvs_cuda_graph_begin(b));
+    }
+    do {
+        rc = forward_ops(fw, bt, &ab, n_head_rows);
+    } while (graph && kvs_cuda_graph_end(b, &rc) == 1);
+#else
+    rc = forward_ops(fw, bt, &ab, n_head_rows);
+#endif
+    KVS_TRY(rc);
+    if (n_head_rows > 0) {
+        KVS_TRY(op->download(b, logits, fw->logits,
+                             (size_t)n_head_rows * hp->n_vocab * sizeof(float)));
+    }
+    /* LM head of the other rows that want logits, MAX_LOGIT_ROWS at a time */
+    for (int32_t i = n_head_rows; i < n_logits; i += MAX_LOGIT_ROWS) {
         int32_t c = n_logits - i < MAX_LOGIT_ROWS ? n_logits - i : MAX_LOGIT_ROWS;
         KVS_TRY(op->gather(b, fw->x, fw->logit_idx + i, c, E, fw->lx));
         KVS_TRY(op->rmsnorm(b, fw->lx, m->output_norm, c, E, hp->norm_eps, fw->lx));

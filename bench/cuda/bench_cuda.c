@@ -72,12 +72,14 @@ static int32_t token(struct bench *B)
 }
 
 /* Append n tokens to seq in chunks of the forward's max rows; logits of the last row if
- * want_last. Returns seconds (sync included). */
-static double feed(struct bench *B, kvs_seq *seq, int32_t n, int want_last)
+ * want_last. Returns seconds (sync included); each chunk's seconds into chunk_s if not NULL. */
+static double feed_chunks(struct bench *B, kvs_seq *seq, int32_t n, int want_last,
+                          double *chunk_s)
 {
     int32_t max_rows = kvs_forward_max_rows(B->fw);
     double t0 = now();
     for (int32_t i = 0; i < n; i += max_rows) {
+        double tc = now();
         int32_t c = n - i < max_rows ? n - i : max_rows;
         CHECK(kvs_pool_seq_reserve(B->pool, seq, c));
         kvs_batch_clear(&B->batch);
@@ -87,8 +89,16 @@ static double feed(struct bench *B, kvs_seq *seq, int32_t n, int want_last)
         }
         CHECK(kvs_forward_run(B->fw, &B->batch, B->logits));
         kvs_pool_seq_commit(B->pool, seq, c);
+        if (chunk_s != NULL) {
+            chunk_s[i / max_rows] = now() - tc;
+        }
     }
     return now() - t0;
+}
+
+static double feed(struct bench *B, kvs_seq *seq, int32_t n, int want_last)
+{
+    return feed_chunks(B, seq, n, want_last, NULL);
 }
 
 static double decode_ms(struct bench *B, kvs_seq *seq, int steps)
@@ -223,10 +233,37 @@ int main(int argc, char **argv)
     kvs_seq *s1 = kvs_pool_seq_new(B.pool);
     feed(&B, s1, 1023, 0);
     double dec1k = decode_ms(&B, s1, quick ? 5 : 20);
+    uint64_t g_launch = 0, g_capt = 0;
+    kvs_cuda_graph_counts(B.b, &g_launch, &g_capt);
+    printf("decode 1K: %.3f ms (graphs launched %llu, captured %llu so far)\n", dec1k,
+           (unsigned long long)g_launch, (unsigned long long)g_capt);
+    /* the same without graphs, then without fusion either (KVS_CUDA_GRAPHS / _FUSE = 0) */
+    setenv("KVS_CUDA_GRAPHS", "0", 1);
+    double dec1k_nograph = decode_ms(&B, s1, quick ? 5 : 10);
+    setenv("KVS_CUDA_FUSE", "0", 1);
+    double dec1k_plain = decode_ms(&B, s1, quick ? 5 : 10);
+    unsetenv("KVS_CUDA_FUSE");
+    unsetenv("KVS_CUDA_GRAPHS");
+    printf("decode 1K variants: graphs+fusion %.3f ms, fusion only %.3f ms, neither %.3f ms\n",
+           dec1k, dec1k_nograph, dec1k_plain);
     setenv("KVS_CUDA_ATTN", "old", 1);
     double dec1k_old = decode_ms(&B, s1, quick ? 5 : 10);
     unsetenv("KVS_CUDA_ATTN");
     kvs_pool_seq_release(B.pool, &s1);
+
+    /* ---- stateless: the whole 32K context + a 32-token question from nothing ---- */
+    double stateless32k = 0, chunk_s[40];
+    {
+        kvs_seq *st = kvs_pool_seq_new(B.pool);
+        int32_t n_st = ctx_long + n_q;
+        stateless32k = feed_chunks(&B, st, n_st, 1, chunk_s) * 1e3;
+        int32_t nc = (n_st + n_append - 1) / n_append;
+        printf("stateless: %d tokens from nothing in %d chunks: %.1f ms; chunk 0 %.1f ms, "
+               "chunk %d %.1f ms, chunk %d %.1f ms\n",
+               n_st, nc, stateless32k, chunk_s[0] * 1e3, nc / 2, chunk_s[nc / 2] * 1e3, nc - 2,
+               chunk_s[nc - 2] * 1e3);
+        kvs_pool_seq_release(B.pool, &st);
+    }
 
     /* ---- append 2048 at 2048..4095, on forks of a 2048-cell seq ---- */
     kvs_seq *base = kvs_pool_seq_new(B.pool);
@@ -283,16 +320,13 @@ int main(int argc, char **argv)
     /* ---- long context: TTFT at growing contexts (1K, 8K, 32K, 64K), decode at ctx_long ---- */
     kvs_seq *lg = kvs_pool_seq_new(B.pool);
     const int32_t tt_ctx[4] = {1024, 8192, 32768, 65536};
-    double ttft_at[4] = {0, 0, 0, 0}, tfill = 0, dec32k = 0, dec32k_old = 0, stateless32k = 0;
+    double ttft_at[4] = {0, 0, 0, 0}, tfill = 0, dec32k = 0, dec32k_old = 0;
     int n_tt = quick ? 3 : 5;
     for (int k = 0; k < 4 && tt_ctx[k] <= ctx_max; k++) {
         double tf = feed(&B, lg, tt_ctx[k] - lg->n_cells, 0);
         tfill += tf;
         printf("filled to %d cells: %.2f s so far (%.0f tok/s)\n", tt_ctx[k], tfill,
                tt_ctx[k] / tfill);
-        if (tt_ctx[k] == 32768) {
-            stateless32k = tfill * 1e3; /* chunked prefill of 32K from nothing */
-        }
         double tt[8];
         for (int i = 0; i < n_tt + 1; i++) {
             kvs_seq *f = kvs_pool_seq_fork(B.pool, lg);
@@ -336,6 +370,12 @@ int main(int argc, char **argv)
            100 * b_ttft * 1e3 / ttft, "<= 10 ms");
     printf("decode with the previous attention kernels: 1K %.3f ms, %dK %.3f ms\n", dec1k_old,
            ctx_long / 1024, dec32k_old);
+    kvs_cuda_graph_counts(B.b, &g_launch, &g_capt);
+    printf("graphs: %llu forwards launched as graphs, %llu captured\n",
+           (unsigned long long)g_launch, (unsigned long long)g_capt);
+    printf("RESULT variants decode1k_nograph_ms=%.3f decode1k_nofuse_ms=%.3f "
+           "decode1k_oldattn_ms=%.3f\n",
+           dec1k_nograph, dec1k_plain, dec1k_old);
     printf("RESULT ttft_ms 1024=%.3f 8192=%.3f 32768=%.3f 65536=%.3f stateless32k_ms=%.1f "
            "sessions64_ctx8k_tps=%.0f\n",
            ttft_at[0], ttft_at[1], ttft_at[2], ttft_at[3], stateless32k, sess_tps);

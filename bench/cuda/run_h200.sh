@@ -6,6 +6,8 @@
 # and a lib/ folder of the non-CUDA shared libraries) instead of building here: the device
 # image has CUDA and CMake but not Check, Jansson or libsodium.
 # KVS_SANITIZE_GPU=1: also run the op tests under compute-sanitizer memcheck.
+# Then HF transformers on the same shape (bench/cuda/hf_baseline.py; KVS_SKIP_HF=1 skips it)
+# and the JSON of the run ($OUT/results.json, bench/cuda/results_json.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/bench-out}
@@ -32,6 +34,14 @@ git rev-parse HEAD >"$OUT/commit.txt" 2>/dev/null
 KVS_CUDA_ATTN=old CK_RUN_CASE=ops "$B"/test_cuda_parity >"$OUT/test_cuda_parity_old.log" 2>&1
 rc2o=$?
 timeout 300 "$B"/bench_cuda ${KVS_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; rc3=${PIPESTATUS[0]}
+# HF transformers on the same shape, same GPU, same run (after bench_cuda has freed the GPU)
+rc5=skipped
+if [ "${KVS_SKIP_HF:-0}" != 1 ]; then
+  PYTHONUNBUFFERED=1 timeout 400 python3 bench/cuda/hf_baseline.py -o "$OUT/hf.json" \
+    >"$OUT/hf.log" 2>&1; rc5=$?
+  tail -2 "$OUT/hf.log"
+fi
+python3 bench/cuda/results_json.py "$OUT" >"$OUT/results.json" && cat "$OUT/results.json"
 rc4=skipped
 if [ "${KVS_SANITIZE_GPU:-0}" = 1 ]; then
   CK_RUN_CASE=ops timeout 120 compute-sanitizer --tool memcheck --leak-check no \
@@ -40,7 +50,7 @@ if [ "${KVS_SANITIZE_GPU:-0}" = 1 ]; then
 fi
 echo
 echo "==== summary ($(head -1 "$OUT/gpu.txt" >/dev/null; sed -n 2p "$OUT/gpu.txt"))"
-echo "test_cuda rc=$rc1  test_cuda_parity rc=$rc2 (old attention, ops: $rc2o)  bench rc=$rc3  memcheck rc=$rc4"
+echo "test_cuda rc=$rc1  test_cuda_parity rc=$rc2 (old attention, ops: $rc2o)  bench rc=$rc3  hf rc=$rc5  memcheck rc=$rc4"
 grep -E "^(forward|worst|[0-9]+%)|Checks|FAIL|Failure" "$OUT/test_cuda_parity.log" | head -20
 grep -E "Checks|Failure" "$OUT/test_cuda_parity_old.log" | head -5
-grep -E "^(ceiling|decode|append|TTFT|RESULT|filled|model|sessions)" "$OUT/bench.log"
+grep -E "^(ceiling|decode|append|TTFT|RESULT|filled|model|sessions|stateless|graphs|matmuls)" "$OUT/bench.log"

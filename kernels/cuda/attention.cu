@@ -981,6 +981,19 @@ static __global__ void attn_combine_kernel(attn_args a)
 
 /* ---- entry ------------------------------------------------------------------------------------ */
 
+/* The graph-mode check of one attention launch (and its combine): the kernel and every
+ * argument that a launch takes from the host. */
+static bool launch_ok(struct kvs_cuda *c, const void *kernel, const attn_args &a)
+{
+    const uint64_t args[] = {(uint64_t)(uintptr_t)kernel,   (uint64_t)(uintptr_t)a.q,
+                             (uint64_t)(uintptr_t)a.out,    (uint64_t)(uintptr_t)a.partial,
+                             (uint64_t)(uintptr_t)a.k,      (uint64_t)(uintptr_t)a.row_ctx,
+                             (uint64_t)(uintptr_t)a.row_table, (uint64_t)(uintptr_t)a.tables,
+                             (uint64_t)a.n_rows,            (uint64_t)a.n_head,
+                             (uint64_t)a.n_split,           kvs_cuda_fbits(a.scale)};
+    return kvs_cuda_launch_ok(c, 0x500, args, 12);
+}
+
 int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *q,
                        int32_t n_head, float scale, const struct kvs_attn_batch *ab, float *out)
 {
@@ -993,10 +1006,12 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
     if (n_head <= 0 || n_head % l->n_kv_head != 0 || l->head_dim > 32 * SIMPLE_MAX_PER_LANE) {
         return KVS_INVALID_ARGUMENT;
     }
+    KVS_TRY(kvs_cuda_flush(c));
     if (ab->n_rows == 0) {
         return 0;
     }
     attn_args a;
+    memset(&a, 0, sizeof a);
     a.q = q;
     a.out = out;
     a.partial = NULL;
@@ -1067,6 +1082,9 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
             a.partial = (float *)c->partial.p;
         }
         dim3 grid((unsigned)tiles, (unsigned)a.n_kv_head, (unsigned)a.n_split);
+        if (!launch_ok(c, (const void *)fa, a)) {
+            return 0;
+        }
         fa<<<grid, FA_THREADS, smem, c->stream>>>(a);
         CU_LAUNCHED();
         if (a.n_split > 1) {
@@ -1096,6 +1114,11 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
         size_t need = (size_t)a.n_rows * n_head * a.n_split * (a.hd + 2) * sizeof(float);
         KVS_TRY(kvs_cuda_buf_reserve(&c->partial, need));
         a.partial = (float *)c->partial.p;
+    }
+    if (!launch_ok(c, dec ? (const void *)attn_decode_kernel<1> : tc ? (const void *)attn_tc_kernel
+                                                                   : (const void *)attn_simple_kernel,
+                   a)) {
+        return 0;
     }
     if (dec) {
         size_t smem = (size_t)(DEC_THREADS / (a.hd / 8)) * a.group * (a.hd + 2) * sizeof(float);

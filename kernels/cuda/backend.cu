@@ -88,6 +88,9 @@ static void *cuda_alloc(kvs_backend *b, size_t bytes)
 static void cuda_free(kvs_backend *b, void *ptr)
 {
     if (ptr != NULL) {
+        if (kvs_cuda_flush(kvs_cuda_ctx(b)) < 0) { /* a held op may read ptr */
+            KVS_WARN("cuda: a held-back op failed before a free");
+        }
         cudaError_t e = cudaFree(ptr);
         if (e != cudaSuccess) {
             KVS_ERROR("cuda: cudaFree: %s", cudaGetErrorString(e));
@@ -97,6 +100,7 @@ static void cuda_free(kvs_backend *b, void *ptr)
 
 static int cuda_upload(kvs_backend *b, void *dst, const void *host_src, size_t bytes)
 {
+    KVS_TRY(kvs_cuda_flush(kvs_cuda_ctx(b)));
     if (bytes == 0) {
         return 0;
     }
@@ -107,10 +111,11 @@ static int cuda_upload(kvs_backend *b, void *dst, const void *host_src, size_t b
 
 static int cuda_download(kvs_backend *b, void *host_dst, const void *src, size_t bytes)
 {
+    struct kvs_cuda *c = kvs_cuda_ctx(b);
+    KVS_TRY(kvs_cuda_flush(c));
     if (bytes == 0) {
         return 0;
     }
-    struct kvs_cuda *c = kvs_cuda_ctx(b);
     CU_TRY(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, c->stream));
     CU_TRY(cudaStreamSynchronize(c->stream)); /* the caller reads host_dst next */
     return 0;
@@ -119,6 +124,7 @@ static int cuda_download(kvs_backend *b, void *host_dst, const void *src, size_t
 static int cuda_sync(kvs_backend *b)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
+    KVS_TRY(kvs_cuda_flush(c));
     int flag = 0;
     CU_TRY(cudaMemcpyAsync(&flag, c->d_flag, sizeof flag, cudaMemcpyDeviceToHost, c->stream));
     CU_TRY(cudaStreamSynchronize(c->stream));
@@ -133,14 +139,18 @@ static int cuda_sync(kvs_backend *b)
 
 /* ---- lifecycle ---------------------------------------------------------------------------- */
 
+#define CUBLAS_WS_BYTES ((size_t)32 << 20)
+
 static void cuda_destroy(kvs_backend *b)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
     if (c != NULL) {
         cudaSetDevice(c->dev);
         if (c->stream != NULL) {
+            (void)kvs_cuda_flush(c);
             cudaStreamSynchronize(c->stream);
         }
+        kvs_cuda_graphs_free(c);
         kvs_cuda_buf_free(&c->xb);
         kvs_cuda_buf_free(&c->partial);
         kvs_cuda_buf_free(&c->blockbuf);
@@ -152,6 +162,7 @@ static void cuda_destroy(kvs_backend *b)
         if (c->cublas != NULL) {
             cublasDestroy(c->cublas);
         }
+        cudaFree(c->cublas_ws);
         if (c->stream != NULL) {
             cudaStreamDestroy(c->stream);
         }
@@ -242,6 +253,15 @@ extern "C" kvs_backend *kvs_backend_cuda_new(int dev, char *err, size_t errlen)
         cublasSetStream(c->cublas, c->stream) != CUBLAS_STATUS_SUCCESS) {
         NEW_FAIL("CUDA device %d: cannot create a cuBLAS handle", dev);
     }
+    /* an explicit workspace: cuBLAS then allocates nothing while a forward is captured */
+    if ((e = cudaMalloc(&c->cublas_ws, CUBLAS_WS_BYTES)) != cudaSuccess ||
+        cublasSetWorkspace(c->cublas, c->cublas_ws, CUBLAS_WS_BYTES) != CUBLAS_STATUS_SUCCESS) {
+        NEW_FAIL("CUDA device %d: cannot set a cuBLAS workspace", dev);
+    }
+    {
+        const char *f = getenv("KVS_CUDA_FUSE");
+        c->fuse = !(f != NULL && strcmp(f, "0") == 0);
+    }
     KVS_DEBUG("cuda: backend on device %d (%s, %d SMs)", dev, p.name, c->n_sm);
     return b;
 fail:
@@ -309,6 +329,7 @@ template <typename F> static int median_time(cudaStream_t s, int reps, F fn, dou
 extern "C" int kvs_cuda_bench_gemm(kvs_backend *b, int m, int n, int k, int reps, double *seconds)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
+    KVS_TRY(kvs_cuda_flush(c));
     __nv_bfloat16 *A = NULL, *B = NULL, *C = NULL;
     int rc = KVS_NO_MEMORY;
     if (cudaMalloc(&A, (size_t)m * k * 2) == cudaSuccess &&
@@ -342,6 +363,7 @@ extern "C" int kvs_cuda_bench_gemm(kvs_backend *b, int m, int n, int k, int reps
 extern "C" int kvs_cuda_bench_copy(kvs_backend *b, size_t bytes, int reps, double *seconds)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
+    KVS_TRY(kvs_cuda_flush(c));
     void *src = NULL, *dst = NULL;
     int rc = KVS_NO_MEMORY;
     if (cudaMalloc(&src, bytes) == cudaSuccess && cudaMalloc(&dst, bytes) == cudaSuccess) {

@@ -70,6 +70,18 @@ int kvs_cuda_weight_random(kvs_backend *b, struct kvs_weight *w, uint64_t seed, 
 /* Device memory in bytes: free and total (cudaMemGetInfo). 0 or KVS_DEVICE. */
 int kvs_cuda_mem_info(kvs_backend *b, size_t *free_bytes, size_t *total_bytes);
 
+/* CUDA graphs of a forward's layers (kernels/cuda/fuse.cu says how). The forward calls
+ *     kvs_cuda_graph_begin(b);
+ *     do { rc = <issue the layers' ops>; } while (kvs_cuda_graph_end(b, &rc) == 1);
+ * graph_end returns 1 when the ops must be issued again (the backend then runs them eagerly
+ * or captures them), 0 when they are issued (as a graph or eagerly) with the final status in
+ * *rc. Between the two, ops must not be called with host arrays that change between passes,
+ * nor upload, download or sync. KVS_CUDA_GRAPHS=0 makes begin a no-op. 0 or KVS_DEVICE. */
+int kvs_cuda_graph_begin(kvs_backend *b);
+int kvs_cuda_graph_end(kvs_backend *b, int *rc);
+/* Forwards launched as graphs and graphs captured so far (benchmarks). */
+void kvs_cuda_graph_counts(kvs_backend *b, uint64_t *launched, uint64_t *captured);
+
 /* Ceilings for the benchmarks, measured on b's device and stream (medians of reps):
  * seconds of one cuBLAS bf16 GEMM (m, n, k) with fp32 accumulation and bf16 output, and of
  * one device-to-device copy of bytes. 0 or a negative status. */

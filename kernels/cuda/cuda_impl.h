@@ -6,6 +6,8 @@
  *   norm_rope.cu  rmsnorm, rope, swiglu, add, gather
  *   kv.cu         KV storage: new, destroy, copy_block, store
  *   attention.cu  paged attention (tensor cores, split over the context) and its combine
+ *   fuse.cu       ops held back and fused (q/k/v GEMVs, gate/up GEMVs + swiglu, add +
+ *                 rmsnorm) and CUDA graphs of whole forwards (probe, capture, replay)
  */
 #ifndef KVS_CUDA_IMPL_H
 #define KVS_CUDA_IMPL_H
@@ -14,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <string.h>
 
 #include "kernels/cuda/cuda.h"
 
@@ -62,6 +65,35 @@ struct kvs_cuda_mirror {
     size_t host_cap;         /* allocated bytes of host */
 };
 
+/* One matmul of the GEMV path, held back so that the next op can join it (fuse.cu). */
+struct kvs_cuda_mm {
+    const __nv_bfloat16 *W; /* (n_out, n_in) bf16 */
+    const float *bias;      /* (n_out) or NULL */
+    float *y;               /* (n_rows, n_out) */
+    int64_t n_out;
+};
+
+#define KVS_CUDA_MAX_PEND_MM 3 /* q, k, v share their x */
+#define KVS_CUDA_MAX_GRAPHS 16 /* instantiated forward graphs kept (least recently used out) */
+#define KVS_CUDA_STAGE_BYTES ((size_t)1 << 20) /* pinned stage of one forward's host arrays */
+
+/* Graph modes of one forward (kvs_cuda_graph_begin / _end, fuse.cu). */
+enum kvs_cuda_gmode {
+    KVS_CUDA_G_OFF = 0, /* ops launch as they come */
+    KVS_CUDA_G_PROBE,   /* ops hash their launches and stage host arrays, launch nothing */
+    KVS_CUDA_G_CAPTURE, /* ops launch into a stream capture (and hash, to check the probe) */
+};
+
+/* Slots of host arrays staged per forward (the same array is staged once per forward). */
+enum { KVS_CUDA_STAGE_IDS, KVS_CUDA_STAGE_POS, KVS_CUDA_STAGE_FREQ, KVS_CUDA_STAGE_IDX,
+       KVS_CUDA_N_STAGE };
+
+struct kvs_cuda_graph {
+    uint64_t key;          /* hash of the launches it holds */
+    cudaGraphExec_t exec;  /* NULL = free entry */
+    uint64_t last_use;     /* graph_clock at its last launch */
+};
+
 struct kvs_cuda {
     int dev;                       /* device index */
     cudaStream_t stream;           /* every op runs on it */
@@ -80,6 +112,36 @@ struct kvs_cuda {
     struct kvs_cuda_mirror freq;   /* rope per-frequency factors (double) */
     struct kvs_cuda_mirror ids;    /* get_rows ids */
     struct kvs_cuda_mirror idx;    /* gather indices */
+    void *cublas_ws;               /* cuBLAS workspace (set explicitly: graph capture) */
+    double rope_freq[512];         /* the last rope call's frequencies ... */
+    struct kvs_rope rope_key;      /* ... for these parameters (freq_factors copied below) */
+    float rope_factors[512];
+    int rope_valid;
+    /* fusion (fuse.cu): ops held back until the next op says whether it can join them */
+    int fuse;                                      /* 0: KVS_CUDA_FUSE=0, launch as they come */
+    int n_pend_mm;                                 /* GEMV matmuls held, same x and rows */
+    struct kvs_cuda_mm pend_mm[KVS_CUDA_MAX_PEND_MM];
+    const float *pend_x;                           /* their x (n_rows, n_in) */
+    int32_t pend_rows;
+    int64_t pend_n_in;
+    float *pend_add_x;                             /* an add held back (x += y, n), or NULL */
+    const float *pend_add_y;
+    int64_t pend_add_n;
+    /* CUDA graphs of whole forwards (fuse.cu) */
+    int gmode;                                     /* enum kvs_cuda_gmode */
+    int gbad;                                      /* this probe / capture cannot be used */
+    uint64_t ghash;                                /* hash of this forward's launches so far */
+    uint64_t gkey;                                 /* the probe's hash, while capturing */
+    uint64_t gmiss;                                /* hash of the last forward run eagerly */
+    uint64_t graph_clock;                          /* forwards launched as graphs */
+    struct kvs_cuda_graph graphs[KVS_CUDA_MAX_GRAPHS];
+    unsigned char *stage;                          /* pinned host, KVS_CUDA_STAGE_BYTES */
+    struct kvs_cuda_buf dstage;                    /* its device twin */
+    size_t stage_off;                              /* bytes of stage used by this forward */
+    size_t stage_at[KVS_CUDA_N_STAGE];             /* offset of each slot's last array ... */
+    size_t stage_len[KVS_CUDA_N_STAGE];            /* ... and its bytes (0 = none yet) */
+    cudaEvent_t stage_ev;                          /* the stage's last upload is done */
+    uint64_t n_graph_launch, n_graph_capture;      /* counters for the benchmark */
 };
 
 static inline struct kvs_cuda *kvs_cuda_ctx(kvs_backend *b)
@@ -94,6 +156,29 @@ void kvs_cuda_buf_free(struct kvs_cuda_buf *buf);
 int kvs_cuda_mirror_set(struct kvs_cuda *c, struct kvs_cuda_mirror *m, const void *host,
                         size_t bytes);
 void kvs_cuda_mirror_free(struct kvs_cuda_mirror *m);
+
+/* fuse.cu: held-back ops, graph modes, staged host arrays */
+/* Launch what is held back (in the current graph mode). Every op that is not a GEMV matmul,
+ * an add or an rmsnorm calls it first, as do upload, download, sync and free. */
+int kvs_cuda_flush(struct kvs_cuda *c);
+/* Each launch site calls this with its kernel's arguments before launching: hashes them in
+ * the graph modes; false when probing (the site must not launch). */
+bool kvs_cuda_launch_ok(struct kvs_cuda *c, uint32_t site, const uint64_t *args, int n);
+/* A device copy of host[0..bytes) for a kernel of this op: c's mirror m outside the graph
+ * modes, the pinned stage (one upload before the graph runs) inside them. */
+int kvs_cuda_host_array(struct kvs_cuda *c, struct kvs_cuda_mirror *m, int slot,
+                        const void *host, size_t bytes, const void **dev);
+void kvs_cuda_graphs_free(struct kvs_cuda *c);
+/* gemm.cu: launch the held-back GEMV matmuls as one kernel (fused with swiglu when
+ * swiglu_out != NULL: the two held matmuls are gate and up). */
+int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out);
+/* gemm.cu: swiglu right after the gate and up GEMVs, fused with them: 1 = done, 0 = not
+ * applicable (the caller runs it), or a negative status. */
+int kvs_cuda_swiglu_fused(struct kvs_cuda *c, const float *gate, const float *up, int64_t n,
+                          float *out);
+/* norm_rope.cu: launch the held-back add (fused with the rmsnorm when rms_w != NULL). */
+int kvs_cuda_add_flush(struct kvs_cuda *c, const float *rms_w, int32_t n_rows, int32_t dim,
+                       float eps, float *out);
 
 /* weights.cu */
 int kvs_cuda_weight_load(kvs_backend *b, struct kvs_weight *w, const void *host_data);
@@ -135,6 +220,14 @@ int kvs_cuda_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
 /* attention.cu */
 int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *q,
                        int32_t n_head, float scale, const struct kvs_attn_batch *ab, float *out);
+
+/* The bits of a float, for hashing launch arguments on the host. */
+static inline uint64_t kvs_cuda_fbits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
 
 /* Blocks for n elements at threads per block, capped for grid-stride loops. */
 static inline unsigned kvs_cuda_blocks(int64_t n, int threads)

@@ -1,33 +1,35 @@
 /* matmul: y (n_rows, n_out) = x (n_rows, n_in) W^T (+ bias), W bf16 (n_out, n_in) on the device.
  *
  * Few rows (decode): a GEMV kernel bound by reading W once, one warp per output, 16-byte
- * loads of W, x read in f32, fp32 accumulation. More rows: x is rounded to bf16 into scratch
+ * loads of W, x read in f32, fp32 accumulation. GEMV matmuls are held back (fuse.cu): those
+ * reading one x launch together, and gate/up launch fused with the swiglu that follows. More rows: x is rounded to bf16 into scratch
  * and cuBLAS does the GEMM (bf16 operands, fp32 compute, f32 output); the bias is added
  * after. In cuBLAS's column-major terms: Y^T (n_out, n_rows) = W (as (n_in, n_out))^T X^T. */
 #include "kernels/cuda/cuda_impl.h"
 
 #include <assert.h>
 #include <stdint.h>
+#include <string.h>
 
 #define GEMV_WARPS 8 /* outputs per block */
 
+/* Matmuls of one GEMV launch: all read the same x; job j owns blocks [first[j], first[j+1]). */
+struct gemv_jobs {
+    const __nv_bfloat16 *W[KVS_CUDA_MAX_PEND_MM];
+    const float *bias[KVS_CUDA_MAX_PEND_MM];
+    float *y[KVS_CUDA_MAX_PEND_MM];
+    int64_t n_out[KVS_CUDA_MAX_PEND_MM];
+    int64_t first[KVS_CUDA_MAX_PEND_MM + 1];
+    int n;
+};
+
+/* acc[r] += row . x_r over the lane's 16-byte chunks (ch = lane, lane + 32, ...). */
 template <int R>
-static __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_kernel(const __nv_bfloat16 *__restrict__ W, const float *__restrict__ x, int64_t n_in,
-                int64_t n_out, const float *__restrict__ bias, float *__restrict__ y)
+static __device__ __forceinline__ void gemv_dot(const uint4 *__restrict__ wr,
+                                                const float *__restrict__ x, int64_t n_in,
+                                                int lane, float (&acc)[R])
 {
-    const int lane = threadIdx.x & 31;
-    const int64_t o = (int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (o >= n_out) {
-        return;
-    }
-    const uint4 *wr = (const uint4 *)(W + o * n_in);
     const int64_t nc = n_in / 8; /* 16-byte chunks of 8 weights */
-    float acc[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        acc[r] = 0.0f;
-    }
 #pragma unroll 4
     for (int64_t ch = lane; ch < nc; ch += 32) {
         uint4 wv = __ldg(wr + ch);
@@ -44,24 +46,154 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     }
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        float s = acc[r];
         for (int off = 16; off > 0; off >>= 1) {
-            s += __shfl_xor_sync(0xffffffffu, s, off);
-        }
-        if (lane == 0) {
-            y[r * n_out + o] = s + (bias != NULL ? bias[o] : 0.0f);
+            acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
         }
     }
 }
 
-static int gemv(cudaStream_t s, const __nv_bfloat16 *W, const float *x, int32_t n_rows,
-                int64_t n_in, int64_t n_out, const float *bias, float *y)
+/* One warp per output of one of J's matmuls. */
+template <int R>
+static __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_kernel(gemv_jobs J, const float *__restrict__ x, int64_t n_in)
 {
-    dim3 grid((unsigned)((n_out + GEMV_WARPS - 1) / GEMV_WARPS)), block(GEMV_WARPS * 32);
-    switch (n_rows) {
-#define CASE(R)                                                                            \
-    case R:                                                                                \
-        gemv_kernel<R><<<grid, block, 0, s>>>(W, x, n_in, n_out, bias, y);                 \
+    const int lane = threadIdx.x & 31;
+    const int64_t blk = blockIdx.x;
+    const int j = J.n > 1 && blk >= J.first[1] ? (J.n > 2 && blk >= J.first[2] ? 2 : 1) : 0;
+    const __nv_bfloat16 *W = j == 0 ? J.W[0] : j == 1 ? J.W[1] : J.W[2];
+    const float *bias = j == 0 ? J.bias[0] : j == 1 ? J.bias[1] : J.bias[2];
+    float *y = j == 0 ? J.y[0] : j == 1 ? J.y[1] : J.y[2];
+    const int64_t n_out = j == 0 ? J.n_out[0] : j == 1 ? J.n_out[1] : J.n_out[2];
+    const int64_t first = j == 0 ? J.first[0] : j == 1 ? J.first[1] : J.first[2];
+    const int64_t o = (blk - first) * GEMV_WARPS + (threadIdx.x >> 5);
+    if (o >= n_out) {
+        return;
+    }
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        acc[r] = 0.0f;
+    }
+    gemv_dot<R>((const uint4 *)(W + o * n_in), x, n_in, lane, acc);
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            y[r * n_out + o] = acc[r] + (bias != NULL ? bias[o] : 0.0f);
+        }
+    }
+}
+
+/* gate and up for output o in one warp (both rows stream together), then swiglu: out =
+ * silu(g) * u as swiglu_kernel computes it; gate and up are written too unless out is them. */
+template <int R>
+static __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_swiglu_kernel(const __nv_bfloat16 *__restrict__ Wg, const __nv_bfloat16 *__restrict__ Wu,
+                       const float *__restrict__ x, int64_t n_in, int64_t n_out, float *gate,
+                       float *up, float *out)
+{
+    const int lane = threadIdx.x & 31;
+    const int64_t o = (int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (o >= n_out) {
+        return;
+    }
+    float g[R], u[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        g[r] = 0.0f;
+        u[r] = 0.0f;
+    }
+    gemv_dot<R>((const uint4 *)(Wg + o * n_in), x, n_in, lane, g);
+    gemv_dot<R>((const uint4 *)(Wu + o * n_in), x, n_in, lane, u);
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int64_t i = r * n_out + o;
+            if (gate != out) {
+                gate[i] = g[r];
+            }
+            if (up != out) {
+                up[i] = u[r];
+            }
+            out[i] = g[r] / (1.0f + expf(-g[r])) * u[r];
+        }
+    }
+}
+
+enum { SITE_GEMV = 0x100, SITE_GEMV_SWIGLU, SITE_GEMM };
+
+int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out)
+{
+    const int n = c->n_pend_mm;
+    const int32_t R = c->pend_rows;
+    const float *x = c->pend_x;
+    const int64_t n_in = c->pend_n_in;
+    c->n_pend_mm = 0;
+    if (n == 0) {
+        return 0;
+    }
+    assert(R >= 1 && R <= KVS_CUDA_GEMV_MAX_ROWS);
+    const dim3 block(GEMV_WARPS * 32);
+    if (swiglu_out != NULL) {
+        const struct kvs_cuda_mm *g = &c->pend_mm[0], *u = &c->pend_mm[1];
+        assert(n == 2 && g->n_out == u->n_out && g->bias == NULL && u->bias == NULL);
+        const uint64_t args[] = {(uint64_t)(uintptr_t)g->W, (uint64_t)(uintptr_t)u->W,
+                                 (uint64_t)(uintptr_t)x,    (uint64_t)n_in,
+                                 (uint64_t)g->n_out,        (uint64_t)(uintptr_t)g->y,
+                                 (uint64_t)(uintptr_t)u->y, (uint64_t)(uintptr_t)swiglu_out,
+                                 (uint64_t)R};
+        if (!kvs_cuda_launch_ok(c, SITE_GEMV_SWIGLU, args, 9)) {
+            return 0;
+        }
+        const dim3 grid((unsigned)((g->n_out + GEMV_WARPS - 1) / GEMV_WARPS));
+        switch (R) {
+#define CASE(RR)                                                                           \
+    case RR:                                                                               \
+        gemv_swiglu_kernel<RR><<<grid, block, 0, c->stream>>>(g->W, u->W, x, n_in, g->n_out, \
+                                                               g->y, u->y, swiglu_out);     \
+        break;
+            CASE(1)
+            CASE(2)
+            CASE(3)
+            CASE(4)
+            CASE(5)
+            CASE(6)
+            CASE(7)
+            CASE(8)
+#undef CASE
+        default:
+            return KVS_INVALID_ARGUMENT;
+        }
+        CU_LAUNCHED();
+        return 0;
+    }
+    gemv_jobs J;
+    memset(&J, 0, sizeof J);
+    J.n = n;
+    uint64_t args[4 * KVS_CUDA_MAX_PEND_MM + 3];
+    int na = 0;
+    for (int j = 0; j < n; j++) {
+        const struct kvs_cuda_mm *m = &c->pend_mm[j];
+        J.W[j] = m->W;
+        J.bias[j] = m->bias;
+        J.y[j] = m->y;
+        J.n_out[j] = m->n_out;
+        J.first[j + 1] = J.first[j] + (m->n_out + GEMV_WARPS - 1) / GEMV_WARPS;
+        args[na++] = (uint64_t)(uintptr_t)m->W;
+        args[na++] = (uint64_t)(uintptr_t)m->bias;
+        args[na++] = (uint64_t)(uintptr_t)m->y;
+        args[na++] = (uint64_t)m->n_out;
+    }
+    args[na++] = (uint64_t)(uintptr_t)x;
+    args[na++] = (uint64_t)n_in;
+    args[na++] = (uint64_t)R;
+    if (!kvs_cuda_launch_ok(c, SITE_GEMV, args, na)) {
+        return 0;
+    }
+    const dim3 grid((unsigned)J.first[n]);
+    switch (R) {
+#define CASE(RR)                                                                           \
+    case RR:                                                                               \
+        gemv_kernel<RR><<<grid, block, 0, c->stream>>>(J, x, n_in);                         \
         break;
         CASE(1)
         CASE(2)
@@ -77,6 +209,54 @@ static int gemv(cudaStream_t s, const __nv_bfloat16 *W, const float *x, int32_t 
     }
     CU_LAUNCHED();
     return 0;
+}
+
+/* Hold a GEMV matmul back (joining the held ones when it reads the same x), or launch it
+ * now when holding is off. */
+static int gemv_hold(struct kvs_cuda *c, const __nv_bfloat16 *W, const float *x, int32_t n_rows,
+                     int64_t n_in, int64_t n_out, const float *bias, float *y)
+{
+    if (c->pend_add_x != NULL) {
+        KVS_TRY(kvs_cuda_add_flush(c, NULL, 0, 0, 0.0f, NULL));
+    }
+    bool join = c->n_pend_mm > 0 && c->n_pend_mm < KVS_CUDA_MAX_PEND_MM && c->pend_x == x &&
+                c->pend_rows == n_rows && c->pend_n_in == n_in && (const float *)y != x;
+    for (int j = 0; join && j < c->n_pend_mm; j++) {
+        join = c->pend_mm[j].y != y; /* a later matmul overwriting an earlier output */
+    }
+    if (!join) {
+        KVS_TRY(kvs_cuda_flush(c));
+    }
+    struct kvs_cuda_mm *m = &c->pend_mm[c->n_pend_mm++];
+    m->W = W;
+    m->bias = bias;
+    m->y = y;
+    m->n_out = n_out;
+    c->pend_x = x;
+    c->pend_rows = n_rows;
+    c->pend_n_in = n_in;
+    return c->fuse ? 0 : kvs_cuda_gemv_flush(c, NULL);
+}
+
+/* swiglu(gate, up, n, out) right after the two GEMV matmuls that wrote gate and up: one
+ * fused launch. Returns 1 when it took the op, 0 when the caller must run it. */
+int kvs_cuda_swiglu_fused(struct kvs_cuda *c, const float *gate, const float *up, int64_t n,
+                          float *out)
+{
+    if (c->n_pend_mm != 2) {
+        return 0;
+    }
+    const struct kvs_cuda_mm *g = &c->pend_mm[0], *u = &c->pend_mm[1];
+    if (g->y != gate || u->y != up || g->n_out != u->n_out || g->bias != NULL ||
+        u->bias != NULL || n != (int64_t)c->pend_rows * g->n_out ||
+        (out != gate && out != up && (out < up + n && up < out + n))) {
+        return 0;
+    }
+    if (out != gate && out != up && out < gate + n && gate < out + n) {
+        return 0; /* partial overlaps: the unfused order */
+    }
+    KVS_TRY(kvs_cuda_gemv_flush(c, out));
+    return 1;
 }
 
 static __global__ void to_bf16_kernel(const float *__restrict__ x, int64_t n,
@@ -107,14 +287,22 @@ int kvs_cuda_matmul(kvs_backend *b, const struct kvs_weight *w, const float *x, 
     }
     const __nv_bfloat16 *W = (const __nv_bfloat16 *)w->data;
     if (n_rows <= KVS_CUDA_GEMV_MAX_ROWS && w->n_in % 8 == 0 && (uintptr_t)x % 16 == 0) {
-        return gemv(c->stream, W, x, n_rows, w->n_in, w->n_out, bias, y);
+        return gemv_hold(c, W, x, n_rows, w->n_in, w->n_out, bias, y);
     }
+    KVS_TRY(kvs_cuda_flush(c));
     if (w->n_in > INT32_MAX || w->n_out > INT32_MAX) {
         return KVS_TOO_LARGE;
     }
     int64_t nx = (int64_t)n_rows * w->n_in;
     KVS_TRY(kvs_cuda_buf_reserve(&c->xb, (size_t)nx * sizeof(__nv_bfloat16)));
     __nv_bfloat16 *xb = (__nv_bfloat16 *)c->xb.p;
+    const uint64_t args[] = {(uint64_t)(uintptr_t)W,    (uint64_t)(uintptr_t)x,
+                             (uint64_t)(uintptr_t)xb,   (uint64_t)(uintptr_t)y,
+                             (uint64_t)(uintptr_t)bias, (uint64_t)n_rows,
+                             (uint64_t)w->n_in,         (uint64_t)w->n_out};
+    if (!kvs_cuda_launch_ok(c, SITE_GEMM, args, 8)) {
+        return 0;
+    }
     to_bf16_kernel<<<kvs_cuda_blocks(nx, 256), 256, 0, c->stream>>>(x, nx, xb);
     CU_LAUNCHED();
     const float one = 1.0f, zero = 0.0f;

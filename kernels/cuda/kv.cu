@@ -55,6 +55,9 @@ void kvs_cuda_kv_destroy(kvs_backend *b, kvs_kv_cache **kvp)
     if (kvp == NULL || *kvp == NULL) {
         return;
     }
+    if (kvs_cuda_flush(kvs_cuda_ctx(b)) < 0) {
+        KVS_WARN("cuda: a held-back op failed before the KV storage was freed");
+    }
     cudaFree((*kvp)->k);
     cudaFree((*kvp)->v);
     free(*kvp);
@@ -69,6 +72,7 @@ int kvs_cuda_kv_copy_block(kvs_backend *b, kvs_kv_cache *kv, int32_t src, int32_
     if (src < 0 || src >= l->n_block || dst < 0 || dst >= l->n_block) {
         return KVS_OUT_OF_RANGE;
     }
+    KVS_TRY(kvs_cuda_flush(c));
     if (src == dst) {
         return 0;
     }
@@ -119,7 +123,14 @@ int kvs_cuda_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
     if (layer < 0 || layer >= l->n_layer) {
         return KVS_OUT_OF_RANGE;
     }
+    KVS_TRY(kvs_cuda_flush(c));
     if (ab->n_rows == 0) {
+        return 0;
+    }
+    const uint64_t args[] = {(uint64_t)(uintptr_t)k,           (uint64_t)(uintptr_t)v,
+                             (uint64_t)(uintptr_t)ab->row_slot, (uint64_t)ab->n_rows,
+                             (uint64_t)(uintptr_t)kv,          (uint64_t)layer};
+    if (!kvs_cuda_launch_ok(c, 0x400, args, 6)) {
         return 0;
     }
     int64_t total = (int64_t)ab->n_rows * l->n_kv_head * l->head_dim;
@@ -168,6 +179,7 @@ static int kv_block_io(kvs_backend *b, kvs_kv_cache *kv, int32_t block, void *ho
     if (block < 0 || block >= l->n_block) {
         return KVS_OUT_OF_RANGE;
     }
+    KVS_TRY(kvs_cuda_flush(c));
     size_t bytes = kvs_kv_block_bytes(l);
     KVS_TRY(kvs_cuda_buf_reserve(&c->blockbuf, bytes));
     if (!pack) {

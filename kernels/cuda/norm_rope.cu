@@ -1,10 +1,12 @@
 /* Row-wise and element-wise ops: RMSNorm, RoPE, SwiGLU, residual add, row gather. All f32.
  * Host arrays (positions, gather indices) go through the context's mirrors, so a forward
- * uploads its positions once, not once per layer. */
+ * uploads its positions once, not once per layer (or through the graph stage, fuse.cu). An
+ * add is held back and fused with the rmsnorm of its x that follows (fuse.cu). */
 #include "kernels/cuda/cuda_impl.h"
 
 #include <assert.h>
 #include <math.h>
+#include <string.h>
 
 #include <vector>
 
@@ -47,12 +49,95 @@ static __global__ void __launch_bounds__(NORM_THREADS)
     }
 }
 
+/* x += y, then the rmsnorm of x into out, one block per row: the add's and the norm's
+ * element orders are those of add_kernel and rmsnorm_kernel (same bits). */
+static __global__ void __launch_bounds__(NORM_THREADS)
+    add_rmsnorm_kernel(float *x, const float *y, const float *__restrict__ w, int32_t dim,
+                       float eps, float *out)
+{
+    __shared__ float warp_sums[NORM_THREADS / 32];
+    float *xr = x + (int64_t)blockIdx.x * dim;
+    const float *yr = y + (int64_t)blockIdx.x * dim;
+    float *o = out + (int64_t)blockIdx.x * dim;
+    float s = 0.0f;
+    for (int32_t i = threadIdx.x; i < dim; i += NORM_THREADS) {
+        float v = xr[i] + yr[i];
+        xr[i] = v;
+        s += v * v;
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, off);
+    }
+    if ((threadIdx.x & 31) == 0) {
+        warp_sums[threadIdx.x >> 5] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        s = threadIdx.x < NORM_THREADS / 32 ? warp_sums[threadIdx.x] : 0.0f;
+        for (int off = 16; off > 0; off >>= 1) {
+            s += __shfl_xor_sync(0xffffffffu, s, off);
+        }
+        if (threadIdx.x == 0) {
+            warp_sums[0] = s;
+        }
+    }
+    __syncthreads();
+    const float scale = rsqrtf(warp_sums[0] / (float)dim + eps);
+    for (int32_t i = threadIdx.x; i < dim; i += NORM_THREADS) {
+        o[i] = (xr[i] * scale) * w[i];
+    }
+}
+
+enum { SITE_RMSNORM = 0x200, SITE_ADD_RMSNORM, SITE_ROPE, SITE_SWIGLU, SITE_ADD, SITE_GATHER };
+
+static __global__ void add_kernel(float *x, const float *y, int64_t n);
+
+int kvs_cuda_add_flush(struct kvs_cuda *c, const float *rms_w, int32_t n_rows, int32_t dim,
+                       float eps, float *out)
+{
+    float *x = c->pend_add_x;
+    const float *y = c->pend_add_y;
+    const int64_t n = c->pend_add_n;
+    c->pend_add_x = NULL;
+    if (x == NULL) {
+        return 0;
+    }
+    if (rms_w != NULL) {
+        const uint64_t args[] = {(uint64_t)(uintptr_t)x,   (uint64_t)(uintptr_t)y,
+                                 (uint64_t)(uintptr_t)rms_w, (uint64_t)n_rows,
+                                 (uint64_t)dim,             kvs_cuda_fbits(eps),
+                                 (uint64_t)(uintptr_t)out};
+        if (kvs_cuda_launch_ok(c, SITE_ADD_RMSNORM, args, 7)) {
+            add_rmsnorm_kernel<<<(unsigned)n_rows, NORM_THREADS, 0, c->stream>>>(x, y, rms_w, dim,
+                                                                                 eps, out);
+            CU_LAUNCHED();
+        }
+        return 0;
+    }
+    const uint64_t args[] = {(uint64_t)(uintptr_t)x, (uint64_t)(uintptr_t)y, (uint64_t)n};
+    if (kvs_cuda_launch_ok(c, SITE_ADD, args, 3)) {
+        add_kernel<<<kvs_cuda_blocks(n, 256), 256, 0, c->stream>>>(x, y, n);
+        CU_LAUNCHED();
+    }
+    return 0;
+}
+
 int kvs_cuda_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_rows,
                      int32_t dim, float eps, float *out)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
     assert(x != NULL && w != NULL && out != NULL && n_rows >= 0 && dim > 0);
     if (n_rows == 0) {
+        return kvs_cuda_flush(c);
+    }
+    if (c->pend_add_x == x && c->pend_add_n == (int64_t)n_rows * dim) {
+        return kvs_cuda_add_flush(c, w, n_rows, dim, eps, out); /* the held add, fused */
+    }
+    KVS_TRY(kvs_cuda_flush(c));
+    const uint64_t args[] = {(uint64_t)(uintptr_t)x, (uint64_t)(uintptr_t)w, (uint64_t)n_rows,
+                             (uint64_t)dim, kvs_cuda_fbits(eps),
+                             (uint64_t)(uintptr_t)out};
+    if (!kvs_cuda_launch_ok(c, SITE_RMSNORM, args, 6)) {
         return 0;
     }
     rmsnorm_kernel<<<(unsigned)n_rows, NORM_THREADS, 0, c->stream>>>(x, w, dim, eps, out);
@@ -95,28 +180,51 @@ int kvs_cuda_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int
         (rope->style != KVS_ROPE_NORM && rope->style != KVS_ROPE_NEOX)) {
         return KVS_INVALID_ARGUMENT;
     }
+    KVS_TRY(kvs_cuda_flush(c));
     if (n_rows == 0) {
         return 0;
     }
-    /* freq_i = freq_scale * base^(-2i / n_dims) / freq_factor_i, the CPU's formula in double */
+    /* freq_i = freq_scale * base^(-2i / n_dims) / freq_factor_i, the CPU's formula in double;
+     * computed again only when the parameters change (a forward calls rope twice a layer) */
     int32_t half = rope->n_dims / 2;
-    double freq[512]; /* head_dim <= KVS_HPARAMS_MAX_HEAD_DIM (1024) */
-    if (half > 512) {
+    if (half > 512) { /* head_dim <= KVS_HPARAMS_MAX_HEAD_DIM (1024) */
         return KVS_INVALID_ARGUMENT;
     }
-    for (int32_t i = 0; i < half; i++) {
-        double inv = pow((double)rope->freq_base, -2.0 * i / rope->n_dims);
-        freq[i] = (double)rope->freq_scale * inv;
-        if (rope->freq_factors != NULL) {
-            freq[i] /= (double)rope->freq_factors[i];
+    double *freq = c->rope_freq;
+    const struct kvs_rope *k = &c->rope_key;
+    if (!c->rope_valid || k->n_dims != rope->n_dims || k->freq_base != rope->freq_base ||
+        k->freq_scale != rope->freq_scale || (k->freq_factors == NULL) != (rope->freq_factors == NULL) ||
+        (rope->freq_factors != NULL &&
+         memcmp(c->rope_factors, rope->freq_factors, (size_t)half * sizeof(float)) != 0)) {
+        for (int32_t i = 0; i < half; i++) {
+            double inv = pow((double)rope->freq_base, -2.0 * i / rope->n_dims);
+            freq[i] = (double)rope->freq_scale * inv;
+            if (rope->freq_factors != NULL) {
+                freq[i] /= (double)rope->freq_factors[i];
+            }
         }
+        c->rope_key = *rope;
+        if (rope->freq_factors != NULL) {
+            memcpy(c->rope_factors, rope->freq_factors, (size_t)half * sizeof(float));
+        }
+        c->rope_valid = 1;
     }
-    KVS_TRY(kvs_cuda_mirror_set(c, &c->pos, host_pos, (size_t)n_rows * sizeof(int32_t)));
-    KVS_TRY(kvs_cuda_mirror_set(c, &c->freq, freq, (size_t)half * sizeof(double)));
+    const void *d_pos = NULL, *d_freq = NULL;
+    KVS_TRY(kvs_cuda_host_array(c, &c->pos, KVS_CUDA_STAGE_POS, host_pos,
+                                (size_t)n_rows * sizeof(int32_t), &d_pos));
+    KVS_TRY(kvs_cuda_host_array(c, &c->freq, KVS_CUDA_STAGE_FREQ, freq,
+                                (size_t)half * sizeof(double), &d_freq));
+    const uint64_t args[] = {(uint64_t)(uintptr_t)x,      (uint64_t)n_rows,
+                             (uint64_t)n_heads,           (uint64_t)head_dim,
+                             (uint64_t)half,              (uint64_t)rope->style,
+                             (uint64_t)(uintptr_t)d_pos, (uint64_t)(uintptr_t)d_freq};
+    if (!kvs_cuda_launch_ok(c, SITE_ROPE, args, 8)) {
+        return 0;
+    }
     int64_t n = (int64_t)n_rows * half;
     rope_kernel<<<kvs_cuda_blocks(n, 128), 128, 0, c->stream>>>(
         x, n_rows, n_heads, head_dim, half, rope->style == KVS_ROPE_NEOX,
-        (const int32_t *)c->pos.dev.p, (const double *)c->freq.dev.p);
+        (const int32_t *)d_pos, (const double *)d_freq);
     CU_LAUNCHED();
     return 0;
 }
@@ -136,7 +244,17 @@ int kvs_cuda_swiglu(kvs_backend *b, const float *gate, const float *up, int64_t 
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
     assert(gate != NULL && up != NULL && out != NULL && n >= 0);
+    int fused = kvs_cuda_swiglu_fused(c, gate, up, n, out);
+    if (fused != 0) {
+        return fused < 0 ? fused : 0;
+    }
+    KVS_TRY(kvs_cuda_flush(c));
     if (n == 0) {
+        return 0;
+    }
+    const uint64_t args[] = {(uint64_t)(uintptr_t)gate, (uint64_t)(uintptr_t)up, (uint64_t)n,
+                             (uint64_t)(uintptr_t)out};
+    if (!kvs_cuda_launch_ok(c, SITE_SWIGLU, args, 4)) {
         return 0;
     }
     swiglu_kernel<<<kvs_cuda_blocks(n, 256), 256, 0, c->stream>>>(gate, up, n, out);
@@ -156,12 +274,15 @@ int kvs_cuda_add(kvs_backend *b, float *x, const float *y, int64_t n)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
     assert(x != NULL && y != NULL && n >= 0);
+    KVS_TRY(kvs_cuda_flush(c));
     if (n == 0) {
         return 0;
     }
-    add_kernel<<<kvs_cuda_blocks(n, 256), 256, 0, c->stream>>>(x, y, n);
-    CU_LAUNCHED();
-    return 0;
+    /* held: an rmsnorm of x next joins it */
+    c->pend_add_x = x;
+    c->pend_add_y = y;
+    c->pend_add_n = n;
+    return c->fuse ? 0 : kvs_cuda_add_flush(c, NULL, 0, 0, 0.0f, NULL);
 }
 
 /* out may not overlap x except in place (out == x with idx[i] == i), as on the CPU where the
@@ -187,13 +308,21 @@ int kvs_cuda_gather(kvs_backend *b, const float *x, const int32_t *host_idx, int
             return KVS_OUT_OF_RANGE;
         }
     }
+    KVS_TRY(kvs_cuda_flush(c));
     if (n == 0 || dim == 0) {
         return 0;
     }
-    KVS_TRY(kvs_cuda_mirror_set(c, &c->idx, host_idx, (size_t)n * sizeof(int32_t)));
+    const void *d_idx = NULL;
+    KVS_TRY(kvs_cuda_host_array(c, &c->idx, KVS_CUDA_STAGE_IDX, host_idx,
+                                (size_t)n * sizeof(int32_t), &d_idx));
+    const uint64_t args[] = {(uint64_t)(uintptr_t)x, (uint64_t)(uintptr_t)d_idx, (uint64_t)n,
+                             (uint64_t)dim, (uint64_t)(uintptr_t)out};
+    if (!kvs_cuda_launch_ok(c, SITE_GATHER, args, 5)) {
+        return 0;
+    }
     int64_t total = (int64_t)n * dim;
     gather_kernel<<<kvs_cuda_blocks(total, 256), 256, 0, c->stream>>>(
-        x, (const int32_t *)c->idx.dev.p, n, dim, out);
+        x, (const int32_t *)d_idx, n, dim, out);
     CU_LAUNCHED();
     return 0;
 }

@@ -218,13 +218,21 @@ int kvs_cuda_get_rows(kvs_backend *b, const struct kvs_weight *table, const int3
             return KVS_OUT_OF_RANGE;
         }
     }
+    KVS_TRY(kvs_cuda_flush(c));
     if (n == 0) {
         return 0;
     }
-    KVS_TRY(kvs_cuda_mirror_set(c, &c->ids, host_ids, (size_t)n * sizeof(int32_t)));
+    const void *d_ids = NULL;
+    KVS_TRY(kvs_cuda_host_array(c, &c->ids, KVS_CUDA_STAGE_IDS, host_ids,
+                                (size_t)n * sizeof(int32_t), &d_ids));
+    const uint64_t args[] = {(uint64_t)(uintptr_t)table->data, (uint64_t)(uintptr_t)d_ids,
+                             (uint64_t)table->n_in, (uint64_t)n, (uint64_t)(uintptr_t)out};
+    if (!kvs_cuda_launch_ok(c, 0x300, args, 5)) {
+        return 0;
+    }
     int64_t total = (int64_t)n * table->n_in;
     get_rows_kernel<<<kvs_cuda_blocks(total, 256), 256, 0, c->stream>>>(
-        (const __nv_bfloat16 *)table->data, (const int32_t *)c->ids.dev.p, table->n_in, n, out);
+        (const __nv_bfloat16 *)table->data, (const int32_t *)d_ids, table->n_in, n, out);
     CU_LAUNCHED();
     return 0;
 }
