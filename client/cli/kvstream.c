@@ -13,6 +13,11 @@ struct command {
 };
 
 static const struct command commands[] = {
+    {"up", kvs_cmd_up, "run a single-node cluster (one kvs-worker) in the foreground"},
+    {"session", kvs_cmd_session, "create, info, close or list sessions"},
+    {"append", kvs_cmd_append, "append records to a session (TEXT, or '-' for stdin lines)"},
+    {"query", kvs_cmd_query, "ask a question about a session and stream the answer"},
+    {"flash", kvs_cmd_flash, "register, get, unregister, list or watch flash queries"},
     {"demo", kvs_cmd_demo, "stream a synthetic market feed into sessions, with flash queries"},
     {"generate", kvs_cmd_generate, "generate text from a prompt (stateless, one shot)"},
     {"tokenize", kvs_cmd_tokenize, "tokenize JSON strings read one per line from stdin"},
@@ -54,7 +59,18 @@ static void usage(FILE *f)
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
         fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
     }
-    fprintf(f, "\n'kvstream <command> --help' describes a command's options.\n");
+    fprintf(f, "\n'kvstream <command> --help' describes a command's options.\n"
+               "\nThe client commands (session, append, query, flash) talk to --endpoint EP, else\n"
+               "$KVSTREAM_ENDPOINT, else tcp://127.0.0.1:7700 (where 'kvstream up' listens), and\n"
+               "print JSON with -o json.\n"
+               "\nexit codes:\n"
+               "  0  success\n"
+               "  1  failure: the worker refused the request (the message names its code),\n"
+               "     or a local error\n"
+               "  2  bad command line\n"
+               "  3  no answer from the endpoint in time (is 'kvstream up' running?)\n"
+               "  4  no such session or flash query (NOT_FOUND)\n"
+               "  5  the session or flash query already exists (ALREADY_EXISTS)\n");
 }
 
 int main(int argc, char **argv)
