@@ -1,7 +1,8 @@
 /* The scheduler: batching is real (forward calls carry rows of many sessions) and exact
  * (every greedy answer equals the same session run alone through the synchronous path),
  * priorities (decode and question rows before append chunks), the append chunk bound,
- * fairness between sessions, the flash-query minimum share, deadlines and admission.
+ * fairness between sessions, the flash-query minimum share, deadlines and admission,
+ * cancellation, the step-time target, and the overcommit order when the real cells run out.
  * Time is driven by the test (a fake clock). Tiny 2-layer model, SmolLM2 tokenizer. */
 #include <check.h>
 #include <math.h>
@@ -603,6 +604,284 @@ START_TEST(test_cancel)
 }
 END_TEST
 
+/* A fake step clock: each forward call costs fake_overhead_s, each row fake_row_s (read
+ * from the forward's counters, so a step's measured time is exactly its modelled cost). */
+static double fake_t, fake_overhead_s, fake_row_s;
+static uint64_t fake_calls, fake_rows;
+static double fake_clock(void *user)
+{
+    const struct kvs_forward_stats *fs = kvs_forward_stats(((kvs_engine *)user)->fw);
+    fake_t += fake_overhead_s * (double)(fs->calls - fake_calls) +
+              fake_row_s * (double)(fs->rows - fake_rows);
+    fake_calls = fs->calls;
+    fake_rows = fs->rows;
+    return fake_t;
+}
+
+/* Rows a 20 ms step allows at the fake cost. */
+static int32_t allowed_rows(void)
+{
+    return (int32_t)((0.020 - fake_overhead_s) / fake_row_s + 1e-9);
+}
+
+/* The step budget follows a target step time: cold steps are short, the calibrated budget
+ * never plans more rows than the target allows, it shrinks after one slow step when the
+ * machine gets slower and grows back when it gets faster. */
+START_TEST(test_step_time_target)
+{
+    kvs_engine *e = engine(16384, 256);
+    kvs_sessions *S;
+    ck_assert_int_eq(kvs_sessions_new(e, NULL, &S), 0);
+    fake_t = 0;
+    fake_calls = kvs_forward_stats(e->fw)->calls;
+    fake_rows = kvs_forward_stats(e->fw)->rows;
+    fake_overhead_s = 0.002;
+    fake_row_s = 0.0005;
+    kvs_sched *sc;
+    struct kvs_sched_opts so = {.max_batch_tokens = 256, .target_step_ms = 20,
+                                .append_chunk = 64, .clock = fake_clock, .clock_user = e};
+    ck_assert_int_eq(kvs_sched_new(S, &so, &sc), 0);
+    const struct kvs_sched_stats *st = kvs_sched_stats(sc);
+    ck_assert_double_eq_tol(st->target_step_s, 0.020, 1e-12);
+    char err[256], big[4096] = "";
+    for (int w = 0; w < 40; w++) {
+        strcat(big, "NVDA 875.02 +5.40 ");
+    }
+    kvs_session *ss[8];
+    for (int i = 0; i < 8; i++) {
+        char id[16];
+        snprintf(id, sizeof id, "t%d", i);
+        ck_assert_int_eq(kvs_session_create(S, id, &(struct kvs_session_opts){.budget_cells = 1800}, &ss[i], err, sizeof err), 0);
+        for (int k = 0; k < 4; k++) {
+            ck_assert_int_eq(kvs_sched_append(sc, ss[i], big, strlen(big), 0, 0, 0, on_append_count, NULL), 0);
+        }
+    }
+    n_append_ok = n_append_bad = 0;
+    int phase_b = 60, phase_c = 120, over_target = 0;
+    int32_t best_a = 0, best_c = 0;
+    for (cur_step = 1; cur_step <= 180 && kvs_sched_busy(sc); cur_step++) {
+        if (cur_step == phase_b) {
+            fake_row_s = 0.001; /* the machine got twice as slow per row */
+        } else if (cur_step == phase_c) {
+            fake_row_s = 0.0005; /* and fast again */
+        }
+        ck_assert_int_gt(kvs_sched_step(sc, cur_step), 0);
+        int32_t rows = 0;
+        for (int c = 0; c < KVS_N_CLASSES; c++) {
+            rows += st->last_rows[c];
+        }
+        ck_assert_int_le(rows, st->step_rows);
+        ck_assert_double_eq_tol(st->last_step_s, fake_overhead_s + fake_row_s * rows, 1e-9);
+        if (!st->calibrated) {
+            ck_assert_int_le(rows, KVS_SCHED_COLD_ROWS); /* short steps while it learns */
+            ck_assert_int_lt(cur_step, 8);
+            continue;
+        }
+        if (rows > allowed_rows()) {
+            /* only the first step after the slowdown may pass the target */
+            ck_assert_int_eq(cur_step, phase_b);
+            over_target++;
+        } else {
+            ck_assert_double_le(st->last_step_s, 0.020 + 1e-9);
+        }
+        if (cur_step < phase_b && rows > best_a) {
+            best_a = rows;
+        }
+        if (cur_step >= phase_b + 1 && cur_step < phase_c) {
+            ck_assert_int_le(st->step_rows, allowed_rows());
+        }
+        if (cur_step >= phase_c && rows > best_c) {
+            best_c = rows;
+        }
+    }
+    printf("step time: target 20 ms, budget %d rows at 2 ms + 0.5 ms/row (the target allows %d), "
+           "estimated %.4f ms/row\n", st->step_rows, allowed_rows(), st->est_row_s * 1e3);
+    ck_assert_int_eq(over_target, 1);
+    ck_assert_int_ge(best_a, 32); /* it uses the target, not just the cold budget */
+    ck_assert_int_ge(best_c, 32); /* and grows back */
+    ck_assert(st->calibrated);
+    ck_assert_double_le(st->max_step_s, 0.002 + 0.001 * 37);
+    /* no target: every step may carry max_batch_tokens rows */
+    kvs_sched *flat;
+    so.target_step_ms = -1;
+    ck_assert_int_eq(kvs_sched_new(S, &so, &flat), 0);
+    ck_assert_int_eq(kvs_sched_stats(flat)->step_rows, 256);
+    kvs_sched_destroy(&flat);
+    kvs_sched_destroy(&sc);
+    kvs_sessions_destroy(&S);
+    kvs_engine_destroy(&e);
+}
+END_TEST
+
+/* Text of a record whose framed tokens need exactly `blocks` new blocks in seq. */
+static void record_needing(kvs_engine *e, const kvs_seq *seq, int32_t blocks, char *out, size_t cap)
+{
+    out[0] = '\0';
+    for (;;) {
+        strcat(out, " tick");
+        ck_assert_uint_lt(strlen(out) + 8, cap);
+        char framed[8192];
+        snprintf(framed, sizeof framed, "%s\n", out);
+        size_t n = 0;
+        kvs_tokenizer_encode(e->tok, framed, strlen(framed), false, false, NULL, 0, &n);
+        int32_t need = kvs_pool_seq_blocks_needed(e->pool, seq, (int32_t)n);
+        if (need == blocks) {
+            return;
+        }
+        ck_assert_int_lt(need, blocks);
+    }
+}
+
+/* Flash evaluations queued or running: FLASH (prefill) or DECODE (no user query runs). */
+static int flash_jobs(const struct kvs_sched_stats *st)
+{
+    return st->queued[KVS_CLASS_FLASH] + st->queued[KVS_CLASS_DECODE];
+}
+
+/* Overcommit 2x until the real cells run out: the documented order, stage by stage. */
+START_TEST(test_overcommit_order)
+{
+    kvs_engine *e = engine(1024, 64); /* 64 blocks of 16 cells */
+    kvs_sessions *S;
+    ck_assert_int_eq(kvs_sessions_new(e, NULL, &S), 0);
+    kvs_sched *sc;
+    ck_assert_int_eq(kvs_sched_new(S, &(struct kvs_sched_opts){.overcommit = 0.5f}, &sc), KVS_INVALID_ARGUMENT);
+    ck_assert_int_eq(kvs_sched_new(S, &(struct kvs_sched_opts){.append_chunk = 64, .target_step_ms = -1,
+                                                                .overcommit = 2.0f}, &sc), 0);
+    char err[256];
+    /* 2 cached prefix blocks: a closed session's indexed prefix */
+    kvs_session *old;
+    const char *pre = "Instructions: report every tick of the feed, price and change, in order. "
+                      "Keep the symbols as they are; never round a price; say UNKNOWN when unsure.";
+    ck_assert_int_eq(kvs_session_create(S, "old", &(struct kvs_session_opts){.budget_cells = 64, .prefix = pre, .prefix_len = strlen(pre)}, &old, err, sizeof err), 0);
+    ck_assert_int_ge(kvs_session_seq(old)->n_cells, 32);
+    ck_assert_int_eq(kvs_session_close(S, "old"), 0);
+    ck_assert_int_eq(kvs_pool_n_cached(e->pool), 2);
+    /* three budgets of 600 cells (117 blocks with their copy-on-write blocks) on 64 blocks:
+     * admitted only because of the 2x overcommit; a fourth of 900 is refused */
+    kvs_session *a, *b, *c, *d;
+    struct kvs_session_opts so = {.budget_cells = 600};
+    ck_assert_int_eq(kvs_session_create(S, "a", &so, &a, err, sizeof err), 0);
+    ck_assert_int_eq(kvs_session_create(S, "b", &so, &b, err, sizeof err), 0);
+    ck_assert_int_eq(kvs_session_create(S, "c", &so, &c, err, sizeof err), 0);
+    ck_assert_int_gt(3 * 600, kvs_pool_capacity_cells(e->pool));
+    ck_assert_int_eq(kvs_session_create(S, "d", &(struct kvs_session_opts){.budget_cells = 900}, &d, err, sizeof err), KVS_CAPACITY);
+    struct kvs_query_opts fq = {.sampling = kvs_sampling_default(), .max_tokens = 60};
+    ck_assert_int_eq(kvs_flash_register(a, "q", "What moved most?", 16, &fq, NULL, err, sizeof err), 0);
+    ck_assert_int_eq(kvs_flash_register(b, "q", "What moved most?", 16, &fq, NULL, err, sizeof err), 0);
+    /* fill: ~300 tokens into a, then b (b's flash evaluation is the younger) */
+    char text[8192];
+    struct result ra = {0}, rb = {0};
+    record_needing(e, kvs_session_seq(a), 19, text, sizeof text);
+    ck_assert_int_eq(kvs_sched_append(sc, a, text, strlen(text), 0, 0, 0, on_append, &ra), 0);
+    ck_assert_int_eq(kvs_sched_append(sc, b, text, strlen(text), 0, 0, 0, on_append, &rb), 0);
+    cur_step = 0;
+    while (!(ra.done && rb.done)) {
+        cur_step++;
+        ck_assert_int_ge(kvs_sched_step(sc, cur_step), 0);
+        ck_assert_int_lt(cur_step, 50);
+    }
+    ck_assert_int_eq(ra.status, 0);
+    ck_assert_int_eq(rb.status, 0);
+    const struct kvs_sched_stats *st = kvs_sched_stats(sc);
+    ck_assert_int_eq(flash_jobs(st), 2); /* both evaluations queued, holding their cells */
+    ck_assert_uint_eq(st->reclaimed_cells, 0);
+    ck_assert_int_eq(st->prefix_cached_cells, 32);
+    ck_assert_uint_eq(st->admission_refused, 1);
+    int32_t truly_free = kvs_pool_n_free(e->pool) - kvs_pool_n_cached(e->pool);
+    ck_assert_int_gt(truly_free, 0);
+    /* stage 1: an append that needs one block more than is truly free: a cached prefix
+     * block is reclaimed, no flash evaluation is touched */
+    struct result r1 = {0};
+    record_needing(e, kvs_session_seq(c), truly_free + 1, text, sizeof text);
+    ck_assert_int_eq(kvs_sched_append(sc, c, text, strlen(text), 0, 0, 0, on_append, &r1), 0);
+    cur_step++;
+    ck_assert_int_gt(kvs_sched_step(sc, cur_step), 0);
+    ck_assert_uint_eq(st->reclaimed_cells, 16);
+    ck_assert_int_eq(st->prefix_cached_cells, 16);
+    ck_assert_uint_eq(st->flash_cancelled, 0);
+    ck_assert_int_eq(flash_jobs(st), 2);
+    ck_assert(!st->pressure);
+    /* stage 2: an append to a needing 3 blocks with only the last cached one free:
+     * reclaiming cannot make room, so the younger flash evaluation (b's) is cancelled and
+     * a's keeps running (the pool then takes the freed blocks before the cached one) */
+    ck_assert_int_eq(kvs_pool_n_free(e->pool), 1);
+    struct result r2 = {0};
+    record_needing(e, kvs_session_seq(a), 3, text, sizeof text);
+    ck_assert_int_eq(kvs_sched_append(sc, a, text, strlen(text), 0, 0, 0, on_append, &r2), 0);
+    cur_step++;
+    ck_assert_int_gt(kvs_sched_step(sc, cur_step), 0);
+    ck_assert_uint_eq(st->flash_cancelled, 1);
+    ck_assert_int_eq(flash_jobs(st), 1);
+    struct kvs_answer fa;
+    ck_assert_int_eq(kvs_flash_get(b, "q", KVS_FLASH_ALLOW_STALE, &fa, err, sizeof err), 0);
+    ck_assert(!fa.fresh); /* b's evaluation was the one cancelled */
+    kvs_answer_free(&fa);
+    ck_assert(!st->pressure);
+    /* stages 3 and 4: an append to b that needs more than everything left: a's evaluation is
+     * cancelled too, then the append waits (not begun), new queries get BUSY */
+    struct kvs_session_info bi0, bi1;
+    kvs_session_info(b, &bi0);
+    struct result r3 = {0};
+    int32_t left = kvs_pool_n_free(e->pool);
+    record_needing(e, kvs_session_seq(b), left + 10, text, sizeof text);
+    double deadline = cur_step + 5.5;
+    ck_assert_int_eq(kvs_sched_append(sc, b, text, strlen(text), 0, 0, deadline, on_append, &r3), 0);
+    cur_step++;
+    ck_assert_int_ge(kvs_sched_step(sc, cur_step), 0);
+    ck_assert_uint_eq(st->flash_cancelled, 2);
+    ck_assert_int_eq(flash_jobs(st), 0);
+    ck_assert(st->pressure);
+    ck_assert_uint_eq(st->append_waits, 1);
+    ck_assert(!r3.done);
+    struct result rq = {0};
+    struct kvs_query_opts qo = {.sampling = kvs_sampling_default(), .max_tokens = 4};
+    ck_assert_int_eq(kvs_sched_query(sc, c, "Up?", 3, &qo, 0, NULL, on_query, &rq, err, sizeof err), KVS_BUSY);
+    ck_assert_ptr_nonnull(strstr(err, "appends are waiting"));
+    ck_assert_uint_eq(st->refused_busy, 1);
+    /* the append waits until its deadline, then fails with CAPACITY; nothing was applied */
+    while (kvs_sched_busy(sc)) {
+        cur_step++;
+        ck_assert_int_ge(kvs_sched_step(sc, cur_step), 0);
+        if (cur_step <= deadline) {
+            ck_assert(!r3.done);
+        }
+        ck_assert_int_lt(cur_step, 200);
+    }
+    ck_assert(r3.done);
+    ck_assert_int_eq(r3.status, KVS_CAPACITY);
+    ck_assert_int_eq(r3.step_done, (int)deadline + 1);
+    ck_assert_uint_eq(st->append_capacity, 1);
+    ck_assert(r1.done && r1.status == 0 && r2.done && r2.status == 0);
+    kvs_session_info(b, &bi1);
+    ck_assert_uint_eq(bi1.version, bi0.version);
+    ck_assert_int_eq(bi1.cells_used, bi0.cells_used);
+    ck_assert(!st->pressure);
+    /* an append without a deadline does not wait: CAPACITY in its first step */
+    struct result r4 = {0};
+    ck_assert_int_eq(kvs_sched_append(sc, b, text, strlen(text), 0, 0, 0, on_append, &r4), 0);
+    cur_step++;
+    ck_assert_int_ge(kvs_sched_step(sc, cur_step), 0);
+    ck_assert(r4.done);
+    ck_assert_int_eq(r4.status, KVS_CAPACITY);
+    /* cells come back (a session closes): queries and flash evaluations run again */
+    ck_assert_int_eq(kvs_session_close(S, "c"), 0);
+    ck_assert_int_eq(kvs_sched_query(sc, a, "Up?", 3, &qo, 0, NULL, on_query, &rq, err, sizeof err), 0);
+    struct result r5 = {0};
+    ck_assert_int_eq(kvs_sched_append(sc, b, "AAPL 1", 6, 0, 0, 0, on_append, &r5), 0);
+    run(sc, 500);
+    ck_assert(rq.done && rq.status == 0 && r5.done && r5.status == 0);
+    ck_assert_int_eq(kvs_flash_get(b, "q", KVS_FLASH_ALLOW_STALE, &fa, err, sizeof err), 0);
+    ck_assert(fa.fresh);
+    kvs_answer_free(&fa);
+    kvs_answer_free(rq.a);
+    free(rq.a);
+    kvs_sched_destroy(&sc);
+    kvs_sessions_destroy(&S);
+    kvs_engine_destroy(&e);
+}
+END_TEST
+
 int main(void)
 {
     make_model();
@@ -619,6 +898,8 @@ int main(void)
     tcase_add_test(tc, test_prefix_sharing);
     tcase_add_test(tc, test_pressure_no_deadlock);
     tcase_add_test(tc, test_cancel);
+    tcase_add_test(tc, test_step_time_target);
+    tcase_add_test(tc, test_overcommit_order);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);

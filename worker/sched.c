@@ -30,6 +30,7 @@ struct job {
     kvs_stop *stop;
     kvs_detok *dt;
     bool decoding;                   /* prefill done: one decode row per step */
+    bool waiting_cells;              /* an append waiting for real cells (overcommit) */
     int32_t next_tok;                /* the token the next decode row feeds */
     int32_t max_tokens;
     int32_t *out;                    /* (max_tokens + 1) generated ids */
@@ -63,6 +64,10 @@ struct kvs_sched {
     double now;                      /* of the current step */
     uint64_t next_id;                /* of the next job pushed */
     bool in_step;                    /* kvs_sched_step is running (callbacks may re-enter) */
+    /* step cost model: exponentially weighted sums of steps, their rows and seconds */
+    double cw, cx, cy;
+    int32_t n_observed;              /* steps observed */
+    bool pressure_now;               /* an append is waiting for real cells in this step */
 };
 
 /* A flash evaluation's prefill is flash work (after appends, with its minimum share); once
@@ -75,6 +80,48 @@ static enum kvs_job_class job_class(const struct job *j)
     case JOB_FLASH: return j->decoding ? KVS_CLASS_DECODE : KVS_CLASS_FLASH;
     default: return j->decoding ? KVS_CLASS_DECODE : KVS_CLASS_QUESTION;
     }
+}
+
+static double step_clock(const kvs_sched *sc)
+{
+    return sc->o.clock != NULL ? sc->o.clock(sc->o.clock_user) : kvs_now();
+}
+
+/* One step's rows and seconds into the cost model (sched.h says how). */
+static void cost_observe(kvs_sched *sc, int32_t rows, double seconds)
+{
+    double x = rows, y = seconds > 0 ? seconds : 0;
+    double d = KVS_SCHED_COST_DECAY;
+    if (sc->st.calibrated && y > 1.2 * sc->st.est_row_s * x) {
+        d = 0; /* slower than the model by > 20%: start over from this step */
+    }
+    sc->cw = sc->cw * d + 1;
+    sc->cx = sc->cx * d + x;
+    sc->cy = sc->cy * d + y;
+    sc->n_observed++;
+    if (sc->n_observed >= KVS_SCHED_CALIBRATION_STEPS) {
+        sc->st.est_row_s = sc->cy / sc->cx;
+        sc->st.calibrated = true;
+    }
+}
+
+/* Rows the next step may plan: the target's share of the fitted cost, within the caps. */
+static int32_t step_budget(const kvs_sched *sc)
+{
+    int32_t cap = sc->o.max_batch_tokens;
+    if (sc->o.target_step_ms < 0) {
+        return cap;
+    }
+    int32_t floor_rows = cap < KVS_SCHED_MIN_ROWS ? cap : KVS_SCHED_MIN_ROWS;
+    if (!sc->st.calibrated) {
+        return cap < KVS_SCHED_COLD_ROWS ? cap : KVS_SCHED_COLD_ROWS;
+    }
+    double row_s = sc->st.est_row_s;
+    double rows = row_s > 0 ? sc->st.target_step_s / row_s : cap;
+    if (!(rows < cap)) { /* also NaN */
+        return cap;
+    }
+    return rows > floor_rows ? (int32_t)rows : floor_rows;
 }
 
 int kvs_sched_new(kvs_sessions *S, const struct kvs_sched_opts *o, kvs_sched **out)
@@ -99,6 +146,21 @@ int kvs_sched_new(kvs_sessions *S, const struct kvs_sched_opts *o, kvs_sched **o
     if (sc->o.flash_min_share <= 0.0f || sc->o.flash_min_share > 1.0f) {
         sc->o.flash_min_share = 0.1f;
     }
+    if (sc->o.target_step_ms == 0.0) {
+        sc->o.target_step_ms = KVS_SCHED_TARGET_STEP_MS;
+    }
+    if (sc->o.overcommit == 0.0f) {
+        sc->o.overcommit = 1.0f;
+    }
+    if (!(sc->o.overcommit >= 1.0f && sc->o.overcommit <= KVS_SCHED_OVERCOMMIT_MAX)) {
+        KVS_ERROR("overcommit %g must be in [1, %g]", (double)sc->o.overcommit,
+                  (double)KVS_SCHED_OVERCOMMIT_MAX);
+        free(sc);
+        return KVS_INVALID_ARGUMENT;
+    }
+    S->overcommit = sc->o.overcommit;
+    sc->st.target_step_s = sc->o.target_step_ms > 0 ? sc->o.target_step_ms / 1e3 : 0;
+    sc->st.step_rows = step_budget(sc);
     sc->logits = malloc((size_t)sc->o.max_batch_tokens * sc->e->model->hp.n_vocab * sizeof(float));
     if (sc->logits == NULL) {
         free(sc);
@@ -166,6 +228,8 @@ void kvs_sched_destroy(kvs_sched **scp)
     *scp = NULL;
 }
 
+static void refresh_stats(kvs_sched *sc);
+
 /* Free the jobs kvs_sched_cancel detached (their callbacks have run). */
 static void sweep_cancelled(kvs_sched *sc)
 {
@@ -219,6 +283,7 @@ int kvs_sched_cancel(kvs_sched *sc, void *user)
     }
     if (!sc->in_step) {
         sweep_cancelled(sc);
+        refresh_stats(sc);
     }
     return cancelled;
 }
@@ -269,8 +334,37 @@ int kvs_sched_append(kvs_sched *sc, kvs_session *s, const char *text, size_t len
     return rc;
 }
 
-/* Accept a query or flash evaluation on s: reserve, fork at the visible data, set up
- * sampling. On error nothing is kept. */
+/* Overcommit, stage 2: cancel flash evaluations, youngest first, until `need` blocks are
+ * free (the pool counts its reclaimable cached blocks: stage 1). Evaluations with rows in
+ * the batch being built are kept (their blocks are in use). Returns true when there is room. */
+static bool make_room(kvs_sched *sc, int32_t need)
+{
+    kvs_pool *pool = sc->e->pool;
+    while (kvs_pool_n_free(pool) < need) {
+        struct job *victim = NULL;
+        for (int32_t i = 0; i < sc->n; i++) {
+            struct job *j = sc->jobs[i];
+            if (j->kind == JOB_FLASH && !j->cancelled && j->rows == 0 && j->seq != NULL &&
+                (victim == NULL || j->id > victim->id)) {
+                victim = j;
+            }
+        }
+        if (victim == NULL) {
+            return false;
+        }
+        KVS_DEBUG("flash %s/%s cancelled: %d KV blocks needed, %d free", victim->s->id,
+                  victim->flash_name, need, kvs_pool_n_free(pool));
+        kvs_pool_seq_release(pool, &victim->seq);
+        sc->S->reserved_blocks -= victim->reserved_blocks;
+        victim->reserved_blocks = 0;
+        victim->cancelled = true; /* freed at the next safe point */
+        sc->st.flash_cancelled++;
+    }
+    return true;
+}
+
+/* Accept a query or flash evaluation on s: reserve (accounting and the fork's real
+ * blocks), fork at the visible data, set up sampling. On error nothing is kept. */
 static int accept(kvs_sched *sc, struct job *j, const struct kvs_query_opts *o, char *err,
                   size_t errlen)
 {
@@ -291,7 +385,22 @@ static int accept(kvs_sched *sc, struct job *j, const struct kvs_query_opts *o, 
                  (long long)j->n_ids, j->max_tokens);
         return KVS_BUSY;
     }
+    if (sc->st.pressure) {
+        snprintf(err, errlen, "KV cells exhausted (overcommit): appends are waiting for cells");
+        return KVS_BUSY;
+    }
     j->seq = kvs_pool_seq_fork_n(e->pool, s->seq, (int32_t)j->ctx);
+    /* the real blocks now (without overcommit the accounting above guarantees them) */
+    int32_t n_cells = (int32_t)(j->n_ids + j->max_tokens);
+    if (j->seq != NULL && kvs_pool_seq_reserve(e->pool, j->seq, n_cells) == KVS_CAPACITY &&
+        (j->kind != JOB_QUERY ||
+         !make_room(sc, kvs_pool_seq_blocks_needed(e->pool, j->seq, n_cells)) ||
+         kvs_pool_seq_reserve(e->pool, j->seq, n_cells) < 0)) {
+        kvs_pool_seq_release(e->pool, &j->seq);
+        snprintf(err, errlen, "no free KV cells for a query of %lld + %d tokens now",
+                 (long long)j->n_ids, j->max_tokens);
+        return KVS_BUSY;
+    }
     int rc = kvs_sampler_new(&o->sampling, (int32_t)e->model->hp.n_vocab, &j->smp);
     j->stop = kvs_stop_new(o->stops, o->n_stops);
     j->dt = kvs_detok_new(e->tok, false);
@@ -346,12 +455,16 @@ int kvs_sched_query(kvs_sched *sc, kvs_session *s, const char *question, size_t 
     }
     if (rc == 0) {
         rc = accept(sc, j, o, err, errlen);
+        if (!sc->in_step) {
+            sweep_cancelled(sc); /* flash evaluations cancelled to make room */
+        }
     }
     if (rc == 0) {
         rc = push_job(sc, j);
     }
     if (rc < 0) {
         sc->st.refused++;
+        sc->st.refused_busy += rc == KVS_BUSY;
         job_free(sc, j);
     }
     return rc;
@@ -360,6 +473,9 @@ int kvs_sched_query(kvs_sched *sc, kvs_session *s, const char *question, size_t 
 /* Queue the flash evaluations of s that are due (one pending job per flash query). */
 static void queue_flash(kvs_sched *sc, kvs_session *s)
 {
+    if (sc->st.pressure || sc->pressure_now) {
+        return; /* overcommit, stage 3: no new work while appends wait for cells */
+    }
     for (int32_t i = 0; i < s->n_flash; i++) {
         struct flash *f = &s->flash[i];
         if (f->has_answer && f->answer.version == s->version) {
@@ -376,7 +492,8 @@ static void queue_flash(kvs_sched *sc, kvs_session *s)
         bool pending = false;
         for (int32_t k = 0; k < sc->n && !pending; k++) {
             struct job *o = sc->jobs[k];
-            pending = o->kind == JOB_FLASH && o->s == s && strcmp(o->flash_name, f->name) == 0;
+            pending = o->kind == JOB_FLASH && o->s == s && !o->cancelled &&
+                      strcmp(o->flash_name, f->name) == 0;
         }
         if (pending) {
             continue;
@@ -503,11 +620,12 @@ static bool take_token(kvs_sched *sc, struct job *j, const float *logits)
         j->text_len += n_piece;
         size_t safe = 0;
         bool matched = kvs_stop_feed(j->stop, piece, n_piece, &safe);
+        bool go_on = true;
         if (j->kind == JOB_QUERY && j->on_token != NULL && safe > j->emitted) {
-            j->on_token(tok, j->text + j->emitted, safe - j->emitted, j->user);
+            go_on = j->on_token(tok, j->text + j->emitted, safe - j->emitted, j->user);
         }
         j->emitted = safe;
-        if (matched) {
+        if (matched || !go_on) {
             j->text_len = safe;
             return true;
         }
@@ -556,9 +674,67 @@ static int32_t plan_rows(kvs_sched *sc, struct job *j, int32_t want)
     return rows;
 }
 
+/* Start append j if its real cells are there: begin it (policy, log, record) and take the
+ * blocks of its whole record. With overcommit the cells may be missing: flash evaluations
+ * are cancelled to make room (stages 1-2 of sched.h); failing that the append waits, not
+ * begun (stages 3-4). Returns 1 when begun, 0 when it waits, -1 when it left the queue (a
+ * retry answered, or failed: its callback ran). */
+static int begin_append(kvs_sched *sc, struct job *j)
+{
+    kvs_pool *pool = sc->e->pool;
+    kvs_session *s = j->s;
+    /* an append that slides makes room by evicting its own session's blocks: it needs one
+     * free block at a time (kvs_pool_seq_slide) */
+    bool slides = s->seq->n_cells + j->n_ids > s->budget;
+    int32_t need = slides ? 1 : kvs_pool_seq_blocks_needed(pool, s->seq, (int32_t)j->n_ids);
+    int rc;
+    char err[256] = "";
+    if (need > kvs_pool_n_free(pool) && !make_room(sc, need)) {
+        if (!j->waiting_cells) {
+            j->waiting_cells = true;
+            sc->st.append_waits++;
+        }
+        sc->pressure_now = true;
+        if (j->deadline > 0) {
+            return 0;
+        }
+        rc = KVS_CAPACITY;
+        snprintf(err, sizeof err, "no free KV cells for %lld tokens (overcommit), and no "
+                                  "deadline to wait for",
+                 (long long)j->n_ids);
+        sc->st.append_capacity++;
+    } else {
+        j->waiting_cells = false;
+        rc = kvs_sess_append_begin(s, j->ids, j->n_ids, j->client_id, j->client_seq, &j->ack,
+                                   err, sizeof err);
+    }
+    if (rc != 0) {
+        int32_t idx = 0;
+        while (sc->jobs[idx] != j) {
+            idx++;
+        }
+        remove_job(sc, idx);
+        if (rc == 1) { /* a retry: its original acknowledgement */
+            if (j->append_done != NULL) {
+                j->append_done(KVS_OK, &j->ack, NULL, j->user);
+            }
+            sc->st.completed++;
+            job_free(sc, j);
+        } else {
+            job_fail(sc, j, rc, err);
+        }
+        return -1;
+    }
+    j->begun = true;
+    /* the whole record's blocks now; if a slide left too few, chunks reserve as they go */
+    (void)kvs_pool_seq_reserve(pool, s->seq, (int32_t)j->n_ids);
+    return 1;
+}
+
 static int step(kvs_sched *sc, double now)
 {
     sc->now = now;
+    sc->pressure_now = false;
     kvs_engine *e = sc->e;
     memset(sc->st.last_rows, 0, sizeof sc->st.last_rows);
     /* 1. expire jobs that have not started */
@@ -572,7 +748,12 @@ static int step(kvs_sched *sc, double now)
                                                               (j->done > 0 || j->decoding));
         if (j->deadline > 0 && now > j->deadline && (!started || j->kind == JOB_QUERY)) {
             remove_job(sc, i);
-            job_fail(sc, j, KVS_TIMEOUT, "deadline exceeded");
+            if (j->waiting_cells) { /* overcommit, stage 4 */
+                sc->st.append_capacity++;
+                job_fail(sc, j, KVS_CAPACITY, "no free KV cells until the deadline (overcommit)");
+            } else {
+                job_fail(sc, j, KVS_TIMEOUT, "deadline exceeded");
+            }
             continue;
         }
         i++;
@@ -580,14 +761,30 @@ static int step(kvs_sched *sc, double now)
     if (sc->n == 0) {
         return 0;
     }
-    double t0 = kvs_now();
+    double t0 = step_clock(sc);
     kvs_batch_clear(&e->batch);
     sc->n_logit_rows = 0;
     for (int32_t i = 0; i < sc->n; i++) {
         sc->jobs[i]->rows = 0;
         sc->jobs[i]->logit_row = -1;
     }
-    int32_t budget = sc->o.max_batch_tokens;
+    /* 2. start the append at the head of each session's queue (one append per session at a
+     * time, in arrival order), before any row of this step holds blocks: this is where the
+     * overcommit order runs */
+    for (int32_t i = 0; i < sc->n;) {
+        struct job *j = sc->jobs[i];
+        bool head = j->kind == JOB_APPEND && !j->begun && !j->cancelled;
+        for (int32_t q = 0; q < i && head; q++) {
+            head = !(sc->jobs[q]->kind == JOB_APPEND && sc->jobs[q]->s == j->s &&
+                     !sc->jobs[q]->cancelled);
+        }
+        if (head && begin_append(sc, j) < 0) {
+            continue; /* it left the queue: the next job is at i now */
+        }
+        i++;
+    }
+    int32_t budget = step_budget(sc);
+    sc->st.step_rows = budget;
     bool flash_work = false;
     for (int32_t i = 0; i < sc->n && !flash_work; i++) {
         flash_work = job_class(sc->jobs[i]) == KVS_CLASS_FLASH;
@@ -602,7 +799,7 @@ static int step(kvs_sched *sc, double now)
         avail = budget; /* one request at a time: no share to keep, no other job to serve */
         flash_floor = 0;
     }
-    /* 2. plan by class: decode, question, append, then flash (with its floor) */
+    /* 3. plan by class: decode, question, append, then flash (with its floor) */
     for (int cls = 0; cls < KVS_N_CLASSES; cls++) {
         if (cls == KVS_CLASS_FLASH) {
             avail += flash_floor;
@@ -619,40 +816,8 @@ static int step(kvs_sched *sc, double now)
             if ((int)job_class(j) != cls) {
                 continue;
             }
-            if (j->kind == JOB_APPEND) {
-                /* one append per session at a time, in arrival order */
-                bool earlier = false;
-                for (int32_t q = 0; q < sc->n && sc->jobs[q] != j && !earlier; q++) {
-                    earlier = sc->jobs[q]->kind == JOB_APPEND && sc->jobs[q]->s == j->s &&
-                              !sc->jobs[q]->cancelled;
-                }
-                if (earlier) {
-                    continue;
-                }
-                if (!j->begun) {
-                    char err[256] = "";
-                    int rc = kvs_sess_append_begin(j->s, j->ids, j->n_ids, j->client_id,
-                                                   j->client_seq, &j->ack, err, sizeof err);
-                    if (rc != 0) {
-                        int32_t idx = 0;
-                        while (sc->jobs[idx] != j) {
-                            idx++;
-                        }
-                        remove_job(sc, idx);
-                        if (rc == 1) { /* a retry: its original acknowledgement */
-                            if (j->append_done != NULL) {
-                                j->append_done(KVS_OK, &j->ack, NULL, j->user);
-                            }
-                            sc->st.completed++;
-                            job_free(sc, j);
-                        } else {
-                            job_fail(sc, j, rc, err);
-                        }
-                        k--;
-                        continue;
-                    }
-                    j->begun = true;
-                }
+            if (j->kind == JOB_APPEND && !j->begun) {
+                continue; /* waiting for cells, or behind its session's current append */
             }
             int32_t want = j->kind == JOB_APPEND ? (avail < sc->o.append_chunk ? avail
                                                                               : sc->o.append_chunk)
@@ -664,7 +829,7 @@ static int step(kvs_sched *sc, double now)
         }
         sc->rr[cls]++;
     }
-    /* 3. forward */
+    /* 4. forward */
     kvs_batch *b = &e->batch;
     if (b->n_rows == 0) {
         return 0;
@@ -678,7 +843,7 @@ static int step(kvs_sched *sc, double now)
     if (fs->last_n_seqs > sc->st.max_n_seqs) {
         sc->st.max_n_seqs = fs->last_n_seqs;
     }
-    /* 4. commit, sample, complete */
+    /* 5. commit, sample, complete */
     int32_t n_vocab = (int32_t)e->model->hp.n_vocab;
     for (int32_t i = 0; i < sc->n;) {
         struct job *j = sc->jobs[i];
@@ -733,16 +898,45 @@ static int step(kvs_sched *sc, double now)
         total += sc->st.last_rows[c];
     }
     sc->st.steps++;
-    sc->st.last_step_s = kvs_now() - t0;
-    sc->st.last_occupancy = (float)total / (float)sc->o.max_batch_tokens;
-    int32_t bs = kvs_pool_block_size(e->pool);
-    sc->st.cells_total = kvs_pool_capacity_cells(e->pool);
-    sc->st.cells_used = (int64_t)(kvs_pool_n_blocks(e->pool) - kvs_pool_n_free(e->pool)) * bs;
-    sc->st.cells_reserved = (int64_t)sc->S->reserved_blocks * bs;
-    sc->st.cells_free = kvs_sessions_cells_free(sc->S);
-    sc->st.prefix_hit_cells = kvs_pool_stats(e->pool)->hit_blocks * (uint64_t)bs;
-    sc->st.prefix_cached_cells = (int64_t)kvs_pool_n_cached(e->pool) * bs;
+    sc->st.last_step_s = step_clock(sc) - t0;
+    if (sc->st.last_step_s > sc->st.max_step_s) {
+        sc->st.max_step_s = sc->st.last_step_s;
+    }
+    sc->st.last_occupancy = (float)total / (float)budget;
+    if (total > 0) {
+        cost_observe(sc, total, sc->st.last_step_s);
+    }
     return total;
+}
+
+/* The counters that are read from the pool and the registry. */
+static void refresh_stats(kvs_sched *sc)
+{
+    kvs_pool *pool = sc->e->pool;
+    kvs_sessions *S = sc->S;
+    struct kvs_sched_stats *st = &sc->st;
+    memset(st->queued, 0, sizeof st->queued);
+    st->pressure = false;
+    for (int32_t i = 0; i < sc->n; i++) {
+        st->queued[job_class(sc->jobs[i])]++;
+        st->pressure |= sc->jobs[i]->waiting_cells;
+    }
+    int32_t bs = kvs_pool_block_size(pool);
+    const struct kvs_pool_stats *ps = kvs_pool_stats(pool);
+    st->cells_total = kvs_pool_capacity_cells(pool);
+    st->cells_used = (int64_t)(kvs_pool_n_blocks(pool) - kvs_pool_n_free(pool)) * bs;
+    st->cells_reserved = (int64_t)S->reserved_blocks * bs;
+    st->cells_free = kvs_sessions_cells_free(S);
+    st->prefix_hit_cells = ps->hit_blocks * (uint64_t)bs;
+    st->prefix_saved_s = (double)st->prefix_hit_cells * st->est_row_s;
+    st->prefix_cached_cells = (int64_t)kvs_pool_n_cached(pool) * bs;
+    st->reclaimed_cells = ps->reclaimed * (uint64_t)bs;
+    st->admission_refused = S->admission_refused;
+    st->flash_hits = st->flash_misses = 0;
+    for (int32_t i = 0; i < S->n; i++) {
+        st->flash_hits += S->all[i]->fstats.hits;
+        st->flash_misses += S->all[i]->fstats.misses;
+    }
 }
 
 int kvs_sched_step(kvs_sched *sc, double now)
@@ -750,10 +944,7 @@ int kvs_sched_step(kvs_sched *sc, double now)
     sc->in_step = true;
     int rc = step(sc, now);
     sc->in_step = false;
-    sweep_cancelled(sc); /* jobs cancelled by callbacks during the step */
-    memset(sc->st.queued, 0, sizeof sc->st.queued);
-    for (int32_t i = 0; i < sc->n; i++) {
-        sc->st.queued[job_class(sc->jobs[i])]++;
-    }
+    sweep_cancelled(sc); /* jobs cancelled by callbacks or for room during the step */
+    refresh_stats(sc);
     return rc;
 }

@@ -12,6 +12,40 @@
  * then runs one forward (worker/forward.h) over all the rows, samples, emits tokens and
  * completes jobs. Within a class the starting job rotates every step (no job starves).
  *
+ * The step budget (rows = tokens per step) comes from a target step time, so that a query
+ * that arrives waits at most one step of bounded length before its rows run:
+ *     step_rows = clamp(floor(target_step_s / row_s), KVS_SCHED_MIN_ROWS, max_batch_tokens)
+ *     row_s     = sum(w_i * seconds_i) / sum(w_i * rows_i) over the observed steps i,
+ * with w_i = KVS_SCHED_COST_DECAY^(steps since i): the time per row, a step's fixed costs
+ * spread over its rows, smoothed over the last ~10 steps. A step costs overhead + b * rows
+ * with overhead >= 0, so this row_s is never below b and a budget derived from steps that
+ * met the target never makes a step pass it (it errs short while few rows run, and grows
+ * by the ratio target / step time each step as the rows come). Until
+ * KVS_SCHED_CALIBRATION_STEPS steps have been observed the budget is min(max_batch_tokens,
+ * KVS_SCHED_COLD_ROWS). A step more than 20% slower than row_s predicts (the machine got
+ * busier) restarts the average from that step alone, so one such step passes the target,
+ * not as many as the old steps take to fade. max_batch_tokens stays the hard cap (the
+ * batch and the logits buffer are sized by it). The stats expose the target, row_s and the
+ * budget.
+ *
+ * Capacity (see docs/SESSIONS.md). A query reserves |question| + max_tokens cells at
+ * acceptance, in the admission accounting and as real blocks of its fork; an append takes
+ * the real blocks of its whole record before it begins (before it is logged). Without
+ * overcommit the accounting never promises more than the pool holds, so these always
+ * succeed: an admitted session's append never fails for lack of KV. With overcommit > 1,
+ * session budgets are admitted against capacity x overcommit and the real cells can run
+ * out. Then, in this order:
+ *   1. unreferenced cached prefix blocks are reclaimed (LRU; the pool does it on demand),
+ *   2. flash evaluations are cancelled, youngest first, until the blocks needed are free
+ *      (a cancelled evaluation's answer stays stale until the session's next append),
+ *   3. while an append is waiting for cells ("pressure") new queries and new flash
+ *      evaluations are refused (KVS_BUSY); a query that does not get its blocks after
+ *      steps 1-2 is refused with KVS_BUSY at any time; running queries finish and free
+ *      their cells,
+ *   4. the append waits (not begun, not logged) until cells are free, up to its deadline,
+ *      then fails with KVS_CAPACITY; an append without a deadline fails with KVS_CAPACITY
+ *      at once.
+ *
  * Semantics are those of worker/session.h: an append is logged before its first chunk and
  * acknowledged (callback) when its last chunk is in; a query forks the session at the data
  * completely appended before it was accepted (a concurrent append in progress is not
@@ -19,10 +53,12 @@
  * not there). Jobs whose deadline passes before they start fail with KVS_TIMEOUT; a query
  * that is already running when its deadline passes is stopped with KVS_TIMEOUT.
  *
- * Time is a parameter (now, seconds on any monotonic clock) so that tests drive it.
+ * Time is a parameter (now, seconds on any monotonic clock) so that tests drive it; step
+ * durations are measured with opts.clock (tests pass a fake one).
  * Thread-safety: one thread (the engine's) calls everything; callbacks run inside
  * kvs_sched_step. Do not mix the synchronous session calls that change a session
- * (append, flash register) with scheduler jobs on the same session.
+ * (append, flash register) with scheduler jobs on the same session; the synchronous calls
+ * do not follow the overcommit order above.
  */
 #ifndef KVS_SCHED_H
 #define KVS_SCHED_H
@@ -40,12 +76,25 @@ enum kvs_job_class {
     KVS_N_CLASSES = 4,
 };
 
+#define KVS_SCHED_TARGET_STEP_MS 100.0 /* default target step time */
+#define KVS_SCHED_MIN_ROWS 8             /* the budget never goes below this many rows */
+#define KVS_SCHED_COLD_ROWS 32           /* rows per step until the cost model is calibrated */
+#define KVS_SCHED_CALIBRATION_STEPS 4    /* observed steps before the model is trusted */
+#define KVS_SCHED_COST_DECAY 0.9         /* weight kept by an observation per later step */
+#define KVS_SCHED_OVERCOMMIT_MAX 16.0f   /* largest overcommit ratio accepted */
+
 struct kvs_sched_opts {
-    int32_t max_batch_tokens; /* rows per step (0 = the engine's max_batch_rows) */
+    int32_t max_batch_tokens; /* hard cap on rows per step (0 = the engine's max_batch_rows) */
+    double target_step_ms;    /* wall time a step should take (0 = KVS_SCHED_TARGET_STEP_MS;
+                               * < 0 = no target: max_batch_tokens rows every step) */
     int32_t append_chunk;     /* rows of one append per step (0 = 64) */
     float flash_min_share;    /* budget share kept for flash work when it has any (0 = 0.1) */
     int32_t max_jobs_per_step;/* 0 = no limit; 1 = one request at a time (the no-batching
                                * baseline of the benchmarks) */
+    float overcommit;         /* admit budgets against capacity x this (0 = 1 = off; at
+                               * most KVS_SCHED_OVERCOMMIT_MAX); set on the registry */
+    double (*clock)(void *user); /* seconds, for step durations (NULL = kvs_now) */
+    void *clock_user;
 };
 
 struct kvs_sched_stats {
@@ -57,19 +106,38 @@ struct kvs_sched_stats {
     int32_t queued[KVS_N_CLASSES];        /* jobs waiting or running, per class */
     uint64_t completed;                   /* jobs finished successfully */
     uint64_t expired;                     /* jobs failed with KVS_TIMEOUT */
-    uint64_t refused;                     /* submissions refused (BUSY, bad input) */
+    uint64_t refused;                     /* submissions refused (all causes below and bad input) */
+    uint64_t refused_busy;                /* ... of them queries refused with KVS_BUSY */
+    uint64_t admission_refused;           /* session creations refused with KVS_CAPACITY */
     uint64_t cancelled;                   /* jobs cancelled by kvs_sched_cancel */
-    uint64_t flash_evals;                 /* flash answers computed */
-    uint64_t flash_wasted;                /* ... whose session had moved on when they completed */
-    double last_step_s;                   /* wall seconds of the last step */
-    float last_occupancy;                 /* rows of the last step / max_batch_tokens */
+    /* step time and budget */
+    double target_step_s;                 /* the target (0: none) */
+    double last_step_s;                   /* wall seconds of the last step (opts.clock) */
+    double max_step_s;                    /* longest step so far */
+    double est_row_s;                     /* smoothed seconds per row (fixed costs included) */
+    bool calibrated;                      /* the budget comes from the fitted model */
+    int32_t step_rows;                    /* the budget of the last step, rows */
+    float last_occupancy;                 /* rows of the last step / step_rows */
     /* KV, refreshed every step */
     int64_t cells_total;                  /* the pool */
     int64_t cells_used;                   /* in blocks some seq references (shared counted once) */
     int64_t cells_reserved;               /* promised to sessions and running queries */
-    int64_t cells_free;                   /* neither used nor promised (admission's headroom) */
+    int64_t cells_free;                   /* neither used nor promised (admission's headroom;
+                                           * with overcommit, of capacity x overcommit) */
     uint64_t prefix_hit_cells;            /* cells shared from the prefix index instead of computed */
+    double prefix_saved_s;                /* ... forward time that saved, estimated (est_row_s) */
     int64_t prefix_cached_cells;          /* unreferenced prefix blocks kept for later hits */
+    uint64_t reclaimed_cells;             /* cached prefix cells taken back for space */
+    /* overcommit (all 0 without it) */
+    bool pressure;                        /* an append waited for real cells in the last step */
+    uint64_t append_waits;                /* appends that had to wait for real cells */
+    uint64_t append_capacity;             /* appends failed with KVS_CAPACITY (no real cells) */
+    uint64_t flash_cancelled;             /* flash evaluations cancelled to free cells */
+    /* flash queries */
+    uint64_t flash_evals;                 /* flash answers computed */
+    uint64_t flash_wasted;                /* ... whose session had moved on when they completed */
+    uint64_t flash_hits;                  /* flash_get served fresh (live sessions) */
+    uint64_t flash_misses;                /* flash_get computed or stale (live sessions) */
 };
 
 typedef struct kvs_sched kvs_sched;
@@ -82,20 +150,25 @@ typedef void (*kvs_sched_append_fn)(int status, const struct kvs_append_result *
 typedef void (*kvs_sched_query_fn)(int status, struct kvs_answer *a, const char *err,
                                    void *user);
 
-/* A scheduler over the sessions of S (borrowed). 0, KVS_INVALID_ARGUMENT, KVS_NO_MEMORY. */
+/* A scheduler over the sessions of S (borrowed; sets S's overcommit ratio). 0,
+ * KVS_INVALID_ARGUMENT (overcommit outside [1, KVS_SCHED_OVERCOMMIT_MAX]), KVS_NO_MEMORY. */
 int kvs_sched_new(kvs_sessions *S, const struct kvs_sched_opts *o, kvs_sched **out);
 /* Fails every pending job with KVS_CANCELLED (callbacks run), then frees. Accepts NULL. */
 void kvs_sched_destroy(kvs_sched **sc);
 
 /* Queue an append of a text record to s. Returns 0 (done will be called from a step) or an
- * error (KVS_INVALID_ARGUMENT, tokenizer errors; done is then never called). */
+ * error (KVS_INVALID_ARGUMENT, tokenizer errors; done is then never called). From a step,
+ * done gets the session's errors (worker/session.h), KVS_TIMEOUT (not begun by the
+ * deadline), or KVS_CAPACITY (with overcommit: no real cells by the deadline). */
 int kvs_sched_append(kvs_sched *sc, kvs_session *s, const char *text, size_t len,
                      uint64_t client_id, uint64_t client_seq, double deadline,
                      kvs_sched_append_fn done, void *user);
 
 /* Accept a query: frame the question, reserve its cells, fork the session. Returns 0 (done
- * is called later; on_token streams text, may be NULL) or KVS_BUSY / KVS_INVALID_ARGUMENT /
- * KVS_CONTEXT_FULL with err set (done never called). Stateless queries are not scheduled. */
+ * is called later; on_token streams text, may be NULL, and returning false from it ends the
+ * answer there) or KVS_BUSY (no reserve, or appends are waiting for cells) /
+ * KVS_INVALID_ARGUMENT / KVS_CONTEXT_FULL with err set (done never called). Stateless
+ * queries are not scheduled. */
 int kvs_sched_query(kvs_sched *sc, kvs_session *s, const char *question, size_t len,
                     const struct kvs_query_opts *o, double deadline, kvs_token_fn on_token,
                     kvs_sched_query_fn done, void *user, char *err, size_t errlen);
@@ -119,6 +192,7 @@ int kvs_sched_step(kvs_sched *sc, double now);
 /* True while any job is queued or running. */
 bool kvs_sched_busy(const kvs_sched *sc);
 
+/* Counters, refreshed at the end of every step (borrowed until the scheduler is destroyed). */
 const struct kvs_sched_stats *kvs_sched_stats(const kvs_sched *sc);
 
 #endif

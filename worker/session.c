@@ -48,12 +48,15 @@ int32_t kvs_sess_blocks_for(const kvs_sessions *S, int64_t cells)
     return (int32_t)((cells + bs - 1) / bs) + 1;
 }
 
-/* Blocks not promised to anyone: the pool minus session and query reservations minus the
- * shared prefix blocks in use (counted once, whoever uses them). */
+/* Blocks not promised to anyone: the pool (times the overcommit ratio) minus session and
+ * query reservations minus the shared prefix blocks in use (counted once, whoever uses them). */
 int32_t kvs_sess_blocks_free(const kvs_sessions *S)
 {
-    return kvs_pool_n_blocks(S->e->pool) - S->reserved_blocks -
-           kvs_pool_n_indexed_in_use(S->e->pool);
+    int32_t n = kvs_pool_n_blocks(S->e->pool);
+    if (S->overcommit > 1.0f) {
+        n = (int32_t)((double)n * S->overcommit);
+    }
+    return n - S->reserved_blocks - kvs_pool_n_indexed_in_use(S->e->pool);
 }
 
 int64_t kvs_sessions_cells_free(const kvs_sessions *S)
@@ -219,6 +222,7 @@ int kvs_sessions_new(kvs_engine *e, const struct kvs_sessions_opts *o, kvs_sessi
         return KVS_NO_MEMORY;
     }
     S->e = e;
+    S->overcommit = 1.0f;
     if (o != NULL && o->data_dir != NULL) {
         S->data_dir = strdup(o->data_dir);
         S->fsync = o->fsync;
@@ -382,6 +386,7 @@ int kvs_sess_new(kvs_sessions *S, const char *id, enum kvs_session_format format
     int32_t new_shared = full - shared / bs; /* prefix blocks this session adds to the index */
     if (blocks + new_shared > kvs_sess_blocks_free(S)) {
         kvs_pool_seq_release(e->pool, &seq);
+        S->admission_refused++;
         ERR(KVS_CAPACITY, "a budget of %lld cells does not fit: %lld cells free",
             (long long)budget, (long long)kvs_sessions_cells_free(S));
     }

@@ -64,6 +64,9 @@ struct kvs_sessions {
     kvs_session **all;               /* (cap) */
     int32_t n, cap;
     int32_t reserved_blocks;         /* blocks promised to sessions and in-flight queries */
+    float overcommit;                /* admission counts against blocks x this (>= 1; 1 = off;
+                                      * set by the scheduler: worker/sched.h) */
+    uint64_t admission_refused;      /* creations refused with KVS_CAPACITY */
     struct kvs_chat_template chat;   /* the model's template */
 };
 
