@@ -42,17 +42,26 @@ def tiny_model(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def default_model():
+    """The default model (SmolLM2-135M-Instruct Q4_1), which scripts/setup.sh fetches."""
+    if not VOCAB.exists():
+        pytest.fail(f"the default model {VOCAB} is missing: run scripts/setup.sh")
+    return str(VOCAB)
+
+
 class Worker:
     """A kvs-worker process; start() waits for its 'listening on' line."""
 
-    def __init__(self, model, data_dir=None, extra=()):
+    def __init__(self, model, data_dir=None, extra=(), threads=1, cells=4096):
         self.model, self.data_dir, self.extra = model, data_dir, list(extra)
+        self.threads, self.cells = threads, cells
         self.proc = None
         self.endpoint = None
 
     def start(self, listen="tcp://127.0.0.1:*"):
-        cmd = [worker_binary(), "--model", self.model, "--listen", listen, "--threads", "1",
-               "--cells", "4096", "--fsync", "always"] + self.extra
+        cmd = [worker_binary(), "--model", self.model, "--listen", listen, "--threads",
+               str(self.threads), "--cells", str(self.cells), "--fsync", "always"] + self.extra
         if self.data_dir:
             cmd += ["--data-dir", str(self.data_dir)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

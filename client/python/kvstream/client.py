@@ -7,6 +7,7 @@ import msgpack
 import zmq
 
 PROTOCOL_VERSION = 1
+PROTOCOL_MINOR = 1  # what this client knows: cancel, flash.watch, deadline_ms, session.dump
 
 
 class KvsError(Exception):
@@ -26,10 +27,20 @@ class KvsTimeout(KvsError):
 
 
 class Client:
-    def __init__(self, endpoint, timeout=30.0, context=None):
+    def __init__(self, endpoint, timeout=30.0, context=None, rcvhwm=None):
         self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
+        self._rcvhwm = rcvhwm
+        self._sock = None
+        # Ids start at a random point so that two clients' ids rarely look alike in logs.
+        self._ids = itertools.count(int.from_bytes(os.urandom(3), "big") + 1)
+        self._pending = {}  # id -> [replies received before they were asked for]
+        self.version = None
+        self.minor = None
+        self._connect()
+
+    def _connect(self):
         self._sock = self._ctx.socket(zmq.DEALER)
         # Liveness as the worker does it (PROTOCOL.md section 1).
         self._sock.setsockopt(zmq.HEARTBEAT_IVL, 250)
@@ -37,11 +48,16 @@ class Client:
         self._sock.setsockopt(zmq.HEARTBEAT_TTL, 1000)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
-        self._sock.connect(endpoint)
-        # Ids start at a random point so that two clients' ids rarely look alike in logs.
-        self._ids = itertools.count(int.from_bytes(os.urandom(3), "big") + 1)
-        self._pending = {}  # id -> [replies received before they were asked for]
-        self.version = None
+        if self._rcvhwm is not None:
+            self._sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
+        self._sock.connect(self.endpoint)
+
+    def reconnect(self):
+        """A fresh connection (a new peer identity): requests in flight are forgotten (their
+        replies are lost), watches must be renewed with Watch.resume()."""
+        self._sock.close(0)
+        self._pending.clear()
+        self._connect()
 
     def close(self):
         self._sock.close(0)
@@ -75,7 +91,7 @@ class Client:
             raise KvsError("BAD_FORMAT", -6, f"reply with {len(frames)} frames")
         return msgpack.unpackb(frames[1], raw=False)
 
-    def _next_reply(self, rid, timeout):
+    def _next_reply(self, rid, timeout, forget=True):
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             queue = self._pending.get(rid)
@@ -83,7 +99,8 @@ class Client:
                 return queue.pop(0)
             left = deadline - time.monotonic()
             if left <= 0:
-                self._pending.pop(rid, None)
+                if forget:
+                    self._pending.pop(rid, None)
                 raise KvsTimeout(f"request {rid}: no reply within the timeout")
             rep = self.recv_any(left)
             other = rep.get("id")
@@ -100,7 +117,14 @@ class Client:
 
     def call(self, op, timeout=None, **fields):
         """One request, one reply (a dict without "id"). Raises KvsError."""
-        rid = self._send(op, fields)
+        return self.wait(self.send(op, **fields), timeout)
+
+    def send(self, op, **fields):
+        """Send a request without waiting (pipelining); returns its id for wait() or cancel()."""
+        return self._send(op, fields)
+
+    def wait(self, rid, timeout=None):
+        """The single reply of request rid (sent with send()), as call() returns it."""
         try:
             rep = self._next_reply(rid, timeout)
         finally:
@@ -130,6 +154,7 @@ class Client:
     def hello(self, versions=(PROTOCOL_VERSION,), client="kvstream-python"):
         rep = self.call("hello", versions=list(versions), client=client)
         self.version = rep["version"]
+        self.minor = rep.get("minor", 0)
         return rep
 
     def ping(self, timeout=None):
@@ -143,10 +168,21 @@ class Client:
         return self.call("session.create", session=session, prefix=prefix, cells=cells,
                          query_reserve=query_reserve, format=format, policy=policy)
 
-    def append(self, session, text=None, tokens=None, client_id=None, client_seq=None):
-        return self.call("session.append", session=session, text=text,
+    def append(self, session, text=None, tokens=None, client_id=None, client_seq=None,
+               deadline_ms=None, timeout=None):
+        return self.call("session.append", timeout=timeout, session=session, text=text,
                          tokens=list(tokens) if tokens is not None else None,
-                         client_id=client_id, client_seq=client_seq)
+                         client_id=client_id, client_seq=client_seq, deadline_ms=deadline_ms)
+
+    def dump(self, session):
+        """The recorded ids (tokens, prefix_tokens) and the data decoded (text)."""
+        return self.call("session.dump", session=session)
+
+    def cancel(self, target, timeout=None):
+        """Cancel request target (an id from send(), or a Watch's id): {"cancelled": 1}, or
+        KvsError NOT_FOUND when it is no longer in flight. The target itself is answered
+        CANCELLED (read it with wait(target) if you care)."""
+        return self.call("cancel", timeout=timeout, target=target)
 
     def info(self, session):
         return self.call("session.info", session=session)
@@ -179,5 +215,86 @@ class Client:
     def flash_list(self, session):
         return self.call("flash.list", session=session)["names"]
 
-    def flash_get(self, session, name, allow_stale=False):
-        return self.call("flash.get", session=session, name=name, allow_stale=allow_stale)
+    def flash_get(self, session, name, allow_stale=False, timeout=None):
+        return self.call("flash.get", timeout=timeout, session=session, name=name,
+                         allow_stale=allow_stale)
+
+    def watch(self, session, after_version=None, timeout=None):
+        """Subscribe to the flash answers of session (PROTOCOL.md, flash.watch): a Watch,
+        already confirmed by the worker. after_version: push at once the latest answer of
+        each flash query newer than it (resume)."""
+        w = Watch(self, session)
+        w._subscribe(after_version, timeout)
+        return w
+
+
+class Watch:
+    """A flash.watch subscription. next() returns the next answer piece (a dict with
+    session, name, fresh, answer, tokens, version, ...); last_version is the highest answer
+    version received, which resume() passes as after_version on a new subscription (after
+    Client.reconnect(), or when the worker dropped this one)."""
+
+    def __init__(self, client, session):
+        self.client = client
+        self.session = session
+        self.id = None
+        self.last_version = None
+        self.version_at_start = None
+        self._expect = 0
+        self.ended = None  # the KvsError that ended it
+
+    def _subscribe(self, after_version, timeout):
+        c = self.client
+        self.id = c._send("flash.watch", {"session": self.session,
+                                          "after_version": after_version})
+        self._expect = 0
+        first = self._recv(timeout)
+        if not first.get("watching"):
+            raise KvsError("BAD_FORMAT", -6, f"unexpected first watch piece {first}", first)
+        self.version_at_start = first.get("version")
+        self.ended = None
+
+    def _recv(self, timeout):
+        c = self.client
+        rep = c._next_reply(self.id, timeout, forget=False)
+        seq = rep.get("seq")
+        if seq is None and "error" in rep:  # refused at subscription
+            c._pending.pop(self.id, None)
+            c._check(rep)
+        if seq != self._expect:
+            raise KvsError("BAD_FORMAT", -6, f"watch seq {seq}, expected {self._expect}", rep)
+        self._expect += 1
+        try:
+            c._check(rep)
+        except KvsError as e:
+            self.ended = e
+            c._pending.pop(self.id, None)
+            raise
+        return rep
+
+    def next(self, timeout=None):
+        """The next pushed answer; KvsTimeout when none came in time (the watch goes on);
+        KvsError when the watch ended (CANCELLED, NOT_FOUND: session closed)."""
+        if self.ended is not None:
+            raise self.ended
+        rep = self._recv(timeout)
+        rep.pop("id", None)
+        v = rep.get("version")
+        if v is not None and (self.last_version is None or v > self.last_version):
+            self.last_version = v
+        return rep
+
+    def cancel(self, timeout=None):
+        rep = self.client.cancel(self.id, timeout=timeout)
+        try:
+            while True:
+                self._recv(timeout)
+        except KvsError as e:
+            if e.code != "CANCELLED":
+                raise
+        return rep
+
+    def resume(self, timeout=None):
+        """Subscribe again from last_version (on the client's current connection)."""
+        self._subscribe(self.last_version if self.last_version is not None else 0, timeout)
+        return self
