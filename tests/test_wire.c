@@ -99,6 +99,107 @@ START_TEST(test_good_query_and_tokens)
 }
 END_TEST
 
+/* Protocol 1.1: deadline_ms (bounded), cancel's target (required, >= 1), flash.watch's
+ * optional after_version (0 is a value, not "absent"), session.dump. */
+START_TEST(test_minor_1_fields)
+{
+    struct kvs_wire_request rq;
+    msgpack_pack_map(&buf.pk, 4);
+    kstr("id"), msgpack_pack_uint64(&buf.pk, 5);
+    kstr("op"), kstr("session.append");
+    kstr("session"), kstr("s");
+    kstr("text"), kstr("x");
+    ck_assert_int_eq(decode_buf(&rq), 0);
+    ck_assert_uint_eq(rq.deadline_ms, 0); /* absent: no deadline */
+    kvs_wire_request_free(&rq);
+
+    kvs_wire_buf_clear(&buf);
+    msgpack_pack_map(&buf.pk, 5);
+    kstr("id"), msgpack_pack_uint64(&buf.pk, 5);
+    kstr("op"), kstr("query");
+    kstr("session"), kstr("s");
+    kstr("question"), kstr("q");
+    kstr("deadline_ms"), msgpack_pack_uint32(&buf.pk, KVS_WIRE_MAX_DEADLINE_MS);
+    ck_assert_int_eq(decode_buf(&rq), 0);
+    ck_assert_uint_eq(rq.deadline_ms, KVS_WIRE_MAX_DEADLINE_MS);
+    kvs_wire_request_free(&rq);
+
+    kvs_wire_buf_clear(&buf);
+    msgpack_pack_map(&buf.pk, 5);
+    kstr("id"), msgpack_pack_uint64(&buf.pk, 5);
+    kstr("op"), kstr("query");
+    kstr("session"), kstr("s");
+    kstr("question"), kstr("q");
+    kstr("deadline_ms"), msgpack_pack_uint32(&buf.pk, KVS_WIRE_MAX_DEADLINE_MS + 1);
+    ck_assert_int_eq(decode_buf(&rq), KVS_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err, "'deadline_ms'"));
+    kvs_wire_request_free(&rq);
+
+    kvs_wire_buf_clear(&buf);
+    msgpack_pack_map(&buf.pk, 3);
+    kstr("id"), msgpack_pack_uint64(&buf.pk, 6);
+    kstr("op"), kstr("cancel");
+    kstr("target"), msgpack_pack_uint64(&buf.pk, 5);
+    ck_assert_int_eq(decode_buf(&rq), 0);
+    ck_assert_int_eq(rq.op, KVS_OP_CANCEL);
+    ck_assert_uint_eq(rq.target, 5);
+    kvs_wire_request_free(&rq);
+
+    kvs_wire_buf_clear(&buf);
+    msgpack_pack_map(&buf.pk, 2);
+    kstr("id"), msgpack_pack_uint64(&buf.pk, 6);
+    kstr("op"), kstr("cancel");
+    ck_assert_int_eq(decode_buf(&rq), KVS_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err, "'target'"));
+    kvs_wire_request_free(&rq);
+
+    kvs_wire_buf_clear(&buf);
+    msgpack_pack_map(&buf.pk, 3);
+    kstr("id"), msgpack_pack_uint64(&buf.pk, 6);
+    kstr("op"), kstr("cancel");
+    kstr("target"), msgpack_pack_uint64(&buf.pk, 0);
+    ck_assert_int_eq(decode_buf(&rq), KVS_INVALID_ARGUMENT);
+    kvs_wire_request_free(&rq);
+
+    kvs_wire_buf_clear(&buf);
+    msgpack_pack_map(&buf.pk, 3);
+    kstr("id"), msgpack_pack_uint64(&buf.pk, 7);
+    kstr("op"), kstr("flash.watch");
+    kstr("session"), kstr("s");
+    ck_assert_int_eq(decode_buf(&rq), 0);
+    ck_assert_int_eq(rq.op, KVS_OP_FLASH_WATCH);
+    ck_assert(!rq.has_after_version);
+    kvs_wire_request_free(&rq);
+
+    kvs_wire_buf_clear(&buf);
+    msgpack_pack_map(&buf.pk, 4);
+    kstr("id"), msgpack_pack_uint64(&buf.pk, 7);
+    kstr("op"), kstr("flash.watch");
+    kstr("session"), kstr("s");
+    kstr("after_version"), msgpack_pack_uint64(&buf.pk, 0);
+    ck_assert_int_eq(decode_buf(&rq), 0);
+    ck_assert(rq.has_after_version);
+    ck_assert_uint_eq(rq.after_version, 0);
+    kvs_wire_request_free(&rq);
+
+    kvs_wire_buf_clear(&buf);
+    msgpack_pack_map(&buf.pk, 2);
+    kstr("id"), msgpack_pack_uint64(&buf.pk, 8);
+    kstr("op"), kstr("flash.watch");
+    ck_assert_int_eq(decode_buf(&rq), KVS_INVALID_ARGUMENT); /* session required */
+    kvs_wire_request_free(&rq);
+
+    kvs_wire_buf_clear(&buf);
+    msgpack_pack_map(&buf.pk, 3);
+    kstr("id"), msgpack_pack_uint64(&buf.pk, 9);
+    kstr("op"), kstr("session.dump");
+    kstr("session"), kstr("s");
+    ck_assert_int_eq(decode_buf(&rq), 0);
+    ck_assert_int_eq(rq.op, KVS_OP_SESSION_DUMP);
+    kvs_wire_request_free(&rq);
+}
+END_TEST
+
 /* The allocation bomb: 5 bytes declaring a 4-billion-entry array (msgpack-c would try to
  * allocate ~96 GiB for its objects), as the payload and nested inside a map. */
 START_TEST(test_allocation_bomb)
@@ -379,6 +480,8 @@ START_TEST(test_error_encoding)
     ck_assert(memcmp(code->via.str.ptr, "NOT_FOUND", 9) == 0);
     msgpack_unpacked_destroy(&up);
     ck_assert_str_eq(kvs_wire_op_name(KVS_OP_FLASH_GET), "flash.get");
+    ck_assert_str_eq(kvs_wire_op_name(KVS_OP_FLASH_WATCH), "flash.watch");
+    ck_assert_str_eq(kvs_wire_op_name(KVS_OP_CANCEL), "cancel");
     ck_assert_str_eq(kvs_wire_op_name(KVS_OP_UNKNOWN), "?");
 }
 END_TEST
@@ -390,6 +493,7 @@ int main(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, test_good_append);
     tcase_add_test(tc, test_good_query_and_tokens);
+    tcase_add_test(tc, test_minor_1_fields);
     tcase_add_test(tc, test_allocation_bomb);
     tcase_add_test(tc, test_malformed);
     tcase_add_test(tc, test_deep_nesting);

@@ -195,8 +195,10 @@ int kvs_flashcache_answer(kvs_flashcache *c, const char *session, const char *na
         s->version = version;
     }
     struct answer *a = answer_find(s, name);
-    if (a != NULL && a->version > version) {
-        return KVS_OK; /* older than what we have (not expected: the engine keeps the newest) */
+    if (a != NULL && a->version >= version) {
+        /* older than what we have, or the same version computed twice (a flash.get that
+         * computed it while the scheduler's evaluation was under way): pushed once */
+        return KVS_OK;
     }
     uint8_t *copy = malloc(len > 0 ? len : 1);
     if (copy == NULL) {
