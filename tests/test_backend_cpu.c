@@ -543,7 +543,11 @@ START_TEST(test_rope)
                             int i1 = style == KVS_ROPE_NEOX ? i + half : 2 * i + 1;
                             double r0 = o[i0] * cos(th) - o[i1] * sin(th);
                             double r1 = o[i0] * sin(th) + o[i1] * cos(th);
-                            double tol = 2e-6 * (fabs(o[i0]) + fabs(o[i1]));
+                            /* f32 angles as llama.cpp makes them (theta_i+1 = theta_i *
+                             * base^(-2/n_dims)): each step rounds, so the angle is off by up
+                             * to ~(i + 2) ulps of theta, plus sinf / cosf's own error */
+                            double tol = (2e-6 + fabs(th) * (i + 2) * 0x1p-23) *
+                                         (fabs(o[i0]) + fabs(o[i1]));
                             ck_assert_msg(fabs(g[i0] - r0) <= tol && fabs(g[i1] - r1) <= tol,
                                           "rope style %d hd %d pos %d i %d", style, hd, pos[r], i);
                         }

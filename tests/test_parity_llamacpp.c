@@ -3,18 +3,20 @@
  * the golden file). Under teacher forcing on 5 prompts of 100+ tokens the issue's gates are
  *   top-1 agreement >= 98% of positions, mean KL(llama.cpp || ours) <= 2e-3 nats,
  *   p99 KL <= 2e-2; greedy continuations of 64 tokens identical on >= 4 of 5 prompts.
- * Measured (2026-11-30): top-1 98.7%, mean KL 2.1e-3, p99 1.5e-2, greedy 2-3 of 5. Two of
- * the gates are not met; this test asserts the gates that are (top-1, p99) and holds the
- * other two at what is measured, so that a regression fails it: mean KL <= 2.5e-3, greedy
- * >= 2 of 5. For scale, llama.cpp against itself (the same prompts evaluated token by token
- * instead of in one batch) gives mean KL 1.6e-3, p99 1.1e-2, top-1 98.8%, and its greedy
- * continuations change on 3 of the 5 prompts: the divergences are near-ties. Per position
- * the KL is ~1e-7 at position 0 (matmuls, norms and the LM head agree) and largest at
- * positions 1-3, i.e. in attention over the first few cells; see bench/NOTES.md.
+ * The CPU backend reproduces llama.cpp's CPU arithmetic for a prompt batch bit for bit
+ * (Q4_1 / Q8_0 dot orders, f32 rope angles, its exp, its attention's sum orders; see
+ * kernels/cpu/attention.c), so the teacher-forced logits agree to the rounding of the
+ * golden file's log-probabilities (measured 2026-11-30: top-1 100%, mean KL 8.9e-9, p99
+ * 4.7e-7). Greedy continuations: 2 of 5 identical. llama.cpp decodes one token through
+ * other kernels than its prompt batch (ggml_vec_dot_f16 for K.q and P.V, a different sum
+ * order), which a batch-invariant engine cannot copy without giving a token other bits
+ * alone than in a batch; the 64 generated tokens then drift apart at near-ties (llama.cpp
+ * against itself, token by token vs one batch, changes 3 of the 5 continuations). So the
+ * greedy gate is held at what is measured (>= 2 of 5) and reported as not met; the others
+ * are asserted at the issue's gates. See bench/NOTES.md.
  * KL is computed over llama.cpp's top-64 tokens plus one bucket for the rest of the mass:
  * a lower bound of the full KL that differs from it by at most the tail's contribution. */
 #define GATE_MEAN_KL 2e-3
-#define HELD_MEAN_KL 2.5e-3
 #define GATE_GREEDY 4
 #define HELD_GREEDY 2
 #include <check.h>
@@ -157,7 +159,7 @@ START_TEST(test_llamacpp_parity)
            greedy_same >= GATE_GREEDY ? "met" : "NOT met", greedy_same, GATE_GREEDY);
     ck_assert_msg(top1 >= 0.98, "top-1 agreement %.4f", top1);
     ck_assert_msg(p99 <= 2e-2, "p99 KL %g", p99);
-    ck_assert_msg(mean <= HELD_MEAN_KL, "mean KL %g", mean);
+    ck_assert_msg(mean <= GATE_MEAN_KL, "mean KL %g", mean);
     ck_assert_int_ge(greedy_same, HELD_GREEDY);
     free(kls);
     rig_close(&r);

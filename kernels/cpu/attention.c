@@ -4,26 +4,22 @@
  * so one KV head's cells of a block are contiguous for the attention walk, and one block of
  * one layer is one contiguous run (n_kv_head * block_size * head_dim elements) for copies.
  *
- * Attention of (row r, head h), online softmax in a fixed order that depends only on the
- * row's own context: for each block of cells 0..row_ctx[r]-1 in position order:
- *   s_j = dot(q, k_j) * scale           (the level's dot, cells j of the block in order)
- *   m'  = max(m, max_j s_j);  c = expf(m - m')  (skipped on the first block, and when
- *                                       m' = m, where c would be exactly 1)
- *   l   = l * c;  acc = acc * c
- *   p_j = exp(s_j - m')                 (the level's exp: libm, or the vector exp)
- *   for j in order: l = l + p_j;  then for j in order: acc = acc + p_j * v_j
- * With an f16 cache q and the p_j that scale V are rounded to f16, where llama.cpp's CPU
- * attention rounds them (l sums the unrounded p_j).
- * out = acc * (1 / l).
- *
- * Long rows: the context is cut into segments of KVS_CPU_ATTN_SEGMENT cells (rounded up to
- * whole blocks), a length that depends on nothing but the layout. Each segment runs the walk
- * above from its own first block (fresh m, l, acc), and the segments' states are folded in
- * segment order: m = max(m, m_s), a = exp(m_old - m), b = exp(m_s - m), l = l a + l_s b,
- * acc = acc * a, then acc = acc + b * acc_s (the level's scale and axpy). A row of one
- * segment is exactly the walk above. Segments of one row may run on different threads
- * (the states are then kept and folded afterwards, in the same order), so a single long
- * decode row keeps every thread busy. */
+ * Attention of (row r, head h) over its cells c = 0 .. n-1 (n = row_ctx[r], cells in
+ * position order through the block table), computed as llama.cpp's CPU backend computes its
+ * non-flash attention for a prompt batch (ggml mul_mat through the llamafile f16 kernel, then
+ * soft_max_ext, then mul_mat), so that quantized models track llama.cpp bit for bit:
+ *   q is rounded to f16 (f16 cache)
+ *   s_c = dot16(q, k_c) * scale            (16-lane chains over d, reduce_add's tree)
+ *   m   = max_c s_c
+ *   e_c = exp(s_c - m)                      (the level's exp: at the AVX-512 level ggml's)
+ *   sum = sum over chunks of 16 cells in order of (double) reduce16(e of the chunk)
+ *   p_c = e_c * (float)(1 / sum), rounded to f16 (f16 cache)
+ *   out[d] = reduce16 over lanes l of the chains a_l[d] = fma(p_c, v_c[d], a_l[d]) for the
+ *            cells c = l, l + 16, l + 32, ... in order
+ * (llama.cpp pads its rows to 256 cells with masked ones whose weight is 0: they change no
+ * sum and no chain.) Each (row, head) is computed by this one routine whatever the batch, so
+ * the results are batch-invariant; llama.cpp's single-token path (ggml_vec_dot_f16) orders
+ * its sums differently, so its decode steps are not reproduced bit for bit. */
 #include "kernels/cpu/cpu_impl.h"
 
 #include <assert.h>
@@ -197,14 +193,10 @@ int kvs_cpu_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const floa
     return 0;
 }
 
-/* Work units. Rows of one sequence that are consecutive in the batch (same row_table) form
- * tiles of up to TILE_ROWS rows that walk their shared blocks together: each K/V block is
- * read once for the tile's rows and the group's heads (the multi kernels), while every
- * (row, head) performs exactly the operations it would perform alone; a row whose context
- * ends earlier stops at its own last cell. */
+/* Work units: rows of one sequence that are consecutive in the batch (same row_table) form
+ * tiles of up to TILE_ROWS rows; a task is (tile, head). The rows of a tile share the cell
+ * pointers; each (row, head) is computed alone by the routine at the top of the file. */
 #define TILE_ROWS 8
-#define PAIRS_MAX 64 /* (row, head) pairs of a tile: group * tile rows */
-#define SPLIT_MAX_FLOATS ((int64_t)16 << 20) /* segment records kept in split mode (64 MiB) */
 
 struct attn_job {
     const struct kvs_cpu_kernels *k;
@@ -215,213 +207,85 @@ struct attn_job {
     const float *q;                    /* (n_rows, n_head, head_dim) */
     const struct kvs_attn_batch *ab;
     float *out;                        /* (n_rows, n_head, head_dim) */
-    int32_t seg;                       /* cells per segment, a multiple of block_size */
     const int32_t *tile_r0;            /* (n_tiles + 1) first row of each tile */
-    const int32_t *task;               /* (n_task, 2) tile, segment (-1: all, folded) */
-    const int32_t *rec;                /* (n_rows) first partial record of a row, split mode */
-    const int32_t *merge_rows;         /* rows of more than one segment, split mode */
-    float *part;                       /* records (acc[hd], m, l) per (row, head, segment) */
 };
 
-static int32_t n_segments(const struct attn_job *j, int32_t n_ctx)
-{
-    return (n_ctx + j->seg - 1) / j->seg;
-}
-
-/* Fold the state (acc_s, m_s, l_s) of the next segment into (acc, m, l), in this order. */
-static void merge_state(const struct kvs_cpu_kernels *k, float *acc, float *m, float *l,
-                        const float *acc_s, float m_s, float l_s, int32_t hd)
-{
-    float mn = m_s > *m ? m_s : *m;
-    float ca = expf(*m - mn), cb = expf(m_s - mn);
-    float la = *l * ca, lb = l_s * cb;
-    *l = la + lb;
-    *m = mn;
-    k->scale(acc, ca, hd);
-    k->axpy_f32(acc, cb, acc_s, hd);
-}
-
-static void finalize(float *out, const float *acc, float l, int32_t hd)
-{
-    float inv = 1.0f / l;
-    for (int32_t d = 0; d < hd; d++) {
-        out[d] = acc[d] * inv;
-    }
-}
-
-/* One (tile, KV head, segment or all segments): for each segment, the online softmax at the
- * top of the file over the segment's cells for each (row, group head) whose context reaches
- * it, then the fold of the segment into the row's running state (the first segment is the
- * state). Scratch: scores (2 * R * G * block_size + 2 * block_size * head_dim),
- * acc (R * G * (3 * head_dim + 4)). */
-static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh, int32_t seg_sel,
-                        float *scores, float *acc)
+/* One (tile, head). Scratch: scores (TILE_ROWS * n16 + 17 * head_dim floats, n16 = the
+ * longest context rounded up to 16), cells (2 * n16 pointers). */
+static void attend_tile(const struct attn_job *j, int32_t tile, int32_t h,
+                        struct kvs_cpu_thread_scratch *ts)
 {
     const kvs_kv_cache *kv = j->kv;
     const struct kvs_cpu_kernels *k = j->k;
-    const int32_t hd = kv->layout.head_dim, bs = kv->layout.block_size, G = j->group;
-    const int32_t r0 = j->tile_r0[tile], R = j->tile_r0[tile + 1] - r0, P = R * G;
+    const int32_t hd = kv->layout.head_dim, bs = kv->layout.block_size, kvh = h / j->group;
+    const int32_t r0 = j->tile_r0[tile], R = j->tile_r0[tile + 1] - r0;
     const int32_t *ctx = j->ab->row_ctx + r0;
     const int32_t *table = j->ab->tables + j->ab->row_table[r0];
     const size_t base = (size_t)j->layer * kv->layer_stride + (size_t)kvh * kv->head_stride;
+    const size_t cell_bytes = (size_t)hd * kv->elem;
     const bool f16 = kv->layout.dtype == KVS_DTYPE_F16;
-    /* pair i = (row i / G, head kvh * G + i % G) */
-    float *run = acc, *run_m = run + (int64_t)P * hd, *run_l = run_m + P;
-    float *cur = run_l + P, *cur_m = cur + (int64_t)P * hd, *cur_l = cur_m + P;
-    float *q16 = cur_l + P;
-    float *sc = scores, *p16 = scores + (int64_t)P * bs;
-    float *kw = p16 + (int64_t)P * bs, *vw = kw + (int64_t)bs * hd; /* widened blocks */
     int32_t max_ctx = 0;
     for (int32_t r = 0; r < R; r++) {
         max_ctx = ctx[r] > max_ctx ? ctx[r] : max_ctx;
     }
-    /* With an f16 cache, q is rounded to f16 and so are the softmax weights that scale V,
-     * exactly where llama.cpp's CPU attention rounds them (its K.q and P.V products take f16
-     * operands), so that quantized models track llama.cpp's numerics. */
-    const float *qp[PAIRS_MAX];
-    const float *pp[PAIRS_MAX];
-    float *op[PAIRS_MAX], *ap[PAIRS_MAX];
+    const int32_t n16 = (max_ctx + 15) / 16 * 16;
+    const void **krow = ts->cells, **vrow = ts->cells + n16;
+    for (int32_t c = 0; c < max_ctx; c++) {
+        size_t off = base + (size_t)table[c / bs] * kv->block_stride + (size_t)(c % bs) * cell_bytes;
+        krow[c] = kv->k + off;
+        vrow[c] = kv->v + off;
+    }
+    float *qr = ts->scores, *lanes = qr + hd, *sc = lanes + 16 * (int64_t)hd;
     for (int32_t r = 0; r < R; r++) {
-        const float *q = j->q + ((int64_t)(r0 + r) * j->n_head + (int64_t)kvh * G) * hd;
-        float *qd = q16 + (int64_t)r * G * hd;
+        const int32_t n = ctx[r];
+        float *s = sc + (int64_t)r * n16;
+        memcpy(qr, j->q + ((int64_t)(r0 + r) * j->n_head + h) * hd, (size_t)hd * sizeof(float));
         if (f16) {
-            memcpy(qd, q, (size_t)G * hd * sizeof(float));
-            k->round_f16(qd, (int64_t)G * hd);
+            k->round_f16(qr, hd);
+            k->scores16_f16(qr, (const uint16_t *const *)krow, n, hd, j->scale, s);
         } else {
-            memcpy(qd, q, (size_t)G * hd * sizeof(float)); /* same bits, contiguous per tile */
+            k->scores16_f32(qr, (const float *const *)krow, n, hd, j->scale, s);
         }
-    }
-    const int32_t n_seg = n_segments(j, max_ctx);
-    const int32_t s_begin = seg_sel < 0 ? 0 : seg_sel, s_end = seg_sel < 0 ? n_seg : seg_sel + 1;
-    for (int32_t s = s_begin; s < s_end; s++) {
-        const int32_t c_start = s * j->seg;
-        const int32_t c_end = max_ctx - c_start < j->seg ? max_ctx : c_start + j->seg;
-        float *st = s == s_begin ? run : cur, *st_m = s == s_begin ? run_m : cur_m;
-        float *st_l = s == s_begin ? run_l : cur_l;
-        for (int32_t i = 0; i < P; i++) {
-            st_m[i] = -INFINITY;
-            st_l[i] = 0.0f;
+        /* softmax: the maximum, then the exps and their sum a chunk of 16 cells at a time
+         * (cells past n are masked: exp(-inf) = 0) */
+        float m = -INFINITY;
+        for (int32_t c = 0; c < n; c++) {
+            m = s[c] > m ? s[c] : m;
         }
-        memset(st, 0, (size_t)P * hd * sizeof(float));
-        for (int32_t c0 = c_start; c0 < c_end; c0 += bs) {
-            const int32_t n_blk = c_end - c0 < bs ? c_end - c0 : bs;
-            size_t boff = base + (size_t)table[c0 / bs] * kv->block_stride;
-            const uint8_t *kb = kv->k + boff, *vb = kv->v + boff;
-            /* many pairs: widen the f16 block to f32 once (exact, so every product is the
-             * one the f16 kernels form) instead of once per kernel call */
-            bool f16b = f16;
-            if (f16 && P > 3) {
-                k->f16_to_f32((const uint16_t *)kb, kw, (int64_t)n_blk * hd);
-                k->f16_to_f32((const uint16_t *)vb, vw, (int64_t)n_blk * hd);
-                kb = (const uint8_t *)kw;
-                vb = (const uint8_t *)vw;
-                f16b = false;
-            }
-            /* scores of every active pair over the block's cells (a cell's score does not
-             * depend on how many cells are computed; a row uses its own first nc) */
-            int32_t np = 0;
-            for (int32_t i = 0; i <= P; i++) {
-                if (np == PAIRS_MAX || (i == P && np > 0)) {
-                    if (f16b) {
-                        k->scores_multi_f16(qp, np, (const uint16_t *)kb, n_blk, hd, j->scale, op);
-                    } else {
-                        k->scores_multi_f32(qp, np, (const float *)kb, n_blk, hd, j->scale, op);
-                    }
-                    np = 0;
-                }
-                if (i < P && ctx[i / G] > c0) {
-                    qp[np] = q16 + (int64_t)i * hd;
-                    op[np++] = sc + (int64_t)i * bs;
-                }
-            }
-            /* the per-pair softmax update; the pairs' serial chains (block max, sum of the
-             * weights) run side by side in lanes (col_max / col_sum), each in its own order */
-            float bmax[PAIRS_MAX], lsum[PAIRS_MAX];
-            int32_t act[PAIRS_MAX], ncs[PAIRS_MAX], offs[PAIRS_MAX];
-            int32_t na = 0;
-            for (int32_t i = 0; i < P; i++) {
-                if (ctx[i / G] > c0) {
-                    act[na] = i;
-                    offs[na] = i * bs;
-                    ncs[na++] = ctx[i / G] - c0 < bs ? ctx[i / G] - c0 : bs;
-                }
-            }
-            k->col_max(sc, offs, ncs, na, n_blk, bmax);
-            for (int32_t a = 0; a < na; a++) {
-                const int32_t i = act[a], nc = ncs[a];
-                float *si = sc + (int64_t)i * bs;
-                float mn = bmax[a] > st_m[i] ? bmax[a] : st_m[i];
-                /* a correction of exactly 1 (the maximum did not move) changes no bits */
-                if (c0 > c_start && mn != st_m[i]) {
-                    float corr = expf(st_m[i] - mn);
-                    st_l[i] = st_l[i] * corr;
-                    k->scale(st + (int64_t)i * hd, corr, hd);
-                }
-                st_m[i] = mn;
-                k->exp_shift(si, nc, mn); /* si now holds the weights p */
-                lsum[a] = st_l[i];
-            }
-            k->col_sum(sc, offs, ncs, na, n_blk, lsum);
-            for (int32_t a = 0; a < na; a++) {
-                st_l[act[a]] = lsum[a];
-            }
+        for (int32_t c = n; c < (n + 15) / 16 * 16; c++) {
+            s[c] = -INFINITY;
+        }
+        double sum = 0.0;
+        for (int32_t c0 = 0; c0 < n; c0 += 16) {
+            k->exp_shift(s + c0, 16, m);
+            sum += (double)kvs_cpu_reduce16(s + c0);
+        }
+        const float inv = (float)(1.0 / sum);
+        for (int32_t c = 0; c < n; c++) {
+            s[c] = s[c] * inv;
+        }
+        if (f16) {
+            k->round_f16(s, n);
+        }
+        /* p.V: lane l takes the cells l, l + 16, ... in order; then the lanes' tree */
+        memset(lanes, 0, 16 * (size_t)hd * sizeof(float));
+        for (int32_t l = 0; l < 16 && l < n; l++) {
+            const int32_t cnt = (n - 1 - l) / 16 + 1;
             if (f16) {
-                for (int32_t a = 0; a < na; a++) {
-                    memcpy(p16 + (int64_t)act[a] * bs, sc + (int64_t)act[a] * bs,
-                           (size_t)ncs[a] * sizeof(float));
-                    k->round_f16(p16 + (int64_t)act[a] * bs, ncs[a]);
-                }
-            }
-            /* p.V: pairs that take the whole block together, the others one by one */
-            const float *pw = f16 ? p16 : sc;
-            np = 0;
-            for (int32_t i = 0; i <= P; i++) {
-                if (np == PAIRS_MAX || (i == P && np > 0)) {
-                    if (f16b) {
-                        k->pv_multi_f16(ap, pp, np, (const uint16_t *)vb, n_blk, hd);
-                    } else {
-                        k->pv_multi_f32(ap, pp, np, (const float *)vb, n_blk, hd);
-                    }
-                    np = 0;
-                }
-                if (i == P || ctx[i / G] <= c0) {
-                    continue;
-                }
-                const int32_t nc = ctx[i / G] - c0 < bs ? ctx[i / G] - c0 : bs;
-                float *a = st + (int64_t)i * hd;
-                const float *w = pw + (int64_t)i * bs;
-                if (nc == n_blk) {
-                    ap[np] = a;
-                    pp[np++] = w;
-                } else if (f16b) {
-                    k->pv_multi_f16(&a, &w, 1, (const uint16_t *)vb, nc, hd);
-                } else {
-                    k->pv_multi_f32(&a, &w, 1, (const float *)vb, nc, hd);
-                }
+                k->pv16_f16(lanes + (int64_t)l * hd, s + l, (const uint16_t *const *)vrow + l,
+                            cnt, 16, hd);
+            } else {
+                k->pv16_f32(lanes + (int64_t)l * hd, s + l, (const float *const *)vrow + l, cnt,
+                            16, hd);
             }
         }
-        if (s != s_begin) {
-            for (int32_t i = 0; i < P; i++) {
-                if (ctx[i / G] > c_start) {
-                    merge_state(k, run + (int64_t)i * hd, &run_m[i], &run_l[i],
-                                cur + (int64_t)i * hd, cur_m[i], cur_l[i], hd);
-                }
+        float *o = j->out + ((int64_t)(r0 + r) * j->n_head + h) * hd;
+        for (int32_t d = 0; d < hd; d++) {
+            float x[16];
+            for (int32_t l = 0; l < 16; l++) {
+                x[l] = lanes[(int64_t)l * hd + d];
             }
-        }
-    }
-    for (int32_t i = 0; i < P; i++) {
-        const int32_t r = r0 + i / G, h = kvh * G + i % G;
-        const int32_t ns = n_segments(j, ctx[i / G]);
-        if (seg_sel < 0 || ns == 1) {
-            if (seg_sel <= 0) {
-                finalize(j->out + ((int64_t)r * j->n_head + h) * hd, run + (int64_t)i * hd,
-                         run_l[i], hd);
-            }
-        } else if (ctx[i / G] > seg_sel * j->seg) {
-            float *rec = j->part + ((int64_t)j->rec[r] + (int64_t)h * ns + seg_sel) * (hd + 2);
-            memcpy(rec, run + (int64_t)i * hd, (size_t)hd * sizeof(float));
-            rec[hd] = run_m[i];
-            rec[hd + 1] = run_l[i];
+            o[d] = kvs_cpu_reduce16(x);
         }
     }
 }
@@ -429,31 +293,8 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh, int
 static void attn_range(void *arg, int64_t i0, int64_t i1, int32_t ith)
 {
     const struct attn_job *j = arg;
-    const int32_t n_kv_head = j->kv->layout.n_kv_head;
-    struct kvs_cpu_thread_scratch *ts = &j->ts[ith];
     for (int64_t i = i0; i < i1; i++) {
-        const int32_t *t = j->task + 2 * (i / n_kv_head);
-        attend_tile(j, t[0], (int32_t)(i % n_kv_head), t[1], ts->scores, ts->acc);
-    }
-}
-
-/* Split mode: fold the segment records of (row, head) in segment order and finish the row. */
-static void merge_range(void *arg, int64_t i0, int64_t i1, int32_t ith)
-{
-    const struct attn_job *j = arg;
-    const int32_t hd = j->kv->layout.head_dim;
-    float *acc = j->ts[ith].acc;
-    for (int64_t i = i0; i < i1; i++) {
-        const int32_t r = j->merge_rows[i / j->n_head], h = (int32_t)(i % j->n_head);
-        const int32_t ns = n_segments(j, j->ab->row_ctx[r]);
-        const float *rec = j->part + ((int64_t)j->rec[r] + (int64_t)h * ns) * (hd + 2);
-        memcpy(acc, rec, (size_t)hd * sizeof(float));
-        float m = rec[hd], l = rec[hd + 1];
-        for (int32_t s = 1; s < ns; s++) {
-            const float *rs = rec + (int64_t)s * (hd + 2);
-            merge_state(j->k, acc, &m, &l, rs, rs[hd], rs[hd + 1], hd);
-        }
-        finalize(j->out + ((int64_t)r * j->n_head + h) * hd, acc, l, hd);
+        attend_tile(j, (int32_t)(i / j->n_head), (int32_t)(i % j->n_head), &j->ts[ith]);
     }
 }
 
@@ -466,15 +307,12 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
     if (layer < 0 || layer >= l->n_layer) {
         return KVS_OUT_OF_RANGE;
     }
-    if (n_head <= 0 || n_head % l->n_kv_head != 0 ||
-        (int64_t)(n_head / l->n_kv_head) * l->head_dim > 8 * 256 ||
-        n_head / l->n_kv_head > PAIRS_MAX) {
-        return KVS_INVALID_ARGUMENT; /* group * head_dim <= 2048, group <= 64 */
+    if (n_head <= 0 || n_head % l->n_kv_head != 0) {
+        return KVS_INVALID_ARGUMENT;
     }
-    const int32_t group = n_head / l->n_kv_head, bs = l->block_size, hd = l->head_dim;
-    const int32_t seg = (KVS_CPU_ATTN_SEGMENT + bs - 1) / bs * bs;
-    const int32_t tile_rows = TILE_ROWS < PAIRS_MAX / group ? TILE_ROWS : PAIRS_MAX / group;
+    const int32_t bs = l->block_size, hd = l->head_dim;
     /* validate every block a row will read before any work starts */
+    int32_t max_ctx = 0;
     for (int32_t r = 0; r < ab->n_rows; r++) {
         if (ab->row_ctx[r] <= 0 || ab->row_table[r] < 0) {
             return KVS_INVALID_ARGUMENT;
@@ -486,98 +324,41 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
                 return KVS_OUT_OF_RANGE;
             }
         }
+        max_ctx = ab->row_ctx[r] > max_ctx ? ab->row_ctx[r] : max_ctx;
     }
-    const int64_t pairs = (int64_t)tile_rows * group;
+    const int64_t n16 = (max_ctx + 15) / 16 * 16;
     for (int32_t t = 0; t < c->n_threads; t++) {
         struct kvs_cpu_thread_scratch *ts = &c->ts[t];
         KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->scores, &ts->cap_scores,
-                                        2 * pairs * bs + 2 * (int64_t)bs * hd, sizeof(float)));
-        KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->acc, &ts->cap_acc,
-                                        pairs * (3 * (int64_t)hd + 4), sizeof(float)));
+                                        TILE_ROWS * n16 + 17 * (int64_t)hd, sizeof(float)));
+        KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->cells, &ts->cap_cells, 2 * n16,
+                                        sizeof(void *)));
     }
-    /* tiles, and the segments of the longest row of each */
     const int32_t n_rows = ab->n_rows;
-    int32_t n_tiles = 0, n_seg_tasks = 0, n_long = 0;
-    int64_t n_rec = 0;
-    for (int32_t r = 0; r < n_rows;) {
-        int32_t e = r + 1, max_ctx = ab->row_ctx[r];
-        while (e < n_rows && e - r < tile_rows && ab->row_table[e] == ab->row_table[r]) {
-            max_ctx = ab->row_ctx[e] > max_ctx ? ab->row_ctx[e] : max_ctx;
-            e++;
-        }
-        n_tiles++;
-        n_seg_tasks += (max_ctx + seg - 1) / seg;
-        r = e;
-    }
-    for (int32_t r = 0; r < n_rows; r++) {
-        int32_t ns = (ab->row_ctx[r] + seg - 1) / seg;
-        if (ns > 1) {
-            n_long++;
-            n_rec += (int64_t)n_head * ns;
-        }
-    }
-    /* Split mode (each segment a task of its own, records merged afterwards) when the tiles
-     * alone cannot keep the threads busy: the arithmetic is the same fold either way. */
-    const bool split = n_long > 0 && (int64_t)n_tiles * l->n_kv_head < 4 * (int64_t)c->n_threads &&
-                       n_rec * (hd + 2) <= SPLIT_MAX_FLOATS;
-    const int32_t n_task = split ? n_seg_tasks : n_tiles;
-    KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->attn.idx, &c->attn.cap_idx,
-                                    (int64_t)n_tiles + 1 + 2 * (int64_t)n_task + 2 * n_rows,
+    KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->attn.idx, &c->attn.cap_idx, (int64_t)n_rows + 1,
                                     sizeof(int32_t)));
-    if (split) {
-        KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->attn.part, &c->attn.cap_part,
-                                        n_rec * (hd + 2), sizeof(float)));
-    }
-    int32_t *tile_r0 = c->attn.idx, *task = tile_r0 + n_tiles + 1, *rec = task + 2 * n_task;
-    int32_t *merge_rows = rec + n_rows;
-    int32_t ti = 0, tk = 0;
+    int32_t *tile_r0 = c->attn.idx, n_tiles = 0;
     for (int32_t r = 0; r < n_rows;) {
-        int32_t e = r + 1, max_ctx = ab->row_ctx[r];
-        while (e < n_rows && e - r < tile_rows && ab->row_table[e] == ab->row_table[r]) {
-            max_ctx = ab->row_ctx[e] > max_ctx ? ab->row_ctx[e] : max_ctx;
+        int32_t e = r + 1;
+        while (e < n_rows && e - r < TILE_ROWS && ab->row_table[e] == ab->row_table[r]) {
             e++;
         }
-        tile_r0[ti] = r;
-        int32_t ns = split ? (max_ctx + seg - 1) / seg : 1;
-        for (int32_t s = 0; s < ns; s++) {
-            task[2 * tk] = ti;
-            task[2 * tk + 1] = split ? s : -1;
-            tk++;
-        }
-        ti++;
+        tile_r0[n_tiles++] = r;
         r = e;
     }
     tile_r0[n_tiles] = n_rows;
-    int64_t next = 0;
-    int32_t nm = 0;
-    for (int32_t r = 0; r < n_rows; r++) {
-        int32_t ns = (ab->row_ctx[r] + seg - 1) / seg;
-        rec[r] = ns > 1 ? (int32_t)next : -1;
-        if (ns > 1) {
-            next += (int64_t)n_head * ns;
-            merge_rows[nm++] = r;
-        }
-    }
     struct attn_job j = {.k = c->k,
                          .ts = c->ts,
                          .kv = kv,
                          .layer = layer,
                          .n_head = n_head,
-                         .group = group,
+                         .group = n_head / l->n_kv_head,
                          .scale = scale,
                          .q = q,
                          .ab = ab,
                          .out = out,
-                         .seg = seg,
-                         .tile_r0 = tile_r0,
-                         .task = task,
-                         .rec = rec,
-                         .merge_rows = merge_rows,
-                         .part = c->attn.part};
-    /* (task, KV head) pairs in small chunks: rows of a prefill chunk have growing contexts */
-    kvs_threadpool_for_chunks(c->pool, (int64_t)n_task * l->n_kv_head, 1, 16, attn_range, &j);
-    if (split) {
-        kvs_threadpool_for(c->pool, (int64_t)n_long * n_head, 4, merge_range, &j);
-    }
+                         .tile_r0 = tile_r0};
+    /* (tile, head) tasks in small chunks: rows of a prefill chunk have growing contexts */
+    kvs_threadpool_for_chunks(c->pool, (int64_t)n_tiles * n_head, 1, 16, attn_range, &j);
     return 0;
 }

@@ -116,11 +116,10 @@ static void cpu_destroy(kvs_backend *b)
         if (c->ts != NULL) {
             for (int32_t t = 0; t < c->n_threads; t++) {
                 free(c->ts[t].scores);
-                free(c->ts[t].acc);
+                free((void *)c->ts[t].cells);
             }
             free(c->ts);
         }
-        free(c->attn.part);
         free(c->attn.idx);
         free(c->qx);
         free(c->rope_cs);

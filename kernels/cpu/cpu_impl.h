@@ -163,6 +163,20 @@ struct kvs_cpu_kernels {
                          int32_t nc, int32_t hd);
     void (*pv_multi_f16)(float *const *acc, const float *const *p, int32_t np,
                          const uint16_t *v, int32_t nc, int32_t hd);
+    /* attention in llama.cpp's CPU order (attention.c), cells given by pointers:
+     * scores16: out[i] = dot16(q, k[i]) * scale, where dot16 runs 16 lanes (lane = d % 16,
+     *   a chain over d in order per lane) summed by the tree of _mm512_reduce_add_ps
+     *   (lanes i + 8, then i + 4, then (0 + 2) + (1 + 3))
+     * pv16: acc[d] = acc[d] + p[t * stride] * v[t * stride][d] for t < n in order (fused at
+     *   the x86 levels): one lane of the P.V chains */
+    void (*scores16_f32)(const float *q, const float *const *k, int32_t nc, int32_t hd,
+                         float scale, float *out);
+    void (*scores16_f16)(const float *q, const uint16_t *const *k, int32_t nc, int32_t hd,
+                         float scale, float *out);
+    void (*pv16_f32)(float *acc, const float *p, const float *const *v, int32_t n,
+                     int32_t stride, int32_t hd);
+    void (*pv16_f16)(float *acc, const float *p, const uint16_t *const *v, int32_t n,
+                     int32_t stride, int32_t hd);
     /* x = f16_to_f32(f32_to_f16(x)) (round to nearest even), n elements */
     void (*round_f16)(float *x, int64_t n);
     /* per column j < np, over c = 0, 1, ... while c < nc[j] (nc[j] <= n), in order:
@@ -197,17 +211,30 @@ extern const struct kvs_cpu_kernels kvs_cpu_kernels_avx512;
 
 /* Per-thread scratch for attention. */
 struct kvs_cpu_thread_scratch {
-    float *scores; /* (cap_scores) a tile's block scores, then its f16-rounded weights */
-    float *acc;    /* (cap_acc) a tile's running outputs, maxima, sums and rounded queries */
-    int64_t cap_scores, cap_acc;
+    float *scores;      /* (cap_scores) a query, 16 lanes of outputs, a tile's scores / weights */
+    const void **cells; /* (cap_cells) K then V pointers of a tile's cells */
+    int64_t cap_scores, cap_cells;
 };
 
 /* Attention scratch shared by the threads of one call (kernels/cpu/attention.c). */
 struct kvs_cpu_attn_scratch {
-    float *part;   /* (cap_part) per-segment (acc, m, l) of rows longer than one segment */
-    int32_t *idx;  /* (cap_idx) tiles, tasks and per-row offsets into part */
-    int64_t cap_part, cap_idx;
+    int32_t *idx;  /* (cap_idx) first row of each tile */
+    int64_t cap_idx;
 };
+
+/* x[0] + ... + x[15] in the order of _mm512_reduce_add_ps (GCC's): lanes i + 8 onto i, then
+ * i + 4 onto i, then (0 + 2) + (1 + 3). */
+static inline float kvs_cpu_reduce16(const float *x)
+{
+    float t3[8], t6[4];
+    for (int i = 0; i < 8; i++) {
+        t3[i] = x[i + 8] + x[i];
+    }
+    for (int i = 0; i < 4; i++) {
+        t6[i] = t3[i + 4] + t3[i];
+    }
+    return (t6[0] + t6[2]) + (t6[1] + t6[3]);
+}
 
 /* The backend context (kvs_backend.ctx). */
 struct kvs_cpu {
@@ -216,8 +243,8 @@ struct kvs_cpu {
     int32_t n_threads;
     struct kvs_cpu_q8g *qx; /* (cap_qx) quantized activations of the current matmul */
     int64_t cap_qx;         /* groups */
-    double *rope_cs;        /* (cap_rope) cos/sin table: (n_rows, n_dims / 2, 2) */
-    int64_t cap_rope;       /* doubles */
+    float *rope_cs;         /* (cap_rope) cos/sin table: (n_rows, n_dims / 2, 2) */
+    int64_t cap_rope;       /* floats */
     int32_t *rope_pos;      /* (cap_rope_pos) positions the table was made for */
     int64_t cap_rope_pos;
     int32_t rope_rows;      /* rows in the table; 0 = none */

@@ -25,9 +25,11 @@
  * 0..7 = block j (lane i = products 4i..4i+3), 8..15 = block j+1. An odd last block of a
  * short group keeps GGUF's nibble order and takes the same path with a zero partner.
  *
- * Per element: acc (16 lanes) = fma(permute(sc8, [j x 8, j+1 x 8]), cvt(isum16), acc) for
- * pairs in order; ms (8 lanes) = fma(mw8, sx8, ms) per group; y = hsum8(lo(acc) + hi(acc)) +
- * hsum8(ms) (Q4_0: mw8 = dw8, y = ... - 8 hsum8(ms)). */
+ * Per element, the order of the AVX2 level (matmul_x86.h): the 16 lanes of a pair's isum are
+ * two blocks' 8 lanes, folded into one 8-lane acc = fma(set1(sc_j), lo, acc), then
+ * fma(set1(sc_j+1), hi, acc); Q4_1: msum = fma(mw_j, sx_j, msum) per block in order,
+ * y = hsum8(acc) + msum (llama.cpp's ggml_vec_dot_q4_1_q8_1, bit for bit); Q4_0: ms (8 lanes)
+ * = fma(dw8, sx8, ms) per group, y = hsum8(acc) - 8 hsum8(ms). */
 KVS_INLINE __m512i unpack_q4_pair(const uint8_t *qs)
 {
     __m256i t = _mm256_loadu_si256((const __m256i *)qs);
@@ -40,7 +42,7 @@ KVS_INLINE __m512i unpack_q4_single(const uint8_t *qs)
     return _mm512_zextsi256_si512(unpack_q4(qs));
 }
 
-#define Q_PAIR(jp, UNPACK)                                                                     \
+#define Q_PAIR(TYPE, jp, UNPACK)                                                                   \
     {                                                                                          \
         const __m512i wq = UNPACK(rg.qs + (jp) * 16);                                          \
         const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi32(jp),                          \
@@ -49,7 +51,19 @@ KVS_INLINE __m512i unpack_q4_single(const uint8_t *qs)
         {                                                                                      \
             __m512i xq = _mm512_loadu_si512((const void *)x[r * ldx + g].q[jp]);               \
             __m512 isum = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq)); \
-            acc[r][c] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, sc[r]), isum, acc[r][c]);    \
+            __m512 scp = _mm512_permutexvar_ps(idx, sc[r]);                                    \
+            acc[r][c] = _mm256_fmadd_ps(_mm512_castps512_ps256(scp),                          \
+                                        _mm512_castps512_ps256(isum), acc[r][c]);              \
+            if (TYPE == KVS_DTYPE_Q4_1) {                                                      \
+                msum[r][c] = fmaf(mwf[jp], x[r * ldx + g].s[jp], msum[r][c]);                  \
+            }                                                                                  \
+            if ((jp) + 1 < rg.n) {                                                             \
+                acc[r][c] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(scp, 1),                   \
+                                            _mm512_extractf32x8_ps(isum, 1), acc[r][c]);       \
+                if (TYPE == KVS_DTYPE_Q4_1) {                                                  \
+                    msum[r][c] = fmaf(mwf[(jp) + 1], x[r * ldx + g].s[(jp) + 1], msum[r][c]);  \
+                }                                                                              \
+            }                                                                                  \
         }                                                                                      \
     }
 
@@ -58,14 +72,15 @@ KVS_INLINE __m512i unpack_q4_single(const uint8_t *qs)
                          int64_t ldx, int64_t nb, const int R, const int C, float *out,        \
                          int64_t ldo)                                                          \
     {                                                                                          \
-        __m512 acc[4][4];                                                                      \
-        __m256 ms[4][4];                                                                       \
+        __m256 acc[4][4], ms[4][4];                                                            \
+        float msum[4][4];                                                                      \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
         {                                                                                      \
             _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
             {                                                                                  \
-                acc[r][c] = _mm512_setzero_ps();                                               \
+                acc[r][c] = _mm256_setzero_ps();                                               \
                 ms[r][c] = _mm256_setzero_ps();                                                \
+                msum[r][c] = 0.0f;                                                             \
             }                                                                                  \
         }                                                                                      \
         const int64_t ng = (nb + KVS_QG - 1) / KVS_QG;                                         \
@@ -74,24 +89,29 @@ KVS_INLINE __m512i unpack_q4_single(const uint8_t *qs)
             {                                                                                  \
                 const struct kvs_cpu_rg rg = kvs_cpu_rg_group(TYPE, w + c * row_bytes, nb, g); \
                 const __m256 dw = load_f16x8(rg.d, rg.n);                                      \
-                const __m256 mw = TYPE == KVS_DTYPE_Q4_1 ? load_f16x8(rg.m, rg.n) : dw;        \
+                float mwf[KVS_QG];                                                             \
+                if (TYPE == KVS_DTYPE_Q4_1) {                                                  \
+                    _mm256_storeu_ps(mwf, load_f16x8(rg.m, rg.n));                             \
+                }                                                                              \
                 __m512 sc[4];                                                                  \
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                           \
                 {                                                                              \
                     const struct kvs_cpu_q8g *xg = &x[r * ldx + g];                            \
                     sc[r] = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_loadu_ps(xg->d))); \
-                    ms[r][c] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(xg->s), ms[r][c]);          \
+                    if (TYPE == KVS_DTYPE_Q4_0) {                                              \
+                        ms[r][c] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(xg->s), ms[r][c]);      \
+                    }                                                                          \
                 }                                                                              \
                 if (rg.n == KVS_QG) {                                                          \
-                    Q_PAIR(0, unpack_q4_pair) Q_PAIR(2, unpack_q4_pair)                        \
-                    Q_PAIR(4, unpack_q4_pair) Q_PAIR(6, unpack_q4_pair)                        \
+                    Q_PAIR(TYPE, 0, unpack_q4_pair) Q_PAIR(TYPE, 2, unpack_q4_pair)                        \
+                    Q_PAIR(TYPE, 4, unpack_q4_pair) Q_PAIR(TYPE, 6, unpack_q4_pair)                        \
                 } else {                                                                       \
                     int jp = 0;                                                                \
                     for (; jp + 2 <= rg.n; jp += 2) {                                          \
-                        Q_PAIR(jp, unpack_q4_pair)                                             \
+                        Q_PAIR(TYPE, jp, unpack_q4_pair)                                             \
                     }                                                                          \
                     if (jp < rg.n) {                                                           \
-                        Q_PAIR(jp, unpack_q4_single)                                           \
+                        Q_PAIR(TYPE, jp, unpack_q4_single)                                           \
                     }                                                                          \
                 }                                                                              \
             }                                                                                  \
@@ -100,11 +120,9 @@ KVS_INLINE __m512i unpack_q4_single(const uint8_t *qs)
         {                                                                                      \
             _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
             {                                                                                  \
-                __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(acc[r][c]),                   \
-                                          _mm512_extractf32x8_ps(acc[r][c], 1));               \
-                float v = hsum8(a8);                                                           \
+                float v = hsum8(acc[r][c]);                                                    \
                 if (TYPE == KVS_DTYPE_Q4_1) {                                                  \
-                    v = v + hsum8(ms[r][c]);                                                   \
+                    v = v + msum[r][c];                                                        \
                 } else {                                                                       \
                     v = v - 8.0f * hsum8(ms[r][c]);                                            \
                 }                                                                              \
@@ -136,6 +154,10 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_avx512 = {
     .scores_multi_f16 = scores_multi_kvs_f16_t_avx512,
     .pv_multi_f32 = pv_multi_float_avx512,
     .pv_multi_f16 = pv_multi_kvs_f16_t_avx512,
+    .scores16_f32 = scores16_float_avx512,
+    .scores16_f16 = scores16_kvs_f16_t_avx512,
+    .pv16_f32 = pv16_float_avx512,
+    .pv16_f16 = pv16_kvs_f16_t_avx512,
     .round_f16 = round_f16_avx512,
     .f16_to_f32 = f16_to_f32_avx512,
     .col_max = col_max_avx512,

@@ -8,9 +8,11 @@
  * Per-element order (the batch-invariance contract, identical in every tile shape):
  *   quantized: acc (8 lanes) = fma(set1(dw_b * dx_b), cvt(isum8_b), acc) for blocks b in
  *              order, where isum8_b lane i = sum of products 4i..4i+3 of the block (exact
- *              integers, the same from maddubs+madd and from vpdpbusd); per group of 8 blocks
- *              ms (8 lanes, lane j = block j of each group) = fma(mw8, sx8, ms);
- *              y = hsum(acc) + hsum(ms)  (Q4_0: mw = dw and y = hsum(acc) - 8 * hsum(ms)).
+ *              integers, the same from maddubs+madd and from vpdpbusd);
+ *              Q4_1: ms (a scalar) = fma(mw_b, sx_b, ms) for blocks b in order,
+ *              y = hsum(acc) + ms: llama.cpp's ggml_vec_dot_q4_1_q8_1 on x86, bit for bit;
+ *              Q4_0: per group of 8 blocks ms (8 lanes, lane j = block j of each group) =
+ *              fma(dw8, sx8, ms), y = hsum(acc) - 8 * hsum(ms).
  *   float:     four 8-lane accumulators a_j over k = 32i + 8j + lane, then k-chunks of 8 in
  *              a_0, y = hsum((a_0 + a_1) + (a_2 + a_3)), then the k % 8 tail one by one.
  *   hsum(v):   (lo128 + hi128), then (+ movehl), then (+ lane 1).
@@ -106,8 +108,19 @@ KVS_INLINE __m256 load_f16x8(const uint16_t *p, int n)
 
 /* ---- quantized tiles: R activation rows x C weight rows, one group of 8 blocks at a time.
  * Per element: sc = dw8 * dx8 (8 blocks' scale products), then for each block j in order
- * acc = fma(broadcast(sc[j]), cvt(isum8_j), acc); once per group ms = fma(mw8, sx8, ms);
- * y = hsum(acc) + hsum(ms)  (Q4_0: mw8 = dw8, y = hsum(acc) - 8 hsum(ms); Q8_0: no ms). */
+ * acc = fma(broadcast(sc[j]), cvt(isum8_j), acc) and (Q4_1) msum = fma(mw_j, sx_j, msum);
+ * y = hsum(acc) + msum. Q4_0: once per group ms = fma(dw8, sx8, ms), y = hsum(acc) -
+ * 8 hsum(ms); Q8_0: y = hsum(acc). */
+
+/* Q4_1's offset term of block j for the tile's rows (a scalar chain per element, in block
+ * order, as llama.cpp's summs) */
+#define Q_MSUM(TYPE, j)                                                                            \
+    if (TYPE == KVS_DTYPE_Q4_1) {                                                              \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
+        {                                                                                      \
+            msum[r][c] = fmaf(mwf[j], x[r * ldx + g].s[j], msum[r][c]);                        \
+        }                                                                                      \
+    }
 
 #define Q_BLOCK_Q4(j)                                                                          \
     {                                                                                          \
@@ -141,12 +154,14 @@ KVS_INLINE __m256 load_f16x8(const uint16_t *p, int n)
                          int64_t ldo)                                                          \
     {                                                                                          \
         __m256 acc[4][4], ms[4][4];                                                            \
+        float msum[4][4];                                                                      \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
         {                                                                                      \
             _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
             {                                                                                  \
                 acc[r][c] = _mm256_setzero_ps();                                               \
                 ms[r][c] = _mm256_setzero_ps();                                                \
+                msum[r][c] = 0.0f;                                                             \
             }                                                                                  \
         }                                                                                      \
         const int64_t ng = (nb + KVS_QG - 1) / KVS_QG;                                         \
@@ -155,6 +170,10 @@ KVS_INLINE __m256 load_f16x8(const uint16_t *p, int n)
             {                                                                                  \
                 const struct kvs_cpu_rg rg = kvs_cpu_rg_group(TYPE, w + c * row_bytes, nb, g); \
                 const __m256 dw = load_f16x8(rg.d, rg.n);                                      \
+                float mwf[KVS_QG];                                                             \
+                if (TYPE == KVS_DTYPE_Q4_1) {                                                  \
+                    _mm256_storeu_ps(mwf, load_f16x8(rg.m, rg.n));                             \
+                }                                                                              \
                 __m256 sc[4];                                                                  \
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                           \
                 {                                                                              \
@@ -164,19 +183,12 @@ KVS_INLINE __m256 load_f16x8(const uint16_t *p, int n)
                         ms[r][c] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(xg->s), ms[r][c]);      \
                     }                                                                          \
                 }                                                                              \
-                if (TYPE == KVS_DTYPE_Q4_1) {                                                  \
-                    const __m256 mw = load_f16x8(rg.m, rg.n);                                  \
-                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                       \
-                    {                                                                          \
-                        ms[r][c] =                                                             \
-                            _mm256_fmadd_ps(mw, _mm256_loadu_ps(x[r * ldx + g].s), ms[r][c]);  \
-                    }                                                                          \
-                }                                                                              \
                 if (rg.n == KVS_QG) {                                                          \
-                    BLOCK(0) BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4) BLOCK(5) BLOCK(6) BLOCK(7)     \
+                    BLOCK(0) Q_MSUM(TYPE, 0) BLOCK(1) Q_MSUM(TYPE, 1) BLOCK(2) Q_MSUM(TYPE, 2) BLOCK(3) Q_MSUM(TYPE, 3) \
+                    BLOCK(4) Q_MSUM(TYPE, 4) BLOCK(5) Q_MSUM(TYPE, 5) BLOCK(6) Q_MSUM(TYPE, 6) BLOCK(7) Q_MSUM(TYPE, 7) \
                 } else {                                                                       \
                     for (int j = 0; j < rg.n; j++) {                                           \
-                        BLOCK(j)                                                               \
+                        BLOCK(j) Q_MSUM(TYPE, j)                                                     \
                     }                                                                          \
                 }                                                                              \
             }                                                                                  \
@@ -187,7 +199,7 @@ KVS_INLINE __m256 load_f16x8(const uint16_t *p, int n)
             {                                                                                  \
                 float v = hsum8(acc[r][c]);                                                    \
                 if (TYPE == KVS_DTYPE_Q4_1) {                                                  \
-                    v = v + hsum8(ms[r][c]);                                                   \
+                    v = v + msum[r][c];                                                        \
                 } else if (TYPE == KVS_DTYPE_Q4_0) {                                           \
                     v = v - 8.0f * hsum8(ms[r][c]);                                            \
                 }                                                                              \
@@ -442,6 +454,37 @@ static void KVS_X86_NAME(f32_to_f16)(const float *x, uint16_t *out, int64_t n)
 
 /* ---- vector exp and the attention block kernels -------------------------------------------- */
 
+#if KVS_X86_VNNI
+/* exp(x) for 8 lanes, lane for lane llama.cpp's ggml_v_expf for AVX-512 (ggml-cpu/vec.h), so
+ * that the softmax weights and SiLU match its CPU backend bit for bit: n = round(x log2 e)
+ * by the 1.5 * 2^23 trick, b = x - n ln2 (two-part ln2), a degree-5 polynomial, scalef by n;
+ * |n| > 192 gives 0 (n <= 0) or inf. */
+KVS_INLINE __m256 exp8(__m256 x)
+{
+    const __m256 r = _mm256_set1_ps(0x1.8p23f);
+    const __m256 z = _mm256_fmadd_ps(x, _mm256_set1_ps(0x1.715476p+0f), r);
+    const __m256 n = _mm256_sub_ps(z, r);
+    const __m256 b = _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.7f7d1cp-20f),
+                                      _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.62e4p-1f), x));
+    const __mmask8 d = _mm256_cmp_ps_mask(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), n),
+                                          _mm256_set1_ps(192), _CMP_GT_OQ);
+    const __m256 u = _mm256_mul_ps(b, b);
+    const __m256 j = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(0x1.0e4020p-7f), b,
+                                        _mm256_set1_ps(0x1.573e2ep-5f)),
+                        u,
+                        _mm256_fmadd_ps(_mm256_set1_ps(0x1.555e66p-3f), b,
+                                        _mm256_set1_ps(0x1.fffdb6p-2f))),
+        u, _mm256_fmadd_ps(_mm256_set1_ps(0x1.ffffecp-1f), b, _mm256_set1_ps(1.0f)));
+    const __m256 res = _mm256_scalef_ps(j, n);
+    if (d == 0) {
+        return res;
+    }
+    const __m256 alt = _mm256_mask_blend_ps(_mm256_cmp_ps_mask(n, _mm256_setzero_ps(), _CMP_LE_OQ),
+                                            _mm256_set1_ps(INFINITY), _mm256_setzero_ps());
+    return _mm256_mask_blend_ps(d, res, alt);
+}
+#else
 /* exp(x) for 8 lanes: n = round(x log2 e), r = x - n ln2 (two-part ln2), Cephes' degree-6
  * polynomial for e^r, times 2^n; ~2 ulp against expf; 0 below -87.3, x clamped at 88. */
 KVS_INLINE __m256 exp8(__m256 x)
@@ -464,6 +507,7 @@ KVS_INLINE __m256 exp8(__m256 x)
     __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
     return _mm256_andnot_ps(under, _mm256_mul_ps(y, p2));
 }
+#endif
 
 /* the tail of an array through an 8-lane buffer, so every element takes the vector path */
 KVS_INLINE __m256 load_tail(const float *p, int n)
@@ -822,3 +866,95 @@ static void KVS_X86_NAME(col_sum)(const float *s, const int32_t *off, const int3
         }
     }
 }
+
+/* ---- attention in llama.cpp's CPU order (attention.c) ------------------------------------ */
+
+/* Scores of nc cells (cell i at k[i]) in llama.cpp's order for an f16 cache (its tinyBLAS
+ * f16 kernel on 512-bit vectors): per cell a 16-lane fma chain over the dims (lane = d % 16,
+ * as two 8-lane halves lo = lanes 0..7, hi = 8..15), then the lanes' sum by
+ * _mm512_reduce_add_ps's tree: u = lo + hi, (u0 + u4, ..) as hsum8, then * scale. Eight cells
+ * at a time, their hsum8 trees side by side. hd a multiple of 16; else the dims past the
+ * last whole 16 are added one by one after the tree. */
+#define SCORES16_KV(T, LOAD8, LOAD1)                                                           \
+    static void KVS_X86_NAME(scores16_##T)(const float *q, const T *const *k, int32_t nc,      \
+                                           int32_t hd, float scale, float *out)                \
+    {                                                                                          \
+        const int32_t hd16 = hd / 16 * 16;                                                     \
+        const __m256 vs = _mm256_set1_ps(scale);                                               \
+        for (int32_t i = 0; i < nc; i += 8) {                                                  \
+            __m256 u[8];                                                                       \
+            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                               \
+            {                                                                                  \
+                const T *kc = k[i + c < nc ? i + c : i];                                       \
+                __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();                     \
+                for (int32_t d = 0; d < hd16; d += 16) {                                       \
+                    lo = _mm256_fmadd_ps(LOAD8(kc, d), _mm256_loadu_ps(q + d), lo);            \
+                    hi = _mm256_fmadd_ps(LOAD8(kc, d + 8), _mm256_loadu_ps(q + d + 8), hi);    \
+                }                                                                              \
+                u[c] = _mm256_add_ps(hi, lo);                                                  \
+            }                                                                                  \
+            /* hsum8 of u[c] for 8 cells: (l_i + l_i+4), then (w0 + w2) + (w1 + w3) */        \
+            __m256 x04 = _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[4], 0x20),              \
+                                       _mm256_permute2f128_ps(u[0], u[4], 0x31));             \
+            __m256 x15 = _mm256_add_ps(_mm256_permute2f128_ps(u[1], u[5], 0x20),              \
+                                       _mm256_permute2f128_ps(u[1], u[5], 0x31));             \
+            __m256 x26 = _mm256_add_ps(_mm256_permute2f128_ps(u[2], u[6], 0x20),              \
+                                       _mm256_permute2f128_ps(u[2], u[6], 0x31));             \
+            __m256 x37 = _mm256_add_ps(_mm256_permute2f128_ps(u[3], u[7], 0x20),              \
+                                       _mm256_permute2f128_ps(u[3], u[7], 0x31));             \
+            __m256 w01 = _mm256_add_ps(_mm256_shuffle_ps(x04, x15, 0x44),                      \
+                                       _mm256_shuffle_ps(x04, x15, 0xee));                     \
+            __m256 w23 = _mm256_add_ps(_mm256_shuffle_ps(x26, x37, 0x44),                      \
+                                       _mm256_shuffle_ps(x26, x37, 0xee));                     \
+            __m256 s = _mm256_add_ps(_mm256_shuffle_ps(w01, w23, 0x88),                        \
+                                     _mm256_shuffle_ps(w01, w23, 0xdd));                       \
+            float t[8];                                                                        \
+            _mm256_storeu_ps(t, s);                                                            \
+            for (int c = 0; c < 8 && i + c < nc; c++) {                                        \
+                float v = t[c];                                                                \
+                for (int32_t d = hd16; d < hd; d++) {                                          \
+                    v = v + LOAD1(k[i + c], d) * q[d];                                         \
+                }                                                                              \
+                out[i + c] = v * scale;                                                        \
+            }                                                                                  \
+            (void)vs;                                                                          \
+        }                                                                                      \
+    }
+
+SCORES16_KV(float, load8_f32, load1_f32)
+SCORES16_KV(kvs_f16_t, load8_f16, load1_f16)
+
+/* acc[d] = fma(p[t * stride], v[t * stride][d], acc[d]) for t = 0 .. n-1 in order: one lane
+ * of llama.cpp's 16-lane P.V chains (attention.c), 32 dims at a time in registers. */
+#define PV16_KV(T, LOAD8, LOAD1)                                                               \
+    static void KVS_X86_NAME(pv16_##T)(float *acc, const float *p, const T *const *v,         \
+                                       int32_t n, int32_t stride, int32_t hd)                  \
+    {                                                                                          \
+        int32_t d = 0;                                                                         \
+        for (; d + 32 <= hd; d += 32) {                                                        \
+            __m256 a0 = _mm256_loadu_ps(acc + d), a1 = _mm256_loadu_ps(acc + d + 8);           \
+            __m256 a2 = _mm256_loadu_ps(acc + d + 16), a3 = _mm256_loadu_ps(acc + d + 24);     \
+            for (int32_t t = 0; t < n; t++) {                                                  \
+                const T *vi = v[(int64_t)t * stride] + d;                                      \
+                __m256 vp = _mm256_set1_ps(p[(int64_t)t * stride]);                            \
+                a0 = _mm256_fmadd_ps(LOAD8(vi, 0), vp, a0);                                    \
+                a1 = _mm256_fmadd_ps(LOAD8(vi, 8), vp, a1);                                    \
+                a2 = _mm256_fmadd_ps(LOAD8(vi, 16), vp, a2);                                   \
+                a3 = _mm256_fmadd_ps(LOAD8(vi, 24), vp, a3);                                   \
+            }                                                                                  \
+            _mm256_storeu_ps(acc + d, a0);                                                     \
+            _mm256_storeu_ps(acc + d + 8, a1);                                                 \
+            _mm256_storeu_ps(acc + d + 16, a2);                                                \
+            _mm256_storeu_ps(acc + d + 24, a3);                                                \
+        }                                                                                      \
+        for (; d < hd; d++) {                                                                  \
+            float a = acc[d];                                                                  \
+            for (int32_t t = 0; t < n; t++) {                                                  \
+                a = fmaf(LOAD1(v[(int64_t)t * stride], d), p[(int64_t)t * stride], a);         \
+            }                                                                                  \
+            acc[d] = a;                                                                        \
+        }                                                                                      \
+    }
+
+PV16_KV(float, load8_f32, load1_f32)
+PV16_KV(kvs_f16_t, load8_f16, load1_f16)

@@ -126,29 +126,47 @@ int kvs_cpu_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_ro
 
 struct rope_job {
     float *x;
-    const double *cs; /* (n_rows, n_dims / 2, 2) cos, sin */
+    const float *cs; /* (n_rows, n_dims / 2, 2) cos, sin */
     int32_t n_heads, head_dim, n_dims, style;
 };
 
-static void rope_range(void *arg, int64_t r0, int64_t r1, int32_t ith)
+/* x0' = fma(x0, cos, -(x1 sin)), x1' = fma(x0, sin, x1 cos) (the inner products rounded):
+ * what llama.cpp's compiled CPU rope computes (found by comparing its tensors), so that a
+ * quantized model's q and k match its bits. fmaf is one instruction where the ISA level has
+ * FMA (rope_range_fma), a libm call elsewhere. */
+static inline __attribute__((always_inline)) void rope_rows(const struct rope_job *j, int64_t r0,
+                                                            int64_t r1)
 {
-    const struct rope_job *j = arg;
     int32_t half = j->n_dims / 2;
     for (int64_t r = r0; r < r1; r++) {
-        const double *cs = j->cs + r * j->n_dims;
+        const float *cs = j->cs + r * j->n_dims;
         for (int32_t h = 0; h < j->n_heads; h++) {
             float *x = j->x + (r * j->n_heads + h) * j->head_dim;
             for (int32_t i = 0; i < half; i++) {
-                float c = (float)cs[2 * i], s = (float)cs[2 * i + 1];
+                float c = cs[2 * i], s = cs[2 * i + 1];
                 int32_t i0 = j->style == KVS_ROPE_NEOX ? i : 2 * i;
                 int32_t i1 = j->style == KVS_ROPE_NEOX ? i + half : 2 * i + 1;
                 float x0 = x[i0], x1 = x[i1];
-                x[i0] = x0 * c - x1 * s;
-                x[i1] = x0 * s + x1 * c;
+                float x1s = x1 * s, x1c = x1 * c;
+                x[i0] = fmaf(x0, c, -x1s);
+                x[i1] = fmaf(x0, s, x1c);
             }
         }
     }
 }
+
+static void rope_range(void *arg, int64_t r0, int64_t r1, int32_t ith)
+{
+    rope_rows(arg, r0, r1);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("fma"))) static void rope_range_fma(void *arg, int64_t r0, int64_t r1,
+                                                          int32_t ith)
+{
+    rope_rows(arg, r0, r1);
+}
+#endif
 
 int kvs_cpu_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int32_t head_dim,
                  const int32_t *host_pos, const struct kvs_rope *rope)
@@ -162,10 +180,13 @@ int kvs_cpu_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int3
     if (n_rows == 0) {
         return 0;
     }
-    /* theta_i = pos * freq_scale * base^(-2i / n_dims) / freq_factor_i, in double: a fixed
-     * formula per (pos, i), so a position's rotation never depends on its batch. The table is
-     * kept for the next call with the same positions and parameters (q and k of every layer
-     * of one forward), which is then bitwise the same table. */
+    /* The angles as llama.cpp's CPU backend makes them (ggml_rope_cache_init), in f32:
+     * theta_0 = pos, theta_i+1 = theta_i * base^(-2 / n_dims) (powf), each divided by its
+     * freq_factor and times freq_scale, then sinf / cosf. A fixed formula per (pos, i), so a
+     * position's rotation never depends on its batch; less exact than double angles at long
+     * positions (the recurrence's rounding grows with i and pos), but the same bits as the
+     * reference engine for quantized models. The table is kept for the next call with the
+     * same positions and parameters (q and k of every layer of one forward). */
     int32_t half = rope->n_dims / 2;
     if (half > (int32_t)(sizeof c->rope_factors / sizeof c->rope_factors[0])) {
         return KVS_INVALID_ARGUMENT;
@@ -179,23 +200,19 @@ int kvs_cpu_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int3
                 memcmp(c->rope_pos, host_pos, (size_t)n_rows * sizeof(int32_t)) == 0;
     if (!same) {
         KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->rope_cs, &c->cap_rope,
-                                        (int64_t)n_rows * rope->n_dims, sizeof(double)));
+                                        (int64_t)n_rows * rope->n_dims, sizeof(float)));
         KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->rope_pos, &c->cap_rope_pos, n_rows,
                                         sizeof(int32_t)));
-        double inv[512];
-        for (int32_t i = 0; i < half; i++) {
-            inv[i] = pow((double)rope->freq_base, -2.0 * i / rope->n_dims);
-            if (rope->freq_factors != NULL) {
-                inv[i] /= (double)rope->freq_factors[i];
-            }
-        }
+        const float theta_scale = powf(rope->freq_base, -2.0f / (float)rope->n_dims);
         for (int32_t r = 0; r < n_rows; r++) {
-            double *cs = c->rope_cs + (int64_t)r * rope->n_dims;
-            double pf = (double)host_pos[r] * (double)rope->freq_scale;
+            float *cs = c->rope_cs + (int64_t)r * rope->n_dims;
+            float theta = (float)host_pos[r];
             for (int32_t i = 0; i < half; i++) {
-                double theta = pf * inv[i];
-                cs[2 * i] = cos(theta);
-                cs[2 * i + 1] = sin(theta);
+                float ff = rope->freq_factors != NULL ? rope->freq_factors[i] : 1.0f;
+                float t = rope->freq_scale * (theta / ff);
+                cs[2 * i] = cosf(t);
+                cs[2 * i + 1] = sinf(t);
+                theta *= theta_scale;
             }
         }
         memcpy(c->rope_pos, host_pos, (size_t)n_rows * sizeof(int32_t));
@@ -211,7 +228,12 @@ int kvs_cpu_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int3
                          .head_dim = head_dim,
                          .n_dims = rope->n_dims,
                          .style = rope->style};
+#if defined(__x86_64__)
+    kvs_threadpool_for(c->pool, n_rows, 8, c->k->isa >= KVS_CPU_ISA_AVX2 ? rope_range_fma : rope_range,
+                       &j);
+#else
     kvs_threadpool_for(c->pool, n_rows, 8, rope_range, &j);
+#endif
     return 0;
 }
 
