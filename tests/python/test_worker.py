@@ -1,4 +1,4 @@
-"""kvs-worker end to end through the pure-Python client (docs/PROTOCOL.md v1)."""
+"""kvs-worker end to end through the pure-Python client (docs/PROTOCOL.md v1.1)."""
 import signal
 
 import msgpack
@@ -54,7 +54,9 @@ def test_query_stateful_equals_stateless(client):
     assert r["version"] == 5 and r["context_tokens"] == client.info("q")["cells_used"]
     pieces = list(client.query_stream("q", "Last MSFT price:", max_tokens=12))
     assert pieces[-1]["done"] and pieces[-1]["tokens"] == r["tokens"]
-    assert [p["token"] for p in pieces[:-1]] == r["tokens"]
+    # a piece carries the id that completed its text (none on a last flush of held-back text)
+    ids = iter(r["tokens"])
+    assert all(p["token"] in ids for p in pieces[:-1] if "token" in p)
     assert "".join(p["text"] for p in pieces[:-1]) == r["answer"]
     assert client.info("q")["version"] == 5  # queries leave the session unchanged
 
