@@ -240,12 +240,18 @@ int main(int argc, char **argv)
     /* the same without graphs, then without fusion either (KVS_CUDA_GRAPHS / _FUSE = 0) */
     setenv("KVS_CUDA_GRAPHS", "0", 1);
     double dec1k_nograph = decode_ms(&B, s1, quick ? 5 : 10);
+    unsetenv("KVS_CUDA_GRAPHS");
+    setenv("KVS_CUDA_PDL", "0", 1);
+    double dec1k_nopdl = decode_ms(&B, s1, quick ? 5 : 10);
+    unsetenv("KVS_CUDA_PDL");
+    setenv("KVS_CUDA_GRAPHS", "0", 1);
     setenv("KVS_CUDA_FUSE", "0", 1);
     double dec1k_plain = decode_ms(&B, s1, quick ? 5 : 10);
     unsetenv("KVS_CUDA_FUSE");
     unsetenv("KVS_CUDA_GRAPHS");
-    printf("decode 1K variants: graphs+fusion %.3f ms, fusion only %.3f ms, neither %.3f ms\n",
-           dec1k, dec1k_nograph, dec1k_plain);
+    printf("decode 1K variants: graphs+fusion+PDL %.3f ms, fusion+PDL only %.3f ms, graphs+fusion "
+           "without PDL %.3f ms, none of them %.3f ms\n",
+           dec1k, dec1k_nograph, dec1k_nopdl, dec1k_plain);
     setenv("KVS_CUDA_ATTN", "old", 1);
     double dec1k_old = decode_ms(&B, s1, quick ? 5 : 10);
     unsetenv("KVS_CUDA_ATTN");
@@ -320,7 +326,7 @@ int main(int argc, char **argv)
     /* ---- long context: TTFT at growing contexts (1K, 8K, 32K, 64K), decode at ctx_long ---- */
     kvs_seq *lg = kvs_pool_seq_new(B.pool);
     const int32_t tt_ctx[4] = {1024, 8192, 32768, 65536};
-    double ttft_at[4] = {0, 0, 0, 0}, tfill = 0, dec32k = 0, dec32k_old = 0;
+    double ttft_at[4] = {0, 0, 0, 0}, tfill = 0, dec32k = 0, dec32k_old = 0, ttft_fa4 = 0;
     int n_tt = quick ? 3 : 5;
     for (int k = 0; k < 4 && tt_ctx[k] <= ctx_max; k++) {
         double tf = feed(&B, lg, tt_ctx[k] - lg->n_cells, 0);
@@ -338,6 +344,21 @@ int main(int argc, char **argv)
         }
         ttft_at[k] = median(tt, n_tt) * 1e3;
         printf("TTFT at %d: %.3f ms\n", tt_ctx[k], ttft_at[k]);
+        if (tt_ctx[k] == ctx_long) { /* the question with 64-vector attention tiles */
+            setenv("KVS_CUDA_FA_WARPS", "4", 1);
+            for (int i = 0; i < n_tt + 1; i++) {
+                kvs_seq *f = kvs_pool_seq_fork(B.pool, lg);
+                double t = feed(&B, f, n_q, 1);
+                if (i > 0) {
+                    tt[i - 1] = t;
+                }
+                kvs_pool_seq_release(B.pool, &f);
+            }
+            unsetenv("KVS_CUDA_FA_WARPS");
+            ttft_fa4 = median(tt, n_tt) * 1e3;
+            printf("TTFT at %d with 4-warp (64-vector) attention tiles: %.3f ms\n", tt_ctx[k],
+                   ttft_fa4);
+        }
         if (tt_ctx[k] == ctx_long) {
             kvs_seq *f = kvs_pool_seq_fork(B.pool, lg);
             dec32k = decode_ms(&B, f, quick ? 5 : 10);
@@ -373,9 +394,9 @@ int main(int argc, char **argv)
     kvs_cuda_graph_counts(B.b, &g_launch, &g_capt);
     printf("graphs: %llu forwards launched as graphs, %llu captured\n",
            (unsigned long long)g_launch, (unsigned long long)g_capt);
-    printf("RESULT variants decode1k_nograph_ms=%.3f decode1k_nofuse_ms=%.3f "
-           "decode1k_oldattn_ms=%.3f\n",
-           dec1k_nograph, dec1k_plain, dec1k_old);
+    printf("RESULT variants decode1k_nograph_ms=%.3f decode1k_nopdl_ms=%.3f "
+           "decode1k_plain_ms=%.3f decode1k_oldattn_ms=%.3f ttft32k_fa4warps_ms=%.3f\n",
+           dec1k_nograph, dec1k_nopdl, dec1k_plain, dec1k_old, ttft_fa4);
     printf("RESULT ttft_ms 1024=%.3f 8192=%.3f 32768=%.3f 65536=%.3f stateless32k_ms=%.1f "
            "sessions64_ctx8k_tps=%.0f\n",
            ttft_at[0], ttft_at[1], ttft_at[2], ttft_at[3], stateless32k, sess_tps);

@@ -26,7 +26,8 @@ fi
 [ -d "$B/lib" ] && export LD_LIBRARY_PATH="$PWD/$B/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv \
   >"$OUT/gpu.txt" 2>&1
-git rev-parse HEAD >"$OUT/commit.txt" 2>/dev/null
+# the device copy's git may lag the working tree: KVS_COMMIT names the commit built
+echo "${KVS_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}" >"$OUT/commit.txt"
 
 "$B"/test_cuda 2>&1 | tee "$OUT/test_cuda.log"; rc1=${PIPESTATUS[0]}
 "$B"/test_cuda_parity 2>&1 | tee "$OUT/test_cuda_parity.log"; rc2=${PIPESTATUS[0]}

@@ -558,7 +558,10 @@ static __global__ void attn_simple_kernel(attn_args a)
  * KV head), streams the sub-tile's KV in 64-cell tiles through two shared-memory stages filled
  * by cp.async (block-table addressing per cell, zero fill past the context), and keeps the
  * online softmax in registers:
- *   KVW = false: 64 query vectors, warp w owns vectors 16w..16w+15 and all 64 cells of a tile.
+ *   KVW = false: 16 query vectors per warp (8 warps = 128 vectors for head dims 64 and 128,
+ *                else 4 warps = 64), warp w owns vectors 16w..16w+15 and all 64 cells of a
+ *                tile; more vectors per block read each K/V tile for more rows (a 32-row
+ *                question of a GQA-4 model reads its context once, not twice).
  *   KVW = true:  16 query vectors (few rows: decode, short questions), every warp owns all 16
  *                vectors and cells 16w..16w+15 of each tile; the four warps' states are merged
  *                through shared memory at the end.
@@ -567,7 +570,6 @@ static __global__ void attn_simple_kernel(attn_args a)
  * accumulator layout of m16n8k16 is the A layout of the next product). Partials (split > 1)
  * store m in natural-log units for the shared combine kernel. */
 #define FA_TC 64 /* cells per tile */
-#define FA_THREADS 128
 
 static __device__ __forceinline__ uint32_t smem_u32(const void *p)
 {
@@ -630,14 +632,20 @@ static __host__ __device__ constexpr int fa_stages(bool kvw)
     return kvw ? 3 : 2; /* KVW streams (decode): more tiles in flight */
 }
 
-static __host__ __device__ constexpr size_t fa_smem(int hd, bool kvw)
+/* Query vectors per block: 16 for KVW, 16 per warp otherwise. */
+static __host__ __device__ constexpr int fa_qv(bool kvw, int nw)
+{
+    return kvw ? 16 : 16 * nw;
+}
+
+static __host__ __device__ constexpr size_t fa_smem(int hd, bool kvw, int nw)
 {
     /* Q, then the stages of K and V; the KVW merge reuses the K/V area */
-    return ((size_t)(kvw ? 16 : 64) + 2 * fa_stages(kvw) * FA_TC) * fa_ld(hd) * 2;
+    return ((size_t)fa_qv(kvw, nw) + 2 * fa_stages(kvw) * FA_TC) * fa_ld(hd) * 2;
 }
 
 /* Issue the cp.async loads of KV tile kt (cells kt*64 ..) into stage buffers sK, sV. */
-template <int HD>
+template <int HD, int THREADS>
 static __device__ __forceinline__ void fa_load(const attn_args &a, const __nv_bfloat16 *kb,
                                                const __nv_bfloat16 *vb,
                                                const int32_t *__restrict__ table, int32_t n_ctx,
@@ -646,8 +654,11 @@ static __device__ __forceinline__ void fa_load(const attn_args &a, const __nv_bf
     constexpr int CPR = HD / 8, LD = fa_ld(HD);
     bool bad = false;
 #pragma unroll
-    for (int u = 0; u < FA_TC * CPR / FA_THREADS; u++) {
-        const int j = threadIdx.x + u * FA_THREADS;
+    for (int u = 0; u < (FA_TC * CPR + THREADS - 1) / THREADS; u++) {
+        const int j = threadIdx.x + u * THREADS;
+        if (FA_TC * CPR % THREADS != 0 && j >= FA_TC * CPR) {
+            break;
+        }
         const int cell = j / CPR, part = j % CPR;
         const int32_t c = kt * FA_TC + cell;
         const __nv_bfloat16 *ks = kb, *vs = vb;
@@ -672,10 +683,11 @@ static __device__ __forceinline__ void fa_load(const attn_args &a, const __nv_bf
     }
 }
 
-template <int HD, bool KVW>
-static __global__ void __launch_bounds__(FA_THREADS) attn_fa_kernel(attn_args a)
+template <int HD, bool KVW, int NW>
+static __global__ void __launch_bounds__(NW * 32) attn_fa_kernel(attn_args a)
 {
-    constexpr int LD = fa_ld(HD), QV = KVW ? 16 : 64; /* query vectors per block */
+    constexpr int THREADS = NW * 32;
+    constexpr int LD = fa_ld(HD), QV = fa_qv(KVW, NW); /* query vectors per block */
     constexpr int NT = KVW ? 2 : 8;                   /* 8-cell n-tiles per warp per tile */
     constexpr int KS = HD / 16, DT = HD / 8;          /* k-steps over dims; 8-dim output tiles */
     constexpr int S = fa_stages(KVW);
@@ -708,12 +720,12 @@ static __global__ void __launch_bounds__(FA_THREADS) attn_fa_kernel(attn_args a)
         for (int s = 0; s < S - 1; s++) {
             if (kt0 + s < kt1) {
                 __nv_bfloat16 *nk = sKV + (size_t)s * 2 * FA_TC * LD;
-                fa_load<HD>(a, kb, vb, table, n_ctx, kt0 + s, nk, nk + FA_TC * LD);
+                fa_load<HD, THREADS>(a, kb, vb, table, n_ctx, kt0 + s, nk, nk + FA_TC * LD);
             }
             cp_async_commit(); /* one group per tile, empty or not */
         }
         /* Q of the sub-tile's rows (others zero) */
-        for (int e = threadIdx.x; e < QV * HD / 4; e += FA_THREADS) {
+        for (int e = threadIdx.x; e < QV * HD / 4; e += THREADS) {
             const int qi = e / (HD / 4), d = (e % (HD / 4)) * 4;
             const int32_t row = t0 + qi / G;
             float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -753,7 +765,7 @@ static __global__ void __launch_bounds__(FA_THREADS) attn_fa_kernel(attn_args a)
             __syncthreads();        /* ... everyone's; and tile kt-1's stage is free */
             if (kt + S - 1 < kt1) {
                 __nv_bfloat16 *nk = sKV + (size_t)((st + S - 1) % S) * 2 * FA_TC * LD;
-                fa_load<HD>(a, kb, vb, table, n_ctx, kt + S - 1, nk, nk + FA_TC * LD);
+                fa_load<HD, THREADS>(a, kb, vb, table, n_ctx, kt + S - 1, nk, nk + FA_TC * LD);
             }
             cp_async_commit();
             const __nv_bfloat16 *sK = sKV + (size_t)st * 2 * FA_TC * LD;
@@ -885,7 +897,7 @@ static __global__ void __launch_bounds__(FA_THREADS) attn_fa_kernel(attn_args a)
                 }
             }
             __syncthreads();
-            for (int e = threadIdx.x; e < 16 * HD; e += FA_THREADS) {
+            for (int e = threadIdx.x; e < 16 * HD; e += THREADS) {
                 const int qv = e / HD, d = e % HD;
                 const int32_t row = t0 + qv / G;
                 if (row < start || row >= end) {
@@ -921,12 +933,18 @@ typedef void (*fa_fn)(attn_args);
 template <int HD>
 static fa_fn fa_pick(bool kvw)
 {
-    return kvw ? attn_fa_kernel<HD, true> : attn_fa_kernel<HD, false>;
+    return kvw ? attn_fa_kernel<HD, true, 4> : attn_fa_kernel<HD, false, 4>;
 }
 
-/* The kernel for head dim hd (a multiple of 16 up to 128), or NULL. */
-static fa_fn fa_kernel_for(int hd, bool kvw)
+/* The kernel for head dim hd (a multiple of 16 up to 128) with nw warps (4; or 8 for head
+ * dims 64 and 128 without KVW: 128 query vectors share each K/V tile), or NULL. */
+static fa_fn fa_kernel_for(int hd, bool kvw, int nw)
 {
+    if (nw == 8 && !kvw) {
+        return hd == 128 ? attn_fa_kernel<128, false, 8>
+               : hd == 64 ? attn_fa_kernel<64, false, 8>
+                          : NULL;
+    }
     switch (hd) {
     case 16: return fa_pick<16>(kvw);
     case 32: return fa_pick<32>(kvw);
@@ -944,6 +962,7 @@ static fa_fn fa_kernel_for(int hd, bool kvw)
 
 static __global__ void attn_combine_kernel(attn_args a)
 {
+    kvs_pdl_trigger(); /* the output projection's GEMV may start loading its weights */
     const int32_t rh = blockIdx.x; /* row * n_head + head */
     const float *p = a.partial + (int64_t)rh * a.n_split * (a.hd + 2);
     float M = -INFINITY;
@@ -1044,13 +1063,21 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
     const char *mode = getenv("KVS_CUDA_ATTN");
     const bool use_old = mode != NULL && strcmp(mode, "old") == 0;
     const bool kvw = (int64_t)a.n_rows * a.group <= 32 && 16 % a.group == 0;
+    /* 8 warps (128 query vectors a tile) where that kernel exists; KVS_CUDA_FA_WARPS=4: 4 */
+    const char *fw_env = getenv("KVS_CUDA_FA_WARPS");
+    int nw = kvw || (fw_env != NULL && strcmp(fw_env, "4") == 0) ? 4 : 8;
     fa_fn fa = NULL;
-    if (!use_old && (uintptr_t)q % 16 == 0 && (kvw || 64 % a.group == 0) &&
-        fa_smem(a.hd, kvw) <= c->smem_optin) {
-        fa = fa_kernel_for(a.hd, kvw);
+    if (!use_old && (uintptr_t)q % 16 == 0) {
+        if (nw == 8 && (fa_qv(kvw, nw) % a.group != 0 || fa_smem(a.hd, kvw, nw) > c->smem_optin ||
+                        fa_kernel_for(a.hd, kvw, nw) == NULL)) {
+            nw = 4;
+        }
+        if ((kvw || fa_qv(kvw, nw) % a.group == 0) && fa_smem(a.hd, kvw, nw) <= c->smem_optin) {
+            fa = fa_kernel_for(a.hd, kvw, nw);
+        }
     }
     if (fa != NULL) {
-        const size_t smem = fa_smem(a.hd, kvw);
+        const size_t smem = fa_smem(a.hd, kvw, nw);
         int per_sm = 0;
         for (int i = 0; i < c->n_fa_set; i++) {
             if (c->fa_set[i] == (const void *)fa) {
@@ -1060,14 +1087,14 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
         if (per_sm == 0) {
             CU_TRY(cudaFuncSetAttribute(fa, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         (int)smem));
-            CU_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fa, FA_THREADS, smem));
+            CU_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fa, nw * 32, smem));
             per_sm = per_sm < 1 ? 1 : per_sm;
             if (c->n_fa_set < 32) {
                 c->fa_per_sm[c->n_fa_set] = per_sm;
                 c->fa_set[c->n_fa_set++] = (const void *)fa;
             }
         }
-        const int32_t rpt = (kvw ? 16 : 64) / a.group;
+        const int32_t rpt = fa_qv(kvw, nw) / a.group;
         const int64_t tiles = (a.n_rows + rpt - 1) / rpt;
         const int64_t n_units = tiles * a.n_kv_head;
         const int64_t want = (int64_t)per_sm * c->n_sm;
@@ -1085,7 +1112,7 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
         if (!launch_ok(c, (const void *)fa, a)) {
             return 0;
         }
-        fa<<<grid, FA_THREADS, smem, c->stream>>>(a);
+        fa<<<grid, nw * 32, smem, c->stream>>>(a);
         CU_LAUNCHED();
         if (a.n_split > 1) {
             attn_combine_kernel<<<(unsigned)(a.n_rows * n_head), 128, 0, c->stream>>>(a);

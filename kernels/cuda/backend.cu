@@ -261,6 +261,8 @@ extern "C" kvs_backend *kvs_backend_cuda_new(int dev, char *err, size_t errlen)
     {
         const char *f = getenv("KVS_CUDA_FUSE");
         c->fuse = !(f != NULL && strcmp(f, "0") == 0);
+        f = getenv("KVS_CUDA_PDL");
+        c->pdl = !(f != NULL && strcmp(f, "0") == 0);
     }
     KVS_DEBUG("cuda: backend on device %d (%s, %d SMs)", dev, p.name, c->n_sm);
     return b;

@@ -119,6 +119,7 @@ struct kvs_cuda {
     int rope_valid;
     /* fusion (fuse.cu): ops held back until the next op says whether it can join them */
     int fuse;                                      /* 0: KVS_CUDA_FUSE=0, launch as they come */
+    int pdl;                                       /* GEMVs start early (KVS_CUDA_PDL=0: off) */
     int n_pend_mm;                                 /* GEMV matmuls held, same x and rows */
     struct kvs_cuda_mm pend_mm[KVS_CUDA_MAX_PEND_MM];
     const float *pend_x;                           /* their x (n_rows, n_in) */
@@ -220,6 +221,24 @@ int kvs_cuda_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
 /* attention.cu */
 int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *q,
                        int32_t n_head, float scale, const struct kvs_attn_batch *ab, float *out);
+
+/* Programmatic dependent launch (sm_90): a kernel launched with the PDL attribute may start
+ * while the one before it finishes; it must call kvs_pdl_wait() before reading anything that
+ * kernel writes, and before writing anything. kvs_pdl_trigger() lets the next kernel start
+ * (once every block of this one has called it or exited). Both are no-ops otherwise. */
+static __device__ __forceinline__ void kvs_pdl_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+static __device__ __forceinline__ void kvs_pdl_trigger()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 /* The bits of a float, for hashing launch arguments on the host. */
 static inline uint64_t kvs_cuda_fbits(float f)

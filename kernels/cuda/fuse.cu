@@ -108,6 +108,7 @@ extern "C" int kvs_cuda_graph_begin(kvs_backend *b)
     struct kvs_cuda *c = kvs_cuda_ctx(b);
     KVS_TRY(kvs_cuda_flush(c));
     c->fuse = !env_off("KVS_CUDA_FUSE");
+    c->pdl = !env_off("KVS_CUDA_PDL");
     c->gmode = KVS_CUDA_G_OFF;
     if (env_off("KVS_CUDA_GRAPHS")) {
         return 0;

@@ -52,11 +52,24 @@ static __device__ __forceinline__ void gemv_dot(const uint4 *__restrict__ wr,
     }
 }
 
+/* Before kvs_pdl_wait: pull the first bytes of a warp's weight rows into L2 while the kernel
+ * before finishes (the weights do not depend on it). 2 KiB per row: the resident warps of
+ * one wave then prefetch ~17 MB, well inside L2. */
+static __device__ __forceinline__ void prefetch_row(const __nv_bfloat16 *row, int64_t n_in,
+                                                    int lane)
+{
+    const int64_t bytes = n_in * 2 < 2048 ? n_in * 2 : 2048;
+    if (lane * 128 < bytes) {
+        asm volatile("prefetch.global.L2 [%0];" ::"l"((const char *)row + lane * 128));
+    }
+}
+
 /* One warp per output of one of J's matmuls. */
 template <int R>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_kernel(gemv_jobs J, const float *__restrict__ x, int64_t n_in)
 {
+    kvs_pdl_trigger();
     const int lane = threadIdx.x & 31;
     const int64_t blk = blockIdx.x;
     const int j = J.n > 1 && blk >= J.first[1] ? (J.n > 2 && blk >= J.first[2] ? 2 : 1) : 0;
@@ -69,6 +82,8 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     if (o >= n_out) {
         return;
     }
+    prefetch_row(W + o * n_in, n_in, lane);
+    kvs_pdl_wait(); /* x is the previous kernel's output */
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -91,11 +106,15 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
                        const float *__restrict__ x, int64_t n_in, int64_t n_out, float *gate,
                        float *up, float *out)
 {
+    kvs_pdl_trigger();
     const int lane = threadIdx.x & 31;
     const int64_t o = (int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     if (o >= n_out) {
         return;
     }
+    prefetch_row(Wg + o * n_in, n_in, lane);
+    prefetch_row(Wu + o * n_in, n_in, lane);
+    kvs_pdl_wait();
     float g[R], u[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -121,6 +140,25 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
 
 enum { SITE_GEMV = 0x100, SITE_GEMV_SWIGLU, SITE_GEMM };
 
+/* Launch a GEMV kernel, with programmatic dependent launch when c->pdl (fuse.cu). */
+template <typename K, typename... Args>
+static cudaError_t launch_gemv(struct kvs_cuda *c, K kernel, dim3 grid, Args... args)
+{
+    cudaLaunchConfig_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(GEMV_WARPS * 32);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = c->stream;
+    cudaLaunchAttribute at[1];
+    memset(at, 0, sizeof at);
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = c->pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out)
 {
     const int n = c->n_pend_mm;
@@ -132,7 +170,6 @@ int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out)
         return 0;
     }
     assert(R >= 1 && R <= KVS_CUDA_GEMV_MAX_ROWS);
-    const dim3 block(GEMV_WARPS * 32);
     if (swiglu_out != NULL) {
         const struct kvs_cuda_mm *g = &c->pend_mm[0], *u = &c->pend_mm[1];
         assert(n == 2 && g->n_out == u->n_out && g->bias == NULL && u->bias == NULL);
@@ -148,8 +185,8 @@ int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out)
         switch (R) {
 #define CASE(RR)                                                                           \
     case RR:                                                                               \
-        gemv_swiglu_kernel<RR><<<grid, block, 0, c->stream>>>(g->W, u->W, x, n_in, g->n_out, \
-                                                               g->y, u->y, swiglu_out);     \
+        CU_TRY(launch_gemv(c, gemv_swiglu_kernel<RR>, grid, g->W, u->W, x, n_in, g->n_out,   \
+                           g->y, u->y, swiglu_out));                                          \
         break;
             CASE(1)
             CASE(2)
@@ -193,7 +230,7 @@ int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out)
     switch (R) {
 #define CASE(RR)                                                                           \
     case RR:                                                                               \
-        gemv_kernel<RR><<<grid, block, 0, c->stream>>>(J, x, n_in);                         \
+        CU_TRY(launch_gemv(c, gemv_kernel<RR>, grid, J, x, n_in));                          \
         break;
         CASE(1)
         CASE(2)

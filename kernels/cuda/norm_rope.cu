@@ -18,6 +18,7 @@
 static __global__ void __launch_bounds__(NORM_THREADS)
     rmsnorm_kernel(const float *x, const float *__restrict__ w, int32_t dim, float eps, float *out)
 {
+    kvs_pdl_trigger(); /* a GEMV after this may start loading its weights */
     __shared__ float warp_sums[NORM_THREADS / 32];
     const float *xr = x + (int64_t)blockIdx.x * dim;
     float *o = out + (int64_t)blockIdx.x * dim;
@@ -55,6 +56,7 @@ static __global__ void __launch_bounds__(NORM_THREADS)
     add_rmsnorm_kernel(float *x, const float *y, const float *__restrict__ w, int32_t dim,
                        float eps, float *out)
 {
+    kvs_pdl_trigger();
     __shared__ float warp_sums[NORM_THREADS / 32];
     float *xr = x + (int64_t)blockIdx.x * dim;
     const float *yr = y + (int64_t)blockIdx.x * dim;
@@ -147,24 +149,25 @@ int kvs_cuda_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_r
 
 /* ---- rope ---------------------------------------------------------------------------------- */
 
-/* One thread per (row, frequency i): theta = pos * freq[i] in double (as the CPU), then the
- * pair (i0, i1) of every head of the row is rotated. */
+/* One thread per (row, head, frequency i): theta = pos * freq[i] in double (as the CPU), then
+ * the pair (i0, i1) of that head is rotated. (A thread per (row, i) looping over the heads
+ * made 32 dependent load/store round trips per thread: ~10 us for one decode row's q.) */
 static __global__ void rope_kernel(float *x, int32_t n_rows, int32_t n_heads, int32_t head_dim,
                                    int32_t half, int32_t neox, const int32_t *__restrict__ pos,
                                    const double *__restrict__ freq)
 {
-    int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    if (t >= (int64_t)n_rows * half) {
-        return;
-    }
-    int32_t r = (int32_t)(t / half), i = (int32_t)(t % half);
-    double theta = (double)pos[r] * freq[i];
-    double sd, cd;
-    sincos(theta, &sd, &cd);
-    float cs = (float)cd, sn = (float)sd;
-    int32_t i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
-    for (int32_t h = 0; h < n_heads; h++) {
-        float *xh = x + ((int64_t)r * n_heads + h) * head_dim;
+    const int64_t total = (int64_t)n_rows * n_heads * half;
+    for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < total;
+         t += (int64_t)gridDim.x * blockDim.x) {
+        int32_t i = (int32_t)(t % half);
+        int64_t rh = t / half; /* row * n_heads + head */
+        int32_t r = (int32_t)(rh / n_heads);
+        double theta = (double)pos[r] * freq[i];
+        double sd, cd;
+        sincos(theta, &sd, &cd);
+        float cs = (float)cd, sn = (float)sd;
+        int32_t i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+        float *xh = x + rh * head_dim;
         float x0 = xh[i0], x1 = xh[i1];
         xh[i0] = x0 * cs - x1 * sn;
         xh[i1] = x0 * sn + x1 * cs;
@@ -221,7 +224,7 @@ int kvs_cuda_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int
     if (!kvs_cuda_launch_ok(c, SITE_ROPE, args, 8)) {
         return 0;
     }
-    int64_t n = (int64_t)n_rows * half;
+    int64_t n = (int64_t)n_rows * n_heads * half;
     rope_kernel<<<kvs_cuda_blocks(n, 128), 128, 0, c->stream>>>(
         x, n_rows, n_heads, head_dim, half, rope->style == KVS_ROPE_NEOX,
         (const int32_t *)d_pos, (const double *)d_freq);
