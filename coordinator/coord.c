@@ -1,0 +1,1109 @@
+/* kvs-coordinator's core (coordinator/coord.h). kvs_coord_run is the table of contents:
+ * poll, answer each request, tick (leadership, worker health). */
+#include "coordinator/coord.h"
+
+#include "common/log.h"
+#include "common/status.h"
+#include "common/wire.h"
+#include "coordinator/cmsg.h"
+#include "coordinator/leader.h"
+#include "coordinator/placement.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <zmq.h>
+
+#define IDENT_MAX 256       /* bytes of a ROUTER peer identity */
+#define TICK_MS 200         /* health checks */
+#define DOWN_CHECK_MS 1000  /* how often an unhealthy worker's key is looked up */
+#define MAX_WORKERS 4096
+#define MAX_SESSIONS (1 << 20)
+
+struct worker {
+    char id[KVS_CMSG_WORKER_MAX + 1];
+    char endpoint[KVS_CMSG_ENDPOINT_MAX + 1];
+    char device[KVS_CMSG_DEVICE_MAX + 1];
+    char model[65];
+    int64_t cells_total;      /* the worker's pool, cells */
+    int64_t cells_placed;     /* budgets of the sessions placed on it, cells */
+    int64_t n_sessions;       /* sessions placed on it */
+    uint64_t cells_used, cells_reserved, cells_free, queue, sessions_reported; /* heartbeat */
+    double load;              /* heartbeat: tokens/s */
+    uint64_t *prefix_hashes;  /* n_prefix_hashes, owned */
+    uint32_t n_prefix_hashes;
+    enum kvs_worker_state admin_state; /* READY, CORDONED or DRAINING (set by an admin) */
+    int64_t last_hb_ms;       /* monotonic; 0 = not heard by this leader */
+    int64_t lease;            /* its lease in the store, 0 = none */
+    int64_t lease_renewed_ms; /* monotonic */
+    bool down;                /* lease expired and heartbeats stopped */
+    int64_t down_checked_ms;
+};
+
+struct session_rec {
+    char id[129];
+    char worker[KVS_CMSG_WORKER_MAX + 1];
+    char model[65];
+    int64_t cells;            /* budget */
+    uint64_t prefix_hash;     /* 0 = none */
+};
+
+struct kvs_coord {
+    struct kvs_coord_opts o;
+    char cluster[64];
+    char endpoint[KVS_CMSG_ENDPOINT_MAX + 1];
+    char key_root[128];       /* /kvstream/<cluster>/ */
+    kvs_store *store;
+    bool own_store;
+    kvs_leader *leader;
+    int64_t token;            /* the leadership the in-memory state was loaded under */
+    void *zctx, *router;
+    volatile sig_atomic_t stop;
+    struct worker *workers;   /* n_workers, unordered */
+    size_t n_workers, cap_workers;
+    struct session_rec *sessions; /* n_sessions, sorted by id */
+    size_t n_sessions, cap_sessions;
+    kvs_wire_buf out;
+    int64_t last_tick_ms;
+};
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void *grow(void *p, size_t *cap, size_t need, size_t elem)
+{
+    if (need <= *cap) {
+        return p;
+    }
+    size_t c = *cap ? *cap * 2 : 16;
+    while (c < need) {
+        c *= 2;
+    }
+    void *q = realloc(p, c * elem);
+    if (q != NULL) {
+        *cap = c;
+    }
+    return q;
+}
+
+/* ---- keys and records in the store (docs/CLUSTER.md) ---- */
+
+static void worker_key(const kvs_coord *c, const char *id, char *buf, size_t len)
+{
+    snprintf(buf, len, "%sworkers/%s", c->key_root, id);
+}
+
+static void session_key(const kvs_coord *c, const char *id, char *buf, size_t len)
+{
+    snprintf(buf, len, "%ssessions/%s", c->key_root, id);
+}
+
+static char *worker_json(const struct worker *w)
+{
+    json_t *j = json_pack("{sssssssIss}", "endpoint", w->endpoint, "device", w->device,
+                          "model", w->model, "cells_total", (json_int_t)w->cells_total,
+                          "state", kvs_worker_state_name(w->admin_state));
+    char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    return s;
+}
+
+static char *session_json(const struct session_rec *r)
+{
+    char hash[17];
+    snprintf(hash, sizeof hash, "%016" PRIx64, r->prefix_hash);
+    json_t *j = json_pack("{sssssIss}", "worker", r->worker, "model", r->model, "cells",
+                          (json_int_t)r->cells, "prefix_hash", hash);
+    char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    return s;
+}
+
+/* Read a worker record written by worker_json (validated: it comes from outside). */
+static int parse_worker(const struct kvs_store_kv *kv, const char *id, struct worker *w)
+{
+    memset(w, 0, sizeof *w);
+    json_t *j = json_loadb(kv->value, kv->value_len, JSON_REJECT_DUPLICATES, NULL);
+    const char *ep, *dev, *model, *state;
+    json_int_t cells;
+    int rc = KVS_BAD_FORMAT;
+    if (j != NULL && json_unpack(j, "{sssssssIss}", "endpoint", &ep, "device", &dev, "model",
+                                 &model, "cells_total", &cells, "state", &state) == 0 &&
+        strlen(ep) <= KVS_CMSG_ENDPOINT_MAX && strlen(dev) <= KVS_CMSG_DEVICE_MAX &&
+        strlen(model) == 64 && cells >= 0 && cells <= KVS_CMSG_MAX_CELLS &&
+        kvs_worker_state_parse(state) >= 0 && kvs_cmsg_valid_id(id, KVS_CMSG_WORKER_MAX)) {
+        snprintf(w->id, sizeof w->id, "%s", id);
+        snprintf(w->endpoint, sizeof w->endpoint, "%s", ep);
+        snprintf(w->device, sizeof w->device, "%s", dev);
+        snprintf(w->model, sizeof w->model, "%s", model);
+        w->cells_total = cells;
+        w->admin_state = (enum kvs_worker_state)kvs_worker_state_parse(state);
+        if (w->admin_state == KVS_WORKER_UNHEALTHY) {
+            w->admin_state = KVS_WORKER_READY; /* health is not an admin state */
+        }
+        w->lease = kv->lease;
+        rc = KVS_OK;
+    }
+    json_decref(j);
+    return rc;
+}
+
+static int parse_session(const struct kvs_store_kv *kv, const char *id, struct session_rec *r)
+{
+    memset(r, 0, sizeof *r);
+    json_t *j = json_loadb(kv->value, kv->value_len, JSON_REJECT_DUPLICATES, NULL);
+    const char *worker, *model, *hash;
+    json_int_t cells;
+    char *end = NULL;
+    int rc = KVS_BAD_FORMAT;
+    if (j != NULL &&
+        json_unpack(j, "{sssssIss}", "worker", &worker, "model", &model, "cells", &cells,
+                    "prefix_hash", &hash) == 0 &&
+        kvs_cmsg_valid_id(worker, KVS_CMSG_WORKER_MAX) && strlen(model) == 64 && cells > 0 &&
+        cells <= KVS_CMSG_MAX_CELLS && strlen(hash) == 16 && kvs_cmsg_valid_id(id, 128)) {
+        r->prefix_hash = strtoull(hash, &end, 16);
+        if (end != NULL && *end == '\0') {
+            snprintf(r->id, sizeof r->id, "%s", id);
+            snprintf(r->worker, sizeof r->worker, "%s", worker);
+            snprintf(r->model, sizeof r->model, "%s", model);
+            r->cells = cells;
+            rc = KVS_OK;
+        }
+    }
+    json_decref(j);
+    return rc;
+}
+
+/* ---- the in-memory registry and directory ---- */
+
+static struct worker *find_worker(kvs_coord *c, const char *id)
+{
+    for (size_t i = 0; i < c->n_workers; i++) {
+        if (strcmp(c->workers[i].id, id) == 0) {
+            return &c->workers[i];
+        }
+    }
+    return NULL;
+}
+
+static size_t find_session(const kvs_coord *c, const char *id, bool *found)
+{
+    size_t lo = 0, hi = c->n_sessions;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int d = strcmp(c->sessions[mid].id, id);
+        if (d == 0) {
+            *found = true;
+            return mid;
+        }
+        if (d < 0) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    *found = false;
+    return lo;
+}
+
+static void clear_state(kvs_coord *c)
+{
+    for (size_t i = 0; i < c->n_workers; i++) {
+        free(c->workers[i].prefix_hashes);
+    }
+    c->n_workers = 0;
+    c->n_sessions = 0;
+}
+
+static int add_session(kvs_coord *c, const struct session_rec *r)
+{
+    bool found;
+    size_t i = find_session(c, r->id, &found);
+    if (found) {
+        c->sessions[i] = *r;
+        return KVS_OK;
+    }
+    struct session_rec *s = grow(c->sessions, &c->cap_sessions, c->n_sessions + 1, sizeof *s);
+    if (s == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    c->sessions = s;
+    memmove(&c->sessions[i + 1], &c->sessions[i], (c->n_sessions - i) * sizeof *s);
+    c->sessions[i] = *r;
+    c->n_sessions++;
+    struct worker *w = find_worker(c, r->worker);
+    if (w != NULL) {
+        w->cells_placed += r->cells;
+        w->n_sessions++;
+    }
+    return KVS_OK;
+}
+
+static void remove_session(kvs_coord *c, size_t i)
+{
+    struct worker *w = find_worker(c, c->sessions[i].worker);
+    if (w != NULL) {
+        w->cells_placed -= c->sessions[i].cells;
+        w->n_sessions--;
+    }
+    memmove(&c->sessions[i], &c->sessions[i + 1],
+            (c->n_sessions - i - 1) * sizeof *c->sessions);
+    c->n_sessions--;
+}
+
+/* The new leader's view: every worker and session recorded in the store. Workers count as
+ * unhealthy until they heartbeat to this leader. */
+static int load_state(kvs_coord *c, char *err, size_t errlen)
+{
+    clear_state(c);
+    char prefix[192];
+    struct kvs_store_range r;
+    snprintf(prefix, sizeof prefix, "%sworkers/", c->key_root);
+    KVS_TRY(kvs_store_range(c->store, prefix, true, &r, err, errlen));
+    size_t plen = strlen(prefix);
+    for (size_t i = 0; i < r.n; i++) {
+        struct worker w;
+        if (parse_worker(&r.kvs[i], r.kvs[i].key + plen, &w) < 0) {
+            KVS_WARN("coordinator: ignoring a malformed worker record %s", r.kvs[i].key);
+            continue;
+        }
+        struct worker *ws = grow(c->workers, &c->cap_workers, c->n_workers + 1, sizeof *ws);
+        if (ws == NULL) {
+            kvs_store_range_free(&r);
+            return KVS_NO_MEMORY;
+        }
+        c->workers = ws;
+        w.lease_renewed_ms = now_ms();
+        c->workers[c->n_workers++] = w;
+    }
+    kvs_store_range_free(&r);
+    snprintf(prefix, sizeof prefix, "%ssessions/", c->key_root);
+    KVS_TRY(kvs_store_range(c->store, prefix, true, &r, err, errlen));
+    plen = strlen(prefix);
+    for (size_t i = 0; i < r.n; i++) {
+        struct session_rec s;
+        if (parse_session(&r.kvs[i], r.kvs[i].key + plen, &s) < 0) {
+            KVS_WARN("coordinator: ignoring a malformed session record %s", r.kvs[i].key);
+            continue;
+        }
+        if (add_session(c, &s) < 0) {
+            kvs_store_range_free(&r);
+            return KVS_NO_MEMORY;
+        }
+    }
+    kvs_store_range_free(&r);
+    /* A worker whose key expired while no one led is not in the store: its sessions point to
+     * an unknown worker, which locate reports as down. */
+    KVS_INFO("coordinator: loaded %zu workers and %zu sessions", c->n_workers, c->n_sessions);
+    return KVS_OK;
+}
+
+static enum kvs_worker_state effective_state(const kvs_coord *c, const struct worker *w,
+                                             int64_t now)
+{
+    if (w->down || w->last_hb_ms == 0 || now - w->last_hb_ms > c->o.unhealthy_ms) {
+        return KVS_WORKER_UNHEALTHY;
+    }
+    return w->admin_state;
+}
+
+/* ---- replies ---- */
+
+static void pack_key(msgpack_packer *pk, const char *k)
+{
+    kvs_wire_pack_cstr(pk, k);
+}
+
+static void send_reply(kvs_coord *c, const void *ident, size_t ident_len, const void *data,
+                       size_t len)
+{
+    if (zmq_send(c->router, ident, ident_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
+        zmq_send(c->router, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
+        zmq_send(c->router, data, len, ZMQ_DONTWAIT) < 0) {
+        KVS_WARN("coordinator: reply not sent: %s", zmq_strerror(errno));
+    }
+}
+
+static void send_out(kvs_coord *c, const void *ident, size_t ident_len)
+{
+    send_reply(c, ident, ident_len, c->out.sb.data, c->out.sb.size);
+}
+
+static void send_error(kvs_coord *c, const void *ident, size_t ident_len, uint64_t id,
+                       int status, const char *msg)
+{
+    kvs_wire_encode_error(&c->out, id, status, msg && msg[0] ? msg : NULL, -1);
+    send_out(c, ident, ident_len);
+}
+
+/* NOT_LEADER, with the leader's endpoint when known (clients go there). */
+static void send_not_leader(kvs_coord *c, const void *ident, size_t ident_len, uint64_t id)
+{
+    char leader[KVS_CMSG_ENDPOINT_MAX + 1];
+    kvs_leader_current(c->leader, leader, sizeof leader);
+    if (leader[0] == '\0') {
+        /* Not learned by the election yet (just started): ask the store. */
+        char key[192];
+        struct kvs_store_kv kv;
+        snprintf(key, sizeof key, "%sleader", c->key_root);
+        if (kvs_store_get(c->store, key, &kv, NULL, 0) == KVS_OK &&
+            kv.value_len < sizeof leader) {
+            memcpy(leader, kv.value, kv.value_len + 1);
+        }
+        kvs_store_kv_free(&kv);
+    }
+    char msg[800];
+    snprintf(msg, sizeof msg, "this coordinator (%s) is standing by; the leader is %s",
+             c->endpoint, leader[0] ? leader : "not known yet");
+    kvs_wire_buf_clear(&c->out);
+    msgpack_packer *pk = &c->out.pk;
+    msgpack_pack_map(pk, 2);
+    pack_key(pk, "id");
+    msgpack_pack_uint64(pk, id);
+    pack_key(pk, "error");
+    msgpack_pack_map(pk, leader[0] ? 4 : 3);
+    pack_key(pk, "code");
+    pack_key(pk, kvs_status_name(KVS_NOT_LEADER));
+    pack_key(pk, "status");
+    msgpack_pack_int(pk, KVS_NOT_LEADER);
+    pack_key(pk, "message");
+    pack_key(pk, msg);
+    if (leader[0]) {
+        pack_key(pk, "leader");
+        pack_key(pk, leader);
+    }
+    send_out(c, ident, ident_len);
+}
+
+/* Start a reply map of n_more keys after "id". */
+static msgpack_packer *begin(kvs_coord *c, uint64_t id, size_t n_more)
+{
+    kvs_wire_buf_clear(&c->out);
+    msgpack_packer *pk = &c->out.pk;
+    msgpack_pack_map(pk, n_more + 1);
+    pack_key(pk, "id");
+    msgpack_pack_uint64(pk, id);
+    return pk;
+}
+
+/* ---- operations ---- */
+
+static int op_register(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t errlen)
+{
+    struct worker *w = find_worker(c, m->worker);
+    if (w == NULL) {
+        if (c->n_workers >= MAX_WORKERS) {
+            kvs_errf(err, errlen, "too many workers (%d)", MAX_WORKERS);
+            return KVS_TOO_LARGE;
+        }
+        struct worker *ws = grow(c->workers, &c->cap_workers, c->n_workers + 1, sizeof *ws);
+        if (ws == NULL) {
+            return KVS_NO_MEMORY;
+        }
+        c->workers = ws;
+        w = &c->workers[c->n_workers];
+        memset(w, 0, sizeof *w);
+        snprintf(w->id, sizeof w->id, "%s", m->worker);
+        w->admin_state = KVS_WORKER_READY;
+        c->n_workers++;
+        /* Sessions placed on it by an earlier leader count against it again. */
+        for (size_t i = 0; i < c->n_sessions; i++) {
+            if (strcmp(c->sessions[i].worker, w->id) == 0) {
+                w->cells_placed += c->sessions[i].cells;
+                w->n_sessions++;
+            }
+        }
+    } else if (strcmp(w->model, m->model) != 0 && w->n_sessions > 0) {
+        kvs_errf(err, errlen, "worker '%s' has %lld sessions of model %.16s...; it cannot "
+                 "come back with another model", w->id, (long long)w->n_sessions, w->model);
+        return KVS_MODEL_MISMATCH;
+    }
+    snprintf(w->endpoint, sizeof w->endpoint, "%s", m->endpoint);
+    snprintf(w->device, sizeof w->device, "%s", m->device[0] ? m->device : "cpu");
+    snprintf(w->model, sizeof w->model, "%s", m->model);
+    w->cells_total = (int64_t)m->cells_total;
+    if (m->has_prefix_hashes) {
+        free(w->prefix_hashes);
+        w->prefix_hashes = m->n_prefix_hashes
+                               ? malloc(m->n_prefix_hashes * sizeof *w->prefix_hashes)
+                               : NULL;
+        w->n_prefix_hashes = w->prefix_hashes ? m->n_prefix_hashes : 0;
+        if (w->prefix_hashes != NULL) {
+            memcpy(w->prefix_hashes, m->prefix_hashes,
+                   m->n_prefix_hashes * sizeof *w->prefix_hashes);
+        }
+    }
+    /* A fresh lease for a new (or returning) worker; the record bound to it. */
+    if (w->lease == 0 || w->down ||
+        kvs_store_lease_keepalive(c->store, w->lease, NULL, NULL, 0) < 0) {
+        int64_t lease;
+        KVS_TRY(kvs_store_lease_grant(c->store, c->o.worker_ttl_s, &lease, NULL, err, errlen));
+        w->lease = lease;
+    }
+    w->lease_renewed_ms = now_ms();
+    char key[512];
+    worker_key(c, w->id, key, sizeof key);
+    char *json = worker_json(w);
+    if (json == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    int rc = kvs_leader_put(c->leader, key, json, strlen(json), w->lease, err, errlen);
+    free(json);
+    KVS_TRY(rc);
+    w->last_hb_ms = now_ms();
+    w->down = false;
+    KVS_INFO("coordinator: worker '%s' registered at %s (%lld cells, model %.16s...)", w->id,
+             w->endpoint, (long long)w->cells_total, w->model);
+    return KVS_OK;
+}
+
+static int op_heartbeat(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t errlen)
+{
+    struct worker *w = find_worker(c, m->worker);
+    if (w == NULL || w->endpoint[0] == '\0') {
+        kvs_errf(err, errlen, "worker '%s' is not registered with this leader: register",
+                 m->worker);
+        return KVS_NOT_FOUND;
+    }
+    if (w->down) {
+        kvs_errf(err, errlen, "worker '%s' was declared down (its lease expired): register "
+                 "again", w->id);
+        return KVS_NOT_FOUND;
+    }
+    int64_t now = now_ms();
+    w->last_hb_ms = now;
+    w->cells_used = m->cells_used;
+    w->cells_reserved = m->cells_reserved;
+    w->cells_free = m->cells_free;
+    w->queue = m->queue;
+    w->sessions_reported = m->sessions;
+    w->load = m->load;
+    if (m->has_prefix_hashes) {
+        uint64_t *h = m->n_prefix_hashes ? malloc(m->n_prefix_hashes * sizeof *h) : NULL;
+        if (m->n_prefix_hashes == 0 || h != NULL) {
+            if (h != NULL) {
+                memcpy(h, m->prefix_hashes, m->n_prefix_hashes * sizeof *h);
+            }
+            free(w->prefix_hashes);
+            w->prefix_hashes = h;
+            w->n_prefix_hashes = m->n_prefix_hashes;
+        }
+    }
+    /* Renew its lease a few times per TTL, not per heartbeat. A store that is away is not
+     * the worker's fault: it keeps serving (the lease gets its full TTL back afterwards). */
+    if (now - w->lease_renewed_ms >= (int64_t)c->o.worker_ttl_s * 1000 / 3) {
+        char serr[256];
+        int rc = kvs_store_lease_keepalive(c->store, w->lease, NULL, serr, sizeof serr);
+        if (rc == KVS_OK) {
+            w->lease_renewed_ms = now;
+        } else if (rc == KVS_NOT_FOUND) {
+            kvs_errf(err, errlen, "worker '%s': its lease expired: register again", w->id);
+            w->down = true;
+            return KVS_NOT_FOUND;
+        } else {
+            KVS_WARN("coordinator: cannot renew worker '%s''s lease: %s", w->id, serr);
+        }
+    }
+    return KVS_OK;
+}
+
+static int op_session_create(kvs_coord *c, const struct kvs_cmsg *m, struct kvs_placement *p,
+                             char *err, size_t errlen)
+{
+    bool found;
+    size_t at = find_session(c, m->session, &found);
+    if (found) {
+        kvs_errf(err, errlen, "session '%s' already exists (on worker '%s')", m->session,
+                 c->sessions[at].worker);
+        return KVS_ALREADY_EXISTS;
+    }
+    if (c->n_sessions >= MAX_SESSIONS) {
+        kvs_errf(err, errlen, "the directory holds %d sessions already", MAX_SESSIONS);
+        return KVS_TOO_LARGE;
+    }
+    struct kvs_worker_info *info = calloc(c->n_workers ? c->n_workers : 1, sizeof *info);
+    if (info == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    int64_t now = now_ms();
+    for (size_t i = 0; i < c->n_workers; i++) {
+        const struct worker *w = &c->workers[i];
+        info[i] = (struct kvs_worker_info){
+            .id = w->id, .model_sha256 = w->model, .n_cells_capacity = w->cells_total,
+            .n_cells_free = w->cells_total - w->cells_placed,
+            .state = effective_state(c, w, now), .prefix_hashes = w->prefix_hashes,
+            .n_prefix_hashes = w->n_prefix_hashes};
+    }
+    struct kvs_placement_request rq = {.model_sha256 = m->model, .n_cells = (int64_t)m->cells,
+                                       .prefix_hash = m->prefix_hash};
+    int rc = kvs_placement_choose(info, c->n_workers, &rq, p, err, errlen);
+    free(info);
+    KVS_TRY(rc);
+    struct session_rec r = {.cells = (int64_t)m->cells, .prefix_hash = m->prefix_hash};
+    snprintf(r.id, sizeof r.id, "%s", m->session);
+    snprintf(r.worker, sizeof r.worker, "%s", c->workers[p->index].id);
+    snprintf(r.model, sizeof r.model, "%s", m->model);
+    /* Record it before answering: fenced, and only if no one recorded it meanwhile. */
+    char key[512];
+    session_key(c, r.id, key, sizeof key);
+    char *json = session_json(&r);
+    if (json == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    struct kvs_store_cmp absent = {.key = key, .target = KVS_STORE_CREATE,
+                                   .result = KVS_STORE_EQUAL, .number = 0};
+    struct kvs_store_op put = {.type = KVS_STORE_OP_PUT, .key = key, .value = json,
+                               .value_len = strlen(json)};
+    bool ok = false;
+    rc = kvs_leader_txn(c->leader, &absent, 1, &put, 1, &ok, NULL, err, errlen);
+    free(json);
+    if (rc == KVS_UNAVAILABLE) {
+        char why[400];
+        snprintf(why, sizeof why, "cannot record the placement: %s", err);
+        kvs_errf(err, errlen, "%s", why);
+    }
+    KVS_TRY(rc);
+    if (!ok) {
+        kvs_errf(err, errlen, "session '%s' already exists", m->session);
+        return KVS_ALREADY_EXISTS;
+    }
+    KVS_TRY(add_session(c, &r));
+    KVS_INFO("coordinator: session '%s' (%lld cells) placed on '%s'%s", r.id,
+             (long long)r.cells, r.worker, p->prefix_hit ? " (prefix hit)" : "");
+    return KVS_OK;
+}
+
+/* Locate: the owner, or why it cannot serve. */
+static int op_locate(kvs_coord *c, const struct kvs_cmsg *m, const struct session_rec **out,
+                     const struct worker **owner, char *err, size_t errlen)
+{
+    bool found;
+    size_t i = find_session(c, m->session, &found);
+    if (!found) {
+        kvs_errf(err, errlen, "session '%s' not found", m->session);
+        return KVS_NOT_FOUND;
+    }
+    *out = &c->sessions[i];
+    *owner = find_worker(c, c->sessions[i].worker);
+    if (*owner == NULL || (*owner)->down) {
+        kvs_errf(err, errlen, "session '%s': its worker '%s' is down (lease expired and no "
+                 "heartbeat); the session is kept and waits to be restored on another worker",
+                 m->session, c->sessions[i].worker);
+        return KVS_UNAVAILABLE;
+    }
+    return KVS_OK;
+}
+
+static int op_close(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t errlen)
+{
+    bool found;
+    size_t i = find_session(c, m->session, &found);
+    if (!found) {
+        kvs_errf(err, errlen, "session '%s' not found", m->session);
+        return KVS_NOT_FOUND;
+    }
+    char key[512];
+    session_key(c, m->session, key, sizeof key);
+    KVS_TRY(kvs_leader_delete(c->leader, key, false, err, errlen));
+    remove_session(c, i);
+    return KVS_OK;
+}
+
+static int op_cordon(kvs_coord *c, const struct kvs_cmsg *m, bool cordon, char *err,
+                     size_t errlen)
+{
+    struct worker *w = find_worker(c, m->worker);
+    if (w == NULL) {
+        kvs_errf(err, errlen, "worker '%s' not found", m->worker);
+        return KVS_NOT_FOUND;
+    }
+    enum kvs_worker_state before = w->admin_state;
+    w->admin_state = cordon ? KVS_WORKER_CORDONED : KVS_WORKER_READY;
+    char key[512];
+    worker_key(c, w->id, key, sizeof key);
+    char *json = worker_json(w);
+    int rc = json ? kvs_leader_put(c->leader, key, json, strlen(json), w->lease, err, errlen)
+                  : KVS_NO_MEMORY;
+    free(json);
+    if (rc < 0) {
+        w->admin_state = before; /* nothing changed */
+    }
+    return rc;
+}
+
+static void pack_worker(kvs_coord *c, msgpack_packer *pk, const struct worker *w, int64_t now)
+{
+    msgpack_pack_map(pk, 14);
+    pack_key(pk, "worker");
+    pack_key(pk, w->id);
+    pack_key(pk, "endpoint");
+    pack_key(pk, w->endpoint);
+    pack_key(pk, "device");
+    pack_key(pk, w->device);
+    pack_key(pk, "model");
+    pack_key(pk, w->model);
+    pack_key(pk, "state");
+    pack_key(pk, w->down ? "down" : kvs_worker_state_name(effective_state(c, w, now)));
+    pack_key(pk, "cells_total");
+    msgpack_pack_int64(pk, w->cells_total);
+    pack_key(pk, "cells_placed");
+    msgpack_pack_int64(pk, w->cells_placed);
+    pack_key(pk, "cells_used");
+    msgpack_pack_uint64(pk, w->cells_used);
+    pack_key(pk, "cells_free");
+    msgpack_pack_int64(pk, w->cells_total - w->cells_placed);
+    pack_key(pk, "sessions");
+    msgpack_pack_int64(pk, w->n_sessions);
+    pack_key(pk, "queue");
+    msgpack_pack_uint64(pk, w->queue);
+    pack_key(pk, "load");
+    msgpack_pack_double(pk, w->load);
+    pack_key(pk, "heartbeat_age_ms");
+    msgpack_pack_int64(pk, w->last_hb_ms ? now - w->last_hb_ms : -1);
+    pack_key(pk, "prefixes");
+    msgpack_pack_uint32(pk, w->n_prefix_hashes);
+}
+
+/* Answer one decoded request. */
+static void handle(kvs_coord *c, const void *ident, size_t ident_len, struct kvs_cmsg *m)
+{
+    char err[512] = "";
+    bool leading = kvs_leader_is_leader(c->leader) && c->token != 0;
+    msgpack_packer *pk;
+    switch (m->op) {
+    case KVS_COP_HELLO:
+        pk = begin(c, m->id, 4);
+        pack_key(pk, "version");
+        msgpack_pack_uint32(pk, KVS_WIRE_VERSION);
+        pack_key(pk, "server");
+        pack_key(pk, "kvs-coordinator");
+        pack_key(pk, "leader");
+        leading ? msgpack_pack_true(pk) : msgpack_pack_false(pk);
+        pack_key(pk, "endpoint");
+        pack_key(pk, c->endpoint);
+        send_out(c, ident, ident_len);
+        return;
+    case KVS_COP_PING:
+        pk = begin(c, m->id, 1);
+        pack_key(pk, "pong");
+        msgpack_pack_true(pk);
+        send_out(c, ident, ident_len);
+        return;
+    case KVS_COP_STATUS: {
+        char leader[KVS_CMSG_ENDPOINT_MAX + 1];
+        kvs_leader_current(c->leader, leader, sizeof leader);
+        pk = begin(c, m->id, 7);
+        pack_key(pk, "leader");
+        leading ? msgpack_pack_true(pk) : msgpack_pack_false(pk);
+        pack_key(pk, "leader_endpoint");
+        pack_key(pk, leader);
+        pack_key(pk, "token");
+        msgpack_pack_int64(pk, leading ? c->token : 0);
+        pack_key(pk, "cluster");
+        pack_key(pk, c->cluster);
+        pack_key(pk, "store");
+        pack_key(pk, kvs_store_kind(c->store));
+        pack_key(pk, "workers");
+        msgpack_pack_uint64(pk, leading ? c->n_workers : 0);
+        pack_key(pk, "sessions");
+        msgpack_pack_uint64(pk, leading ? c->n_sessions : 0);
+        send_out(c, ident, ident_len);
+        return;
+    }
+    default:
+        break;
+    }
+    if (!leading) {
+        send_not_leader(c, ident, ident_len, m->id);
+        return;
+    }
+    int rc = KVS_OK;
+    int64_t now = now_ms();
+    switch (m->op) {
+    case KVS_COP_WORKER_REGISTER:
+        rc = op_register(c, m, err, sizeof err);
+        if (rc == KVS_OK) {
+            pk = begin(c, m->id, 4);
+            pack_key(pk, "worker");
+            pack_key(pk, m->worker);
+            pack_key(pk, "heartbeat_ms");
+            msgpack_pack_int(pk, c->o.heartbeat_ms);
+            pack_key(pk, "unhealthy_ms");
+            msgpack_pack_int(pk, c->o.unhealthy_ms);
+            pack_key(pk, "lease_ttl_s");
+            msgpack_pack_int(pk, c->o.worker_ttl_s);
+        }
+        break;
+    case KVS_COP_WORKER_HEARTBEAT:
+        rc = op_heartbeat(c, m, err, sizeof err);
+        if (rc == KVS_OK) {
+            pk = begin(c, m->id, 1);
+            pack_key(pk, "ok");
+            msgpack_pack_true(pk);
+        }
+        break;
+    case KVS_COP_SESSION_CREATE: {
+        struct kvs_placement p;
+        rc = op_session_create(c, m, &p, err, sizeof err);
+        if (rc == KVS_OK) {
+            const struct worker *w = &c->workers[p.index];
+            pk = begin(c, m->id, 5);
+            pack_key(pk, "session");
+            pack_key(pk, m->session);
+            pack_key(pk, "worker");
+            pack_key(pk, w->id);
+            pack_key(pk, "endpoint");
+            pack_key(pk, w->endpoint);
+            pack_key(pk, "cells");
+            msgpack_pack_uint64(pk, m->cells);
+            pack_key(pk, "prefix_hit");
+            p.prefix_hit ? msgpack_pack_true(pk) : msgpack_pack_false(pk);
+        }
+        break;
+    }
+    case KVS_COP_SESSION_LOCATE: {
+        const struct session_rec *r = NULL;
+        const struct worker *w = NULL;
+        rc = op_locate(c, m, &r, &w, err, sizeof err);
+        if (rc == KVS_OK) {
+            pk = begin(c, m->id, 5);
+            pack_key(pk, "session");
+            pack_key(pk, r->id);
+            pack_key(pk, "worker");
+            pack_key(pk, w->id);
+            pack_key(pk, "endpoint");
+            pack_key(pk, w->endpoint);
+            pack_key(pk, "cells");
+            msgpack_pack_int64(pk, r->cells);
+            pack_key(pk, "worker_state");
+            pack_key(pk, kvs_worker_state_name(effective_state(c, w, now)));
+        }
+        break;
+    }
+    case KVS_COP_SESSION_CLOSE:
+        rc = op_close(c, m, err, sizeof err);
+        if (rc == KVS_OK) {
+            pk = begin(c, m->id, 1);
+            pack_key(pk, "closed");
+            msgpack_pack_true(pk);
+        }
+        break;
+    case KVS_COP_WORKERS:
+        pk = begin(c, m->id, 1);
+        pack_key(pk, "workers");
+        msgpack_pack_array(pk, (uint32_t)c->n_workers);
+        for (size_t i = 0; i < c->n_workers; i++) {
+            pack_worker(c, pk, &c->workers[i], now);
+        }
+        break;
+    case KVS_COP_SESSIONS: {
+        uint32_t n = c->n_sessions > 65536 ? 65536 : (uint32_t)c->n_sessions;
+        pk = begin(c, m->id, 2);
+        pack_key(pk, "sessions");
+        msgpack_pack_array(pk, n);
+        for (uint32_t i = 0; i < n; i++) {
+            msgpack_pack_map(pk, 3);
+            pack_key(pk, "session");
+            pack_key(pk, c->sessions[i].id);
+            pack_key(pk, "worker");
+            pack_key(pk, c->sessions[i].worker);
+            pack_key(pk, "cells");
+            msgpack_pack_int64(pk, c->sessions[i].cells);
+        }
+        pack_key(pk, "truncated");
+        n < c->n_sessions ? msgpack_pack_true(pk) : msgpack_pack_false(pk);
+        break;
+    }
+    case KVS_COP_CORDON:
+    case KVS_COP_UNCORDON:
+        rc = op_cordon(c, m, m->op == KVS_COP_CORDON, err, sizeof err);
+        if (rc == KVS_OK) {
+            pk = begin(c, m->id, 2);
+            pack_key(pk, "worker");
+            pack_key(pk, m->worker);
+            pack_key(pk, "state");
+            pack_key(pk, m->op == KVS_COP_CORDON ? "cordoned" : "ready");
+        }
+        break;
+    default:
+        rc = KVS_UNSUPPORTED;
+        kvs_errf(err, sizeof err, "op not handled");
+        break;
+    }
+    if (rc == KVS_NOT_LEADER) {
+        send_not_leader(c, ident, ident_len, m->id);
+    } else if (rc < 0) {
+        send_error(c, ident, ident_len, m->id, rc, err);
+    } else {
+        send_out(c, ident, ident_len);
+    }
+}
+
+/* ---- the loop ---- */
+
+/* Leadership changes and worker health. */
+static void tick(kvs_coord *c)
+{
+    int64_t now = now_ms();
+    int64_t token = kvs_leader_token(c->leader);
+    if (token != c->token) {
+        if (token != 0) {
+            char err[256];
+            if (load_state(c, err, sizeof err) < 0) {
+                KVS_WARN("coordinator: leader, but cannot load the cluster state: %s; "
+                         "retrying", err);
+                return; /* c->token stays: tried again next tick */
+            }
+            KVS_INFO("coordinator: %s leads cluster '%s' (token %lld)", c->endpoint,
+                     c->cluster, (long long)token);
+        } else {
+            KVS_WARN("coordinator: %s stands by", c->endpoint);
+            clear_state(c);
+        }
+        c->token = token;
+    }
+    if (c->token == 0) {
+        return;
+    }
+    /* The failure rule: down = heartbeats stopped AND lease expired (its key is gone). */
+    for (size_t i = 0; i < c->n_workers; i++) {
+        struct worker *w = &c->workers[i];
+        bool silent = w->last_hb_ms == 0 || now - w->last_hb_ms > c->o.unhealthy_ms;
+        if (!silent || w->down || now - w->down_checked_ms < DOWN_CHECK_MS) {
+            continue;
+        }
+        w->down_checked_ms = now;
+        char key[512], err[256];
+        worker_key(c, w->id, key, sizeof key);
+        struct kvs_store_kv kv;
+        int rc = kvs_store_get(c->store, key, &kv, err, sizeof err);
+        kvs_store_kv_free(&kv);
+        if (rc == KVS_NOT_FOUND) {
+            w->down = true;
+            KVS_WARN("coordinator: worker '%s' is down (no heartbeat for %lld ms and its lease "
+                     "expired); its %lld sessions wait to be restored elsewhere",
+                     w->id, (long long)(w->last_hb_ms ? now - w->last_hb_ms : -1),
+                     (long long)w->n_sessions);
+        }
+        /* UNAVAILABLE: the store is away; nobody is declared down meanwhile. */
+    }
+}
+
+static int recv_parts(void *sock, zmq_msg_t *parts, int n_max)
+{
+    int n = 0;
+    for (;;) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, sock, n == 0 ? ZMQ_DONTWAIT : 0) < 0) {
+            zmq_msg_close(&m);
+            return n == 0 ? 0 : -1;
+        }
+        int more = zmq_msg_more(&m);
+        if (n < n_max) {
+            parts[n] = m;
+        } else {
+            zmq_msg_close(&m);
+        }
+        n++;
+        if (!more) {
+            return n;
+        }
+    }
+}
+
+int kvs_coord_run(kvs_coord *c)
+{
+    int rc = KVS_OK;
+    while (!c->stop) {
+        zmq_pollitem_t item = {c->router, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(&item, 1, 50) < 0 && errno != EINTR) {
+            KVS_ERROR("coordinator: zmq_poll: %s", zmq_strerror(errno));
+            rc = KVS_INTERNAL;
+            break;
+        }
+        if (now_ms() - c->last_tick_ms >= TICK_MS || kvs_leader_token(c->leader) != c->token) {
+            tick(c);
+            c->last_tick_ms = now_ms();
+        }
+        for (int batch = 0; batch < 64 && (item.revents & ZMQ_POLLIN); batch++) {
+            zmq_msg_t parts[3];
+            int n = recv_parts(c->router, parts, 3);
+            if (n <= 0) {
+                break;
+            }
+            int kept = n < 3 ? n : 3;
+            size_t ident_len = zmq_msg_size(&parts[0]);
+            if (ident_len <= IDENT_MAX) {
+                if (n != 3 || zmq_msg_size(&parts[1]) != 0) {
+                    send_error(c, zmq_msg_data(&parts[0]), ident_len, 0, KVS_BAD_FORMAT,
+                               "expected two frames: an empty delimiter and the payload");
+                } else {
+                    struct kvs_cmsg m;
+                    char err[512] = "";
+                    int drc = kvs_cmsg_decode(zmq_msg_data(&parts[2]), zmq_msg_size(&parts[2]),
+                                              &m, err, sizeof err);
+                    if (drc < 0) {
+                        send_error(c, zmq_msg_data(&parts[0]), ident_len, m.id, drc, err);
+                    } else {
+                        handle(c, zmq_msg_data(&parts[0]), ident_len, &m);
+                    }
+                    kvs_cmsg_free(&m);
+                }
+            }
+            for (int i = 0; i < kept; i++) {
+                zmq_msg_close(&parts[i]);
+            }
+        }
+    }
+    return rc;
+}
+
+void kvs_coord_stop(kvs_coord *c)
+{
+    c->stop = 1;
+}
+
+const char *kvs_coord_endpoint(const kvs_coord *c)
+{
+    return c->endpoint;
+}
+
+bool kvs_coord_is_leader(kvs_coord *c)
+{
+    return kvs_leader_is_leader(c->leader);
+}
+
+/* ---- open / close ---- */
+
+static bool endpoint_is_local(const char *ep)
+{
+    return strncmp(ep, "ipc://", 6) == 0 || strncmp(ep, "inproc://", 9) == 0 ||
+           strncmp(ep, "tcp://127.", 10) == 0 || strncmp(ep, "tcp://[::1]:", 12) == 0 ||
+           strncmp(ep, "tcp://localhost:", 16) == 0;
+}
+
+static void setopt_int(void *s, int opt, int v)
+{
+    if (zmq_setsockopt(s, opt, &v, sizeof v) != 0) {
+        KVS_WARN("coordinator: zmq_setsockopt(%d) failed: %s", opt, zmq_strerror(errno));
+    }
+}
+
+int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    const char *cluster = o->cluster ? o->cluster : "default";
+    if (o->listen == NULL || (o->store == NULL && o->store_url == NULL) ||
+        !kvs_cmsg_valid_id(cluster, 63)) {
+        kvs_errf(err, errlen, "coordinator: needs --listen, a store and a cluster name of "
+                 "1..63 bytes of [A-Za-z0-9._-]");
+        return KVS_INVALID_ARGUMENT;
+    }
+    if (!o->insecure && !endpoint_is_local(o->listen)) {
+        kvs_errf(err, errlen, "refusing to listen on %s: not a loopback address and CURVE is "
+                 "not implemented yet (pass --insecure to accept the risk)", o->listen);
+        return KVS_INVALID_ARGUMENT;
+    }
+    kvs_coord *c = calloc(1, sizeof *c);
+    if (c == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    c->o = *o;
+    c->o.leader_ttl_s = o->leader_ttl_s > 0 ? o->leader_ttl_s : 5;
+    c->o.worker_ttl_s = o->worker_ttl_s > 0 ? o->worker_ttl_s : 10;
+    c->o.heartbeat_ms = o->heartbeat_ms > 0 ? o->heartbeat_ms : 1000;
+    c->o.unhealthy_ms = o->unhealthy_ms > 0 ? o->unhealthy_ms : 3 * c->o.heartbeat_ms;
+    snprintf(c->cluster, sizeof c->cluster, "%s", cluster);
+    snprintf(c->key_root, sizeof c->key_root, "/kvstream/%s/", cluster);
+    kvs_wire_buf_init(&c->out);
+    int rc = KVS_INVALID_ARGUMENT;
+    if (c->o.leader_ttl_s < 2 || c->o.leader_ttl_s > 600 || c->o.worker_ttl_s < 2 ||
+        c->o.worker_ttl_s > 600) {
+        kvs_errf(err, errlen, "coordinator: lease TTLs must be 2..600 s");
+        goto fail;
+    }
+    if (o->store != NULL) {
+        c->store = o->store;
+    } else {
+        c->store = kvs_store_open(o->store_url, 2000, err, errlen);
+        if (c->store == NULL) {
+            rc = KVS_UNAVAILABLE;
+            goto fail;
+        }
+        c->own_store = true;
+    }
+    c->zctx = zmq_ctx_new();
+    c->router = c->zctx ? zmq_socket(c->zctx, ZMQ_ROUTER) : NULL;
+    if (c->router == NULL) {
+        kvs_errf(err, errlen, "zmq: %s", zmq_strerror(errno));
+        rc = KVS_INTERNAL;
+        goto fail;
+    }
+    int64_t maxmsg = KVS_WIRE_MAX_FRAME + 64;
+    zmq_setsockopt(c->router, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
+    setopt_int(c->router, ZMQ_ROUTER_MANDATORY, 1);
+    setopt_int(c->router, ZMQ_HEARTBEAT_IVL, 250);
+    setopt_int(c->router, ZMQ_HEARTBEAT_TIMEOUT, 1000);
+    setopt_int(c->router, ZMQ_HEARTBEAT_TTL, 1000);
+    setopt_int(c->router, ZMQ_HANDSHAKE_IVL, 2000);
+    setopt_int(c->router, ZMQ_SNDHWM, 1000);
+    setopt_int(c->router, ZMQ_RCVHWM, 1000);
+    setopt_int(c->router, ZMQ_LINGER, 500);
+    if (zmq_bind(c->router, o->listen) != 0) {
+        kvs_errf(err, errlen, "cannot bind %s: %s", o->listen, zmq_strerror(errno));
+        rc = KVS_IO;
+        goto fail;
+    }
+    size_t len = sizeof c->endpoint;
+    zmq_getsockopt(c->router, ZMQ_LAST_ENDPOINT, c->endpoint, &len);
+    char leader_key[192];
+    snprintf(leader_key, sizeof leader_key, "%sleader", c->key_root);
+    c->leader = kvs_leader_new(c->store, leader_key, c->endpoint, c->o.leader_ttl_s, err,
+                               errlen);
+    if (c->leader == NULL) {
+        goto fail;
+    }
+    rc = kvs_leader_start(c->leader, err, errlen);
+    if (rc < 0) {
+        goto fail;
+    }
+    *out = c;
+    return KVS_OK;
+fail:
+    kvs_coord_destroy(&c, false);
+    return rc < 0 ? rc : KVS_INTERNAL;
+}
+
+void kvs_coord_destroy(kvs_coord **pc, bool crash)
+{
+    if (pc == NULL || *pc == NULL) {
+        return;
+    }
+    kvs_coord *c = *pc;
+    kvs_leader_destroy(&c->leader, !crash);
+    if (c->router != NULL) {
+        zmq_close(c->router);
+    }
+    if (c->zctx != NULL) {
+        zmq_ctx_term(c->zctx);
+    }
+    clear_state(c);
+    free(c->workers);
+    free(c->sessions);
+    if (c->own_store) {
+        kvs_store_destroy(&c->store);
+    }
+    kvs_wire_buf_destroy(&c->out);
+    free(c);
+    *pc = NULL;
+}

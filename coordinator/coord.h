@@ -1,0 +1,65 @@
+/* kvs-coordinator's core: a ROUTER socket for workers, clients and admins (docs/PROTOCOL.md,
+ * "Coordinator"), the worker registry, the session directory, placement
+ * (coordinator/placement.h) and leader election with fencing (coordinator/leader.h) over
+ * the cluster store (common/store.h; layout in docs/CLUSTER.md).
+ *
+ * One thread runs kvs_coord_run: poll the socket, answer requests, and every tick check the
+ * leadership and the workers' health. The election runs on the leader module's thread.
+ * Only the leader answers registry and directory requests; a standby answers them with
+ * NOT_LEADER and the leader's endpoint (hello, ping and coord.status work on both).
+ *
+ * Accounting: a worker's free cells for placement are its pool (cells_total) minus the
+ * budgets of the sessions the coordinator placed on it. The coordinator is the only path
+ * by which sessions are admitted in a cluster, so this is exact and does not lag behind
+ * heartbeats; heartbeat figures (used, reserved, queue, load) are kept for admin views.
+ *
+ * Failure rule (DESIGN.md, Known pitfalls): a worker whose heartbeats stopped for
+ * unhealthy_ms is unhealthy (gets no new sessions, its sessions are still located on it);
+ * it is down only when, in addition, its lease in the store has expired (its key is gone).
+ * A down worker's sessions are answered UNAVAILABLE with the reason, never dropped from the
+ * directory; restoring them elsewhere is the job of the restore order (later issue).
+ */
+#ifndef KVS_COORD_H
+#define KVS_COORD_H
+
+#include "common/store.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+
+typedef struct kvs_coord kvs_coord;
+
+struct kvs_coord_opts {
+    const char *listen;       /* ZeroMQ endpoint (tcp://127.0.0.1:7700; port * = any) */
+    bool insecure;            /* allow a non-loopback address (no CURVE yet) */
+    const char *store_url;    /* kvs_store_open URL (file:PATH, mem:, http://...) */
+    kvs_store *store;         /* or a store to borrow (tests: two coordinators, one store) */
+    const char *cluster;      /* the cluster's name: keys live under /kvstream/<cluster>/ */
+    int leader_ttl_s;         /* the leader lease, seconds (0 = 5) */
+    int worker_ttl_s;         /* a worker's lease, seconds (0 = 10) */
+    int heartbeat_ms;         /* the interval workers are told to heartbeat at (0 = 1000) */
+    int unhealthy_ms;         /* no heartbeat for this long = unhealthy (0 = 3 x heartbeat) */
+};
+
+/* Open the store, bind the socket, start the election. 0 with *out, or INVALID_ARGUMENT
+ * (options), IO (bind), UNAVAILABLE / BAD_FORMAT (store), NO_MEMORY, with err. */
+int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, size_t errlen);
+
+/* Serve until kvs_coord_stop. 0, or INTERNAL when the socket fails. */
+int kvs_coord_run(kvs_coord *c);
+
+/* Ask kvs_coord_run to return (async-signal-safe). */
+void kvs_coord_stop(kvs_coord *c);
+
+/* The bound endpoint (the port resolved), also this coordinator's id in the election. */
+const char *kvs_coord_endpoint(const kvs_coord *c);
+
+/* Whether this coordinator leads now (thread-safe). */
+bool kvs_coord_is_leader(kvs_coord *c);
+
+/* Stop the election (resigning when leading, unless crash is true: then the lease is left
+ * to expire, as after a SIGKILL), close the socket and the store. Accepts NULL, nulls *c.
+ * Call after kvs_coord_run returned. */
+void kvs_coord_destroy(kvs_coord **c, bool crash);
+
+#endif

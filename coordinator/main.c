@@ -1,0 +1,121 @@
+/* kvs-coordinator: the cluster's registry of workers, directory of sessions and placement
+ * (docs/PROTOCOL.md "Coordinator", docs/CLUSTER.md).
+ *
+ *   kvs-coordinator [--listen tcp://127.0.0.1:7700] [--store URL] [--cluster NAME]
+ *                   [--leader-ttl S] [--worker-ttl S] [--heartbeat-ms MS] [--insecure]
+ *
+ * --store is file:PATH (the embedded store, one coordinator), mem: (nothing persisted) or
+ * http://HOST:PORT[,...] (etcd's gateway: several coordinators, one leads). Prints
+ * "kvs-coordinator: listening on ENDPOINT" on standard output when ready (a port of * picks a
+ * free one). SIGTERM / SIGINT: resign the leadership, exit 0. Exit status: 0 clean
+ * shutdown, 1 start-up failure (reason on stderr), 2 usage.
+ */
+#include "common/log.h"
+#include "common/status.h"
+#include "coordinator/coord.h"
+
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static kvs_coord *g_coord; /* for the signal handler */
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    if (g_coord != NULL) {
+        kvs_coord_stop(g_coord);
+    }
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kvs-coordinator [options]\n"
+            "  -l, --listen EP         ZeroMQ endpoint (default tcp://127.0.0.1:7700; port * = any)\n"
+            "      --insecure          allow a non-loopback address (no CURVE encryption yet)\n"
+            "  -s, --store URL         file:PATH | mem: | http://HOST:PORT[,...] (etcd)\n"
+            "                          (default file:kvstream-cluster.json)\n"
+            "  -c, --cluster NAME      keys live under /kvstream/NAME/ (default: default)\n"
+            "      --leader-ttl S      leader lease, seconds (default 5)\n"
+            "      --worker-ttl S      worker lease, seconds (default 10)\n"
+            "      --heartbeat-ms MS   worker heartbeat interval (default 1000)\n"
+            "  -h, --help\n");
+}
+
+static int parse_int(const char *s, int min, int max, int *out)
+{
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (*s == '\0' || *end != '\0' || v < min || v > max) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    struct kvs_coord_opts o = {.listen = "tcp://127.0.0.1:7700",
+                               .store_url = "file:kvstream-cluster.json"};
+    static const struct option longopts[] = {
+        {"listen", required_argument, 0, 'l'},      {"insecure", no_argument, 0, 'I'},
+        {"store", required_argument, 0, 's'},       {"cluster", required_argument, 0, 'c'},
+        {"leader-ttl", required_argument, 0, 'L'},  {"worker-ttl", required_argument, 0, 'W'},
+        {"heartbeat-ms", required_argument, 0, 'H'}, {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
+    };
+    int ch;
+    while ((ch = getopt_long(argc, argv, "l:s:c:h", longopts, NULL)) != -1) {
+        switch (ch) {
+        case 'l': o.listen = optarg; break;
+        case 'I': o.insecure = true; break;
+        case 's': o.store_url = optarg; break;
+        case 'c': o.cluster = optarg; break;
+        case 'L':
+        case 'W':
+            if (parse_int(optarg, 2, 600, ch == 'L' ? &o.leader_ttl_s : &o.worker_ttl_s) < 0) {
+                fprintf(stderr, "kvs-coordinator: --%s must be 2..600 seconds\n",
+                        ch == 'L' ? "leader-ttl" : "worker-ttl");
+                return 2;
+            }
+            break;
+        case 'H':
+            if (parse_int(optarg, 10, 60000, &o.heartbeat_ms) < 0) {
+                fprintf(stderr, "kvs-coordinator: --heartbeat-ms must be 10..60000\n");
+                return 2;
+            }
+            break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind != argc) {
+        usage(stderr);
+        return 2;
+    }
+    char err[1024] = "";
+    kvs_coord *c = NULL;
+    int rc = kvs_coord_new(&o, &c, err, sizeof err);
+    if (rc < 0) {
+        fprintf(stderr, "kvs-coordinator: %s (%s)\n", err, kvs_status_name(rc));
+        return 1;
+    }
+    g_coord = c;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    printf("kvs-coordinator: listening on %s\n", kvs_coord_endpoint(c));
+    fflush(stdout);
+    rc = kvs_coord_run(c);
+    g_coord = NULL;
+    kvs_coord_destroy(&c, false);
+    return rc < 0 ? 1 : 0;
+}

@@ -1,0 +1,702 @@
+/* coordinator/coord + kvs-coordinator: driven over real ZeroMQ sockets by raw DEALER clients
+ * playing workers, clients and admins. In process on the embedded store: registration,
+ * placement by budget (best fit, model, cordon, affinity, refusal with a reason), the
+ * directory (locate, close, duplicates), hostile input, the failure rule (unhealthy, then
+ * down only once the lease expired), placements surviving a restart on the store's file.
+ * As processes against a real etcd: two kvs-coordinator binaries, the standby redirects,
+ * SIGKILL of the leader, the standby takes over within the TTL and knows the placements.
+ * Without /usr/bin/etcd the program exits 77 (skipped) and says so. */
+#include "common/status.h"
+#include "common/store.h"
+#include "coordinator/coord.h"
+#include "etcd_rig.h"
+
+#include <check.h>
+#include <msgpack.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#define MODEL_A "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+#define MODEL_B "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+#define MODEL_C "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"
+
+static struct etcd_rig g_etcd;
+static void *g_zctx;
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* ---- a raw DEALER peer ---- */
+
+struct peer {
+    void *sock;
+    uint64_t next_id;
+    msgpack_unpacked reply; /* the last reply */
+};
+
+static void peer_open(struct peer *p, const char *endpoint)
+{
+    memset(p, 0, sizeof *p);
+    p->sock = zmq_socket(g_zctx, ZMQ_DEALER);
+    ck_assert_ptr_nonnull(p->sock);
+    int linger = 0;
+    zmq_setsockopt(p->sock, ZMQ_LINGER, &linger, sizeof linger);
+    ck_assert_int_eq(zmq_connect(p->sock, endpoint), 0);
+    p->next_id = 1;
+    msgpack_unpacked_init(&p->reply);
+}
+
+static void peer_close(struct peer *p)
+{
+    msgpack_unpacked_destroy(&p->reply);
+    zmq_close(p->sock);
+}
+
+/* Send raw frames: an empty delimiter and payload[0..n). */
+static void send_raw(struct peer *p, const void *payload, size_t n)
+{
+    ck_assert_int_ge(zmq_send(p->sock, "", 0, ZMQ_SNDMORE), 0);
+    ck_assert_int_ge(zmq_send(p->sock, payload, n, 0), 0);
+}
+
+/* Receive one reply into p->reply (5 s at most); returns its top-level map. */
+static const msgpack_object *recv_reply(struct peer *p)
+{
+    zmq_pollitem_t it = {p->sock, 0, ZMQ_POLLIN, 0};
+    ck_assert_msg(zmq_poll(&it, 1, 5000) == 1, "no reply in 5 s");
+    char delim[8], buf[1 << 16];
+    ck_assert_int_eq(zmq_recv(p->sock, delim, sizeof delim, 0), 0);
+    int n = zmq_recv(p->sock, buf, sizeof buf, 0);
+    ck_assert_int_gt(n, 0);
+    ck_assert_int_le(n, (int)sizeof buf);
+    size_t off = 0;
+    ck_assert_int_eq(msgpack_unpack_next(&p->reply, buf, (size_t)n, &off),
+                     MSGPACK_UNPACK_SUCCESS);
+    ck_assert_int_eq(p->reply.data.type, MSGPACK_OBJECT_MAP);
+    return &p->reply.data;
+}
+
+static const msgpack_object *get(const msgpack_object *map, const char *key)
+{
+    if (map == NULL || map->type != MSGPACK_OBJECT_MAP) {
+        return NULL;
+    }
+    for (uint32_t i = 0; i < map->via.map.size; i++) {
+        const msgpack_object *k = &map->via.map.ptr[i].key;
+        if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == strlen(key) &&
+            memcmp(k->via.str.ptr, key, k->via.str.size) == 0) {
+            return &map->via.map.ptr[i].val;
+        }
+    }
+    return NULL;
+}
+
+/* A string field copied to a static buffer ("" when absent). */
+static const char *str(const msgpack_object *map, const char *key)
+{
+    static char buf[4][512];
+    static int i;
+    i = (i + 1) % 4;
+    const msgpack_object *v = get(map, key);
+    buf[i][0] = '\0';
+    if (v != NULL && v->type == MSGPACK_OBJECT_STR && v->via.str.size < sizeof buf[i]) {
+        memcpy(buf[i], v->via.str.ptr, v->via.str.size);
+        buf[i][v->via.str.size] = '\0';
+    }
+    return buf[i];
+}
+
+static int64_t num(const msgpack_object *map, const char *key)
+{
+    const msgpack_object *v = get(map, key);
+    ck_assert_msg(v != NULL, "no field '%s'", key);
+    if (v->type == MSGPACK_OBJECT_NEGATIVE_INTEGER) {
+        return v->via.i64;
+    }
+    ck_assert_int_eq(v->type, MSGPACK_OBJECT_POSITIVE_INTEGER);
+    return (int64_t)v->via.u64;
+}
+
+/* The error code of a reply, "" when it is not an error. */
+static const char *code(const msgpack_object *r)
+{
+    return str(get(r, "error"), "code");
+}
+
+static const char *message(const msgpack_object *r)
+{
+    return str(get(r, "error"), "message");
+}
+
+/* Send {"id", "op", fields...} and return the reply. Fields are given as pairs
+ * "s:key", const char * | "u:key", uint64_t | "a:key", (int n, const uint64_t *) ended by
+ * NULL. */
+static const msgpack_object *rpc(struct peer *p, const char *op, ...)
+{
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    va_list ap;
+    int n = 0;
+    va_start(ap, op);
+    for (const char *k = va_arg(ap, const char *); k != NULL; k = va_arg(ap, const char *)) {
+        if (k[0] == 'a') {
+            (void)va_arg(ap, int);
+            (void)va_arg(ap, const uint64_t *);
+        } else if (k[0] == 's') {
+            (void)va_arg(ap, const char *);
+        } else {
+            (void)va_arg(ap, uint64_t);
+        }
+        n++;
+    }
+    va_end(ap);
+    uint64_t id = p->next_id++;
+    msgpack_pack_map(&pk, 2 + n);
+    msgpack_pack_str_with_body(&pk, "id", 2);
+    msgpack_pack_uint64(&pk, id);
+    msgpack_pack_str_with_body(&pk, "op", 2);
+    msgpack_pack_str_with_body(&pk, op, strlen(op));
+    va_start(ap, op);
+    for (const char *k = va_arg(ap, const char *); k != NULL; k = va_arg(ap, const char *)) {
+        msgpack_pack_str_with_body(&pk, k + 2, strlen(k + 2));
+        if (k[0] == 's') {
+            const char *v = va_arg(ap, const char *);
+            msgpack_pack_str_with_body(&pk, v, strlen(v));
+        } else if (k[0] == 'a') {
+            int cnt = va_arg(ap, int);
+            const uint64_t *v = va_arg(ap, const uint64_t *);
+            msgpack_pack_array(&pk, (size_t)cnt);
+            for (int i = 0; i < cnt; i++) {
+                msgpack_pack_uint64(&pk, v[i]);
+            }
+        } else {
+            msgpack_pack_uint64(&pk, va_arg(ap, uint64_t));
+        }
+    }
+    va_end(ap);
+    send_raw(p, sb.data, sb.size);
+    msgpack_sbuffer_destroy(&sb);
+    const msgpack_object *r = recv_reply(p);
+    ck_assert_int_eq(num(r, "id"), (int64_t)id);
+    return r;
+}
+
+#define U(x) ((uint64_t)(x))
+
+static void reg(struct peer *p, const char *id, const char *ep, const char *model,
+                uint64_t cells)
+{
+    const msgpack_object *r = rpc(p, "worker.register", "s:worker", id, "s:endpoint", ep,
+                                  "s:model", model, "u:cells_total", cells, "s:device", "cpu",
+                                  NULL);
+    ck_assert_msg(code(r)[0] == '\0', "register %s: %s %s", id, code(r), message(r));
+}
+
+static void heartbeat(struct peer *p, const char *id)
+{
+    const msgpack_object *r = rpc(p, "worker.heartbeat", "s:worker", id, "u:cells_free",
+                                  U(100), NULL);
+    ck_assert_msg(code(r)[0] == '\0', "heartbeat %s: %s %s", id, code(r), message(r));
+}
+
+/* Create a session and return the worker it was placed on ("" + the code on error). */
+static const char *create(struct peer *p, const char *session, uint64_t cells,
+                          const char *model, uint64_t prefix_hash)
+{
+    const msgpack_object *r = rpc(p, "session.create", "s:session", session, "u:cells", cells,
+                                  "s:model", model, "u:prefix_hash", prefix_hash, NULL);
+    if (code(r)[0] != '\0') {
+        return code(r);
+    }
+    ck_assert_str_eq(str(r, "session"), session);
+    return str(r, "worker");
+}
+
+/* ---- an in-process coordinator ---- */
+
+struct running {
+    kvs_coord *c;
+    pthread_t th;
+};
+
+static void *coord_main(void *arg)
+{
+    kvs_coord_run(arg);
+    return NULL;
+}
+
+static void wait_leader(struct peer *p)
+{
+    int64_t t0 = now_ms();
+    while (now_ms() - t0 < 10000) {
+        const msgpack_object *r = rpc(p, "coord.status", NULL);
+        const msgpack_object *l = get(r, "leader");
+        if (l != NULL && l->type == MSGPACK_OBJECT_BOOLEAN && l->via.boolean) {
+            return;
+        }
+        sleep_ms(20);
+    }
+    ck_abort_msg("no leader in 10 s");
+}
+
+static void start(struct running *run, struct kvs_coord_opts *o)
+{
+    char err[512];
+    o->listen = "tcp://127.0.0.1:*";
+    ck_assert_msg(kvs_coord_new(o, &run->c, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(pthread_create(&run->th, NULL, coord_main, run->c), 0);
+}
+
+static void stop(struct running *run, bool crash)
+{
+    kvs_coord_stop(run->c);
+    pthread_join(run->th, NULL);
+    kvs_coord_destroy(&run->c, crash);
+}
+
+static kvs_store *g_store;
+
+static void setup(void)
+{
+    g_zctx = zmq_ctx_new();
+    char err[256];
+    g_store = kvs_store_open("mem:", 0, err, sizeof err);
+    ck_assert_ptr_nonnull(g_store);
+}
+
+static void teardown(void)
+{
+    kvs_store_destroy(&g_store);
+    zmq_ctx_term(g_zctx);
+}
+
+START_TEST(test_placement_and_directory)
+{
+    struct kvs_coord_opts o = {.store = g_store, .cluster = "t1"};
+    struct running run;
+    start(&run, &o);
+    struct peer w, cl;
+    peer_open(&w, kvs_coord_endpoint(run.c));
+    peer_open(&cl, kvs_coord_endpoint(run.c));
+    wait_leader(&cl);
+
+    const msgpack_object *r = rpc(&cl, "hello", NULL);
+    ck_assert_str_eq(str(r, "server"), "kvs-coordinator");
+    reg(&w, "w1", "tcp://127.0.0.1:7711", MODEL_A, 4096);
+    reg(&w, "w2", "tcp://127.0.0.1:7712", MODEL_A, 8192);
+    reg(&w, "w3", "tcp://127.0.0.1:7713", MODEL_A, 2048);
+    reg(&w, "w4", "tcp://127.0.0.1:7714", MODEL_B, 8192);
+
+    /* Best fit by free cells. */
+    ck_assert_str_eq(create(&cl, "s1", 1000, MODEL_A, 0), "w3");
+    ck_assert_str_eq(create(&cl, "s2", 1500, MODEL_A, 0), "w1"); /* w3 has 1048 left */
+    ck_assert_str_eq(create(&cl, "s3", 5000, MODEL_A, 0), "w2");
+    /* Model match. */
+    ck_assert_str_eq(create(&cl, "s5", 100, MODEL_B, 0), "w4");
+    ck_assert_str_eq(create(&cl, "s6", 100, MODEL_C, 0), "MODEL_MISMATCH");
+    /* Nothing fits: refused with a reason. */
+    r = rpc(&cl, "session.create", "s:session", "s4", "u:cells", U(9000), "s:model", MODEL_A,
+            NULL);
+    ck_assert_str_eq(code(r), "CAPACITY");
+    ck_assert_int_eq(num(get(r, "error"), "status"), KVS_CAPACITY);
+    ck_assert_ptr_nonnull(strstr(message(r), "9000 free cells"));
+    ck_assert_ptr_nonnull(strstr(message(r), "is 3192")); /* w2: 8192 - 5000 */
+    /* A name is placed once. */
+    ck_assert_str_eq(create(&cl, "s1", 10, MODEL_A, 0), "ALREADY_EXISTS");
+
+    /* Locate: the owner's endpoint, for the client to talk to directly. */
+    r = rpc(&cl, "session.locate", "s:session", "s2", NULL);
+    ck_assert_str_eq(str(r, "worker"), "w1");
+    ck_assert_str_eq(str(r, "endpoint"), "tcp://127.0.0.1:7711");
+    ck_assert_int_eq(num(r, "cells"), 1500);
+    ck_assert_str_eq(str(r, "worker_state"), "ready");
+    r = rpc(&cl, "session.locate", "s:session", "nope", NULL);
+    ck_assert_str_eq(code(r), "NOT_FOUND");
+
+    /* Cordon: w2 gets nothing new; uncordon brings it back. */
+    r = rpc(&cl, "admin.cordon", "s:worker", "w2", NULL);
+    ck_assert_str_eq(str(r, "state"), "cordoned");
+    ck_assert_str_eq(create(&cl, "s7", 3000, MODEL_A, 0), "CAPACITY");
+    r = rpc(&cl, "admin.uncordon", "s:worker", "w2", NULL);
+    ck_assert_str_eq(str(r, "state"), "ready");
+    ck_assert_str_eq(create(&cl, "s7", 3000, MODEL_A, 0), "w2");
+    r = rpc(&cl, "admin.cordon", "s:worker", "w9", NULL);
+    ck_assert_str_eq(code(r), "NOT_FOUND");
+
+    /* Prefix affinity: a worker that has the prefix cached wins over a tighter fit. */
+    const uint64_t cached[] = {77, 78};
+    r = rpc(&w, "worker.heartbeat", "s:worker", "w2", "u:cells_free", U(100),
+            "a:prefix_hashes", 2, cached, NULL);
+    ck_assert_str_eq(code(r), "");
+    ck_assert_str_eq(create(&cl, "s8", 100, MODEL_A, 77), "w2");
+    ck_assert_str_eq(create(&cl, "s9", 100, MODEL_A, 0), "w3");
+
+    /* The admin view: budgets placed per worker. */
+    r = rpc(&cl, "admin.workers", NULL);
+    const msgpack_object *ws = get(r, "workers");
+    ck_assert_uint_eq(ws->via.array.size, 4);
+    int seen = 0;
+    for (uint32_t i = 0; i < ws->via.array.size; i++) {
+        const msgpack_object *x = &ws->via.array.ptr[i];
+        if (strcmp(str(x, "worker"), "w2") == 0) {
+            ck_assert_int_eq(num(x, "cells_placed"), 8100);
+            ck_assert_int_eq(num(x, "cells_free"), 92);
+            ck_assert_int_eq(num(x, "sessions"), 3);
+            ck_assert_int_eq(num(x, "prefixes"), 2);
+            ck_assert_str_eq(str(x, "state"), "ready");
+            seen++;
+        }
+    }
+    ck_assert_int_eq(seen, 1);
+    r = rpc(&cl, "admin.sessions", NULL);
+    ck_assert_uint_eq(get(r, "sessions")->via.array.size, 7);
+
+    /* Close frees the budget. */
+    r = rpc(&cl, "session.close", "s:session", "s1", NULL);
+    ck_assert_str_eq(code(r), "");
+    r = rpc(&cl, "session.locate", "s:session", "s1", NULL);
+    ck_assert_str_eq(code(r), "NOT_FOUND");
+    ck_assert_str_eq(create(&cl, "s10", 1900, MODEL_A, 0), "w3"); /* 2048 - 100 free */
+    r = rpc(&cl, "session.close", "s:session", "s1", NULL);
+    ck_assert_str_eq(code(r), "NOT_FOUND");
+
+    /* The store holds every placement under the cluster's prefix. */
+    struct kvs_store_range rg;
+    char err[256];
+    ck_assert_int_eq(kvs_store_range(g_store, "/kvstream/t1/sessions/", true, &rg, err,
+                                     sizeof err),
+                     0);
+    ck_assert_uint_eq(rg.n, 7);
+    ck_assert_str_eq(rg.kvs[0].key, "/kvstream/t1/sessions/s10");
+    ck_assert_ptr_nonnull(strstr(rg.kvs[0].value, "\"worker\":\"w3\""));
+    kvs_store_range_free(&rg);
+
+    peer_close(&w);
+    peer_close(&cl);
+    stop(&run, false);
+}
+END_TEST
+
+START_TEST(test_hostile_input)
+{
+    struct kvs_coord_opts o = {.store = g_store, .cluster = "t2"};
+    struct running run;
+    start(&run, &o);
+    struct peer p;
+    peer_open(&p, kvs_coord_endpoint(run.c));
+    wait_leader(&p);
+    const msgpack_object *r;
+
+    /* Not msgpack; a 5-byte array header claiming 4 G elements; not a map. */
+    send_raw(&p, "\xc1garbage", 8);
+    r = recv_reply(&p);
+    ck_assert_str_eq(code(r), "BAD_FORMAT");
+    ck_assert_int_eq(num(r, "id"), 0);
+    send_raw(&p, "\xdd\xff\xff\xff\xff", 5);
+    r = recv_reply(&p);
+    ck_assert_str_ne(code(r), "");
+    send_raw(&p, "\x93\x01\x02\x03", 4);
+    r = recv_reply(&p);
+    ck_assert_str_eq(code(r), "BAD_FORMAT");
+    /* One frame instead of two. */
+    ck_assert_int_ge(zmq_send(p.sock, "\x80", 1, 0), 0);
+    r = recv_reply(&p);
+    ck_assert_str_eq(code(r), "BAD_FORMAT");
+
+    r = rpc(&p, "launch.missiles", NULL);
+    ck_assert_str_eq(code(r), "UNSUPPORTED");
+    r = rpc(&p, "worker.register", "s:worker", "w1", "s:endpoint", "tcp://127.0.0.1:1", NULL);
+    ck_assert_str_eq(code(r), "INVALID_ARGUMENT");
+    ck_assert_ptr_nonnull(strstr(message(r), "'model'"));
+    r = rpc(&p, "worker.register", "s:worker", "../etc", "s:endpoint", "tcp://127.0.0.1:1",
+            "s:model", MODEL_A, "u:cells_total", U(1), NULL);
+    ck_assert_str_eq(code(r), "INVALID_ARGUMENT");
+    ck_assert_ptr_nonnull(strstr(message(r), "'worker'"));
+    r = rpc(&p, "worker.register", "s:worker", "w1", "s:endpoint", "http://evil", "s:model",
+            MODEL_A, "u:cells_total", U(1), NULL);
+    ck_assert_ptr_nonnull(strstr(message(r), "'endpoint'"));
+    r = rpc(&p, "worker.register", "s:worker", "w1", "s:endpoint", "tcp://127.0.0.1:1",
+            "s:model", "XYZ", "u:cells_total", U(1), NULL);
+    ck_assert_ptr_nonnull(strstr(message(r), "'model'"));
+    r = rpc(&p, "worker.register", "s:worker", "w1", "s:endpoint", "tcp://127.0.0.1:1",
+            "s:model", MODEL_A, "u:cells_total", U(1) << 50, NULL);
+    ck_assert_ptr_nonnull(strstr(message(r), "out of range"));
+    r = rpc(&p, "session.create", "s:session", "s1", "u:cells", U(0), "s:model", MODEL_A,
+            NULL);
+    ck_assert_str_eq(code(r), "INVALID_ARGUMENT");
+    r = rpc(&p, "session.create", "s:session", "s1", "s:cells", "many", "s:model", MODEL_A,
+            NULL);
+    ck_assert_ptr_nonnull(strstr(message(r), "'cells'"));
+    uint64_t many[1100] = {0};
+    r = rpc(&p, "worker.heartbeat", "s:worker", "w1", "u:cells_free", U(1), "a:prefix_hashes",
+            1100, many, NULL);
+    ck_assert_str_eq(code(r), "TOO_LARGE");
+    r = rpc(&p, "worker.heartbeat", "s:worker", "ghost", "u:cells_free", U(1), NULL);
+    ck_assert_str_eq(code(r), "NOT_FOUND");
+    ck_assert_ptr_nonnull(strstr(message(r), "register"));
+    /* No worker at all: a session is refused, saying so. */
+    r = rpc(&p, "session.create", "s:session", "s1", "u:cells", U(10), "s:model", MODEL_A,
+            NULL);
+    ck_assert_str_eq(code(r), "UNAVAILABLE");
+    ck_assert_ptr_nonnull(strstr(message(r), "0 registered"));
+
+    /* A duplicate key is refused. */
+    const char dup[] = "\x83\xa2id\x05\xa2op\xa4ping\xa2id\x06";
+    send_raw(&p, dup, sizeof dup - 1);
+    r = recv_reply(&p);
+    ck_assert_str_eq(code(r), "BAD_FORMAT");
+    ck_assert_ptr_nonnull(strstr(message(r), "twice"));
+
+    /* Still alive and well. */
+    r = rpc(&p, "ping", NULL);
+    ck_assert(get(r, "pong")->via.boolean);
+    peer_close(&p);
+    stop(&run, false);
+}
+END_TEST
+
+START_TEST(test_worker_failure_rule)
+{
+    struct kvs_coord_opts o = {.store = g_store, .cluster = "t3", .worker_ttl_s = 2,
+                               .heartbeat_ms = 200, .unhealthy_ms = 600};
+    struct running run;
+    start(&run, &o);
+    struct peer w, cl;
+    peer_open(&w, kvs_coord_endpoint(run.c));
+    peer_open(&cl, kvs_coord_endpoint(run.c));
+    wait_leader(&cl);
+    reg(&w, "w1", "tcp://127.0.0.1:7711", MODEL_A, 1000);
+    reg(&w, "w2", "tcp://127.0.0.1:7712", MODEL_A, 5000);
+    ck_assert_str_eq(create(&cl, "s1", 500, MODEL_A, 0), "w1");
+
+    /* w1 goes silent; w2 keeps heartbeating. */
+    int64_t t0 = now_ms();
+    while (now_ms() - t0 < 900) {
+        heartbeat(&w, "w2");
+        sleep_ms(100);
+    }
+    /* Unhealthy: no new sessions, but its sessions are still located on it. */
+    ck_assert_str_eq(create(&cl, "s2", 100, MODEL_A, 0), "w2");
+    const msgpack_object *r = rpc(&cl, "session.locate", "s:session", "s1", NULL);
+    ck_assert_str_eq(code(r), "");
+    ck_assert_str_eq(str(r, "worker"), "w1");
+    ck_assert_str_eq(str(r, "worker_state"), "unhealthy");
+
+    /* Down only once its lease expired as well: then the session is reported unavailable
+     * (kept in the directory, never dropped). */
+    bool down = false;
+    while (now_ms() - t0 < 6000 && !down) {
+        heartbeat(&w, "w2");
+        r = rpc(&cl, "session.locate", "s:session", "s1", NULL);
+        down = strcmp(code(r), "UNAVAILABLE") == 0;
+        sleep_ms(100);
+    }
+    ck_assert(down);
+    int64_t took = now_ms() - t0;
+    ck_assert_int_ge(took, 2000); /* not before the lease TTL */
+    ck_assert_ptr_nonnull(strstr(message(r), "'w1' is down"));
+    r = rpc(&cl, "admin.sessions", NULL);
+    ck_assert_uint_eq(get(r, "sessions")->via.array.size, 2);
+    /* A late heartbeat is told to register again; after that it serves again. */
+    r = rpc(&w, "worker.heartbeat", "s:worker", "w1", "u:cells_free", U(1), NULL);
+    ck_assert_str_eq(code(r), "NOT_FOUND");
+    reg(&w, "w1", "tcp://127.0.0.1:7711", MODEL_A, 1000);
+    r = rpc(&cl, "session.locate", "s:session", "s1", NULL);
+    ck_assert_str_eq(str(r, "worker"), "w1");
+    ck_assert_str_eq(str(r, "worker_state"), "ready");
+    /* It still carries s1's budget. */
+    ck_assert_str_eq(create(&cl, "s3", 600, MODEL_A, 0), "w2");
+    peer_close(&w);
+    peer_close(&cl);
+    stop(&run, false);
+}
+END_TEST
+
+START_TEST(test_placements_survive_restart)
+{
+    char path[128], url[160];
+    snprintf(path, sizeof path, "/tmp/kvs-coord-%d.json", (int)getpid());
+    snprintf(url, sizeof url, "file:%s", path);
+    unlink(path);
+    struct kvs_coord_opts o = {.store_url = url, .cluster = "t4"};
+    struct running run;
+    start(&run, &o);
+    struct peer p;
+    peer_open(&p, kvs_coord_endpoint(run.c));
+    wait_leader(&p);
+    reg(&p, "w1", "tcp://127.0.0.1:7711", MODEL_A, 1000);
+    ck_assert_str_eq(create(&p, "keep-me", 700, MODEL_A, 0), "w1");
+    peer_close(&p);
+    stop(&run, false);
+
+    start(&run, &o);
+    peer_open(&p, kvs_coord_endpoint(run.c));
+    wait_leader(&p);
+    /* Known before the worker is back; the worker's budget too once it registers. */
+    const msgpack_object *r = rpc(&p, "session.locate", "s:session", "keep-me", NULL);
+    ck_assert_str_eq(code(r), "");
+    ck_assert_str_eq(str(r, "worker"), "w1");
+    reg(&p, "w1", "tcp://127.0.0.1:7711", MODEL_A, 1000);
+    ck_assert_str_eq(create(&p, "too-big", 400, MODEL_A, 0), "CAPACITY");
+    peer_close(&p);
+    stop(&run, false);
+    unlink(path);
+}
+END_TEST
+
+/* ---- two kvs-coordinator processes on a real etcd ---- */
+
+struct proc {
+    pid_t pid;
+    char endpoint[128];
+};
+
+static void spawn(struct proc *pr, const char *bin, const char *store)
+{
+    int fds[2];
+    ck_assert_int_eq(pipe(fds), 0);
+    pr->pid = fork();
+    ck_assert_int_ge(pr->pid, 0);
+    if (pr->pid == 0) {
+        dup2(fds[1], 1);
+        close(fds[0]);
+        execl(bin, "kvs-coordinator", "--listen", "tcp://127.0.0.1:*", "--store", store,
+              "--cluster", "proc", "--leader-ttl", "2", (char *)NULL);
+        _exit(127);
+    }
+    close(fds[1]);
+    FILE *f = fdopen(fds[0], "r");
+    char line[256] = "";
+    ck_assert_msg(fgets(line, sizeof line, f) != NULL, "kvs-coordinator printed nothing");
+    fclose(f);
+    ck_assert_int_eq(sscanf(line, "kvs-coordinator: listening on %127s", pr->endpoint), 1);
+}
+
+START_TEST(test_failover_processes)
+{
+    const char *bin = getenv("KVS_COORDINATOR");
+    ck_assert_msg(bin != NULL, "KVS_COORDINATOR (the kvs-coordinator binary) is not set: run "
+                               "through ctest");
+    struct proc a, b;
+    spawn(&a, bin, g_etcd.url);
+    struct peer pa, pb;
+    peer_open(&pa, a.endpoint);
+    wait_leader(&pa);
+    spawn(&b, bin, g_etcd.url);
+    peer_open(&pb, b.endpoint);
+
+    /* The standby answers with the leader's address. */
+    const msgpack_object *r = rpc(&pb, "session.create", "s:session", "x", "u:cells", U(1),
+                                  "s:model", MODEL_A, NULL);
+    ck_assert_str_eq(code(r), "NOT_LEADER");
+    ck_assert_str_eq(str(get(r, "error"), "leader"), a.endpoint);
+    r = rpc(&pb, "coord.status", NULL);
+    ck_assert(!get(r, "leader")->via.boolean);
+    ck_assert_str_eq(str(r, "store"), "etcd");
+
+    reg(&pa, "w1", "tcp://127.0.0.1:7711", MODEL_A, 4096);
+    ck_assert_str_eq(create(&pa, "s1", 1000, MODEL_A, 0), "w1");
+
+    /* SIGKILL the leader: the standby takes over within the lease TTL. */
+    int64_t t0 = now_ms();
+    kill(a.pid, SIGKILL);
+    waitpid(a.pid, NULL, 0);
+    int64_t took = -1;
+    while (now_ms() - t0 < 10000) {
+        r = rpc(&pb, "coord.status", NULL);
+        if (get(r, "leader")->via.boolean) {
+            took = now_ms() - t0;
+            break;
+        }
+        sleep_ms(20);
+    }
+    fprintf(stderr, "test_coord: the standby kvs-coordinator took over %lld ms after the "
+            "leader's SIGKILL (leader TTL 2 s)\n", (long long)took);
+    ck_assert_int_ge(took, 0);
+    ck_assert_int_le(took, 2000 + 1500);
+    /* The placement survived; the worker re-registers with the new leader. */
+    r = rpc(&pb, "session.locate", "s:session", "s1", NULL);
+    ck_assert_str_eq(str(r, "worker"), "w1");
+    reg(&pb, "w1", "tcp://127.0.0.1:7711", MODEL_A, 4096);
+    ck_assert_str_eq(create(&pb, "s2", 3000, MODEL_A, 0), "w1");
+    ck_assert_str_eq(create(&pb, "s3", 100, MODEL_A, 0), "CAPACITY"); /* 96 left */
+
+    peer_close(&pa);
+    peer_close(&pb);
+    kill(b.pid, SIGTERM);
+    int status = -1;
+    waitpid(b.pid, &status, 0);
+    ck_assert(WIFEXITED(status));
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+}
+END_TEST
+
+static void etcd_setup(void)
+{
+    g_zctx = zmq_ctx_new();
+}
+
+static void etcd_teardown(void)
+{
+    zmq_ctx_term(g_zctx);
+}
+
+int main(void)
+{
+    if (!etcd_rig_available()) {
+        fprintf(stderr, "test_coord: %s is not installed (apt-get install etcd-server); "
+                        "skipping: the failover test needs it\n",
+                ETCD_RIG_BIN);
+        return 77;
+    }
+    Suite *su = suite_create("coord");
+    TCase *tc = tcase_create("embedded");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, test_placement_and_directory);
+    tcase_add_test(tc, test_hostile_input);
+    tcase_add_test(tc, test_worker_failure_rule);
+    tcase_add_test(tc, test_placements_survive_restart);
+    tcase_set_timeout(tc, 60);
+    suite_add_tcase(su, tc);
+    SRunner *sr = srunner_create(su);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+
+    if (etcd_rig_start(&g_etcd) < 0) {
+        etcd_rig_destroy(&g_etcd);
+        return 1;
+    }
+    su = suite_create("coord (etcd)");
+    tc = tcase_create("processes");
+    tcase_add_checked_fixture(tc, etcd_setup, etcd_teardown);
+    tcase_add_test(tc, test_failover_processes);
+    tcase_set_timeout(tc, 60);
+    suite_add_tcase(su, tc);
+    sr = srunner_create(su);
+    srunner_run_all(sr, CK_NORMAL);
+    failed += srunner_ntests_failed(sr);
+    srunner_free(sr);
+    etcd_rig_destroy(&g_etcd);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
