@@ -587,7 +587,7 @@ static int recv_reply(kvs_client *c, struct client_conn *k, uint64_t id, int64_t
         }
         const msgpack_object *e = mp_get(m, "error");
         if (e != NULL) {
-            c->worker_timeout = true; /* an answer, so a TIMEOUT here is the worker's */
+            c->from_worker = true; /* an answer, so a TIMEOUT here is the worker's */
             return reply_error(c, e);
         }
         *reply = m;
@@ -600,7 +600,7 @@ static int recv_reply(kvs_client *c, struct client_conn *k, uint64_t id, int64_t
 int client_recv(kvs_client *c, struct client_conn *k, uint64_t id, int32_t wait_ms,
                 const msgpack_object **reply)
 {
-    c->worker_timeout = false;
+    c->from_worker = false;
     return recv_reply(c, k, id, now_ms() + wait_ms, reply);
 }
 
@@ -650,10 +650,10 @@ int client_call(kvs_client *c, const char *session, int flags, const msgpack_obj
         c->cur_id = id;
         c->cur_conn = k;
         c->cur_deadline = now_ms() + c->timeout_ms;
-        c->worker_timeout = false;
+        c->from_worker = false;
         rc = recv_reply(c, k, id, c->cur_deadline, reply);
         if (rc == KVS_TIMEOUT) {
-            if (!c->worker_timeout) {
+            if (!c->from_worker) {
                 /* A fresh socket: nothing of this attempt can be mistaken for a later reply. */
                 char why[sizeof c->err];
                 snprintf(why, sizeof why, "%s", c->err);
@@ -699,6 +699,9 @@ int client_call(kvs_client *c, const char *session, int flags, const msgpack_obj
             atomic_store(&c->cancel, 0);
             conn_open(c, k); /* its reply, if any, must not be read later */
         }
+        if (rc == 0) {
+            c->err[0] = '\0'; /* an attempt that failed before does not count */
+        }
         return rc;
     }
 }
@@ -731,18 +734,19 @@ void client_abandon(kvs_client *c)
         int64_t deadline = now_ms() + ABANDON_WAIT_MS;
         const msgpack_object *m;
         while (!clean) {
+            c->from_worker = false;
             int rc = recv_reply(c, k, target, deadline, &m);
             bool done = false;
             if (rc == 0) {
                 mp_bool(mp_get(m, "done"), &done);
             }
-            if (rc < 0 && rc != KVS_TIMEOUT && rc != KVS_BAD_FORMAT && rc != KVS_CANCELLED) {
-                done = true; /* an error reply ends a stream */
+            if (rc < 0 && c->from_worker) {
+                done = true; /* an error reply (CANCELLED, as a rule) ends a stream */
             }
             if (done) {
                 clean = true;
-            } else if (rc == KVS_TIMEOUT || rc == KVS_CANCELLED || rc == KVS_BAD_FORMAT) {
-                break;
+            } else if (rc < 0) {
+                break; /* silence, or a reply that is not protocol */
             }
         }
     }

@@ -57,7 +57,7 @@ struct kvs_client {
     uint64_t cur_id;
     struct client_conn *cur_conn;
     int64_t cur_deadline;          /* ms on the monotonic clock */
-    bool worker_timeout;           /* the last TIMEOUT was an error reply, not silence */
+    bool from_worker;              /* the last error status came in an error reply */
     uint64_t minor;                /* the worker's protocol minor version (hello) */
 };
 

@@ -158,7 +158,7 @@ static enum watch_end watch_once(kvs_client *c, const char *session, const char 
             goto out;
         }
         *rc = client_recv(c, k, id, WATCH_SLICE_MS, &m);
-        if (*rc == KVS_TIMEOUT && !c->worker_timeout) {
+        if (*rc == KVS_TIMEOUT && !c->from_worker) {
             if (monitor_disconnected(&mon)) {
                 end = WATCH_LOST;
                 goto out;
@@ -257,10 +257,12 @@ int kvs_client_flash_watch(kvs_client *c, const char *session, const char *name,
             continue;
         }
         if (failures++ >= c->retries) {
+            char last[sizeof c->err];
+            snprintf(last, sizeof last, "%s", c->err[0] != '\0' ? c->err : "connection lost");
             return client_fail(c, KVS_TIMEOUT,
                                "flash watch: the worker did not take the watch back in %d "
                                "attempts (last: %s)",
-                               failures, c->err[0] != '\0' ? c->err : "connection lost");
+                               failures, last);
         }
         sleep_until(&t0, c->timeout_ms);
     }
