@@ -19,7 +19,8 @@
  * answer in time; INVALID_ARGUMENT: a bad argument caught before sending; BAD_FORMAT or
  * TOO_LARGE: a reply that is not valid protocol; NO_MEMORY; INTERNAL: libzmq failed). A status
  * unknown to this library is returned as the worker sent it. kvs_client_error() gives the
- * one-line message of the last failed call. Output structs are written only on success.
+ * one-line message of the last failed call, "CODE: reason" (the worker's code and message for
+ * an error reply). Output structs are written only on success.
  *
  * Timeouts, retries, reconnects. Every call waits at most timeout_ms for each attempt, and
  * tells the worker so (`deadline_ms`: the worker drops work nobody waits for). When an

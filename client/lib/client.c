@@ -33,9 +33,10 @@ static void sleep_ms(int64_t ms)
 
 int client_fail(kvs_client *c, int status, const char *fmt, ...)
 {
+    int n = snprintf(c->err, sizeof c->err, "%s: ", kvs_status_name(status));
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(c->err, sizeof c->err, fmt, ap);
+    vsnprintf(c->err + n, sizeof c->err - (size_t)n, fmt, ap);
     va_end(ap);
     return status;
 }
@@ -507,8 +508,9 @@ static int reply_error(kvs_client *c, const msgpack_object *e)
         memcpy(c->moved_owner, owner, owner_n);
         c->moved_owner[owner_n] = '\0';
     }
-    return client_fail(c, (int)status, "%.*s: %.*s", (int)(code_n > 64 ? 64 : code_n), code,
-                       (int)(msg_n > 400 ? 400 : msg_n), msg);
+    snprintf(c->err, sizeof c->err, "%.*s: %.*s", (int)(code_n > 64 ? 64 : code_n), code,
+             (int)(msg_n > 400 ? 400 : msg_n), msg);
+    return (int)status;
 }
 
 /* Wait on k for the reply to id until deadline (ms). Replies to other ids (answers to earlier
