@@ -562,30 +562,27 @@ static void eng_status(kvs_server *srv, struct req *r)
     req_send(r, &srv->eout, true);
 }
 
-/* session.dump: the recorded ids and the data decoded. */
+/* session.dump: the recorded ids and the data decoded, in one frame at most. */
 static int eng_dump(kvs_server *srv, struct req *r, kvs_session *s, char *err, size_t errlen)
 {
     int64_t n = 0;
     const int32_t *ids = kvs_session_tokens(s, &n);
     struct kvs_session_info in;
     kvs_session_info(s, &in);
-    size_t cap = (size_t)(n - in.prefix_tokens) * kvs_tokenizer_max_piece(srv->e->tok) + 1;
-    if ((size_t)n * 5 + cap > KVS_WIRE_MAX_FRAME) {
-        snprintf(err, errlen, "session '%s' holds %lld tokens: the dump would exceed a frame",
-                 kvs_session_id(s), (long long)n);
-        return KVS_TOO_LARGE;
-    }
-    char *text = malloc(cap);
-    if (text == NULL) {
-        return KVS_NO_MEMORY;
-    }
+    size_t ids_bytes = (size_t)n * 5 + 256; /* msgpack: at most 5 bytes an id, plus the keys */
+    char *text = ids_bytes < KVS_WIRE_MAX_FRAME ? malloc(KVS_WIRE_MAX_FRAME - ids_bytes) : NULL;
     size_t len = 0;
-    int rc = kvs_tokenizer_decode(srv->e->tok, ids + in.prefix_tokens,
-                                  (size_t)(n - in.prefix_tokens), false, text, cap, &len);
-    if (rc < 0 || len > KVS_WIRE_MAX_FRAME - (size_t)n * 5 - 256) {
+    int rc = ids_bytes >= KVS_WIRE_MAX_FRAME ? KVS_TOO_LARGE : text == NULL ? KVS_NO_MEMORY : 0;
+    if (rc == 0) {
+        rc = kvs_tokenizer_decode(srv->e->tok, ids + in.prefix_tokens,
+                                  (size_t)(n - in.prefix_tokens), false, text,
+                                  KVS_WIRE_MAX_FRAME - ids_bytes, &len);
+    }
+    if (rc < 0) {
         free(text);
-        snprintf(err, errlen, "cannot decode the session's data");
-        return rc < 0 ? rc : KVS_TOO_LARGE;
+        snprintf(err, errlen, "session '%s' (%lld tokens) cannot be dumped in one frame: %s",
+                 kvs_session_id(s), (long long)n, kvs_status_message(rc));
+        return rc;
     }
     msgpack_packer *pk = &srv->eout.pk;
     begin_reply(srv, r->id, 5);
@@ -1616,6 +1613,7 @@ void kvs_server_destroy(kvs_server **psrv)
     }
     kvs_sched_destroy(&srv->sc);
     kvs_sessions_destroy(&srv->S);
+    kvs_engine_destroy(&srv->e);
     for (int32_t i = 0; i < srv->n_ss; i++) {
         free(srv->ss[i]);
     }

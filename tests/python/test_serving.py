@@ -111,7 +111,7 @@ def test_deadlines(slow):
         client.call("session.dump", session="d", deadline_ms=1)
     assert e.value.code == "TIMEOUT"
     client.wait(long_id)
-    assert client.status()["scheduler"]["expired"] >= 2
+    assert client.status()["scheduler"]["expired"] >= 1  # the queued append at least
     r = client.query("d", "Last word:", max_tokens=4, deadline_ms=60000)
     assert r["version"] == 2
 
