@@ -254,3 +254,35 @@ def test_disconnect_mid_stream_cancels_its_work(worker, client):
     slow.close()
     assert client.ping() == {"pong": True}
     assert client.info("x")["version"] == 1
+
+
+def test_settled_operations_keep_the_session_order(slow):
+    """Operations that need a settled session wait for the appends before them, and the
+    requests after them wait behind them: the order received is the order applied."""
+    _, client = slow
+    client.create("o", cells=1800)
+    client.create("other", cells=1800)
+    ids = [client.send("session.append", session="o", text=LONG[:400]),
+           client.send("session.append", session="o", tokens=[100, 200, 300]),
+           client.send("session.append", session="o", text="after the tokens"),
+           client.send("session.dump", session="o")]
+    acks = [client.wait(i) for i in ids[:3]]
+    dump = client.wait(ids[3])
+    assert [a["version"] for a in acks] == [1, 2, 3] and dump["version"] == 3
+    n0 = acks[0]["n_tokens"]
+    assert dump["tokens"][n0:n0 + 3] == [100, 200, 300]
+    assert dump["text"].endswith("after the tokens\n")
+    # a close waits for the scheduler to be idle, then goes through; later requests follow it
+    w = client.watch("o")
+    busy = client.send("session.append", session="other", text=LONG)
+    close = client.send("session.close", session="o")
+    after = client.send("session.info", session="o")
+    assert client.wait(close, 60) == {"closed": True}
+    with pytest.raises(kvstream.KvsError) as e:
+        client.wait(after)
+    assert e.value.code == "NOT_FOUND"
+    assert client.wait(busy)["version"] == 1
+    with pytest.raises(kvstream.KvsError) as e:
+        w.next(10)
+    assert e.value.code == "NOT_FOUND"
+    assert client.list() == ["other"]
