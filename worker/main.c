@@ -2,7 +2,7 @@
  *
  *   kvs-worker --model PATH [--listen tcp://127.0.0.1:7710] [--data-dir DIR]
  *              [--fsync always|everysec|no] [--threads N] [--cells N] [--device DEV]
- *              [--batch-tokens N] [--append-chunk N]
+ *              [--batch-tokens N] [--append-chunk N] [--target-step-ms T] [--overcommit R]
  *              [--insecure]
  *
  * Prints one line "kvs-worker: listening on ENDPOINT" on standard
@@ -46,6 +46,8 @@ static void usage(FILE *f)
             "      --device DEV        cpu (default), cuda or cuda:N\n"
             "      --batch-tokens N    rows per scheduler step (default: the engine's batch)\n"
             "      --append-chunk N    rows of one append per step (default 64)\n"
+            "      --target-step-ms T  scheduler step time the row budget aims at (default 100)\n"
+            "      --overcommit R      admit session budgets against capacity x R (1..16; default 1 = off)\n"
             "  -h, --help\n");
 }
 
@@ -73,6 +75,8 @@ int main(int argc, char **argv)
         {"device", required_argument, 0, 'D'},
         {"batch-tokens", required_argument, 0, 'B'},
         {"append-chunk", required_argument, 0, 'A'},
+        {"target-step-ms", required_argument, 0, 'T'},
+        {"overcommit", required_argument, 0, 'O'},
         {0, 0, 0, 0},
     };
     int c;
@@ -117,6 +121,25 @@ int main(int argc, char **argv)
                 o.sched.append_chunk = (int32_t)v;
             }
             break;
+        case 'T':
+        case 'O': {
+            char *end;
+            double x = strtod(optarg, &end);
+            bool ok = *optarg != '\0' && *end == '\0' &&
+                      (c == 'T' ? x > 0 && x <= 60000 : x >= 1 && x <= KVS_SCHED_OVERCOMMIT_MAX);
+            if (!ok) {
+                fprintf(stderr, "kvs-worker: %s\n",
+                        c == 'T' ? "--target-step-ms must be in (0, 60000]"
+                                 : "--overcommit must be in [1, 16]");
+                return 2;
+            }
+            if (c == 'T') {
+                o.sched.target_step_ms = x;
+            } else {
+                o.sched.overcommit = (float)x;
+            }
+            break;
+        }
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

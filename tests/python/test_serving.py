@@ -42,7 +42,9 @@ def test_hello_minor_and_status_metrics(client):
     cells = st["cells"]
     assert cells["total"] == 4096 and cells["used"] > 0
     assert cells["free"] == st["capacity"]["cells_free"] and cells["reserved"] >= 1024
-    assert set(st["flash"]) == {"evaluations", "wasted", "hits", "misses", "io_hits"}
+    assert set(st["flash"]) == {"evaluations", "wasted", "hits", "misses", "io_hits",
+                                "cancelled"}
+    assert 0 < sc["step_rows"] <= sc["max_batch_tokens"] and sc["target_step_ms"] > 0
     assert st["queue"]["max"] == 64 and st["watchers"] == 0
 
 
