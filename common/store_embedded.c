@@ -190,13 +190,15 @@ static int apply_put(struct embedded *e, const char *key, const void *value, siz
         kv->lease = lease;
     } else {
         struct kvs_store_kv *kvs = grow(e->kvs, &e->cap_kvs, e->n_kvs + 1, sizeof *kvs);
+        if (kvs != NULL) {
+            e->kvs = kvs;
+        }
         char *k = strdup(key);
         if (kvs == NULL || k == NULL) {
             free(v);
             free(k);
             return KVS_NO_MEMORY;
         }
-        e->kvs = kvs;
         memmove(&e->kvs[i + 1], &e->kvs[i], (e->n_kvs - i) * sizeof *kvs);
         e->kvs[i] = (struct kvs_store_kv){.key = k, .value = v, .value_len = len,
                                           .create_revision = rev, .mod_revision = rev,
@@ -384,13 +386,15 @@ static int load(struct embedded *e, char *err, size_t errlen)
     {
         json_int_t id, ttl;
         struct lease *l = grow(e->leases, &e->cap_leases, e->n_leases + 1, sizeof *l);
+        if (l != NULL) {
+            e->leases = l;
+        }
         if (json_unpack(it, "{sIsI}", "id", &id, "ttl", &ttl) != 0 || id < 1 || ttl < 1 ||
             ttl > KVS_STORE_MAX_TTL || l == NULL) {
             kvs_errf(err, errlen, "store: %s: bad lease %zu", e->path, i);
             rc = l ? KVS_BAD_FORMAT : KVS_NO_MEMORY;
             goto done;
         }
-        e->leases = l;
         /* Full TTL again after a restart, as etcd does after an outage. */
         e->leases[e->n_leases++] = (struct lease){id, ttl, now + ttl * 1000};
     }
@@ -411,13 +415,15 @@ static int load(struct embedded *e, char *err, size_t errlen)
         rc = kvs_store_b64_decode(b64, strlen(b64), &kv.value, &kv.value_len);
         kv.key = strdup(key);
         struct kvs_store_kv *arr = grow(e->kvs, &e->cap_kvs, e->n_kvs + 1, sizeof *arr);
+        if (arr != NULL) {
+            e->kvs = arr;
+        }
         if (rc < 0 || kv.key == NULL || arr == NULL) {
             kvs_errf(err, errlen, "store: %s: bad value of '%s'", e->path, key);
             kvs_store_kv_free(&kv);
             rc = rc < 0 ? rc : KVS_NO_MEMORY;
             goto done;
         }
-        e->kvs = arr;
         e->kvs[e->n_kvs++] = kv;
     }
 done:
