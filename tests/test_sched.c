@@ -327,6 +327,12 @@ START_TEST(test_flash_share)
     ck_assert_int_eq(kvs_flash_get(f, "q", KVS_FLASH_ALLOW_STALE, &a, err, sizeof err), 0);
     ck_assert(a.fresh);
     kvs_answer_free(&a);
+    /* one struct has the flash counters: evaluations, hits and misses */
+    ck_assert_int_eq(kvs_sched_step(sc, cur_step + 1), 0); /* nothing to do; refreshes stats */
+    const struct kvs_sched_stats *st = kvs_sched_stats(sc);
+    ck_assert_uint_ge(st->flash_evals, 1);
+    ck_assert_uint_eq(st->flash_hits, 1);
+    ck_assert_uint_eq(st->flash_misses, 0);
     kvs_sched_destroy(&sc);
     kvs_sessions_destroy(&S);
     kvs_engine_destroy(&e);
