@@ -325,7 +325,7 @@ int kvs_forward_run(kvs_forward *fw, const kvs_batch *bt, float *logits)
 #ifdef KVS_HAVE_CUDA
     const bool graph = kvs_backend_is_cuda(b);
     if (graph) {
-        KVS_TRY(kvs_cuda_graph_begin(b));
+        KVS_TRY(kvs_cuda_graph_begin(b, fw->stats.last_n_seqs));
     }
     do {
         rc = forward_ops(fw, bt, &ab, n_head_rows);

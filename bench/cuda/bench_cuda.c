@@ -101,6 +101,46 @@ static double feed(struct bench *B, kvs_seq *seq, int32_t n, int want_last)
     return feed_chunks(B, seq, n, want_last, NULL);
 }
 
+/* One decode step's matmuls as the forward issues them (q, k, v, o, gate, up + swiglu, down
+ * per layer, then the LM head), for one row: fused and in one graph by the backend. */
+static int mm_step(struct bench *B, const float *dx, float *dy)
+{
+    kvs_backend *bk = B->b;
+    const struct kvs_hparams *hp = &B->m->hp;
+    for (int32_t li = 0; li < (int32_t)hp->n_layer; li++) {
+        const struct kvs_layer *ly = &B->m->layers[li];
+        float *yq = dy, *yk = dy + 8192, *yv = dy + 16384, *yo = dy + 24576;
+        float *yg = dy + 32768, *yu = dy + 32768 + hp->n_ff;
+        KVS_TRY(bk->ops->matmul(bk, &ly->wq, dx, 1, NULL, yq));
+        KVS_TRY(bk->ops->matmul(bk, &ly->wk, dx, 1, NULL, yk));
+        KVS_TRY(bk->ops->matmul(bk, &ly->wv, dx, 1, NULL, yv));
+        KVS_TRY(bk->ops->matmul(bk, &ly->wo, dx, 1, NULL, yo));
+        KVS_TRY(bk->ops->matmul(bk, &ly->w_gate, dx, 1, NULL, yg));
+        KVS_TRY(bk->ops->matmul(bk, &ly->w_up, dx, 1, NULL, yu));
+        KVS_TRY(bk->ops->swiglu(bk, yg, yu, hp->n_ff, yg));
+        KVS_TRY(bk->ops->matmul(bk, &ly->w_down, dx, 1, NULL, yo));
+    }
+    return bk->ops->matmul(bk, &B->m->output, dx, 1, NULL, dy + 65536);
+}
+
+static double mm_step_graph_ms(struct bench *B, const float *dx, float *dy)
+{
+    double t[8];
+    for (int rep = 0; rep < 8; rep++) {
+        CHECK(B->b->ops->sync(B->b));
+        double t1 = now();
+        int rc = 0;
+        CHECK(kvs_cuda_graph_begin(B->b, 1));
+        do {
+            rc = mm_step(B, dx, dy);
+        } while (kvs_cuda_graph_end(B->b, &rc) == 1);
+        CHECK(rc);
+        CHECK(B->b->ops->sync(B->b));
+        t[rep] = now() - t1;
+    }
+    return median(t + 3, 5) * 1e3;
+}
+
 static double decode_ms(struct bench *B, kvs_seq *seq, int steps)
 {
     double t[64];
@@ -224,6 +264,17 @@ int main(int argc, char **argv)
                    "of weights\n",
                    rows[k], mm_ms[k], params * 2 / (mm_ms[k] * 1e-3) * 1e-9);
         }
+        /* the same weights as a decode step issues them: fused, one graph */
+        double mg = mm_step_graph_ms(&B, dx, dy);
+        setenv("KVS_CUDA_GEMV", "rpw2", 1);
+        double mg2 = mm_step_graph_ms(&B, dx, dy);
+        unsetenv("KVS_CUDA_GEMV");
+        setenv("KVS_CUDA_PDL", "0", 1);
+        double mg3 = mm_step_graph_ms(&B, dx, dy);
+        unsetenv("KVS_CUDA_PDL");
+        printf("matmuls of a decode step, fused, one graph: %.3f ms = %.0f GB/s; two outputs per "
+               "warp %.3f ms; without PDL %.3f ms\n",
+               mg, params * 2 / (mg * 1e-3) * 1e-9, mg2, mg3);
         bk->ops->free(bk, dx);
         bk->ops->free(bk, dy);
         free(hx);
@@ -252,6 +303,10 @@ int main(int argc, char **argv)
     printf("decode 1K variants: graphs+fusion+PDL %.3f ms, fusion+PDL only %.3f ms, graphs+fusion "
            "without PDL %.3f ms, none of them %.3f ms\n",
            dec1k, dec1k_nograph, dec1k_nopdl, dec1k_plain);
+    setenv("KVS_CUDA_GEMV", "rpw2", 1);
+    double dec1k_rpw2 = decode_ms(&B, s1, quick ? 5 : 10);
+    unsetenv("KVS_CUDA_GEMV");
+    printf("decode 1K with two outputs per GEMV warp: %.3f ms\n", dec1k_rpw2);
     setenv("KVS_CUDA_ATTN", "old", 1);
     double dec1k_old = decode_ms(&B, s1, quick ? 5 : 10);
     unsetenv("KVS_CUDA_ATTN");

@@ -960,31 +960,51 @@ static fa_fn fa_kernel_for(int hd, bool kvw, int nw)
 
 /* ---- combine -------------------------------------------------------------------------------- */
 
-static __global__ void attn_combine_kernel(attn_args a)
+/* One block per (row, head): the splits' maxima and weights go through shared memory (one
+ * load per split, in parallel), then each thread sums its dims over the splits with the
+ * loads unrolled. (Looping over the splits three times per thread, each a dependent L2
+ * round trip, cost ~30 us per layer at 33 splits.) Same sums, same order as before. */
+static __global__ void __launch_bounds__(128) attn_combine_kernel(attn_args a)
 {
     kvs_pdl_trigger(); /* the output projection's GEMV may start loading its weights */
+    __shared__ float sw[MAX_SPLIT], sl[MAX_SPLIT]; /* per split: m (then weight), l */
+    __shared__ float sM, sL;
     const int32_t rh = blockIdx.x; /* row * n_head + head */
-    const float *p = a.partial + (int64_t)rh * a.n_split * (a.hd + 2);
-    float M = -INFINITY;
-    for (int s = 0; s < a.n_split; s++) {
-        const float *ps = p + (int64_t)s * (a.hd + 2);
-        if (ps[a.hd + 1] > 0.0f) {
-            M = fmaxf(M, ps[a.hd]);
-        }
+    const int32_t ns = a.n_split, ps_len = a.hd + 2;
+    const float *p = a.partial + (int64_t)rh * ns * ps_len;
+    for (int s = threadIdx.x; s < ns; s += blockDim.x) {
+        sw[s] = p[(int64_t)s * ps_len + a.hd];
+        sl[s] = p[(int64_t)s * ps_len + a.hd + 1];
     }
-    float Lsum = 0.0f;
-    for (int s = 0; s < a.n_split; s++) {
-        const float *ps = p + (int64_t)s * (a.hd + 2);
-        if (ps[a.hd + 1] > 0.0f) {
-            Lsum += ps[a.hd + 1] * expf(ps[a.hd] - M);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float M = -INFINITY;
+        for (int s = 0; s < ns; s++) {
+            if (sl[s] > 0.0f) {
+                M = fmaxf(M, sw[s]);
+            }
         }
+        float Lsum = 0.0f;
+        for (int s = 0; s < ns; s++) {
+            if (sl[s] > 0.0f) {
+                Lsum += sl[s] * expf(sw[s] - M);
+            }
+        }
+        sM = M;
+        sL = Lsum;
     }
+    __syncthreads();
+    const float M = sM, Lsum = sL;
+    for (int s = threadIdx.x; s < ns; s += blockDim.x) {
+        sw[s] = sl[s] > 0.0f ? expf(sw[s] - M) : 0.0f;
+    }
+    __syncthreads();
     for (int d = threadIdx.x; d < a.hd; d += blockDim.x) {
         float o = 0.0f;
-        for (int s = 0; s < a.n_split; s++) {
-            const float *ps = p + (int64_t)s * (a.hd + 2);
-            if (ps[a.hd + 1] > 0.0f) {
-                o += ps[d] * expf(ps[a.hd] - M);
+#pragma unroll 8
+        for (int s = 0; s < ns; s++) {
+            if (sl[s] > 0.0f) {
+                o += p[(int64_t)s * ps_len + d] * sw[s];
             }
         }
         if (Lsum > 0.0f) {
@@ -1063,9 +1083,17 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
     const char *mode = getenv("KVS_CUDA_ATTN");
     const bool use_old = mode != NULL && strcmp(mode, "old") == 0;
     const bool kvw = (int64_t)a.n_rows * a.group <= 32 && 16 % a.group == 0;
-    /* 8 warps (128 query vectors a tile) where that kernel exists; KVS_CUDA_FA_WARPS=4: 4 */
+    /* 8 warps (128 query vectors a tile) where that kernel exists and the batch has >= 64
+     * query vectors per sequence (cuda.h, kvs_cuda_graph_begin; without a hint: >= 256
+     * vectors); KVS_CUDA_FA_WARPS=4 or 8 forces the choice */
     const char *fw_env = getenv("KVS_CUDA_FA_WARPS");
-    int nw = kvw || (fw_env != NULL && strcmp(fw_env, "4") == 0) ? 4 : 8;
+    const int64_t n_vec = (int64_t)a.n_rows * a.group;
+    int nw = c->n_seqs_hint > 0 ? (n_vec >= 64 * (int64_t)c->n_seqs_hint ? 8 : 4)
+                                : (n_vec >= 256 ? 8 : 4);
+    if (fw_env != NULL && (strcmp(fw_env, "4") == 0 || strcmp(fw_env, "8") == 0)) {
+        nw = fw_env[0] - '0';
+    }
+    nw = kvw ? 4 : nw;
     fa_fn fa = NULL;
     if (!use_old && (uintptr_t)q % 16 == 0) {
         if (nw == 8 && (fa_qv(kvw, nw) % a.group != 0 || fa_smem(a.hd, kvw, nw) > c->smem_optin ||

@@ -109,14 +109,14 @@ struct kvs_cuda {
     struct kvs_cuda_buf partial;   /* attention split partials */
     struct kvs_cuda_buf blockbuf;  /* one KV block in the canonical layout (read/write) */
     struct kvs_cuda_mirror pos;    /* rope positions */
-    struct kvs_cuda_mirror freq;   /* rope per-frequency factors (double) */
+    struct kvs_cuda_mirror freq;   /* rope per-frequency divisors (f32) */
     struct kvs_cuda_mirror ids;    /* get_rows ids */
     struct kvs_cuda_mirror idx;    /* gather indices */
     void *cublas_ws;               /* cuBLAS workspace (set explicitly: graph capture) */
-    double rope_freq[512];         /* the last rope call's frequencies ... */
-    struct kvs_rope rope_key;      /* ... for these parameters (freq_factors copied below) */
-    float rope_factors[512];
+    float rope_ff[512];            /* the last rope call's frequency divisors ... */
+    struct kvs_rope rope_key;      /* ... for these parameters */
     int rope_valid;
+    int32_t n_seqs_hint;           /* distinct sequences of this forward's batch, 0 = unknown */
     /* fusion (fuse.cu): ops held back until the next op says whether it can join them */
     int fuse;                                      /* 0: KVS_CUDA_FUSE=0, launch as they come */
     int pdl;                                       /* GEMVs start early (KVS_CUDA_PDL=0: off) */

@@ -103,10 +103,11 @@ static int env_off(const char *name)
     return e != NULL && strcmp(e, "0") == 0;
 }
 
-extern "C" int kvs_cuda_graph_begin(kvs_backend *b)
+extern "C" int kvs_cuda_graph_begin(kvs_backend *b, int32_t n_seqs)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
     KVS_TRY(kvs_cuda_flush(c));
+    c->n_seqs_hint = n_seqs > 0 ? n_seqs : 0;
     c->fuse = !env_off("KVS_CUDA_FUSE");
     c->pdl = !env_off("KVS_CUDA_PDL");
     c->gmode = KVS_CUDA_G_OFF;
@@ -185,8 +186,12 @@ extern "C" int kvs_cuda_graph_end(kvs_backend *b, int *rc)
     }
     const int mode = c->gmode;
     c->gmode = KVS_CUDA_G_OFF;
+    if (mode == KVS_CUDA_G_OFF) {
+        c->n_seqs_hint = 0; /* the forward is done */
+    }
     if (mode == KVS_CUDA_G_PROBE) {
         if (*rc < 0) {
+            c->n_seqs_hint = 0;
             return 0; /* the same host checks fail in an eager run */
         }
         if (c->gbad) {
@@ -195,6 +200,7 @@ extern "C" int kvs_cuda_graph_end(kvs_backend *b, int *rc)
         struct kvs_cuda_graph *g = graph_find(c, c->ghash);
         if (g != NULL) {
             *rc = graph_launch(c, g);
+            c->n_seqs_hint = 0;
             return 0;
         }
         if (c->ghash != c->gmiss) {
@@ -233,6 +239,7 @@ extern "C" int kvs_cuda_graph_end(kvs_backend *b, int *rc)
         }
         c->n_graph_capture++;
         *rc = graph_launch(c, graph_keep(c, c->gkey, exec));
+        c->n_seqs_hint = 0;
         return 0;
     }
     return 0;

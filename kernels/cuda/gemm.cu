@@ -9,6 +9,7 @@
 
 #include <assert.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define GEMV_WARPS 8 /* outputs per block */
@@ -61,6 +62,69 @@ static __device__ __forceinline__ void prefetch_row(const __nv_bfloat16 *row, in
     const int64_t bytes = n_in * 2 < 2048 ? n_in * 2 : 2048;
     if (lane * 128 < bytes) {
         asm volatile("prefetch.global.L2 [%0];" ::"l"((const char *)row + lane * 128));
+    }
+}
+
+/* Two outputs per warp, one row: both weight rows stream together (twice the loads in flight
+ * per lane) and each x chunk is loaded once for both. Sums in gemv_dot's order. */
+static __device__ __forceinline__ void gemv_dot2(const uint4 *__restrict__ w0,
+                                                 const uint4 *__restrict__ w1,
+                                                 const float *__restrict__ x, int64_t n_in,
+                                                 int lane, float &a0, float &a1)
+{
+    const int64_t nc = n_in / 8;
+#pragma unroll 4
+    for (int64_t ch = lane; ch < nc; ch += 32) {
+        uint4 v0 = __ldg(w0 + ch), v1 = __ldg(w1 + ch);
+        const float4 *xr = (const float4 *)x + ch * 2;
+        float4 a = __ldg(xr), b = __ldg(xr + 1);
+        const __nv_bfloat162 *p = (const __nv_bfloat162 *)&v0;
+        float2 f0 = __bfloat1622float2(p[0]), f1 = __bfloat1622float2(p[1]);
+        float2 f2 = __bfloat1622float2(p[2]), f3 = __bfloat1622float2(p[3]);
+        a0 += f0.x * a.x + f0.y * a.y + f1.x * a.z + f1.y * a.w + f2.x * b.x + f2.y * b.y +
+              f3.x * b.z + f3.y * b.w;
+        p = (const __nv_bfloat162 *)&v1;
+        f0 = __bfloat1622float2(p[0]);
+        f1 = __bfloat1622float2(p[1]);
+        f2 = __bfloat1622float2(p[2]);
+        f3 = __bfloat1622float2(p[3]);
+        a1 += f0.x * a.x + f0.y * a.y + f1.x * a.z + f1.y * a.w + f2.x * b.x + f2.y * b.y +
+              f3.x * b.z + f3.y * b.w;
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        a0 += __shfl_xor_sync(0xffffffffu, a0, off);
+        a1 += __shfl_xor_sync(0xffffffffu, a1, off);
+    }
+}
+
+/* Variant (KVS_CUDA_GEMV=rpw2): one row, two consecutive outputs of one of J's matmuls per
+ * warp (2 * GEMV_WARPS outputs per block). */
+static __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv2_kernel(gemv_jobs J, const float *__restrict__ x, int64_t n_in)
+{
+    kvs_pdl_trigger();
+    const int lane = threadIdx.x & 31;
+    const int64_t blk = blockIdx.x;
+    const int j = J.n > 1 && blk >= J.first[1] ? (J.n > 2 && blk >= J.first[2] ? 2 : 1) : 0;
+    const __nv_bfloat16 *W = j == 0 ? J.W[0] : j == 1 ? J.W[1] : J.W[2];
+    const float *bias = j == 0 ? J.bias[0] : j == 1 ? J.bias[1] : J.bias[2];
+    float *y = j == 0 ? J.y[0] : j == 1 ? J.y[1] : J.y[2];
+    const int64_t n_out = j == 0 ? J.n_out[0] : j == 1 ? J.n_out[1] : J.n_out[2];
+    const int64_t first = j == 0 ? J.first[0] : j == 1 ? J.first[1] : J.first[2];
+    const int64_t o = ((blk - first) * GEMV_WARPS + (threadIdx.x >> 5)) * 2;
+    if (o >= n_out) {
+        return;
+    }
+    const int64_t o1 = o + 1 < n_out ? o + 1 : o; /* an odd last output is computed twice */
+    prefetch_row(W + o * n_in, n_in, lane);
+    prefetch_row(W + o1 * n_in, n_in, lane);
+    kvs_pdl_wait();
+    float a0 = 0.0f, a1 = 0.0f;
+    gemv_dot2((const uint4 *)(W + o * n_in), (const uint4 *)(W + o1 * n_in), x, n_in, lane, a0,
+              a1);
+    if (lane == 0) {
+        y[o] = a0 + (bias != NULL ? bias[o] : 0.0f);
+        y[o1] = a1 + (bias != NULL ? bias[o1] : 0.0f);
     }
 }
 
@@ -203,6 +267,9 @@ int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out)
         CU_LAUNCHED();
         return 0;
     }
+    /* KVS_CUDA_GEMV=rpw2: two outputs per warp for one-row GEMVs (variant under test) */
+    const char *gv = getenv("KVS_CUDA_GEMV");
+    const int rpw = R == 1 && gv != NULL && strcmp(gv, "rpw2") == 0 ? 2 : 1;
     gemv_jobs J;
     memset(&J, 0, sizeof J);
     J.n = n;
@@ -214,7 +281,7 @@ int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out)
         J.bias[j] = m->bias;
         J.y[j] = m->y;
         J.n_out[j] = m->n_out;
-        J.first[j + 1] = J.first[j] + (m->n_out + GEMV_WARPS - 1) / GEMV_WARPS;
+        J.first[j + 1] = J.first[j] + (m->n_out + GEMV_WARPS * rpw - 1) / (GEMV_WARPS * rpw);
         args[na++] = (uint64_t)(uintptr_t)m->W;
         args[na++] = (uint64_t)(uintptr_t)m->bias;
         args[na++] = (uint64_t)(uintptr_t)m->y;
@@ -223,10 +290,15 @@ int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out)
     args[na++] = (uint64_t)(uintptr_t)x;
     args[na++] = (uint64_t)n_in;
     args[na++] = (uint64_t)R;
+    args[na++] = (uint64_t)rpw;
     if (!kvs_cuda_launch_ok(c, SITE_GEMV, args, na)) {
         return 0;
     }
     const dim3 grid((unsigned)J.first[n]);
+    if (rpw == 2) {
+        CU_TRY(launch_gemv(c, gemv2_kernel, grid, J, x, n_in));
+        return 0;
+    }
     switch (R) {
 #define CASE(RR)                                                                           \
     case RR:                                                                               \

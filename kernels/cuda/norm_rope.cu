@@ -149,12 +149,15 @@ int kvs_cuda_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_r
 
 /* ---- rope ---------------------------------------------------------------------------------- */
 
-/* One thread per (row, head, frequency i): theta = pos * freq[i] in double (as the CPU), then
- * the pair (i0, i1) of that head is rotated. (A thread per (row, i) looping over the heads
- * made 32 dependent load/store round trips per thread: ~10 us for one decode row's q.) */
+/* One thread per (row, head, frequency i), with the CPU backend's arithmetic (llama.cpp's
+ * f32 angles): theta = pos * theta_scale^i by repeated f32 multiplication, t = freq_scale *
+ * (theta / ff[i]), cosf / sinf, x0' = fma(x0, cos, -(x1 sin)), x1' = fma(x0, sin, x1 cos)
+ * with the inner products rounded. (A thread per (row, i) looping over the heads made 32
+ * dependent load/store round trips per thread: ~10 us for one decode row's q.) */
 static __global__ void rope_kernel(float *x, int32_t n_rows, int32_t n_heads, int32_t head_dim,
                                    int32_t half, int32_t neox, const int32_t *__restrict__ pos,
-                                   const double *__restrict__ freq)
+                                   const float *__restrict__ ff, float theta_scale,
+                                   float freq_scale)
 {
     const int64_t total = (int64_t)n_rows * n_heads * half;
     for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < total;
@@ -162,15 +165,17 @@ static __global__ void rope_kernel(float *x, int32_t n_rows, int32_t n_heads, in
         int32_t i = (int32_t)(t % half);
         int64_t rh = t / half; /* row * n_heads + head */
         int32_t r = (int32_t)(rh / n_heads);
-        double theta = (double)pos[r] * freq[i];
-        double sd, cd;
-        sincos(theta, &sd, &cd);
-        float cs = (float)cd, sn = (float)sd;
+        float theta = (float)pos[r];
+        for (int32_t k = 0; k < i; k++) {
+            theta = __fmul_rn(theta, theta_scale);
+        }
+        const float ang = __fmul_rn(freq_scale, __fdiv_rn(theta, ff[i]));
+        const float cs = cosf(ang), sn = sinf(ang);
         int32_t i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
         float *xh = x + rh * head_dim;
         float x0 = xh[i0], x1 = xh[i1];
-        xh[i0] = x0 * cs - x1 * sn;
-        xh[i1] = x0 * sn + x1 * cs;
+        xh[i0] = fmaf(x0, cs, -__fmul_rn(x1, sn));
+        xh[i1] = fmaf(x0, sn, __fmul_rn(x1, cs));
     }
 }
 
@@ -187,47 +192,41 @@ int kvs_cuda_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int
     if (n_rows == 0) {
         return 0;
     }
-    /* freq_i = freq_scale * base^(-2i / n_dims) / freq_factor_i, the CPU's formula in double;
-     * computed again only when the parameters change (a forward calls rope twice a layer) */
     int32_t half = rope->n_dims / 2;
     if (half > 512) { /* head_dim <= KVS_HPARAMS_MAX_HEAD_DIM (1024) */
         return KVS_INVALID_ARGUMENT;
     }
-    double *freq = c->rope_freq;
+    /* the frequency divisors (1 without llama3 factors), as a device array */
+    float *ff = c->rope_ff;
     const struct kvs_rope *k = &c->rope_key;
-    if (!c->rope_valid || k->n_dims != rope->n_dims || k->freq_base != rope->freq_base ||
-        k->freq_scale != rope->freq_scale || (k->freq_factors == NULL) != (rope->freq_factors == NULL) ||
+    if (!c->rope_valid || k->n_dims != rope->n_dims ||
+        (k->freq_factors == NULL) != (rope->freq_factors == NULL) ||
         (rope->freq_factors != NULL &&
-         memcmp(c->rope_factors, rope->freq_factors, (size_t)half * sizeof(float)) != 0)) {
+         memcmp(ff, rope->freq_factors, (size_t)half * sizeof(float)) != 0)) {
         for (int32_t i = 0; i < half; i++) {
-            double inv = pow((double)rope->freq_base, -2.0 * i / rope->n_dims);
-            freq[i] = (double)rope->freq_scale * inv;
-            if (rope->freq_factors != NULL) {
-                freq[i] /= (double)rope->freq_factors[i];
-            }
+            ff[i] = rope->freq_factors != NULL ? rope->freq_factors[i] : 1.0f;
         }
         c->rope_key = *rope;
-        if (rope->freq_factors != NULL) {
-            memcpy(c->rope_factors, rope->freq_factors, (size_t)half * sizeof(float));
-        }
         c->rope_valid = 1;
     }
-    const void *d_pos = NULL, *d_freq = NULL;
+    const float theta_scale = powf(rope->freq_base, -2.0f / (float)rope->n_dims); /* as the CPU */
+    const void *d_pos = NULL, *d_ff = NULL;
     KVS_TRY(kvs_cuda_host_array(c, &c->pos, KVS_CUDA_STAGE_POS, host_pos,
                                 (size_t)n_rows * sizeof(int32_t), &d_pos));
-    KVS_TRY(kvs_cuda_host_array(c, &c->freq, KVS_CUDA_STAGE_FREQ, freq,
-                                (size_t)half * sizeof(double), &d_freq));
+    KVS_TRY(kvs_cuda_host_array(c, &c->freq, KVS_CUDA_STAGE_FREQ, ff,
+                                (size_t)half * sizeof(float), &d_ff));
     const uint64_t args[] = {(uint64_t)(uintptr_t)x,      (uint64_t)n_rows,
                              (uint64_t)n_heads,           (uint64_t)head_dim,
                              (uint64_t)half,              (uint64_t)rope->style,
-                             (uint64_t)(uintptr_t)d_pos, (uint64_t)(uintptr_t)d_freq};
-    if (!kvs_cuda_launch_ok(c, SITE_ROPE, args, 8)) {
+                             (uint64_t)(uintptr_t)d_pos, (uint64_t)(uintptr_t)d_ff,
+                             kvs_cuda_fbits(theta_scale), kvs_cuda_fbits(rope->freq_scale)};
+    if (!kvs_cuda_launch_ok(c, SITE_ROPE, args, 10)) {
         return 0;
     }
     int64_t n = (int64_t)n_rows * n_heads * half;
     rope_kernel<<<kvs_cuda_blocks(n, 128), 128, 0, c->stream>>>(
         x, n_rows, n_heads, head_dim, half, rope->style == KVS_ROPE_NEOX,
-        (const int32_t *)d_pos, (const double *)d_freq);
+        (const int32_t *)d_pos, (const float *)d_ff, theta_scale, rope->freq_scale);
     CU_LAUNCHED();
     return 0;
 }
