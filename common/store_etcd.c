@@ -504,6 +504,7 @@ static int t_put(kvs_store *s, const char *key, const void *value, size_t len, i
 static int range_with(struct etcd *e, CURL *h, const char *key, bool prefix,
                       struct kvs_store_range *out, char *err, size_t errlen)
 {
+    memset(out, 0, sizeof *out);
     json_t *body = with_range(json_object(), key, prefix), *reply;
     if (body == NULL) {
         return KVS_NO_MEMORY;

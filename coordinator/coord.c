@@ -677,7 +677,9 @@ static void pack_worker(kvs_coord *c, msgpack_packer *pk, const struct worker *w
 static void handle(kvs_coord *c, const void *ident, size_t ident_len, struct kvs_cmsg *m)
 {
     char err[512] = "";
-    bool leading = kvs_leader_is_leader(c->leader) && c->token != 0;
+    /* Through a store outage the leader keeps answering from memory (no one can take over
+     * meanwhile); its writes are fenced in any case. */
+    bool leading = c->token != 0 && kvs_leader_held_token(c->leader) == c->token;
     msgpack_packer *pk;
     switch (m->op) {
     case KVS_COP_HELLO:
@@ -746,9 +748,14 @@ static void handle(kvs_coord *c, const void *ident, size_t ident_len, struct kvs
     case KVS_COP_WORKER_HEARTBEAT:
         rc = op_heartbeat(c, m, err, sizeof err);
         if (rc == KVS_OK) {
-            pk = begin(c, m->id, 1);
+            const struct worker *w = find_worker(c, m->worker);
+            pk = begin(c, m->id, 2);
             pack_key(pk, "ok");
             msgpack_pack_true(pk);
+            /* How long ago its lease was last renewed: the worker's half of the failure
+             * rule (stop serving when neither the lease nor the leader is there). */
+            pack_key(pk, "lease_age_ms");
+            msgpack_pack_int64(pk, now - w->lease_renewed_ms);
         }
         break;
     case KVS_COP_SESSION_CREATE: {
@@ -854,7 +861,7 @@ static void handle(kvs_coord *c, const void *ident, size_t ident_len, struct kvs
 static void tick(kvs_coord *c)
 {
     int64_t now = now_ms();
-    int64_t token = kvs_leader_token(c->leader);
+    int64_t token = kvs_leader_held_token(c->leader);
     if (token != c->token) {
         if (token != 0) {
             char err[256];
@@ -931,7 +938,8 @@ int kvs_coord_run(kvs_coord *c)
             rc = KVS_INTERNAL;
             break;
         }
-        if (now_ms() - c->last_tick_ms >= TICK_MS || kvs_leader_token(c->leader) != c->token) {
+        if (now_ms() - c->last_tick_ms >= TICK_MS ||
+            kvs_leader_held_token(c->leader) != c->token) {
             tick(c);
             c->last_tick_ms = now_ms();
         }
@@ -980,7 +988,7 @@ const char *kvs_coord_endpoint(const kvs_coord *c)
 
 bool kvs_coord_is_leader(kvs_coord *c)
 {
-    return kvs_leader_is_leader(c->leader);
+    return kvs_leader_held_token(c->leader) != 0;
 }
 
 /* ---- open / close ---- */

@@ -6,7 +6,10 @@
  * One thread runs kvs_coord_run: poll the socket, answer requests, and every tick check the
  * leadership and the workers' health. The election runs on the leader module's thread.
  * Only the leader answers registry and directory requests; a standby answers them with
- * NOT_LEADER and the leader's endpoint (hello, ping and coord.status work on both).
+ * NOT_LEADER and the leader's endpoint (hello, ping and coord.status work on both). Through
+ * a store outage the leader keeps answering from memory (heartbeats, locate, admin views):
+ * no one can take over meanwhile, and every write is fenced anyway, so what needs the store
+ * fails with UNAVAILABLE and works again once it is back.
  *
  * Accounting: a worker's free cells for placement are its pool (cells_total) minus the
  * budgets of the sessions the coordinator placed on it. The coordinator is the only path

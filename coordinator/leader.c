@@ -173,6 +173,14 @@ int64_t kvs_leader_token(kvs_leader *l)
     return kvs_leader_is_leader(l) ? token : 0;
 }
 
+int64_t kvs_leader_held_token(kvs_leader *l)
+{
+    pthread_mutex_lock(&l->mu);
+    int64_t token = l->token;
+    pthread_mutex_unlock(&l->mu);
+    return token;
+}
+
 void kvs_leader_current(kvs_leader *l, char *buf, size_t len)
 {
     pthread_mutex_lock(&l->mu);

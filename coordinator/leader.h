@@ -60,6 +60,12 @@ bool kvs_leader_is_leader(kvs_leader *l);
 /* The fencing token of the current leadership (the key's create_revision), 0 when not
  * leading. */
 int64_t kvs_leader_token(kvs_leader *l);
+/* The token this contender holds even if it could not renew lately (the store is away): 0
+ * once it knows it lost (its lease expired, or a fenced write was refused). For answering
+ * from memory through a store outage, when no one can take over anyway; a write is fenced
+ * whatever this says. */
+int64_t kvs_leader_held_token(kvs_leader *l);
+
 /* The id of the leader as last seen (this contender's id when leading, "" when unknown),
  * copied into buf[0..len). */
 void kvs_leader_current(kvs_leader *l, char *buf, size_t len);

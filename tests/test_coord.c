@@ -651,6 +651,77 @@ START_TEST(test_failover_processes)
 }
 END_TEST
 
+/* etcd stopped past the leader's TTL and started again: the leader keeps answering from
+ * memory (heartbeats, locate), what needs the store fails with UNAVAILABLE and a reason,
+ * nobody is declared down, and everything works again once etcd is back. */
+START_TEST(test_etcd_outage)
+{
+    struct kvs_coord_opts o = {.store_url = g_etcd.url, .cluster = "outage",
+                               .leader_ttl_s = 2, .worker_ttl_s = 2, .heartbeat_ms = 200,
+                               .unhealthy_ms = 600};
+    struct running run;
+    start(&run, &o);
+    struct peer w, cl;
+    peer_open(&w, kvs_coord_endpoint(run.c));
+    peer_open(&cl, kvs_coord_endpoint(run.c));
+    wait_leader(&cl);
+    int64_t token = num(rpc(&cl, "coord.status", NULL), "token");
+    reg(&w, "w1", "tcp://127.0.0.1:7711", MODEL_A, 4096);
+    ck_assert_str_eq(create(&cl, "s1", 1000, MODEL_A, 0), "w1");
+
+    etcd_rig_stop(&g_etcd);
+    int64_t t0 = now_ms();
+    int refused = 0;
+    while (now_ms() - t0 < 4000) { /* twice the TTLs */
+        heartbeat(&w, "w1");
+        const msgpack_object *r = rpc(&cl, "session.locate", "s:session", "s1", NULL);
+        ck_assert_str_eq(str(r, "worker"), "w1");
+        ck_assert_str_eq(str(r, "worker_state"), "ready");
+        if (refused == 0) {
+            r = rpc(&cl, "session.create", "s:session", "s2", "u:cells", U(100), "s:model",
+                    MODEL_A, NULL);
+            ck_assert_str_eq(code(r), "UNAVAILABLE");
+            ck_assert_ptr_nonnull(strstr(message(r), "cannot record the placement"));
+            ck_assert_ptr_nonnull(strstr(message(r), "etcd unavailable"));
+            refused++;
+        }
+        sleep_ms(150);
+    }
+    ck_assert_int_eq(etcd_rig_start(&g_etcd), 0);
+    /* Back: the same leadership (etcd restored the lease), the worker never went down. */
+    const char *placed = "";
+    t0 = now_ms();
+    while (now_ms() - t0 < 5000) {
+        heartbeat(&w, "w1");
+        placed = create(&cl, "s2", 100, MODEL_A, 0);
+        if (strcmp(placed, "UNAVAILABLE") != 0) {
+            break;
+        }
+        sleep_ms(100);
+    }
+    ck_assert_str_eq(placed, "w1");
+    const msgpack_object *r = rpc(&cl, "coord.status", NULL);
+    ck_assert(get(r, "leader")->via.boolean);
+    ck_assert_int_eq(num(r, "token"), token);
+    for (int i = 0; i < 10; i++) { /* past the worker TTL again: its lease is alive */
+        heartbeat(&w, "w1");
+        sleep_ms(150);
+    }
+    r = rpc(&cl, "session.locate", "s:session", "s1", NULL);
+    ck_assert_str_eq(code(r), "");
+    peer_close(&w);
+    peer_close(&cl);
+    stop(&run, false);
+}
+END_TEST
+
+/* The outage test restarts etcd in its own (forked) process: stop that one at the end. */
+static void etcd_teardown_outage(void)
+{
+    zmq_ctx_term(g_zctx);
+    etcd_rig_stop(&g_etcd);
+}
+
 static void etcd_setup(void)
 {
     g_zctx = zmq_ctx_new();
@@ -691,6 +762,11 @@ int main(void)
     tc = tcase_create("processes");
     tcase_add_checked_fixture(tc, etcd_setup, etcd_teardown);
     tcase_add_test(tc, test_failover_processes);
+    tcase_set_timeout(tc, 60);
+    suite_add_tcase(su, tc);
+    tc = tcase_create("outage"); /* last: it restarts etcd */
+    tcase_add_checked_fixture(tc, etcd_setup, etcd_teardown_outage);
+    tcase_add_test(tc, test_etcd_outage);
     tcase_set_timeout(tc, 60);
     suite_add_tcase(su, tc);
     sr = srunner_create(su);

@@ -716,6 +716,9 @@ START_TEST(test_etcd_outage)
     struct kvs_store_range r;
     ck_assert_int_eq(kvs_store_range(s, k(""), true, &r, err, sizeof err), KVS_UNAVAILABLE);
     ck_assert_int_eq(kvs_store_lease_keepalive(s, id, NULL, err, sizeof err), KVS_UNAVAILABLE);
+    /* A new watch "from now" cannot pin "now": refused with the reason. */
+    ck_assert_ptr_null(kvs_store_watch_new(s, k("o/"), 0, err, sizeof err));
+    ck_assert_ptr_nonnull(strstr(err, "etcd unavailable"));
     clock_gettime(CLOCK_MONOTONIC, &t1);
     /* Failing is quick (connection refused), and bounded by the timeout in any case. */
     ck_assert_int_lt(t1.tv_sec - t0.tv_sec, 7);
