@@ -295,6 +295,19 @@ static bool on_piece(int32_t token, const char *text, size_t len, void *user)
     return p->stop_after == 0 || p->calls < p->stop_after;
 }
 
+struct cancel_ctx {
+    kvs_client *c;
+    int after_ms;
+};
+
+static void *cancel_query_later(void *arg)
+{
+    struct cancel_ctx *x = arg;
+    sleep_ms(x->after_ms);
+    kvs_client_cancel(x->c);
+    return NULL;
+}
+
 START_TEST(test_query)
 {
     kvs_client *c = connect_to(g_shared.endpoint, 60000, 0);
@@ -344,6 +357,27 @@ START_TEST(test_query)
     OK(c, kvs_client_query(c, "q1", "Last MSFT price:", &qo, NULL, NULL, &again));
     ck_assert_str_eq(again.text, a.text); /* not a stale piece of the cancelled stream */
     OK(c, kvs_client_ping(c, NULL));
+
+    /* a blocking query cancelled from another thread: CANCELLED at once, client still good */
+    struct cancel_ctx cx = {.c = c, .after_ms = 300};
+    pthread_t th;
+    pthread_create(&th, NULL, cancel_query_later, &cx);
+    struct kvs_client_query_opts lo = {.max_tokens = 400}; /* within the query reserve */
+    double t0 = now_ms();
+    int lrc = kvs_client_query(c, "q1", "List every number from 1 to 2000, one per line:", &lo,
+                               NULL, NULL, &never);
+    double dt = now_ms() - t0;
+    pthread_join(th, NULL);
+    if (lrc == 0) { /* finished (end of text) before the cancel: nothing more to check */
+        ck_assert_msg(dt < 300, "a query that ran %.0f ms was not cancelled", dt);
+        kvs_client_answer_free(&never);
+    } else {
+        ck_assert_msg(lrc == KVS_CANCELLED, "cancel: %s", kvs_client_error(c));
+        ck_assert_msg(dt < 3000, "cancel took %.0f ms", dt - 300);
+    }
+    OK(c, kvs_client_query(c, "q1", "Last MSFT price:", &qo, NULL, NULL, &again));
+    ck_assert_str_eq(again.text, a.text);
+    kvs_client_answer_free(&again);
 
     /* sampling with a seed reproduces */
     struct kvs_client_query_opts so = {.max_tokens = 8, .temperature = 0.9f, .top_k = 40,

@@ -14,6 +14,7 @@
 #define ID_OFFSET 9                /* request bytes: map32 (5) + "id" (3) + 0xcf, then the id */
 #define BUSY_BACKOFF_MS 10         /* first wait after BUSY; doubles up to the next */
 #define BUSY_BACKOFF_MAX_MS 500
+#define BUSY_RETRY_MS 2000         /* BUSY answers are retried for this long at most */
 #define POLL_SLICE_MS 50           /* how often a wait looks at the cancel flag */
 #define ABANDON_WAIT_MS 1000       /* how long a cancelled stream waits for its final reply */
 
@@ -518,8 +519,10 @@ static int reply_error(kvs_client *c, const msgpack_object *e)
 static int recv_reply(kvs_client *c, struct client_conn *k, uint64_t id, int64_t deadline,
                       const msgpack_object **reply)
 {
+    c->from_worker = false;
     for (;;) {
         if (atomic_load(&c->cancel)) {
+            c->from_worker = false;
             return client_fail(c, KVS_CANCELLED, "cancelled");
         }
         int64_t left = deadline - now_ms();
@@ -634,8 +637,7 @@ int client_call(kvs_client *c, const char *session, int flags, const msgpack_obj
     atomic_store(&c->cancel, 0); /* a cancel between calls does not reach this one */
     int32_t attempts = 1 + (flags & CALL_RETRY ? (c->retries > 0 ? c->retries : 0) : 0);
     int32_t redirects = 0;
-    int64_t budget_end = now_ms() + (int64_t)(1 + (c->retries > 0 ? c->retries : 0)) *
-                                         c->timeout_ms;
+    int64_t busy_end = now_ms() + (c->timeout_ms < BUSY_RETRY_MS ? c->timeout_ms : BUSY_RETRY_MS);
     int64_t backoff = BUSY_BACKOFF_MS;
     for (;;) {
         struct client_route *r = session != NULL ? route_find(c, session) : NULL;
@@ -670,8 +672,17 @@ int client_call(kvs_client *c, const char *session, int flags, const msgpack_obj
             }
             return rc;
         }
-        if (rc == KVS_BUSY && now_ms() + backoff < budget_end) {
-            sleep_ms(backoff);
+        if (rc == KVS_BUSY && now_ms() + backoff < busy_end) {
+            char why[sizeof c->err];
+            snprintf(why, sizeof why, "%s", c->err);
+            for (int64_t slept = 0; slept < backoff && !atomic_load(&c->cancel);
+                 slept += POLL_SLICE_MS) {
+                sleep_ms(POLL_SLICE_MS < backoff - slept ? POLL_SLICE_MS : backoff - slept);
+            }
+            if (atomic_load(&c->cancel)) {
+                atomic_store(&c->cancel, 0);
+                return client_fail(c, KVS_CANCELLED, "cancelled (last answer: %s)", why);
+            }
             backoff = backoff * 2 > BUSY_BACKOFF_MAX_MS ? BUSY_BACKOFF_MAX_MS : backoff * 2;
             continue;
         }
@@ -692,14 +703,10 @@ int client_call(kvs_client *c, const char *session, int flags, const msgpack_obj
             c->cur_deadline = now_ms() + c->timeout_ms;
             rc = recv_reply(c, to, id, c->cur_deadline, reply);
         }
-        if (rc == KVS_CANCELLED && (flags & CALL_STREAM)) {
+        if (rc == KVS_CANCELLED && !c->from_worker) {
+            /* kvs_client_cancel: tell the worker, and read nothing of this request later */
             client_abandon(c);
-            atomic_store(&c->cancel, 0);
             return client_fail(c, KVS_CANCELLED, "cancelled");
-        }
-        if (rc == KVS_CANCELLED) {
-            atomic_store(&c->cancel, 0);
-            conn_open(c, k); /* its reply, if any, must not be read later */
         }
         if (rc == 0) {
             c->err[0] = '\0'; /* an attempt that failed before does not count */
