@@ -31,10 +31,11 @@
  * times; the others (create, close, query, flash register/unregister) return KVS_TIMEOUT at
  * once. A TIMEOUT answered by the worker is treated the same way. A BUSY answer (nothing was
  * done) is retried with back-off for up to 2 s (or timeout_ms if shorter), then returned.
- * A call therefore returns within (1 + retries) x timeout_ms + 2 s. KVS_TIMEOUT from an append means its
- * outcome is unknown: it was applied once or not at all. The next append to that session is
- * accepted either way: if the worker answers it OUT_OF_ORDER (so the timed-out one was never
- * applied), the library sends it again with the timed-out one's number.
+ * A call therefore returns within (1 + retries) x timeout_ms + 2 s. KVS_TIMEOUT (or
+ * KVS_CANCELLED) from an append means its outcome is unknown: it was applied once or not at
+ * all. The next append to that session is accepted either way: if the worker answers it
+ * OUT_OF_ORDER (so the timed-out one was never applied), the library sends it again with the
+ * timed-out one's number.
  *
  * MOVED. A worker that does not own a session answers MOVED with the owner's endpoint; the
  * library connects there, resends, and routes that session there from then on (up to

@@ -746,7 +746,8 @@ void client_abandon(kvs_client *c)
             c->from_worker = false;
             int rc = recv_reply(c, k, target, deadline, &m);
             bool done = false;
-            if (rc == 0) {
+            if (rc == 0) { /* a single reply, or a stream's piece unless it is the last */
+                done = mp_get(m, "seq") == NULL;
                 mp_bool(mp_get(m, "done"), &done);
             }
             if (rc < 0 && c->from_worker) {

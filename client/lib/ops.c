@@ -268,8 +268,8 @@ static int append(kvs_client *c, const char *session, const char *text, size_t l
             seq = sq->last;
             continue;
         }
-        if (rc == KVS_TIMEOUT) {
-            sq->last = seq;
+        if (rc == KVS_TIMEOUT || rc == KVS_CANCELLED) {
+            sq->last = seq; /* applied once or not at all: see kvstream.h */
             sq->uncertain = true;
             return rc;
         }

@@ -33,10 +33,10 @@ static void monitor_stop(struct monitor *mon)
 
 static int monitor_start(kvs_client *c, struct monitor *mon, void *sock)
 {
-    static unsigned counter; /* distinct inproc names; guarded by the client's one-thread rule
-                                only per client, so the pointer is part of the name too */
+    static atomic_uint counter; /* distinct inproc names (the context is per client anyway) */
     char ep[96];
-    snprintf(ep, sizeof ep, "inproc://kvs-client-monitor-%p-%u", (void *)c, counter++);
+    snprintf(ep, sizeof ep, "inproc://kvs-client-monitor-%p-%u", (void *)c,
+             atomic_fetch_add(&counter, 1));
     if (zmq_socket_monitor(sock, ep, ZMQ_EVENT_DISCONNECTED) != 0) {
         return client_fail(c, KVS_INTERNAL, "zmq_socket_monitor: %s", zmq_strerror(errno));
     }
@@ -130,7 +130,8 @@ static enum watch_end watch_once(kvs_client *c, const char *session, const char 
         end = WATCH_LOST; /* silent, or shutting down: try again */
         goto out;
     }
-    if (*rc == KVS_CANCELLED) {
+    if (*rc == KVS_CANCELLED) { /* kvs_client_cancel while subscribing */
+        client_abandon(c);
         end = WATCH_DONE;
         *rc = 0;
         goto out;
