@@ -513,7 +513,7 @@ static void eng_status(kvs_server *srv, struct req *r)
         misses += fs.misses;
     }
     uint64_t io_hits = atomic_load(&srv->io_flash_hits);
-    begin_reply(srv, r->id, 10);
+    begin_reply(srv, r->id, 11);
     pack_key(pk, "model"), msgpack_pack_map(pk, 5);
     pack_key(pk, "sha256"), kvs_wire_pack_cstr(pk, srv->model_sha256);
     pack_key(pk, "path"), kvs_wire_pack_cstr(pk, srv->e->model->path);
@@ -532,6 +532,8 @@ static void eng_status(kvs_server *srv, struct req *r)
     pack_key(pk, "in_flight"), msgpack_pack_int32(pk, atomic_load(&srv->io_in_flight));
     pack_key(pk, "deferred"), msgpack_pack_int32(pk, srv->n_deferred);
     pack_key(pk, "watchers"), msgpack_pack_int32(pk, atomic_load(&srv->io_watchers));
+    pack_key(pk, "watchers_dropped");
+    msgpack_pack_uint64(pk, atomic_load(&srv->io_watchers_dropped));
     pack_key(pk, "scheduler"), msgpack_pack_map(pk, 20);
     pack_key(pk, "steps"), msgpack_pack_uint64(pk, st->steps);
     pack_classes(pk, "rows", st->rows, NULL);
@@ -1338,6 +1340,7 @@ static void io_handle(kvs_server *srv, zmq_msg_t *parts, int n_parts, bool stopp
     }
     atomic_store(&srv->io_in_flight, srv->in_flight);
     atomic_store(&srv->io_watchers, kvs_flashcache_n_watchers(srv->fc));
+    atomic_store(&srv->io_watchers_dropped, kvs_flashcache_dropped(srv->fc));
     kvs_wire_request_free(&rq);
 }
 

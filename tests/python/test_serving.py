@@ -288,3 +288,53 @@ def test_settled_operations_keep_the_session_order(slow):
         w.next(10)
     assert e.value.code == "NOT_FOUND"
     assert client.list() == ["other"]
+
+
+def test_slow_watcher_is_dropped(worker, client):
+    """A watcher that does not read (tiny receive buffers) is dropped once the worker cannot
+    queue its pushes (its send queue of 1000 messages is full); a reading watcher of the same
+    session gets every answer meanwhile."""
+    import zmq
+    client.create("sw", cells=1024)
+    client.append("sw", "t 0")
+    for i in range(32):
+        client.flash_register("sw", f"q{i}", f"Tick {i}?", max_tokens=1)
+    ctx = zmq.Context.instance()
+    slow = kvstream.Client(client.endpoint, rcvhwm=1)
+    slow._sock.close(0)  # the same, with a small kernel receive buffer
+    slow._sock = ctx.socket(zmq.DEALER)
+    slow._sock.setsockopt(zmq.RCVHWM, 1)
+    slow._sock.setsockopt(zmq.RCVBUF, 2048)
+    slow._sock.setsockopt(zmq.LINGER, 0)
+    slow._sock.connect(client.endpoint)
+    slow.watch("sw")
+    good = worker.client()
+    gw = good.watch("sw")
+    received, i = 0, 1
+    deadline = time.monotonic() + 90
+    while client.status()["watchers_dropped"] == 0:
+        assert time.monotonic() < deadline, "the slow watcher was never dropped"
+        client.append("sw", f"t {i}")
+        i += 1
+        try:
+            while True:
+                gw.next(0.05)
+                received += 1
+        except kvstream.KvsTimeout:
+            pass
+    st = client.status()
+    assert st["watchers"] == 1 and st["watchers_dropped"] == 1
+    # the reading watcher got every answer computed (the flash cache's pushes, in order)
+    try:
+        while True:
+            gw.next(1)
+            received += 1
+    except kvstream.KvsTimeout:
+        pass
+    evals = client.status()["flash"]["evaluations"]
+    print(f"\nslow watcher dropped after {i - 1} appends; the reading watcher got {received} "
+          f"answers of {evals} evaluations")
+    assert received >= evals - 32 * 2  # the first evaluations came before it subscribed
+    assert client.ping() == {"pong": True}
+    slow.close()
+    good.close()
