@@ -17,7 +17,8 @@ cleanup() {
 trap cleanup EXIT
 fail() { echo "cli_session: FAIL: $*" >&2; exit 1; }
 
-MODEL=${KVSTREAM_MODEL:-${KVS_MODEL_DIR:-$HOME/.cache/kvstream/models}/SmolLM2-135M-Instruct.Q4_1.gguf}
+MODEL_DIR=${KVS_MODEL_DIR:-$HOME/.cache/kvstream/models}
+MODEL=${KVSTREAM_MODEL:-$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf}
 if [ ! -f "$MODEL" ]; then
     echo "cli_session: the default model $MODEL is missing (scripts/setup.sh fetches it): skipped"
     exit 77
@@ -31,7 +32,8 @@ start_up() {
     UP_PID=$!
     for _ in $(seq 1 600); do
         if grep -q "^kvstream up: listening on " "$TMP/up.out"; then
-            KVSTREAM_ENDPOINT=$(sed -n 's/^kvstream up: listening on \([^ ]*\).*/\1/p' "$TMP/up.out")
+            KVSTREAM_ENDPOINT=$(sed -n 's/^kvstream up: listening on \([^ ]*\).*/\1/p' \
+                "$TMP/up.out")
             export KVSTREAM_ENDPOINT
             return 0
         fi
@@ -112,9 +114,11 @@ run session list
 # append: an argument, then standard input
 run append s1 "AAPL 189.20" -o json
 jq_check "$TMP/out" 'o["version"] == 1 and o["n_tokens"] > 0 and o["duplicate"] is False'
-printf 'MSFT 401.50\nAAPL 190.10\n\nGOOG 140.00\n' | "$KVS" append s1 - -o json >"$TMP/out" 2>"$TMP/err" \
-    || fail "append - exited $?: $(cat "$TMP/err")"
-jq_check "$TMP/out" '[x["version"] for x in all] == [2, 3, 4] and len({x["client_id"] for x in all}) == 1'
+printf 'MSFT 401.50\nAAPL 190.10\n\nGOOG 140.00\n' |
+    "$KVS" append s1 - -o json >"$TMP/out" 2>"$TMP/err" ||
+    fail "append - exited $?: $(cat "$TMP/err")"
+jq_check "$TMP/out" '[x["version"] for x in all] == [2, 3, 4]'
+jq_check "$TMP/out" 'len({x["client_id"] for x in all}) == 1'
 run append s1 "MSFT 402.00"
 grep -q "^s1 version 5 +" "$TMP/out" || fail "append text output: $(cat "$TMP/out")"
 
@@ -146,14 +150,17 @@ jq_check "$TMP/out" 'o["duplicate"] is False and o["version"] == 9'
 expect_error 1 "OUT_OF_ORDER" -- append s1 "IBM 182.00" --client-id 4242 --after-seq 7
 
 run session info s1 -o json
-jq_check "$TMP/out" 'o["version"] == 9 and o["appends"] == 9 and o["data_tokens"] == o["cells_used"] and o["cells_budget"] == 2048 and o["flash_queries"] == 0'
+jq_check "$TMP/out" 'o["version"] == 9 and o["appends"] == 9 and o["flash_queries"] == 0'
+jq_check "$TMP/out" 'o["data_tokens"] == o["cells_used"] > 0 and o["cells_budget"] == 2048'
 run session info s1
 grep -q "^appends  *9$" "$TMP/out" || fail "session info text: $(cat "$TMP/out")"
 
 # query: stateful == stateless, text output == json answer
 run query s1 "Last AAPL price:" -n 12 -o json
 cp "$TMP/out" "$TMP/q.json"
-jq_check "$TMP/q.json" 'set(o) >= {"answer", "token_ids", "version", "context_tokens", "ttft_ms", "total_ms"} and o["version"] == 9 and 0 < len(o["token_ids"]) <= 12 and o["total_ms"] >= o["ttft_ms"] > 0'
+ANSWER_KEYS='{"answer", "token_ids", "version", "context_tokens", "ttft_ms", "total_ms"}'
+jq_check "$TMP/q.json" "set(o) >= $ANSWER_KEYS and o['version'] == 9"
+jq_check "$TMP/q.json" '0 < len(o["token_ids"]) <= 12 and o["total_ms"] >= o["ttft_ms"] > 0'
 run query s1 "Last AAPL price:" -n 12 --stateless -o json
 cp "$TMP/out" "$TMP/qs.json"
 python3 - "$TMP/q.json" "$TMP/qs.json" <<'PY' || fail "stateful and stateless answers differ"
@@ -180,7 +187,8 @@ run flash list s1 -o json
 jq_check "$TMP/out" 'o["names"] == ["last"]'
 run flash get s1 last -o json
 cp "$TMP/out" "$TMP/f1.json"
-jq_check "$TMP/f1.json" 'set(o) >= {"answer", "token_ids", "version", "context_tokens", "ttft_ms", "total_ms", "fresh"} and o["fresh"] is True and o["version"] == 9'
+jq_check "$TMP/f1.json" "set(o) >= $ANSWER_KEYS | {'fresh'}"
+jq_check "$TMP/f1.json" 'o["fresh"] is True and o["version"] == 9'
 run query s1 "Last AAPL price:" -n 8 -o json
 python3 - "$TMP/f1.json" "$TMP/out" <<'PY' || fail "flash answer differs from the query's"
 import json, sys
@@ -201,7 +209,10 @@ for _ in $(seq 1 300); do
     kill -0 "$WATCH_PID" 2>/dev/null || break
     sleep 0.1
 done
-kill -0 "$WATCH_PID" 2>/dev/null && { kill "$WATCH_PID"; fail "flash watch did not get 2 answers: $(cat "$TMP/watch.out")"; }
+if kill -0 "$WATCH_PID" 2>/dev/null; then
+    kill "$WATCH_PID"
+    fail "flash watch did not get 2 answers: $(cat "$TMP/watch.out")"
+fi
 wait "$WATCH_PID" || fail "flash watch exited $?: $(cat "$TMP/watch.err")"
 jq_check "$TMP/watch.out" '[x["version"] for x in all] == [9, 10] and all[0]["name"] == "last"'
 run flash get s1 last -o json

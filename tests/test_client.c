@@ -432,8 +432,8 @@ START_TEST(test_flash)
     ck_assert(g.fresh);
     ck_assert_int_eq(g.version, 1);
     ck_assert_str_eq(g.name, "last");
-    OK(c, kvs_client_query(c, "f1", "Last BTC price:", &(struct kvs_client_query_opts){.max_tokens = 6},
-                           NULL, NULL, &q));
+    struct kvs_client_query_opts six = {.max_tokens = 6};
+    OK(c, kvs_client_query(c, "f1", "Last BTC price:", &six, NULL, NULL, &q));
     ck_assert_int_eq(g.n_tokens, q.n_tokens);
     ck_assert_mem_eq(g.tokens, q.tokens, (size_t)q.n_tokens * sizeof *q.tokens);
 
@@ -461,7 +461,7 @@ START_TEST(test_flash)
 }
 END_TEST
 
-/* ---- flash watch ------------------------------------------------------------------------------- */
+/* ---- flash watch ----------------------------------------------------------------------------- */
 
 struct watch_ctx {
     const char *endpoint;
@@ -587,7 +587,7 @@ START_TEST(test_watch_resumes_after_restart)
 }
 END_TEST
 
-/* ---- timeouts, retries, reconnects ------------------------------------------------------------ */
+/* ---- timeouts, retries, reconnects ----------------------------------------------------------- */
 
 static void *resume_later(void *arg)
 {
@@ -742,7 +742,7 @@ START_TEST(test_reconnect_after_restart)
 }
 END_TEST
 
-/* ---- MOVED -------------------------------------------------------------------------------------- */
+/* ---- MOVED ----------------------------------------------------------------------------------- */
 
 /* A ROUTER that says hello and answers everything else MOVED: to the real worker for most
  * sessions, to itself for "loop", without an owner for "noowner". */
@@ -881,7 +881,7 @@ START_TEST(test_moved_is_followed)
 }
 END_TEST
 
-/* ---- bad arguments ------------------------------------------------------------------------------ */
+/* ---- bad arguments --------------------------------------------------------------------------- */
 
 START_TEST(test_bad_arguments)
 {

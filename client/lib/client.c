@@ -141,7 +141,7 @@ static int conn_get(kvs_client *c, const char *endpoint, struct client_conn **ou
     return 0;
 }
 
-/* ---- routes (MOVED) ---------------------------------------------------------------------------- */
+/* ---- routes (MOVED) -------------------------------------------------------------------------- */
 
 static struct client_route *route_find(kvs_client *c, const char *session)
 {
@@ -250,7 +250,8 @@ void client_req_begin(kvs_client *c, const char *op)
     if (strcmp(op, "hello") != 0 && strcmp(op, "ping") != 0 && strcmp(op, "cancel") != 0 &&
         strcmp(op, "flash.watch") != 0) {
         uint32_t d = (uint32_t)c->timeout_ms;
-        client_req_u64(c, "deadline_ms", d < KVS_WIRE_MAX_DEADLINE_MS ? d : KVS_WIRE_MAX_DEADLINE_MS);
+        client_req_u64(c, "deadline_ms",
+                       d < KVS_WIRE_MAX_DEADLINE_MS ? d : KVS_WIRE_MAX_DEADLINE_MS);
     }
 }
 

@@ -474,7 +474,8 @@ int kvs_client_query(kvs_client *c, const char *session, const char *question,
             client_abandon(c);
             return client_fail(c, KVS_BAD_FORMAT, "streamed piece without text");
         }
-        int32_t tok = mp_u64(mp_get(m, "token"), &token) && token <= INT32_MAX ? (int32_t)token : -1;
+        int32_t tok =
+            mp_u64(mp_get(m, "token"), &token) && token <= INT32_MAX ? (int32_t)token : -1;
         if (!cb(tok, text, n, user) || atomic_load(&c->cancel)) {
             client_abandon(c);
             return client_fail(c, KVS_CANCELLED, "query cancelled");
