@@ -141,6 +141,114 @@ static double mm_step_graph_ms(struct bench *B, const float *dx, float *dy)
     return median(t + 3, 5) * 1e3;
 }
 
+/* The other ops of a decode step, alone (one row at a 1K context): which costs what. */
+struct pieces {
+    float *x, *o, *h, *q, *k, *v, *att, *lx, *logits; /* device */
+    int32_t *d_slot, *d_ctx, *d_rtab;                 /* device, one row */
+    struct kvs_attn_batch ab;
+    int which; /* bit 0 add+rmsnorm x2, 1 rope q+k, 2 kv_store, 3 attention, 4 LM-head rows */
+};
+
+static int pieces_step(struct bench *B, struct pieces *P)
+{
+    kvs_backend *bk = B->b;
+    const struct kvs_backend_ops *op = bk->ops;
+    const struct kvs_hparams *hp = &B->m->hp;
+    kvs_kv_cache *kv = kvs_pool_kv(B->pool);
+    int32_t E = (int32_t)hp->n_embd, H = (int32_t)hp->n_head, HKV = (int32_t)hp->n_head_kv;
+    int32_t D = (int32_t)hp->head_dim, pos = 1024, zero = 0;
+    for (int32_t l = 0; l < (int32_t)hp->n_layer; l++) {
+        const struct kvs_layer *L = &B->m->layers[l];
+        if (P->which & 1) {
+            KVS_TRY(op->add(bk, P->x, P->o, E));
+            KVS_TRY(op->rmsnorm(bk, P->x, L->attn_norm, 1, E, hp->norm_eps, P->h));
+            KVS_TRY(op->add(bk, P->x, P->o, E));
+            KVS_TRY(op->rmsnorm(bk, P->x, L->ffn_norm, 1, E, hp->norm_eps, P->h));
+        }
+        if (P->which & 2) {
+            KVS_TRY(op->rope(bk, P->q, 1, H, D, &pos, &B->m->rope));
+            KVS_TRY(op->rope(bk, P->k, 1, HKV, D, &pos, &B->m->rope));
+        }
+        if (P->which & 4) {
+            KVS_TRY(op->kv_store(bk, kv, l, P->k, P->v, &P->ab));
+        }
+        if (P->which & 8) {
+            KVS_TRY(op->attention(bk, kv, l, P->q, H, 0.088f, &P->ab, P->att));
+        }
+    }
+    if (P->which & 16) {
+        KVS_TRY(op->get_rows(bk, &B->m->tok_embd, &zero, 1, P->x));
+        KVS_TRY(op->gather(bk, P->x, &zero, 1, E, P->lx));
+        KVS_TRY(op->rmsnorm(bk, P->lx, B->m->output_norm, 1, E, hp->norm_eps, P->lx));
+    }
+    return 0;
+}
+
+static double pieces_ms(struct bench *B, struct pieces *P, int which)
+{
+    double t[8];
+    P->which = which;
+    for (int rep = 0; rep < 8; rep++) {
+        CHECK(B->b->ops->sync(B->b));
+        double t1 = now();
+        int rc = 0;
+        CHECK(kvs_cuda_graph_begin(B->b, 1));
+        do {
+            rc = pieces_step(B, P);
+        } while (kvs_cuda_graph_end(B->b, &rc) == 1);
+        CHECK(rc);
+        CHECK(B->b->ops->sync(B->b));
+        t[rep] = now() - t1;
+    }
+    return median(t + 3, 5) * 1e3;
+}
+
+/* Time each kind of a decode step's small ops at 1K context (seq has >= 1024 cells). */
+static void time_pieces(struct bench *B, kvs_seq *seq)
+{
+    kvs_backend *bk = B->b;
+    const struct kvs_hparams *hp = &B->m->hp;
+    size_t big = (size_t)hp->n_head * hp->head_dim + hp->n_embd;
+    float *hx = malloc(big * sizeof(float));
+    for (size_t i = 0; i < big; i++) {
+        hx[i] = (float)((int)(i * 2654435761u % 2001) - 1000) * 1e-3f;
+    }
+    struct pieces P;
+    memset(&P, 0, sizeof P);
+    float **bufs[] = {&P.x, &P.o, &P.h, &P.q, &P.k, &P.v, &P.att, &P.lx};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        *bufs[i] = bk->ops->alloc(bk, big * sizeof(float));
+        CHECK(bk->ops->upload(bk, *bufs[i], hx, big * sizeof(float)));
+    }
+    CHECK(kvs_pool_seq_reserve(B->pool, seq, 1));
+    int32_t bs = kvs_pool_block_size(B->pool);
+    int32_t slot = kvs_seq_slot(seq, 1024, bs), ctx = 1025, rtab = 0;
+    P.d_slot = bk->ops->alloc(bk, 64);
+    P.d_ctx = bk->ops->alloc(bk, 64);
+    P.d_rtab = bk->ops->alloc(bk, 64);
+    int32_t *d_tab = bk->ops->alloc(bk, (size_t)seq->n_blocks * sizeof(int32_t));
+    CHECK(bk->ops->upload(bk, P.d_slot, &slot, 4));
+    CHECK(bk->ops->upload(bk, P.d_ctx, &ctx, 4));
+    CHECK(bk->ops->upload(bk, P.d_rtab, &rtab, 4));
+    CHECK(bk->ops->upload(bk, d_tab, seq->table, (size_t)seq->n_blocks * sizeof(int32_t)));
+    P.ab = (struct kvs_attn_batch){.n_rows = 1, .row_slot = P.d_slot, .row_ctx = P.d_ctx,
+                                   .row_table = P.d_rtab, .tables = d_tab};
+    double all = pieces_ms(B, &P, 31), norms = pieces_ms(B, &P, 1), rope = pieces_ms(B, &P, 2);
+    double store = pieces_ms(B, &P, 4), attn = pieces_ms(B, &P, 8), head = pieces_ms(B, &P, 16);
+    printf("decode-step pieces at 1K, one graph each: all small ops %.3f ms = 2x(add+rmsnorm) "
+           "%.3f + rope q,k %.3f + kv_store %.3f + attention %.3f + embed/LM-head rows %.3f "
+           "(x32 layers)\n",
+           all, norms, rope, store, attn, head);
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        bk->ops->free(bk, *bufs[i]);
+    }
+    bk->ops->free(bk, P.d_slot);
+    bk->ops->free(bk, P.d_ctx);
+    bk->ops->free(bk, P.d_rtab);
+    bk->ops->free(bk, d_tab);
+    free(hx);
+}
+
 static double decode_ms(struct bench *B, kvs_seq *seq, int steps)
 {
     double t[64];
@@ -303,6 +411,16 @@ int main(int argc, char **argv)
     printf("decode 1K variants: graphs+fusion+PDL %.3f ms, fusion+PDL only %.3f ms, graphs+fusion "
            "without PDL %.3f ms, none of them %.3f ms\n",
            dec1k, dec1k_nograph, dec1k_nopdl, dec1k_plain);
+    /* a step without logits: no LM head, no download */
+    {
+        double tn[16];
+        for (int i = 0; i < 11; i++) {
+            tn[i] = feed(&B, s1, 1, 0);
+        }
+        printf("decode 1K without logits (no LM head, no download): %.3f ms\n",
+               median(tn + 1, 10) * 1e3);
+    }
+    time_pieces(&B, s1);
     setenv("KVS_CUDA_GEMV", "rpw2", 1);
     double dec1k_rpw2 = decode_ms(&B, s1, quick ? 5 : 10);
     unsetenv("KVS_CUDA_GEMV");

@@ -686,6 +686,8 @@ static __device__ __forceinline__ void fa_load(const attn_args &a, const __nv_bf
 template <int HD, bool KVW, int NW>
 static __global__ void __launch_bounds__(NW * 32) attn_fa_kernel(attn_args a)
 {
+    kvs_pdl_trigger();
+    kvs_pdl_wait();
     constexpr int THREADS = NW * 32;
     constexpr int LD = fa_ld(HD), QV = fa_qv(KVW, NW); /* query vectors per block */
     constexpr int NT = KVW ? 2 : 8;                   /* 8-cell n-tiles per warp per tile */
@@ -967,6 +969,7 @@ static fa_fn fa_kernel_for(int hd, bool kvw, int nw)
 static __global__ void __launch_bounds__(128) attn_combine_kernel(attn_args a)
 {
     kvs_pdl_trigger(); /* the output projection's GEMV may start loading its weights */
+    kvs_pdl_wait();
     __shared__ float sw[MAX_SPLIT], sl[MAX_SPLIT]; /* per split: m (then weight), l */
     __shared__ float sM, sL;
     const int32_t rh = blockIdx.x; /* row * n_head + head */
@@ -1140,11 +1143,10 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
         if (!launch_ok(c, (const void *)fa, a)) {
             return 0;
         }
-        fa<<<grid, nw * 32, smem, c->stream>>>(a);
-        CU_LAUNCHED();
+        CU_TRY(kvs_cuda_launch(c, fa, grid, dim3(nw * 32), smem, a));
         if (a.n_split > 1) {
-            attn_combine_kernel<<<(unsigned)(a.n_rows * n_head), 128, 0, c->stream>>>(a);
-            CU_LAUNCHED();
+            CU_TRY(kvs_cuda_launch(c, attn_combine_kernel, dim3((unsigned)(a.n_rows * n_head)),
+                                   dim3(128), 0, a));
         }
         return 0;
     }

@@ -240,6 +240,27 @@ static __device__ __forceinline__ void kvs_pdl_trigger()
 #endif
 }
 
+/* Launch kernel on c's stream, as a programmatic dependent launch when c->pdl: only for
+ * kernels that call kvs_pdl_wait() before touching global memory. */
+template <typename K, typename... Args>
+static inline cudaError_t kvs_cuda_launch(struct kvs_cuda *c, K kernel, dim3 grid, dim3 block,
+                                          size_t smem, Args... args)
+{
+    cudaLaunchConfig_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = c->stream;
+    cudaLaunchAttribute at[1];
+    memset(at, 0, sizeof at);
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = c->pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 /* The bits of a float, for hashing launch arguments on the host. */
 static inline uint64_t kvs_cuda_fbits(float f)
 {

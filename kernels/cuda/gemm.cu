@@ -208,19 +208,7 @@ enum { SITE_GEMV = 0x100, SITE_GEMV_SWIGLU, SITE_GEMM };
 template <typename K, typename... Args>
 static cudaError_t launch_gemv(struct kvs_cuda *c, K kernel, dim3 grid, Args... args)
 {
-    cudaLaunchConfig_t cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(GEMV_WARPS * 32);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = c->stream;
-    cudaLaunchAttribute at[1];
-    memset(at, 0, sizeof at);
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = c->pdl ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, kernel, args...);
+    return kvs_cuda_launch(c, kernel, grid, dim3(GEMV_WARPS * 32), 0, args...);
 }
 
 int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out)

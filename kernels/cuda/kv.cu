@@ -96,6 +96,8 @@ static __global__ void kv_store_kernel(const float *__restrict__ k, const float 
                                        size_t block_stride, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
                                        int *flag)
 {
+    kvs_pdl_trigger();
+    kvs_pdl_wait();
     int64_t total = (int64_t)n_rows * n_kv_head * head_dim;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -134,11 +136,11 @@ int kvs_cuda_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
         return 0;
     }
     int64_t total = (int64_t)ab->n_rows * l->n_kv_head * l->head_dim;
-    kv_store_kernel<<<kvs_cuda_blocks(total, 256), 256, 0, c->stream>>>(
-        k, v, ab->row_slot, ab->n_rows, l->n_kv_head, l->head_dim, l->block_size,
-        (int64_t)l->n_block * l->block_size, (size_t)layer * kv->layer_stride, kv->head_stride,
-        kv->block_stride, kv->k, kv->v, c->d_flag);
-    CU_LAUNCHED();
+    CU_TRY(kvs_cuda_launch(c, kv_store_kernel, dim3(kvs_cuda_blocks(total, 256)), dim3(256), 0,
+                           k, v, ab->row_slot, ab->n_rows, l->n_kv_head, l->head_dim,
+                           l->block_size, (int64_t)l->n_block * l->block_size,
+                           (size_t)layer * kv->layer_stride, kv->head_stride, kv->block_stride,
+                           kv->k, kv->v, c->d_flag));
     return 0;
 }
 
