@@ -106,8 +106,8 @@ int kvs_store_b64_decode(const char *b64, size_t b64_len, char **bin, size_t *le
     }
     const char *end = NULL;
     size_t n = 0;
-    if (sodium_base642bin((unsigned char *)out, b64_len / 4 * 3 + 2, b64, b64_len, NULL, &n,
-                          &end, sodium_base64_VARIANT_ORIGINAL) != 0 ||
+    if (sodium_base642bin((unsigned char *)out, b64_len / 4 * 3 + 2, b64, b64_len, NULL, &n, &end,
+                          sodium_base64_VARIANT_ORIGINAL) != 0 ||
         end != b64 + b64_len) {
         free(out);
         return KVS_BAD_FORMAT;
@@ -180,8 +180,7 @@ static int check_key(const char *key, char *err, size_t errlen)
 static int check_value(const void *value, size_t len, char *err, size_t errlen)
 {
     if (len > KVS_STORE_MAX_VALUE) {
-        kvs_errf(err, errlen, "store: value of %zu bytes (at most %u)", len,
-                 KVS_STORE_MAX_VALUE);
+        kvs_errf(err, errlen, "store: value of %zu bytes (at most %u)", len, KVS_STORE_MAX_VALUE);
         return KVS_TOO_LARGE;
     }
     if (len > 0 && value == NULL) {
@@ -211,8 +210,7 @@ int kvs_store_put(kvs_store *s, const char *key, const void *value, size_t len, 
     if (lease < 0) {
         return check_lease(lease, err, errlen);
     }
-    return s->ops->put(s, key, value, len, lease, revision ? revision : &rev_ignored, err,
-                       errlen);
+    return s->ops->put(s, key, value, len, lease, revision ? revision : &rev_ignored, err, errlen);
 }
 
 int kvs_store_range(kvs_store *s, const char *key, bool prefix, struct kvs_store_range *out,
@@ -229,8 +227,7 @@ int kvs_store_range(kvs_store *s, const char *key, bool prefix, struct kvs_store
     return rc;
 }
 
-int kvs_store_get(kvs_store *s, const char *key, struct kvs_store_kv *kv, char *err,
-                  size_t errlen)
+int kvs_store_get(kvs_store *s, const char *key, struct kvs_store_kv *kv, char *err, size_t errlen)
 {
     memset(kv, 0, sizeof *kv);
     struct kvs_store_range r;
@@ -259,8 +256,7 @@ int kvs_store_delete(kvs_store *s, const char *key, bool prefix, int64_t *n_dele
 int kvs_store_compact(kvs_store *s, int64_t revision, char *err, size_t errlen)
 {
     if (revision <= 0) {
-        kvs_errf(err, errlen, "store: compact revision %lld (must be > 0)",
-                 (long long)revision);
+        kvs_errf(err, errlen, "store: compact revision %lld (must be > 0)", (long long)revision);
         return KVS_INVALID_ARGUMENT;
     }
     return s->ops->compact(s, revision, err, errlen);
@@ -317,8 +313,8 @@ int kvs_store_txn(kvs_store *s, const struct kvs_store_cmp *cmp, size_t n_cmp,
 
 /* ---- leases ---- */
 
-int kvs_store_lease_grant(kvs_store *s, int64_t ttl_s, int64_t *id, int64_t *granted_ttl,
-                          char *err, size_t errlen)
+int kvs_store_lease_grant(kvs_store *s, int64_t ttl_s, int64_t *id, int64_t *granted_ttl, char *err,
+                          size_t errlen)
 {
     int64_t ttl_ignored;
     *id = 0;
@@ -327,8 +323,7 @@ int kvs_store_lease_grant(kvs_store *s, int64_t ttl_s, int64_t *id, int64_t *gra
                  KVS_STORE_MAX_TTL);
         return KVS_INVALID_ARGUMENT;
     }
-    return s->ops->lease_grant(s, ttl_s, id, granted_ttl ? granted_ttl : &ttl_ignored, err,
-                               errlen);
+    return s->ops->lease_grant(s, ttl_s, id, granted_ttl ? granted_ttl : &ttl_ignored, err, errlen);
 }
 
 int kvs_store_lease_keepalive(kvs_store *s, int64_t id, int64_t *ttl, char *err, size_t errlen)
@@ -346,8 +341,8 @@ int kvs_store_lease_revoke(kvs_store *s, int64_t id, char *err, size_t errlen)
 
 /* ---- watch ---- */
 
-kvs_store_watch *kvs_store_watch_new(kvs_store *s, const char *prefix, int64_t start_rev,
-                                     char *err, size_t errlen)
+kvs_store_watch *kvs_store_watch_new(kvs_store *s, const char *prefix, int64_t start_rev, char *err,
+                                     size_t errlen)
 {
     if (prefix == NULL || strlen(prefix) > KVS_STORE_MAX_KEY || start_rev < 0) {
         kvs_errf(err, errlen, "store: bad watch prefix or start revision %lld",

@@ -60,7 +60,7 @@ struct kvs_store_kv {
 struct kvs_store_range {
     struct kvs_store_kv *kvs; /* n, sorted by key */
     size_t n;
-    int64_t revision;         /* the store's revision the read saw */
+    int64_t revision; /* the store's revision the read saw */
 };
 
 void kvs_store_range_free(struct kvs_store_range *r); /* accepts a zeroed range; zeroes it */
@@ -94,13 +94,12 @@ int kvs_store_range(kvs_store *s, const char *key, bool prefix, struct kvs_store
                     char *err, size_t errlen);
 
 /* Read one key into *kv (caller frees with kvs_store_kv_free). NOT_FOUND when absent. */
-int kvs_store_get(kvs_store *s, const char *key, struct kvs_store_kv *kv, char *err,
-                  size_t errlen);
+int kvs_store_get(kvs_store *s, const char *key, struct kvs_store_kv *kv, char *err, size_t errlen);
 void kvs_store_kv_free(struct kvs_store_kv *kv); /* accepts a zeroed kv; zeroes it */
 
 /* Delete one key or a prefix. *n_deleted (optional) = keys removed; 0 is not an error. */
-int kvs_store_delete(kvs_store *s, const char *key, bool prefix, int64_t *n_deleted,
-                     char *err, size_t errlen);
+int kvs_store_delete(kvs_store *s, const char *key, bool prefix, int64_t *n_deleted, char *err,
+                     size_t errlen);
 
 /* Forget history before revision (watches from older revisions get KVS_STORE_RESET).
  * OUT_OF_RANGE when revision is beyond the current one or already compacted. */
@@ -109,10 +108,10 @@ int kvs_store_compact(kvs_store *s, int64_t revision, char *err, size_t errlen);
 /* ---- transactions (compare-and-swap) ---- */
 
 enum kvs_store_target {
-    KVS_STORE_CREATE, /* the key's create_revision (0 when absent) */
-    KVS_STORE_MOD,    /* the key's mod_revision (0 when absent) */
-    KVS_STORE_VERSION,/* the key's version (0 when absent) */
-    KVS_STORE_VALUE,  /* the key's value (an absent key fails every value compare) */
+    KVS_STORE_CREATE,  /* the key's create_revision (0 when absent) */
+    KVS_STORE_MOD,     /* the key's mod_revision (0 when absent) */
+    KVS_STORE_VERSION, /* the key's version (0 when absent) */
+    KVS_STORE_VALUE,   /* the key's value (an absent key fails every value compare) */
 };
 enum kvs_store_result { KVS_STORE_EQUAL, KVS_STORE_NOT_EQUAL, KVS_STORE_LESS, KVS_STORE_GREATER };
 
@@ -120,8 +119,8 @@ struct kvs_store_cmp {
     const char *key;
     enum kvs_store_target target;
     enum kvs_store_result result;
-    int64_t number;     /* CREATE, MOD, VERSION */
-    const void *value;  /* VALUE: value_len bytes, compared as bytes */
+    int64_t number;    /* CREATE, MOD, VERSION */
+    const void *value; /* VALUE: value_len bytes, compared as bytes */
     size_t value_len;
 };
 
@@ -130,10 +129,10 @@ enum kvs_store_op_type { KVS_STORE_OP_PUT, KVS_STORE_OP_DELETE };
 struct kvs_store_op {
     enum kvs_store_op_type type;
     const char *key;
-    const void *value;  /* PUT */
+    const void *value; /* PUT */
     size_t value_len;
-    int64_t lease;      /* PUT; 0 = none */
-    bool prefix;        /* DELETE: every key starting with key */
+    int64_t lease; /* PUT; 0 = none */
+    bool prefix;   /* DELETE: every key starting with key */
 };
 
 /* If every compare holds, apply ok[0..n_ok) else fail[0..n_fail), atomically, as one
@@ -147,8 +146,8 @@ int kvs_store_txn(kvs_store *s, const struct kvs_store_cmp *cmp, size_t n_cmp,
 
 /* Grant a lease of ttl_s seconds (1..KVS_STORE_MAX_TTL); *id = its id (> 0), *granted_ttl
  * (optional) = the TTL the store granted (etcd rounds up to its minimum). */
-int kvs_store_lease_grant(kvs_store *s, int64_t ttl_s, int64_t *id, int64_t *granted_ttl,
-                          char *err, size_t errlen);
+int kvs_store_lease_grant(kvs_store *s, int64_t ttl_s, int64_t *id, int64_t *granted_ttl, char *err,
+                          size_t errlen);
 /* Renew a lease once; *ttl (optional) = its TTL again. NOT_FOUND when it has expired (etcd
  * says so only by leaving TTL out of the reply) or never existed. */
 int kvs_store_lease_keepalive(kvs_store *s, int64_t id, int64_t *ttl, char *err, size_t errlen);
@@ -172,8 +171,8 @@ struct kvs_store_event {
 /* Watch every key starting with prefix, from revision start_rev on (0 = changes after now).
  * Returns NULL with a reason when it cannot be set up (the etcd watch runs on a thread of its
  * own that reconnects with a backoff while etcd is away). Caller destroys. */
-kvs_store_watch *kvs_store_watch_new(kvs_store *s, const char *prefix, int64_t start_rev,
-                                     char *err, size_t errlen);
+kvs_store_watch *kvs_store_watch_new(kvs_store *s, const char *prefix, int64_t start_rev, char *err,
+                                     size_t errlen);
 /* Wait up to timeout_ms (0 = do not wait, < 0 = forever) for the next event and move it into
  * *ev (caller frees with kvs_store_event_free). 1 = an event, 0 = none yet, or UNAVAILABLE
  * when the watch has stopped for good (its store is closing). While etcd is away the call

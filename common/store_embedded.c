@@ -43,21 +43,21 @@ struct undo {
 struct embedded {
     struct kvs_store base;
     pthread_mutex_t mu;
-    char *path;                 /* NULL = not persisted */
-    int64_t revision;           /* the store's revision; 1 when empty, as etcd */
-    int64_t compact_rev;        /* history covers revisions > compact_rev */
+    char *path;          /* NULL = not persisted */
+    int64_t revision;    /* the store's revision; 1 when empty, as etcd */
+    int64_t compact_rev; /* history covers revisions > compact_rev */
     int64_t next_lease;
-    struct kvs_store_kv *kvs;   /* n_kvs, sorted by key */
+    struct kvs_store_kv *kvs; /* n_kvs, sorted by key */
     size_t n_kvs, cap_kvs;
-    struct lease *leases;       /* n_leases, unordered */
+    struct lease *leases; /* n_leases, unordered */
     size_t n_leases, cap_leases;
     struct kvs_store_event *hist; /* n_hist, revision order */
     size_t n_hist, cap_hist;
-    struct undo *undo;          /* the change in progress */
+    struct undo *undo; /* the change in progress */
     size_t n_undo, cap_undo;
     struct kvs_store_event *pending; /* events of the change in progress */
     size_t n_pending, cap_pending;
-    kvs_store_watch *watches;   /* live watches (w->next_in_store) */
+    kvs_store_watch *watches; /* live watches (w->next_in_store) */
     pthread_t ticker;
     pthread_cond_t tick_cv;
     bool stopping;
@@ -200,9 +200,13 @@ static int apply_put(struct embedded *e, const char *key, const void *value, siz
             return KVS_NO_MEMORY;
         }
         memmove(&e->kvs[i + 1], &e->kvs[i], (e->n_kvs - i) * sizeof *kvs);
-        e->kvs[i] = (struct kvs_store_kv){.key = k, .value = v, .value_len = len,
-                                          .create_revision = rev, .mod_revision = rev,
-                                          .version = 1, .lease = lease};
+        e->kvs[i] = (struct kvs_store_kv){.key = k,
+                                          .value = v,
+                                          .value_len = len,
+                                          .create_revision = rev,
+                                          .mod_revision = rev,
+                                          .version = 1,
+                                          .lease = lease};
         e->n_kvs++;
     }
     return add_pending(e, KVS_STORE_PUT, &e->kvs[i]);
@@ -291,17 +295,17 @@ static json_t *state_to_json(const struct embedded *e)
     json_object_set_new(root, "revision", json_integer(e->revision));
     json_object_set_new(root, "next_lease", json_integer(e->next_lease));
     for (size_t i = 0; i < e->n_leases; i++) {
-        json_array_append_new(leases, json_pack("{sIsI}", "id", (json_int_t)e->leases[i].id,
-                                                "ttl", (json_int_t)e->leases[i].ttl));
+        json_array_append_new(leases, json_pack("{sIsI}", "id", (json_int_t)e->leases[i].id, "ttl",
+                                                (json_int_t)e->leases[i].ttl));
     }
     for (size_t i = 0; i < e->n_kvs; i++) {
         const struct kvs_store_kv *kv = &e->kvs[i];
         char *b64 = kvs_store_b64_encode(kv->value, kv->value_len);
-        json_array_append_new(
-            kvs, json_pack("{sssssIsIsIsI}", "key", kv->key, "value", b64 ? b64 : "",
-                           "create_revision", (json_int_t)kv->create_revision,
-                           "mod_revision", (json_int_t)kv->mod_revision, "version",
-                           (json_int_t)kv->version, "lease", (json_int_t)kv->lease));
+        json_array_append_new(kvs,
+                              json_pack("{sssssIsIsIsI}", "key", kv->key, "value", b64 ? b64 : "",
+                                        "create_revision", (json_int_t)kv->create_revision,
+                                        "mod_revision", (json_int_t)kv->mod_revision, "version",
+                                        (json_int_t)kv->version, "lease", (json_int_t)kv->lease));
         free(b64);
     }
     json_object_set_new(root, "leases", leases);
@@ -368,12 +372,10 @@ static int load(struct embedded *e, char *err, size_t errlen)
     const char *format = NULL;
     int rc = KVS_OK;
     if (json_unpack_ex(root, &jerr, JSON_STRICT, "{sssIsIsoso}", "format", &format, "revision",
-                       &revision, "next_lease", &next_lease, "leases", &leases, "kvs",
-                       &kvs) != 0 ||
-        strcmp(format, "kvstream-store-1") != 0 || !json_is_array(kvs) ||
-        !json_is_array(leases) || revision < 1 || next_lease < 1) {
-        kvs_errf(err, errlen, "store: %s is not a kvstream store file (%s)", e->path,
-                 jerr.text);
+                       &revision, "next_lease", &next_lease, "leases", &leases, "kvs", &kvs) != 0 ||
+        strcmp(format, "kvstream-store-1") != 0 || !json_is_array(kvs) || !json_is_array(leases) ||
+        revision < 1 || next_lease < 1) {
+        kvs_errf(err, errlen, "store: %s is not a kvstream store file (%s)", e->path, jerr.text);
         rc = KVS_BAD_FORMAT;
         goto done;
     }
@@ -402,16 +404,16 @@ static int load(struct embedded *e, char *err, size_t errlen)
     {
         const char *key, *b64;
         json_int_t cr, mr, ver, lease;
-        if (json_unpack(it, "{sssssIsIsIsI}", "key", &key, "value", &b64, "create_revision",
-                        &cr, "mod_revision", &mr, "version", &ver, "lease", &lease) != 0 ||
+        if (json_unpack(it, "{sssssIsIsIsI}", "key", &key, "value", &b64, "create_revision", &cr,
+                        "mod_revision", &mr, "version", &ver, "lease", &lease) != 0 ||
             key[0] == '\0' || cr < 1 || mr < cr || mr > revision || ver < 1 || lease < 0 ||
             (i > 0 && strcmp(e->kvs[e->n_kvs - 1].key, key) >= 0)) {
             kvs_errf(err, errlen, "store: %s: bad key record %zu", e->path, i);
             rc = KVS_BAD_FORMAT;
             goto done;
         }
-        struct kvs_store_kv kv = {.create_revision = cr, .mod_revision = mr, .version = ver,
-                                  .lease = lease};
+        struct kvs_store_kv kv = {
+            .create_revision = cr, .mod_revision = mr, .version = ver, .lease = lease};
         rc = kvs_store_b64_decode(b64, strlen(b64), &kv.value, &kv.value_len);
         kv.key = strdup(key);
         struct kvs_store_kv *arr = grow(e->kvs, &e->cap_kvs, e->n_kvs + 1, sizeof *arr);
@@ -544,8 +546,8 @@ static void expire_leases(struct embedded *e)
             char err[256];
             int64_t id = e->leases[i].id;
             if (drop_lease(e, id, err, sizeof err) < 0) {
-                KVS_ERROR("store: lease %lld expired but could not be dropped: %s",
-                          (long long)id, err);
+                KVS_ERROR("store: lease %lld expired but could not be dropped: %s", (long long)id,
+                          err);
                 i++; /* retried at the next tick */
             }
             continue; /* the array changed at i */
@@ -762,8 +764,8 @@ static int e_txn(kvs_store *s, const struct kvs_store_cmp *cmp, size_t n_cmp,
     return rc;
 }
 
-static int e_lease_grant(kvs_store *s, int64_t ttl_s, int64_t *id, int64_t *granted_ttl,
-                         char *err, size_t errlen)
+static int e_lease_grant(kvs_store *s, int64_t ttl_s, int64_t *id, int64_t *granted_ttl, char *err,
+                         size_t errlen)
 {
     struct embedded *e = E(s);
     pthread_mutex_lock(&e->mu);
@@ -797,8 +799,7 @@ static int e_lease_keepalive(kvs_store *s, int64_t id, int64_t *ttl, char *err, 
     struct lease *l = find_lease(e, id);
     int rc = KVS_OK;
     if (l == NULL) {
-        kvs_errf(err, errlen, "store: lease %lld not found (expired or revoked)",
-                 (long long)id);
+        kvs_errf(err, errlen, "store: lease %lld not found (expired or revoked)", (long long)id);
         rc = KVS_NOT_FOUND;
     } else {
         l->deadline_ms = now_ms() + l->ttl * 1000;

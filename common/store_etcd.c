@@ -21,21 +21,21 @@
 #include <string.h>
 #include <time.h>
 
-#define REPLY_MAX (16u << 20)      /* bytes of one reply */
-#define WATCH_MSG_MAX (4u << 20)   /* bytes of one watch stream message */
+#define REPLY_MAX (16u << 20)    /* bytes of one reply */
+#define WATCH_MSG_MAX (4u << 20) /* bytes of one watch stream message */
 #define MAX_ENDPOINTS 8
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 1000
 
 struct etcd {
     struct kvs_store base;
-    pthread_mutex_t mu;              /* serializes calls on curl */
+    pthread_mutex_t mu; /* serializes calls on curl */
     CURL *curl;
-    struct curl_slist *headers;      /* Content-Type: application/json */
-    char *endpoints[MAX_ENDPOINTS];  /* "http://host:port", no trailing slash */
+    struct curl_slist *headers;     /* Content-Type: application/json */
+    char *endpoints[MAX_ENDPOINTS]; /* "http://host:port", no trailing slash */
     int n_endpoints;
-    atomic_int current;              /* the endpoint that answered last */
-    int timeout_ms;                  /* per call */
+    atomic_int current; /* the endpoint that answered last */
+    int timeout_ms;     /* per call */
 };
 
 /* ---- parsing (common/store_etcd.h) ---- */
@@ -58,8 +58,8 @@ int kvs_etcd_int64(const json_t *obj, const char *field, int64_t *out)
     char *end;
     errno = 0;
     long long x = strtoll(s, &end, 10);
-    if (s[0] == '\0' || *end != '\0' || errno == ERANGE || (s[0] != '-' && (s[0] < '0' ||
-                                                                         s[0] > '9'))) {
+    if (s[0] == '\0' || *end != '\0' || errno == ERANGE ||
+        (s[0] != '-' && (s[0] < '0' || s[0] > '9'))) {
         return KVS_BAD_FORMAT;
     }
     *out = x;
@@ -76,8 +76,7 @@ int kvs_etcd_parse_revision(const json_t *reply, int64_t *revision)
     return kvs_etcd_int64(h, "revision", revision);
 }
 
-static int b64_field(const json_t *obj, const char *field, bool required, char **out,
-                     size_t *len)
+static int b64_field(const json_t *obj, const char *field, bool required, char **out, size_t *len)
 {
     *out = NULL;
     *len = 0;
@@ -170,8 +169,8 @@ int kvs_etcd_parse_txn(const json_t *reply, bool *succeeded, int64_t *revision)
 
 int kvs_etcd_parse_lease_grant(const json_t *reply, int64_t *id, int64_t *ttl)
 {
-    if (kvs_etcd_int64(reply, "ID", id) < 0 || kvs_etcd_int64(reply, "TTL", ttl) < 0 ||
-        *id <= 0 || *ttl <= 0) {
+    if (kvs_etcd_int64(reply, "ID", id) < 0 || kvs_etcd_int64(reply, "TTL", ttl) < 0 || *id <= 0 ||
+        *ttl <= 0) {
         return KVS_BAD_FORMAT;
     }
     return KVS_OK;
@@ -197,8 +196,7 @@ int kvs_etcd_parse_error(long http_status, const json_t *reply, char *err, size_
             m = json_object_get(reply, "error");
         }
         msg = json_is_string(m) ? json_string_value(m) : NULL;
-        if (json_object_get(reply, "code") != NULL &&
-            kvs_etcd_int64(reply, "code", &code) < 0) {
+        if (json_object_get(reply, "code") != NULL && kvs_etcd_int64(reply, "code", &code) < 0) {
             code = -1;
         }
     }
@@ -207,8 +205,8 @@ int kvs_etcd_parse_error(long http_status, const json_t *reply, char *err, size_
     case 3: /* InvalidArgument */
         rc = KVS_INVALID_ARGUMENT;
         break;
-    case 4: /* DeadlineExceeded */
-    case 8: /* ResourceExhausted: NOSPACE (database full) */
+    case 4:  /* DeadlineExceeded */
+    case 8:  /* ResourceExhausted: NOSPACE (database full) */
     case 14: /* Unavailable */
         rc = KVS_UNAVAILABLE;
         break;
@@ -226,8 +224,7 @@ int kvs_etcd_parse_error(long http_status, const json_t *reply, char *err, size_
         break;
     }
     kvs_errf(err, errlen, "etcd: HTTP %ld%s: %s", http_status,
-             http_status == 429 ? " (database full, NOSPACE)" : "",
-             msg ? msg : "no error message");
+             http_status == 429 ? " (database full, NOSPACE)" : "", msg ? msg : "no error message");
     return rc;
 }
 
@@ -345,8 +342,8 @@ static bool transport_error(CURLcode c)
 /* POST body to path on the first endpoint that answers; *reply = the parsed JSON object of a
  * 200 reply (caller decrefs). Errors: UNAVAILABLE (no endpoint reachable, timeout, NOSPACE),
  * TOO_LARGE, BAD_FORMAT, or the status of an etcd error reply. */
-static int post(struct etcd *e, CURL *h, const char *path, json_t *body, json_t **reply,
-                char *err, size_t errlen)
+static int post(struct etcd *e, CURL *h, const char *path, json_t *body, json_t **reply, char *err,
+                size_t errlen)
 {
     *reply = NULL;
     char *text = json_dumps(body, JSON_COMPACT);
@@ -386,8 +383,7 @@ static int post(struct etcd *e, CURL *h, const char *path, json_t *body, json_t 
         rc = KVS_TOO_LARGE;
     } else if (c != CURLE_OK) {
         kvs_errf(err, errlen, "etcd unavailable: %s%s: %s", url,
-                 e->n_endpoints > 1 ? " (and every other endpoint)" : "",
-                 curl_easy_strerror(c));
+                 e->n_endpoints > 1 ? " (and every other endpoint)" : "", curl_easy_strerror(c));
         rc = KVS_UNAVAILABLE;
     } else {
         curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &http);
@@ -494,8 +490,7 @@ static int t_put(kvs_store *s, const char *key, const void *value, size_t len, i
                  int64_t *revision, char *err, size_t errlen)
 {
     json_t *reply;
-    KVS_TRY(call(ETCD(s), "/v3/kv/put", put_json(key, value, len, lease), &reply, err,
-                 errlen));
+    KVS_TRY(call(ETCD(s), "/v3/kv/put", put_json(key, value, len, lease), &reply, err, errlen));
     int rc = kvs_etcd_parse_revision(reply, revision);
     json_decref(reply);
     return bad_reply("put", rc, err, errlen);
@@ -533,8 +528,8 @@ static int t_del(kvs_store *s, const char *key, bool prefix, int64_t *n_deleted,
                  size_t errlen)
 {
     json_t *reply;
-    KVS_TRY(call(ETCD(s), "/v3/kv/deleterange", with_range(json_object(), key, prefix), &reply,
-                 err, errlen));
+    KVS_TRY(call(ETCD(s), "/v3/kv/deleterange", with_range(json_object(), key, prefix), &reply, err,
+                 errlen));
     int64_t rev;
     int rc = kvs_etcd_parse_delete(reply, n_deleted, &rev);
     json_decref(reply);
@@ -561,8 +556,8 @@ static json_t *ops_json(const struct kvs_store_op *ops, size_t n)
     for (size_t i = 0; arr != NULL && i < n; i++) {
         json_t *op;
         if (ops[i].type == KVS_STORE_OP_PUT) {
-            op = json_pack("{so}", "request_put", put_json(ops[i].key, ops[i].value,
-                                                           ops[i].value_len, ops[i].lease));
+            op = json_pack("{so}", "request_put",
+                           put_json(ops[i].key, ops[i].value, ops[i].value_len, ops[i].lease));
         } else {
             op = json_pack("{so}", "request_delete_range",
                            with_range(json_object(), ops[i].key, ops[i].prefix));
@@ -615,12 +610,12 @@ static int t_txn(kvs_store *s, const struct kvs_store_cmp *cmp, size_t n_cmp,
     return bad_reply("txn", rc, err, errlen);
 }
 
-static int t_lease_grant(kvs_store *s, int64_t ttl_s, int64_t *id, int64_t *granted_ttl,
-                         char *err, size_t errlen)
+static int t_lease_grant(kvs_store *s, int64_t ttl_s, int64_t *id, int64_t *granted_ttl, char *err,
+                         size_t errlen)
 {
     json_t *reply;
-    KVS_TRY(call(ETCD(s), "/v3/lease/grant", json_pack("{so}", "TTL", i64_json(ttl_s)), &reply,
-                 err, errlen));
+    KVS_TRY(call(ETCD(s), "/v3/lease/grant", json_pack("{so}", "TTL", i64_json(ttl_s)), &reply, err,
+                 errlen));
     int rc = kvs_etcd_parse_lease_grant(reply, id, granted_ttl);
     json_decref(reply);
     return bad_reply("lease grant", rc, err, errlen);
@@ -629,8 +624,8 @@ static int t_lease_grant(kvs_store *s, int64_t ttl_s, int64_t *id, int64_t *gran
 static int t_lease_keepalive(kvs_store *s, int64_t id, int64_t *ttl, char *err, size_t errlen)
 {
     json_t *reply;
-    KVS_TRY(call(ETCD(s), "/v3/lease/keepalive", json_pack("{so}", "ID", i64_json(id)), &reply,
-                 err, errlen));
+    KVS_TRY(call(ETCD(s), "/v3/lease/keepalive", json_pack("{so}", "ID", i64_json(id)), &reply, err,
+                 errlen));
     int rc = kvs_etcd_parse_keepalive(reply, ttl);
     json_decref(reply);
     if (rc == KVS_NOT_FOUND) {
@@ -643,8 +638,8 @@ static int t_lease_keepalive(kvs_store *s, int64_t id, int64_t *ttl, char *err, 
 static int t_lease_revoke(kvs_store *s, int64_t id, char *err, size_t errlen)
 {
     json_t *reply;
-    KVS_TRY(call(ETCD(s), "/v3/lease/revoke", json_pack("{so}", "ID", i64_json(id)), &reply,
-                 err, errlen));
+    KVS_TRY(call(ETCD(s), "/v3/lease/revoke", json_pack("{so}", "ID", i64_json(id)), &reply, err,
+                 errlen));
     json_decref(reply);
     return KVS_OK;
 }
@@ -657,9 +652,9 @@ struct etcd_watch {
     pthread_t thread;
     atomic_bool stop;
     CURL *curl;
-    int64_t next_rev;  /* the first revision not yet delivered */
-    bool relist;       /* the last stream was cancelled for compaction */
-    bool created;      /* the current stream is established */
+    int64_t next_rev;      /* the first revision not yet delivered */
+    bool relist;           /* the last stream was cancelled for compaction */
+    bool created;          /* the current stream is established */
     struct reply_buf line; /* bytes of the stream message being received */
     char err[256];
 };
@@ -681,8 +676,7 @@ static bool on_watch_message(struct etcd_watch *ew, const char *text, size_t n)
     json_decref(j);
     if (rc < 0) {
         if (rc == KVS_BAD_FORMAT) {
-            KVS_WARN("etcd watch on '%s': malformed stream message; reconnecting",
-                     ew->w->prefix);
+            KVS_WARN("etcd watch on '%s': malformed stream message; reconnecting", ew->w->prefix);
         } else {
             KVS_WARN("etcd watch on '%s': %s; reconnecting", ew->w->prefix, ew->err);
         }
@@ -706,8 +700,8 @@ static bool on_watch_message(struct etcd_watch *ew, const char *text, size_t n)
     }
     bool go_on = !msg.canceled;
     if (msg.compact_revision > 0) {
-        KVS_INFO("etcd watch on '%s': revision %" PRId64 " compacted (at %" PRId64
-                 "); re-listing", ew->w->prefix, ew->next_rev, msg.compact_revision);
+        KVS_INFO("etcd watch on '%s': revision %" PRId64 " compacted (at %" PRId64 "); re-listing",
+                 ew->w->prefix, ew->next_rev, msg.compact_revision);
         ew->relist = true;
     }
     kvs_etcd_watch_msg_free(&msg);
@@ -719,8 +713,8 @@ static size_t on_watch_bytes(char *p, size_t size, size_t nmemb, void *ud)
     struct etcd_watch *ew = ud;
     size_t add = size * nmemb;
     if (on_reply(p, 1, add, &ew->line) != add) {
-        KVS_WARN("etcd watch on '%s': a stream message over %u bytes; reconnecting",
-                 ew->w->prefix, WATCH_MSG_MAX);
+        KVS_WARN("etcd watch on '%s': a stream message over %u bytes; reconnecting", ew->w->prefix,
+                 WATCH_MSG_MAX);
         return CURL_WRITEFUNC_ERROR;
     }
     /* The gateway ends every message with a newline. */

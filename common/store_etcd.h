@@ -51,10 +51,10 @@ int kvs_etcd_parse_error(long http_status, const json_t *reply, char *err, size_
 
 /* One message of a /v3/watch stream ({"result": {...}} or {"error": ...}). */
 struct kvs_etcd_watch_msg {
-    bool created;              /* the watch is established */
-    bool canceled;             /* the server ended the watch */
-    int64_t compact_revision;  /* > 0: canceled because start_rev was compacted */
-    int64_t revision;          /* header.revision (0 when absent) */
+    bool created;                   /* the watch is established */
+    bool canceled;                  /* the server ended the watch */
+    int64_t compact_revision;       /* > 0: canceled because start_rev was compacted */
+    int64_t revision;               /* header.revision (0 when absent) */
     struct kvs_store_event *events; /* n_events, owned: free with kvs_etcd_watch_msg_free */
     size_t n_events;
 };

@@ -15,16 +15,16 @@ struct kvs_store_ops {
     void (*destroy)(kvs_store *s);
     int (*put)(kvs_store *s, const char *key, const void *value, size_t len, int64_t lease,
                int64_t *revision, char *err, size_t errlen);
-    int (*range)(kvs_store *s, const char *key, bool prefix, struct kvs_store_range *out,
-                 char *err, size_t errlen);
+    int (*range)(kvs_store *s, const char *key, bool prefix, struct kvs_store_range *out, char *err,
+                 size_t errlen);
     int (*del)(kvs_store *s, const char *key, bool prefix, int64_t *n_deleted, char *err,
                size_t errlen);
     int (*compact)(kvs_store *s, int64_t revision, char *err, size_t errlen);
     int (*txn)(kvs_store *s, const struct kvs_store_cmp *cmp, size_t n_cmp,
                const struct kvs_store_op *ok, size_t n_ok, const struct kvs_store_op *fail,
                size_t n_fail, bool *succeeded, int64_t *revision, char *err, size_t errlen);
-    int (*lease_grant)(kvs_store *s, int64_t ttl_s, int64_t *id, int64_t *granted_ttl,
-                       char *err, size_t errlen);
+    int (*lease_grant)(kvs_store *s, int64_t ttl_s, int64_t *id, int64_t *granted_ttl, char *err,
+                       size_t errlen);
     int (*lease_keepalive)(kvs_store *s, int64_t id, int64_t *ttl, char *err, size_t errlen);
     int (*lease_revoke)(kvs_store *s, int64_t id, char *err, size_t errlen);
     /* Set up w (already initialized by store.c: prefix, queue) to deliver events from
@@ -52,11 +52,11 @@ struct kvs_store_watch {
     pthread_cond_t cv;
     struct watch_item *head, *tail; /* FIFO of undelivered events */
     size_t n_queued;
-    bool connected;                 /* the stream is up (etcd); always true when embedded */
-    bool failed;                    /* stopped for good: next() answers UNAVAILABLE */
+    bool connected;                        /* the stream is up (etcd); always true when embedded */
+    bool failed;                           /* stopped for good: next() answers UNAVAILABLE */
     void (*impl_stop)(kvs_store_watch *w); /* stop producing; called without mu held */
-    void *impl;                     /* the implementation's per-watch state */
-    kvs_store_watch *next_in_store; /* embedded: list of live watches */
+    void *impl;                            /* the implementation's per-watch state */
+    kvs_store_watch *next_in_store;        /* embedded: list of live watches */
 };
 
 /* Move ev (its kv's memory) to the back of w's queue and wake the reader. Takes w->mu.

@@ -8,10 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const op_names[] = {
-    "?",
+static const char *const op_names[] = {"?",
 #define KVS_CMSG_OP_NAME(name, str) str,
-    KVS_CMSG_OP_TABLE(KVS_CMSG_OP_NAME)
+                                       KVS_CMSG_OP_TABLE(KVS_CMSG_OP_NAME)
 #undef KVS_CMSG_OP_NAME
 };
 
@@ -37,23 +36,23 @@ bool kvs_cmsg_valid_id(const char *s, size_t max)
 }
 
 /* X(enum suffix, key) */
-#define FIELD_TABLE(X)                                                                     \
-    X(ID, "id")                                                                            \
-    X(OP, "op")                                                                            \
-    X(SESSION, "session")                                                                  \
-    X(WORKER, "worker")                                                                    \
-    X(ENDPOINT, "endpoint")                                                                \
-    X(DEVICE, "device")                                                                    \
-    X(MODEL, "model")                                                                      \
-    X(CELLS, "cells")                                                                      \
-    X(CELLS_TOTAL, "cells_total")                                                          \
-    X(CELLS_USED, "cells_used")                                                            \
-    X(CELLS_RESERVED, "cells_reserved")                                                    \
-    X(CELLS_FREE, "cells_free")                                                            \
-    X(QUEUE, "queue")                                                                      \
-    X(SESSIONS, "sessions")                                                                \
-    X(LOAD, "load")                                                                        \
-    X(PREFIX_HASH, "prefix_hash")                                                          \
+#define FIELD_TABLE(X)                                                                             \
+    X(ID, "id")                                                                                    \
+    X(OP, "op")                                                                                    \
+    X(SESSION, "session")                                                                          \
+    X(WORKER, "worker")                                                                            \
+    X(ENDPOINT, "endpoint")                                                                        \
+    X(DEVICE, "device")                                                                            \
+    X(MODEL, "model")                                                                              \
+    X(CELLS, "cells")                                                                              \
+    X(CELLS_TOTAL, "cells_total")                                                                  \
+    X(CELLS_USED, "cells_used")                                                                    \
+    X(CELLS_RESERVED, "cells_reserved")                                                            \
+    X(CELLS_FREE, "cells_free")                                                                    \
+    X(QUEUE, "queue")                                                                              \
+    X(SESSIONS, "sessions")                                                                        \
+    X(LOAD, "load")                                                                                \
+    X(PREFIX_HASH, "prefix_hash")                                                                  \
     X(PREFIX_HASHES, "prefix_hashes")
 
 enum field {
@@ -164,14 +163,16 @@ static int decode_field(struct kvs_cmsg *m, enum field f, const msgpack_object *
         KVS_TRY(get_str(key, v, m->session, sizeof m->session, err, errlen));
         return kvs_cmsg_valid_id(m->session, 128)
                    ? KVS_OK
-                   : bad(err, errlen, key, "1..128 bytes of [A-Za-z0-9._-], not starting "
-                                           "with '.'");
+                   : bad(err, errlen, key,
+                         "1..128 bytes of [A-Za-z0-9._-], not starting "
+                         "with '.'");
     case F_WORKER:
         KVS_TRY(get_str(key, v, m->worker, sizeof m->worker, err, errlen));
         return kvs_cmsg_valid_id(m->worker, KVS_CMSG_WORKER_MAX)
                    ? KVS_OK
-                   : bad(err, errlen, key, "1..64 bytes of [A-Za-z0-9._-], not starting "
-                                           "with '.'");
+                   : bad(err, errlen, key,
+                         "1..64 bytes of [A-Za-z0-9._-], not starting "
+                         "with '.'");
     case F_ENDPOINT:
         KVS_TRY(get_str(key, v, m->endpoint, sizeof m->endpoint, err, errlen));
         return valid_endpoint(m->endpoint)
@@ -215,8 +216,7 @@ static int decode_field(struct kvs_cmsg *m, enum field f, const msgpack_object *
             return bad(err, errlen, key, "expected an array of unsigned integers");
         }
         if (v->via.array.size > KVS_CMSG_MAX_PREFIXES) {
-            kvs_errf(err, errlen, "field '%s': more than %d entries", key,
-                     KVS_CMSG_MAX_PREFIXES);
+            kvs_errf(err, errlen, "field '%s': more than %d entries", key, KVS_CMSG_MAX_PREFIXES);
             return KVS_TOO_LARGE;
         }
         m->has_prefix_hashes = true;
@@ -228,8 +228,8 @@ static int decode_field(struct kvs_cmsg *m, enum field f, const msgpack_object *
             return KVS_NO_MEMORY;
         }
         for (uint32_t i = 0; i < v->via.array.size; i++) {
-            KVS_TRY(get_uint(key, &v->via.array.ptr[i], UINT64_MAX, &m->prefix_hashes[i], err,
-                             errlen));
+            KVS_TRY(
+                get_uint(key, &v->via.array.ptr[i], UINT64_MAX, &m->prefix_hashes[i], err, errlen));
             m->n_prefix_hashes++;
         }
         return KVS_OK;
@@ -239,8 +239,7 @@ static int decode_field(struct kvs_cmsg *m, enum field f, const msgpack_object *
     return KVS_OK;
 }
 
-static int require(bool present, const char *key, enum kvs_cmsg_op op, char *err,
-                   size_t errlen)
+static int require(bool present, const char *key, enum kvs_cmsg_op op, char *err, size_t errlen)
 {
     if (!present) {
         kvs_errf(err, errlen, "field '%s' is required by %s", key, kvs_cmsg_op_name(op));
@@ -249,8 +248,7 @@ static int require(bool present, const char *key, enum kvs_cmsg_op op, char *err
     return KVS_OK;
 }
 
-static int check_required(const struct kvs_cmsg *m, const bool *seen, char *err,
-                          size_t errlen)
+static int check_required(const struct kvs_cmsg *m, const bool *seen, char *err, size_t errlen)
 {
     switch (m->op) {
     case KVS_COP_WORKER_REGISTER:

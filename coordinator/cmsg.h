@@ -17,25 +17,25 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define KVS_CMSG_WORKER_MAX 64        /* bytes of a worker id ([A-Za-z0-9._-]) */
-#define KVS_CMSG_ENDPOINT_MAX 255     /* bytes of an endpoint (tcp:// or ipc://) */
-#define KVS_CMSG_DEVICE_MAX 63        /* bytes of a device name */
-#define KVS_CMSG_MAX_PREFIXES 1024    /* prefix hashes in one register / heartbeat */
+#define KVS_CMSG_WORKER_MAX 64     /* bytes of a worker id ([A-Za-z0-9._-]) */
+#define KVS_CMSG_ENDPOINT_MAX 255  /* bytes of an endpoint (tcp:// or ipc://) */
+#define KVS_CMSG_DEVICE_MAX 63     /* bytes of a device name */
+#define KVS_CMSG_MAX_PREFIXES 1024 /* prefix hashes in one register / heartbeat */
 #define KVS_CMSG_MAX_CELLS (INT64_C(1) << 40)
 
 /* X(enum suffix, wire name) */
-#define KVS_CMSG_OP_TABLE(X)                                                               \
-    X(HELLO, "hello")                                                                      \
-    X(PING, "ping")                                                                        \
-    X(STATUS, "coord.status")                                                              \
-    X(WORKER_REGISTER, "worker.register")                                                  \
-    X(WORKER_HEARTBEAT, "worker.heartbeat")                                                \
-    X(SESSION_CREATE, "session.create")                                                    \
-    X(SESSION_LOCATE, "session.locate")                                                    \
-    X(SESSION_CLOSE, "session.close")                                                      \
-    X(WORKERS, "admin.workers")                                                            \
-    X(SESSIONS, "admin.sessions")                                                          \
-    X(CORDON, "admin.cordon")                                                              \
+#define KVS_CMSG_OP_TABLE(X)                                                                       \
+    X(HELLO, "hello")                                                                              \
+    X(PING, "ping")                                                                                \
+    X(STATUS, "coord.status")                                                                      \
+    X(WORKER_REGISTER, "worker.register")                                                          \
+    X(WORKER_HEARTBEAT, "worker.heartbeat")                                                        \
+    X(SESSION_CREATE, "session.create")                                                            \
+    X(SESSION_LOCATE, "session.locate")                                                            \
+    X(SESSION_CLOSE, "session.close")                                                              \
+    X(WORKERS, "admin.workers")                                                                    \
+    X(SESSIONS, "admin.sessions")                                                                  \
+    X(CORDON, "admin.cordon")                                                                      \
     X(UNCORDON, "admin.uncordon")
 
 enum kvs_cmsg_op {
@@ -49,23 +49,23 @@ enum kvs_cmsg_op {
 const char *kvs_cmsg_op_name(enum kvs_cmsg_op op); /* "?" outside the enum */
 
 struct kvs_cmsg {
-    uint64_t id;                              /* >= 1; 0 when it could not be read */
+    uint64_t id; /* >= 1; 0 when it could not be read */
     enum kvs_cmsg_op op;
     char session[129];                        /* session id, validated charset */
     char worker[KVS_CMSG_WORKER_MAX + 1];     /* worker id, validated charset */
     char endpoint[KVS_CMSG_ENDPOINT_MAX + 1]; /* tcp://... or ipc://... */
     char device[KVS_CMSG_DEVICE_MAX + 1];
-    char model[65];                           /* 64 lowercase hex digits, or "" */
-    uint64_t cells;                           /* session.create: budget (> 0) */
-    uint64_t cells_total;                     /* register: the worker's pool */
+    char model[65];                                  /* 64 lowercase hex digits, or "" */
+    uint64_t cells;                                  /* session.create: budget (> 0) */
+    uint64_t cells_total;                            /* register: the worker's pool */
     uint64_t cells_used, cells_reserved, cells_free; /* heartbeat */
-    uint64_t queue;                           /* heartbeat: requests waiting */
-    uint64_t sessions;                        /* heartbeat: sessions it serves */
-    double load;                              /* heartbeat: tokens/s */
-    uint64_t prefix_hash;                     /* session.create; 0 = none */
-    uint64_t *prefix_hashes;                  /* register / heartbeat, owned */
+    uint64_t queue;                                  /* heartbeat: requests waiting */
+    uint64_t sessions;                               /* heartbeat: sessions it serves */
+    double load;                                     /* heartbeat: tokens/s */
+    uint64_t prefix_hash;                            /* session.create; 0 = none */
+    uint64_t *prefix_hashes;                         /* register / heartbeat, owned */
     uint32_t n_prefix_hashes;
-    bool has_prefix_hashes;                   /* the field was present (may be empty) */
+    bool has_prefix_hashes; /* the field was present (may be empty) */
 };
 
 /* Prevalidate and decode buf[0..n) into *m (zeroed first). 0, or BAD_FORMAT / TOO_LARGE /

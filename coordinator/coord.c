@@ -1,320 +1,20 @@
 /* kvs-coordinator's core (coordinator/coord.h). kvs_coord_run is the table of contents:
  * poll, answer each request, tick (leadership, worker health). */
-#include "coordinator/coord.h"
+#include "coordinator/coord_impl.h"
 
 #include "common/log.h"
 #include "common/status.h"
-#include "common/wire.h"
-#include "coordinator/cmsg.h"
-#include "coordinator/leader.h"
-#include "coordinator/placement.h"
 
 #include <errno.h>
-#include <inttypes.h>
-#include <jansson.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <zmq.h>
 
-#define IDENT_MAX 256       /* bytes of a ROUTER peer identity */
-#define TICK_MS 200         /* health checks */
-#define DOWN_CHECK_MS 1000  /* how often an unhealthy worker's key is looked up */
-#define MAX_WORKERS 4096
-#define MAX_SESSIONS (1 << 20)
-
-struct worker {
-    char id[KVS_CMSG_WORKER_MAX + 1];
-    char endpoint[KVS_CMSG_ENDPOINT_MAX + 1];
-    char device[KVS_CMSG_DEVICE_MAX + 1];
-    char model[65];
-    int64_t cells_total;      /* the worker's pool, cells */
-    int64_t cells_placed;     /* budgets of the sessions placed on it, cells */
-    int64_t n_sessions;       /* sessions placed on it */
-    uint64_t cells_used, cells_reserved, cells_free, queue, sessions_reported; /* heartbeat */
-    double load;              /* heartbeat: tokens/s */
-    uint64_t *prefix_hashes;  /* n_prefix_hashes, owned */
-    uint32_t n_prefix_hashes;
-    enum kvs_worker_state admin_state; /* READY, CORDONED or DRAINING (set by an admin) */
-    int64_t last_hb_ms;       /* monotonic; 0 = not heard by this leader */
-    int64_t lease;            /* its lease in the store, 0 = none */
-    int64_t lease_renewed_ms; /* monotonic */
-    bool down;                /* lease expired and heartbeats stopped */
-    int64_t down_checked_ms;
-};
-
-struct session_rec {
-    char id[129];
-    char worker[KVS_CMSG_WORKER_MAX + 1];
-    char model[65];
-    int64_t cells;            /* budget */
-    uint64_t prefix_hash;     /* 0 = none */
-};
-
-struct kvs_coord {
-    struct kvs_coord_opts o;
-    char cluster[64];
-    char endpoint[KVS_CMSG_ENDPOINT_MAX + 1];
-    char key_root[128];       /* /kvstream/<cluster>/ */
-    kvs_store *store;
-    bool own_store;
-    kvs_leader *leader;
-    int64_t token;            /* the leadership the in-memory state was loaded under */
-    void *zctx, *router;
-    volatile sig_atomic_t stop;
-    struct worker *workers;   /* n_workers, unordered */
-    size_t n_workers, cap_workers;
-    struct session_rec *sessions; /* n_sessions, sorted by id */
-    size_t n_sessions, cap_sessions;
-    kvs_wire_buf out;
-    int64_t last_tick_ms;
-};
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void *grow(void *p, size_t *cap, size_t need, size_t elem)
-{
-    if (need <= *cap) {
-        return p;
-    }
-    size_t c = *cap ? *cap * 2 : 16;
-    while (c < need) {
-        c *= 2;
-    }
-    void *q = realloc(p, c * elem);
-    if (q != NULL) {
-        *cap = c;
-    }
-    return q;
-}
-
-/* ---- keys and records in the store (docs/CLUSTER.md) ---- */
-
-static void worker_key(const kvs_coord *c, const char *id, char *buf, size_t len)
-{
-    snprintf(buf, len, "%sworkers/%s", c->key_root, id);
-}
-
-static void session_key(const kvs_coord *c, const char *id, char *buf, size_t len)
-{
-    snprintf(buf, len, "%ssessions/%s", c->key_root, id);
-}
-
-static char *worker_json(const struct worker *w)
-{
-    json_t *j = json_pack("{sssssssIss}", "endpoint", w->endpoint, "device", w->device,
-                          "model", w->model, "cells_total", (json_int_t)w->cells_total,
-                          "state", kvs_worker_state_name(w->admin_state));
-    char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
-    json_decref(j);
-    return s;
-}
-
-static char *session_json(const struct session_rec *r)
-{
-    char hash[17];
-    snprintf(hash, sizeof hash, "%016" PRIx64, r->prefix_hash);
-    json_t *j = json_pack("{sssssIss}", "worker", r->worker, "model", r->model, "cells",
-                          (json_int_t)r->cells, "prefix_hash", hash);
-    char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
-    json_decref(j);
-    return s;
-}
-
-/* Read a worker record written by worker_json (validated: it comes from outside). */
-static int parse_worker(const struct kvs_store_kv *kv, const char *id, struct worker *w)
-{
-    memset(w, 0, sizeof *w);
-    json_t *j = json_loadb(kv->value, kv->value_len, JSON_REJECT_DUPLICATES, NULL);
-    const char *ep, *dev, *model, *state;
-    json_int_t cells;
-    int rc = KVS_BAD_FORMAT;
-    if (j != NULL && json_unpack(j, "{sssssssIss}", "endpoint", &ep, "device", &dev, "model",
-                                 &model, "cells_total", &cells, "state", &state) == 0 &&
-        strlen(ep) <= KVS_CMSG_ENDPOINT_MAX && strlen(dev) <= KVS_CMSG_DEVICE_MAX &&
-        strlen(model) == 64 && cells >= 0 && cells <= KVS_CMSG_MAX_CELLS &&
-        kvs_worker_state_parse(state) >= 0 && kvs_cmsg_valid_id(id, KVS_CMSG_WORKER_MAX)) {
-        snprintf(w->id, sizeof w->id, "%s", id);
-        snprintf(w->endpoint, sizeof w->endpoint, "%s", ep);
-        snprintf(w->device, sizeof w->device, "%s", dev);
-        snprintf(w->model, sizeof w->model, "%s", model);
-        w->cells_total = cells;
-        w->admin_state = (enum kvs_worker_state)kvs_worker_state_parse(state);
-        if (w->admin_state == KVS_WORKER_UNHEALTHY) {
-            w->admin_state = KVS_WORKER_READY; /* health is not an admin state */
-        }
-        w->lease = kv->lease;
-        rc = KVS_OK;
-    }
-    json_decref(j);
-    return rc;
-}
-
-static int parse_session(const struct kvs_store_kv *kv, const char *id, struct session_rec *r)
-{
-    memset(r, 0, sizeof *r);
-    json_t *j = json_loadb(kv->value, kv->value_len, JSON_REJECT_DUPLICATES, NULL);
-    const char *worker, *model, *hash;
-    json_int_t cells;
-    char *end = NULL;
-    int rc = KVS_BAD_FORMAT;
-    if (j != NULL &&
-        json_unpack(j, "{sssssIss}", "worker", &worker, "model", &model, "cells", &cells,
-                    "prefix_hash", &hash) == 0 &&
-        kvs_cmsg_valid_id(worker, KVS_CMSG_WORKER_MAX) && strlen(model) == 64 && cells > 0 &&
-        cells <= KVS_CMSG_MAX_CELLS && strlen(hash) == 16 && kvs_cmsg_valid_id(id, 128)) {
-        r->prefix_hash = strtoull(hash, &end, 16);
-        if (end != NULL && *end == '\0') {
-            snprintf(r->id, sizeof r->id, "%s", id);
-            snprintf(r->worker, sizeof r->worker, "%s", worker);
-            snprintf(r->model, sizeof r->model, "%s", model);
-            r->cells = cells;
-            rc = KVS_OK;
-        }
-    }
-    json_decref(j);
-    return rc;
-}
-
-/* ---- the in-memory registry and directory ---- */
-
-static struct worker *find_worker(kvs_coord *c, const char *id)
-{
-    for (size_t i = 0; i < c->n_workers; i++) {
-        if (strcmp(c->workers[i].id, id) == 0) {
-            return &c->workers[i];
-        }
-    }
-    return NULL;
-}
-
-static size_t find_session(const kvs_coord *c, const char *id, bool *found)
-{
-    size_t lo = 0, hi = c->n_sessions;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        int d = strcmp(c->sessions[mid].id, id);
-        if (d == 0) {
-            *found = true;
-            return mid;
-        }
-        if (d < 0) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    *found = false;
-    return lo;
-}
-
-static void clear_state(kvs_coord *c)
-{
-    for (size_t i = 0; i < c->n_workers; i++) {
-        free(c->workers[i].prefix_hashes);
-    }
-    c->n_workers = 0;
-    c->n_sessions = 0;
-}
-
-static int add_session(kvs_coord *c, const struct session_rec *r)
-{
-    bool found;
-    size_t i = find_session(c, r->id, &found);
-    if (found) {
-        c->sessions[i] = *r;
-        return KVS_OK;
-    }
-    struct session_rec *s = grow(c->sessions, &c->cap_sessions, c->n_sessions + 1, sizeof *s);
-    if (s == NULL) {
-        return KVS_NO_MEMORY;
-    }
-    c->sessions = s;
-    memmove(&c->sessions[i + 1], &c->sessions[i], (c->n_sessions - i) * sizeof *s);
-    c->sessions[i] = *r;
-    c->n_sessions++;
-    struct worker *w = find_worker(c, r->worker);
-    if (w != NULL) {
-        w->cells_placed += r->cells;
-        w->n_sessions++;
-    }
-    return KVS_OK;
-}
-
-static void remove_session(kvs_coord *c, size_t i)
-{
-    struct worker *w = find_worker(c, c->sessions[i].worker);
-    if (w != NULL) {
-        w->cells_placed -= c->sessions[i].cells;
-        w->n_sessions--;
-    }
-    memmove(&c->sessions[i], &c->sessions[i + 1],
-            (c->n_sessions - i - 1) * sizeof *c->sessions);
-    c->n_sessions--;
-}
-
-/* The new leader's view: every worker and session recorded in the store. Workers count as
- * unhealthy until they heartbeat to this leader. */
-static int load_state(kvs_coord *c, char *err, size_t errlen)
-{
-    clear_state(c);
-    char prefix[192];
-    struct kvs_store_range r;
-    snprintf(prefix, sizeof prefix, "%sworkers/", c->key_root);
-    KVS_TRY(kvs_store_range(c->store, prefix, true, &r, err, errlen));
-    size_t plen = strlen(prefix);
-    for (size_t i = 0; i < r.n; i++) {
-        struct worker w;
-        if (parse_worker(&r.kvs[i], r.kvs[i].key + plen, &w) < 0) {
-            KVS_WARN("coordinator: ignoring a malformed worker record %s", r.kvs[i].key);
-            continue;
-        }
-        struct worker *ws = grow(c->workers, &c->cap_workers, c->n_workers + 1, sizeof *ws);
-        if (ws == NULL) {
-            kvs_store_range_free(&r);
-            return KVS_NO_MEMORY;
-        }
-        c->workers = ws;
-        w.lease_renewed_ms = now_ms();
-        c->workers[c->n_workers++] = w;
-    }
-    kvs_store_range_free(&r);
-    snprintf(prefix, sizeof prefix, "%ssessions/", c->key_root);
-    KVS_TRY(kvs_store_range(c->store, prefix, true, &r, err, errlen));
-    plen = strlen(prefix);
-    for (size_t i = 0; i < r.n; i++) {
-        struct session_rec s;
-        if (parse_session(&r.kvs[i], r.kvs[i].key + plen, &s) < 0) {
-            KVS_WARN("coordinator: ignoring a malformed session record %s", r.kvs[i].key);
-            continue;
-        }
-        if (add_session(c, &s) < 0) {
-            kvs_store_range_free(&r);
-            return KVS_NO_MEMORY;
-        }
-    }
-    kvs_store_range_free(&r);
-    /* A worker whose key expired while no one led is not in the store: its sessions point to
-     * an unknown worker, which locate reports as down. */
-    KVS_INFO("coordinator: loaded %zu workers and %zu sessions", c->n_workers, c->n_sessions);
-    return KVS_OK;
-}
-
-static enum kvs_worker_state effective_state(const kvs_coord *c, const struct worker *w,
-                                             int64_t now)
-{
-    if (w->down || w->last_hb_ms == 0 || now - w->last_hb_ms > c->o.unhealthy_ms) {
-        return KVS_WORKER_UNHEALTHY;
-    }
-    return w->admin_state;
-}
+#define IDENT_MAX 256      /* bytes of a ROUTER peer identity */
+#define TICK_MS 200        /* health checks */
+#define DOWN_CHECK_MS 1000 /* how often an unhealthy worker's key is looked up */
 
 /* ---- replies ---- */
 
@@ -338,8 +38,8 @@ static void send_out(kvs_coord *c, const void *ident, size_t ident_len)
     send_reply(c, ident, ident_len, c->out.sb.data, c->out.sb.size);
 }
 
-static void send_error(kvs_coord *c, const void *ident, size_t ident_len, uint64_t id,
-                       int status, const char *msg)
+static void send_error(kvs_coord *c, const void *ident, size_t ident_len, uint64_t id, int status,
+                       const char *msg)
 {
     kvs_wire_encode_error(&c->out, id, status, msg && msg[0] ? msg : NULL, -1);
     send_out(c, ident, ident_len);
@@ -355,15 +55,14 @@ static void send_not_leader(kvs_coord *c, const void *ident, size_t ident_len, u
         char key[192];
         struct kvs_store_kv kv;
         snprintf(key, sizeof key, "%sleader", c->key_root);
-        if (kvs_store_get(c->store, key, &kv, NULL, 0) == KVS_OK &&
-            kv.value_len < sizeof leader) {
+        if (kvs_store_get(c->store, key, &kv, NULL, 0) == KVS_OK && kv.value_len < sizeof leader) {
             memcpy(leader, kv.value, kv.value_len + 1);
         }
         kvs_store_kv_free(&kv);
     }
     char msg[800];
-    snprintf(msg, sizeof msg, "this coordinator (%s) is standing by; the leader is %s",
-             c->endpoint, leader[0] ? leader : "not known yet");
+    snprintf(msg, sizeof msg, "this coordinator (%s) is standing by; the leader is %s", c->endpoint,
+             leader[0] ? leader : "not known yet");
     kvs_wire_buf_clear(&c->out);
     msgpack_packer *pk = &c->out.pk;
     msgpack_pack_map(pk, 2);
@@ -399,7 +98,7 @@ static msgpack_packer *begin(kvs_coord *c, uint64_t id, size_t n_more)
 
 static int op_register(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t errlen)
 {
-    struct worker *w = find_worker(c, m->worker);
+    struct worker *w = kvs_coord_worker_find(c, m->worker);
     if (w == NULL) {
         if (c->n_workers >= MAX_WORKERS) {
             kvs_errf(err, errlen, "too many workers (%d)", MAX_WORKERS);
@@ -423,8 +122,10 @@ static int op_register(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t
             }
         }
     } else if (strcmp(w->model, m->model) != 0 && w->n_sessions > 0) {
-        kvs_errf(err, errlen, "worker '%s' has %lld sessions of model %.16s...; it cannot "
-                 "come back with another model", w->id, (long long)w->n_sessions, w->model);
+        kvs_errf(err, errlen,
+                 "worker '%s' has %lld sessions of model %.16s...; it cannot "
+                 "come back with another model",
+                 w->id, (long long)w->n_sessions, w->model);
         return KVS_MODEL_MISMATCH;
     }
     snprintf(w->endpoint, sizeof w->endpoint, "%s", m->endpoint);
@@ -433,9 +134,8 @@ static int op_register(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t
     w->cells_total = (int64_t)m->cells_total;
     if (m->has_prefix_hashes) {
         free(w->prefix_hashes);
-        w->prefix_hashes = m->n_prefix_hashes
-                               ? malloc(m->n_prefix_hashes * sizeof *w->prefix_hashes)
-                               : NULL;
+        w->prefix_hashes =
+            m->n_prefix_hashes ? malloc(m->n_prefix_hashes * sizeof *w->prefix_hashes) : NULL;
         w->n_prefix_hashes = w->prefix_hashes ? m->n_prefix_hashes : 0;
         if (w->prefix_hashes != NULL) {
             memcpy(w->prefix_hashes, m->prefix_hashes,
@@ -451,8 +151,8 @@ static int op_register(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t
     }
     w->lease_renewed_ms = now_ms();
     char key[512];
-    worker_key(c, w->id, key, sizeof key);
-    char *json = worker_json(w);
+    kvs_coord_worker_key(c, w->id, key, sizeof key);
+    char *json = kvs_coord_worker_json(w);
     if (json == NULL) {
         return KVS_NO_MEMORY;
     }
@@ -468,15 +168,17 @@ static int op_register(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t
 
 static int op_heartbeat(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t errlen)
 {
-    struct worker *w = find_worker(c, m->worker);
+    struct worker *w = kvs_coord_worker_find(c, m->worker);
     if (w == NULL || w->endpoint[0] == '\0') {
         kvs_errf(err, errlen, "worker '%s' is not registered with this leader: register",
                  m->worker);
         return KVS_NOT_FOUND;
     }
     if (w->down) {
-        kvs_errf(err, errlen, "worker '%s' was declared down (its lease expired): register "
-                 "again", w->id);
+        kvs_errf(err, errlen,
+                 "worker '%s' was declared down (its lease expired): register "
+                 "again",
+                 w->id);
         return KVS_NOT_FOUND;
     }
     int64_t now = now_ms();
@@ -520,7 +222,7 @@ static int op_session_create(kvs_coord *c, const struct kvs_cmsg *m, struct kvs_
                              char *err, size_t errlen)
 {
     bool found;
-    size_t at = find_session(c, m->session, &found);
+    size_t at = kvs_coord_session_find(c, m->session, &found);
     if (found) {
         kvs_errf(err, errlen, "session '%s' already exists (on worker '%s')", m->session,
                  c->sessions[at].worker);
@@ -537,14 +239,16 @@ static int op_session_create(kvs_coord *c, const struct kvs_cmsg *m, struct kvs_
     int64_t now = now_ms();
     for (size_t i = 0; i < c->n_workers; i++) {
         const struct worker *w = &c->workers[i];
-        info[i] = (struct kvs_worker_info){
-            .id = w->id, .model_sha256 = w->model, .n_cells_capacity = w->cells_total,
-            .n_cells_free = w->cells_total - w->cells_placed,
-            .state = effective_state(c, w, now), .prefix_hashes = w->prefix_hashes,
-            .n_prefix_hashes = w->n_prefix_hashes};
+        info[i] = (struct kvs_worker_info){.id = w->id,
+                                           .model_sha256 = w->model,
+                                           .n_cells_capacity = w->cells_total,
+                                           .n_cells_free = w->cells_total - w->cells_placed,
+                                           .state = kvs_coord_worker_state(c, w, now),
+                                           .prefix_hashes = w->prefix_hashes,
+                                           .n_prefix_hashes = w->n_prefix_hashes};
     }
-    struct kvs_placement_request rq = {.model_sha256 = m->model, .n_cells = (int64_t)m->cells,
-                                       .prefix_hash = m->prefix_hash};
+    struct kvs_placement_request rq = {
+        .model_sha256 = m->model, .n_cells = (int64_t)m->cells, .prefix_hash = m->prefix_hash};
     int rc = kvs_placement_choose(info, c->n_workers, &rq, p, err, errlen);
     free(info);
     KVS_TRY(rc);
@@ -554,15 +258,15 @@ static int op_session_create(kvs_coord *c, const struct kvs_cmsg *m, struct kvs_
     snprintf(r.model, sizeof r.model, "%s", m->model);
     /* Record it before answering: fenced, and only if no one recorded it meanwhile. */
     char key[512];
-    session_key(c, r.id, key, sizeof key);
-    char *json = session_json(&r);
+    kvs_coord_session_key(c, r.id, key, sizeof key);
+    char *json = kvs_coord_session_json(&r);
     if (json == NULL) {
         return KVS_NO_MEMORY;
     }
-    struct kvs_store_cmp absent = {.key = key, .target = KVS_STORE_CREATE,
-                                   .result = KVS_STORE_EQUAL, .number = 0};
-    struct kvs_store_op put = {.type = KVS_STORE_OP_PUT, .key = key, .value = json,
-                               .value_len = strlen(json)};
+    struct kvs_store_cmp absent = {
+        .key = key, .target = KVS_STORE_CREATE, .result = KVS_STORE_EQUAL, .number = 0};
+    struct kvs_store_op put = {
+        .type = KVS_STORE_OP_PUT, .key = key, .value = json, .value_len = strlen(json)};
     bool ok = false;
     rc = kvs_leader_txn(c->leader, &absent, 1, &put, 1, &ok, NULL, err, errlen);
     free(json);
@@ -576,9 +280,9 @@ static int op_session_create(kvs_coord *c, const struct kvs_cmsg *m, struct kvs_
         kvs_errf(err, errlen, "session '%s' already exists", m->session);
         return KVS_ALREADY_EXISTS;
     }
-    KVS_TRY(add_session(c, &r));
-    KVS_INFO("coordinator: session '%s' (%lld cells) placed on '%s'%s", r.id,
-             (long long)r.cells, r.worker, p->prefix_hit ? " (prefix hit)" : "");
+    KVS_TRY(kvs_coord_session_add(c, &r));
+    KVS_INFO("coordinator: session '%s' (%lld cells) placed on '%s'%s", r.id, (long long)r.cells,
+             r.worker, p->prefix_hit ? " (prefix hit)" : "");
     return KVS_OK;
 }
 
@@ -587,15 +291,16 @@ static int op_locate(kvs_coord *c, const struct kvs_cmsg *m, const struct sessio
                      const struct worker **owner, char *err, size_t errlen)
 {
     bool found;
-    size_t i = find_session(c, m->session, &found);
+    size_t i = kvs_coord_session_find(c, m->session, &found);
     if (!found) {
         kvs_errf(err, errlen, "session '%s' not found", m->session);
         return KVS_NOT_FOUND;
     }
     *out = &c->sessions[i];
-    *owner = find_worker(c, c->sessions[i].worker);
+    *owner = kvs_coord_worker_find(c, c->sessions[i].worker);
     if (*owner == NULL || (*owner)->down) {
-        kvs_errf(err, errlen, "session '%s': its worker '%s' is down (lease expired and no "
+        kvs_errf(err, errlen,
+                 "session '%s': its worker '%s' is down (lease expired and no "
                  "heartbeat); the session is kept and waits to be restored on another worker",
                  m->session, c->sessions[i].worker);
         return KVS_UNAVAILABLE;
@@ -606,22 +311,21 @@ static int op_locate(kvs_coord *c, const struct kvs_cmsg *m, const struct sessio
 static int op_close(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t errlen)
 {
     bool found;
-    size_t i = find_session(c, m->session, &found);
+    size_t i = kvs_coord_session_find(c, m->session, &found);
     if (!found) {
         kvs_errf(err, errlen, "session '%s' not found", m->session);
         return KVS_NOT_FOUND;
     }
     char key[512];
-    session_key(c, m->session, key, sizeof key);
+    kvs_coord_session_key(c, m->session, key, sizeof key);
     KVS_TRY(kvs_leader_delete(c->leader, key, false, err, errlen));
-    remove_session(c, i);
+    kvs_coord_session_remove(c, i);
     return KVS_OK;
 }
 
-static int op_cordon(kvs_coord *c, const struct kvs_cmsg *m, bool cordon, char *err,
-                     size_t errlen)
+static int op_cordon(kvs_coord *c, const struct kvs_cmsg *m, bool cordon, char *err, size_t errlen)
 {
-    struct worker *w = find_worker(c, m->worker);
+    struct worker *w = kvs_coord_worker_find(c, m->worker);
     if (w == NULL) {
         kvs_errf(err, errlen, "worker '%s' not found", m->worker);
         return KVS_NOT_FOUND;
@@ -629,8 +333,8 @@ static int op_cordon(kvs_coord *c, const struct kvs_cmsg *m, bool cordon, char *
     enum kvs_worker_state before = w->admin_state;
     w->admin_state = cordon ? KVS_WORKER_CORDONED : KVS_WORKER_READY;
     char key[512];
-    worker_key(c, w->id, key, sizeof key);
-    char *json = worker_json(w);
+    kvs_coord_worker_key(c, w->id, key, sizeof key);
+    char *json = kvs_coord_worker_json(w);
     int rc = json ? kvs_leader_put(c->leader, key, json, strlen(json), w->lease, err, errlen)
                   : KVS_NO_MEMORY;
     free(json);
@@ -652,7 +356,7 @@ static void pack_worker(kvs_coord *c, msgpack_packer *pk, const struct worker *w
     pack_key(pk, "model");
     pack_key(pk, w->model);
     pack_key(pk, "state");
-    pack_key(pk, w->down ? "down" : kvs_worker_state_name(effective_state(c, w, now)));
+    pack_key(pk, w->down ? "down" : kvs_worker_state_name(kvs_coord_worker_state(c, w, now)));
     pack_key(pk, "cells_total");
     msgpack_pack_int64(pk, w->cells_total);
     pack_key(pk, "cells_placed");
@@ -748,7 +452,7 @@ static void handle(kvs_coord *c, const void *ident, size_t ident_len, struct kvs
     case KVS_COP_WORKER_HEARTBEAT:
         rc = op_heartbeat(c, m, err, sizeof err);
         if (rc == KVS_OK) {
-            const struct worker *w = find_worker(c, m->worker);
+            const struct worker *w = kvs_coord_worker_find(c, m->worker);
             pk = begin(c, m->id, 2);
             pack_key(pk, "ok");
             msgpack_pack_true(pk);
@@ -792,7 +496,7 @@ static void handle(kvs_coord *c, const void *ident, size_t ident_len, struct kvs
             pack_key(pk, "cells");
             msgpack_pack_int64(pk, r->cells);
             pack_key(pk, "worker_state");
-            pack_key(pk, kvs_worker_state_name(effective_state(c, w, now)));
+            pack_key(pk, kvs_worker_state_name(kvs_coord_worker_state(c, w, now)));
         }
         break;
     }
@@ -865,16 +569,17 @@ static void tick(kvs_coord *c)
     if (token != c->token) {
         if (token != 0) {
             char err[256];
-            if (load_state(c, err, sizeof err) < 0) {
+            if (kvs_coord_state_load(c, err, sizeof err) < 0) {
                 KVS_WARN("coordinator: leader, but cannot load the cluster state: %s; "
-                         "retrying", err);
+                         "retrying",
+                         err);
                 return; /* c->token stays: tried again next tick */
             }
-            KVS_INFO("coordinator: %s leads cluster '%s' (token %lld)", c->endpoint,
-                     c->cluster, (long long)token);
+            KVS_INFO("coordinator: %s leads cluster '%s' (token %lld)", c->endpoint, c->cluster,
+                     (long long)token);
         } else {
             KVS_WARN("coordinator: %s stands by", c->endpoint);
-            clear_state(c);
+            kvs_coord_state_clear(c);
         }
         c->token = token;
     }
@@ -890,7 +595,7 @@ static void tick(kvs_coord *c)
         }
         w->down_checked_ms = now;
         char key[512], err[256];
-        worker_key(c, w->id, key, sizeof key);
+        kvs_coord_worker_key(c, w->id, key, sizeof key);
         struct kvs_store_kv kv;
         int rc = kvs_store_get(c->store, key, &kv, err, sizeof err);
         kvs_store_kv_free(&kv);
@@ -938,8 +643,7 @@ int kvs_coord_run(kvs_coord *c)
             rc = KVS_INTERNAL;
             break;
         }
-        if (now_ms() - c->last_tick_ms >= TICK_MS ||
-            kvs_leader_held_token(c->leader) != c->token) {
+        if (now_ms() - c->last_tick_ms >= TICK_MS || kvs_leader_held_token(c->leader) != c->token) {
             tick(c);
             c->last_tick_ms = now_ms();
         }
@@ -958,8 +662,8 @@ int kvs_coord_run(kvs_coord *c)
                 } else {
                     struct kvs_cmsg m;
                     char err[512] = "";
-                    int drc = kvs_cmsg_decode(zmq_msg_data(&parts[2]), zmq_msg_size(&parts[2]),
-                                              &m, err, sizeof err);
+                    int drc = kvs_cmsg_decode(zmq_msg_data(&parts[2]), zmq_msg_size(&parts[2]), &m,
+                                              err, sizeof err);
                     if (drc < 0) {
                         send_error(c, zmq_msg_data(&parts[0]), ident_len, m.id, drc, err);
                     } else {
@@ -1013,13 +717,16 @@ int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, si
     const char *cluster = o->cluster ? o->cluster : "default";
     if (o->listen == NULL || (o->store == NULL && o->store_url == NULL) ||
         !kvs_cmsg_valid_id(cluster, 63)) {
-        kvs_errf(err, errlen, "coordinator: needs --listen, a store and a cluster name of "
+        kvs_errf(err, errlen,
+                 "coordinator: needs --listen, a store and a cluster name of "
                  "1..63 bytes of [A-Za-z0-9._-]");
         return KVS_INVALID_ARGUMENT;
     }
     if (!o->insecure && !endpoint_is_local(o->listen)) {
-        kvs_errf(err, errlen, "refusing to listen on %s: not a loopback address and CURVE is "
-                 "not implemented yet (pass --insecure to accept the risk)", o->listen);
+        kvs_errf(err, errlen,
+                 "refusing to listen on %s: not a loopback address and CURVE is "
+                 "not implemented yet (pass --insecure to accept the risk)",
+                 o->listen);
         return KVS_INVALID_ARGUMENT;
     }
     kvs_coord *c = calloc(1, sizeof *c);
@@ -1076,8 +783,7 @@ int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, si
     zmq_getsockopt(c->router, ZMQ_LAST_ENDPOINT, c->endpoint, &len);
     char leader_key[192];
     snprintf(leader_key, sizeof leader_key, "%sleader", c->key_root);
-    c->leader = kvs_leader_new(c->store, leader_key, c->endpoint, c->o.leader_ttl_s, err,
-                               errlen);
+    c->leader = kvs_leader_new(c->store, leader_key, c->endpoint, c->o.leader_ttl_s, err, errlen);
     if (c->leader == NULL) {
         goto fail;
     }
@@ -1105,7 +811,7 @@ void kvs_coord_destroy(kvs_coord **pc, bool crash)
     if (c->zctx != NULL) {
         zmq_ctx_term(c->zctx);
     }
-    clear_state(c);
+    kvs_coord_state_clear(c);
     free(c->workers);
     free(c->sessions);
     if (c->own_store) {

@@ -33,15 +33,15 @@
 typedef struct kvs_coord kvs_coord;
 
 struct kvs_coord_opts {
-    const char *listen;       /* ZeroMQ endpoint (tcp://127.0.0.1:7700; port * = any) */
-    bool insecure;            /* allow a non-loopback address (no CURVE yet) */
-    const char *store_url;    /* kvs_store_open URL (file:PATH, mem:, http://...) */
-    kvs_store *store;         /* or a store to borrow (tests: two coordinators, one store) */
-    const char *cluster;      /* the cluster's name: keys live under /kvstream/<cluster>/ */
-    int leader_ttl_s;         /* the leader lease, seconds (0 = 5) */
-    int worker_ttl_s;         /* a worker's lease, seconds (0 = 10) */
-    int heartbeat_ms;         /* the interval workers are told to heartbeat at (0 = 1000) */
-    int unhealthy_ms;         /* no heartbeat for this long = unhealthy (0 = 3 x heartbeat) */
+    const char *listen;    /* ZeroMQ endpoint (tcp://127.0.0.1:7700; port * = any) */
+    bool insecure;         /* allow a non-loopback address (no CURVE yet) */
+    const char *store_url; /* kvs_store_open URL (file:PATH, mem:, http://...) */
+    kvs_store *store;      /* or a store to borrow (tests: two coordinators, one store) */
+    const char *cluster;   /* the cluster's name: keys live under /kvstream/<cluster>/ */
+    int leader_ttl_s;      /* the leader lease, seconds (0 = 5) */
+    int worker_ttl_s;      /* a worker's lease, seconds (0 = 10) */
+    int heartbeat_ms;      /* the interval workers are told to heartbeat at (0 = 1000) */
+    int unhealthy_ms;      /* no heartbeat for this long = unhealthy (0 = 3 x heartbeat) */
 };
 
 /* Open the store, bind the socket, start the election. 0 with *out, or INVALID_ARGUMENT

@@ -14,19 +14,19 @@
 #define ID_MAX 256
 
 struct kvs_leader {
-    kvs_store *store;           /* borrowed */
+    kvs_store *store; /* borrowed */
     char *key;
     char id[ID_MAX];
     int ttl_s;
-    pthread_mutex_t mu;         /* guards the fields below (never held across store calls) */
-    int64_t lease;              /* our lease, 0 = none */
-    int64_t token;              /* create_revision of our leader key, 0 = not leading */
-    int64_t renewed_ms;         /* monotonic time of the last successful renewal */
-    char current[ID_MAX];       /* the leader's id as last seen */
+    pthread_mutex_t mu;   /* guards the fields below (never held across store calls) */
+    int64_t lease;        /* our lease, 0 = none */
+    int64_t token;        /* create_revision of our leader key, 0 = not leading */
+    int64_t renewed_ms;   /* monotonic time of the last successful renewal */
+    char current[ID_MAX]; /* the leader's id as last seen */
     pthread_t thread;
     bool started;
     atomic_bool stop;
-    pthread_cond_t cv;          /* wakes the thread to stop */
+    pthread_cond_t cv; /* wakes the thread to stop */
 };
 
 static int64_t now_ms(void)
@@ -43,13 +43,15 @@ static int64_t margin_ms(const kvs_leader *l)
     return m < 1000 ? 1000 : m;
 }
 
-kvs_leader *kvs_leader_new(kvs_store *store, const char *key, const char *id, int ttl_s,
-                           char *err, size_t errlen)
+kvs_leader *kvs_leader_new(kvs_store *store, const char *key, const char *id, int ttl_s, char *err,
+                           size_t errlen)
 {
     if (store == NULL || key == NULL || key[0] == '\0' || id == NULL || id[0] == '\0' ||
         strlen(id) >= ID_MAX || ttl_s < 2 || ttl_s > 600) {
-        kvs_errf(err, errlen, "leader: needs a store, a key, an id of 1..%d bytes and a TTL "
-                 "of 2..600 s (got %d)", ID_MAX - 1, ttl_s);
+        kvs_errf(err, errlen,
+                 "leader: needs a store, a key, an id of 1..%d bytes and a TTL "
+                 "of 2..600 s (got %d)",
+                 ID_MAX - 1, ttl_s);
         return NULL;
     }
     kvs_leader *l = calloc(1, sizeof *l);
@@ -101,10 +103,13 @@ static int try_acquire(kvs_leader *l, char *err, size_t errlen)
     l->lease = lease;
     l->renewed_ms = now_ms();
     pthread_mutex_unlock(&l->mu);
-    struct kvs_store_cmp absent = {.key = l->key, .target = KVS_STORE_CREATE,
-                                   .result = KVS_STORE_EQUAL, .number = 0};
-    struct kvs_store_op put = {.type = KVS_STORE_OP_PUT, .key = l->key, .value = l->id,
-                               .value_len = strlen(l->id), .lease = lease};
+    struct kvs_store_cmp absent = {
+        .key = l->key, .target = KVS_STORE_CREATE, .result = KVS_STORE_EQUAL, .number = 0};
+    struct kvs_store_op put = {.type = KVS_STORE_OP_PUT,
+                               .key = l->key,
+                               .value = l->id,
+                               .value_len = strlen(l->id),
+                               .lease = lease};
     bool won = false;
     int64_t rev = 0;
     int rc = kvs_store_txn(l->store, &absent, 1, &put, 1, NULL, 0, &won, &rev, err, errlen);
@@ -159,8 +164,8 @@ int kvs_leader_step(kvs_leader *l, char *err, size_t errlen)
 bool kvs_leader_is_leader(kvs_leader *l)
 {
     pthread_mutex_lock(&l->mu);
-    bool leading = l->token != 0 &&
-                   now_ms() < l->renewed_ms + (int64_t)l->ttl_s * 1000 - margin_ms(l);
+    bool leading =
+        l->token != 0 && now_ms() < l->renewed_ms + (int64_t)l->ttl_s * 1000 - margin_ms(l);
     pthread_mutex_unlock(&l->mu);
     return leading;
 }
@@ -193,8 +198,8 @@ void kvs_leader_current(kvs_leader *l, char *buf, size_t len)
 #define FENCED_MAX_CMP 16
 
 int kvs_leader_txn(kvs_leader *l, const struct kvs_store_cmp *cmp, size_t n_cmp,
-                   const struct kvs_store_op *ok, size_t n_ok, bool *succeeded,
-                   int64_t *revision, char *err, size_t errlen)
+                   const struct kvs_store_op *ok, size_t n_ok, bool *succeeded, int64_t *revision,
+                   char *err, size_t errlen)
 {
     *succeeded = false;
     pthread_mutex_lock(&l->mu);
@@ -205,18 +210,17 @@ int kvs_leader_txn(kvs_leader *l, const struct kvs_store_cmp *cmp, size_t n_cmp,
         return KVS_NOT_LEADER;
     }
     if (n_cmp >= FENCED_MAX_CMP) {
-        kvs_errf(err, errlen, "leader: more than %d compares in a fenced txn",
-                 FENCED_MAX_CMP - 1);
+        kvs_errf(err, errlen, "leader: more than %d compares in a fenced txn", FENCED_MAX_CMP - 1);
         return KVS_TOO_LARGE;
     }
     struct kvs_store_cmp all[FENCED_MAX_CMP];
-    all[0] = (struct kvs_store_cmp){.key = l->key, .target = KVS_STORE_CREATE,
-                                    .result = KVS_STORE_EQUAL, .number = token};
+    all[0] = (struct kvs_store_cmp){
+        .key = l->key, .target = KVS_STORE_CREATE, .result = KVS_STORE_EQUAL, .number = token};
     if (n_cmp > 0) {
         memcpy(&all[1], cmp, n_cmp * sizeof *cmp);
     }
-    KVS_TRY(kvs_store_txn(l->store, all, n_cmp + 1, ok, n_ok, NULL, 0, succeeded, revision,
-                          err, errlen));
+    KVS_TRY(kvs_store_txn(l->store, all, n_cmp + 1, ok, n_ok, NULL, 0, succeeded, revision, err,
+                          errlen));
     if (*succeeded) {
         return KVS_OK;
     }
@@ -236,18 +240,18 @@ int kvs_leader_txn(kvs_leader *l, const struct kvs_store_cmp *cmp, size_t n_cmp,
         pthread_mutex_unlock(&l->mu);
         KVS_WARN("leader: a write of '%s' was fenced off (token %lld is stale)", l->id,
                  (long long)token);
-        kvs_errf(err, errlen, "'%s' is not the leader of %s any more (token %lld is stale)",
-                 l->id, l->key, (long long)token);
+        kvs_errf(err, errlen, "'%s' is not the leader of %s any more (token %lld is stale)", l->id,
+                 l->key, (long long)token);
         return KVS_NOT_LEADER;
     }
     return KVS_OK;
 }
 
-int kvs_leader_put(kvs_leader *l, const char *key, const void *value, size_t len,
-                   int64_t lease, char *err, size_t errlen)
+int kvs_leader_put(kvs_leader *l, const char *key, const void *value, size_t len, int64_t lease,
+                   char *err, size_t errlen)
 {
-    struct kvs_store_op op = {.type = KVS_STORE_OP_PUT, .key = key, .value = value,
-                              .value_len = len, .lease = lease};
+    struct kvs_store_op op = {
+        .type = KVS_STORE_OP_PUT, .key = key, .value = value, .value_len = len, .lease = lease};
     bool ok;
     return kvs_leader_txn(l, NULL, 0, &op, 1, &ok, NULL, err, errlen);
 }
@@ -307,8 +311,7 @@ static void *election_main(void *arg)
         while (!atomic_load(&l->stop) && now_ms() < until) {
             struct kvs_store_event ev;
             int got = kvs_store_watch_next(w, &ev, 100);
-            bool gone = got == 1 && strcmp(ev.kv.key, l->key) == 0 &&
-                        ev.type != KVS_STORE_PUT;
+            bool gone = got == 1 && strcmp(ev.kv.key, l->key) == 0 && ev.type != KVS_STORE_PUT;
             kvs_store_event_free(&ev);
             if (got < 0) {
                 kvs_store_watch_destroy(&w);
@@ -360,8 +363,8 @@ void kvs_leader_destroy(kvs_leader **pl, bool resign)
     if (resign && l->lease != 0) {
         char err[256];
         if (kvs_store_lease_revoke(l->store, l->lease, err, sizeof err) < 0 && l->token != 0) {
-            KVS_WARN("leader: '%s' could not resign: %s (the lease expires in %d s)", l->id,
-                     err, l->ttl_s);
+            KVS_WARN("leader: '%s' could not resign: %s (the lease expires in %d s)", l->id, err,
+                     l->ttl_s);
         }
     }
     pthread_cond_destroy(&l->cv);

@@ -35,8 +35,8 @@ typedef struct kvs_leader kvs_leader;
 /* A contender for key (e.g. "/kvstream/c1/leader") under the name id (stored as the key's
  * value: how clients and standbys learn who leads), with leases of ttl_s seconds (2..600).
  * store is borrowed and must outlive the contender. NULL with a reason on bad arguments. */
-kvs_leader *kvs_leader_new(kvs_store *store, const char *key, const char *id, int ttl_s,
-                           char *err, size_t errlen);
+kvs_leader *kvs_leader_new(kvs_store *store, const char *key, const char *id, int ttl_s, char *err,
+                           size_t errlen);
 
 /* Stop the thread if started; a leader resigns (revokes its lease, so the key goes now and
  * a standby takes over without waiting for the TTL) unless resign is false (a crash, for
@@ -76,12 +76,12 @@ void kvs_leader_current(kvs_leader *l, char *buf, size_t len);
  * what kvs_store_txn returns (*succeeded false when one of the caller's compares failed).
  * Use the token it ran under: kvs_leader_token() at the time of the call. */
 int kvs_leader_txn(kvs_leader *l, const struct kvs_store_cmp *cmp, size_t n_cmp,
-                   const struct kvs_store_op *ok, size_t n_ok, bool *succeeded,
-                   int64_t *revision, char *err, size_t errlen);
+                   const struct kvs_store_op *ok, size_t n_ok, bool *succeeded, int64_t *revision,
+                   char *err, size_t errlen);
 
 /* Fenced put and delete (kvs_leader_txn with one op and no compares of the caller). */
-int kvs_leader_put(kvs_leader *l, const char *key, const void *value, size_t len,
-                   int64_t lease, char *err, size_t errlen);
+int kvs_leader_put(kvs_leader *l, const char *key, const void *value, size_t len, int64_t lease,
+                   char *err, size_t errlen);
 int kvs_leader_delete(kvs_leader *l, const char *key, bool prefix, char *err, size_t errlen);
 
 #endif

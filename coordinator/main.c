@@ -32,17 +32,18 @@ static void on_signal(int sig)
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: kvs-coordinator [options]\n"
-            "  -l, --listen EP         ZeroMQ endpoint (default tcp://127.0.0.1:7700; port * = any)\n"
-            "      --insecure          allow a non-loopback address (no CURVE encryption yet)\n"
-            "  -s, --store URL         file:PATH | mem: | http://HOST:PORT[,...] (etcd)\n"
-            "                          (default file:kvstream-cluster.json)\n"
-            "  -c, --cluster NAME      keys live under /kvstream/NAME/ (default: default)\n"
-            "      --leader-ttl S      leader lease, seconds (default 5)\n"
-            "      --worker-ttl S      worker lease, seconds (default 10)\n"
-            "      --heartbeat-ms MS   worker heartbeat interval (default 1000)\n"
-            "  -h, --help\n");
+    fprintf(
+        f,
+        "usage: kvs-coordinator [options]\n"
+        "  -l, --listen EP         ZeroMQ endpoint (default tcp://127.0.0.1:7700; port * = any)\n"
+        "      --insecure          allow a non-loopback address (no CURVE encryption yet)\n"
+        "  -s, --store URL         file:PATH | mem: | http://HOST:PORT[,...] (etcd)\n"
+        "                          (default file:kvstream-cluster.json)\n"
+        "  -c, --cluster NAME      keys live under /kvstream/NAME/ (default: default)\n"
+        "      --leader-ttl S      leader lease, seconds (default 5)\n"
+        "      --worker-ttl S      worker lease, seconds (default 10)\n"
+        "      --heartbeat-ms MS   worker heartbeat interval (default 1000)\n"
+        "  -h, --help\n");
 }
 
 static int parse_int(const char *s, int min, int max, int *out)
@@ -61,19 +62,31 @@ int main(int argc, char **argv)
     struct kvs_coord_opts o = {.listen = "tcp://127.0.0.1:7700",
                                .store_url = "file:kvstream-cluster.json"};
     static const struct option longopts[] = {
-        {"listen", required_argument, 0, 'l'},      {"insecure", no_argument, 0, 'I'},
-        {"store", required_argument, 0, 's'},       {"cluster", required_argument, 0, 'c'},
-        {"leader-ttl", required_argument, 0, 'L'},  {"worker-ttl", required_argument, 0, 'W'},
-        {"heartbeat-ms", required_argument, 0, 'H'}, {"help", no_argument, 0, 'h'},
+        {"listen", required_argument, 0, 'l'},
+        {"insecure", no_argument, 0, 'I'},
+        {"store", required_argument, 0, 's'},
+        {"cluster", required_argument, 0, 'c'},
+        {"leader-ttl", required_argument, 0, 'L'},
+        {"worker-ttl", required_argument, 0, 'W'},
+        {"heartbeat-ms", required_argument, 0, 'H'},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     int ch;
     while ((ch = getopt_long(argc, argv, "l:s:c:h", longopts, NULL)) != -1) {
         switch (ch) {
-        case 'l': o.listen = optarg; break;
-        case 'I': o.insecure = true; break;
-        case 's': o.store_url = optarg; break;
-        case 'c': o.cluster = optarg; break;
+        case 'l':
+            o.listen = optarg;
+            break;
+        case 'I':
+            o.insecure = true;
+            break;
+        case 's':
+            o.store_url = optarg;
+            break;
+        case 'c':
+            o.cluster = optarg;
+            break;
         case 'L':
         case 'W':
             if (parse_int(optarg, 2, 600, ch == 'L' ? &o.leader_ttl_s : &o.worker_ttl_s) < 0) {
@@ -88,8 +101,12 @@ int main(int argc, char **argv)
                 return 2;
             }
             break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
     }
     if (optind != argc) {

@@ -36,8 +36,8 @@ static bool has_prefix(const struct kvs_worker_info *w, uint64_t hash)
 }
 
 /* Whether candidate a beats b (both eligible). */
-static bool better(const struct kvs_worker_info *a, bool a_hit,
-                   const struct kvs_worker_info *b, bool b_hit)
+static bool better(const struct kvs_worker_info *a, bool a_hit, const struct kvs_worker_info *b,
+                   bool b_hit)
 {
     if (a_hit != b_hit) {
         return a_hit;
@@ -53,8 +53,10 @@ int kvs_placement_choose(const struct kvs_worker_info *workers, size_t n,
                          char *reason, size_t reason_len)
 {
     if (rq->n_cells <= 0 || rq->model_sha256 == NULL || rq->model_sha256[0] == '\0') {
-        kvs_errf(reason, reason_len, "placement: a budget of %lld cells and a model are "
-                 "required", (long long)rq->n_cells);
+        kvs_errf(reason, reason_len,
+                 "placement: a budget of %lld cells and a model are "
+                 "required",
+                 (long long)rq->n_cells);
         return KVS_INVALID_ARGUMENT;
     }
     size_t n_ready = 0, n_model = 0, n_not_ready = 0, best = n;

@@ -40,25 +40,25 @@ int kvs_worker_state_parse(const char *name);
 
 /* What the policy knows of a worker. Strings are borrowed for the call. */
 struct kvs_worker_info {
-    const char *id;                 /* unique worker id: the tie-break */
-    const char *model_sha256;       /* hex SHA-256 of the model it serves */
-    int64_t n_cells_capacity;       /* cells, the whole pool */
-    int64_t n_cells_free;           /* cells not used nor reserved */
+    const char *id;           /* unique worker id: the tie-break */
+    const char *model_sha256; /* hex SHA-256 of the model it serves */
+    int64_t n_cells_capacity; /* cells, the whole pool */
+    int64_t n_cells_free;     /* cells not used nor reserved */
     enum kvs_worker_state state;
-    const uint64_t *prefix_hashes;  /* n_prefix_hashes prefix hashes it has cached */
+    const uint64_t *prefix_hashes; /* n_prefix_hashes prefix hashes it has cached */
     size_t n_prefix_hashes;
 };
 
 struct kvs_placement_request {
-    const char *model_sha256;       /* the model the session needs */
-    int64_t n_cells;                /* the session's budget, cells (> 0) */
-    uint64_t prefix_hash;           /* hash of its pinned prefix; 0 = none */
+    const char *model_sha256; /* the model the session needs */
+    int64_t n_cells;          /* the session's budget, cells (> 0) */
+    uint64_t prefix_hash;     /* hash of its pinned prefix; 0 = none */
 };
 
 struct kvs_placement {
-    size_t index;                   /* into the workers array */
-    bool prefix_hit;                /* chosen for its cached prefix */
-    int64_t n_cells_left;           /* its free cells after the budget */
+    size_t index;         /* into the workers array */
+    bool prefix_hit;      /* chosen for its cached prefix */
+    int64_t n_cells_left; /* its free cells after the budget */
 };
 
 /* Choose a worker for rq among workers[0..n). 0 with *out filled, or UNAVAILABLE,

@@ -25,10 +25,10 @@
 #define ETCD_RIG_BIN "/usr/bin/etcd"
 
 struct etcd_rig {
-    char dir[256];    /* temporary directory: data/ and etcd.log */
+    char dir[256]; /* temporary directory: data/ and etcd.log */
     int client_port, peer_port;
-    char url[64];     /* http://127.0.0.1:CLIENT */
-    pid_t pid;        /* 0 when stopped */
+    char url[64]; /* http://127.0.0.1:CLIENT */
+    pid_t pid;    /* 0 when stopped */
 };
 
 static inline bool etcd_rig_available(void)
@@ -84,11 +84,10 @@ static inline int etcd_rig_start(struct etcd_rig *r)
             dup2(fd, 1);
             dup2(fd, 2);
         }
-        execl(ETCD_RIG_BIN, "etcd", "--name", "kvs", "--data-dir", data,
-              "--listen-client-urls", client, "--advertise-client-urls", client,
-              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-              "--initial-cluster", cluster, "--heartbeat-interval", "50",
-              "--election-timeout", "500", (char *)NULL);
+        execl(ETCD_RIG_BIN, "etcd", "--name", "kvs", "--data-dir", data, "--listen-client-urls",
+              client, "--advertise-client-urls", client, "--listen-peer-urls", peer,
+              "--initial-advertise-peer-urls", peer, "--initial-cluster", cluster,
+              "--heartbeat-interval", "50", "--election-timeout", "500", (char *)NULL);
         _exit(127);
     }
     r->pid = pid;
@@ -112,8 +111,7 @@ static inline int etcd_rig_start(struct etcd_rig *r)
         struct timespec ts = {0, 100 * 1000000L};
         nanosleep(&ts, NULL);
     }
-    fprintf(stderr, "etcd_rig: etcd at %s did not answer in 15 s: %s (log %s)\n", r->url, err,
-            log);
+    fprintf(stderr, "etcd_rig: etcd at %s did not answer in 15 s: %s (log %s)\n", r->url, err, log);
     kvs_store_destroy(&s);
     return -1;
 }

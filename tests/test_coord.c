@@ -88,8 +88,7 @@ static const msgpack_object *recv_reply(struct peer *p)
     ck_assert_int_gt(n, 0);
     ck_assert_int_le(n, (int)sizeof buf);
     size_t off = 0;
-    ck_assert_int_eq(msgpack_unpack_next(&p->reply, buf, (size_t)n, &off),
-                     MSGPACK_UNPACK_SUCCESS);
+    ck_assert_int_eq(msgpack_unpack_next(&p->reply, buf, (size_t)n, &off), MSGPACK_UNPACK_SUCCESS);
     ck_assert_int_eq(p->reply.data.type, MSGPACK_OBJECT_MAP);
     return &p->reply.data;
 }
@@ -203,25 +202,23 @@ static const msgpack_object *rpc(struct peer *p, const char *op, ...)
 
 #define U(x) ((uint64_t)(x))
 
-static void reg(struct peer *p, const char *id, const char *ep, const char *model,
-                uint64_t cells)
+static void reg(struct peer *p, const char *id, const char *ep, const char *model, uint64_t cells)
 {
-    const msgpack_object *r = rpc(p, "worker.register", "s:worker", id, "s:endpoint", ep,
-                                  "s:model", model, "u:cells_total", cells, "s:device", "cpu",
-                                  NULL);
+    const msgpack_object *r = rpc(p, "worker.register", "s:worker", id, "s:endpoint", ep, "s:model",
+                                  model, "u:cells_total", cells, "s:device", "cpu", NULL);
     ck_assert_msg(code(r)[0] == '\0', "register %s: %s %s", id, code(r), message(r));
 }
 
 static void heartbeat(struct peer *p, const char *id)
 {
-    const msgpack_object *r = rpc(p, "worker.heartbeat", "s:worker", id, "u:cells_free",
-                                  U(100), NULL);
+    const msgpack_object *r =
+        rpc(p, "worker.heartbeat", "s:worker", id, "u:cells_free", U(100), NULL);
     ck_assert_msg(code(r)[0] == '\0', "heartbeat %s: %s %s", id, code(r), message(r));
 }
 
 /* Create a session and return the worker it was placed on ("" + the code on error). */
-static const char *create(struct peer *p, const char *session, uint64_t cells,
-                          const char *model, uint64_t prefix_hash)
+static const char *create(struct peer *p, const char *session, uint64_t cells, const char *model,
+                          uint64_t prefix_hash)
 {
     const msgpack_object *r = rpc(p, "session.create", "s:session", session, "u:cells", cells,
                                   "s:model", model, "u:prefix_hash", prefix_hash, NULL);
@@ -315,8 +312,7 @@ START_TEST(test_placement_and_directory)
     ck_assert_str_eq(create(&cl, "s5", 100, MODEL_B, 0), "w4");
     ck_assert_str_eq(create(&cl, "s6", 100, MODEL_C, 0), "MODEL_MISMATCH");
     /* Nothing fits: refused with a reason. */
-    r = rpc(&cl, "session.create", "s:session", "s4", "u:cells", U(9000), "s:model", MODEL_A,
-            NULL);
+    r = rpc(&cl, "session.create", "s:session", "s4", "u:cells", U(9000), "s:model", MODEL_A, NULL);
     ck_assert_str_eq(code(r), "CAPACITY");
     ck_assert_int_eq(num(get(r, "error"), "status"), KVS_CAPACITY);
     ck_assert_ptr_nonnull(strstr(message(r), "9000 free cells"));
@@ -345,8 +341,8 @@ START_TEST(test_placement_and_directory)
 
     /* Prefix affinity: a worker that has the prefix cached wins over a tighter fit. */
     const uint64_t cached[] = {77, 78};
-    r = rpc(&w, "worker.heartbeat", "s:worker", "w2", "u:cells_free", U(100),
-            "a:prefix_hashes", 2, cached, NULL);
+    r = rpc(&w, "worker.heartbeat", "s:worker", "w2", "u:cells_free", U(100), "a:prefix_hashes", 2,
+            cached, NULL);
     ck_assert_str_eq(code(r), "");
     ck_assert_str_eq(create(&cl, "s8", 100, MODEL_A, 77), "w2");
     ck_assert_str_eq(create(&cl, "s9", 100, MODEL_A, 0), "w3");
@@ -383,8 +379,7 @@ START_TEST(test_placement_and_directory)
     /* The store holds every placement under the cluster's prefix. */
     struct kvs_store_range rg;
     char err[256];
-    ck_assert_int_eq(kvs_store_range(g_store, "/kvstream/t1/sessions/", true, &rg, err,
-                                     sizeof err),
+    ck_assert_int_eq(kvs_store_range(g_store, "/kvstream/t1/sessions/", true, &rg, err, sizeof err),
                      0);
     ck_assert_uint_eq(rg.n, 7);
     ck_assert_str_eq(rg.kvs[0].key, "/kvstream/t1/sessions/s10");
@@ -435,28 +430,25 @@ START_TEST(test_hostile_input)
     r = rpc(&p, "worker.register", "s:worker", "w1", "s:endpoint", "http://evil", "s:model",
             MODEL_A, "u:cells_total", U(1), NULL);
     ck_assert_ptr_nonnull(strstr(message(r), "'endpoint'"));
-    r = rpc(&p, "worker.register", "s:worker", "w1", "s:endpoint", "tcp://127.0.0.1:1",
-            "s:model", "XYZ", "u:cells_total", U(1), NULL);
+    r = rpc(&p, "worker.register", "s:worker", "w1", "s:endpoint", "tcp://127.0.0.1:1", "s:model",
+            "XYZ", "u:cells_total", U(1), NULL);
     ck_assert_ptr_nonnull(strstr(message(r), "'model'"));
-    r = rpc(&p, "worker.register", "s:worker", "w1", "s:endpoint", "tcp://127.0.0.1:1",
-            "s:model", MODEL_A, "u:cells_total", U(1) << 50, NULL);
+    r = rpc(&p, "worker.register", "s:worker", "w1", "s:endpoint", "tcp://127.0.0.1:1", "s:model",
+            MODEL_A, "u:cells_total", U(1) << 50, NULL);
     ck_assert_ptr_nonnull(strstr(message(r), "out of range"));
-    r = rpc(&p, "session.create", "s:session", "s1", "u:cells", U(0), "s:model", MODEL_A,
-            NULL);
+    r = rpc(&p, "session.create", "s:session", "s1", "u:cells", U(0), "s:model", MODEL_A, NULL);
     ck_assert_str_eq(code(r), "INVALID_ARGUMENT");
-    r = rpc(&p, "session.create", "s:session", "s1", "s:cells", "many", "s:model", MODEL_A,
-            NULL);
+    r = rpc(&p, "session.create", "s:session", "s1", "s:cells", "many", "s:model", MODEL_A, NULL);
     ck_assert_ptr_nonnull(strstr(message(r), "'cells'"));
     uint64_t many[1100] = {0};
-    r = rpc(&p, "worker.heartbeat", "s:worker", "w1", "u:cells_free", U(1), "a:prefix_hashes",
-            1100, many, NULL);
+    r = rpc(&p, "worker.heartbeat", "s:worker", "w1", "u:cells_free", U(1), "a:prefix_hashes", 1100,
+            many, NULL);
     ck_assert_str_eq(code(r), "TOO_LARGE");
     r = rpc(&p, "worker.heartbeat", "s:worker", "ghost", "u:cells_free", U(1), NULL);
     ck_assert_str_eq(code(r), "NOT_FOUND");
     ck_assert_ptr_nonnull(strstr(message(r), "register"));
     /* No worker at all: a session is refused, saying so. */
-    r = rpc(&p, "session.create", "s:session", "s1", "u:cells", U(10), "s:model", MODEL_A,
-            NULL);
+    r = rpc(&p, "session.create", "s:session", "s1", "u:cells", U(10), "s:model", MODEL_A, NULL);
     ck_assert_str_eq(code(r), "UNAVAILABLE");
     ck_assert_ptr_nonnull(strstr(message(r), "0 registered"));
 
@@ -477,8 +469,11 @@ END_TEST
 
 START_TEST(test_worker_failure_rule)
 {
-    struct kvs_coord_opts o = {.store = g_store, .cluster = "t3", .worker_ttl_s = 2,
-                               .heartbeat_ms = 200, .unhealthy_ms = 600};
+    struct kvs_coord_opts o = {.store = g_store,
+                               .cluster = "t3",
+                               .worker_ttl_s = 2,
+                               .heartbeat_ms = 200,
+                               .unhealthy_ms = 600};
     struct running run;
     start(&run, &o);
     struct peer w, cl;
@@ -606,8 +601,8 @@ START_TEST(test_failover_processes)
     peer_open(&pb, b.endpoint);
 
     /* The standby answers with the leader's address. */
-    const msgpack_object *r = rpc(&pb, "session.create", "s:session", "x", "u:cells", U(1),
-                                  "s:model", MODEL_A, NULL);
+    const msgpack_object *r =
+        rpc(&pb, "session.create", "s:session", "x", "u:cells", U(1), "s:model", MODEL_A, NULL);
     ck_assert_str_eq(code(r), "NOT_LEADER");
     ck_assert_str_eq(str(get(r, "error"), "leader"), a.endpoint);
     r = rpc(&pb, "coord.status", NULL);
@@ -630,8 +625,10 @@ START_TEST(test_failover_processes)
         }
         sleep_ms(20);
     }
-    fprintf(stderr, "test_coord: the standby kvs-coordinator took over %lld ms after the "
-            "leader's SIGKILL (leader TTL 2 s)\n", (long long)took);
+    fprintf(stderr,
+            "test_coord: the standby kvs-coordinator took over %lld ms after the "
+            "leader's SIGKILL (leader TTL 2 s)\n",
+            (long long)took);
     ck_assert_int_ge(took, 0);
     ck_assert_int_le(took, 2000 + 1500);
     /* The placement survived; the worker re-registers with the new leader. */
@@ -656,8 +653,11 @@ END_TEST
  * nobody is declared down, and everything works again once etcd is back. */
 START_TEST(test_etcd_outage)
 {
-    struct kvs_coord_opts o = {.store_url = g_etcd.url, .cluster = "outage",
-                               .leader_ttl_s = 2, .worker_ttl_s = 2, .heartbeat_ms = 200,
+    struct kvs_coord_opts o = {.store_url = g_etcd.url,
+                               .cluster = "outage",
+                               .leader_ttl_s = 2,
+                               .worker_ttl_s = 2,
+                               .heartbeat_ms = 200,
                                .unhealthy_ms = 600};
     struct running run;
     start(&run, &o);
@@ -678,8 +678,8 @@ START_TEST(test_etcd_outage)
         ck_assert_str_eq(str(r, "worker"), "w1");
         ck_assert_str_eq(str(r, "worker_state"), "ready");
         if (refused == 0) {
-            r = rpc(&cl, "session.create", "s:session", "s2", "u:cells", U(100), "s:model",
-                    MODEL_A, NULL);
+            r = rpc(&cl, "session.create", "s:session", "s2", "u:cells", U(100), "s:model", MODEL_A,
+                    NULL);
             ck_assert_str_eq(code(r), "UNAVAILABLE");
             ck_assert_ptr_nonnull(strstr(message(r), "cannot record the placement"));
             ck_assert_ptr_nonnull(strstr(message(r), "etcd unavailable"));
@@ -735,8 +735,9 @@ static void etcd_teardown(void)
 int main(void)
 {
     if (!etcd_rig_available()) {
-        fprintf(stderr, "test_coord: %s is not installed (apt-get install etcd-server); "
-                        "skipping: the failover test needs it\n",
+        fprintf(stderr,
+                "test_coord: %s is not installed (apt-get install etcd-server); "
+                "skipping: the failover test needs it\n",
                 ETCD_RIG_BIN);
         return 77;
     }

@@ -103,8 +103,10 @@ START_TEST(test_failover_and_fence)
     }
     ck_assert_msg(took >= 0, "the standby did not take over in 10 s");
     /* Within the TTL of the last renewal (plus the store's expiry tick and a step). */
-    fprintf(stderr, "test_leader (%s): standby took over %lld ms after the leader's last "
-            "renewal (TTL %d s)\n", kvs_store_kind(s1), (long long)took, TTL_S);
+    fprintf(stderr,
+            "test_leader (%s): standby took over %lld ms after the leader's last "
+            "renewal (TTL %d s)\n",
+            kvs_store_kind(s1), (long long)took, TTL_S);
     ck_assert_int_le(took, TTL_S * 1000 + 1500);
     int64_t token_b = kvs_leader_token(b);
     ck_assert_int_gt(token_b, token_a);
@@ -122,8 +124,11 @@ START_TEST(test_failover_and_fence)
     /* The new leader writes. */
     ck_assert_int_eq(kvs_leader_put(b, data_key, "owner=w3", 8, 0, err, sizeof err), 0);
     /* A fenced txn with a compare of the caller's that fails is not a fence failure. */
-    struct kvs_store_cmp cmp = {.key = data_key, .target = KVS_STORE_VALUE,
-                                .result = KVS_STORE_EQUAL, .value = "nope", .value_len = 4};
+    struct kvs_store_cmp cmp = {.key = data_key,
+                                .target = KVS_STORE_VALUE,
+                                .result = KVS_STORE_EQUAL,
+                                .value = "nope",
+                                .value_len = 4};
     struct kvs_store_op del = {.type = KVS_STORE_OP_DELETE, .key = data_key};
     bool ok = true;
     ck_assert_int_eq(kvs_leader_txn(b, &cmp, 1, &del, 1, &ok, NULL, err, sizeof err), 0);
@@ -204,8 +209,9 @@ static int run(const char *name)
 int main(void)
 {
     if (!etcd_rig_available()) {
-        fprintf(stderr, "test_leader: %s is not installed (apt-get install etcd-server); "
-                        "skipping: elections against etcd cannot run\n",
+        fprintf(stderr,
+                "test_leader: %s is not installed (apt-get install etcd-server); "
+                "skipping: elections against etcd cannot run\n",
                 ETCD_RIG_BIN);
         return 77;
     }

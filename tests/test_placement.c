@@ -15,16 +15,18 @@ static char reason[256];
 static struct kvs_worker_info worker(const char *id, const char *model, int64_t free_cells,
                                      enum kvs_worker_state st)
 {
-    return (struct kvs_worker_info){.id = id, .model_sha256 = model,
-                                    .n_cells_capacity = 8192, .n_cells_free = free_cells,
+    return (struct kvs_worker_info){.id = id,
+                                    .model_sha256 = model,
+                                    .n_cells_capacity = 8192,
+                                    .n_cells_free = free_cells,
                                     .state = st};
 }
 
-static size_t choose(const struct kvs_worker_info *w, size_t n, const char *model,
-                     int64_t cells, uint64_t prefix, int expect_rc)
+static size_t choose(const struct kvs_worker_info *w, size_t n, const char *model, int64_t cells,
+                     uint64_t prefix, int expect_rc)
 {
-    struct kvs_placement_request rq = {.model_sha256 = model, .n_cells = cells,
-                                       .prefix_hash = prefix};
+    struct kvs_placement_request rq = {
+        .model_sha256 = model, .n_cells = cells, .prefix_hash = prefix};
     struct kvs_placement p = {.index = 999};
     int rc = kvs_placement_choose(w, n, &rq, &p, reason, sizeof reason);
     ck_assert_msg(rc == expect_rc, "rc %d, expected %d (%s)", rc, expect_rc, reason);

@@ -18,11 +18,11 @@
 #include <unistd.h>
 
 static struct etcd_rig g_etcd;
-static const char *g_url;   /* the store under test: "mem:", "file:..." or etcd's URL */
+static const char *g_url; /* the store under test: "mem:", "file:..." or etcd's URL */
 static char g_file_url[300];
 static kvs_store *s;
 static char err[512];
-static char pfx[128];       /* a key prefix of this test alone (etcd outlives tests) */
+static char pfx[128]; /* a key prefix of this test alone (etcd outlives tests) */
 
 static void sleep_ms(int ms)
 {
@@ -101,9 +101,8 @@ START_TEST(test_range_and_delete)
 {
     const char *names[] = {"w/b", "w/a", "w/ab", "w0", "v", "w/c"};
     for (int i = 0; i < 6; i++) {
-        ck_assert_int_eq(kvs_store_put(s, k(names[i]), names[i], strlen(names[i]), 0, NULL,
-                                       err, sizeof err),
-                         0);
+        ck_assert_int_eq(
+            kvs_store_put(s, k(names[i]), names[i], strlen(names[i]), 0, NULL, err, sizeof err), 0);
     }
     struct kvs_store_range r;
     ck_assert_int_eq(kvs_store_range(s, k("w/"), true, &r, err, sizeof err), 0);
@@ -127,7 +126,7 @@ START_TEST(test_range_and_delete)
     ck_assert_int_eq(kvs_store_delete(s, k("w/zzz"), false, &n, err, sizeof err), 0);
     ck_assert_int_eq(n, 0);
     ck_assert_int_eq(kvs_store_range(s, k(""), true, &r, err, sizeof err), 0);
-    ck_assert_uint_eq(r.n, 4); /* v w/b w/c w0 */
+    ck_assert_uint_eq(r.n, 4);             /* v w/b w/c w0 */
     ck_assert_int_eq(r.revision, rev + 1); /* one revision for the prefix delete, none for 0 */
     kvs_store_range_free(&r);
     ck_assert_int_eq(kvs_store_delete(s, k("w0"), false, &n, err, sizeof err), 0);
@@ -137,13 +136,12 @@ END_TEST
 
 START_TEST(test_bad_arguments)
 {
-    ck_assert_int_eq(kvs_store_put(s, "", "x", 1, 0, NULL, err, sizeof err),
-                     KVS_INVALID_ARGUMENT);
+    ck_assert_int_eq(kvs_store_put(s, "", "x", 1, 0, NULL, err, sizeof err), KVS_INVALID_ARGUMENT);
     ck_assert_ptr_nonnull(strstr(err, "empty key"));
     char *big = calloc(1, KVS_STORE_MAX_VALUE + 1);
-    ck_assert_int_eq(kvs_store_put(s, k("big"), big, KVS_STORE_MAX_VALUE + 1, 0, NULL, err,
-                                   sizeof err),
-                     KVS_TOO_LARGE);
+    ck_assert_int_eq(
+        kvs_store_put(s, k("big"), big, KVS_STORE_MAX_VALUE + 1, 0, NULL, err, sizeof err),
+        KVS_TOO_LARGE);
     free(big);
     char longkey[KVS_STORE_MAX_KEY + 2];
     memset(longkey, 'k', sizeof longkey - 1);
@@ -151,10 +149,8 @@ START_TEST(test_bad_arguments)
     ck_assert_int_eq(kvs_store_put(s, longkey, "x", 1, 0, NULL, err, sizeof err),
                      KVS_INVALID_ARGUMENT);
     int64_t id;
-    ck_assert_int_eq(kvs_store_lease_grant(s, 0, &id, NULL, err, sizeof err),
-                     KVS_INVALID_ARGUMENT);
-    ck_assert_int_eq(kvs_store_lease_keepalive(s, -3, NULL, err, sizeof err),
-                     KVS_INVALID_ARGUMENT);
+    ck_assert_int_eq(kvs_store_lease_grant(s, 0, &id, NULL, err, sizeof err), KVS_INVALID_ARGUMENT);
+    ck_assert_int_eq(kvs_store_lease_keepalive(s, -3, NULL, err, sizeof err), KVS_INVALID_ARGUMENT);
     /* A put bound to a lease that does not exist. */
     ck_assert_int_eq(kvs_store_put(s, k("l"), "x", 1, 987654321, NULL, err, sizeof err),
                      KVS_NOT_FOUND);
@@ -166,23 +162,21 @@ START_TEST(test_txn_compare_and_swap)
     char key[256];
     snprintf(key, sizeof key, "%s", k("leader"));
     /* Create-if-absent: create_revision == 0. */
-    struct kvs_store_cmp absent = {.key = key, .target = KVS_STORE_CREATE,
-                                   .result = KVS_STORE_EQUAL, .number = 0};
-    struct kvs_store_op put_a = {.type = KVS_STORE_OP_PUT, .key = key, .value = "A",
-                                 .value_len = 1};
-    struct kvs_store_op put_b = {.type = KVS_STORE_OP_PUT, .key = key, .value = "B",
-                                 .value_len = 1};
-    struct kvs_store_op mark = {.type = KVS_STORE_OP_PUT, .key = k("lost"), .value = "1",
-                                .value_len = 1};
+    struct kvs_store_cmp absent = {
+        .key = key, .target = KVS_STORE_CREATE, .result = KVS_STORE_EQUAL, .number = 0};
+    struct kvs_store_op put_a = {
+        .type = KVS_STORE_OP_PUT, .key = key, .value = "A", .value_len = 1};
+    struct kvs_store_op put_b = {
+        .type = KVS_STORE_OP_PUT, .key = key, .value = "B", .value_len = 1};
+    struct kvs_store_op mark = {
+        .type = KVS_STORE_OP_PUT, .key = k("lost"), .value = "1", .value_len = 1};
     bool ok = false;
     int64_t rev1, rev2;
-    ck_assert_int_eq(kvs_store_txn(s, &absent, 1, &put_a, 1, NULL, 0, &ok, &rev1, err,
-                                   sizeof err),
+    ck_assert_int_eq(kvs_store_txn(s, &absent, 1, &put_a, 1, NULL, 0, &ok, &rev1, err, sizeof err),
                      0);
     ck_assert(ok);
     /* Second time the compare fails (etcd leaves "succeeded" out): the failure branch runs. */
-    ck_assert_int_eq(kvs_store_txn(s, &absent, 1, &put_b, 1, &mark, 1, &ok, &rev2, err,
-                                   sizeof err),
+    ck_assert_int_eq(kvs_store_txn(s, &absent, 1, &put_b, 1, &mark, 1, &ok, &rev2, err, sizeof err),
                      0);
     ck_assert(!ok);
     ck_assert_int_eq(rev2, rev1 + 1); /* the failure branch's put */
@@ -195,17 +189,15 @@ START_TEST(test_txn_compare_and_swap)
     kvs_store_kv_free(&kv);
 
     /* A fence: guarded by the create revision, a write goes through... */
-    struct kvs_store_cmp fence = {.key = key, .target = KVS_STORE_CREATE,
-                                  .result = KVS_STORE_EQUAL, .number = rev1};
-    struct kvs_store_op w = {.type = KVS_STORE_OP_PUT, .key = k("data"), .value = "v1",
-                             .value_len = 2};
-    ck_assert_int_eq(kvs_store_txn(s, &fence, 1, &w, 1, NULL, 0, &ok, NULL, err, sizeof err),
-                     0);
+    struct kvs_store_cmp fence = {
+        .key = key, .target = KVS_STORE_CREATE, .result = KVS_STORE_EQUAL, .number = rev1};
+    struct kvs_store_op w = {
+        .type = KVS_STORE_OP_PUT, .key = k("data"), .value = "v1", .value_len = 2};
+    ck_assert_int_eq(kvs_store_txn(s, &fence, 1, &w, 1, NULL, 0, &ok, NULL, err, sizeof err), 0);
     ck_assert(ok);
     /* ... and once the key is deleted and re-created, the old token is refused. */
     ck_assert_int_eq(kvs_store_delete(s, key, false, NULL, err, sizeof err), 0);
-    ck_assert_int_eq(kvs_store_txn(s, &absent, 1, &put_b, 1, NULL, 0, &ok, NULL, err,
-                                   sizeof err),
+    ck_assert_int_eq(kvs_store_txn(s, &absent, 1, &put_b, 1, NULL, 0, &ok, NULL, err, sizeof err),
                      0);
     ck_assert(ok);
     int64_t before;
@@ -213,28 +205,31 @@ START_TEST(test_txn_compare_and_swap)
     ck_assert_int_eq(kvs_store_range(s, k("data"), false, &r, err, sizeof err), 0);
     before = r.revision;
     kvs_store_range_free(&r);
-    ck_assert_int_eq(kvs_store_txn(s, &fence, 1, &w, 1, NULL, 0, &ok, &rev2, err, sizeof err),
-                     0);
+    ck_assert_int_eq(kvs_store_txn(s, &fence, 1, &w, 1, NULL, 0, &ok, &rev2, err, sizeof err), 0);
     ck_assert(!ok);
     ck_assert_int_eq(rev2, before); /* nothing changed, no revision */
 
     /* Value and mod-revision compares, LESS / GREATER / NOT_EQUAL. */
     struct kvs_store_cmp cmps[3] = {
-        {.key = key, .target = KVS_STORE_VALUE, .result = KVS_STORE_EQUAL, .value = "B",
+        {.key = key,
+         .target = KVS_STORE_VALUE,
+         .result = KVS_STORE_EQUAL,
+         .value = "B",
          .value_len = 1},
         {.key = key, .target = KVS_STORE_MOD, .result = KVS_STORE_GREATER, .number = rev1},
         {.key = key, .target = KVS_STORE_VERSION, .result = KVS_STORE_LESS, .number = 2},
     };
-    ck_assert_int_eq(kvs_store_txn(s, cmps, 3, NULL, 0, NULL, 0, &ok, NULL, err, sizeof err),
-                     0);
+    ck_assert_int_eq(kvs_store_txn(s, cmps, 3, NULL, 0, NULL, 0, &ok, NULL, err, sizeof err), 0);
     ck_assert(ok);
     cmps[0].result = KVS_STORE_NOT_EQUAL;
-    ck_assert_int_eq(kvs_store_txn(s, cmps, 3, NULL, 0, NULL, 0, &ok, NULL, err, sizeof err),
-                     0);
+    ck_assert_int_eq(kvs_store_txn(s, cmps, 3, NULL, 0, NULL, 0, &ok, NULL, err, sizeof err), 0);
     ck_assert(!ok);
     /* A value compare on an absent key fails whatever the result asked. */
-    struct kvs_store_cmp nv = {.key = k("nokey"), .target = KVS_STORE_VALUE,
-                               .result = KVS_STORE_NOT_EQUAL, .value = "x", .value_len = 1};
+    struct kvs_store_cmp nv = {.key = k("nokey"),
+                               .target = KVS_STORE_VALUE,
+                               .result = KVS_STORE_NOT_EQUAL,
+                               .value = "x",
+                               .value_len = 1};
     ck_assert_int_eq(kvs_store_txn(s, &nv, 1, NULL, 0, NULL, 0, &ok, NULL, err, sizeof err), 0);
     ck_assert(!ok);
 
@@ -243,8 +238,7 @@ START_TEST(test_txn_compare_and_swap)
         {.type = KVS_STORE_OP_PUT, .key = k("m/1"), .value = "1", .value_len = 1},
         {.type = KVS_STORE_OP_PUT, .key = k("m/2"), .value = "2", .value_len = 1},
     };
-    ck_assert_int_eq(kvs_store_txn(s, NULL, 0, two, 2, NULL, 0, &ok, &rev1, err, sizeof err),
-                     0);
+    ck_assert_int_eq(kvs_store_txn(s, NULL, 0, two, 2, NULL, 0, &ok, &rev1, err, sizeof err), 0);
     ck_assert(ok);
     ck_assert_int_eq(kvs_store_range(s, k("m/"), true, &r, err, sizeof err), 0);
     ck_assert_uint_eq(r.n, 2);
@@ -252,8 +246,7 @@ START_TEST(test_txn_compare_and_swap)
     ck_assert_int_eq(r.kvs[1].mod_revision, rev1);
     kvs_store_range_free(&r);
     struct kvs_store_op del = {.type = KVS_STORE_OP_DELETE, .key = k("m/"), .prefix = true};
-    ck_assert_int_eq(kvs_store_txn(s, NULL, 0, &del, 1, NULL, 0, &ok, NULL, err, sizeof err),
-                     0);
+    ck_assert_int_eq(kvs_store_txn(s, NULL, 0, &del, 1, NULL, 0, &ok, NULL, err, sizeof err), 0);
     ck_assert_int_eq(kvs_store_range(s, k("m/"), true, &r, err, sizeof err), 0);
     ck_assert_uint_eq(r.n, 0);
     kvs_store_range_free(&r);
@@ -628,8 +621,7 @@ START_TEST(test_parse_recorded_watch)
 
     json_t *j = recorded("watch_compacted.txt"); /* first line: created; read the second */
     json_decref(j);
-    snprintf(path, sizeof path, "%s/tests/data/etcd/watch_compacted.txt",
-             kvs_test_source_dir());
+    snprintf(path, sizeof path, "%s/tests/data/etcd/watch_compacted.txt", kvs_test_source_dir());
     text = kvs_test_read_file(path, &len);
     char *second = strchr(text, '\n') + 1;
     j = json_loads(second, JSON_DISABLE_EOF_CHECK, NULL);
@@ -647,16 +639,16 @@ END_TEST
 START_TEST(test_parse_malformed)
 {
     const char *bad_ranges[] = {
-        "{}",                                                           /* no header */
-        "{\"header\":{\"revision\":\"12x\"}}",                          /* not a number */
-        "{\"header\":{\"revision\":\"99999999999999999999\"}}",         /* over int64 */
+        "{}",                                                   /* no header */
+        "{\"header\":{\"revision\":\"12x\"}}",                  /* not a number */
+        "{\"header\":{\"revision\":\"99999999999999999999\"}}", /* over int64 */
         "{\"header\":{\"revision\":true}}",
-        "{\"header\":{},\"kvs\":{}}",                                   /* not an array */
-        "{\"header\":{},\"kvs\":[{\"value\":\"aGk=\"}]}",               /* no key */
+        "{\"header\":{},\"kvs\":{}}",                     /* not an array */
+        "{\"header\":{},\"kvs\":[{\"value\":\"aGk=\"}]}", /* no key */
         "{\"header\":{},\"kvs\":[{\"key\":\"not base64!\"}]}",
         "{\"header\":{},\"kvs\":[{\"key\":\"L2E=\",\"value\":\"aGk\"}]}", /* unpadded */
-        "{\"header\":{},\"kvs\":[{\"key\":\"AGE=\"}]}",                 /* NUL in the key */
-        "{\"header\":{},\"kvs\":[{\"key\":\"\"}]}",                     /* empty key */
+        "{\"header\":{},\"kvs\":[{\"key\":\"AGE=\"}]}",                   /* NUL in the key */
+        "{\"header\":{},\"kvs\":[{\"key\":\"\"}]}",                       /* empty key */
         "{\"header\":{},\"kvs\":[{\"key\":\"L2E=\",\"version\":[]}]}",
     };
     for (size_t i = 0; i < sizeof bad_ranges / sizeof *bad_ranges; i++) {
@@ -685,8 +677,7 @@ START_TEST(test_parse_malformed)
     ck_assert_int_eq(kvs_etcd_parse_watch(j, &m, e, sizeof e), KVS_BAD_FORMAT);
     kvs_etcd_watch_msg_free(&m);
     json_decref(j);
-    j = json_loads("{\"error\":{\"grpc_code\":14,\"message\":\"etcdserver: no leader\"}}", 0,
-                   NULL);
+    j = json_loads("{\"error\":{\"grpc_code\":14,\"message\":\"etcdserver: no leader\"}}", 0, NULL);
     ck_assert_int_eq(kvs_etcd_parse_watch(j, &m, e, sizeof e), KVS_UNAVAILABLE);
     ck_assert_ptr_nonnull(strstr(e, "no leader"));
     kvs_etcd_watch_msg_free(&m);
@@ -802,8 +793,9 @@ static Suite *contract_suite(const char *name)
 int main(void)
 {
     if (!etcd_rig_available()) {
-        fprintf(stderr, "test_store: %s is not installed (apt-get install etcd-server); "
-                        "skipping: the etcd half of the contract cannot run\n",
+        fprintf(stderr,
+                "test_store: %s is not installed (apt-get install etcd-server); "
+                "skipping: the etcd half of the contract cannot run\n",
                 ETCD_RIG_BIN);
         return 77;
     }
