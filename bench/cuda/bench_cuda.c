@@ -396,21 +396,32 @@ int main(int argc, char **argv)
     kvs_cuda_graph_counts(B.b, &g_launch, &g_capt);
     printf("decode 1K: %.3f ms (graphs launched %llu, captured %llu so far)\n", dec1k,
            (unsigned long long)g_launch, (unsigned long long)g_capt);
-    /* the same without graphs, then without fusion either (KVS_CUDA_GRAPHS / _FUSE = 0) */
-    setenv("KVS_CUDA_GRAPHS", "0", 1);
-    double dec1k_nograph = decode_ms(&B, s1, quick ? 5 : 10);
+    /* the same under the switches (KVS_CUDA_GRAPHS, _FUSE, _PDL): which part gives what */
+    static const char *const var[][3] = {
+        /* graphs, fuse, pdl */
+        {"1", "all", "1"}, {"1", "gemv", "0"}, {"1", "gemv", "gemv"}, {"1", "add", "1"},
+        {"1", "0", "1"},   {"1", "0", "0"},    {"0", "gemv", "1"},    {"0", "0", "1"},
+        {"0", "0", "0"},
+    };
+    double dec1k_nograph = 0, dec1k_nopdl = 0, dec1k_plain = 0;
+    for (size_t i = 0; i < sizeof var / sizeof var[0]; i++) {
+        setenv("KVS_CUDA_GRAPHS", var[i][0], 1);
+        setenv("KVS_CUDA_FUSE", var[i][1], 1);
+        setenv("KVS_CUDA_PDL", var[i][2], 1);
+        double t = decode_ms(&B, s1, quick ? 5 : 10);
+        printf("decode 1K variant: graphs %s, fuse %s, pdl %s: %.3f ms\n", var[i][0], var[i][1],
+               var[i][2], t);
+        if (i == 1) {
+            dec1k_nopdl = t;
+        } else if (i == 6) {
+            dec1k_nograph = t;
+        } else if (i == 8) {
+            dec1k_plain = t;
+        }
+    }
     unsetenv("KVS_CUDA_GRAPHS");
-    setenv("KVS_CUDA_PDL", "0", 1);
-    double dec1k_nopdl = decode_ms(&B, s1, quick ? 5 : 10);
-    unsetenv("KVS_CUDA_PDL");
-    setenv("KVS_CUDA_GRAPHS", "0", 1);
-    setenv("KVS_CUDA_FUSE", "0", 1);
-    double dec1k_plain = decode_ms(&B, s1, quick ? 5 : 10);
     unsetenv("KVS_CUDA_FUSE");
-    unsetenv("KVS_CUDA_GRAPHS");
-    printf("decode 1K variants: graphs+fusion+PDL %.3f ms, fusion+PDL only %.3f ms, graphs+fusion "
-           "without PDL %.3f ms, none of them %.3f ms\n",
-           dec1k, dec1k_nograph, dec1k_nopdl, dec1k_plain);
+    unsetenv("KVS_CUDA_PDL");
     /* a step without logits: no LM head, no download */
     {
         double tn[16];

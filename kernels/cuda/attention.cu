@@ -1143,10 +1143,10 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
         if (!launch_ok(c, (const void *)fa, a)) {
             return 0;
         }
-        CU_TRY(kvs_cuda_launch(c, fa, grid, dim3(nw * 32), smem, a));
+        CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, fa, grid, dim3(nw * 32), smem, a));
         if (a.n_split > 1) {
-            CU_TRY(kvs_cuda_launch(c, attn_combine_kernel, dim3((unsigned)(a.n_rows * n_head)),
-                                   dim3(128), 0, a));
+            CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, attn_combine_kernel,
+                                   dim3((unsigned)(a.n_rows * n_head)), dim3(128), 0, a));
         }
         return 0;
     }

@@ -258,12 +258,8 @@ extern "C" kvs_backend *kvs_backend_cuda_new(int dev, char *err, size_t errlen)
         cublasSetWorkspace(c->cublas, c->cublas_ws, CUBLAS_WS_BYTES) != CUBLAS_STATUS_SUCCESS) {
         NEW_FAIL("CUDA device %d: cannot set a cuBLAS workspace", dev);
     }
-    {
-        const char *f = getenv("KVS_CUDA_FUSE");
-        c->fuse = !(f != NULL && strcmp(f, "0") == 0);
-        f = getenv("KVS_CUDA_PDL");
-        c->pdl = !(f != NULL && strcmp(f, "0") == 0);
-    }
+    c->fuse = kvs_cuda_env_parts("KVS_CUDA_FUSE", KVS_CUDA_FUSE_DEFAULT);
+    c->pdl = kvs_cuda_env_parts("KVS_CUDA_PDL", KVS_CUDA_PART_GEMV | KVS_CUDA_PART_OTHER);
     KVS_DEBUG("cuda: backend on device %d (%s, %d SMs)", dev, p.name, c->n_sm);
     return b;
 fail:

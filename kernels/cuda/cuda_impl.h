@@ -65,6 +65,11 @@ struct kvs_cuda_mirror {
     size_t host_cap;         /* allocated bytes of host */
 };
 
+/* Parts of the fusion and early-launch switches (KVS_CUDA_FUSE, KVS_CUDA_PDL). */
+#define KVS_CUDA_PART_GEMV 1  /* GEMV matmuls */
+#define KVS_CUDA_PART_OTHER 2 /* the add (fusion); norm, rope, kv_store, attention (PDL) */
+#define KVS_CUDA_FUSE_DEFAULT KVS_CUDA_PART_GEMV /* fuse.cu says why not the add */
+
 /* One matmul of the GEMV path, held back so that the next op can join it (fuse.cu). */
 struct kvs_cuda_mm {
     const __nv_bfloat16 *W; /* (n_out, n_in) bf16 */
@@ -118,8 +123,8 @@ struct kvs_cuda {
     int rope_valid;
     int32_t n_seqs_hint;           /* distinct sequences of this forward's batch, 0 = unknown */
     /* fusion (fuse.cu): ops held back until the next op says whether it can join them */
-    int fuse;                                      /* 0: KVS_CUDA_FUSE=0, launch as they come */
-    int pdl;                                       /* GEMVs start early (KVS_CUDA_PDL=0: off) */
+    int fuse;                                      /* KVS_CUDA_PART_* held and fused */
+    int pdl;                                       /* KVS_CUDA_PART_* launched early (PDL) */
     int n_pend_mm;                                 /* GEMV matmuls held, same x and rows */
     struct kvs_cuda_mm pend_mm[KVS_CUDA_MAX_PEND_MM];
     const float *pend_x;                           /* their x (n_rows, n_in) */
@@ -159,6 +164,7 @@ int kvs_cuda_mirror_set(struct kvs_cuda *c, struct kvs_cuda_mirror *m, const voi
 void kvs_cuda_mirror_free(struct kvs_cuda_mirror *m);
 
 /* fuse.cu: held-back ops, graph modes, staged host arrays */
+int kvs_cuda_env_parts(const char *name, int def);
 /* Launch what is held back (in the current graph mode). Every op that is not a GEMV matmul,
  * an add or an rmsnorm calls it first, as do upload, download, sync and free. */
 int kvs_cuda_flush(struct kvs_cuda *c);
@@ -240,11 +246,11 @@ static __device__ __forceinline__ void kvs_pdl_trigger()
 #endif
 }
 
-/* Launch kernel on c's stream, as a programmatic dependent launch when c->pdl: only for
- * kernels that call kvs_pdl_wait() before touching global memory. */
+/* Launch kernel on c's stream, as a programmatic dependent launch when c->pdl has part: only
+ * for kernels that call kvs_pdl_wait() before touching global memory. */
 template <typename K, typename... Args>
-static inline cudaError_t kvs_cuda_launch(struct kvs_cuda *c, K kernel, dim3 grid, dim3 block,
-                                          size_t smem, Args... args)
+static inline cudaError_t kvs_cuda_launch(struct kvs_cuda *c, int part, K kernel, dim3 grid,
+                                          dim3 block, size_t smem, Args... args)
 {
     cudaLaunchConfig_t cfg;
     memset(&cfg, 0, sizeof cfg);
@@ -257,7 +263,7 @@ static inline cudaError_t kvs_cuda_launch(struct kvs_cuda *c, K kernel, dim3 gri
     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = at;
-    cfg.numAttrs = c->pdl ? 1 : 0;
+    cfg.numAttrs = (c->pdl & part) != 0 ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 

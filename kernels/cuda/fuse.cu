@@ -7,11 +7,12 @@
  *   - GEMV matmuls (few rows) reading the same x (q, k, v): one launch over all of them;
  *   - two GEMV matmuls followed by swiglu(their outputs) (gate, up): one kernel reads both
  *     weight rows and writes silu(g) * u, g and u (each buffer ends as the contract says);
- *   - add(x, y) followed by rmsnorm(x): one kernel per row.
+ *   - add(x, y) followed by rmsnorm(x): one kernel per row (off by default: measured slower
+ *     inside a decode step, 6.34 vs 5.29 ms at 1K, though faster alone; KVS_CUDA_FUSE=all).
  * Each output is computed in the same order as unfused, so the results are the same bits.
  * Any other op, upload, download, sync and free launch what is held first (kvs_cuda_flush),
  * so stream order is kept; errors of a held op surface at that point. KVS_CUDA_FUSE=0 turns
- * holding off.
+ * holding off, =gemv (the default) holds GEMVs only, =all both.
  *
  * Graphs. The forward (worker/forward.c) brackets its layers with kvs_cuda_graph_begin /
  * _end and runs them up to three times:
@@ -103,13 +104,34 @@ static int env_off(const char *name)
     return e != NULL && strcmp(e, "0") == 0;
 }
 
+/* KVS_CUDA_FUSE / KVS_CUDA_PDL: "0" none, "gemv" the GEMV part only, "add" (FUSE) or
+ * "other" the other part only, anything else both: a mask of KVS_CUDA_PART_GEMV |
+ * KVS_CUDA_PART_OTHER. Unset: def. */
+int kvs_cuda_env_parts(const char *name, int def)
+{
+    const char *e = getenv(name);
+    if (e == NULL) {
+        return def;
+    }
+    if (strcmp(e, "0") == 0) {
+        return 0;
+    }
+    if (strcmp(e, "gemv") == 0) {
+        return KVS_CUDA_PART_GEMV;
+    }
+    if (strcmp(e, "add") == 0 || strcmp(e, "other") == 0) {
+        return KVS_CUDA_PART_OTHER;
+    }
+    return KVS_CUDA_PART_GEMV | KVS_CUDA_PART_OTHER;
+}
+
 extern "C" int kvs_cuda_graph_begin(kvs_backend *b, int32_t n_seqs)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
     KVS_TRY(kvs_cuda_flush(c));
     c->n_seqs_hint = n_seqs > 0 ? n_seqs : 0;
-    c->fuse = !env_off("KVS_CUDA_FUSE");
-    c->pdl = !env_off("KVS_CUDA_PDL");
+    c->fuse = kvs_cuda_env_parts("KVS_CUDA_FUSE", KVS_CUDA_FUSE_DEFAULT);
+    c->pdl = kvs_cuda_env_parts("KVS_CUDA_PDL", KVS_CUDA_PART_GEMV | KVS_CUDA_PART_OTHER);
     c->gmode = KVS_CUDA_G_OFF;
     if (env_off("KVS_CUDA_GRAPHS")) {
         return 0;

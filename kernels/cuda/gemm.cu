@@ -2,9 +2,10 @@
  *
  * Few rows (decode): a GEMV kernel bound by reading W once, one warp per output, 16-byte
  * loads of W, x read in f32, fp32 accumulation. GEMV matmuls are held back (fuse.cu): those
- * reading one x launch together, and gate/up launch fused with the swiglu that follows. More rows: x is rounded to bf16 into scratch
- * and cuBLAS does the GEMM (bf16 operands, fp32 compute, f32 output); the bias is added
- * after. In cuBLAS's column-major terms: Y^T (n_out, n_rows) = W (as (n_in, n_out))^T X^T. */
+ * reading one x launch together, and gate/up launch fused with the swiglu that follows; they
+ * start early (programmatic dependent launch) and prefetch their first weights. More rows: x
+ * is rounded to bf16 into scratch and cuBLAS does the GEMM (bf16 operands, fp32 compute, f32
+ * output); the bias is added after. In cuBLAS's column-major terms: Y^T (n_out, n_rows) = W (as (n_in, n_out))^T X^T. */
 #include "kernels/cuda/cuda_impl.h"
 
 #include <assert.h>
@@ -208,7 +209,7 @@ enum { SITE_GEMV = 0x100, SITE_GEMV_SWIGLU, SITE_GEMM };
 template <typename K, typename... Args>
 static cudaError_t launch_gemv(struct kvs_cuda *c, K kernel, dim3 grid, Args... args)
 {
-    return kvs_cuda_launch(c, kernel, grid, dim3(GEMV_WARPS * 32), 0, args...);
+    return kvs_cuda_launch(c, KVS_CUDA_PART_GEMV, kernel, grid, dim3(GEMV_WARPS * 32), 0, args...);
 }
 
 int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out)
@@ -332,7 +333,7 @@ static int gemv_hold(struct kvs_cuda *c, const __nv_bfloat16 *W, const float *x,
     c->pend_x = x;
     c->pend_rows = n_rows;
     c->pend_n_in = n_in;
-    return c->fuse ? 0 : kvs_cuda_gemv_flush(c, NULL);
+    return (c->fuse & KVS_CUDA_PART_GEMV) != 0 ? 0 : kvs_cuda_gemv_flush(c, NULL);
 }
 
 /* swiglu(gate, up, n, out) right after the two GEMV matmuls that wrote gate and up: one

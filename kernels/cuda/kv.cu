@@ -136,9 +136,9 @@ int kvs_cuda_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
         return 0;
     }
     int64_t total = (int64_t)ab->n_rows * l->n_kv_head * l->head_dim;
-    CU_TRY(kvs_cuda_launch(c, kv_store_kernel, dim3(kvs_cuda_blocks(total, 256)), dim3(256), 0,
-                           k, v, ab->row_slot, ab->n_rows, l->n_kv_head, l->head_dim,
-                           l->block_size, (int64_t)l->n_block * l->block_size,
+    CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, kv_store_kernel,
+                           dim3(kvs_cuda_blocks(total, 256)), dim3(256), 0, k, v,
+                           ab->row_slot, ab->n_rows, l->n_kv_head, l->head_dim, l->block_size, (int64_t)l->n_block * l->block_size,
                            (size_t)layer * kv->layer_stride, kv->head_stride, kv->block_stride,
                            kv->k, kv->v, c->d_flag));
     return 0;

@@ -121,8 +121,9 @@ int kvs_cuda_add_flush(struct kvs_cuda *c, const float *rms_w, int32_t n_rows, i
                                  (uint64_t)dim,             kvs_cuda_fbits(eps),
                                  (uint64_t)(uintptr_t)out};
         if (kvs_cuda_launch_ok(c, SITE_ADD_RMSNORM, args, 7)) {
-            CU_TRY(kvs_cuda_launch(c, norm_kernel<true>, dim3((unsigned)n_rows),
-                                   dim3(NORM_THREADS), 0, x, y, rms_w, dim, eps, out));
+            CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, norm_kernel<true>,
+                                   dim3((unsigned)n_rows), dim3(NORM_THREADS), 0, x, y, rms_w,
+                                   dim, eps, out));
         }
         return 0;
     }
@@ -152,8 +153,9 @@ int kvs_cuda_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_r
     if (!kvs_cuda_launch_ok(c, SITE_RMSNORM, args, 6)) {
         return 0;
     }
-    CU_TRY(kvs_cuda_launch(c, norm_kernel<false>, dim3((unsigned)n_rows), dim3(NORM_THREADS), 0,
-                           (float *)x, (const float *)NULL, w, dim, eps, out));
+    CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, norm_kernel<false>, dim3((unsigned)n_rows),
+                           dim3(NORM_THREADS), 0, (float *)x, (const float *)NULL, w, dim, eps,
+                           out));
     return 0;
 }
 
@@ -236,9 +238,9 @@ int kvs_cuda_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int
         return 0;
     }
     int64_t n = (int64_t)n_rows * n_heads * half;
-    CU_TRY(kvs_cuda_launch(c, rope_kernel, dim3(kvs_cuda_blocks(n, 128)), dim3(128), 0, x,
-                           n_rows, n_heads, head_dim, half, (int32_t)(rope->style == KVS_ROPE_NEOX),
-                           (const int32_t *)d_pos, (const float *)d_ff, theta_scale,
+    CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, rope_kernel, dim3(kvs_cuda_blocks(n, 128)),
+                           dim3(128), 0, x, n_rows, n_heads, head_dim, half,
+                           (int32_t)(rope->style == KVS_ROPE_NEOX), (const int32_t *)d_pos, (const float *)d_ff, theta_scale,
                            rope->freq_scale));
     return 0;
 }
@@ -296,7 +298,7 @@ int kvs_cuda_add(kvs_backend *b, float *x, const float *y, int64_t n)
     c->pend_add_x = x;
     c->pend_add_y = y;
     c->pend_add_n = n;
-    return c->fuse ? 0 : kvs_cuda_add_flush(c, NULL, 0, 0, 0.0f, NULL);
+    return (c->fuse & KVS_CUDA_PART_OTHER) != 0 ? 0 : kvs_cuda_add_flush(c, NULL, 0, 0, 0.0f, NULL);
 }
 
 /* out may not overlap x except in place (out == x with idx[i] == i), as on the CPU where the
