@@ -45,8 +45,16 @@ fi
 python3 bench/cuda/results_json.py "$OUT" >"$OUT/results.json" && cat "$OUT/results.json"
 rc4=skipped
 if [ "${KVS_SANITIZE_GPU:-0}" = 1 ]; then
-  CK_RUN_CASE=ops timeout 120 compute-sanitizer --tool memcheck --leak-check no \
-    "$B"/test_cuda_parity >"$OUT/memcheck.log" 2>&1; rc4=$?
+  # KVS_SANITIZE_CASE: the parity case to run under memcheck ("ops"; "all" for every case,
+  # the forwards included, which go through graphs, fusion and early launch)
+  case_=${KVS_SANITIZE_CASE:-ops}
+  if [ "$case_" = all ]; then
+    timeout 300 compute-sanitizer --tool memcheck --leak-check no \
+      "$B"/test_cuda_parity >"$OUT/memcheck.log" 2>&1; rc4=$?
+  else
+    CK_RUN_CASE=$case_ timeout 120 compute-sanitizer --tool memcheck --leak-check no \
+      "$B"/test_cuda_parity >"$OUT/memcheck.log" 2>&1; rc4=$?
+  fi
   tail -3 "$OUT/memcheck.log"
 fi
 echo
