@@ -2,7 +2,7 @@
  *
  * 16 sessions receive appends (one market tick line each, ~12 tokens) at an offered
  * aggregate rate, arriving as a Poisson process on random sessions; questions arrive at
- * random (Poisson, 2/s, 8-token answers) and every session has a registered flash query
+ * random (Poisson, --qps, default 1/s, 8-token answers) and every session has a registered flash query
  * ("Last price:", 4-token answers) that the scheduler refreshes after each append. Flash
  * answers are read at random (Poisson, 50/s: a read costs nothing, many make the hit rate
  * precise); a read is a hit when the cached answer is fresh (computed at the session's
@@ -13,17 +13,22 @@
  *   TTFT    arrival of a question -> its first answer token,
  *   append  arrival of a record -> its acknowledgement.
  * A rate is sustainable when every question is answered with TTFT p99 <= the bound, and
- * every append is acknowledged with latency p99 <= 1 s (the queue does not grow) by the end
- * of the probe plus a 2 s drain. The search doubles the rate until a probe fails, then
+ * every append is acknowledged with latency p99 <= 2 s (the queue does not grow) by the end
+ * of the probe plus a 2 s drain. A probe lasts --seconds, longer at low rates (30 appends
+ * expected, at most 3x). The search starts at 2/s, halves until a probe passes or doubles
+ * until one fails, then
  * bisects (geometrically) until the bracket is within 12%. Executors, same engine:
  *   batched: the scheduler (continuous batching across sessions, step-time target),
  *   serial:  the same scheduler with max_jobs_per_step = 1 (one request per step).
+ * Both run with the step target --target-ms, by default a quarter of the TTFT bound (a
+ * question waits for the step in flight and runs in the next: a 2x margin). Defaults: TTFT
+ * p99 bound 1000 ms, 1 question/s, 2 threads, 5 s probes, 2 rounds.
  * The two searches alternate (a, b, a, b for --rounds 2) so that a change in the machine's
  * load falls on both. Then the batched executor runs at half its sustainable rate for the
  * flash hit rate. Each probe prints the 1-minute load average next to its figures.
  *
  *   bench_sched [-m MODEL] [-t THREADS] [--seconds S] [--ttft-ms B] [--target-ms T]
- *               [--rounds N] [--probe RATE] [-o results.md]
+ *               [--rounds N] [--qps Q] [--probe RATE] [-o results.md]
  * --probe RATE runs one probe per executor at RATE appends/s and stops (no search).
  */
 #include <math.h>
@@ -37,10 +42,10 @@
 
 #define N_SESS 16
 #define MAX_EVENTS 65536
-#define QUESTION_RATE 2.0 /* per second */
 #define FLASH_READ_RATE 50.0
-#define APPEND_P99_MAX_S 1.0
+#define APPEND_P99_MAX_S 2.0
 #define DRAIN_S 2.0
+#define MIN_APPENDS 30.0
 
 static uint64_t rs = 88172645463325252ull;
 static double urand(void)
@@ -64,6 +69,7 @@ struct ev {
 };
 
 static struct ev appends[MAX_EVENTS], queries[MAX_EVENTS];
+static double question_rate = 1.0; /* per second */
 static int n_appends, n_queries;
 
 static void on_append(int status, const struct kvs_append_result *r, const char *err, void *user)
@@ -164,8 +170,12 @@ static struct probe run(kvs_engine *e, bool batched, double rate, double seconds
         }
     }
     n_appends = n_queries = 0;
+    /* enough appends for a p99 at low rates: at least MIN_APPENDS expected, up to 3x */
+    if (seconds * rate < MIN_APPENDS) {
+        seconds = MIN_APPENDS / rate < 3 * seconds ? MIN_APPENDS / rate : 3 * seconds;
+    }
     double t0 = kvs_now();
-    double next_append = t0 + expo(rate), next_q = t0 + expo(QUESTION_RATE),
+    double next_append = t0 + expo(rate), next_q = t0 + expo(question_rate),
            next_read = t0 + expo(FLASH_READ_RATE);
     int hits = 0, tick = 0;
     uint64_t steps0 = kvs_sched_stats(sc)->steps, rows0 = 0;
@@ -200,7 +210,7 @@ static struct probe run(kvs_engine *e, bool batched, double rate, double seconds
                                 x, err, sizeof err) < 0) {
                 fprintf(stderr, "bench_sched: query refused: %s\n", err); /* stays pending */
             }
-            next_q += expo(QUESTION_RATE);
+            next_q += expo(question_rate);
         }
         while (next_read <= now) {
             int i = (int)(urand() * N_SESS);
@@ -290,7 +300,20 @@ static double search(kvs_engine *e, bool batched, double seconds, double bound, 
     char what[32];
     snprintf(what, sizeof what, "round %d", round);
     double lo = 0, hi = 0, lo_tps = 0, r = 2;
-    while (hi == 0 && r <= 512) {
+    /* a bracket: halve from 2/s until a probe passes, or double until one fails */
+    while (lo == 0 && r >= 0.25) {
+        struct probe p = run(e, batched, r, seconds, bound, target);
+        row(&p, what);
+        if (p.sustainable) {
+            lo = r;
+            lo_tps = p.offered_tps;
+        } else {
+            hi = r;
+            r /= 2;
+        }
+    }
+    r = 2 * lo;
+    while (hi == 0 && r > 0 && r <= 512) {
         struct probe p = run(e, batched, r, seconds, bound, target);
         row(&p, what);
         if (p.sustainable) {
@@ -320,7 +343,7 @@ int main(int argc, char **argv)
 {
     const char *model = NULL, *out = NULL;
     int threads = 2, rounds = 2;
-    double seconds = 5, bound = 500, target = 0, probe_rate = 0;
+    double seconds = 5, bound = 1000, target = 0, probe_rate = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-m") && i + 1 < argc) {
             model = argv[++i];
@@ -334,17 +357,23 @@ int main(int argc, char **argv)
             target = atof(argv[++i]);
         } else if (!strcmp(argv[i], "--rounds") && i + 1 < argc) {
             rounds = atoi(argv[++i]);
+        } else if (!strcmp(argv[i], "--qps") && i + 1 < argc) {
+            question_rate = atof(argv[++i]);
         } else if (!strcmp(argv[i], "--probe") && i + 1 < argc) {
             probe_rate = atof(argv[++i]);
         } else if (!strcmp(argv[i], "-o") && i + 1 < argc) {
             out = argv[++i];
         } else {
             fprintf(stderr, "usage: bench_sched [-m MODEL] [-t N] [--seconds S] [--ttft-ms B] "
-                            "[--target-ms T] [--rounds N] [--probe RATE] [-o FILE]\n");
+                            "[--target-ms T] [--rounds N] [--qps Q] [--probe RATE] [-o FILE]\n");
             return 2;
         }
     }
-    if (threads < 1 || seconds <= 0 || bound <= 0 || rounds < 1 || rounds > 8) {
+    if (target == 0) {
+        target = bound / 4; /* a question waits for one step and runs in the next: 2x margin */
+    }
+    if (threads < 1 || seconds <= 0 || bound <= 0 || rounds < 1 || rounds > 8 ||
+        !(question_rate > 0)) {
         fprintf(stderr, "bench_sched: bad option value\n");
         return 2;
     }
@@ -419,23 +448,23 @@ int main(int argc, char **argv)
     time_t now = time(NULL);
     char date[32];
     strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", gmtime(&now));
-    const char *setup =
-        "16 sessions; appends of one tick line (~12 tokens) on random sessions (Poisson); "
-        "questions at 2/s (8-token answers); a flash query per session (4-token answers) "
-        "refreshed after every append, read at 50/s; TTFT and append latency from the "
-        "scheduled arrival";
-    double target_shown = target > 0 ? target : KVS_SCHED_TARGET_STEP_MS;
-    printf("# Multi-session scheduling (CPU), %s\n\n%s. %d threads, %.0f s per probe, TTFT p99 "
-           "bound %.0f ms, step target %.0f ms.\n\n%s\n%s",
-           date, setup, threads, seconds, bound, target_shown, table, summary);
+    char setup[512];
+    snprintf(setup, sizeof setup,
+             "16 sessions; appends of one tick line (~16 tokens) on random sessions (Poisson); "
+             "questions at %.1f/s (8-token answers); a flash query per session (4-token answers) "
+             "refreshed after every append, read at 50/s; TTFT and append latency from the "
+             "scheduled arrival. %d threads, %.0f s per probe (longer at low rates), TTFT p99 "
+             "bound %.0f ms, append p99 bound %.0f ms, step target %.0f ms",
+             question_rate, threads, seconds, bound, APPEND_P99_MAX_S * 1e3,
+             target);
+    printf("# Multi-session scheduling (CPU), %s\n\n%s.\n\n%s\n%s", date, setup, table, summary);
     if (out != NULL) {
         FILE *f = fopen(out, "w");
         if (f == NULL) {
             fprintf(stderr, "bench_sched: cannot write %s\n", out);
         } else {
-            fprintf(f, "# Multi-session scheduling (CPU), %s\n\nmodel %s. %s. %d threads, %.0f s "
-                       "per probe, TTFT p99 bound %.0f ms, step target %.0f ms.\n\n%s\n%s",
-                    date, model, setup, threads, seconds, bound, target_shown, table, summary);
+            fprintf(f, "# Multi-session scheduling (CPU), %s\n\nmodel %s. %s.\n\n%s\n%s", date,
+                    model, setup, table, summary);
             fclose(f);
         }
     }

@@ -16,11 +16,13 @@
  * that arrives waits at most one step of bounded length before its rows run:
  *     step_rows = clamp(floor(target_step_s / row_s), KVS_SCHED_MIN_ROWS, max_batch_tokens)
  *     row_s     = sum(w_i * seconds_i) / sum(w_i * rows_i) over the observed steps i,
- * with w_i = KVS_SCHED_COST_DECAY^(steps since i): the time per row, a step's fixed costs
- * spread over its rows, smoothed over the last ~10 steps. A step costs overhead + b * rows
- * with overhead >= 0, so this row_s is never below b and a budget derived from steps that
- * met the target never makes a step pass it (it errs short while few rows run, and grows
- * by the ratio target / step time each step as the rows come). Until
+ with w_i = KVS_SCHED_COST_DECAY^(steps since i): the time per row, a step's fixed costs
+ * spread over its rows, smoothed over the last ~10 observed steps. Only steps that filled
+ * at least half their budget are observed (a light step's fixed costs spread over a few
+ * rows would overstate row_s and shrink the budget just before a burst). A step costs
+ * overhead + b * rows with overhead >= 0, so this row_s is never below b and a budget
+ * derived from steps that met the target never makes a step pass it (it errs short, and
+ * grows towards the target as full steps come in). Until
  * KVS_SCHED_CALIBRATION_STEPS steps have been observed the budget is min(max_batch_tokens,
  * KVS_SCHED_COLD_ROWS). A step more than 20% slower than row_s predicts (the machine got
  * busier) restarts the average from that step alone, so one such step passes the target,
