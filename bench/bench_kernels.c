@@ -290,6 +290,37 @@ int main(int argc, char **argv)
                 printf("attention decode %s ctx %5d, %d thread(s): %.1f us (x30 layers: %.2f ms)\n",
                        kvs_dtype_name(kdt), ctx, t + 1, s * 1e6, s * 30e3);
             }
+            /* prefill attention: a 512-row chunk of one sequence after `past` cells */
+            for (int32_t past = 0; past <= 1536; past += 1536) {
+                enum { PR = 512 };
+                int32_t *slots = malloc(PR * 4), *ctxs = malloc(PR * 4), *rts = calloc(PR, 4);
+                float *pq = malloc((size_t)PR * 9 * 64 * 4), *po = malloc((size_t)PR * 9 * 64 * 4);
+                for (int32_t r = 0; r < PR; r++) {
+                    int32_t p = past + r;
+                    slots[r] = table[p / 16] * 16 + p % 16;
+                    ctxs[r] = p + 1;
+                }
+                for (int i = 0; i < PR * 9 * 64; i++) {
+                    pq[i] = 0.01f * (float)(i % 17);
+                }
+                struct kvs_attn_batch ab = {.n_rows = PR, .row_slot = slots, .row_ctx = ctxs,
+                                            .row_table = rts, .tables = table};
+                int reps = quick ? 3 : 10;
+                b->ops->attention(b, kv, 0, pq, 9, 0.125f, &ab, po);
+                double t0 = now_s();
+                for (int r = 0; r < reps; r++) {
+                    b->ops->attention(b, kv, 0, pq, 9, 0.125f, &ab, po);
+                }
+                double s = (now_s() - t0) / reps;
+                printf("attention prefill %s 512 rows after %4d cells, %d thread(s): %.2f ms "
+                       "(x30 layers: %.1f ms)\n",
+                       kvs_dtype_name(kdt), past, t + 1, s * 1e3, s * 30e3);
+                free(slots);
+                free(ctxs);
+                free(rts);
+                free(pq);
+                free(po);
+            }
             free(table);
             b->ops->kv_destroy(b, &kv);
         }

@@ -27,7 +27,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define KVS_CPU_ATTN_SEGMENT 1024 /* cells per segment of a long row, before rounding */
 
 struct kvs_kv_cache {
     struct kvs_kv_layout layout;
@@ -194,8 +193,9 @@ int kvs_cpu_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const floa
 }
 
 /* Work units: rows of one sequence that are consecutive in the batch (same row_table) form
- * tiles of up to TILE_ROWS rows; a task is (tile, head). The rows of a tile share the cell
- * pointers; each (row, head) is computed alone by the routine at the top of the file. */
+ * tiles of up to TILE_ROWS rows; a task is (tile, KV head): the tile's K and V cells are
+ * gathered (and widened from f16) once for its rows and the group's heads, and each
+ * (row, head) is then computed alone by the routine at the top of the file. */
 #define TILE_ROWS 8
 
 struct attn_job {
@@ -210,14 +210,65 @@ struct attn_job {
     const int32_t *tile_r0;            /* (n_tiles + 1) first row of each tile */
 };
 
-/* One (tile, head). Scratch: scores (TILE_ROWS * n16 + 17 * head_dim floats, n16 = the
- * longest context rounded up to 16), cells (2 * n16 pointers). */
-static void attend_tile(const struct attn_job *j, int32_t tile, int32_t h,
+/* One (row, head) over its n cells: kw = the cells' K rows in position order, vw = their V
+ * rows lane-major (cell c at row (c % 16) * nt + c / 16, nt = n16 / 16 of the tile).
+ * Scratch: qr (head_dim), lanes (16 * head_dim), s (n rounded up to 16). */
+static void attend_row(const struct attn_job *j, const float *q, int32_t n, const float *kw,
+                       const float *vw, int32_t nt, float *qr, float *lanes, float *s, float *o)
+{
+    const struct kvs_cpu_kernels *k = j->k;
+    const int32_t hd = j->kv->layout.head_dim;
+    const bool f16 = j->kv->layout.dtype == KVS_DTYPE_F16;
+    memcpy(qr, q, (size_t)hd * sizeof(float));
+    if (f16) {
+        k->round_f16(qr, hd);
+    }
+    k->scores16(qr, kw, n, hd, j->scale, s);
+    /* softmax: the maximum (exact in any order: 8 running maxima), then the exps and their
+     * sum a chunk of 16 cells at a time (cells past n are masked: exp(-inf) = 0) */
+    const int32_t n16 = (n + 15) / 16 * 16;
+    for (int32_t c = n; c < n16; c++) {
+        s[c] = -INFINITY;
+    }
+    float m8[8];
+    for (int i = 0; i < 8; i++) {
+        m8[i] = -INFINITY;
+    }
+    for (int32_t c = 0; c < n16; c += 8) {
+        for (int i = 0; i < 8; i++) {
+            m8[i] = s[c + i] > m8[i] ? s[c + i] : m8[i];
+        }
+    }
+    float m = m8[0];
+    for (int i = 1; i < 8; i++) {
+        m = m8[i] > m ? m8[i] : m;
+    }
+    k->exp_shift(s, n16, m);
+    double sum = 0.0;
+    for (int32_t c0 = 0; c0 < n; c0 += 16) {
+        sum += (double)kvs_cpu_reduce16(s + c0);
+    }
+    k->scale(s, (float)(1.0 / sum), n);
+    if (f16) {
+        k->round_f16(s, n);
+    }
+    /* p.V: lane l takes the cells l, l + 16, ... in order; then the lanes' tree */
+    memset(lanes, 0, 16 * (size_t)hd * sizeof(float));
+    for (int32_t l = 0; l < 16 && l < n; l++) {
+        k->pv16(lanes + (int64_t)l * hd, s + l, 16, vw + (int64_t)l * nt * hd,
+                (n - 1 - l) / 16 + 1, hd);
+    }
+    k->lanes16(lanes, hd, o);
+}
+
+/* One (tile, KV head). Scratch: scores (17 * head_dim + n16 + 2 * n16 * head_dim floats,
+ * n16 = the longest context rounded up to 16): the tile's K and V gathered (and widened
+ * from f16, exactly) once for its rows and the group's heads. */
+static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh,
                         struct kvs_cpu_thread_scratch *ts)
 {
     const kvs_kv_cache *kv = j->kv;
-    const struct kvs_cpu_kernels *k = j->k;
-    const int32_t hd = kv->layout.head_dim, bs = kv->layout.block_size, kvh = h / j->group;
+    const int32_t hd = kv->layout.head_dim, bs = kv->layout.block_size, G = j->group;
     const int32_t r0 = j->tile_r0[tile], R = j->tile_r0[tile + 1] - r0;
     const int32_t *ctx = j->ab->row_ctx + r0;
     const int32_t *table = j->ab->tables + j->ab->row_table[r0];
@@ -228,64 +279,25 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t h,
     for (int32_t r = 0; r < R; r++) {
         max_ctx = ctx[r] > max_ctx ? ctx[r] : max_ctx;
     }
-    const int32_t n16 = (max_ctx + 15) / 16 * 16;
-    const void **krow = ts->cells, **vrow = ts->cells + n16;
+    const int32_t n16 = (max_ctx + 15) / 16 * 16, nt = n16 / 16;
+    float *qr = ts->scores, *lanes = qr + hd, *s = lanes + 16 * (int64_t)hd;
+    float *kw = s + n16, *vw = kw + (int64_t)n16 * hd;
     for (int32_t c = 0; c < max_ctx; c++) {
-        size_t off = base + (size_t)table[c / bs] * kv->block_stride + (size_t)(c % bs) * cell_bytes;
-        krow[c] = kv->k + off;
-        vrow[c] = kv->v + off;
-    }
-    float *qr = ts->scores, *lanes = qr + hd, *sc = lanes + 16 * (int64_t)hd;
-    for (int32_t r = 0; r < R; r++) {
-        const int32_t n = ctx[r];
-        float *s = sc + (int64_t)r * n16;
-        memcpy(qr, j->q + ((int64_t)(r0 + r) * j->n_head + h) * hd, (size_t)hd * sizeof(float));
+        const size_t off = base + (size_t)table[c / bs] * kv->block_stride +
+                           (size_t)(c % bs) * cell_bytes;
+        float *kd = kw + (int64_t)c * hd, *vd = vw + ((int64_t)(c % 16) * nt + c / 16) * hd;
         if (f16) {
-            k->round_f16(qr, hd);
-            k->scores16_f16(qr, (const uint16_t *const *)krow, n, hd, j->scale, s);
+            j->k->f16_to_f32((const uint16_t *)(kv->k + off), kd, hd);
+            j->k->f16_to_f32((const uint16_t *)(kv->v + off), vd, hd);
         } else {
-            k->scores16_f32(qr, (const float *const *)krow, n, hd, j->scale, s);
+            memcpy(kd, kv->k + off, (size_t)hd * sizeof(float));
+            memcpy(vd, kv->v + off, (size_t)hd * sizeof(float));
         }
-        /* softmax: the maximum, then the exps and their sum a chunk of 16 cells at a time
-         * (cells past n are masked: exp(-inf) = 0) */
-        float m = -INFINITY;
-        for (int32_t c = 0; c < n; c++) {
-            m = s[c] > m ? s[c] : m;
-        }
-        for (int32_t c = n; c < (n + 15) / 16 * 16; c++) {
-            s[c] = -INFINITY;
-        }
-        double sum = 0.0;
-        for (int32_t c0 = 0; c0 < n; c0 += 16) {
-            k->exp_shift(s + c0, 16, m);
-            sum += (double)kvs_cpu_reduce16(s + c0);
-        }
-        const float inv = (float)(1.0 / sum);
-        for (int32_t c = 0; c < n; c++) {
-            s[c] = s[c] * inv;
-        }
-        if (f16) {
-            k->round_f16(s, n);
-        }
-        /* p.V: lane l takes the cells l, l + 16, ... in order; then the lanes' tree */
-        memset(lanes, 0, 16 * (size_t)hd * sizeof(float));
-        for (int32_t l = 0; l < 16 && l < n; l++) {
-            const int32_t cnt = (n - 1 - l) / 16 + 1;
-            if (f16) {
-                k->pv16_f16(lanes + (int64_t)l * hd, s + l, (const uint16_t *const *)vrow + l,
-                            cnt, 16, hd);
-            } else {
-                k->pv16_f32(lanes + (int64_t)l * hd, s + l, (const float *const *)vrow + l, cnt,
-                            16, hd);
-            }
-        }
-        float *o = j->out + ((int64_t)(r0 + r) * j->n_head + h) * hd;
-        for (int32_t d = 0; d < hd; d++) {
-            float x[16];
-            for (int32_t l = 0; l < 16; l++) {
-                x[l] = lanes[(int64_t)l * hd + d];
-            }
-            o[d] = kvs_cpu_reduce16(x);
+    }
+    for (int32_t r = 0; r < R; r++) {
+        for (int32_t g = 0; g < G; g++) {
+            const int64_t qo = ((int64_t)(r0 + r) * j->n_head + (int64_t)kvh * G + g) * hd;
+            attend_row(j, j->q + qo, ctx[r], kw, vw, nt, qr, lanes, s, j->out + qo);
         }
     }
 }
@@ -293,8 +305,9 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t h,
 static void attn_range(void *arg, int64_t i0, int64_t i1, int32_t ith)
 {
     const struct attn_job *j = arg;
+    const int32_t n_kv_head = j->kv->layout.n_kv_head;
     for (int64_t i = i0; i < i1; i++) {
-        attend_tile(j, (int32_t)(i / j->n_head), (int32_t)(i % j->n_head), &j->ts[ith]);
+        attend_tile(j, (int32_t)(i / n_kv_head), (int32_t)(i % n_kv_head), &j->ts[ith]);
     }
 }
 
@@ -330,9 +343,8 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
     for (int32_t t = 0; t < c->n_threads; t++) {
         struct kvs_cpu_thread_scratch *ts = &c->ts[t];
         KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->scores, &ts->cap_scores,
-                                        TILE_ROWS * n16 + 17 * (int64_t)hd, sizeof(float)));
-        KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->cells, &ts->cap_cells, 2 * n16,
-                                        sizeof(void *)));
+                                        n16 + 17 * (int64_t)hd + 2 * n16 * hd,
+                                        sizeof(float)));
     }
     const int32_t n_rows = ab->n_rows;
     KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->attn.idx, &c->attn.cap_idx, (int64_t)n_rows + 1,
@@ -358,7 +370,7 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
                          .ab = ab,
                          .out = out,
                          .tile_r0 = tile_r0};
-    /* (tile, head) tasks in small chunks: rows of a prefill chunk have growing contexts */
-    kvs_threadpool_for_chunks(c->pool, (int64_t)n_tiles * n_head, 1, 16, attn_range, &j);
+    /* (tile, KV head) tasks in small chunks: rows of a prefill chunk have growing contexts */
+    kvs_threadpool_for_chunks(c->pool, (int64_t)n_tiles * l->n_kv_head, 1, 16, attn_range, &j);
     return 0;
 }

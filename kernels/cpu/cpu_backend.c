@@ -116,7 +116,6 @@ static void cpu_destroy(kvs_backend *b)
         if (c->ts != NULL) {
             for (int32_t t = 0; t < c->n_threads; t++) {
                 free(c->ts[t].scores);
-                free((void *)c->ts[t].cells);
             }
             free(c->ts);
         }

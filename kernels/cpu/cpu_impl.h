@@ -163,20 +163,16 @@ struct kvs_cpu_kernels {
                          int32_t nc, int32_t hd);
     void (*pv_multi_f16)(float *const *acc, const float *const *p, int32_t np,
                          const uint16_t *v, int32_t nc, int32_t hd);
-    /* attention in llama.cpp's CPU order (attention.c), cells given by pointers:
-     * scores16: out[i] = dot16(q, k[i]) * scale, where dot16 runs 16 lanes (lane = d % 16,
-     *   a chain over d in order per lane) summed by the tree of _mm512_reduce_add_ps
-     *   (lanes i + 8, then i + 4, then (0 + 2) + (1 + 3))
-     * pv16: acc[d] = acc[d] + p[t * stride] * v[t * stride][d] for t < n in order (fused at
-     *   the x86 levels): one lane of the P.V chains */
-    void (*scores16_f32)(const float *q, const float *const *k, int32_t nc, int32_t hd,
-                         float scale, float *out);
-    void (*scores16_f16)(const float *q, const uint16_t *const *k, int32_t nc, int32_t hd,
-                         float scale, float *out);
-    void (*pv16_f32)(float *acc, const float *p, const float *const *v, int32_t n,
-                     int32_t stride, int32_t hd);
-    void (*pv16_f16)(float *acc, const float *p, const uint16_t *const *v, int32_t n,
-                     int32_t stride, int32_t hd);
+    /* attention in llama.cpp's CPU order (attention.c), rows of hd floats:
+     * scores16: out[i] = dot16(q, k + i * hd) * scale, where dot16 runs 16 lanes (lane =
+     *   d % 16, a chain over d in order per lane) summed by kvs_cpu_reduce16's tree
+     * pv16: acc[d] = acc[d] + p[t * ps] * v[t * hd + d] for t < n in order (fused at the x86
+     *   levels): one lane of the P.V chains
+     * lanes16: out[d] = kvs_cpu_reduce16 of lanes[l * hd + d] over l */
+    void (*scores16)(const float *q, const float *k, int32_t nc, int32_t hd, float scale,
+                     float *out);
+    void (*pv16)(float *acc, const float *p, int32_t ps, const float *v, int32_t n, int32_t hd);
+    void (*lanes16)(const float *lanes, int32_t hd, float *out);
     /* x = f16_to_f32(f32_to_f16(x)) (round to nearest even), n elements */
     void (*round_f16)(float *x, int64_t n);
     /* per column j < np, over c = 0, 1, ... while c < nc[j] (nc[j] <= n), in order:
@@ -211,9 +207,8 @@ extern const struct kvs_cpu_kernels kvs_cpu_kernels_avx512;
 
 /* Per-thread scratch for attention. */
 struct kvs_cpu_thread_scratch {
-    float *scores;      /* (cap_scores) a query, 16 lanes of outputs, a tile's scores / weights */
-    const void **cells; /* (cap_cells) K then V pointers of a tile's cells */
-    int64_t cap_scores, cap_cells;
+    float *scores; /* (cap_scores) a query, 16 lanes of outputs, scores, a tile's K and V */
+    int64_t cap_scores;
 };
 
 /* Attention scratch shared by the threads of one call (kernels/cpu/attention.c). */

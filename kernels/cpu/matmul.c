@@ -253,43 +253,34 @@ static void pv_multi_f16_scalar(float *const *acc, const float *const *p, int32_
     }
 }
 
-static void scores16_f32_scalar(const float *q, const float *const *k, int32_t nc, int32_t hd,
-                                float scale, float *out)
+static void scores16_scalar(const float *q, const float *k, int32_t nc, int32_t hd, float scale,
+                            float *out)
 {
     for (int32_t i = 0; i < nc; i++) {
         float lane[16] = {0};
         for (int32_t d = 0; d < hd; d++) {
-            lane[d % 16] = lane[d % 16] + k[i][d] * q[d];
+            lane[d % 16] = lane[d % 16] + k[(int64_t)i * hd + d] * q[d];
         }
         out[i] = kvs_cpu_reduce16(lane) * scale;
     }
 }
 
-static void scores16_f16_scalar(const float *q, const uint16_t *const *k, int32_t nc, int32_t hd,
-                                float scale, float *out)
+static void pv16_scalar(float *acc, const float *p, int32_t ps, const float *v, int32_t n,
+                        int32_t hd)
 {
-    for (int32_t i = 0; i < nc; i++) {
-        float lane[16] = {0};
-        for (int32_t d = 0; d < hd; d++) {
-            lane[d % 16] = lane[d % 16] + kvs_cpu_f16_to_f32(k[i][d]) * q[d];
+    for (int32_t t = 0; t < n; t++) {
+        axpy_f32_scalar(acc, p[(int64_t)t * ps], v + (int64_t)t * hd, hd);
+    }
+}
+
+static void lanes16_scalar(const float *lanes, int32_t hd, float *out)
+{
+    for (int32_t d = 0; d < hd; d++) {
+        float x[16];
+        for (int l = 0; l < 16; l++) {
+            x[l] = lanes[(int64_t)l * hd + d];
         }
-        out[i] = kvs_cpu_reduce16(lane) * scale;
-    }
-}
-
-static void pv16_f32_scalar(float *acc, const float *p, const float *const *v, int32_t n,
-                            int32_t stride, int32_t hd)
-{
-    for (int32_t t = 0; t < n; t++) {
-        axpy_f32_scalar(acc, p[(int64_t)t * stride], v[(int64_t)t * stride], hd);
-    }
-}
-
-static void pv16_f16_scalar(float *acc, const float *p, const uint16_t *const *v, int32_t n,
-                            int32_t stride, int32_t hd)
-{
-    for (int32_t t = 0; t < n; t++) {
-        axpy_f16_scalar(acc, p[(int64_t)t * stride], v[(int64_t)t * stride], hd);
+        out[d] = kvs_cpu_reduce16(x);
     }
 }
 
@@ -362,10 +353,9 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_scalar = {
     .scores_multi_f16 = scores_multi_f16_scalar,
     .pv_multi_f32 = pv_multi_f32_scalar,
     .pv_multi_f16 = pv_multi_f16_scalar,
-    .scores16_f32 = scores16_f32_scalar,
-    .scores16_f16 = scores16_f16_scalar,
-    .pv16_f32 = pv16_f32_scalar,
-    .pv16_f16 = pv16_f16_scalar,
+    .scores16 = scores16_scalar,
+    .pv16 = pv16_scalar,
+    .lanes16 = lanes16_scalar,
     .round_f16 = round_f16_scalar,
     .f16_to_f32 = f16_to_f32_scalar,
     .col_max = col_max_scalar,

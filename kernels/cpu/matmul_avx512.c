@@ -42,27 +42,18 @@ KVS_INLINE __m512i unpack_q4_single(const uint8_t *qs)
     return _mm512_zextsi256_si512(unpack_q4(qs));
 }
 
-#define Q_PAIR(TYPE, jp, UNPACK)                                                                   \
+#define Q_PAIR(TYPE, jp, UNPACK)                                                               \
     {                                                                                          \
         const __m512i wq = UNPACK(rg.qs + (jp) * 16);                                          \
-        const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi32(jp),                          \
-                                               _mm256_set1_epi32((jp) + 1), 1);               \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
         {                                                                                      \
             __m512i xq = _mm512_loadu_si512((const void *)x[r * ldx + g].q[jp]);               \
             __m512 isum = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq)); \
-            __m512 scp = _mm512_permutexvar_ps(idx, sc[r]);                                    \
-            acc[r][c] = _mm256_fmadd_ps(_mm512_castps512_ps256(scp),                          \
+            acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(scm[r][jp]),                            \
                                         _mm512_castps512_ps256(isum), acc[r][c]);              \
-            if (TYPE == KVS_DTYPE_Q4_1) {                                                      \
-                msum[r][c] = fmaf(mwf[jp], x[r * ldx + g].s[jp], msum[r][c]);                  \
-            }                                                                                  \
             if ((jp) + 1 < rg.n) {                                                             \
-                acc[r][c] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(scp, 1),                   \
+                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(scm[r][(jp) + 1]),                  \
                                             _mm512_extractf32x8_ps(isum, 1), acc[r][c]);       \
-                if (TYPE == KVS_DTYPE_Q4_1) {                                                  \
-                    msum[r][c] = fmaf(mwf[(jp) + 1], x[r * ldx + g].s[(jp) + 1], msum[r][c]);  \
-                }                                                                              \
             }                                                                                  \
         }                                                                                      \
     }
@@ -74,6 +65,7 @@ KVS_INLINE __m512i unpack_q4_single(const uint8_t *qs)
     {                                                                                          \
         __m256 acc[4][4], ms[4][4];                                                            \
         float msum[4][4];                                                                      \
+        __m128 msv[4];                                                                         \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
         {                                                                                      \
             _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
@@ -81,27 +73,17 @@ KVS_INLINE __m512i unpack_q4_single(const uint8_t *qs)
                 acc[r][c] = _mm256_setzero_ps();                                               \
                 ms[r][c] = _mm256_setzero_ps();                                                \
                 msum[r][c] = 0.0f;                                                             \
+                msv[c] = _mm_setzero_ps();                                                     \
             }                                                                                  \
         }                                                                                      \
         const int64_t ng = (nb + KVS_QG - 1) / KVS_QG;                                         \
         for (int64_t g = 0; g < ng; g++) {                                                     \
+            float mwf[4][KVS_QG];                                                              \
+            const int gn = nb - g * KVS_QG < KVS_QG ? (int)(nb - g * KVS_QG) : KVS_QG;         \
             _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
             {                                                                                  \
                 const struct kvs_cpu_rg rg = kvs_cpu_rg_group(TYPE, w + c * row_bytes, nb, g); \
-                const __m256 dw = load_f16x8(rg.d, rg.n);                                      \
-                float mwf[KVS_QG];                                                             \
-                if (TYPE == KVS_DTYPE_Q4_1) {                                                  \
-                    _mm256_storeu_ps(mwf, load_f16x8(rg.m, rg.n));                             \
-                }                                                                              \
-                __m512 sc[4];                                                                  \
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                           \
-                {                                                                              \
-                    const struct kvs_cpu_q8g *xg = &x[r * ldx + g];                            \
-                    sc[r] = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_loadu_ps(xg->d))); \
-                    if (TYPE == KVS_DTYPE_Q4_0) {                                              \
-                        ms[r][c] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(xg->s), ms[r][c]);      \
-                    }                                                                          \
-                }                                                                              \
+                Q_SCALES(TYPE)                                                                 \
                 if (rg.n == KVS_QG) {                                                          \
                     Q_PAIR(TYPE, 0, unpack_q4_pair) Q_PAIR(TYPE, 2, unpack_q4_pair)                        \
                     Q_PAIR(TYPE, 4, unpack_q4_pair) Q_PAIR(TYPE, 6, unpack_q4_pair)                        \
@@ -115,7 +97,9 @@ KVS_INLINE __m512i unpack_q4_single(const uint8_t *qs)
                     }                                                                          \
                 }                                                                              \
             }                                                                                  \
+            Q_MSUM_GROUP(TYPE)                                                                 \
         }                                                                                      \
+        Q_MSUM_FINAL()                                                                         \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
         {                                                                                      \
             _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
@@ -154,10 +138,9 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_avx512 = {
     .scores_multi_f16 = scores_multi_kvs_f16_t_avx512,
     .pv_multi_f32 = pv_multi_float_avx512,
     .pv_multi_f16 = pv_multi_kvs_f16_t_avx512,
-    .scores16_f32 = scores16_float_avx512,
-    .scores16_f16 = scores16_kvs_f16_t_avx512,
-    .pv16_f32 = pv16_float_avx512,
-    .pv16_f16 = pv16_kvs_f16_t_avx512,
+    .scores16 = scores16_avx512,
+    .pv16 = pv16_avx512,
+    .lanes16 = lanes16_avx512,
     .round_f16 = round_f16_avx512,
     .f16_to_f32 = f16_to_f32_avx512,
     .col_max = col_max_avx512,

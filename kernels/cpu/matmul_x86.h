@@ -112,25 +112,111 @@ KVS_INLINE __m256 load_f16x8(const uint16_t *p, int n)
  * y = hsum(acc) + msum. Q4_0: once per group ms = fma(dw8, sx8, ms), y = hsum(acc) -
  * 8 hsum(ms); Q8_0: y = hsum(acc). */
 
-/* Q4_1's offset term of block j for the tile's rows (a scalar chain per element, in block
- * order, as llama.cpp's summs) */
-#define Q_MSUM(TYPE, j)                                                                            \
+/* Q4_1's offset chains msum(r, c) = fma(mw_cj, sx_rj, msum(r, c)), blocks j in order. A
+ * tile of 4 rows runs them in the lanes of one xmm per column, with the activation sums of
+ * the group transposed once per group (st[j] = sx of rows 0..3 at block j); fewer rows run
+ * them as scalars. The chains are independent of acc's, so they run after a group's blocks. */
+/* st[j] = (a[j], b[j], c[j], d[j]) for j < 8 */
+KVS_INLINE void transpose4x8(const float *pa, const float *pb, const float *pc, const float *pd,
+                             __m128 st[8])
+{
+    __m256 a = _mm256_loadu_ps(pa), b = _mm256_loadu_ps(pb);
+    __m256 c = _mm256_loadu_ps(pc), d = _mm256_loadu_ps(pd);
+    __m256 t0 = _mm256_unpacklo_ps(a, b), t1 = _mm256_unpackhi_ps(a, b);
+    __m256 t2 = _mm256_unpacklo_ps(c, d), t3 = _mm256_unpackhi_ps(c, d);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+    st[0] = _mm256_castps256_ps128(u0);
+    st[1] = _mm256_castps256_ps128(u1);
+    st[2] = _mm256_castps256_ps128(u2);
+    st[3] = _mm256_castps256_ps128(u3);
+    st[4] = _mm256_extractf128_ps(u0, 1);
+    st[5] = _mm256_extractf128_ps(u1, 1);
+    st[6] = _mm256_extractf128_ps(u2, 1);
+    st[7] = _mm256_extractf128_ps(u3, 1);
+}
+
+/* Q4_1's offset chains of one group, after the group's blocks of every column (mwf[c] =
+ * the group's mins of column c): 4 rows in xmm lanes (one vector per column, the rows'
+ * sums transposed), 1 row x 4 columns in xmm lanes (the mins transposed), else scalars. */
+#define Q_MSUM_GROUP(TYPE)                                                                     \
     if (TYPE == KVS_DTYPE_Q4_1) {                                                              \
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
+        if (R == 4) {                                                                          \
+            __m128 st[8];                                                                      \
+            transpose4x8(x[g].s, x[ldx + g].s, x[2 * ldx + g].s, x[3 * ldx + g].s, st);        \
+            _Pragma("GCC unroll 4") for (int c = 0; c < C; c++)                               \
+            {                                                                                  \
+                for (int j = 0; j < gn; j++) {                                                 \
+                    msv[c] = _mm_fmadd_ps(_mm_set1_ps(mwf[c][j]), st[j], msv[c]);              \
+                }                                                                              \
+            }                                                                                  \
+        } else if (R == 1 && C == 4) {                                                         \
+            __m128 mt[8];                                                                      \
+            transpose4x8(mwf[0], mwf[1], mwf[2], mwf[3], mt);                                  \
+            const float *xs = x[g].s;                                                          \
+            for (int j = 0; j < gn; j++) {                                                     \
+                msv[0] = _mm_fmadd_ps(mt[j], _mm_set1_ps(xs[j]), msv[0]);                      \
+            }                                                                                  \
+        } else {                                                                               \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                               \
+            {                                                                                  \
+                const float *xs = x[r * ldx + g].s;                                            \
+                _Pragma("GCC unroll 4") for (int c = 0; c < C; c++)                           \
+                {                                                                              \
+                    for (int j = 0; j < gn; j++) {                                             \
+                        msum[r][c] = fmaf(mwf[c][j], xs[j], msum[r][c]);                       \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+/* msum(r, c) once the groups are done */
+#define Q_MSUM_FINAL()                                                                         \
+    if (R == 4) {                                                                              \
+        _Pragma("GCC unroll 4") for (int c = 0; c < C; c++)                                   \
         {                                                                                      \
-            msum[r][c] = fmaf(mwf[j], x[r * ldx + g].s[j], msum[r][c]);                        \
+            float t[4];                                                                        \
+            _mm_storeu_ps(t, msv[c]);                                                          \
+            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)                               \
+            {                                                                                  \
+                msum[r][c] = t[r];                                                             \
+            }                                                                                  \
+        }                                                                                      \
+    } else if (R == 1 && C == 4) {                                                             \
+        float t[4];                                                                            \
+        _mm_storeu_ps(t, msv[0]);                                                              \
+        _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++)                                   \
+        {                                                                                      \
+            msum[0][c] = t[c];                                                                 \
+        }                                                                                      \
+    }
+
+/* the scale products of the tile's rows for one column and group, in memory: the blocks
+ * broadcast them straight from there into their fma */
+#define Q_SCALES(TYPE)                                                                         \
+    const __m256 dw = load_f16x8(rg.d, rg.n);                                                  \
+    if (TYPE == KVS_DTYPE_Q4_1) {                                                              \
+        _mm256_storeu_ps(mwf[c], load_f16x8(rg.m, rg.n));                                      \
+    }                                                                                          \
+    float scm[4][KVS_QG];                                                                      \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                       \
+    {                                                                                          \
+        const struct kvs_cpu_q8g *xg = &x[r * ldx + g];                                        \
+        _mm256_storeu_ps(scm[r], _mm256_mul_ps(dw, _mm256_loadu_ps(xg->d)));                   \
+        if (TYPE == KVS_DTYPE_Q4_0) {                                                          \
+            ms[r][c] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(xg->s), ms[r][c]);                  \
         }                                                                                      \
     }
 
 #define Q_BLOCK_Q4(j)                                                                          \
     {                                                                                          \
         __m256i wq = unpack_q4(rg.qs + (j) * 16);                                              \
-        __m256i idx = _mm256_set1_epi32(j);                                                    \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
         {                                                                                      \
             __m256i xq = _mm256_loadu_si256((const __m256i *)x[r * ldx + g].q[j]);             \
             __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wq, xq));                                \
-            acc[r][c] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r], idx), isum, acc[r][c]); \
+            acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(scm[r][j]), isum, acc[r][c]);           \
         }                                                                                      \
     }
 
@@ -138,12 +224,11 @@ KVS_INLINE __m256 load_f16x8(const uint16_t *p, int n)
     {                                                                                          \
         __m256i wq = _mm256_loadu_si256((const __m256i *)(rg.qs + (j) * 32));                  \
         __m256i wa = _mm256_abs_epi8(wq);                                                      \
-        __m256i idx = _mm256_set1_epi32(j);                                                    \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
         {                                                                                      \
             __m256i xq = _mm256_loadu_si256((const __m256i *)x[r * ldx + g].q[j]);             \
             __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wa, _mm256_sign_epi8(xq, wq)));          \
-            acc[r][c] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc[r], idx), isum, acc[r][c]); \
+            acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(scm[r][j]), isum, acc[r][c]);           \
         }                                                                                      \
     }
 
@@ -155,6 +240,7 @@ KVS_INLINE __m256 load_f16x8(const uint16_t *p, int n)
     {                                                                                          \
         __m256 acc[4][4], ms[4][4];                                                            \
         float msum[4][4];                                                                      \
+        __m128 msv[4];                                                                         \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
         {                                                                                      \
             _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
@@ -162,37 +248,28 @@ KVS_INLINE __m256 load_f16x8(const uint16_t *p, int n)
                 acc[r][c] = _mm256_setzero_ps();                                               \
                 ms[r][c] = _mm256_setzero_ps();                                                \
                 msum[r][c] = 0.0f;                                                             \
+                msv[c] = _mm_setzero_ps();                                                     \
             }                                                                                  \
         }                                                                                      \
         const int64_t ng = (nb + KVS_QG - 1) / KVS_QG;                                         \
         for (int64_t g = 0; g < ng; g++) {                                                     \
+            float mwf[4][KVS_QG];                                                              \
+            const int gn = nb - g * KVS_QG < KVS_QG ? (int)(nb - g * KVS_QG) : KVS_QG;         \
             _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
             {                                                                                  \
                 const struct kvs_cpu_rg rg = kvs_cpu_rg_group(TYPE, w + c * row_bytes, nb, g); \
-                const __m256 dw = load_f16x8(rg.d, rg.n);                                      \
-                float mwf[KVS_QG];                                                             \
-                if (TYPE == KVS_DTYPE_Q4_1) {                                                  \
-                    _mm256_storeu_ps(mwf, load_f16x8(rg.m, rg.n));                             \
-                }                                                                              \
-                __m256 sc[4];                                                                  \
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                           \
-                {                                                                              \
-                    const struct kvs_cpu_q8g *xg = &x[r * ldx + g];                            \
-                    sc[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(xg->d));                         \
-                    if (TYPE == KVS_DTYPE_Q4_0) {                                              \
-                        ms[r][c] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(xg->s), ms[r][c]);      \
-                    }                                                                          \
-                }                                                                              \
+                Q_SCALES(TYPE)                                                                 \
                 if (rg.n == KVS_QG) {                                                          \
-                    BLOCK(0) Q_MSUM(TYPE, 0) BLOCK(1) Q_MSUM(TYPE, 1) BLOCK(2) Q_MSUM(TYPE, 2) BLOCK(3) Q_MSUM(TYPE, 3) \
-                    BLOCK(4) Q_MSUM(TYPE, 4) BLOCK(5) Q_MSUM(TYPE, 5) BLOCK(6) Q_MSUM(TYPE, 6) BLOCK(7) Q_MSUM(TYPE, 7) \
+                    BLOCK(0) BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4) BLOCK(5) BLOCK(6) BLOCK(7)     \
                 } else {                                                                       \
                     for (int j = 0; j < rg.n; j++) {                                           \
-                        BLOCK(j) Q_MSUM(TYPE, j)                                                     \
+                        BLOCK(j)                                                               \
                     }                                                                          \
                 }                                                                              \
             }                                                                                  \
+            Q_MSUM_GROUP(TYPE)                                                                 \
         }                                                                                      \
+        Q_MSUM_FINAL()                                                                         \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                   \
         {                                                                                      \
             _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                               \
@@ -873,88 +950,138 @@ static void KVS_X86_NAME(col_sum)(const float *s, const int32_t *off, const int3
  * f16 kernel on 512-bit vectors): per cell a 16-lane fma chain over the dims (lane = d % 16,
  * as two 8-lane halves lo = lanes 0..7, hi = 8..15), then the lanes' sum by
  * _mm512_reduce_add_ps's tree: u = lo + hi, (u0 + u4, ..) as hsum8, then * scale. Eight cells
- * at a time, their hsum8 trees side by side. hd a multiple of 16; else the dims past the
- * last whole 16 are added one by one after the tree. */
-#define SCORES16_KV(T, LOAD8, LOAD1)                                                           \
-    static void KVS_X86_NAME(scores16_##T)(const float *q, const T *const *k, int32_t nc,      \
-                                           int32_t hd, float scale, float *out)                \
-    {                                                                                          \
-        const int32_t hd16 = hd / 16 * 16;                                                     \
-        const __m256 vs = _mm256_set1_ps(scale);                                               \
-        for (int32_t i = 0; i < nc; i += 8) {                                                  \
-            __m256 u[8];                                                                       \
-            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                               \
-            {                                                                                  \
-                const T *kc = k[i + c < nc ? i + c : i];                                       \
-                __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();                     \
-                for (int32_t d = 0; d < hd16; d += 16) {                                       \
-                    lo = _mm256_fmadd_ps(LOAD8(kc, d), _mm256_loadu_ps(q + d), lo);            \
-                    hi = _mm256_fmadd_ps(LOAD8(kc, d + 8), _mm256_loadu_ps(q + d + 8), hi);    \
-                }                                                                              \
-                u[c] = _mm256_add_ps(hi, lo);                                                  \
-            }                                                                                  \
-            /* hsum8 of u[c] for 8 cells: (l_i + l_i+4), then (w0 + w2) + (w1 + w3) */        \
-            __m256 x04 = _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[4], 0x20),              \
-                                       _mm256_permute2f128_ps(u[0], u[4], 0x31));             \
-            __m256 x15 = _mm256_add_ps(_mm256_permute2f128_ps(u[1], u[5], 0x20),              \
-                                       _mm256_permute2f128_ps(u[1], u[5], 0x31));             \
-            __m256 x26 = _mm256_add_ps(_mm256_permute2f128_ps(u[2], u[6], 0x20),              \
-                                       _mm256_permute2f128_ps(u[2], u[6], 0x31));             \
-            __m256 x37 = _mm256_add_ps(_mm256_permute2f128_ps(u[3], u[7], 0x20),              \
-                                       _mm256_permute2f128_ps(u[3], u[7], 0x31));             \
-            __m256 w01 = _mm256_add_ps(_mm256_shuffle_ps(x04, x15, 0x44),                      \
-                                       _mm256_shuffle_ps(x04, x15, 0xee));                     \
-            __m256 w23 = _mm256_add_ps(_mm256_shuffle_ps(x26, x37, 0x44),                      \
-                                       _mm256_shuffle_ps(x26, x37, 0xee));                     \
-            __m256 s = _mm256_add_ps(_mm256_shuffle_ps(w01, w23, 0x88),                        \
-                                     _mm256_shuffle_ps(w01, w23, 0xdd));                       \
-            float t[8];                                                                        \
-            _mm256_storeu_ps(t, s);                                                            \
-            for (int c = 0; c < 8 && i + c < nc; c++) {                                        \
-                float v = t[c];                                                                \
-                for (int32_t d = hd16; d < hd; d++) {                                          \
-                    v = v + LOAD1(k[i + c], d) * q[d];                                         \
-                }                                                                              \
-                out[i + c] = v * scale;                                                        \
-            }                                                                                  \
-            (void)vs;                                                                          \
-        }                                                                                      \
+ * at a time, their hsum8 trees side by side. hd a multiple of 16 (64: q held in registers);
+ * else the dims past the last whole 16 are added one by one after the tree. */
+KVS_INLINE __m256 hsum8x8(const __m256 u[8])
+{
+    /* lane c = hsum8(u[c]): (l_i + l_i+4), then (w0 + w2) + (w1 + w3) */
+    __m256 x04 = _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[4], 0x20),
+                               _mm256_permute2f128_ps(u[0], u[4], 0x31));
+    __m256 x15 = _mm256_add_ps(_mm256_permute2f128_ps(u[1], u[5], 0x20),
+                               _mm256_permute2f128_ps(u[1], u[5], 0x31));
+    __m256 x26 = _mm256_add_ps(_mm256_permute2f128_ps(u[2], u[6], 0x20),
+                               _mm256_permute2f128_ps(u[2], u[6], 0x31));
+    __m256 x37 = _mm256_add_ps(_mm256_permute2f128_ps(u[3], u[7], 0x20),
+                               _mm256_permute2f128_ps(u[3], u[7], 0x31));
+    __m256 w01 = _mm256_add_ps(_mm256_shuffle_ps(x04, x15, 0x44), _mm256_shuffle_ps(x04, x15, 0xee));
+    __m256 w23 = _mm256_add_ps(_mm256_shuffle_ps(x26, x37, 0x44), _mm256_shuffle_ps(x26, x37, 0xee));
+    return _mm256_add_ps(_mm256_shuffle_ps(w01, w23, 0x88), _mm256_shuffle_ps(w01, w23, 0xdd));
+}
+
+static void KVS_X86_NAME(scores16)(const float *q, const float *k, int32_t nc, int32_t hd,
+                                   float scale, float *out)
+{
+    const int32_t hd16 = hd / 16 * 16;
+    for (int32_t i = 0; i < nc; i += 8) {
+        __m256 u[8];
+        if (hd == 64) {
+            const __m256 q0 = _mm256_loadu_ps(q), q1 = _mm256_loadu_ps(q + 8);
+            const __m256 q2 = _mm256_loadu_ps(q + 16), q3 = _mm256_loadu_ps(q + 24);
+            const __m256 q4 = _mm256_loadu_ps(q + 32), q5 = _mm256_loadu_ps(q + 40);
+            const __m256 q6 = _mm256_loadu_ps(q + 48), q7 = _mm256_loadu_ps(q + 56);
+            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)
+            {
+                const float *kc = k + (int64_t)(i + c < nc ? i + c : i) * hd;
+                const __m256 z = _mm256_setzero_ps(); /* fma from +0, as the chain starts */
+                __m256 lo = _mm256_fmadd_ps(_mm256_loadu_ps(kc), q0, z);
+                __m256 hi = _mm256_fmadd_ps(_mm256_loadu_ps(kc + 8), q1, z);
+                lo = _mm256_fmadd_ps(_mm256_loadu_ps(kc + 16), q2, lo);
+                hi = _mm256_fmadd_ps(_mm256_loadu_ps(kc + 24), q3, hi);
+                lo = _mm256_fmadd_ps(_mm256_loadu_ps(kc + 32), q4, lo);
+                hi = _mm256_fmadd_ps(_mm256_loadu_ps(kc + 40), q5, hi);
+                lo = _mm256_fmadd_ps(_mm256_loadu_ps(kc + 48), q6, lo);
+                hi = _mm256_fmadd_ps(_mm256_loadu_ps(kc + 56), q7, hi);
+                u[c] = _mm256_add_ps(hi, lo);
+            }
+        } else {
+            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)
+            {
+                const float *kc = k + (int64_t)(i + c < nc ? i + c : i) * hd;
+                __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+                for (int32_t d = 0; d < hd16; d += 16) {
+                    lo = _mm256_fmadd_ps(_mm256_loadu_ps(kc + d), _mm256_loadu_ps(q + d), lo);
+                    hi = _mm256_fmadd_ps(_mm256_loadu_ps(kc + d + 8), _mm256_loadu_ps(q + d + 8), hi);
+                }
+                u[c] = _mm256_add_ps(hi, lo);
+            }
+        }
+        float t[8];
+        _mm256_storeu_ps(t, hsum8x8(u));
+        for (int c = 0; c < 8 && i + c < nc; c++) {
+            float v = t[c];
+            for (int32_t d = hd16; d < hd; d++) {
+                v = v + k[(int64_t)(i + c) * hd + d] * q[d];
+            }
+            out[i + c] = v * scale;
+        }
     }
+}
 
-SCORES16_KV(float, load8_f32, load1_f32)
-SCORES16_KV(kvs_f16_t, load8_f16, load1_f16)
-
-/* acc[d] = fma(p[t * stride], v[t * stride][d], acc[d]) for t = 0 .. n-1 in order: one lane
- * of llama.cpp's 16-lane P.V chains (attention.c), 32 dims at a time in registers. */
-#define PV16_KV(T, LOAD8, LOAD1)                                                               \
-    static void KVS_X86_NAME(pv16_##T)(float *acc, const float *p, const T *const *v,         \
-                                       int32_t n, int32_t stride, int32_t hd)                  \
-    {                                                                                          \
-        int32_t d = 0;                                                                         \
-        for (; d + 32 <= hd; d += 32) {                                                        \
-            __m256 a0 = _mm256_loadu_ps(acc + d), a1 = _mm256_loadu_ps(acc + d + 8);           \
-            __m256 a2 = _mm256_loadu_ps(acc + d + 16), a3 = _mm256_loadu_ps(acc + d + 24);     \
-            for (int32_t t = 0; t < n; t++) {                                                  \
-                const T *vi = v[(int64_t)t * stride] + d;                                      \
-                __m256 vp = _mm256_set1_ps(p[(int64_t)t * stride]);                            \
-                a0 = _mm256_fmadd_ps(LOAD8(vi, 0), vp, a0);                                    \
-                a1 = _mm256_fmadd_ps(LOAD8(vi, 8), vp, a1);                                    \
-                a2 = _mm256_fmadd_ps(LOAD8(vi, 16), vp, a2);                                   \
-                a3 = _mm256_fmadd_ps(LOAD8(vi, 24), vp, a3);                                   \
-            }                                                                                  \
-            _mm256_storeu_ps(acc + d, a0);                                                     \
-            _mm256_storeu_ps(acc + d + 8, a1);                                                 \
-            _mm256_storeu_ps(acc + d + 16, a2);                                                \
-            _mm256_storeu_ps(acc + d + 24, a3);                                                \
-        }                                                                                      \
-        for (; d < hd; d++) {                                                                  \
-            float a = acc[d];                                                                  \
-            for (int32_t t = 0; t < n; t++) {                                                  \
-                a = fmaf(LOAD1(v[(int64_t)t * stride], d), p[(int64_t)t * stride], a);         \
-            }                                                                                  \
-            acc[d] = a;                                                                        \
-        }                                                                                      \
+/* acc[d] = fma(v[t][d], p[t * ps], acc[d]) for t = 0 .. n-1 in order (v rows contiguous):
+ * one lane of llama.cpp's 16-lane P.V chains (attention.c), 64 dims at a time in registers. */
+static void KVS_X86_NAME(pv16)(float *acc, const float *p, int32_t ps, const float *v, int32_t n,
+                               int32_t hd)
+{
+    int32_t d = 0;
+    for (; d + 64 <= hd; d += 64) {
+        __m256 a[8];
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++)
+        {
+            a[i] = _mm256_loadu_ps(acc + d + 8 * i);
+        }
+        for (int32_t t = 0; t < n; t++) {
+            const float *vi = v + (int64_t)t * hd + d;
+            __m256 vp = _mm256_set1_ps(p[(int64_t)t * ps]);
+            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++)
+            {
+                a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(vi + 8 * i), vp, a[i]);
+            }
+        }
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++)
+        {
+            _mm256_storeu_ps(acc + d + 8 * i, a[i]);
+        }
     }
+    for (; d + 8 <= hd; d += 8) {
+        __m256 a0 = _mm256_loadu_ps(acc + d);
+        for (int32_t t = 0; t < n; t++) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + (int64_t)t * hd + d),
+                                 _mm256_set1_ps(p[(int64_t)t * ps]), a0);
+        }
+        _mm256_storeu_ps(acc + d, a0);
+    }
+    for (; d < hd; d++) {
+        float a = acc[d];
+        for (int32_t t = 0; t < n; t++) {
+            a = fmaf(v[(int64_t)t * hd + d], p[(int64_t)t * ps], a);
+        }
+        acc[d] = a;
+    }
+}
 
-PV16_KV(float, load8_f32, load1_f32)
-PV16_KV(kvs_f16_t, load8_f16, load1_f16)
+/* out[d] = kvs_cpu_reduce16 of lanes[l * hd + d] over l < 16, 8 dims at a time */
+static void KVS_X86_NAME(lanes16)(const float *lanes, int32_t hd, float *out)
+{
+    int32_t d = 0;
+    for (; d + 8 <= hd; d += 8) {
+        __m256 t3[8], t6[4];
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++)
+        {
+            t3[i] = _mm256_add_ps(_mm256_loadu_ps(lanes + (int64_t)(i + 8) * hd + d),
+                                  _mm256_loadu_ps(lanes + (int64_t)i * hd + d));
+        }
+        _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++)
+        {
+            t6[i] = _mm256_add_ps(t3[i + 4], t3[i]);
+        }
+        _mm256_storeu_ps(out + d, _mm256_add_ps(_mm256_add_ps(t6[0], t6[2]),
+                                                _mm256_add_ps(t6[1], t6[3])));
+    }
+    for (; d < hd; d++) {
+        float x[16];
+        for (int l = 0; l < 16; l++) {
+            x[l] = lanes[(int64_t)l * hd + d];
+        }
+        out[d] = kvs_cpu_reduce16(x);
+    }
+}
