@@ -31,10 +31,12 @@
  *   U [session][name]                     a flash query was unregistered
  *   X [session]                           the session was closed
  *   E                                     the engine thread has exited
- * I/O -> engine: [ident][payload][t_recv: double] a request; [ident] alone: that peer is
- * gone (cancel its work); one empty frame: stop. */
+ * I/O -> engine: [ident][payload][t_recv: double] a request; [ident][PEER_GONE]: that peer
+ * is gone (cancel all its work); [ident][PEER_SLOW]: a piece of its stream was dropped
+ * (cancel its streams); one empty frame: stop. */
 enum { MSG_REPLY = 'R', MSG_VERSION = 'V', MSG_FLASH = 'F', MSG_UNREG = 'U', MSG_CLOSED = 'X',
        MSG_EXIT = 'E' };
+enum { PEER_GONE = 'G', PEER_SLOW = 'S' };
 
 struct sstate;
 
@@ -1044,14 +1046,17 @@ static void after_step(kvs_server *srv)
     run_deferred(srv);
 }
 
-/* Cancel every live request of a peer that is gone. */
-static void eng_peer_gone(kvs_server *srv, const void *ident, size_t len)
+/* Cancel the live requests of a peer that is gone (all) or does not read (its streams). */
+static void eng_peer_lost(kvs_server *srv, const void *ident, size_t len, bool streams_only)
 {
     for (struct req *r = srv->live.next; r != &srv->live;) {
         struct req *next = r->next;
-        if (r->ident_len == len && memcmp(r->ident, ident, len) == 0) {
-            KVS_DEBUG("server: request %llu: peer gone, cancelled", (unsigned long long)r->id);
-            req_cancel(r, KVS_CANCELLED, "the client is gone");
+        if (r->ident_len == len && memcmp(r->ident, ident, len) == 0 &&
+            (r->stream || !streams_only)) {
+            KVS_DEBUG("server: request %llu: peer %s, cancelled", (unsigned long long)r->id,
+                      streams_only ? "not reading" : "gone");
+            req_cancel(r, KVS_CANCELLED,
+                       streams_only ? "the client does not read its stream" : "the client is gone");
             next = srv->live.next; /* callbacks may have freed others: restart */
         }
         r = next;
@@ -1112,8 +1117,10 @@ static bool eng_drain(kvs_server *srv)
             close_parts(parts, n, 3);
             return false;
         }
-        if (n == 1) {
-            eng_peer_gone(srv, zmq_msg_data(&parts[0]), zmq_msg_size(&parts[0]));
+        if (n == 2 && zmq_msg_size(&parts[1]) == 1) {
+            char why = *(const char *)zmq_msg_data(&parts[1]);
+            eng_peer_lost(srv, zmq_msg_data(&parts[0]), zmq_msg_size(&parts[0]),
+                          why == PEER_SLOW);
         } else if (n == 3 && zmq_msg_size(&parts[2]) == sizeof(double)) {
             double t_recv;
             memcpy(&t_recv, zmq_msg_data(&parts[2]), sizeof t_recv);
@@ -1378,9 +1385,15 @@ static bool io_from_engine(kvs_server *srv)
                              zmq_msg_data(&p[2]), zmq_msg_size(&p[2]));
             if (final) {
                 srv->in_flight--;
-            } else if (e == EHOSTUNREACH) {
-                /* a stream to a gone peer: let the engine stop its work */
-                zmq_send(srv->pair_io, zmq_msg_data(&p[1]), zmq_msg_size(&p[1]), 0);
+            } else if (e == EHOSTUNREACH || e == EAGAIN) {
+                /* a stream to a gone peer (stop all its work), or to one that does not read
+                 * (it would see a gap: stop its streams) */
+                char why = e == EHOSTUNREACH ? PEER_GONE : PEER_SLOW;
+                if (zmq_send(srv->pair_io, zmq_msg_data(&p[1]), zmq_msg_size(&p[1]),
+                             ZMQ_SNDMORE) < 0 ||
+                    zmq_send(srv->pair_io, &why, 1, 0) < 0) {
+                    KVS_ERROR("server: io -> engine send failed: %s", zmq_strerror(errno));
+                }
             }
         } else if (kind == MSG_VERSION && n == 3) {
             msg_str(&p[1], session, sizeof session);
