@@ -356,6 +356,7 @@ START_TEST(test_query)
     qo.max_tokens = 12;
     OK(c, kvs_client_query(c, "q1", "Last MSFT price:", &qo, NULL, NULL, &again));
     ck_assert_str_eq(again.text, a.text); /* not a stale piece of the cancelled stream */
+    kvs_client_answer_free(&again);
     OK(c, kvs_client_ping(c, NULL));
 
     /* a blocking query cancelled from another thread: CANCELLED at once, client still good */
