@@ -1,7 +1,9 @@
 /* The cluster state store: one interface, two implementations (DESIGN.md, Cluster state).
  *
- *   embedded  in-process map persisted to one file (write temp + fsync + rename after every
- *             change, reloaded on open); what a single machine uses, no etcd needed.
+ *   embedded  in-process map made durable in PATH and PATH.log (every change appended to the
+ *             log and fsync'd before it is acknowledged; a snapshot replaces PATH atomically
+ *             when the log outgrows it; both reloaded on open); what a single machine uses,
+ *             no etcd needed.
  *   etcd      etcd v3 through its JSON gateway over libcurl (common/store_etcd.c).
  *
  * The model is etcd's: keys are strings, values are bytes; every change bumps the store's
@@ -29,7 +31,9 @@
  *   IO, NO_MEMORY     the embedded store's file, allocation
  *
  * Thread-safety: a kvs_store may be used by several threads at once (calls are serialized
- * inside). A kvs_store_watch is used by one thread; destroy it before its store.
+ * inside). A kvs_store_watch is used by one thread; destroy it before its store (a store
+ * destroyed first stops its watches: they then answer UNAVAILABLE, and must still be
+ * destroyed).
  */
 #ifndef KVS_STORE_H
 #define KVS_STORE_H

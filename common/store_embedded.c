@@ -1,28 +1,24 @@
 /* The embedded store (common/store.h): a sorted array of keys in process memory, leases
  * expired by a ticker thread on the monotonic clock, a bounded history of events for
- * watches, and the whole state rewritten to one file after every change.
+ * watches, and every change logged to a file before it is acknowledged.
  *
- * Every change is planned, applied in memory with an undo log, persisted (JSON: write
- * PATH.tmp, fsync, rename, fsync the directory) and only then published to watches; when
- * the file cannot be written the undo log puts the memory back, so a failed call changes
- * nothing. The file holds keys, leases and the revision, not history: after a reopen the
- * history starts at the reopened revision (older watches re-list) and every lease has its
- * full TTL again, as etcd after an outage. */
+ * Every change is planned, applied in memory with an undo log, made durable (one record
+ * appended to PATH.log and fsync'd; now and then a snapshot of the whole state replaces PATH:
+ * common/store_file.c) and only then published to watches; when the record cannot be
+ * written the undo log puts the memory back, so a failed call changes nothing. The files
+ * hold keys, leases and the revision, not history: after a reopen the history starts at the
+ * reopened revision (older watches re-list) and every lease has its full TTL again, as etcd
+ * after an outage. */
 #include "common/store_impl.h"
 
-#include "common/fileio.h"
 #include "common/log.h"
 #include "common/status.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <jansson.h>
-#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
 #define HISTORY_MAX 10000 /* events kept for watches; older ones are compacted away */
 #define TICK_MS 100       /* lease expiry resolution */
@@ -43,9 +39,10 @@ struct undo {
 struct embedded {
     struct kvs_store base;
     pthread_mutex_t mu;
-    char *path;          /* NULL = not persisted */
-    int64_t revision;    /* the store's revision; 1 when empty, as etcd */
-    int64_t compact_rev; /* history covers revisions > compact_rev */
+    char *path;           /* NULL = not persisted */
+    kvs_store_file *file; /* PATH and PATH.log; NULL = not persisted */
+    int64_t revision;     /* the store's revision; 1 when empty, as etcd */
+    int64_t compact_rev;  /* history covers revisions > compact_rev */
     int64_t next_lease;
     struct kvs_store_kv *kvs; /* n_kvs, sorted by key */
     size_t n_kvs, cap_kvs;
@@ -284,152 +281,270 @@ static void rollback(struct embedded *e)
     e->n_pending = 0;
 }
 
-/* ---- the file ---- */
+/* ---- the file (common/store_file.c): the snapshot's and the log records' JSON ---- */
 
+static json_t *kv_json(const struct kvs_store_kv *kv)
+{
+    char *b64 = kvs_store_b64_encode(kv->value, kv->value_len);
+    json_t *j = b64 ? json_pack("{sssssIsIsIsI}", "key", kv->key, "value", b64, "create_revision",
+                                (json_int_t)kv->create_revision, "mod_revision",
+                                (json_int_t)kv->mod_revision, "version", (json_int_t)kv->version,
+                                "lease", (json_int_t)kv->lease)
+                    : NULL;
+    free(b64);
+    return j;
+}
+
+/* The whole state (a snapshot). NULL when out of memory. */
 static json_t *state_to_json(const struct embedded *e)
 {
-    json_t *root = json_object();
-    json_t *kvs = json_array();
-    json_t *leases = json_array();
-    json_object_set_new(root, "format", json_string("kvstream-store-1"));
-    json_object_set_new(root, "revision", json_integer(e->revision));
-    json_object_set_new(root, "next_lease", json_integer(e->next_lease));
-    for (size_t i = 0; i < e->n_leases; i++) {
-        json_array_append_new(leases, json_pack("{sIsI}", "id", (json_int_t)e->leases[i].id, "ttl",
-                                                (json_int_t)e->leases[i].ttl));
+    json_t *kvs = json_array(), *leases = json_array();
+    json_t *root =
+        json_pack("{sssIsIsoso}", "format", "kvstream-store-1", "revision", (json_int_t)e->revision,
+                  "next_lease", (json_int_t)e->next_lease, "leases", leases, "kvs", kvs);
+    for (size_t i = 0; root != NULL && i < e->n_leases; i++) {
+        if (json_array_append_new(leases, json_pack("{sIsI}", "id", (json_int_t)e->leases[i].id,
+                                                    "ttl", (json_int_t)e->leases[i].ttl)) < 0) {
+            json_decref(root);
+            root = NULL;
+        }
     }
-    for (size_t i = 0; i < e->n_kvs; i++) {
-        const struct kvs_store_kv *kv = &e->kvs[i];
-        char *b64 = kvs_store_b64_encode(kv->value, kv->value_len);
-        json_array_append_new(kvs,
-                              json_pack("{sssssIsIsIsI}", "key", kv->key, "value", b64 ? b64 : "",
-                                        "create_revision", (json_int_t)kv->create_revision,
-                                        "mod_revision", (json_int_t)kv->mod_revision, "version",
-                                        (json_int_t)kv->version, "lease", (json_int_t)kv->lease));
-        free(b64);
+    for (size_t i = 0; root != NULL && i < e->n_kvs; i++) {
+        if (json_array_append_new(kvs, kv_json(&e->kvs[i])) < 0) {
+            json_decref(root);
+            root = NULL;
+        }
     }
-    json_object_set_new(root, "leases", leases);
-    json_object_set_new(root, "kvs", kvs);
     return root;
 }
 
-static int persist(struct embedded *e, char *err, size_t errlen)
+/* A key as written by kv_json, validated (the file comes from outside). */
+static int kv_from_json(const json_t *it, int64_t max_rev, struct kvs_store_kv *kv)
 {
-    if (e->path == NULL) {
-        return KVS_OK;
-    }
-    json_t *root = state_to_json(e);
-    char *text = root ? json_dumps(root, JSON_COMPACT) : NULL;
-    json_decref(root);
-    if (text == NULL) {
-        kvs_errf(err, errlen, "store: out of memory writing %s", e->path);
-        return KVS_NO_MEMORY;
-    }
-    size_t n = strlen(text);
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp", e->path);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    int rc = KVS_OK;
-    if (fd < 0 || kvs_pwrite_all(fd, text, n, 0) < 0 || fsync(fd) < 0) {
-        kvs_errf(err, errlen, "store: cannot write %s: %s", tmp, strerror(errno));
-        rc = KVS_IO;
-    }
-    if (fd >= 0) {
-        close(fd);
-    }
-    free(text);
-    if (rc == KVS_OK && rename(tmp, e->path) < 0) {
-        kvs_errf(err, errlen, "store: cannot rename %s: %s", tmp, strerror(errno));
-        rc = KVS_IO;
-    }
-    if (rc == KVS_OK) {
-        char dir[4096];
-        snprintf(dir, sizeof dir, "%s", e->path);
-        if (kvs_fsync_dir(dirname(dir)) < 0) {
-            kvs_errf(err, errlen, "store: cannot sync the directory of %s: %s", e->path,
-                     strerror(errno));
-            rc = KVS_IO;
-        }
-    } else {
-        unlink(tmp);
-    }
-    return rc;
-}
-
-static int load(struct embedded *e, char *err, size_t errlen)
-{
-    json_error_t jerr;
-    json_t *root = json_load_file(e->path, JSON_REJECT_DUPLICATES, &jerr);
-    if (root == NULL) {
-        if (access(e->path, F_OK) != 0 && errno == ENOENT) {
-            return KVS_OK; /* a new store */
-        }
-        kvs_errf(err, errlen, "store: %s: %s (line %d)", e->path, jerr.text, jerr.line);
+    memset(kv, 0, sizeof *kv);
+    const char *key, *b64;
+    json_int_t cr, mr, ver, lease;
+    if (json_unpack((json_t *)it, "{sssssIsIsIsI}", "key", &key, "value", &b64, "create_revision",
+                    &cr, "mod_revision", &mr, "version", &ver, "lease", &lease) != 0 ||
+        key[0] == '\0' || strlen(key) > KVS_STORE_MAX_KEY || cr < 1 || mr < cr || mr > max_rev ||
+        ver < 1 || lease < 0) {
         return KVS_BAD_FORMAT;
     }
+    *kv = (struct kvs_store_kv){
+        .create_revision = cr, .mod_revision = mr, .version = ver, .lease = lease};
+    int rc = kvs_store_b64_decode(b64, strlen(b64), &kv->value, &kv->value_len);
+    kv->key = strdup(key);
+    if (rc < 0 || kv->key == NULL) {
+        kvs_store_kv_free(kv);
+        return rc < 0 ? rc : KVS_NO_MEMORY;
+    }
+    return KVS_OK;
+}
+
+/* Insert or replace a loaded key (moved in). */
+static int put_loaded(struct embedded *e, struct kvs_store_kv *kv)
+{
+    bool found;
+    size_t i = find(e, kv->key, &found);
+    if (found) {
+        kvs_store_kv_free(&e->kvs[i]);
+        e->kvs[i] = *kv;
+        return KVS_OK;
+    }
+    struct kvs_store_kv *arr = grow(e->kvs, &e->cap_kvs, e->n_kvs + 1, sizeof *arr);
+    if (arr == NULL) {
+        kvs_store_kv_free(kv);
+        return KVS_NO_MEMORY;
+    }
+    e->kvs = arr;
+    memmove(&e->kvs[i + 1], &e->kvs[i], (e->n_kvs - i) * sizeof *arr);
+    e->kvs[i] = *kv;
+    e->n_kvs++;
+    return KVS_OK;
+}
+
+/* Add a lease with its full TTL from now (after a restart, as etcd after an outage). */
+static int lease_loaded(struct embedded *e, const json_t *it)
+{
+    json_int_t id, ttl;
+    if (json_unpack((json_t *)it, "{sIsI}", "id", &id, "ttl", &ttl) != 0 || id < 1 || ttl < 1 ||
+        ttl > KVS_STORE_MAX_TTL || find_lease(e, id) != NULL) {
+        return KVS_BAD_FORMAT;
+    }
+    struct lease *l = grow(e->leases, &e->cap_leases, e->n_leases + 1, sizeof *l);
+    if (l == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    e->leases = l;
+    e->leases[e->n_leases++] = (struct lease){id, ttl, now_ms() + ttl * 1000};
+    return KVS_OK;
+}
+
+static int load_snapshot(struct embedded *e, const json_t *root, char *err, size_t errlen)
+{
+    json_error_t jerr;
     json_int_t revision = 0, next_lease = 0;
     json_t *kvs = NULL, *leases = NULL;
     const char *format = NULL;
-    int rc = KVS_OK;
-    if (json_unpack_ex(root, &jerr, JSON_STRICT, "{sssIsIsoso}", "format", &format, "revision",
-                       &revision, "next_lease", &next_lease, "leases", &leases, "kvs", &kvs) != 0 ||
+    if (json_unpack_ex((json_t *)root, &jerr, JSON_STRICT, "{sssIsIsoso}", "format", &format,
+                       "revision", &revision, "next_lease", &next_lease, "leases", &leases, "kvs",
+                       &kvs) != 0 ||
         strcmp(format, "kvstream-store-1") != 0 || !json_is_array(kvs) || !json_is_array(leases) ||
         revision < 1 || next_lease < 1) {
         kvs_errf(err, errlen, "store: %s is not a kvstream store file (%s)", e->path, jerr.text);
-        rc = KVS_BAD_FORMAT;
-        goto done;
+        return KVS_BAD_FORMAT;
     }
-    e->revision = e->compact_rev = revision;
+    e->revision = revision;
     e->next_lease = next_lease;
-    int64_t now = now_ms();
     size_t i;
     json_t *it;
     json_array_foreach(leases, i, it)
     {
-        json_int_t id, ttl;
-        struct lease *l = grow(e->leases, &e->cap_leases, e->n_leases + 1, sizeof *l);
-        if (l != NULL) {
-            e->leases = l;
-        }
-        if (json_unpack(it, "{sIsI}", "id", &id, "ttl", &ttl) != 0 || id < 1 || ttl < 1 ||
-            ttl > KVS_STORE_MAX_TTL || l == NULL) {
+        int rc = lease_loaded(e, it);
+        if (rc < 0) {
             kvs_errf(err, errlen, "store: %s: bad lease %zu", e->path, i);
-            rc = l ? KVS_BAD_FORMAT : KVS_NO_MEMORY;
-            goto done;
+            return rc;
         }
-        /* Full TTL again after a restart, as etcd does after an outage. */
-        e->leases[e->n_leases++] = (struct lease){id, ttl, now + ttl * 1000};
     }
     json_array_foreach(kvs, i, it)
     {
-        const char *key, *b64;
-        json_int_t cr, mr, ver, lease;
-        if (json_unpack(it, "{sssssIsIsIsI}", "key", &key, "value", &b64, "create_revision", &cr,
-                        "mod_revision", &mr, "version", &ver, "lease", &lease) != 0 ||
-            key[0] == '\0' || cr < 1 || mr < cr || mr > revision || ver < 1 || lease < 0 ||
-            (i > 0 && strcmp(e->kvs[e->n_kvs - 1].key, key) >= 0)) {
-            kvs_errf(err, errlen, "store: %s: bad key record %zu", e->path, i);
-            rc = KVS_BAD_FORMAT;
-            goto done;
-        }
-        struct kvs_store_kv kv = {
-            .create_revision = cr, .mod_revision = mr, .version = ver, .lease = lease};
-        rc = kvs_store_b64_decode(b64, strlen(b64), &kv.value, &kv.value_len);
-        kv.key = strdup(key);
-        struct kvs_store_kv *arr = grow(e->kvs, &e->cap_kvs, e->n_kvs + 1, sizeof *arr);
-        if (arr != NULL) {
-            e->kvs = arr;
-        }
-        if (rc < 0 || kv.key == NULL || arr == NULL) {
-            kvs_errf(err, errlen, "store: %s: bad value of '%s'", e->path, key);
+        struct kvs_store_kv kv;
+        int rc = kv_from_json(it, revision, &kv);
+        if (rc == KVS_OK && e->n_kvs > 0 && strcmp(e->kvs[e->n_kvs - 1].key, kv.key) >= 0) {
             kvs_store_kv_free(&kv);
-            rc = rc < 0 ? rc : KVS_NO_MEMORY;
-            goto done;
+            rc = KVS_BAD_FORMAT; /* keys are written sorted and unique */
         }
-        e->kvs[e->n_kvs++] = kv;
+        if (rc == KVS_OK) {
+            rc = put_loaded(e, &kv);
+        }
+        if (rc < 0) {
+            kvs_errf(err, errlen, "store: %s: bad key record %zu", e->path, i);
+            return rc;
+        }
     }
-done:
-    json_decref(root);
+    return KVS_OK;
+}
+
+/* Replay one change record (as change_record writes it). */
+static int load_record(struct embedded *e, const json_t *rec, char *err, size_t errlen)
+{
+    json_int_t rev = 0, next_lease = 0;
+    json_t *puts = NULL, *dels = NULL, *grant = NULL;
+    json_int_t drop = 0;
+    int rc = KVS_OK;
+    if (json_unpack((json_t *)rec, "{sIsIs?os?os?os?I}", "rev", &rev, "next_lease", &next_lease,
+                    "put", &puts, "del", &dels, "lease_grant", &grant, "lease_drop", &drop) != 0 ||
+        rev < e->revision || next_lease < e->next_lease || (puts && !json_is_array(puts)) ||
+        (dels && !json_is_array(dels))) {
+        rc = KVS_BAD_FORMAT;
+    }
+    size_t i;
+    json_t *it;
+    json_array_foreach(puts, i, it)
+    {
+        struct kvs_store_kv kv;
+        if (rc == KVS_OK && (rc = kv_from_json(it, rev, &kv)) == KVS_OK) {
+            rc = put_loaded(e, &kv);
+        }
+    }
+    json_array_foreach(dels, i, it)
+    {
+        bool found = false;
+        size_t at = json_is_string(it) ? find(e, json_string_value(it), &found) : 0;
+        if (rc == KVS_OK && !json_is_string(it)) {
+            rc = KVS_BAD_FORMAT;
+        } else if (rc == KVS_OK && found) {
+            kvs_store_kv_free(&e->kvs[at]);
+            memmove(&e->kvs[at], &e->kvs[at + 1], (e->n_kvs - at - 1) * sizeof *e->kvs);
+            e->n_kvs--;
+        }
+    }
+    if (rc == KVS_OK && grant != NULL) {
+        rc = lease_loaded(e, grant);
+    }
+    if (rc == KVS_OK && drop != 0) {
+        struct lease *l = find_lease(e, drop);
+        if (l != NULL) {
+            *l = e->leases[--e->n_leases];
+        }
+    }
+    if (rc < 0) {
+        kvs_errf(err, errlen, "store: %s.log: bad change record at revision %lld", e->path,
+                 (long long)rev);
+        return rc;
+    }
+    e->revision = rev;
+    e->next_lease = next_lease;
+    return KVS_OK;
+}
+
+static int on_load(void *ctx, const json_t *obj, bool snapshot, char *err, size_t errlen)
+{
+    struct embedded *e = ctx;
+    return snapshot ? load_snapshot(e, obj, err, errlen) : load_record(e, obj, err, errlen);
+}
+
+/* A lease granted or dropped by the change in progress (0 = none). */
+struct lease_change {
+    int64_t grant_id, grant_ttl;
+    int64_t drop_id;
+};
+
+/* The change in progress as a log record: the final state of every key it touched. */
+static json_t *change_record(struct embedded *e, const struct lease_change *lc)
+{
+    json_t *puts = json_array(), *dels = json_array();
+    json_t *rec = json_pack("{sIsIsoso}", "rev", (json_int_t)e->revision, "next_lease",
+                            (json_int_t)e->next_lease, "put", puts, "del", dels);
+    for (size_t j = 0; rec != NULL && j < e->n_undo; j++) {
+        bool seen = false; /* a key changed twice in one txn is written once */
+        for (size_t p = 0; p < j && !seen; p++) {
+            seen = strcmp(e->undo[p].key, e->undo[j].key) == 0;
+        }
+        if (seen) {
+            continue;
+        }
+        bool found;
+        size_t i = find(e, e->undo[j].key, &found);
+        json_t *item = found ? kv_json(&e->kvs[i]) : json_string(e->undo[j].key);
+        if (json_array_append_new(found ? puts : dels, item) < 0) {
+            json_decref(rec);
+            rec = NULL;
+        }
+    }
+    if (rec != NULL && lc != NULL && lc->grant_id != 0) {
+        json_object_set_new(
+            rec, "lease_grant",
+            json_pack("{sIsI}", "id", (json_int_t)lc->grant_id, "ttl", (json_int_t)lc->grant_ttl));
+    }
+    if (rec != NULL && lc != NULL && lc->drop_id != 0) {
+        json_object_set_new(rec, "lease_drop", json_integer(lc->drop_id));
+    }
+    return rec;
+}
+
+/* Log the change in progress (no-op for a store without a file); now and then a snapshot. */
+static int persist(struct embedded *e, const struct lease_change *lc, char *err, size_t errlen)
+{
+    if (e->file == NULL) {
+        return KVS_OK;
+    }
+    json_t *rec = change_record(e, lc);
+    if (rec == NULL) {
+        kvs_errf(err, errlen, "store: out of memory writing %s", e->path);
+        return KVS_NO_MEMORY;
+    }
+    int rc = kvs_store_file_append(e->file, rec, err, errlen);
+    json_decref(rec);
+    if (rc == KVS_OK && kvs_store_file_should_snapshot(e->file)) {
+        char serr[256];
+        json_t *state = state_to_json(e);
+        if (state == NULL || kvs_store_file_snapshot(e->file, state, serr, sizeof serr) < 0) {
+            /* The change is in the log; the snapshot is tried again after the next one. */
+            KVS_WARN("store: snapshot of %s failed: %s", e->path, state ? serr : "no memory");
+        }
+        json_decref(state);
+    }
     return rc;
 }
 
@@ -483,14 +598,15 @@ static void publish(struct embedded *e, const struct kvs_store_event *ev)
 
 /* Make the change in progress durable and visible, or undo it. new_rev is the revision the
  * change was applied at (ignored when it changed nothing). */
-static int commit(struct embedded *e, int64_t new_rev, bool dirty, char *err, size_t errlen)
+static int commit(struct embedded *e, int64_t new_rev, const struct lease_change *lc, char *err,
+                  size_t errlen)
 {
     int64_t old_rev = e->revision;
     if (e->n_pending > 0) {
         e->revision = new_rev;
     }
-    if (dirty || e->n_undo > 0 || e->n_pending > 0) {
-        int rc = persist(e, err, errlen);
+    if (lc != NULL || e->n_undo > 0 || e->n_pending > 0) {
+        int rc = persist(e, lc, err, errlen);
         if (rc < 0) {
             e->revision = old_rev;
             rollback(e);
@@ -531,7 +647,8 @@ static int drop_lease(struct embedded *e, int64_t id, char *err, size_t errlen)
     struct lease *l = find_lease(e, id);
     struct lease saved = *l;
     *l = e->leases[--e->n_leases];
-    rc = commit(e, rev, true, err, errlen);
+    struct lease_change lc = {.drop_id = id};
+    rc = commit(e, rev, &lc, err, errlen);
     if (rc < 0) {
         e->leases[e->n_leases++] = saved; /* order does not matter */
     }
@@ -591,7 +708,7 @@ static int e_put(kvs_store *s, const char *key, const void *value, size_t len, i
     } else if ((rc = apply_put(e, key, value, len, lease, e->revision + 1)) < 0) {
         rollback(e);
         kvs_errf(err, errlen, "store: out of memory");
-    } else if ((rc = commit(e, e->revision + 1, false, err, errlen)) == KVS_OK) {
+    } else if ((rc = commit(e, e->revision + 1, NULL, err, errlen)) == KVS_OK) {
         *revision = e->revision;
     }
     pthread_mutex_unlock(&e->mu);
@@ -641,7 +758,7 @@ static int e_del(kvs_store *s, const char *key, bool prefix, int64_t *n_deleted,
         *n_deleted = 0;
         kvs_errf(err, errlen, "store: out of memory");
     } else {
-        rc = commit(e, e->revision + 1, false, err, errlen);
+        rc = commit(e, e->revision + 1, NULL, err, errlen);
     }
     pthread_mutex_unlock(&e->mu);
     return rc;
@@ -756,7 +873,7 @@ static int e_txn(kvs_store *s, const struct kvs_store_cmp *cmp, size_t n_cmp,
     }
     if (rc < 0) {
         rollback(e);
-    } else if ((rc = commit(e, rev, false, err, errlen)) == KVS_OK) {
+    } else if ((rc = commit(e, rev, NULL, err, errlen)) == KVS_OK) {
         *succeeded = holds;
         *revision = e->revision;
     }
@@ -778,7 +895,8 @@ static int e_lease_grant(kvs_store *s, int64_t ttl_s, int64_t *id, int64_t *gran
         e->leases = l;
         int64_t lid = e->next_lease++;
         e->leases[e->n_leases++] = (struct lease){lid, ttl_s, now_ms() + ttl_s * 1000};
-        rc = persist(e, err, errlen);
+        struct lease_change lc = {.grant_id = lid, .grant_ttl = ttl_s};
+        rc = persist(e, &lc, err, errlen);
         if (rc < 0) {
             e->n_leases--;
             e->next_lease--;
@@ -906,6 +1024,7 @@ static void e_destroy(kvs_store *s)
     free(e->leases);
     free(e->undo);
     free(e->pending);
+    kvs_store_file_close(&e->file);
     free(e->path);
     pthread_cond_destroy(&e->tick_cv);
     pthread_mutex_destroy(&e->mu);
@@ -953,10 +1072,11 @@ kvs_store *kvs_store_embedded_open(const char *path, char *err, size_t errlen)
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&e->tick_cv, &ca);
     pthread_condattr_destroy(&ca);
-    if (e->path != NULL && load(e, err, errlen) < 0) {
+    if (e->path != NULL && kvs_store_file_open(e->path, on_load, e, &e->file, err, errlen) < 0) {
         /* e_destroy joins the ticker: start one that stops at once. */
         e->stopping = true;
     }
+    e->compact_rev = e->revision; /* no history before the open */
     bool failed = e->stopping;
     if (pthread_create(&e->ticker, NULL, ticker_main, e) != 0) {
         kvs_errf(err, errlen, "store: cannot start the lease ticker");

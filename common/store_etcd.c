@@ -34,8 +34,10 @@ struct etcd {
     struct curl_slist *headers;     /* Content-Type: application/json */
     char *endpoints[MAX_ENDPOINTS]; /* "http://host:port", no trailing slash */
     int n_endpoints;
-    atomic_int current; /* the endpoint that answered last */
-    int timeout_ms;     /* per call */
+    atomic_int current;         /* the endpoint that answered last */
+    int timeout_ms;             /* per call */
+    pthread_mutex_t watches_mu; /* guards watches */
+    struct etcd_watch *watches; /* live watches (their threads use this store) */
 };
 
 /* ---- parsing (common/store_etcd.h) ---- */
@@ -657,6 +659,7 @@ struct etcd_watch {
     bool created;          /* the current stream is established */
     struct reply_buf line; /* bytes of the stream message being received */
     char err[256];
+    struct etcd_watch *next; /* the store's list of live watches */
 };
 
 static void sleep_ms(int ms)
@@ -831,15 +834,31 @@ static void *watch_main(void *arg)
     return NULL;
 }
 
-static void t_watch_stop(kvs_store_watch *w)
+/* Stop the thread and free ew. Called with e->watches_mu held, ew already off the list. */
+static void watch_free(struct etcd_watch *ew)
 {
-    struct etcd_watch *ew = w->impl;
     atomic_store(&ew->stop, true);
     pthread_join(ew->thread, NULL);
     curl_easy_cleanup(ew->curl);
     free(ew->line.data);
+    ew->w->impl = NULL;
+    ew->w->impl_stop = NULL;
     free(ew);
-    w->impl = NULL;
+}
+
+static void t_watch_stop(kvs_store_watch *w)
+{
+    struct etcd_watch *ew = w->impl;
+    struct etcd *e = ew->e;
+    pthread_mutex_lock(&e->watches_mu);
+    for (struct etcd_watch **p = &e->watches; *p != NULL; p = &(*p)->next) {
+        if (*p == ew) {
+            *p = ew->next;
+            break;
+        }
+    }
+    watch_free(ew);
+    pthread_mutex_unlock(&e->watches_mu);
 }
 
 static int t_watch_start(kvs_store *s, kvs_store_watch *w, int64_t start_rev, char *err,
@@ -877,6 +896,10 @@ static int t_watch_start(kvs_store *s, kvs_store_watch *w, int64_t start_rev, ch
         return KVS_NO_MEMORY;
     }
     w->impl_stop = t_watch_stop;
+    pthread_mutex_lock(&e->watches_mu);
+    ew->next = e->watches;
+    e->watches = ew;
+    pthread_mutex_unlock(&e->watches_mu);
     return KVS_OK;
 }
 
@@ -885,6 +908,18 @@ static int t_watch_start(kvs_store *s, kvs_store_watch *w, int64_t start_rev, ch
 static void t_destroy(kvs_store *s)
 {
     struct etcd *e = ETCD(s);
+    /* Watches still open (a caller that broke the contract, or a failed test): stop their
+     * threads now, so nothing runs on freed memory; the watches only drain what they have. */
+    pthread_mutex_lock(&e->watches_mu);
+    while (e->watches != NULL) {
+        struct etcd_watch *ew = e->watches;
+        e->watches = ew->next;
+        kvs_store_watch *w = ew->w;
+        watch_free(ew);
+        kvs_store_watch_fail(w);
+    }
+    pthread_mutex_unlock(&e->watches_mu);
+    pthread_mutex_destroy(&e->watches_mu);
     curl_easy_cleanup(e->curl);
     curl_slist_free_all(e->headers);
     for (int i = 0; i < e->n_endpoints; i++) {
@@ -925,6 +960,7 @@ kvs_store *kvs_store_etcd_open(const char *endpoints, int timeout_ms, char *err,
     e->base.ops = &etcd_ops;
     e->timeout_ms = timeout_ms;
     pthread_mutex_init(&e->mu, NULL);
+    pthread_mutex_init(&e->watches_mu, NULL);
     const char *p = endpoints;
     while (*p != '\0') {
         const char *comma = strchr(p, ',');

@@ -6,6 +6,7 @@
 
 #include "common/store.h"
 
+#include <jansson.h>
 #include <pthread.h>
 
 /* Arguments reaching these slots have been checked by store.c (key length, value size, TTL
@@ -76,6 +77,25 @@ char *kvs_store_prefix_end(const char *prefix, size_t *len);
  * of *len bytes plus a NUL, BAD_FORMAT for invalid base64, NO_MEMORY. */
 char *kvs_store_b64_encode(const void *bin, size_t len);
 int kvs_store_b64_decode(const char *b64, size_t b64_len, char **bin, size_t *len);
+
+/* ---- the embedded store's file (common/store_file.c): a snapshot and a log ---- */
+
+typedef struct kvs_store_file kvs_store_file;
+/* Called at open with the snapshot (snapshot = true, at most once, first) and then with each
+ * log record after it, in order; a negative return stops the open with that status. */
+typedef int (*kvs_store_file_load_fn)(void *ctx, const json_t *obj, bool snapshot, char *err,
+                                      size_t errlen);
+/* Open PATH (snapshot) and PATH.log (created if absent), loading both through fn. 0, or
+ * BAD_FORMAT (damage: err names the file and line), IO, TOO_LARGE, NO_MEMORY. */
+int kvs_store_file_open(const char *path, kvs_store_file_load_fn fn, void *ctx,
+                        kvs_store_file **out, char *err, size_t errlen);
+/* Append rec (its "seq" is set here) and fsync. IO or NO_MEMORY leave the log as it was. */
+int kvs_store_file_append(kvs_store_file *f, json_t *rec, char *err, size_t errlen);
+/* Whether the log has outgrown the snapshot (then write one). */
+bool kvs_store_file_should_snapshot(const kvs_store_file *f);
+/* Replace the snapshot with state (its "log_seq" is set here) and empty the log. */
+int kvs_store_file_snapshot(kvs_store_file *f, json_t *state, char *err, size_t errlen);
+void kvs_store_file_close(kvs_store_file **f);
 
 kvs_store *kvs_store_embedded_open(const char *path, char *err, size_t errlen);
 kvs_store *kvs_store_etcd_open(const char *endpoints, int timeout_ms, char *err, size_t errlen);

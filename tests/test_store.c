@@ -10,9 +10,11 @@
 #include "testutil.h"
 
 #include <check.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -361,6 +363,16 @@ START_TEST(test_watch)
     kvs_store_watch_destroy(&w);
     /* A compacted revision cannot be compacted again. */
     ck_assert_int_eq(kvs_store_compact(s, r3, err, sizeof err), KVS_OUT_OF_RANGE);
+
+    /* A store closed under a live watch: the watch stops (UNAVAILABLE), nothing crashes. */
+    kvs_store *other = kvs_store_open(strncmp(g_url, "file:", 5) == 0 ? "mem:" : g_url, 0, err,
+                                      sizeof err);
+    ck_assert_ptr_nonnull(other);
+    w = kvs_store_watch_new(other, k("z/"), 0, err, sizeof err);
+    ck_assert_msg(w != NULL, "%s", err);
+    kvs_store_destroy(&other);
+    ck_assert_int_eq(kvs_store_watch_next(w, &ev, 100), KVS_UNAVAILABLE);
+    kvs_store_watch_destroy(&w);
 }
 END_TEST
 
@@ -382,9 +394,11 @@ END_TEST
 
 START_TEST(test_embedded_file_reopen)
 {
-    char path[300];
+    char path[300], log[320];
     snprintf(path, sizeof path, "%s", g_file_url + 5);
+    snprintf(log, sizeof log, "%s.log", path);
     unlink(path);
+    unlink(log);
     kvs_store *f = kvs_store_open(g_file_url, 0, err, sizeof err);
     ck_assert_msg(f != NULL, "%s", err);
     ck_assert_str_eq(kvs_store_kind(f), "embedded");
@@ -441,15 +455,17 @@ START_TEST(test_embedded_file_reopen)
     ck_assert_ptr_null(f);
     ck_assert_ptr_nonnull(strstr(err, path));
     fp = fopen(path, "w");
-    fputs("{\"format\":\"kvstream-store-1\",\"revision\":3,\"next_lease\":1,\"leases\":[],"
+    fputs("{\"format\":\"kvstream-store-1\",\"log_seq\":0,\"revision\":3,\"next_lease\":1,"
+          "\"leases\":[],"
           "\"kvs\":[{\"key\":\"/a\",\"value\":\"!!\",\"create_revision\":2,"
           "\"mod_revision\":2,\"version\":1,\"lease\":0}]}",
           fp);
     fclose(fp);
     f = kvs_store_open(g_file_url, 0, err, sizeof err);
     ck_assert_ptr_null(f);
-    ck_assert_ptr_nonnull(strstr(err, "bad value"));
+    ck_assert_ptr_nonnull(strstr(err, "bad key record 0"));
     unlink(path);
+    unlink(log);
 }
 END_TEST
 
@@ -457,27 +473,134 @@ START_TEST(test_embedded_write_failure_changes_nothing)
 {
     char dir[] = "/tmp/kvs-store-ro-XXXXXX";
     ck_assert_ptr_nonnull(mkdtemp(dir));
-    char url[300];
+    char url[300], log[320];
     snprintf(url, sizeof url, "file:%s/state.json", dir);
+    snprintf(log, sizeof log, "%s/state.json.log", dir);
     kvs_store *f = kvs_store_open(url, 0, err, sizeof err);
     ck_assert_int_eq(kvs_store_put(f, "/a", "1", 1, 0, NULL, err, sizeof err), 0);
-    /* Make the directory unwritable (a root test process ignores modes: use a file where
-     * the temp file must go instead). */
-    char tmp[320];
-    snprintf(tmp, sizeof tmp, "%s/state.json.tmp", dir);
-    ck_assert_int_eq(mkdir(tmp, 0700), 0);
+    /* No byte more fits in any file (root ignores modes, not RLIMIT_FSIZE). */
+    struct stat st;
+    ck_assert_int_eq(stat(log, &st), 0);
+    struct rlimit old, lim;
+    getrlimit(RLIMIT_FSIZE, &old);
+    lim = old;
+    lim.rlim_cur = (rlim_t)st.st_size;
+    signal(SIGXFSZ, SIG_IGN);
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &lim), 0);
     ck_assert_int_eq(kvs_store_put(f, "/a", "2", 1, 0, NULL, err, sizeof err), KVS_IO);
     ck_assert_ptr_nonnull(strstr(err, "cannot write"));
     ck_assert_int_eq(kvs_store_delete(f, "/a", false, NULL, err, sizeof err), KVS_IO);
+    int64_t id;
+    ck_assert_int_eq(kvs_store_lease_grant(f, 5, &id, NULL, err, sizeof err), KVS_IO);
     struct kvs_store_kv kv;
     ck_assert_int_eq(kvs_store_get(f, "/a", &kv, err, sizeof err), 0);
     ck_assert_str_eq(kv.value, "1");
     ck_assert_int_eq(kv.version, 1);
     kvs_store_kv_free(&kv);
-    rmdir(tmp);
-    ck_assert_int_eq(kvs_store_put(f, "/a", "3", 1, 0, NULL, err, sizeof err), 0);
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &old), 0);
+    /* The log holds no trace of the failed records: a reopen sees the same state. */
+    ck_assert_int_eq(kvs_store_put(f, "/b", "3", 1, 0, NULL, err, sizeof err), 0);
+    kvs_store_destroy(&f);
+    f = kvs_store_open(url, 0, err, sizeof err);
+    ck_assert_msg(f != NULL, "%s", err);
+    ck_assert_int_eq(kvs_store_get(f, "/a", &kv, err, sizeof err), 0);
+    ck_assert_str_eq(kv.value, "1");
+    kvs_store_kv_free(&kv);
     kvs_store_destroy(&f);
     char cmd[400];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    ck_assert_int_eq(system(cmd), 0);
+}
+END_TEST
+
+static void append_file(const char *path, const char *text)
+{
+    FILE *fp = fopen(path, "a");
+    ck_assert_ptr_nonnull(fp);
+    fputs(text, fp);
+    fclose(fp);
+}
+
+static off_t file_size(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 ? st.st_size : -1;
+}
+
+/* The log: one record per change, a snapshot when it outgrows the last one, a torn last
+ * record cut off, damage refused, records already in the snapshot skipped. */
+START_TEST(test_embedded_log)
+{
+    char dir[] = "/tmp/kvs-store-log-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    char url[320], path[300], log[320], saved[320], cmd[2048];
+    snprintf(path, sizeof path, "%s/state.json", dir);
+    snprintf(url, sizeof url, "file:%s", path);
+    snprintf(log, sizeof log, "%s.log", path);
+    snprintf(saved, sizeof saved, "%s/saved.log", dir);
+    kvs_store *f = kvs_store_open(url, 0, err, sizeof err);
+    ck_assert_int_eq(kvs_store_put(f, "/a", "old", 3, 0, NULL, err, sizeof err), 0);
+    ck_assert_int_eq(file_size(path), -1); /* only a log so far */
+    kvs_store_destroy(&f);
+    snprintf(cmd, sizeof cmd, "cp '%s' '%s'", log, saved);
+    ck_assert_int_eq(system(cmd), 0);
+
+    /* 400 records of ~300 bytes: the log passes 64 KiB and a snapshot takes over. */
+    f = kvs_store_open(url, 0, err, sizeof err);
+    char value[200];
+    memset(value, 'v', sizeof value);
+    char key[32];
+    int64_t rev = 0;
+    ck_assert_int_eq(kvs_store_put(f, "/a", "new", 3, 0, NULL, err, sizeof err), 0);
+    for (int i = 0; i < 400; i++) {
+        snprintf(key, sizeof key, "/k/%03d", i);
+        ck_assert_int_eq(kvs_store_put(f, key, value, sizeof value, 0, &rev, err, sizeof err), 0);
+    }
+    ck_assert_int_gt(file_size(path), 64 << 10);
+    ck_assert_int_lt(file_size(log), 64 << 10);
+    kvs_store_destroy(&f);
+
+    /* A crash between the snapshot's rename and the log's truncation leaves old records
+     * ahead of the new ones: they are skipped (else "/a" would go back to "old"). */
+    snprintf(cmd, sizeof cmd, "cat '%s' '%s' > '%s.new' && mv '%s.new' '%s'", saved, log, log, log,
+             log);
+    ck_assert_int_eq(system(cmd), 0);
+    f = kvs_store_open(url, 0, err, sizeof err);
+    ck_assert_msg(f != NULL, "%s", err);
+    struct kvs_store_kv kv;
+    ck_assert_int_eq(kvs_store_get(f, "/a", &kv, err, sizeof err), 0);
+    ck_assert_str_eq(kv.value, "new");
+    kvs_store_kv_free(&kv);
+    struct kvs_store_range r;
+    ck_assert_int_eq(kvs_store_range(f, "/k/", true, &r, err, sizeof err), 0);
+    ck_assert_uint_eq(r.n, 400);
+    ck_assert_int_eq(r.revision, rev);
+    kvs_store_range_free(&r);
+    ck_assert_int_eq(kvs_store_delete(f, "/k/1", true, NULL, err, sizeof err), 0);
+    kvs_store_destroy(&f);
+
+    /* A torn last record (a write that never finished, never acknowledged) is cut off. */
+    off_t good = file_size(log);
+    append_file(log, "{\"rev\":99,\"put\":[{\"key\":\"/to");
+    f = kvs_store_open(url, 0, err, sizeof err);
+    ck_assert_msg(f != NULL, "%s", err);
+    ck_assert_int_eq(file_size(log), good);
+    ck_assert_int_eq(kvs_store_range(f, "/k/", true, &r, err, sizeof err), 0);
+    ck_assert_uint_eq(r.n, 300); /* the prefix delete was replayed */
+    kvs_store_range_free(&r);
+    kvs_store_destroy(&f);
+
+    /* Damage inside the log is refused, with the line. */
+    append_file(log, "not json\n");
+    ck_assert_ptr_null(kvs_store_open(url, 0, err, sizeof err));
+    ck_assert_ptr_nonnull(strstr(err, "damaged record at line"));
+    ck_assert_int_eq(truncate(log, good), 0);
+    append_file(log, "{\"seq\":1,\"rev\":1,\"next_lease\":1}\n"); /* seq going back */
+    ck_assert_ptr_null(kvs_store_open(url, 0, err, sizeof err));
+    ck_assert_int_eq(truncate(log, good), 0);
+    f = kvs_store_open(url, 0, err, sizeof err);
+    ck_assert_msg(f != NULL, "%s", err);
+    kvs_store_destroy(&f);
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     ck_assert_int_eq(system(cmd), 0);
 }
@@ -698,6 +821,23 @@ START_TEST(test_etcd_outage)
         sleep_ms(20);
     }
 
+    /* A hung etcd (SIGSTOP): every call ends at its deadline with a clear error. */
+    kvs_store *quick = kvs_store_open(g_etcd.url, 300, err, sizeof err);
+    ck_assert_ptr_nonnull(quick);
+    ck_assert_int_eq(kill(g_etcd.pid, SIGSTOP), 0);
+    struct timespec h0, h1;
+    clock_gettime(CLOCK_MONOTONIC, &h0);
+    /* (Outside the test's prefix: the put may still be applied once etcd resumes.) */
+    ck_assert_int_eq(kvs_store_put(quick, "/hung", "x", 1, 0, NULL, err, sizeof err),
+                     KVS_UNAVAILABLE);
+    clock_gettime(CLOCK_MONOTONIC, &h1);
+    ck_assert_int_eq(kill(g_etcd.pid, SIGCONT), 0);
+    double waited = (double)(h1.tv_sec - h0.tv_sec) + (h1.tv_nsec - h0.tv_nsec) * 1e-9;
+    ck_assert_msg(waited >= 0.25 && waited < 1.5, "waited %.2f s for a 0.3 s deadline", waited);
+    ck_assert_msg(strstr(err, "etcd unavailable") != NULL && strstr(err, "imeout") != NULL, "%s",
+                  err);
+    kvs_store_destroy(&quick);
+
     etcd_rig_stop(&g_etcd);
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -768,6 +908,7 @@ static Suite *store_suite(void)
     tc = tcase_create("embedded_file");
     tcase_add_test(tc, test_embedded_file_reopen);
     tcase_add_test(tc, test_embedded_write_failure_changes_nothing);
+    tcase_add_test(tc, test_embedded_log);
     suite_add_tcase(su, tc);
     return su;
 }
@@ -806,6 +947,9 @@ int main(void)
     g_url = g_file_url;
     failed += run(contract_suite("embedded (file:)"));
     unlink(g_file_url + 5);
+    char log[320];
+    snprintf(log, sizeof log, "%s.log", g_file_url + 5);
+    unlink(log);
 
     if (etcd_rig_start(&g_etcd) < 0) {
         etcd_rig_destroy(&g_etcd);
