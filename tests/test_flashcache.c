@@ -20,11 +20,10 @@ struct sent {
 
 static struct sent sent[MAX_SENT];
 static int n_sent;
-static int n_unstored; /* delivered past MAX_SENT (counted, not kept) */
+static int n_unstored;          /* delivered past MAX_SENT (counted, not kept) */
 static const char *refuse_peer; /* sends to this peer fail (gone or full) */
 
-static bool capture(const void *ident, size_t ident_len, const void *data, size_t len,
-                    void *user)
+static bool capture(const void *ident, size_t ident_len, const void *data, size_t len, void *user)
 {
     (void)user;
     char peer[16];
@@ -106,8 +105,7 @@ static void publish(kvs_flashcache *c, const char *session, const char *name, ui
     kvs_wire_buf_init(&b);
     kvs_wire_pack_cstr(&b.pk, "answer"), kvs_wire_pack_cstr(&b.pk, text);
     kvs_wire_pack_cstr(&b.pk, "version"), msgpack_pack_uint64(&b.pk, version);
-    ck_assert_int_eq(kvs_flashcache_answer(c, session, name, version, b.sb.data, b.sb.size, 2),
-                     0);
+    ck_assert_int_eq(kvs_flashcache_answer(c, session, name, version, b.sb.data, b.sb.size, 2), 0);
     kvs_wire_buf_destroy(&b);
 }
 
@@ -244,9 +242,8 @@ START_TEST(test_limits)
     char err[128];
     kvs_flashcache_version(fc, "s", 1);
     for (int i = 0; i < KVS_FLASHCACHE_WATCHERS_PER_PEER; i++) {
-        ck_assert_int_eq(kvs_flashcache_watch(fc, "a", 1, (uint64_t)i + 1, "s", false, 0, err,
-                                              sizeof err),
-                         0);
+        ck_assert_int_eq(
+            kvs_flashcache_watch(fc, "a", 1, (uint64_t)i + 1, "s", false, 0, err, sizeof err), 0);
     }
     ck_assert_int_eq(kvs_flashcache_watch(fc, "a", 1, 1000, "s", false, 0, err, sizeof err),
                      KVS_BUSY);
@@ -268,8 +265,7 @@ START_TEST(test_limits)
         reset_sent();
     }
     ck_assert_int_eq(kvs_flashcache_n_watchers(fc), KVS_FLASHCACHE_WATCHERS_MAX);
-    ck_assert_int_eq(kvs_flashcache_watch(fc, "z", 1, 1, "s", false, 0, err, sizeof err),
-                     KVS_BUSY);
+    ck_assert_int_eq(kvs_flashcache_watch(fc, "z", 1, 1, "s", false, 0, err, sizeof err), KVS_BUSY);
     reset_sent();
     kvs_flashcache_end_all(fc, KVS_CANCELLED, "shutting down");
     ck_assert_int_eq(kvs_flashcache_n_watchers(fc), 0);

@@ -12,37 +12,37 @@
 
 struct answer {
     char name[KVS_WIRE_NAME_MAX + 1];
-    uint64_t version;   /* the session version it was computed at */
-    uint8_t *body;      /* (len) encoded key/value pairs of the reply map (owned) */
+    uint64_t version; /* the session version it was computed at */
+    uint8_t *body;    /* (len) encoded key/value pairs of the reply map (owned) */
     size_t len;
-    uint32_t n_keys;    /* pairs in body */
+    uint32_t n_keys; /* pairs in body */
 };
 
 struct sess {
     char id[KVS_SESSION_ID_MAX + 1];
-    uint64_t version;   /* the session's current version, as published */
-    struct answer *a;   /* (n) latest answer per flash query */
+    uint64_t version; /* the session's current version, as published */
+    struct answer *a; /* (n) latest answer per flash query */
     int32_t n, cap;
 };
 
 struct watcher {
     uint8_t ident[IDENT_MAX];
     size_t ident_len;
-    uint64_t id;        /* the flash.watch request */
+    uint64_t id; /* the flash.watch request */
     char session[KVS_SESSION_ID_MAX + 1];
-    int64_t seq;        /* of the next piece */
+    int64_t seq; /* of the next piece */
 };
 
 struct kvs_flashcache {
     kvs_flashcache_send_fn send;
     void *user;
-    struct sess **s;    /* (n_s) */
+    struct sess **s; /* (n_s) */
     int32_t n_s, cap_s;
-    struct watcher *w;  /* (n_w), KVS_FLASHCACHE_WATCHERS_MAX allocated */
+    struct watcher *w; /* (n_w), KVS_FLASHCACHE_WATCHERS_MAX allocated */
     int32_t n_w;
-    uint64_t hits;      /* fresh answers served */
-    uint64_t dropped;   /* watchers dropped because a push failed */
-    kvs_wire_buf buf;   /* pushes */
+    uint64_t hits;    /* fresh answers served */
+    uint64_t dropped; /* watchers dropped because a push failed */
+    kvs_wire_buf buf; /* pushes */
 };
 
 kvs_flashcache *kvs_flashcache_new(kvs_flashcache_send_fn send, void *user)
@@ -270,8 +270,8 @@ void kvs_flashcache_close(kvs_flashcache *c, const char *session)
     }
 }
 
-bool kvs_flashcache_get(kvs_flashcache *c, const char *session, const char *name,
-                        bool allow_stale, uint64_t id, kvs_wire_buf *out)
+bool kvs_flashcache_get(kvs_flashcache *c, const char *session, const char *name, bool allow_stale,
+                        uint64_t id, kvs_wire_buf *out)
 {
     struct sess *s = sess_find(c, session);
     struct answer *a = s != NULL ? answer_find(s, name) : NULL;
@@ -314,8 +314,7 @@ int kvs_flashcache_watch(kvs_flashcache *c, const void *ident, size_t ident_len,
     for (int32_t i = 0; i < c->n_w; i++) {
         if (c->w[i].ident_len == ident_len && memcmp(c->w[i].ident, ident, ident_len) == 0) {
             if (c->w[i].id == id) {
-                snprintf(err, errlen, "request %llu is already a watch",
-                         (unsigned long long)id);
+                snprintf(err, errlen, "request %llu is already a watch", (unsigned long long)id);
                 return KVS_ALREADY_EXISTS;
             }
             mine++;

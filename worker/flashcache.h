@@ -25,8 +25,8 @@
 
 #include "common/wire.h"
 
-#define KVS_FLASHCACHE_WATCHERS_MAX 1024     /* flash watches per worker */
-#define KVS_FLASHCACHE_WATCHERS_PER_PEER 64  /* per connection (ROUTER identity) */
+#define KVS_FLASHCACHE_WATCHERS_MAX 1024    /* flash watches per worker */
+#define KVS_FLASHCACHE_WATCHERS_PER_PEER 64 /* per connection (ROUTER identity) */
 
 typedef struct kvs_flashcache kvs_flashcache;
 
@@ -53,8 +53,8 @@ void kvs_flashcache_close(kvs_flashcache *c, const char *session);
 /* flash.get of request id: when the cache holds name's answer at the session's current
  * version (or any answer, with allow_stale), encodes the reply into out and returns true;
  * false: the engine must answer. */
-bool kvs_flashcache_get(kvs_flashcache *c, const char *session, const char *name,
-                        bool allow_stale, uint64_t id, kvs_wire_buf *out);
+bool kvs_flashcache_get(kvs_flashcache *c, const char *session, const char *name, bool allow_stale,
+                        uint64_t id, kvs_wire_buf *out);
 
 /* flash.watch: subscribe peer ident's request id to session. Sends the confirmation
  * (seq 0) and, with has_after, the latest answer of each flash query newer than after.
@@ -70,7 +70,7 @@ bool kvs_flashcache_unwatch(kvs_flashcache *c, const void *ident, size_t ident_l
 void kvs_flashcache_end_all(kvs_flashcache *c, int status, const char *why);
 
 int32_t kvs_flashcache_n_watchers(const kvs_flashcache *c);
-uint64_t kvs_flashcache_hits(const kvs_flashcache *c);     /* fresh answers served */
-uint64_t kvs_flashcache_dropped(const kvs_flashcache *c);  /* watchers dropped (gone/slow) */
+uint64_t kvs_flashcache_hits(const kvs_flashcache *c);    /* fresh answers served */
+uint64_t kvs_flashcache_dropped(const kvs_flashcache *c); /* watchers dropped (gone/slow) */
 
 #endif

@@ -118,8 +118,7 @@ static int io_reply(kvs_server *srv, const void *ident, size_t ident_len, const 
     return 0;
 }
 
-static bool fc_send(const void *ident, size_t ident_len, const void *data, size_t len,
-                    void *user)
+static bool fc_send(const void *ident, size_t ident_len, const void *data, size_t len, void *user)
 {
     return io_reply(user, ident, ident_len, data, len) == 0;
 }
@@ -192,8 +191,8 @@ static void io_handle(kvs_server *srv, zmq_msg_t *parts, int n_parts, bool stopp
     }
     struct kvs_wire_request rq;
     char err[256];
-    int rc = kvs_wire_decode(zmq_msg_data(&parts[2]), zmq_msg_size(&parts[2]), &rq, err,
-                             sizeof err);
+    int rc =
+        kvs_wire_decode(zmq_msg_data(&parts[2]), zmq_msg_size(&parts[2]), &rq, err, sizeof err);
     if (rc < 0) {
         KVS_DEBUG("server: bad request id=%llu: %s", (unsigned long long)rq.id, err);
         io_error(srv, ident, rq.id, rc, err);
@@ -208,8 +207,7 @@ static void io_handle(kvs_server *srv, zmq_msg_t *parts, int n_parts, bool stopp
     } else if (stopping) {
         io_error(srv, ident, rq.id, KVS_CANCELLED, "worker shutting down");
     } else if (rq.op == KVS_OP_FLASH_GET &&
-               kvs_flashcache_get(srv->fc, rq.session, rq.name, rq.allow_stale, rq.id,
-                                  &srv->out)) {
+               kvs_flashcache_get(srv->fc, rq.session, rq.name, rq.allow_stale, rq.id, &srv->out)) {
         io_send_out(srv, ident); /* the fast path: a cached answer */
         atomic_store(&srv->io_flash_hits, kvs_flashcache_hits(srv->fc));
     } else if (rq.op == KVS_OP_FLASH_WATCH) {
@@ -220,8 +218,8 @@ static void io_handle(kvs_server *srv, zmq_msg_t *parts, int n_parts, bool stopp
             io_error(srv, ident, rq.id, rc, err);
         }
     } else if (rq.op == KVS_OP_CANCEL &&
-               kvs_flashcache_unwatch(srv->fc, zmq_msg_data(ident), zmq_msg_size(ident),
-                                      rq.target, "watch cancelled")) {
+               kvs_flashcache_unwatch(srv->fc, zmq_msg_data(ident), zmq_msg_size(ident), rq.target,
+                                      "watch cancelled")) {
         kvs_wire_buf_clear(&srv->out);
         msgpack_pack_map(&srv->out.pk, 2);
         pack_key(&srv->out.pk, "id"), msgpack_pack_uint64(&srv->out.pk, rq.id);
@@ -269,16 +267,16 @@ static bool io_from_engine(kvs_server *srv)
         bool exited = false;
         if (kind == MSG_REPLY && n == 4) {
             bool final = *(const uint8_t *)zmq_msg_data(&p[3]) == 1;
-            int e = io_reply(srv, zmq_msg_data(&p[1]), zmq_msg_size(&p[1]),
-                             zmq_msg_data(&p[2]), zmq_msg_size(&p[2]));
+            int e = io_reply(srv, zmq_msg_data(&p[1]), zmq_msg_size(&p[1]), zmq_msg_data(&p[2]),
+                             zmq_msg_size(&p[2]));
             if (final) {
                 srv->in_flight--;
             } else if (e == EHOSTUNREACH || e == EAGAIN) {
                 /* a stream to a gone peer (stop all its work), or to one that does not read
                  * (it would see a gap: stop its streams) */
                 char why = e == EHOSTUNREACH ? PEER_GONE : PEER_SLOW;
-                if (zmq_send(srv->pair_io, zmq_msg_data(&p[1]), zmq_msg_size(&p[1]),
-                             ZMQ_SNDMORE) < 0 ||
+                if (zmq_send(srv->pair_io, zmq_msg_data(&p[1]), zmq_msg_size(&p[1]), ZMQ_SNDMORE) <
+                        0 ||
                     zmq_send(srv->pair_io, &why, 1, 0) < 0) {
                     KVS_ERROR("server: io -> engine send failed: %s", zmq_strerror(errno));
                 }

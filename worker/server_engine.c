@@ -12,8 +12,8 @@
 
 /* ---- engine thread: replies and publications -------------------------------------------- */
 
-static void eng_send(kvs_server *srv, const uint8_t *ident, size_t ident_len,
-                     const kvs_wire_buf *b, bool final)
+static void eng_send(kvs_server *srv, const uint8_t *ident, size_t ident_len, const kvs_wire_buf *b,
+                     bool final)
 {
     uint8_t kind = MSG_REPLY, f = final ? 1 : 0;
     const void *d[4] = {&kind, ident, b->sb.data, &f};
@@ -202,8 +202,7 @@ static int cb_status(struct req *r, int status, const char **err)
     return status;
 }
 
-static void on_append(int status, const struct kvs_append_result *ar, const char *err,
-                      void *user)
+static void on_append(int status, const struct kvs_append_result *ar, const char *err, void *user)
 {
     struct req *r = user;
     kvs_server *srv = r->srv;
@@ -466,8 +465,11 @@ static int eng_dump(kvs_server *srv, struct req *r, kvs_session *s, char *err, s
 static bool needs_settled(const struct kvs_wire_request *rq)
 {
     switch (rq->op) {
-    case KVS_OP_SESSION_CLOSE: case KVS_OP_SESSION_SNAPSHOT: case KVS_OP_SESSION_DUMP:
-    case KVS_OP_FLASH_REGISTER: case KVS_OP_FLASH_GET:
+    case KVS_OP_SESSION_CLOSE:
+    case KVS_OP_SESSION_SNAPSHOT:
+    case KVS_OP_SESSION_DUMP:
+    case KVS_OP_FLASH_REGISTER:
+    case KVS_OP_FLASH_GET:
         return true;
     case KVS_OP_QUERY:
         return rq->stateless;
@@ -534,8 +536,8 @@ static void eng_execute(kvs_server *srv, struct req *r, const struct kvs_wire_re
     case KVS_OP_SESSION_APPEND: {
         if (!rq->has_tokens) {
             r->ss = ss;
-            rc = kvs_sched_append(srv->sc, s, rq->text, rq->text_len, rq->client_id,
-                                  rq->client_seq, r->deadline, on_append, r);
+            rc = kvs_sched_append(srv->sc, s, rq->text, rq->text_len, rq->client_id, rq->client_seq,
+                                  r->deadline, on_append, r);
             if (rc < 0) {
                 snprintf(err, sizeof err, "cannot queue the append: %s", kvs_status_message(rc));
                 break;
@@ -630,8 +632,8 @@ static void eng_execute(kvs_server *srv, struct req *r, const struct kvs_wire_re
         }
         /* the baseline: synchronously on the engine thread, the session being settled */
         struct kvs_answer a = {0};
-        rc = kvs_session_query(s, rq->question, rq->question_len, &qo, on_query_token, r, &a,
-                               err, sizeof err);
+        rc = kvs_session_query(s, rq->question, rq->question_len, &qo, on_query_token, r, &a, err,
+                               sizeof err);
         if (rc < 0) {
             kvs_answer_free(&a);
             break;
@@ -926,8 +928,7 @@ static bool eng_drain(kvs_server *srv)
         }
         if (n == 2 && zmq_msg_size(&parts[1]) == 1) {
             char why = *(const char *)zmq_msg_data(&parts[1]);
-            eng_peer_lost(srv, zmq_msg_data(&parts[0]), zmq_msg_size(&parts[0]),
-                          why == PEER_SLOW);
+            eng_peer_lost(srv, zmq_msg_data(&parts[0]), zmq_msg_size(&parts[0]), why == PEER_SLOW);
         } else if (n == 3 && zmq_msg_size(&parts[2]) == sizeof(double)) {
             double t_recv;
             memcpy(&t_recv, zmq_msg_data(&parts[2]), sizeof t_recv);

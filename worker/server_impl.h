@@ -16,10 +16,10 @@
 #include "worker/session.h"
 
 #define PAIR_ENDPOINT_FMT "inproc://kvs-engine-%p"
-#define IDENT_MAX 256            /* bytes of a ROUTER peer identity (libzmq: 255) */
-#define RECV_BATCH 64            /* ROUTER messages handled per poll round */
+#define IDENT_MAX 256 /* bytes of a ROUTER peer identity (libzmq: 255) */
+#define RECV_BATCH 64 /* ROUTER messages handled per poll round */
 #define SERVER_VERSION "0.2.0"
-#define DRAIN_S 2.0              /* at shutdown, seconds the scheduler may finish work */
+#define DRAIN_S 2.0 /* at shutdown, seconds the scheduler may finish work */
 
 /* Engine -> I/O messages on the inproc pair; frame 0 is one of these bytes:
  *   R [ident][payload][final: 1 byte]     a reply to relay to a peer
@@ -31,8 +31,14 @@
  * I/O -> engine: [ident][payload][t_recv: double] a request; [ident][PEER_GONE]: that peer
  * is gone (cancel all its work); [ident][PEER_SLOW]: a piece of its stream was dropped
  * (cancel its streams); one empty frame: stop. */
-enum { MSG_REPLY = 'R', MSG_VERSION = 'V', MSG_FLASH = 'F', MSG_UNREG = 'U', MSG_CLOSED = 'X',
-       MSG_EXIT = 'E' };
+enum {
+    MSG_REPLY = 'R',
+    MSG_VERSION = 'V',
+    MSG_FLASH = 'F',
+    MSG_UNREG = 'U',
+    MSG_CLOSED = 'X',
+    MSG_EXIT = 'E'
+};
 enum { PEER_GONE = 'G', PEER_SLOW = 'S' };
 
 struct sstate;
@@ -40,65 +46,65 @@ struct sstate;
 /* An engine request that outlives its dispatch: a scheduler job (its callback pending) or a
  * request deferred until its session is settled. */
 struct req {
-    struct req *prev, *next;        /* srv->live */
+    struct req *prev, *next; /* srv->live */
     kvs_server *srv;
-    uint8_t ident[IDENT_MAX];       /* the peer */
+    uint8_t ident[IDENT_MAX]; /* the peer */
     size_t ident_len;
     uint64_t id;
     enum kvs_wire_op op;
     bool stream;
-    int64_t seq;                    /* next seq of a stream */
-    double t_recv;                  /* kvs_now() when the I/O thread received it */
-    double deadline;                /* kvs_now() seconds; 0 = none */
-    struct sstate *ss;              /* its session's state (NULL: none / not yet known) */
+    int64_t seq;       /* next seq of a stream */
+    double t_recv;     /* kvs_now() when the I/O thread received it */
+    double deadline;   /* kvs_now() seconds; 0 = none */
+    struct sstate *ss; /* its session's state (NULL: none / not yet known) */
     char session[KVS_SESSION_ID_MAX + 1];
-    bool deferred;                  /* in the deferred queue (payload kept) */
-    bool scheduled;                 /* a scheduler job: its callback answers */
-    uint8_t *payload;               /* (payload_len) the request, when deferred */
+    bool deferred;    /* in the deferred queue (payload kept) */
+    bool scheduled;   /* a scheduler job: its callback answers */
+    uint8_t *payload; /* (payload_len) the request, when deferred */
     size_t payload_len;
-    int fail_status;                /* when cancelled by the server: the status to answer */
+    int fail_status; /* when cancelled by the server: the status to answer */
     char fail_msg[96];
 };
 
 /* The server's view of one session (engine thread). */
 struct sstate {
-    kvs_session *s;                 /* borrowed from the registry */
-    int32_t appends;                /* scheduled appends not yet answered */
-    bool unsettled;                 /* a logged append was cancelled: it still runs, so the
-                                     * session is settled only when the scheduler is idle */
-    uint64_t published;             /* version last sent to the I/O thread */
-    uint32_t blocked_pass;          /* run_deferred: an earlier request of it still waits */
+    kvs_session *s;        /* borrowed from the registry */
+    int32_t appends;       /* scheduled appends not yet answered */
+    bool unsettled;        /* a logged append was cancelled: it still runs, so the
+                            * session is settled only when the scheduler is idle */
+    uint64_t published;    /* version last sent to the I/O thread */
+    uint32_t blocked_pass; /* run_deferred: an earlier request of it still waits */
 };
 
 struct kvs_server {
-    kvs_engine *e;                  /* owned; driven by the engine thread while running */
-    kvs_sessions *S;                /* owned; engine thread */
-    kvs_sched *sc;                  /* owned; engine thread */
+    kvs_engine *e;   /* owned; driven by the engine thread while running */
+    kvs_sessions *S; /* owned; engine thread */
+    kvs_sched *sc;   /* owned; engine thread */
     struct kvs_sched_opts sched_opts;
-    void *zctx;                     /* ZeroMQ context (owned) */
-    void *router;                   /* I/O thread: the clients' socket */
-    void *pair_io;                  /* I/O thread's end of the inproc pair */
-    void *pair_eng;                 /* engine thread's end */
-    char endpoint[256];             /* bound endpoint (ZMQ_LAST_ENDPOINT) */
-    char model_sha256[65];          /* of the model file */
-    int32_t queue_max;              /* requests forwarded and not finished, at most */
+    void *zctx;                           /* ZeroMQ context (owned) */
+    void *router;                         /* I/O thread: the clients' socket */
+    void *pair_io;                        /* I/O thread's end of the inproc pair */
+    void *pair_eng;                       /* engine thread's end */
+    char endpoint[256];                   /* bound endpoint (ZMQ_LAST_ENDPOINT) */
+    char model_sha256[65];                /* of the model file */
+    int32_t queue_max;                    /* requests forwarded and not finished, at most */
     volatile sig_atomic_t stop_requested; /* set by kvs_server_stop */
-    atomic_int stopping;            /* engine thread: answer CANCELLED from now on */
+    atomic_int stopping;                  /* engine thread: answer CANCELLED from now on */
     /* I/O thread */
-    int32_t in_flight;              /* forwarded, final reply not yet seen */
-    kvs_flashcache *fc;             /* published flash answers, versions, watchers */
-    kvs_wire_buf out;               /* reply buffer */
+    int32_t in_flight;  /* forwarded, final reply not yet seen */
+    kvs_flashcache *fc; /* published flash answers, versions, watchers */
+    kvs_wire_buf out;   /* reply buffer */
     /* shared counters (written by the I/O thread, read by status on the engine thread) */
     atomic_int io_in_flight, io_watchers;
     atomic_ullong io_flash_hits, io_watchers_dropped;
     /* engine thread */
-    kvs_wire_buf eout;              /* reply buffer */
-    struct req live;                /* sentinel of the list of live requests */
-    int32_t n_deferred;             /* of them, deferred */
-    int32_t closes_waiting;         /* deferred session.close: a barrier for everything */
-    struct sstate **ss;             /* (n_ss) */
+    kvs_wire_buf eout;      /* reply buffer */
+    struct req live;        /* sentinel of the list of live requests */
+    int32_t n_deferred;     /* of them, deferred */
+    int32_t closes_waiting; /* deferred session.close: a barrier for everything */
+    struct sstate **ss;     /* (n_ss) */
     int32_t n_ss, cap_ss;
-    uint32_t pass;                  /* run_deferred counter */
+    uint32_t pass; /* run_deferred counter */
 };
 
 static inline void pack_key(msgpack_packer *pk, const char *k)
