@@ -874,6 +874,31 @@ START_TEST(test_etcd_outage)
 }
 END_TEST
 
+/* Several endpoints: one that refuses connections is skipped, the call goes to the next. */
+START_TEST(test_etcd_endpoints)
+{
+    int dead = etcd_rig_free_port();
+    char urls[256];
+    snprintf(urls, sizeof urls, "http://127.0.0.1:%d,%s", dead, g_etcd.url);
+    kvs_store *m = kvs_store_open(urls, 500, err, sizeof err);
+    ck_assert_msg(m != NULL, "%s", err);
+    int64_t rev;
+    ck_assert_int_eq(kvs_store_put(m, k("multi"), "1", 1, 0, &rev, err, sizeof err), 0);
+    struct kvs_store_kv kv;
+    ck_assert_int_eq(kvs_store_get(m, k("multi"), &kv, err, sizeof err), 0);
+    ck_assert_int_eq(kv.mod_revision, rev);
+    kvs_store_kv_free(&kv);
+    kvs_store_destroy(&m);
+    /* Only dead endpoints: UNAVAILABLE naming them. */
+    snprintf(urls, sizeof urls, "http://127.0.0.1:%d,http://127.0.0.1:%d", dead, dead);
+    m = kvs_store_open(urls, 500, err, sizeof err);
+    ck_assert_int_eq(kvs_store_put(m, k("multi"), "1", 1, 0, NULL, err, sizeof err),
+                     KVS_UNAVAILABLE);
+    ck_assert_ptr_nonnull(strstr(err, "every other endpoint"));
+    kvs_store_destroy(&m);
+}
+END_TEST
+
 /* The outage test restarts etcd in its own (forked) process: stop that one at the end. */
 static void close_store_and_etcd(void)
 {
@@ -958,7 +983,11 @@ int main(void)
     }
     g_url = g_etcd.url;
     Suite *su = contract_suite("etcd");
-    TCase *tc = tcase_create("outage");
+    TCase *tc = tcase_create("endpoints");
+    tcase_add_checked_fixture(tc, open_store, close_store);
+    tcase_add_test(tc, test_etcd_endpoints);
+    suite_add_tcase(su, tc);
+    tc = tcase_create("outage");
     tcase_add_checked_fixture(tc, open_store, close_store_and_etcd);
     tcase_add_test(tc, test_etcd_outage);
     tcase_set_timeout(tc, 60);
