@@ -593,15 +593,16 @@ END_TEST
 static void *resume_later(void *arg)
 {
     pid_t pid = *(pid_t *)arg;
-    sleep_ms(1000);
+    sleep_ms(2500);
     kill(pid, SIGCONT);
     return NULL;
 }
 
 START_TEST(test_timeout_on_stopped_worker)
 {
-    kvs_client *c = connect_to(g_shared.endpoint, 300, -1);
+    kvs_client *c = connect_to(g_shared.endpoint, 30000, -1);
     OK(c, kvs_client_session_create(c, "to1", NULL, NULL));
+    kvs_client_set_timeout(c, 300);
     kill(g_shared.pid, SIGSTOP);
     double t0 = now_ms();
     int ping_rc = kvs_client_ping(c, NULL);
@@ -635,12 +636,13 @@ END_TEST
 
 START_TEST(test_retried_append_applied_once)
 {
-    kvs_client *c = connect_to(g_shared.endpoint, 400, 10);
+    kvs_client *c = connect_to(g_shared.endpoint, 30000, 10);
     OK(c, kvs_client_session_create(c, "rt1", NULL, NULL));
     struct kvs_client_append_result r0, r1, r2;
     OK(c, kvs_client_append(c, "rt1", "R zero", 6, &r0));
-    /* the worker stops for a second: the append times out and is sent again (same number)
-     * until the worker answers */
+    /* the worker stops for 2.5 s: the append times out (1 s) and is sent again with the same
+     * number until the worker answers */
+    kvs_client_set_timeout(c, 1000);
     kill(g_shared.pid, SIGSTOP);
     pthread_t th;
     pthread_create(&th, NULL, resume_later, &g_shared.pid);
@@ -649,7 +651,7 @@ START_TEST(test_retried_append_applied_once)
     double dt = now_ms() - t0;
     pthread_join(th, NULL);
     ck_assert_msg(rc == 0, "retried append: %s (%s)", kvs_client_error(c), kvs_status_name(rc));
-    ck_assert_msg(dt >= 800, "the append returned after %.0f ms, before the worker resumed", dt);
+    ck_assert_msg(dt >= 2000, "the append returned after %.0f ms, before the worker resumed", dt);
     ck_assert_int_eq(r1.version, 2);
     sleep_ms(300); /* every copy sent has arrived by now */
     kvs_client_set_timeout(c, 30000);
