@@ -106,7 +106,8 @@ int kvs_client_reconnect(kvs_client *c);
 /* Ask the call in progress on c to stop: it sends `cancel` for its request and returns
  * KVS_CANCELLED (a watch returns 0); the worker stops a queued or running query or append
  * (an append already in the session's log is still applied). Without a call in progress the
- * next call is not affected. Any thread may call this. */
+ * next call is not affected. Any thread may call this while c lives (kvs_client_destroy must
+ * not run concurrently with it). */
 void kvs_client_cancel(kvs_client *c);
 
 /* ---- worker ------------------------------------------------------------------------------ */
