@@ -210,66 +210,22 @@ struct attn_job {
     const int32_t *tile_r0;            /* (n_tiles + 1) first row of each tile */
 };
 
-/* One (row, head) over its n cells: kw = the cells' K rows in position order, vw = their V
- * rows lane-major (cell c at row (c % 16) * nt + c / 16, nt = n16 / 16 of the tile).
- * Scratch: qr (head_dim), lanes (16 * head_dim), s (n rounded up to 16). */
-static void attend_row(const struct attn_job *j, const float *q, int32_t n, const float *kw,
-                       const float *vw, int32_t nt, float *qr, float *lanes, float *s, float *o)
-{
-    const struct kvs_cpu_kernels *k = j->k;
-    const int32_t hd = j->kv->layout.head_dim;
-    const bool f16 = j->kv->layout.dtype == KVS_DTYPE_F16;
-    memcpy(qr, q, (size_t)hd * sizeof(float));
-    if (f16) {
-        k->round_f16(qr, hd);
-    }
-    k->scores16(qr, kw, n, hd, j->scale, s);
-    /* softmax: the maximum (exact in any order: 8 running maxima), then the exps and their
-     * sum a chunk of 16 cells at a time (cells past n are masked: exp(-inf) = 0) */
-    const int32_t n16 = (n + 15) / 16 * 16;
-    for (int32_t c = n; c < n16; c++) {
-        s[c] = -INFINITY;
-    }
-    float m8[8];
-    for (int i = 0; i < 8; i++) {
-        m8[i] = -INFINITY;
-    }
-    for (int32_t c = 0; c < n16; c += 8) {
-        for (int i = 0; i < 8; i++) {
-            m8[i] = s[c + i] > m8[i] ? s[c + i] : m8[i];
-        }
-    }
-    float m = m8[0];
-    for (int i = 1; i < 8; i++) {
-        m = m8[i] > m ? m8[i] : m;
-    }
-    k->exp_shift(s, n16, m);
-    double sum = 0.0;
-    for (int32_t c0 = 0; c0 < n; c0 += 16) {
-        sum += (double)kvs_cpu_reduce16(s + c0);
-    }
-    k->scale(s, (float)(1.0 / sum), n);
-    if (f16) {
-        k->round_f16(s, n);
-    }
-    /* p.V: lane l takes the cells l, l + 16, ... in order; then the lanes' tree */
-    memset(lanes, 0, 16 * (size_t)hd * sizeof(float));
-    for (int32_t l = 0; l < 16 && l < n; l++) {
-        k->pv16(lanes + (int64_t)l * hd, s + l, 16, vw + (int64_t)l * nt * hd,
-                (n - 1 - l) / 16 + 1, hd);
-    }
-    k->lanes16(lanes, hd, o);
-}
+#define CHUNK_CELLS 128 /* cells of K or V (f32) walked by all of a tile's pairs while in L1 */
 
-/* One (tile, KV head). Scratch: scores (17 * head_dim + n16 + 2 * n16 * head_dim floats,
- * n16 = the longest context rounded up to 16): the tile's K and V gathered (and widened
- * from f16, exactly) once for its rows and the group's heads. */
+/* One (tile, KV head): the pairs (row r, head h of the group), P = R * G of them, each
+ * computed by the routine at the top of the file. The tile's K and V are gathered (and
+ * widened from f16, exactly) once, in position order (kw, vw); then scores, softmax and
+ * p.V walk the cells a chunk at a time for every pair, so each chunk is read from memory
+ * once (a lane's cells in a chunk are 8 rows 16 rows apart: few enough for the L1's ways).
+ * Scratch: scores (P * (17 * head_dim + n16) + 2 * n16 * head_dim floats, n16 = the longest
+ * context rounded up to 16). */
 static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh,
                         struct kvs_cpu_thread_scratch *ts)
 {
     const kvs_kv_cache *kv = j->kv;
+    const struct kvs_cpu_kernels *k = j->k;
     const int32_t hd = kv->layout.head_dim, bs = kv->layout.block_size, G = j->group;
-    const int32_t r0 = j->tile_r0[tile], R = j->tile_r0[tile + 1] - r0;
+    const int32_t r0 = j->tile_r0[tile], R = j->tile_r0[tile + 1] - r0, P = R * G;
     const int32_t *ctx = j->ab->row_ctx + r0;
     const int32_t *table = j->ab->tables + j->ab->row_table[r0];
     const size_t base = (size_t)j->layer * kv->layer_stride + (size_t)kvh * kv->head_stride;
@@ -280,25 +236,93 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh,
         max_ctx = ctx[r] > max_ctx ? ctx[r] : max_ctx;
     }
     const int32_t n16 = (max_ctx + 15) / 16 * 16, nt = n16 / 16;
-    float *qr = ts->scores, *lanes = qr + hd, *s = lanes + 16 * (int64_t)hd;
-    float *kw = s + n16, *vw = kw + (int64_t)n16 * hd;
-    for (int32_t c = 0; c < max_ctx; c++) {
-        const size_t off = base + (size_t)table[c / bs] * kv->block_stride +
-                           (size_t)(c % bs) * cell_bytes;
-        float *kd = kw + (int64_t)c * hd, *vd = vw + ((int64_t)(c % 16) * nt + c / 16) * hd;
+    float *qr = ts->scores, *lanes = qr + (int64_t)P * hd, *sc = lanes + (int64_t)P * 16 * hd;
+    float *kw = sc + (int64_t)P * n16, *vw = kw + (int64_t)n16 * hd;
+    for (int32_t c0 = 0; c0 < max_ctx;) { /* a block's run of cells at a time */
+        const int32_t in_blk = bs - c0 % bs;
+        const int32_t nc = max_ctx - c0 < in_blk ? max_ctx - c0 : in_blk;
+        const size_t off = base + (size_t)table[c0 / bs] * kv->block_stride +
+                           (size_t)(c0 % bs) * cell_bytes;
+        float *kd = kw + (int64_t)c0 * hd, *vd = vw + (int64_t)c0 * hd;
         if (f16) {
-            j->k->f16_to_f32((const uint16_t *)(kv->k + off), kd, hd);
-            j->k->f16_to_f32((const uint16_t *)(kv->v + off), vd, hd);
+            k->f16_to_f32((const uint16_t *)(kv->k + off), kd, (int64_t)nc * hd);
+            k->f16_to_f32((const uint16_t *)(kv->v + off), vd, (int64_t)nc * hd);
         } else {
-            memcpy(kd, kv->k + off, (size_t)hd * sizeof(float));
-            memcpy(vd, kv->v + off, (size_t)hd * sizeof(float));
+            memcpy(kd, kv->k + off, (size_t)nc * hd * sizeof(float));
+            memcpy(vd, kv->v + off, (size_t)nc * hd * sizeof(float));
+        }
+        c0 += nc;
+    }
+    /* pair i = (row i / G, head kvh * G + i % G): its query (rounded to f16 with an f16
+     * cache), then its scores a chunk of cells at a time */
+    for (int32_t i = 0; i < P; i++) {
+        const int64_t qo = ((int64_t)(r0 + i / G) * j->n_head + (int64_t)kvh * G + i % G) * hd;
+        memcpy(qr + (int64_t)i * hd, j->q + qo, (size_t)hd * sizeof(float));
+    }
+    if (f16) {
+        k->round_f16(qr, (int64_t)P * hd);
+    }
+    for (int32_t c0 = 0; c0 < max_ctx; c0 += CHUNK_CELLS) {
+        for (int32_t i = 0; i < P; i++) {
+            const int32_t n = ctx[i / G];
+            if (n > c0) {
+                const int32_t nc = n - c0 < CHUNK_CELLS ? n - c0 : CHUNK_CELLS;
+                k->scores16(qr + (int64_t)i * hd, kw + (int64_t)c0 * hd, nc, hd, j->scale,
+                            sc + (int64_t)i * n16 + c0);
+            }
         }
     }
-    for (int32_t r = 0; r < R; r++) {
-        for (int32_t g = 0; g < G; g++) {
-            const int64_t qo = ((int64_t)(r0 + r) * j->n_head + (int64_t)kvh * G + g) * hd;
-            attend_row(j, j->q + qo, ctx[r], kw, vw, nt, qr, lanes, s, j->out + qo);
+    /* softmax per pair: the maximum (exact in any order: 8 running maxima), then the exps
+     * and their sum a chunk of 16 cells at a time (cells past n are masked: exp(-inf) = 0),
+     * then the weights e * (float)(1 / sum), rounded to f16 with an f16 cache */
+    for (int32_t i = 0; i < P; i++) {
+        float *s = sc + (int64_t)i * n16;
+        const int32_t n = ctx[i / G], m16 = (n + 15) / 16 * 16;
+        for (int32_t c = n; c < m16; c++) {
+            s[c] = -INFINITY;
         }
+        float m8[8];
+        for (int t = 0; t < 8; t++) {
+            m8[t] = -INFINITY;
+        }
+        for (int32_t c = 0; c < m16; c += 8) {
+            for (int t = 0; t < 8; t++) {
+                m8[t] = s[c + t] > m8[t] ? s[c + t] : m8[t];
+            }
+        }
+        float m = m8[0];
+        for (int t = 1; t < 8; t++) {
+            m = m8[t] > m ? m8[t] : m;
+        }
+        k->exp_shift(s, m16, m);
+        double sum = 0.0;
+        for (int32_t c = 0; c < n; c += 16) {
+            sum += (double)kvs_cpu_reduce16(s + c);
+        }
+        k->scale(s, (float)(1.0 / sum), n);
+        if (f16) {
+            k->round_f16(s, n);
+        }
+    }
+    /* p.V: lane l of a pair takes the cells l, l + 16, ... in order (a chunk of them at a
+     * time, the chunk shared by all pairs); then each pair's lanes' tree */
+    memset(lanes, 0, (size_t)P * 16 * hd * sizeof(float));
+    for (int32_t t0 = 0; t0 < nt; t0 += CHUNK_CELLS / 16) {
+        for (int32_t i = 0; i < P; i++) {
+            const int32_t n = ctx[i / G];
+            for (int32_t l = 0; l < 16 && l < n; l++) {
+                const int32_t t_end = (n - 1 - l) / 16 + 1; /* this lane's cells */
+                const int32_t cnt = t_end - t0 < CHUNK_CELLS / 16 ? t_end - t0 : CHUNK_CELLS / 16;
+                if (cnt > 0) {
+                    k->pv16(lanes + ((int64_t)i * 16 + l) * hd, sc + (int64_t)i * n16 + l + 16 * t0,
+                            16, vw + ((int64_t)l + 16 * t0) * hd, 16 * (int64_t)hd, cnt, hd);
+                }
+            }
+        }
+    }
+    for (int32_t i = 0; i < P; i++) {
+        const int64_t qo = ((int64_t)(r0 + i / G) * j->n_head + (int64_t)kvh * G + i % G) * hd;
+        k->lanes16(lanes + (int64_t)i * 16 * hd, hd, j->out + qo);
     }
 }
 
@@ -323,7 +347,7 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
     if (n_head <= 0 || n_head % l->n_kv_head != 0) {
         return KVS_INVALID_ARGUMENT;
     }
-    const int32_t bs = l->block_size, hd = l->head_dim;
+    const int32_t bs = l->block_size, hd = l->head_dim, group = n_head / l->n_kv_head;
     /* validate every block a row will read before any work starts */
     int32_t max_ctx = 0;
     for (int32_t r = 0; r < ab->n_rows; r++) {
@@ -343,7 +367,8 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
     for (int32_t t = 0; t < c->n_threads; t++) {
         struct kvs_cpu_thread_scratch *ts = &c->ts[t];
         KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->scores, &ts->cap_scores,
-                                        n16 + 17 * (int64_t)hd + 2 * n16 * hd,
+                                        TILE_ROWS * group * (17 * (int64_t)hd + n16) +
+                                            2 * n16 * hd,
                                         sizeof(float)));
     }
     const int32_t n_rows = ab->n_rows;
@@ -364,13 +389,15 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
                          .kv = kv,
                          .layer = layer,
                          .n_head = n_head,
-                         .group = n_head / l->n_kv_head,
+                         .group = group,
                          .scale = scale,
                          .q = q,
                          .ab = ab,
                          .out = out,
                          .tile_r0 = tile_r0};
-    /* (tile, KV head) tasks in small chunks: rows of a prefill chunk have growing contexts */
+    /* (tile, KV head) tasks in small chunks: rows of a prefill chunk have growing contexts.
+     * (A task per head for a decode step, each gathering its KV head's cells itself, measured
+     * 2x slower: the gather is most of a short row's work.) */
     kvs_threadpool_for_chunks(c->pool, (int64_t)n_tiles * l->n_kv_head, 1, 16, attn_range, &j);
     return 0;
 }

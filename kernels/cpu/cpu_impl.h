@@ -166,12 +166,13 @@ struct kvs_cpu_kernels {
     /* attention in llama.cpp's CPU order (attention.c), rows of hd floats:
      * scores16: out[i] = dot16(q, k + i * hd) * scale, where dot16 runs 16 lanes (lane =
      *   d % 16, a chain over d in order per lane) summed by kvs_cpu_reduce16's tree
-     * pv16: acc[d] = acc[d] + p[t * ps] * v[t * hd + d] for t < n in order (fused at the x86
+     * pv16: acc[d] = acc[d] + p[t * ps] * v[t * vs + d] for t < n in order (fused at the x86
      *   levels): one lane of the P.V chains
      * lanes16: out[d] = kvs_cpu_reduce16 of lanes[l * hd + d] over l */
     void (*scores16)(const float *q, const float *k, int32_t nc, int32_t hd, float scale,
                      float *out);
-    void (*pv16)(float *acc, const float *p, int32_t ps, const float *v, int32_t n, int32_t hd);
+    void (*pv16)(float *acc, const float *p, int32_t ps, const float *v, int64_t vs, int32_t n,
+                 int32_t hd);
     void (*lanes16)(const float *lanes, int32_t hd, float *out);
     /* x = f16_to_f32(f32_to_f16(x)) (round to nearest even), n elements */
     void (*round_f16)(float *x, int64_t n);

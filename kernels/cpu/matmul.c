@@ -265,11 +265,11 @@ static void scores16_scalar(const float *q, const float *k, int32_t nc, int32_t 
     }
 }
 
-static void pv16_scalar(float *acc, const float *p, int32_t ps, const float *v, int32_t n,
-                        int32_t hd)
+static void pv16_scalar(float *acc, const float *p, int32_t ps, const float *v, int64_t vs,
+                        int32_t n, int32_t hd)
 {
     for (int32_t t = 0; t < n; t++) {
-        axpy_f32_scalar(acc, p[(int64_t)t * ps], v + (int64_t)t * hd, hd);
+        axpy_f32_scalar(acc, p[(int64_t)t * ps], v + (int64_t)t * vs, hd);
     }
 }
 

@@ -1017,10 +1017,10 @@ static void KVS_X86_NAME(scores16)(const float *q, const float *k, int32_t nc, i
     }
 }
 
-/* acc[d] = fma(v[t][d], p[t * ps], acc[d]) for t = 0 .. n-1 in order (v rows contiguous):
+/* acc[d] = fma(v[t][d], p[t * ps], acc[d]) for t = 0 .. n-1 in order (row t at v + t * vs):
  * one lane of llama.cpp's 16-lane P.V chains (attention.c), 64 dims at a time in registers. */
-static void KVS_X86_NAME(pv16)(float *acc, const float *p, int32_t ps, const float *v, int32_t n,
-                               int32_t hd)
+static void KVS_X86_NAME(pv16)(float *acc, const float *p, int32_t ps, const float *v, int64_t vs,
+                               int32_t n, int32_t hd)
 {
     int32_t d = 0;
     for (; d + 64 <= hd; d += 64) {
@@ -1030,7 +1030,7 @@ static void KVS_X86_NAME(pv16)(float *acc, const float *p, int32_t ps, const flo
             a[i] = _mm256_loadu_ps(acc + d + 8 * i);
         }
         for (int32_t t = 0; t < n; t++) {
-            const float *vi = v + (int64_t)t * hd + d;
+            const float *vi = v + (int64_t)t * vs + d;
             __m256 vp = _mm256_set1_ps(p[(int64_t)t * ps]);
             _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++)
             {
@@ -1045,7 +1045,7 @@ static void KVS_X86_NAME(pv16)(float *acc, const float *p, int32_t ps, const flo
     for (; d + 8 <= hd; d += 8) {
         __m256 a0 = _mm256_loadu_ps(acc + d);
         for (int32_t t = 0; t < n; t++) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + (int64_t)t * hd + d),
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + (int64_t)t * vs + d),
                                  _mm256_set1_ps(p[(int64_t)t * ps]), a0);
         }
         _mm256_storeu_ps(acc + d, a0);
@@ -1053,7 +1053,7 @@ static void KVS_X86_NAME(pv16)(float *acc, const float *p, int32_t ps, const flo
     for (; d < hd; d++) {
         float a = acc[d];
         for (int32_t t = 0; t < n; t++) {
-            a = fmaf(v[(int64_t)t * hd + d], p[(int64_t)t * ps], a);
+            a = fmaf(v[(int64_t)t * vs + d], p[(int64_t)t * ps], a);
         }
         acc[d] = a;
     }
