@@ -339,6 +339,44 @@ START_TEST(test_flash_share)
 }
 END_TEST
 
+/* One request per step (the benchmarks' baseline): flash work keeps its share as one step
+ * in 1/flash_min_share, so a flood of appends does not starve it there either. */
+START_TEST(test_flash_share_serial)
+{
+    kvs_engine *e = engine(8192, 64);
+    kvs_sessions *S;
+    ck_assert_int_eq(kvs_sessions_new(e, NULL, &S), 0);
+    kvs_sched *sc;
+    ck_assert_int_eq(kvs_sched_new(S, &(struct kvs_sched_opts){.max_batch_tokens = 40, .append_chunk = 40,
+                                                                .max_jobs_per_step = 1,
+                                                                .flash_min_share = 0.25f}, &sc), 0);
+    char err[256];
+    kvs_session *f, *bulk;
+    ck_assert_int_eq(kvs_session_create(S, "f", &(struct kvs_session_opts){.budget_cells = 1024}, &f, err, sizeof err), 0);
+    ck_assert_int_eq(kvs_session_create(S, "b", &(struct kvs_session_opts){.budget_cells = 1900}, &bulk, err, sizeof err), 0);
+    struct kvs_query_opts qo = {.sampling = kvs_sampling_default(), .max_tokens = 3};
+    ck_assert_int_eq(kvs_flash_register(f, "q", "State of the feed?", 18, &qo, NULL, err, sizeof err), 0);
+    struct result rf = {0};
+    ck_assert_int_eq(kvs_sched_append(sc, f, "AAPL 1", 6, 0, 0, 0, on_append, &rf), 0);
+    static struct result rs[40];
+    memset(rs, 0, sizeof rs);
+    for (int k = 0; k < 40; k++) {
+        ck_assert_int_eq(kvs_sched_append(sc, bulk, REC[k % 5], strlen(REC[k % 5]), 0, 0, 0, on_append, &rs[k]), 0);
+    }
+    kvs_flash_watch(f, on_flash, NULL);
+    flash_done_step = -1;
+    cur_step = 0;
+    run(sc, 2000);
+    ck_assert(rf.done && rf.status == 0);
+    ck_assert_int_ge(flash_done_step, 0);
+    ck_assert_int_lt(flash_done_step, rs[39].step_done); /* answered while the flood ran */
+    ck_assert_int_le(kvs_sched_stats(sc)->max_n_seqs, 1); /* one request per step */
+    kvs_sched_destroy(&sc);
+    kvs_sessions_destroy(&S);
+    kvs_engine_destroy(&e);
+}
+END_TEST
+
 START_TEST(test_deadlines_and_admission)
 {
     kvs_engine *e = engine(1024, 64);
@@ -900,6 +938,7 @@ int main(void)
     tcase_add_test(tc, test_priority_and_chunking);
     tcase_add_test(tc, test_fairness);
     tcase_add_test(tc, test_flash_share);
+    tcase_add_test(tc, test_flash_share_serial);
     tcase_add_test(tc, test_deadlines_and_admission);
     tcase_add_test(tc, test_prefix_sharing);
     tcase_add_test(tc, test_pressure_no_deadlock);

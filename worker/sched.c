@@ -31,6 +31,7 @@ struct job {
     kvs_detok *dt;
     bool decoding;                   /* prefill done: one decode row per step */
     bool waiting_cells;              /* an append waiting for real cells (overcommit) */
+    bool head;                       /* this step: an append that may begin (cells there) */
     int32_t next_tok;                /* the token the next decode row feeds */
     int32_t max_tokens;
     int32_t *out;                    /* (max_tokens + 1) generated ids */
@@ -68,6 +69,7 @@ struct kvs_sched {
     double cw, cx, cy;
     int32_t n_observed;              /* steps observed */
     bool pressure_now;               /* an append is waiting for real cells in this step */
+    int32_t flash_turn;              /* max_jobs_per_step: steps with flash work since its turn */
 };
 
 /* A flash evaluation's prefill is flash work (after appends, with its minimum share); once
@@ -674,12 +676,32 @@ static int32_t plan_rows(kvs_sched *sc, struct job *j, int32_t want)
     return rows;
 }
 
-/* Start append j if its real cells are there: begin it (policy, log, record) and take the
- * blocks of its whole record. With overcommit the cells may be missing: flash evaluations
- * are cancelled to make room (stages 1-2 of sched.h); failing that the append waits, not
- * begun (stages 3-4). Returns 1 when begun, 0 when it waits, -1 when it left the queue (a
- * retry answered, or failed: its callback ran). */
-static int begin_append(kvs_sched *sc, struct job *j)
+/* Remove append j from the queue and answer it: rc == 1 is a retry (its original
+ * acknowledgement), anything else an error. */
+static void append_leave(kvs_sched *sc, struct job *j, int rc, const char *err)
+{
+    int32_t idx = 0;
+    while (sc->jobs[idx] != j) {
+        idx++;
+    }
+    remove_job(sc, idx);
+    if (rc == 1) {
+        if (j->append_done != NULL) {
+            j->append_done(KVS_OK, &j->ack, NULL, j->user);
+        }
+        sc->st.completed++;
+        job_free(sc, j);
+    } else {
+        job_fail(sc, j, rc, err);
+    }
+}
+
+/* Can the head append j get the blocks of its whole record, after `promised` blocks went
+ * to appends ahead of it in this step? With overcommit the cells may be missing: flash
+ * evaluations are cancelled to make room (stages 1-2 of sched.h), failing that the append
+ * waits (stages 3-4). Returns the blocks it needs (>= 0) when they are there, -1 when it
+ * waits, -2 when it left the queue (no deadline to wait for: KVS_CAPACITY). */
+static int32_t append_cells(kvs_sched *sc, struct job *j, int32_t promised)
 {
     kvs_pool *pool = sc->e->pool;
     kvs_session *s = j->s;
@@ -687,48 +709,42 @@ static int begin_append(kvs_sched *sc, struct job *j)
      * free block at a time (kvs_pool_seq_slide) */
     bool slides = s->seq->n_cells + j->n_ids > s->budget;
     int32_t need = slides ? 1 : kvs_pool_seq_blocks_needed(pool, s->seq, (int32_t)j->n_ids);
-    int rc;
-    char err[256] = "";
-    if (need > kvs_pool_n_free(pool) && !make_room(sc, need)) {
-        if (!j->waiting_cells) {
-            j->waiting_cells = true;
-            sc->st.append_waits++;
-        }
-        sc->pressure_now = true;
-        if (j->deadline > 0) {
-            return 0;
-        }
-        rc = KVS_CAPACITY;
-        snprintf(err, sizeof err, "no free KV cells for %lld tokens (overcommit), and no "
-                                  "deadline to wait for",
-                 (long long)j->n_ids);
-        sc->st.append_capacity++;
-    } else {
+    if (promised + need <= kvs_pool_n_free(pool) || make_room(sc, promised + need)) {
         j->waiting_cells = false;
-        rc = kvs_sess_append_begin(s, j->ids, j->n_ids, j->client_id, j->client_seq, &j->ack,
-                                   err, sizeof err);
+        return need;
     }
-    if (rc != 0) {
-        int32_t idx = 0;
-        while (sc->jobs[idx] != j) {
-            idx++;
-        }
-        remove_job(sc, idx);
-        if (rc == 1) { /* a retry: its original acknowledgement */
-            if (j->append_done != NULL) {
-                j->append_done(KVS_OK, &j->ack, NULL, j->user);
-            }
-            sc->st.completed++;
-            job_free(sc, j);
-        } else {
-            job_fail(sc, j, rc, err);
-        }
+    if (!j->waiting_cells) {
+        j->waiting_cells = true;
+        sc->st.append_waits++;
+    }
+    sc->pressure_now = true;
+    if (j->deadline > 0) {
         return -1;
     }
+    char err[160];
+    snprintf(err, sizeof err, "no free KV cells for %lld tokens (overcommit), and no deadline "
+                              "to wait for",
+             (long long)j->n_ids);
+    sc->st.append_capacity++;
+    append_leave(sc, j, KVS_CAPACITY, err);
+    return -2;
+}
+
+/* Begin append j (policy, log, record) and take the blocks of its whole record. Returns
+ * true when begun, false when it left the queue (a retry answered, or an error). */
+static bool begin_append(kvs_sched *sc, struct job *j)
+{
+    char err[256] = "";
+    int rc = kvs_sess_append_begin(j->s, j->ids, j->n_ids, j->client_id, j->client_seq, &j->ack,
+                                   err, sizeof err);
+    if (rc != 0) {
+        append_leave(sc, j, rc, err);
+        return false;
+    }
     j->begun = true;
-    /* the whole record's blocks now; if a slide left too few, chunks reserve as they go */
-    (void)kvs_pool_seq_reserve(pool, s->seq, (int32_t)j->n_ids);
-    return 1;
+    /* promised by append_cells; if a slide left too few, the chunks reserve as they go */
+    (void)kvs_pool_seq_reserve(sc->e->pool, j->s->seq, (int32_t)j->n_ids);
+    return true;
 }
 
 static int step(kvs_sched *sc, double now)
@@ -768,18 +784,24 @@ static int step(kvs_sched *sc, double now)
         sc->jobs[i]->rows = 0;
         sc->jobs[i]->logit_row = -1;
     }
-    /* 2. start the append at the head of each session's queue (one append per session at a
-     * time, in arrival order), before any row of this step holds blocks: this is where the
-     * overcommit order runs */
+    /* 2. the cells of the append at the head of each session's queue (one append per
+     * session at a time, in arrival order), before any row of this step holds blocks: this
+     * is where the overcommit order runs; appends begin when they are planned */
+    int32_t promised = 0;
     for (int32_t i = 0; i < sc->n;) {
         struct job *j = sc->jobs[i];
-        bool head = j->kind == JOB_APPEND && !j->begun && !j->cancelled;
-        for (int32_t q = 0; q < i && head; q++) {
-            head = !(sc->jobs[q]->kind == JOB_APPEND && sc->jobs[q]->s == j->s &&
-                     !sc->jobs[q]->cancelled);
+        j->head = j->kind == JOB_APPEND && !j->begun && !j->cancelled;
+        for (int32_t q = 0; q < i && j->head; q++) {
+            j->head = !(sc->jobs[q]->kind == JOB_APPEND && sc->jobs[q]->s == j->s &&
+                        !sc->jobs[q]->cancelled);
         }
-        if (head && begin_append(sc, j) < 0) {
-            continue; /* it left the queue: the next job is at i now */
+        if (j->head) {
+            int32_t need = append_cells(sc, j, promised);
+            if (need == -2) {
+                continue; /* it left the queue: the next job is at i now */
+            }
+            j->head = need >= 0;
+            promised += need >= 0 ? need : 0;
         }
         i++;
     }
@@ -795,12 +817,25 @@ static int step(kvs_sched *sc, double now)
     }
     int32_t avail = budget - flash_floor;
     int32_t jobs_planned = 0;
+    static const int order[KVS_N_CLASSES] = {KVS_CLASS_DECODE, KVS_CLASS_QUESTION,
+                                             KVS_CLASS_APPEND, KVS_CLASS_FLASH};
+    static const int flash_first[KVS_N_CLASSES] = {KVS_CLASS_FLASH, KVS_CLASS_DECODE,
+                                                   KVS_CLASS_QUESTION, KVS_CLASS_APPEND};
+    const int *classes = order;
     if (sc->o.max_jobs_per_step > 0) {
-        avail = budget; /* one request at a time: no share to keep, no other job to serve */
+        /* a few requests per step: the flash share is a share of the steps instead (every
+         * 1/flash_min_share-th step that has flash work serves it first) */
+        avail = budget;
         flash_floor = 0;
+        int32_t period = (int32_t)ceilf(1.0f / sc->o.flash_min_share);
+        if (flash_work && ++sc->flash_turn >= period) {
+            sc->flash_turn = 0;
+            classes = flash_first;
+        }
     }
     /* 3. plan by class: decode, question, append, then flash (with its floor) */
-    for (int cls = 0; cls < KVS_N_CLASSES; cls++) {
+    for (int c = 0; c < KVS_N_CLASSES; c++) {
+        int cls = classes[c];
         if (cls == KVS_CLASS_FLASH) {
             avail += flash_floor;
         }
@@ -817,7 +852,13 @@ static int step(kvs_sched *sc, double now)
                 continue;
             }
             if (j->kind == JOB_APPEND && !j->begun) {
-                continue; /* waiting for cells, or behind its session's current append */
+                if (!j->head) {
+                    continue; /* behind its session's current append, or waiting for cells */
+                }
+                if (!begin_append(sc, j)) {
+                    k--; /* it left the queue */
+                    continue;
+                }
             }
             int32_t want = j->kind == JOB_APPEND ? (avail < sc->o.append_chunk ? avail
                                                                               : sc->o.append_chunk)

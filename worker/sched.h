@@ -92,7 +92,8 @@ struct kvs_sched_opts {
     int32_t append_chunk;     /* rows of one append per step (0 = 64) */
     float flash_min_share;    /* budget share kept for flash work when it has any (0 = 0.1) */
     int32_t max_jobs_per_step;/* 0 = no limit; 1 = one request at a time (the no-batching
-                               * baseline of the benchmarks) */
+                               * baseline of the benchmarks); then flash work's share is
+                               * one step in 1/flash_min_share that has flash work */
     float overcommit;         /* admit budgets against capacity x this (0 = 1 = off; at
                                * most KVS_SCHED_OVERCOMMIT_MAX); set on the registry */
     double (*clock)(void *user); /* seconds, for step durations (NULL = kvs_now) */
