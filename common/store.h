@@ -179,8 +179,10 @@ kvs_store_watch *kvs_store_watch_new(kvs_store *s, const char *prefix, int64_t s
                                      size_t errlen);
 /* Wait up to timeout_ms (0 = do not wait, < 0 = forever) for the next event and move it into
  * *ev (caller frees with kvs_store_event_free). 1 = an event, 0 = none yet, or UNAVAILABLE
- * when the watch has stopped for good (its store is closing). While etcd is away the call
- * simply finds no event; kvs_store_watch_connected tells whether the stream is up. */
+ * when the watch has stopped for good, after the events it still holds: its store was
+ * closed, or the reader fell a million events behind (then re-list and re-create it). While
+ * etcd is away the call simply finds no event; kvs_store_watch_connected tells whether the
+ * stream is up. */
 int kvs_store_watch_next(kvs_store_watch *w, struct kvs_store_event *ev, int timeout_ms);
 /* Whether the watch stream is established now (always true for the embedded store). */
 bool kvs_store_watch_connected(kvs_store_watch *w);

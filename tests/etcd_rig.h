@@ -64,7 +64,9 @@ static inline int etcd_rig_start(struct etcd_rig *r)
             return -1;
         }
         r->client_port = etcd_rig_free_port();
-        r->peer_port = etcd_rig_free_port();
+        do {
+            r->peer_port = etcd_rig_free_port();
+        } while (r->peer_port == r->client_port);
         snprintf(r->url, sizeof r->url, "http://127.0.0.1:%d", r->client_port);
     }
     char data[300], log[300], client[64], peer[64], cluster[96];
