@@ -504,7 +504,11 @@ int main(int argc, char **argv)
             kvs_pool_seq_release(B.pool, &ss[i]);
         }
         kvs_pool_seq_release(B.pool, &s8);
-        printf("sessions: 64 x 8K context, batched decode: %.0f tok/s\n", sess_tps);
+        /* bound: every weight once + each row's 8K context once (forks share blocks, but
+         * each row's attention reads them), over the copy rate */
+        double b_sess = (params * 2 + 64.0 * 8192 * kv_cell) / bw;
+        printf("sessions: 64 x 8K context, batched decode: %.0f tok/s (bound %.0f tok/s)\n",
+               sess_tps, 64.0 / b_sess);
     }
 
     /* ---- long context: TTFT at growing contexts (1K, 8K, 32K, 64K), decode at ctx_long ---- */
