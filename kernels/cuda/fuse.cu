@@ -93,7 +93,7 @@ static void reset_forward(struct kvs_cuda *c, int mode)
 {
     c->gmode = mode;
     c->gbad = 0;
-    c->ghash = HASH_SEED;
+    c->ghash = mix(HASH_SEED, (uint64_t)c->pdl); /* early launch is part of a graph's nodes */
     c->stage_off = 0;
     memset(c->stage_len, 0, sizeof c->stage_len);
 }
