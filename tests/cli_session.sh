@@ -96,7 +96,11 @@ expect_error 2 "needs a session NAME and a QUESTION" -- query s1
 expect_error 2 "--max-tokens" -- query s1 "q?" -n 0
 expect_error 2 "does not apply" -- flash get s1 q1 --every-tokens 3
 expect_error 2 "--policy must be" -- session create s1 --policy sometimes
-expect_error 3 "no answer from tcp://127.0.0.1:1" -- session list -e tcp://127.0.0.1:1 --timeout 300
+# a port nobody listens on: bound for a moment, then released
+FREE_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')
+NOBODY=tcp://127.0.0.1:$FREE_PORT
+expect_error 3 "no answer from $NOBODY" -- session list -e "$NOBODY" --timeout 300
 expect_error 1 "INVALID_ARGUMENT" -- session create "bad name"
 
 # sessions

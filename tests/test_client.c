@@ -8,9 +8,11 @@
 #include "client/include/kvstream.h"
 #include "tests/testutil.h"
 
+#include <arpa/inet.h>
 #include <check.h>
 #include <errno.h>
 #include <msgpack.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -18,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -155,6 +158,18 @@ static int count_of(const char *hay, const char *needle)
     return n;
 }
 
+/* A loopback port nobody listens on (bound for a moment, then released). */
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof a;
+    ck_assert(fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+              getsockname(fd, (struct sockaddr *)&a, &len) == 0);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
 /* ---- connect, ping, status ------------------------------------------------------------------ */
 
 START_TEST(test_connect_ping_status)
@@ -165,14 +180,15 @@ START_TEST(test_connect_ping_status)
                      KVS_INVALID_ARGUMENT);
     ck_assert_ptr_null(c);
     ck_assert(strstr(err, "nonsense") != NULL);
-    /* nobody on port 1: TIMEOUT after connect_timeout_ms */
+    /* nobody on a free port: TIMEOUT after connect_timeout_ms */
+    char nobody[64];
+    snprintf(nobody, sizeof nobody, "tcp://127.0.0.1:%d", free_port());
     struct kvs_client_opts o = {.connect_timeout_ms = 300};
     double t0 = now_ms();
-    ck_assert_int_eq(kvs_client_connect("tcp://127.0.0.1:1", &o, &c, err, sizeof err),
-                     KVS_TIMEOUT);
+    ck_assert_int_eq(kvs_client_connect(nobody, &o, &c, err, sizeof err), KVS_TIMEOUT);
     double dt = now_ms() - t0;
     ck_assert_msg(dt >= 250 && dt < 3000, "connect timeout took %.0f ms", dt);
-    ck_assert(strstr(err, "tcp://127.0.0.1:1") != NULL);
+    ck_assert(strstr(err, nobody) != NULL);
     /* NULL endpoint: $KVSTREAM_ENDPOINT */
     setenv("KVSTREAM_ENDPOINT", g_shared.endpoint, 1);
     ck_assert_int_eq(kvs_client_connect(NULL, NULL, &c, err, sizeof err), 0);
