@@ -31,8 +31,8 @@
  * budget.
  *
  * Capacity (see docs/SESSIONS.md). A query reserves |question| + max_tokens cells at
- * acceptance, in the admission accounting and as real blocks of its fork; an append takes
- * the real blocks of its whole record before it begins (before it is logged). Without
+ * acceptance, in the admission accounting and as real blocks of its fork; an append begins
+ * (is logged) only when the real blocks of its whole record are free, and takes them. Without
  * overcommit the accounting never promises more than the pool holds, so these always
  * succeed: an admitted session's append never fails for lack of KV. With overcommit > 1,
  * session budgets are admitted against capacity x overcommit and the real cells can run
