@@ -1,10 +1,11 @@
 /* libkvstream against a real kvs-worker process (fork/exec of the built binary on an ephemeral
  * loopback port, the default model): every call, timeouts against a SIGSTOPped worker,
  * reconnects across a worker restart, a retried append applied once, flash watch with resume,
- * MOVED followed, and bad arguments refused before anything is sent.
+ * MOVED followed, bad replies refused, and bad arguments refused before anything is sent.
  *
- * The MOVED test answers from a small ROUTER of its own: no kvstream server sends MOVED yet
- * (the coordinator will); everything else talks to kvs-worker. */
+ * The MOVED and bad-reply test answers from a small ROUTER of its own: no kvstream server
+ * sends MOVED yet (the coordinator will), and kvs-worker sends no bad replies; everything
+ * else talks to kvs-worker. */
 #include "client/include/kvstream.h"
 #include "tests/testutil.h"
 
@@ -764,7 +765,8 @@ END_TEST
 /* ---- MOVED ----------------------------------------------------------------------------------- */
 
 /* A ROUTER that says hello and answers everything else MOVED: to the real worker for most
- * sessions, to itself for "loop", without an owner for "noowner". */
+ * sessions, to itself for "loop", without an owner for "noowner"; sessions "bad-*" get
+ * replies that are not protocol (3 frames, a 5-byte allocation bomb, a reserved byte). */
 struct mover {
     void *ctx, *sock;
     char endpoint[256];
@@ -830,6 +832,27 @@ static void *mover_main(void *arg)
         msgpack_sbuffer_init(&sb);
         msgpack_packer pk;
         msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+        if (strncmp(session, "bad-", 4) == 0) { /* replies that are not protocol */
+            static const uint8_t bomb[] = {0xdd, 0xff, 0xff, 0xff, 0xff}; /* 4G-element array */
+            static const uint8_t reserved[] = {0x81, 0xa2, 'i', 'd', 0xc1};
+            zmq_send(m->sock, zmq_msg_data(&ident), zmq_msg_size(&ident), ZMQ_SNDMORE);
+            if (strcmp(session, "bad-frames") == 0) {
+                zmq_send(m->sock, "", 0, ZMQ_SNDMORE);
+                zmq_send(m->sock, "x", 1, ZMQ_SNDMORE);
+                zmq_send(m->sock, "y", 1, 0);
+            } else if (strcmp(session, "bad-bomb") == 0) {
+                zmq_send(m->sock, "", 0, ZMQ_SNDMORE);
+                zmq_send(m->sock, bomb, sizeof bomb, 0);
+            } else {
+                zmq_send(m->sock, "", 0, ZMQ_SNDMORE);
+                zmq_send(m->sock, reserved, sizeof reserved, 0);
+            }
+            msgpack_sbuffer_destroy(&sb);
+            zmq_msg_close(&ident);
+            zmq_msg_close(&delim);
+            zmq_msg_close(&body);
+            continue;
+        }
         if (strcmp(op, "hello") == 0 || strcmp(op, "ping") == 0) {
             msgpack_pack_map(&pk, 2);
             pack_s(&pk, "id"), msgpack_pack_uint64(&pk, id);
@@ -889,6 +912,11 @@ START_TEST(test_moved_is_followed)
     ck_assert_int_eq(atomic_load(&m.seen_loop), 5); /* the first try + 4 redirects */
     OK(c, kvs_client_session_close(c, "mv1"));
     ck_assert_int_eq(atomic_load(&m.seen_mv), 1);
+    /* replies that are not protocol are refused, allocate nothing, and leave the client good */
+    FAILS(c, KVS_BAD_FORMAT, kvs_client_session_info(c, "bad-frames", &in));
+    FAILS(c, KVS_BAD_FORMAT, kvs_client_session_info(c, "bad-bomb", &in));
+    FAILS(c, KVS_BAD_FORMAT, kvs_client_session_info(c, "bad-reserved", &in));
+    OK(c, kvs_client_ping(c, NULL));
     kvs_client_destroy(&c);
 
     atomic_store(&m.stop, 1);

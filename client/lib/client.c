@@ -515,6 +515,37 @@ static int reply_error(kvs_client *c, const msgpack_object *e)
     return (int)status;
 }
 
+/* Receive every frame of one waiting message. 1 with the payload in *payload (to close) when
+ * it is ["", payload]; -1 for another layout (all of it consumed); 0 when nothing waits. */
+static int recv_frames(void *sock, zmq_msg_t *payload)
+{
+    int n = 0;
+    bool more = true, delim_ok = false;
+    zmq_msg_init(payload);
+    while (more) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, sock, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&m);
+            break; /* a message's frames arrive together: only the first read can miss */
+        }
+        more = zmq_msg_more(&m);
+        if (n == 0) {
+            delim_ok = zmq_msg_size(&m) == 0;
+        }
+        if (n == 1) {
+            zmq_msg_move(payload, &m);
+        }
+        zmq_msg_close(&m);
+        n++;
+    }
+    if (n == 2 && delim_ok) {
+        return 1;
+    }
+    zmq_msg_close(payload);
+    return n == 0 ? 0 : -1;
+}
+
 /* Wait on k for the reply to id until deadline (ms). Replies to other ids (answers to earlier
  * attempts that timed out) are dropped. 0 and *reply, or an error status. */
 static int recv_reply(kvs_client *c, struct client_conn *k, uint64_t id, int64_t deadline,
@@ -540,35 +571,13 @@ static int recv_reply(kvs_client *c, struct client_conn *k, uint64_t id, int64_t
             continue;
         }
         reply_release(c);
-        zmq_msg_t delim;
-        zmq_msg_init(&delim);
-        if (zmq_msg_recv(&delim, k->sock, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&delim);
+        int got = recv_frames(k->sock, &c->reply_msg);
+        if (got == 0) {
             continue;
         }
-        bool ok = zmq_msg_size(&delim) == 0 && zmq_msg_more(&delim);
-        zmq_msg_close(&delim);
-        zmq_msg_init(&c->reply_msg);
-        if (!ok || zmq_msg_recv(&c->reply_msg, k->sock, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&c->reply_msg);
+        if (got < 0) {
             return client_fail(c, KVS_BAD_FORMAT, "reply from %s is not [\"\", payload]",
                                k->endpoint);
-        }
-        while (zmq_msg_more(&c->reply_msg)) { /* extra frames: drain, then refuse */
-            zmq_msg_t extra;
-            zmq_msg_init(&extra);
-            int r = zmq_msg_recv(&extra, k->sock, ZMQ_DONTWAIT);
-            zmq_msg_close(&extra);
-            zmq_msg_close(&c->reply_msg);
-            zmq_msg_init(&c->reply_msg);
-            if (r < 0) {
-                break;
-            }
-            ok = false;
-        }
-        if (!ok) {
-            zmq_msg_close(&c->reply_msg);
-            return client_fail(c, KVS_BAD_FORMAT, "reply from %s has extra frames", k->endpoint);
         }
         const uint8_t *data = zmq_msg_data(&c->reply_msg);
         size_t len = zmq_msg_size(&c->reply_msg);
