@@ -7,8 +7,9 @@
  *   - GEMV matmuls (few rows) reading the same x (q, k, v): one launch over all of them;
  *   - two GEMV matmuls followed by swiglu(their outputs) (gate, up): one kernel reads both
  *     weight rows and writes silu(g) * u, g and u (each buffer ends as the contract says);
- *   - add(x, y) followed by rmsnorm(x): one kernel per row (off by default: measured slower
- *     inside a decode step, 6.34 vs 5.29 ms at 1K, though faster alone; KVS_CUDA_FUSE=all).
+ *   - add(x, y) followed by rmsnorm(x): one kernel per row (off by default: faster alone, but
+ *     slower inside a decode step at 1K: 6.29 vs 5.25 ms with every kernel launched early,
+ *     5.47 vs 5.26 with only the GEMVs early; KVS_CUDA_FUSE=all turns it on).
  * Each output is computed in the same order as unfused, so the results are the same bits.
  * Any other op, upload, download, sync and free launch what is held first (kvs_cuda_flush),
  * so stream order is kept; errors of a held op surface at that point. KVS_CUDA_FUSE=0 turns
