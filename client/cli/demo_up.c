@@ -1,0 +1,416 @@
+/* The demo's surroundings: `kvstream up` as a child process, and the scheduler metrics of a
+ * worker's status reply (see client/cli/demo.h). */
+#include "client/cli/demo.h"
+
+#include "common/wire.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#define READY_PREFIX "kvstream up: listening on "
+#define PROGRESS_S 3.0   /* a "still loading" line this often */
+#define STOP_WAIT_S 15.0 /* up's own shutdown takes the worker's drain (2 s) and a flush */
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st, (void)flag, (void)ftw;
+    return remove(path) != 0 && errno != ENOENT ? -1 : 0;
+}
+
+static void remove_tmp(struct kvs_demo_up *u)
+{
+    if (u->tmp_dir[0] != '\0') {
+        nftw(u->tmp_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+        u->tmp_dir[0] = '\0';
+    }
+}
+
+/* The worker's last line in the log (its reason, when it did not start), else the last
+ * non-empty line, for an error message. */
+static void last_log_line(const char *path, char *out, size_t size)
+{
+    out[0] = '\0';
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        return;
+    }
+    char line[512];
+    bool worker = false;
+    while (fgets(line, sizeof line, f) != NULL) {
+        line[strcspn(line, "\r\n")] = '\0';
+        bool w = strncmp(line, "kvs-worker", 10) == 0;
+        if (line[0] != '\0' && (w || !worker)) {
+            snprintf(out, size, "%s", line);
+            worker = worker || w;
+        }
+    }
+    fclose(f);
+}
+
+/* Wait for pid until deadline (seconds of now_s); its status, or -1 when still running. */
+static int wait_until(pid_t pid, double deadline, int *status)
+{
+    for (;;) {
+        pid_t r = waitpid(pid, status, WNOHANG);
+        if (r == pid || (r < 0 && errno != EINTR)) {
+            return r == pid ? 0 : -2;
+        }
+        if (now_s() >= deadline) {
+            return -1;
+        }
+        usleep(20000);
+    }
+}
+
+int kvs_demo_up_stop(struct kvs_demo_up *u)
+{
+    int rc = 0;
+    if (u->pid > 0) {
+        int status = 0;
+        kill(u->pid, SIGTERM);
+        int w = wait_until(u->pid, now_s() + STOP_WAIT_S, &status);
+        if (w == -1) {
+            kill(u->pid, SIGKILL); /* its worker gets SIGTERM as up dies (parent-death signal) */
+            waitpid(u->pid, &status, 0);
+            rc = -1;
+        } else if (w == 0) {
+            rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        }
+        u->pid = 0;
+    }
+    if (u->out_fd >= 0) {
+        close(u->out_fd);
+        u->out_fd = -1;
+    }
+    remove_tmp(u);
+    return rc;
+}
+
+/* Read from fd into line[*len..] until a newline: 1 a complete line (NUL-terminated, no
+ * newline), 0 not yet, -1 end of file. */
+static int read_line(int fd, char *line, size_t size, size_t *len)
+{
+    for (;;) {
+        char ch;
+        ssize_t n = read(fd, &ch, 1);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0 && errno == EAGAIN) {
+            return 0;
+        }
+        if (n <= 0) {
+            return -1;
+        }
+        if (ch == '\n') {
+            line[*len] = '\0';
+            *len = 0;
+            return 1;
+        }
+        if (*len + 1 < size) {
+            line[(*len)++] = ch;
+        }
+    }
+}
+
+/* Stop the child and say why it did not come up, with the log's last line (the worker's
+ * reason, usually). */
+static int fail_start(struct kvs_demo_up *u, char *err, size_t errlen, const char *why)
+{
+    char last[512];
+    last_log_line(u->log_path, last, sizeof last);
+    kvs_demo_up_stop(u);
+    snprintf(err, errlen, "%s%s%s", why, last[0] != '\0' ? ": " : "", last);
+    return -1;
+}
+
+int kvs_demo_up_start(const struct kvs_demo_up_opts *o, struct kvs_demo_up *u, char *err,
+                      size_t errlen)
+{
+    memset(u, 0, sizeof *u);
+    u->out_fd = -1;
+    const char *tmp = getenv("TMPDIR");
+    snprintf(u->tmp_dir, sizeof u->tmp_dir, "%s/kvstream-demo.XXXXXX",
+             tmp != NULL && tmp[0] != '\0' ? tmp : "/tmp");
+    if (mkdtemp(u->tmp_dir) == NULL) {
+        snprintf(err, errlen, "cannot create a temporary directory in %s: %s",
+                 tmp != NULL && tmp[0] != '\0' ? tmp : "/tmp", strerror(errno));
+        u->tmp_dir[0] = '\0';
+        return -1;
+    }
+    if (snprintf(u->log_path, sizeof u->log_path, "%s/up.log", u->tmp_dir) >=
+            (int)sizeof u->log_path ||
+        snprintf(u->data_dir, sizeof u->data_dir, "%s%s", o->data_dir ? o->data_dir : u->tmp_dir,
+                 o->data_dir ? "" : "/data") >= (int)sizeof u->data_dir) {
+        snprintf(err, errlen, "the data dir's path is too long");
+        remove_tmp(u);
+        return -1;
+    }
+    const char *args[20];
+    int n = 0;
+    args[n++] = "kvstream", args[n++] = "up";
+    args[n++] = "--listen", args[n++] = "tcp://127.0.0.1:0";
+    args[n++] = "--data-dir", args[n++] = u->data_dir;
+    args[n++] = "--fsync", args[n++] = "everysec"; /* a demo: an append waits for no disk */
+    if (o->model != NULL) {
+        args[n++] = "--model", args[n++] = o->model;
+    }
+    if (o->threads != NULL) {
+        args[n++] = "--threads", args[n++] = o->threads;
+    }
+    if (o->device != NULL) {
+        args[n++] = "--device", args[n++] = o->device;
+    }
+    args[n] = NULL;
+
+    int log_fd = open(u->log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int out[2] = {-1, -1};
+    if (log_fd < 0 || pipe2(out, O_CLOEXEC) != 0) {
+        snprintf(err, errlen, "cannot set up the child's output: %s", strerror(errno));
+        if (log_fd >= 0) {
+            close(log_fd);
+        }
+        remove_tmp(u);
+        return -1;
+    }
+    fflush(stdout);
+    fflush(stderr);
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid == 0) {
+        /* Only async-signal-safe calls until exec: this process may have other threads. */
+        setpgid(0, 0);
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (getppid() != parent) {
+            _exit(127); /* the parent died before the death signal was armed */
+        }
+        sigset_t all;
+        sigemptyset(&all);
+        sigprocmask(SIG_SETMASK, &all, NULL);
+        dup2(out[1], STDOUT_FILENO);
+        dup2(log_fd, STDERR_FILENO);
+        execv("/proc/self/exe", (char *const *)args);
+        static const char msg[] = "kvstream demo: cannot run /proc/self/exe\n";
+        ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
+        (void)w;
+        _exit(127);
+    }
+    int fork_errno = errno;
+    close(out[1]);
+    close(log_fd);
+    if (pid < 0) {
+        close(out[0]);
+        remove_tmp(u);
+        snprintf(err, errlen, "fork: %s", strerror(fork_errno));
+        return -1;
+    }
+    u->pid = pid;
+    u->out_fd = out[0];
+    fcntl(u->out_fd, F_SETFL, fcntl(u->out_fd, F_GETFL) | O_NONBLOCK);
+
+    double t0 = now_s(), next_progress = t0 + PROGRESS_S;
+    char line[1024];
+    size_t len = 0;
+    for (;;) {
+        if (o->stop != NULL && atomic_load(o->stop) != 0) {
+            return fail_start(u, err, errlen, "interrupted while the cluster was starting");
+        }
+        double t = now_s();
+        if (t - t0 > o->timeout_s) {
+            char why[128];
+            snprintf(why, sizeof why, "the cluster did not come up within %.0f s (stopped it)",
+                     o->timeout_s);
+            return fail_start(u, err, errlen, why);
+        }
+        if (t >= next_progress) {
+            printf("kvstream demo: waiting for the worker to load the model (%.0f s)\n", t - t0);
+            fflush(stdout);
+            next_progress += PROGRESS_S;
+        }
+        struct pollfd p = {.fd = u->out_fd, .events = POLLIN};
+        if (poll(&p, 1, 200) <= 0) {
+            continue; /* a timeout, or a signal: check again */
+        }
+        int r;
+        while ((r = read_line(u->out_fd, line, sizeof line, &len)) == 1) {
+            if (strncmp(line, READY_PREFIX, strlen(READY_PREFIX)) != 0) {
+                continue; /* up's other lines: its help for a person at a terminal */
+            }
+            const char *ep = line + strlen(READY_PREFIX);
+            size_t n_ep = strcspn(ep, " ");
+            if (n_ep == 0 || n_ep >= sizeof u->endpoint) {
+                return fail_start(u, err, errlen, "kvstream up printed a bad endpoint");
+            }
+            memcpy(u->endpoint, ep, n_ep);
+            u->endpoint[n_ep] = '\0';
+            return 0;
+        }
+        if (r < 0) {
+            return fail_start(u, err, errlen, "kvstream up exited before it was ready");
+        }
+    }
+}
+
+/* ---- scheduler metrics ------------------------------------------------------------------------ */
+
+static const msgpack_object *mp_get(const msgpack_object *m, const char *key)
+{
+    if (m == NULL || m->type != MSGPACK_OBJECT_MAP) {
+        return NULL;
+    }
+    size_t n = strlen(key);
+    for (uint32_t i = 0; i < m->via.map.size; i++) {
+        const msgpack_object_kv *kv = &m->via.map.ptr[i];
+        if (kv->key.type == MSGPACK_OBJECT_STR && kv->key.via.str.size == n &&
+            memcmp(kv->key.via.str.ptr, key, n) == 0) {
+            return &kv->val;
+        }
+    }
+    return NULL;
+}
+
+/* An unsigned integer field (a non-negative int of any encoding); false when absent. */
+static bool mp_u64(const msgpack_object *m, const char *key, uint64_t *v)
+{
+    const msgpack_object *o = mp_get(m, key);
+    if (o != NULL && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+        *v = o->via.u64;
+        return true;
+    }
+    return false;
+}
+
+static bool mp_f64(const msgpack_object *m, const char *key, double *v)
+{
+    const msgpack_object *o = mp_get(m, key);
+    if (o != NULL && (o->type == MSGPACK_OBJECT_FLOAT64 || o->type == MSGPACK_OBJECT_FLOAT32)) {
+        *v = o->via.f64;
+        return true;
+    }
+    if (o != NULL && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+        *v = (double)o->via.u64;
+        return true;
+    }
+    return false;
+}
+
+static int read_sched(const msgpack_object *m, struct kvs_demo_sched *s, char *err,
+                      size_t errlen)
+{
+    static const char *const classes[KVS_DEMO_N_CLASSES] = {"decode", "question", "append",
+                                                            "flash"};
+    const msgpack_object *e = mp_get(m, "error");
+    if (e != NULL) {
+        const msgpack_object *msg = mp_get(e, "message");
+        snprintf(err, errlen, "status: %.*s",
+                 msg != NULL && msg->type == MSGPACK_OBJECT_STR ? (int)msg->via.str.size : 5,
+                 msg != NULL && msg->type == MSGPACK_OBJECT_STR ? msg->via.str.ptr : "error");
+        return -1;
+    }
+    const msgpack_object *sc = mp_get(m, "scheduler"), *fl = mp_get(m, "flash");
+    const msgpack_object *rows = mp_get(sc, "rows");
+    uint64_t last = 0, most = 0;
+    bool ok = mp_u64(sc, "steps", &s->steps) && mp_f64(sc, "occupancy", &s->occupancy) &&
+              mp_u64(sc, "last_n_seqs", &last) && mp_u64(sc, "max_n_seqs", &most) &&
+              mp_u64(fl, "evaluations", &s->flash_evaluations) &&
+              mp_u64(fl, "wasted", &s->flash_wasted) && mp_u64(fl, "hits", &s->flash_hits) &&
+              mp_u64(fl, "misses", &s->flash_misses);
+    for (int i = 0; ok && i < KVS_DEMO_N_CLASSES; i++) {
+        ok = mp_u64(rows, classes[i], &s->rows[i]);
+    }
+    if (!ok) {
+        snprintf(err, errlen, "status: the reply lacks the scheduler metrics (a worker of "
+                              "protocol 1.0?)");
+        return -1;
+    }
+    s->last_n_seqs = (int64_t)last;
+    s->max_n_seqs = (int64_t)most;
+    return 0;
+}
+
+int kvs_demo_sched_status(const char *endpoint, int timeout_ms, struct kvs_demo_sched *s,
+                          char *err, size_t errlen)
+{
+    static const char request[] = "\x82\xa2id\x01\xa2op\xa6status"; /* {id: 1, op: "status"} */
+    memset(s, 0, sizeof *s);
+    int rc = -1;
+    void *ctx = zmq_ctx_new();
+    void *sock = ctx != NULL ? zmq_socket(ctx, ZMQ_DEALER) : NULL;
+    zmq_msg_t part;
+    zmq_msg_init(&part);
+    if (sock == NULL) {
+        snprintf(err, errlen, "status: cannot create a socket: %s", zmq_strerror(zmq_errno()));
+        goto out;
+    }
+    int linger = 0;
+    int64_t max_size = KVS_WIRE_MAX_FRAME + 64;
+    zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &max_size, sizeof max_size);
+    if (zmq_connect(sock, endpoint) != 0 || zmq_send(sock, "", 0, ZMQ_SNDMORE) != 0 ||
+        zmq_send(sock, request, sizeof request - 1, 0) != (int)sizeof request - 1) {
+        snprintf(err, errlen, "status: cannot send to %s: %s", endpoint,
+                 zmq_strerror(zmq_errno()));
+        goto out;
+    }
+    zmq_pollitem_t item = {.socket = sock, .events = ZMQ_POLLIN};
+    if (zmq_poll(&item, 1, timeout_ms) <= 0) {
+        snprintf(err, errlen, "status: no reply from %s within %d ms", endpoint, timeout_ms);
+        goto out;
+    }
+    /* two frames: the empty delimiter, then the payload */
+    int n_parts = 0;
+    size_t n_delim = 1;
+    for (bool more = true; more; n_parts++) {
+        zmq_msg_close(&part);
+        zmq_msg_init(&part);
+        if (zmq_msg_recv(&part, sock, 0) < 0) {
+            snprintf(err, errlen, "status: %s", zmq_strerror(zmq_errno()));
+            goto out;
+        }
+        more = zmq_msg_more(&part);
+        if (n_parts == 0) {
+            n_delim = zmq_msg_size(&part);
+        }
+    }
+    const uint8_t *buf = zmq_msg_data(&part);
+    size_t n = zmq_msg_size(&part);
+    if (n_parts != 2 || n_delim != 0 || kvs_wire_prevalidate(buf, n, NULL, 0) != 0) {
+        snprintf(err, errlen, "status: the reply is not one valid protocol message");
+        goto out;
+    }
+    msgpack_unpacked up;
+    msgpack_unpacked_init(&up);
+    if (msgpack_unpack_next(&up, (const char *)buf, n, NULL) == MSGPACK_UNPACK_SUCCESS) {
+        rc = read_sched(&up.data, s, err, errlen);
+    } else {
+        snprintf(err, errlen, "status: the reply cannot be unpacked");
+    }
+    msgpack_unpacked_destroy(&up);
+out:
+    zmq_msg_close(&part);
+    if (sock != NULL) {
+        zmq_close(sock);
+    }
+    if (ctx != NULL) {
+        zmq_ctx_term(ctx);
+    }
+    return rc;
+}
