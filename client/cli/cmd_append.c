@@ -3,6 +3,7 @@
 #include "client/cli/cmd.h"
 #include "client/cli/remote.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,8 +52,15 @@ static int append_one(const struct kvs_cli_remote *r, kvs_client *c, const char 
         json_object_set_new(o, "cells", json_integer(ar.cells));
         json_object_set_new(o, "evicted", json_integer(ar.evicted));
         json_object_set_new(o, "duplicate", json_boolean(ar.duplicate));
-        /* JSON integers are signed: ids above 2^63 print as their two's complement */
-        json_object_set_new(o, "client_id", json_integer((json_int_t)kvs_client_id(c)));
+        /* random ids are below 2^63; a larger --client-id prints as a string */
+        uint64_t id = kvs_client_id(c);
+        if (id <= (uint64_t)INT64_MAX) {
+            json_object_set_new(o, "client_id", json_integer((json_int_t)id));
+        } else {
+            char s[24];
+            snprintf(s, sizeof s, "%llu", (unsigned long long)id);
+            json_object_set_new(o, "client_id", json_string(s));
+        }
         json_object_set_new(o, "client_seq", json_integer((json_int_t)seq));
         kvs_cli_print_json(o);
     } else if (!quiet) {

@@ -72,7 +72,7 @@ struct kvs_client_opts {
     int32_t retries;            /* extra attempts of a retryable call after a timeout; 0 = 2,
                                    < 0 = none */
     int32_t max_redirects;      /* MOVED replies followed per call; 0 = 4 */
-    uint64_t client_id;         /* appends' client id; 0 = a random one */
+    uint64_t client_id;         /* appends' client id; 0 = a random one (below 2^63) */
     const char *name;           /* sent in hello as `client`; NULL = "libkvstream" */
 };
 

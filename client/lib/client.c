@@ -809,7 +809,8 @@ int kvs_client_connect(const char *endpoint, const struct kvs_client_opts *opts,
     c->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : 30000;
     c->retries = o.retries == 0 ? 2 : (o.retries < 0 ? 0 : o.retries);
     c->max_redirects = o.max_redirects > 0 ? o.max_redirects : 4;
-    c->client_id = o.client_id != 0 ? o.client_id : random_id();
+    /* a random id stays below 2^63 so that it survives JSON and signed 64-bit tools */
+    c->client_id = o.client_id != 0 ? o.client_id : (random_id() >> 1 | 1);
     c->next_id = (random_id() & 0xffffff) + 1; /* ids that rarely look alike across clients */
     atomic_init(&c->cancel, 0);
     kvs_wire_buf_init(&c->req);
