@@ -204,6 +204,7 @@ void kvs_dequantize(uint32_t type, const void *src, float *dst, uint64_t n)
     const uint8_t *s = src;
     uint32_t be = kvs_dtype_block_elems(type);
     assert(be != 0 && n % be == 0);
+    (void)be; /* only checked by the assert */
     switch (type) {
     case KVS_DTYPE_F32:
         memcpy(dst, s, (size_t)n * sizeof(float));
