@@ -752,7 +752,9 @@ int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, si
     } else {
         c->store = kvs_store_open(o->store_url, 2000, err, errlen);
         if (c->store == NULL) {
-            rc = KVS_UNAVAILABLE;
+            /* A file that cannot be read or is damaged, else a URL that makes no sense (an
+             * etcd store opens without contacting etcd). */
+            rc = strncmp(o->store_url, "file:", 5) == 0 ? KVS_IO : KVS_INVALID_ARGUMENT;
             goto fail;
         }
         c->own_store = true;

@@ -45,7 +45,8 @@ struct kvs_coord_opts {
 };
 
 /* Open the store, bind the socket, start the election. 0 with *out, or INVALID_ARGUMENT
- * (options), IO (bind), UNAVAILABLE / BAD_FORMAT (store), NO_MEMORY, with err. */
+ * (options, a store URL that makes no sense), IO (bind, a store file that cannot be read or
+ * is damaged), NO_MEMORY, with err. */
 int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, size_t errlen);
 
 /* Serve until kvs_coord_stop. 0, or INTERNAL when the socket fails. */
