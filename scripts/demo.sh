@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The main job: set up (idempotent), build, and run the streaming demo on the default model:
-# a synthetic market feed streams into sessions, flash queries stay fresh, questions are
-# asked as the context grows (`kvstream demo`, in-process; the server-based demo replaces it
-# when the worker daemon lands).
+# The main job: set up (idempotent), build, and run the streaming demo on the default model.
+# `kvstream demo` starts a single-node cluster (`kvstream up`: a kvs-worker on a free loopback
+# port) as its child and talks to it over the wire with libkvstream, as an application would:
+# a synthetic market feed streams into four sessions, flash queries are kept fresh by the
+# worker, questions are asked while the context grows, a live table and a summary (with the
+# stateless baseline and the scheduler's metrics) are printed, and the cluster is stopped.
+# Arguments go to `kvstream demo` (e.g. --ticks N, --rate R, --endpoint EP; see --help).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -11,6 +14,7 @@ if [ ! -f build/CMakeCache.txt ]; then
     cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >build-configure.log 2>&1 \
         || { cat build-configure.log; exit 1; }
 fi
-cmake --build build -j"$(nproc)" --target kvstream >build.log 2>&1 \
+# the CLI and the worker it starts (`kvstream up` runs the kvs-worker next to it)
+cmake --build build -j"$(nproc)" --target kvstream kvs-worker >build.log 2>&1 \
     || { grep -E "error|Error" build.log | head -40; exit 1; }
 exec ./build/kvstream demo "$@"

@@ -1,19 +1,134 @@
 #!/usr/bin/env bash
-# The demo runs end to end on the default model: a table row per question, flash answers
-# ready when asked (every append re-evaluates them, so every ask is a hit), a summary with
-# the stateless baseline, exit 0; and bad options are one-line errors.
+# The demo end to end through a real cluster: `kvstream demo` starts `kvstream up` (a real
+# kvs-worker on a free loopback port) as its child, streams the feed into four sessions over
+# libkvstream and prints a table row per session and round and a summary (appends, flash hit
+# rate, question TTFT, the stateless baseline with the same answer, the worker's scheduler
+# metrics); it stops the cluster at the end and on SIGINT, leaving no process and no
+# temporary directory behind. Bad options are one-line errors with exit 2, and --endpoint to
+# a dead endpoint fails with one line and exit 3 within the connect timeout.
 # Usage: cli_demo.sh /path/to/kvstream
 set -uo pipefail
 KVS=${1:?usage: cli_demo.sh KVSTREAM}
 TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
+DEMO_PID=
+cleanup() {
+    [ -n "$DEMO_PID" ] && kill -TERM "$DEMO_PID" 2>/dev/null && wait "$DEMO_PID" 2>/dev/null
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
 fail() { echo "cli_demo: FAIL: $*" >&2; exit 1; }
 
-"$KVS" demo --ticks 40 -t 2 >"$TMP/out" 2>"$TMP/err" || fail "demo exited $? ($(cat "$TMP/err"))"
-[ "$(grep -c '^20 \|^40 ' "$TMP/out")" -eq 4 ] || fail "expected 4 table rows: $(cat "$TMP/out")"
-grep -q "flash answers ready when asked: 4/4 (100%" "$TMP/out" || fail "hit rate: $(grep summary "$TMP/out")"
-grep -Eq "stateless \(re-prefill\) TTFT [0-9.]+ ms: [0-9]+x" "$TMP/out" || fail "no baseline line"
-"$KVS" demo --ticks 0 >/dev/null 2>"$TMP/err"; [ $? -eq 2 ] || fail "--ticks 0 accepted"
-[ "$(wc -l <"$TMP/err")" -eq 1 ] || fail "--ticks 0: not one line"
-"$KVS" demo --nope >/dev/null 2>"$TMP/err"; [ $? -eq 2 ] || fail "unknown option accepted"
+MODEL_DIR=${KVS_MODEL_DIR:-$HOME/.cache/kvstream/models}
+MODEL=${KVSTREAM_MODEL:-$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf}
+if [ ! -f "$MODEL" ]; then
+    echo "cli_demo: the default model $MODEL is missing (scripts/setup.sh fetches it): skipped"
+    exit 77
+fi
+
+# gone PID: the process has exited (or is a zombie nobody reaps: not ours then)
+gone() { ! kill -0 "$1" 2>/dev/null; }
+# no process mentions PATTERN in its command line (the demo's worker carries its data dir)
+none_with() { ! pgrep -f -- "$1" >/dev/null; }
+
+# ---- a short run with the defaults' shape: 4 sessions, 3 rounds ----
+export TMPDIR="$TMP" # the demo's temporary data dir goes here, so we can see it removed
+"$KVS" demo --ticks 24 --rate 1 --ask-every 8 -t 2 >"$TMP/out" 2>"$TMP/err"
+rc=$?
+[ "$rc" -eq 0 ] || fail "demo exited $rc: $(cat "$TMP/err") / $(tail -5 "$TMP/out")"
+[ ! -s "$TMP/err" ] || fail "demo wrote to stderr: $(cat "$TMP/err")"
+UP_PID=$(sed -n 's/.*(kvstream up, pid \([0-9]*\), data dir .*/\1/p' "$TMP/out")
+DATA_DIR=$(sed -n 's/.*(kvstream up, pid [0-9]*, data dir \(.*\))$/\1/p' "$TMP/out")
+[ -n "$UP_PID" ] && [ -n "$DATA_DIR" ] || fail "no 'cluster up' line: $(head -5 "$TMP/out")"
+case "$DATA_DIR" in "$TMP"/kvstream-demo.*) ;; *) fail "data dir $DATA_DIR not under TMPDIR" ;; esac
+gone "$UP_PID" || fail "kvstream up (pid $UP_PID) still runs after the demo"
+none_with "$DATA_DIR" || fail "a process of $DATA_DIR is left: $(pgrep -af -- "$DATA_DIR")"
+[ ! -e "$(dirname "$DATA_DIR")" ] || fail "the temporary dir $(dirname "$DATA_DIR") is left"
+grep -q "^kvstream demo: done$" "$TMP/out" || fail "no 'done' line"
+
+# 3 rounds (ticks 8, 16, 24) x 4 sessions, each with context, latencies and answers
+ROWS=$(grep -cE '^ +(8|16|24)  (aapl|msft|nvda|goog) +[0-9]+ +[0-9.]+  [0-2]/2 +[0-9.]+ +[0-9.]+  ' \
+    "$TMP/out")
+[ "$ROWS" -eq 12 ] || fail "expected 12 table rows, got $ROWS: $(cat "$TMP/out")"
+# the context grows: the last row of aapl has more tokens than its first
+FIRST=$(awk '$2 == "aapl" { print $3; exit }' "$TMP/out")
+LAST=$(awk '$2 == "aapl" { v = $3 } END { print v }' "$TMP/out")
+[ "$LAST" -gt "$FIRST" ] || fail "aapl's context did not grow: $FIRST -> $LAST"
+
+grep -qE '^  appends      24 into 4 sessions, latency mean [0-9.]+ ms, p99 [0-9.]+ ms' "$TMP/out" \
+    || fail "appends line: $(grep appends "$TMP/out")"
+FLASH=$(grep -E '^  flash gets   24, [0-9]+ fresh when asked: hit rate [0-9]+%, latency mean' \
+    "$TMP/out") || fail "flash gets line: $(grep 'flash gets' "$TMP/out")"
+HITS=$(echo "$FLASH" | sed 's/.*24, \([0-9]*\) fresh.*/\1/')
+# A tick reaches each session every 4 s on average, and the worker re-answers its flash
+# queries within about a second on an idle 2-core machine (several on a busy one): at
+# least a quarter of the reads must find the answer ready.
+[ "$HITS" -ge 6 ] || fail "flash hit rate too low ($HITS/24): $FLASH"
+grep -qE '^  flash watch  aapl: [1-9][0-9]* answers pushed' "$TMP/out" \
+    || fail "flash watch line: $(grep 'flash watch' "$TMP/out")"
+grep -qE '^  questions    12, TTFT mean [0-9.]+ ms, p50 [0-9.]+ ms, p99 [0-9.]+ ms$' "$TMP/out" \
+    || fail "questions line: $(grep questions "$TMP/out")"
+# stateful and stateless (re-prefill) give the same greedy answer; the ratio is printed
+grep -qE '^  baseline     [a-z]+ at [0-9]+ context tokens: stateful TTFT [0-9.]+ ms, stateless \(re-prefill\) TTFT [0-9.]+ ms: [0-9]+x, same answer$' \
+    "$TMP/out" || fail "baseline line: $(grep baseline "$TMP/out")"
+grep -qE '^  scheduler    [1-9][0-9]* steps, [0-9.]+ rows per step; batch occupancy [0-9.]+, [0-9.]+ sequences per step' \
+    "$TMP/out" || fail "scheduler line: $(grep -A2 scheduler "$TMP/out")"
+grep -qE '^  rows         decode [1-9][0-9]*, question [1-9][0-9]*, append [1-9][0-9]*, flash [1-9][0-9]*$' \
+    "$TMP/out" || fail "rows line: $(grep '^  rows' "$TMP/out")"
+grep -qE '^  flash evals  [1-9][0-9]* computed, [0-9]+ wasted' "$TMP/out" \
+    || fail "flash evals line: $(grep 'flash evals' "$TMP/out")"
+# the rows carry the feed's values next to the model's answers
+grep -qE '^ +8  aapl .*\[1[0-9][0-9]\.[0-9][0-9] [+-][0-9]\.[0-9][0-9]\]$' "$TMP/out" \
+    || fail "no feed value in aapl's first row: $(grep -m1 ' aapl ' "$TMP/out")"
+
+# ---- SIGINT: the demo stops its cluster, closes its sessions and exits 130 ----
+"$KVS" demo --ticks 400 --rate 4 -t 2 --data-dir "$TMP/sig" >"$TMP/sig.out" 2>"$TMP/sig.err" &
+DEMO_PID=$!
+for _ in $(seq 1 600); do
+    grep -q "^ *tick  session" "$TMP/sig.out" && break
+    gone "$DEMO_PID" && fail "demo exited early: $(cat "$TMP/sig.err")"
+    sleep 0.1
+done
+grep -q "^ *tick  session" "$TMP/sig.out" || fail "no table header within 60 s"
+sleep 2
+UP_PID=$(sed -n 's/.*(kvstream up, pid \([0-9]*\), data dir .*/\1/p' "$TMP/sig.out")
+kill -INT "$DEMO_PID"
+START=$SECONDS
+wait "$DEMO_PID"
+rc=$?
+DEMO_PID=
+[ "$rc" -eq 130 ] || fail "after SIGINT the demo exited $rc, not 130: $(cat "$TMP/sig.err")"
+[ $((SECONDS - START)) -le 30 ] || fail "the demo took $((SECONDS - START)) s to stop"
+gone "$UP_PID" || fail "kvstream up (pid $UP_PID) still runs after SIGINT"
+none_with "$TMP/sig" || fail "a process of $TMP/sig is left: $(pgrep -af -- "$TMP/sig")"
+[ -z "$(ls "$TMP/sig" | grep -v '^\.')" ] || fail "sessions left in the data dir: $(ls "$TMP/sig")"
+grep -q "stopping" "$TMP/sig.err" || fail "no stopping line: $(cat "$TMP/sig.err")"
+
+# ---- bad command lines: one line on stderr, exit 2, nothing started ----
+bad() {
+    "$KVS" demo "$@" >"$TMP/bad.out" 2>"$TMP/bad.err"
+    local rc=$?
+    [ "$rc" -eq 2 ] || fail "'demo $*' exited $rc, not 2"
+    [ "$(wc -l <"$TMP/bad.err")" -eq 1 ] || fail "'demo $*': not one line: $(cat "$TMP/bad.err")"
+    [ ! -s "$TMP/bad.out" ] || fail "'demo $*' printed: $(cat "$TMP/bad.out")"
+}
+bad --ticks 0
+bad --ticks many
+bad --rate 0
+bad --ask-every -1
+bad -t 0
+bad --device tpu
+bad --nope
+bad --ticks
+bad extra
+bad --endpoint tcp://127.0.0.1:7700 -m "$MODEL"
+
+# ---- --endpoint where nothing listens: one line, exit 3, within the connect timeout ----
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+START=$SECONDS
+timeout 30 "$KVS" demo --endpoint "tcp://127.0.0.1:$PORT" >"$TMP/dead.out" 2>"$TMP/dead.err"
+rc=$?
+[ "$rc" -eq 3 ] || fail "--endpoint to a dead port exited $rc, not 3: $(cat "$TMP/dead.err")"
+[ $((SECONDS - START)) -le 15 ] || fail "--endpoint to a dead port took $((SECONDS - START)) s"
+[ "$(wc -l <"$TMP/dead.err")" -eq 1 ] || fail "dead endpoint: not one line: $(cat "$TMP/dead.err")"
+grep -q "tcp://127.0.0.1:$PORT" "$TMP/dead.err" || fail "the error does not name the endpoint"
 echo "cli_demo: ok"

@@ -645,8 +645,7 @@ static void print_summary(struct demo *d, kvs_client *c, struct totals *t, doubl
     double q99 = quantile(t->ttft_ms, nq, 0.99);
     printf("  questions    %d, TTFT mean %.1f ms, p50 %.1f ms, p99 %.1f ms\n", (int)t->questions,
            qm, q50, q99);
-    printf("  answers      %d/%d equal to the feed's value (the default model is a 135M one: "
-           "-m takes a larger)\n",
+    printf("  answers      %d/%d of the model's equal to the feed's values\n",
            (int)t->answers_true, (int)t->answers);
     print_baseline(d, c);
     print_scheduler(d, t);
@@ -806,8 +805,7 @@ static int run(struct demo *d, long ask_every, bool close_sessions)
     kvs_client *c = NULL;
     int rc = connect_client(d, N_DESKS, &c, err, sizeof err);
     if (rc < 0) {
-        kvs_cli_error(CMD, "%s%s", err,
-                      rc == KVS_TIMEOUT ? " (is a cluster running there?)" : "");
+        kvs_cli_error(CMD, "%s", err);
         return rc == KVS_INVALID_ARGUMENT ? KVS_EXIT_USAGE : kvs_cli_exit_code(rc);
     }
     struct kvs_client_status st;
