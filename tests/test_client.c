@@ -581,6 +581,46 @@ START_TEST(test_watch)
 }
 END_TEST
 
+/* The helper of the renewal test: waits 1.6 s (several renewals of a 400 ms watch), then
+ * appends. */
+static void *append_later(void *arg)
+{
+    struct watch_ctx *w = arg;
+    sleep_ms(1600);
+    struct kvs_client_opts o = {.timeout_ms = 30000};
+    kvs_client *c = NULL;
+    w->helper_rc = kvs_client_connect(w->endpoint, &o, &c, NULL, 0);
+    if (w->helper_rc == 0) {
+        w->helper_rc = kvs_client_append(c, w->session, "ETH 3100", 8, NULL);
+    }
+    kvs_client_destroy(&c);
+    return NULL;
+}
+
+START_TEST(test_quiet_watch_is_renewed)
+{
+    kvs_client *c = connect_to(g_shared.endpoint, 30000, 0);
+    watch_setup(c, "wq");
+    /* silent for 400 ms at a time: renewed (cancel + subscribe from the last version) about
+     * four times before the append; its answer comes once, the replayed one never twice */
+    kvs_client_set_timeout(c, 400);
+    struct watch_ctx w = {.endpoint = g_shared.endpoint, .session = "wq", .stop_at = 2};
+    pthread_t th;
+    pthread_create(&th, NULL, append_later, &w);
+    OK(c, kvs_client_flash_watch(c, "wq", NULL, 0, on_watch, &w));
+    pthread_join(th, NULL);
+    ck_assert_int_eq(w.helper_rc, 0);
+    ck_assert_int_eq(atomic_load(&w.answers), 2);
+    ck_assert_int_eq(w.versions[0], 1);
+    ck_assert_int_eq(w.versions[1], 2);
+    kvs_client_set_timeout(c, 30000);
+    struct kvs_client_status st;
+    OK(c, kvs_client_status(c, &st)); /* the client still works */
+    OK(c, kvs_client_session_close(c, "wq"));
+    kvs_client_destroy(&c);
+}
+END_TEST
+
 START_TEST(test_watch_resumes_after_restart)
 {
     struct worker w = {0};
@@ -1034,6 +1074,7 @@ int main(void)
     tcase_add_test(tc, test_query);
     tcase_add_test(tc, test_flash);
     tcase_add_test(tc, test_watch);
+    tcase_add_test(tc, test_quiet_watch_is_renewed);
     tcase_add_test(tc, test_watch_resumes_after_restart);
     tcase_add_test(tc, test_timeout_on_stopped_worker);
     tcase_add_test(tc, test_retried_append_applied_once);

@@ -286,7 +286,9 @@ typedef bool (*kvs_client_watch_fn)(const struct kvs_client_answer *a, void *use
  * it was closed), BUSY (the worker's watch limits), UNSUPPORTED (a protocol 1.0 worker).
  * When the connection drops or the worker shuts down, the watch is resumed on a fresh socket
  * from the highest version seen (answers superseded meanwhile are not replayed), trying
- * `retries` + 1 times, timeout_ms each, before it returns TIMEOUT. */
+ * `retries` + 1 times, timeout_ms each, before it returns TIMEOUT. A watch that heard nothing
+ * for timeout_ms is renewed the same way (a worker drops a watcher that does not keep up,
+ * without a word), so nothing is missed; keep callbacks short all the same. */
 int kvs_client_flash_watch(kvs_client *c, const char *session, const char *name,
                            int64_t after_version, kvs_client_watch_fn cb, void *user);
 

@@ -4,7 +4,9 @@
  * mean a lost connection. The socket's monitor reports a disconnection (the worker exited,
  * or heartbeats stopped for a second); the watch is then subscribed again on a fresh socket
  * with `after_version` = the highest version received, and the worker replays the latest
- * answer of each flash query newer than that. */
+ * answer of each flash query newer than that. A watch silent for timeout_ms is renewed the
+ * same way (cancel, subscribe again), since a worker drops a watcher it cannot push to
+ * without a word. */
 #include "client/lib/client_impl.h"
 
 #include <errno.h>
@@ -91,7 +93,14 @@ static void sleep_until(const struct timespec *t0, int32_t ms)
 }
 
 /* Outcomes of one subscription. */
-enum watch_end { WATCH_DONE, WATCH_LOST, WATCH_FAILED };
+enum watch_end { WATCH_DONE, WATCH_LOST, WATCH_REFRESH, WATCH_FAILED };
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 /* Subscribe once and deliver pieces until the caller stops (DONE), the connection or the
  * worker goes away (LOST: resubscribe) or an error ends the watch (FAILED, *rc set). */
@@ -151,6 +160,7 @@ static enum watch_end watch_once(kvs_client *c, const char *session, const char 
         *resume = (int64_t)version; /* a resubscription replays what came after this */
     }
     *subscribed = true;
+    int64_t last_heard = mono_ms();
     for (uint64_t expect = 1;;) {
         if (atomic_load(&c->cancel)) {
             client_abandon(c);
@@ -164,8 +174,20 @@ static enum watch_end watch_once(kvs_client *c, const char *session, const char 
                 end = WATCH_LOST;
                 goto out;
             }
+            if (mono_ms() - last_heard >= c->timeout_ms) {
+                /* Silent for a while: the worker may have dropped this watch (a push it
+                 * could not queue, PROTOCOL.md section 7) without a word. Cancel it and
+                 * subscribe again from the last version: nothing is lost or repeated. */
+                client_req_begin(c, "cancel");
+                client_req_u64(c, "target", id);
+                uint64_t cancel_id;
+                *rc = client_send(c, k, &cancel_id);
+                end = *rc == 0 ? WATCH_REFRESH : WATCH_LOST;
+                goto out;
+            }
             continue;
         }
+        last_heard = mono_ms();
         if (*rc == KVS_CANCELLED && atomic_load(&c->cancel)) {
             continue; /* handled at the top of the loop */
         }
@@ -237,6 +259,10 @@ int kvs_client_flash_watch(kvs_client *c, const char *session, const char *name,
         int rc = 0;
         bool subscribed = false;
         enum watch_end end = watch_once(c, session, name, &resume, cb, user, &rc, &subscribed);
+        if (end == WATCH_REFRESH) {
+            failures = 0;
+            continue;
+        }
         if (end == WATCH_DONE) {
             atomic_store(&c->cancel, 0);
             c->err[0] = '\0';
