@@ -348,7 +348,7 @@ static bool key_is(const msgpack_object *k, const char *s)
     X(policy) X(client_id) X(client_seq) X(cells) X(query_reserve) X(max_tokens)           \
     X(stateless) X(stream) X(allow_stale) X(compact) X(stops) X(temperature) X(top_k)      \
     X(top_p) X(min_p) X(repeat_penalty) X(seed) X(every_tokens) X(min_interval_ms)         \
-    X(versions) X(client) X(deadline_ms) X(target) X(after_version)
+    X(versions) X(client) X(deadline_ms) X(target) X(after_version) X(from)
 
 enum known_key {
 #define KEY_ENUM(k) K_##k,
@@ -395,6 +395,9 @@ static int decode_field(struct kvs_wire_request *rq, enum known_key k, const msg
     case K_name:
         KVS_TRY(get_str(rq, key, v, KVS_WIRE_NAME_MAX, &rq->name, NULL, err, errlen));
         return check_ident(key, rq->name, KVS_WIRE_NAME_MAX, err, errlen);
+    case K_from:
+        KVS_TRY(get_str(rq, key, v, KVS_WIRE_NAME_MAX, &rq->from, NULL, err, errlen));
+        return check_ident(key, rq->from, KVS_WIRE_NAME_MAX, err, errlen);
     case K_text:
         return get_str(rq, key, v, KVS_WIRE_MAX_STRING, &rq->text, &rq->text_len, err, errlen);
     case K_question:
@@ -587,7 +590,7 @@ static int check_required(const struct kvs_wire_request *rq, char *err, size_t e
         return 0;
     case KVS_OP_SESSION_CREATE: case KVS_OP_SESSION_INFO: case KVS_OP_SESSION_CLOSE:
     case KVS_OP_SESSION_SNAPSHOT: case KVS_OP_FLASH_LIST: case KVS_OP_FLASH_WATCH:
-    case KVS_OP_SESSION_DUMP:
+    case KVS_OP_SESSION_DUMP: case KVS_OP_SESSION_ADOPT:
         return require(rq->session, "session", op, err, errlen);
     default:
         return fail(KVS_INTERNAL, err, errlen, "unhandled op");

@@ -57,7 +57,8 @@
     X(FLASH_GET, "flash.get")                                                              \
     X(FLASH_WATCH, "flash.watch")                                                          \
     X(CANCEL, "cancel")                                                                    \
-    X(SESSION_DUMP, "session.dump")
+    X(SESSION_DUMP, "session.dump")                                                        \
+    X(SESSION_ADOPT, "session.adopt")
 
 enum kvs_wire_op {
     KVS_OP_UNKNOWN = 0,
@@ -77,6 +78,7 @@ struct kvs_wire_request {
     enum kvs_wire_op op;
     const char *session;            /* session id (validated charset) */
     const char *name;               /* flash query name (validated charset) */
+    const char *from;               /* session.adopt: the worker id it comes from (charset) */
     const char *text;               /* append record */
     size_t text_len;
     const char *question;           /* query / flash.register */

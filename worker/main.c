@@ -3,7 +3,13 @@
  *   kvs-worker --model PATH [--listen tcp://127.0.0.1:7710] [--data-dir DIR]
  *              [--fsync always|everysec|no] [--threads N] [--cells N] [--device DEV]
  *              [--batch-tokens N] [--append-chunk N] [--target-step-ms T] [--overcommit R]
- *              [--insecure]
+ *              [--insecure] [--coordinator EP[,EP...] [--worker-id ID] [--advertise EP]]
+ *
+ * With --coordinator the worker registers with the cluster's coordinator, heartbeats its
+ * load and stops serving when it loses both the coordinator and its lease
+ * (worker/coordlink.h); its --data-dir DIR is then the shared root of every worker's
+ * directory: its own sessions live in DIR/ID (restored at start) and session.adopt
+ * {from: W} takes a session from DIR/W. Without --coordinator nothing of this happens.
  *
  * Prints one line "kvs-worker: listening on ENDPOINT" on standard
  * output when ready (a port of * in --listen picks a free one: read it from this line).
@@ -13,14 +19,18 @@
  */
 #include "common/log.h"
 #include "common/status.h"
+#include "worker/coordlink.h"
 #include "worker/server.h"
 #include "worker/session.h"
 
+#include <errno.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 static kvs_server *g_server; /* for the signal handler */
 
@@ -48,6 +58,9 @@ static void usage(FILE *f)
             "      --append-chunk N    rows of one append per step (default 64)\n"
             "      --target-step-ms T  scheduler step time the row budget aims at (default 100)\n"
             "      --overcommit R      admit session budgets against capacity x R (1..16; default 1 = off)\n"
+            "      --coordinator EP    register with the cluster's coordinator (EP[,EP...])\n"
+            "      --worker-id ID      this worker's id in the cluster (default HOSTNAME-PORT)\n"
+            "      --advertise EP      the endpoint clients reach it at (default: the bound one)\n"
             "  -h, --help\n");
 }
 
@@ -59,6 +72,29 @@ static int parse_i64(const char *s, int64_t min, int64_t max, int64_t *out)
         return KVS_INVALID_ARGUMENT;
     }
     *out = v;
+    return 0;
+}
+
+/* HOSTNAME-PORT from a --listen with a fixed port; -1 when it has none. */
+static int default_worker_id(const char *listen, char *out, size_t cap)
+{
+    const char *colon = strrchr(listen, ':');
+    char *end;
+    long port = colon ? strtol(colon + 1, &end, 10) : 0;
+    if (colon == NULL || *end != '\0' || port <= 0 || port > 65535) {
+        return -1;
+    }
+    char host[64] = "worker";
+    if (gethostname(host, sizeof host) < 0) {
+        snprintf(host, sizeof host, "worker");
+    }
+    host[sizeof host - 1] = '\0';
+    for (char *p = host; *p; p++) { /* keep to the id's charset */
+        bool ok = (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+                  (*p >= '0' && *p <= '9') || *p == '.' || *p == '_' || *p == '-';
+        *p = ok ? *p : '-';
+    }
+    snprintf(out, cap, "%s-%ld", host[0] == '.' ? "w" : host, port);
     return 0;
 }
 
@@ -77,8 +113,12 @@ int main(int argc, char **argv)
         {"append-chunk", required_argument, 0, 'A'},
         {"target-step-ms", required_argument, 0, 'T'},
         {"overcommit", required_argument, 0, 'O'},
+        {"coordinator", required_argument, 0, 'C'},
+        {"worker-id", required_argument, 0, 'W'},
+        {"advertise", required_argument, 0, 'V'},
         {0, 0, 0, 0},
     };
+    const char *coordinator = NULL, *worker_id = NULL, *advertise = NULL;
     int c;
     int64_t v;
     while ((c = getopt_long(argc, argv, "m:l:d:t:c:h", longopts, NULL)) != -1) {
@@ -140,6 +180,9 @@ int main(int argc, char **argv)
             }
             break;
         }
+        case 'C': coordinator = optarg; break;
+        case 'W': worker_id = optarg; break;
+        case 'V': advertise = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -147,6 +190,34 @@ int main(int argc, char **argv)
     if (o.engine.model_path == NULL || optind != argc) {
         usage(stderr);
         return 2;
+    }
+
+    if (coordinator == NULL && (worker_id != NULL || advertise != NULL)) {
+        fprintf(stderr, "kvs-worker: --worker-id and --advertise need --coordinator\n");
+        return 2;
+    }
+    char id_buf[80], own_dir[4096];
+    if (coordinator != NULL && worker_id == NULL) {
+        if (default_worker_id(o.listen, id_buf, sizeof id_buf) < 0) {
+            fprintf(stderr, "kvs-worker: --worker-id is needed when --listen does not name a "
+                            "fixed port\n");
+            return 2;
+        }
+        worker_id = id_buf;
+    }
+    if (coordinator != NULL && o.data_dir != NULL) {
+        /* the shared root: this worker's sessions in ROOT/ID, the others' next to it */
+        if (mkdir(o.data_dir, 0700) < 0 && errno != EEXIST) {
+            fprintf(stderr, "kvs-worker: cannot create %s: %s\n", o.data_dir, strerror(errno));
+            return 1;
+        }
+        if ((size_t)snprintf(own_dir, sizeof own_dir, "%s/%s", o.data_dir, worker_id) >=
+            sizeof own_dir) {
+            fprintf(stderr, "kvs-worker: --data-dir too long\n");
+            return 2;
+        }
+        o.data_root = o.data_dir;
+        o.data_dir = own_dir;
     }
 
     char err[1024] = "";
@@ -165,9 +236,26 @@ int main(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    kvs_coordlink *link = NULL;
+    if (coordinator != NULL) {
+        struct kvs_coordlink_opts lo = {.coordinators = coordinator,
+                                        .worker_id = worker_id,
+                                        .advertise =
+                                            advertise ? advertise : kvs_server_endpoint(srv),
+                                        .device = o.engine.device ? o.engine.device : "cpu",
+                                        .srv = srv};
+        rc = kvs_coordlink_start(&lo, &link, err, sizeof err);
+        if (rc < 0) {
+            fprintf(stderr, "kvs-worker: %s (%s)\n", err, kvs_status_name(rc));
+            g_server = NULL;
+            kvs_server_destroy(&srv);
+            return rc == KVS_INVALID_ARGUMENT ? 2 : 1;
+        }
+    }
     printf("kvs-worker: listening on %s\n", kvs_server_endpoint(srv));
     fflush(stdout);
     rc = kvs_server_run(srv);
+    kvs_coordlink_stop(&link);
     g_server = NULL;
     kvs_server_destroy(&srv);
     return rc < 0 ? 1 : 0;

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* ---- helpers ------------------------------------------------------------------------------ */
 
@@ -204,6 +205,8 @@ static void io_handle(kvs_server *srv, zmq_msg_t *parts, int n_parts, bool stopp
         io_send_out(srv, ident);
     } else if (rq.op == KVS_OP_HELLO) {
         io_hello(srv, ident, &rq);
+    } else if (kvs_srv_fence_reason(srv) != NULL) {
+        io_error(srv, ident, rq.id, KVS_UNAVAILABLE, kvs_srv_fence_reason(srv));
     } else if (stopping) {
         io_error(srv, ident, rq.id, KVS_CANCELLED, "worker shutting down");
     } else if (rq.op == KVS_OP_FLASH_GET &&
@@ -333,6 +336,11 @@ int kvs_server_run(kvs_server *srv)
             }
             stop_sent = true;
         }
+        if (!srv->io_fenced && kvs_srv_fence_reason(srv) != NULL) {
+            kvs_flashcache_end_all(srv->fc, KVS_UNAVAILABLE, kvs_srv_fence_reason(srv));
+            zmq_send(srv->pair_io, "F", 1, 0); /* wake the engine: it cancels its work */
+            srv->io_fenced = true;
+        }
         zmq_pollitem_t items[2] = {{srv->router, 0, ZMQ_POLLIN, 0},
                                    {srv->pair_io, 0, ZMQ_POLLIN, 0}};
         if (zmq_poll(items, 2, 100) < 0) {
@@ -376,6 +384,65 @@ void kvs_server_stop(kvs_server *srv)
     srv->stop_requested = 1;
 }
 
+void kvs_server_fence(kvs_server *srv, const char *why)
+{
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&srv->fenced, &expected, 1)) {
+        return; /* fenced already: the first reason stands */
+    }
+    snprintf(srv->fence_why, sizeof srv->fence_why, "%s", why ? why : "stopped serving");
+    for (char *p = srv->fence_why; *p; p++) {
+        if (*p == '\n') {
+            *p = ' ';
+        }
+    }
+    atomic_store(&srv->fenced, 2);
+    KVS_ERROR("server: %s", srv->fence_why);
+}
+
+bool kvs_server_fenced(kvs_server *srv)
+{
+    return atomic_load(&srv->fenced) != 0;
+}
+
+void kvs_server_serve_until(kvs_server *srv, int64_t until_ms)
+{
+    atomic_store(&srv->serve_until_ms, until_ms);
+}
+
+const char *kvs_srv_fence_reason(kvs_server *srv)
+{
+    int64_t until = atomic_load(&srv->serve_until_ms);
+    if (until > 0 && atomic_load(&srv->fenced) == 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        int64_t now = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+        if (now > until) {
+            kvs_server_fence(srv, "stopped serving: no reply from the coordinator and the "
+                                  "lease not renewed for the lease TTL minus the margin: the "
+                                  "sessions may be restored elsewhere; restart the worker to "
+                                  "serve again");
+        }
+    }
+    return atomic_load(&srv->fenced) == 2 ? srv->fence_why : NULL;
+}
+
+void kvs_server_load(kvs_server *srv, struct kvs_server_load *out)
+{
+    out->cells_total = kvs_pool_capacity_cells(srv->e->pool);
+    out->cells_used = atomic_load(&srv->load_cells_used);
+    out->cells_reserved = atomic_load(&srv->load_cells_reserved);
+    out->cells_free = atomic_load(&srv->load_cells_free);
+    out->sessions = atomic_load(&srv->load_sessions);
+    out->queue = atomic_load(&srv->io_in_flight);
+    out->rows = atomic_load(&srv->load_rows);
+}
+
+const char *kvs_server_model_sha256(const kvs_server *srv)
+{
+    return srv->model_sha256;
+}
+
 const char *kvs_server_endpoint(const kvs_server *srv)
 {
     return srv->endpoint;
@@ -407,9 +474,22 @@ int kvs_server_new(const struct kvs_server_opts *o, kvs_server **out, char *err,
     atomic_init(&srv->io_watchers, 0);
     atomic_init(&srv->io_flash_hits, 0);
     atomic_init(&srv->io_watchers_dropped, 0);
+    atomic_init(&srv->fenced, 0);
+    atomic_init(&srv->serve_until_ms, 0);
+    atomic_init(&srv->load_cells_used, 0);
+    atomic_init(&srv->load_cells_reserved, 0);
+    atomic_init(&srv->load_cells_free, 0);
+    atomic_init(&srv->load_sessions, 0);
+    atomic_init(&srv->load_rows, 0);
     kvs_wire_buf_init(&srv->out);
     kvs_wire_buf_init(&srv->eout);
     int rc = KVS_NO_MEMORY;
+    srv->data_dir = o->data_dir ? strdup(o->data_dir) : NULL;
+    srv->data_root = o->data_root ? strdup(o->data_root) : NULL;
+    if ((o->data_dir && !srv->data_dir) || (o->data_root && !srv->data_root)) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
     srv->fc = kvs_flashcache_new(fc_send, srv);
     if (srv->fc == NULL) {
         snprintf(err, errlen, "out of memory");
@@ -526,6 +606,8 @@ void kvs_server_destroy(kvs_server **psrv)
     kvs_flashcache_destroy(&srv->fc);
     kvs_wire_buf_destroy(&srv->out);
     kvs_wire_buf_destroy(&srv->eout);
+    free(srv->data_dir);
+    free(srv->data_root);
     free(srv);
     *psrv = NULL;
 }

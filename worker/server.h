@@ -47,6 +47,9 @@ struct kvs_server_opts {
     const char *listen;            /* ZeroMQ endpoint, e.g. tcp://127.0.0.1:7710 (port * = any) */
     bool insecure;                 /* allow a non-loopback listen address (no CURVE yet) */
     const char *data_dir;          /* session logs and snapshots; NULL = in memory only */
+    const char *data_root;         /* shared root of the workers' data dirs: session.adopt
+                                    * {from: W} takes the session from data_root/W (NULL =
+                                    * only from data_dir itself) */
     enum kvs_fsync_policy fsync;   /* for the session logs */
     struct kvs_engine_opts engine; /* model, threads, cells */
     int32_t queue_max;             /* 0 = KVS_SERVER_QUEUE_MAX */
@@ -73,6 +76,38 @@ void kvs_server_stop(kvs_server *srv);
 
 /* Free everything; accepts NULL; nulls *srv. Not while kvs_server_run is running. */
 void kvs_server_destroy(kvs_server **srv);
+
+/* A worker's load, for the coordinator's heartbeats (worker/coordlink.h). */
+struct kvs_server_load {
+    int64_t cells_total;    /* the pool */
+    int64_t cells_used;     /* in referenced blocks */
+    int64_t cells_reserved; /* promised to sessions and running queries */
+    int64_t cells_free;     /* neither */
+    int32_t sessions;       /* open sessions */
+    int32_t queue;          /* requests forwarded to the engine and not finished */
+    uint64_t rows;          /* tokens computed since start, every class (scheduler rows) */
+};
+
+/* The load as the engine thread last published it (after every pass of its loop).
+ * Thread-safe; may lag a scheduler step behind. */
+void kvs_server_load(kvs_server *srv, struct kvs_server_load *out);
+
+/* The model file's SHA-256 (64 lowercase hex digits); borrowed. Thread-safe. */
+const char *kvs_server_model_sha256(const kvs_server *srv);
+
+/* Stop serving for good (the ownership rule, worker/coordlink.h): from now on every request
+ * but hello and ping is answered UNAVAILABLE with why (copied, one line), watches end with
+ * it, and the engine cancels its queued and running work with it (an append already written
+ * to its log still completes). The sessions and their logs stay as they are. Thread-safe;
+ * the first call's reason is kept, later calls do nothing. */
+void kvs_server_fence(kvs_server *srv, const char *why);
+bool kvs_server_fenced(kvs_server *srv);
+
+/* Serve only until until_ms (CLOCK_MONOTONIC milliseconds; 0 = no limit): past it, the
+ * first request (or scheduler pass) to notice fences the server as kvs_server_fence does.
+ * The coordinator link moves it forward with every reply, so a worker that was paused
+ * (SIGSTOP) past its lease fences itself before it serves anything. Thread-safe. */
+void kvs_server_serve_until(kvs_server *srv, int64_t until_ms);
 
 /* True when endpoint names a loopback or local transport (tcp to 127.x / [::1] / localhost,
  * ipc://, inproc://). */

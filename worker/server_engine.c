@@ -461,6 +461,48 @@ static int eng_dump(kvs_server *srv, struct req *r, kvs_session *s, char *err, s
     return KVS_OK;
 }
 
+/* session.adopt: restore one session from the data dir (its worker went down). */
+static int eng_adopt(kvs_server *srv, struct req *r, const struct kvs_wire_request *rq, char *err,
+                     size_t errlen)
+{
+    char from[4096];
+    const char *from_dir = NULL;
+    if (srv->data_dir == NULL) {
+        snprintf(err, errlen, "this worker has no --data-dir: it cannot adopt sessions");
+        return KVS_UNSUPPORTED;
+    }
+    if (rq->from != NULL) {
+        if (srv->data_root == NULL) {
+            snprintf(err, errlen, "field 'from': this worker has no shared data root (it runs "
+                     "without --coordinator): adopt only from its own data dir");
+            return KVS_UNSUPPORTED;
+        }
+        if ((size_t)snprintf(from, sizeof from, "%s/%s", srv->data_root, rq->from) >=
+            sizeof from) {
+            snprintf(err, errlen, "field 'from': path too long");
+            return KVS_INVALID_ARGUMENT;
+        }
+        from_dir = from;
+    }
+    KVS_TRY(kvs_session_adopt(srv->S, from_dir, rq->session, err, errlen));
+    kvs_session *s = kvs_session_find(srv->S, rq->session);
+    if (s == NULL || ss_get(srv, s) == NULL) {
+        snprintf(err, errlen, "session '%s' adopted but not found after", rq->session);
+        return KVS_INTERNAL;
+    }
+    struct kvs_session_info in;
+    kvs_session_info(s, &in);
+    msgpack_packer *pk = &srv->eout.pk;
+    begin_reply(srv, r->id, 5);
+    pack_key(pk, "session"), kvs_wire_pack_cstr(pk, rq->session);
+    pack_key(pk, "version"), msgpack_pack_uint64(pk, in.version);
+    pack_key(pk, "appends"), msgpack_pack_uint64(pk, in.appends);
+    pack_key(pk, "cells"), msgpack_pack_int64(pk, in.cells_used);
+    pack_key(pk, "cells_budget"), msgpack_pack_int64(pk, in.cells_budget);
+    req_send(r, &srv->eout, true);
+    return KVS_OK;
+}
+
 /* Does rq need its session settled (no append of it in progress)? */
 static bool needs_settled(const struct kvs_wire_request *rq)
 {
@@ -494,7 +536,8 @@ static void eng_execute(kvs_server *srv, struct req *r, const struct kvs_wire_re
         req_free(r);
         return;
     }
-    if (rq->session != NULL && rq->op != KVS_OP_SESSION_CREATE) {
+    if (rq->session != NULL && rq->op != KVS_OP_SESSION_CREATE &&
+        rq->op != KVS_OP_SESSION_ADOPT) {
         s = kvs_session_find(srv->S, rq->session);
         ss = s != NULL ? ss_get(srv, s) : NULL;
         if (ss == NULL) {
@@ -533,6 +576,9 @@ static void eng_execute(kvs_server *srv, struct req *r, const struct kvs_wire_re
         req_send(r, &srv->eout, true);
         break;
     }
+    case KVS_OP_SESSION_ADOPT:
+        rc = eng_adopt(srv, r, rq, err, sizeof err);
+        break;
     case KVS_OP_SESSION_APPEND: {
         if (!rq->has_tokens) {
             r->ss = ss;
@@ -772,7 +818,8 @@ static bool must_wait(kvs_server *srv, const struct kvs_wire_request *rq)
     if (srv->closes_waiting > 0) {
         return true; /* a close waits for an idle scheduler: nothing new is started meanwhile */
     }
-    if (rq->session == NULL || rq->op == KVS_OP_SESSION_CREATE) {
+    if (rq->session == NULL || rq->op == KVS_OP_SESSION_CREATE ||
+        rq->op == KVS_OP_SESSION_ADOPT) {
         return false;
     }
     if (session_has_deferred(srv, rq->session)) {
@@ -802,6 +849,9 @@ static void eng_dispatch(kvs_server *srv, zmq_msg_t *ident, zmq_msg_t *payload, 
         kvs_wire_encode_error(&srv->eout, rq.id, rc < 0 ? rc : KVS_NO_MEMORY,
                               rc < 0 ? err : "out of memory", -1);
         eng_send(srv, id, id_len, &srv->eout, true);
+    } else if (kvs_srv_fence_reason(srv) != NULL) {
+        req_error(r, KVS_UNAVAILABLE, kvs_srv_fence_reason(srv));
+        req_free(r);
     } else if (atomic_load(&srv->stopping)) {
         req_error(r, KVS_CANCELLED, "worker shutting down");
         req_free(r);
@@ -895,6 +945,32 @@ static void after_step(kvs_server *srv)
         }
     }
     run_deferred(srv);
+    /* the load the coordinator link reports (kvs_server_load) */
+    const struct kvs_sched_stats *st = kvs_sched_stats(srv->sc);
+    uint64_t rows = 0;
+    for (int c = 0; c < KVS_N_CLASSES; c++) {
+        rows += st->rows[c];
+    }
+    atomic_store(&srv->load_cells_used, st->cells_used);
+    atomic_store(&srv->load_cells_reserved, st->cells_reserved);
+    atomic_store(&srv->load_cells_free, kvs_sessions_cells_free(srv->S));
+    atomic_store(&srv->load_sessions, kvs_sessions_count(srv->S));
+    atomic_store(&srv->load_rows, rows);
+}
+
+/* The server was fenced (kvs_server_fence): every request in flight is answered
+ * UNAVAILABLE (a logged append still completes in the scheduler; its requester is told). */
+static void eng_fence(kvs_server *srv)
+{
+    const char *why = kvs_srv_fence_reason(srv);
+    if (srv->eng_fenced || why == NULL) {
+        return;
+    }
+    srv->eng_fenced = true;
+    for (struct req *r = srv->live.next; r != &srv->live;) {
+        req_cancel(r, KVS_UNAVAILABLE, why);
+        r = srv->live.next; /* callbacks may have freed others: restart */
+    }
 }
 
 /* Cancel the live requests of a peer that is gone (all) or does not read (its streams). */
@@ -925,6 +1001,11 @@ static bool eng_drain(kvs_server *srv)
         if (n == 1 && zmq_msg_size(&parts[0]) == 0) {
             kvs_srv_close_parts(parts, n, 3);
             return false;
+        }
+        if (n == 1 && zmq_msg_size(&parts[0]) == 1) { /* "F": the server was fenced */
+            kvs_srv_close_parts(parts, n, 3);
+            eng_fence(srv);
+            continue;
         }
         if (n == 2 && zmq_msg_size(&parts[1]) == 1) {
             char why = *(const char *)zmq_msg_data(&parts[1]);
@@ -958,6 +1039,9 @@ void *kvs_srv_engine_main(void *arg)
         running = eng_drain(srv);
         if (!running) {
             break;
+        }
+        if (!srv->eng_fenced && kvs_srv_fence_reason(srv) != NULL) {
+            eng_fence(srv); /* the serve-until deadline passed between requests */
         }
         if (kvs_sched_busy(srv->sc)) {
             int rc = kvs_sched_step(srv->sc, kvs_now());

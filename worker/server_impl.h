@@ -87,6 +87,7 @@ struct kvs_server {
     void *pair_eng;                       /* engine thread's end */
     char endpoint[256];                   /* bound endpoint (ZMQ_LAST_ENDPOINT) */
     char model_sha256[65];                /* of the model file */
+    char *data_dir, *data_root;           /* copies of the options (session.adopt), or NULL */
     int32_t queue_max;                    /* requests forwarded and not finished, at most */
     volatile sig_atomic_t stop_requested; /* set by kvs_server_stop */
     atomic_int stopping;                  /* engine thread: answer CANCELLED from now on */
@@ -97,6 +98,16 @@ struct kvs_server {
     /* shared counters (written by the I/O thread, read by status on the engine thread) */
     atomic_int io_in_flight, io_watchers;
     atomic_ullong io_flash_hits, io_watchers_dropped;
+    /* fencing (kvs_server_fence): fence_why is written once, before fenced is set */
+    atomic_int fenced;   /* 0 serving, 1 being fenced (why being written), 2 fenced */
+    char fence_why[512]; /* the reason, one line */
+    atomic_llong serve_until_ms; /* kvs_server_serve_until (CLOCK_MONOTONIC ms; 0 = none) */
+    bool io_fenced;      /* I/O thread: the watches have been ended */
+    bool eng_fenced;     /* engine thread: the work in progress has been cancelled */
+    /* load published by the engine thread (kvs_server_load) */
+    atomic_llong load_cells_used, load_cells_reserved, load_cells_free;
+    atomic_int load_sessions;
+    atomic_ullong load_rows;
     /* engine thread */
     kvs_wire_buf eout;      /* reply buffer */
     struct req live;        /* sentinel of the list of live requests */
@@ -131,6 +142,10 @@ void kvs_srv_close_parts(zmq_msg_t *parts, int n, int n_max);
 /* server_engine.c: the engine thread's body (arg: the kvs_server), and the release of what
  * it leaves when kvs_server_run never ran (live requests, session states). */
 void *kvs_srv_engine_main(void *arg);
+
+/* server.c: the fence's reason, or NULL while serving (any thread); fences the server first
+ * when its serve-until deadline has passed. */
+const char *kvs_srv_fence_reason(kvs_server *srv);
 void kvs_srv_engine_free(kvs_server *srv);
 
 #endif

@@ -123,6 +123,18 @@ int kvs_sessions_new(kvs_engine *e, const struct kvs_sessions_opts *o, kvs_sessi
  * listed. Flash answers are not recomputed until asked for or the next append. */
 int kvs_sessions_restore(kvs_sessions *S, char *err, size_t errlen);
 
+/* Bring back the one session id from its snapshot and log, as kvs_sessions_restore does
+ * for each (the restore order after its worker went down). With from_dir (another worker's
+ * directory on storage both reach) its files are first moved into this registry's data dir,
+ * the snapshot then the log (one rename each: the directory holding the log owns the
+ * session), and moved back when the restore fails; from_dir NULL (or the data dir itself)
+ * restores what the data dir holds. Files left here by an earlier attempt are used. 0, or
+ * KVS_UNSUPPORTED (no data dir), KVS_INVALID_ARGUMENT (bad id), KVS_ALREADY_EXISTS (open
+ * here, or a log in both directories), KVS_NOT_FOUND (no log), KVS_IO (a rename), or the
+ * restore's error (KVS_BAD_FORMAT, KVS_CAPACITY, ...); err gets one line. */
+int kvs_session_adopt(kvs_sessions *S, const char *from_dir, const char *id, char *err,
+                      size_t errlen);
+
 /* Write session s's snapshot (its KV blocks and state, checksummed, temp + rename). With
  * compact, the log is then rewritten to hold only what the snapshot does not (a corrupt
  * snapshot then loses the session: keep compact off where that matters). 0, KVS_IO,

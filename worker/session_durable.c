@@ -20,9 +20,11 @@
  *   backend's canonical block layout.
  */
 #include <dirent.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/log.h"
 #include "common/status.h"
@@ -665,4 +667,86 @@ int kvs_sessions_restore(kvs_sessions *S, char *err, size_t errlen)
     }
     closedir(d);
     return restored;
+}
+
+/* Move dir_from/<id><suffix> to dir_to/<id><suffix> when it exists. 0, 1 (nothing to
+ * move), or KVS_IO with err. */
+static int move_file(const char *dir_from, const char *dir_to, const char *id, const char *suffix,
+                     char *err, size_t errlen)
+{
+    char a[4096], b[4096];
+    if ((size_t)snprintf(a, sizeof a, "%s/%s%s", dir_from, id, suffix) >= sizeof a ||
+        (size_t)snprintf(b, sizeof b, "%s/%s%s", dir_to, id, suffix) >= sizeof b) {
+        snprintf(err, errlen, "path of %s too long", id);
+        return KVS_IO;
+    }
+    if (rename(a, b) == 0) {
+        return 0;
+    }
+    if (errno == ENOENT && access(a, F_OK) != 0) {
+        return 1;
+    }
+    snprintf(err, errlen, "cannot move %s to %s: %s", a, b, strerror(errno));
+    return KVS_IO;
+}
+
+int kvs_session_adopt(kvs_sessions *S, const char *from_dir, const char *id, char *err,
+                      size_t errlen)
+{
+    err[0] = '\0';
+    if (S->data_dir == NULL) {
+        snprintf(err, errlen, "this worker has no data dir: nothing to adopt from");
+        return KVS_UNSUPPORTED;
+    }
+    if (kvs_sesslog_check_id(id) < 0) {
+        snprintf(err, errlen, "bad session id '%s'", id);
+        return KVS_INVALID_ARGUMENT;
+    }
+    if (kvs_session_find(S, id) != NULL) {
+        snprintf(err, errlen, "session '%s' is open on this worker already", id);
+        return KVS_ALREADY_EXISTS;
+    }
+    char here[4096];
+    snprintf(here, sizeof here, "%s/%s.log", S->data_dir, id);
+    bool have_here = access(here, F_OK) == 0;
+    bool moved = false;
+    if (from_dir != NULL && strcmp(from_dir, S->data_dir) != 0) {
+        char there[4096];
+        snprintf(there, sizeof there, "%s/%s.log", from_dir, id);
+        bool have_there = access(there, F_OK) == 0;
+        if (have_there && have_here) {
+            snprintf(err, errlen, "session '%s' has a log both in %s and in %s: an operator must "
+                     "choose", id, from_dir, S->data_dir);
+            return KVS_ALREADY_EXISTS;
+        }
+        if (have_there) {
+            /* the snapshot first, then the log: whichever directory holds the log owns it */
+            int rc = move_file(from_dir, S->data_dir, id, ".snap", err, errlen);
+            if (rc >= 0) {
+                rc = move_file(from_dir, S->data_dir, id, ".log", err, errlen);
+            }
+            if (rc < 0) {
+                move_file(S->data_dir, from_dir, id, ".snap", err + strlen(err), 0);
+                return rc;
+            }
+            moved = true;
+        }
+        /* else: moved by an earlier attempt that did not finish; restore from here */
+    }
+    if (!moved && !have_here) {
+        snprintf(err, errlen, "session '%s' has no log in %s", id,
+                 from_dir != NULL ? from_dir : S->data_dir);
+        return KVS_NOT_FOUND;
+    }
+    int rc = restore_one(S, id, err, errlen);
+    if (rc < 0 && moved) {
+        /* give the files back: another worker may adopt the session */
+        char ignore[8];
+        move_file(S->data_dir, from_dir, id, ".log", ignore, sizeof ignore);
+        move_file(S->data_dir, from_dir, id, ".snap", ignore, sizeof ignore);
+    }
+    if (rc == 0) {
+        KVS_INFO("session %s adopted from %s", id, from_dir != NULL ? from_dir : S->data_dir);
+    }
+    return rc;
 }
