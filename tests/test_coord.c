@@ -529,10 +529,12 @@ END_TEST
 
 START_TEST(test_placements_survive_restart)
 {
-    char path[128], url[160];
+    char path[128], url[160], log[160];
     snprintf(path, sizeof path, "/tmp/kvs-coord-%d.json", (int)getpid());
     snprintf(url, sizeof url, "file:%s", path);
+    snprintf(log, sizeof log, "%s.log", path);
     unlink(path);
+    unlink(log);
     struct kvs_coord_opts o = {.store_url = url, .cluster = "t4"};
     struct running run;
     start(&run, &o);
@@ -556,6 +558,7 @@ START_TEST(test_placements_survive_restart)
     peer_close(&p);
     stop(&run, false);
     unlink(path);
+    unlink(log);
 }
 END_TEST
 
