@@ -18,6 +18,7 @@ static const struct command commands[] = {
     {"append", kvs_cmd_append, "append records to a session (TEXT, or '-' for stdin lines)"},
     {"query", kvs_cmd_query, "ask a question about a session and stream the answer"},
     {"flash", kvs_cmd_flash, "register, get, unregister, list or watch flash queries"},
+    {"admin", kvs_cmd_admin, "a cluster's workers and sessions: list, describe, cordon, top"},
     {"demo", kvs_cmd_demo, "stream a synthetic market feed into sessions, with flash queries"},
     {"generate", kvs_cmd_generate, "generate text from a prompt (stateless, one shot)"},
     {"tokenize", kvs_cmd_tokenize, "tokenize JSON strings read one per line from stdin"},
