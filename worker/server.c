@@ -4,6 +4,7 @@
 
 #include "common/log.h"
 #include "common/status.h"
+#include "worker/sdnotify.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -325,11 +326,23 @@ int kvs_server_run(kvs_server *srv)
     }
     bool stop_sent = false, engine_done = false;
     int rc = 0;
+    int64_t wd_ms = kvs_sd_watchdog_ms(), wd_last = 0; /* systemd's watchdog, if any */
+    kvs_sd_notify("READY=1");
     while (!engine_done) {
+        if (wd_ms > 0) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            int64_t now = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+            if (now - wd_last >= wd_ms / 2) {
+                kvs_sd_notify("WATCHDOG=1");
+                wd_last = now;
+            }
+        }
         if (srv->stop_requested && !stop_sent) {
             KVS_INFO("server: shutting down (%d requests in flight, %d watches)", srv->in_flight,
                      kvs_flashcache_n_watchers(srv->fc));
             atomic_store(&srv->stopping, 1);
+            kvs_sd_notify("STOPPING=1");
             kvs_flashcache_end_all(srv->fc, KVS_CANCELLED, "worker shutting down");
             if (zmq_send(srv->pair_io, "", 0, 0) < 0) {
                 KVS_ERROR("server: stop send failed: %s", zmq_strerror(errno));
