@@ -37,12 +37,12 @@
 
 #define CMD "demo"
 #define N_SYMS 4
-#define N_DESKS N_SYMS /* one session per symbol */
-#define UP_TIMEOUT_S 120.0       /* the worker's start, model load included */
-#define CALL_TIMEOUT_MS 60000    /* per attempt of a client call */
+#define N_DESKS N_SYMS        /* one session per symbol */
+#define UP_TIMEOUT_S 120.0    /* the worker's start, model load included */
+#define CALL_TIMEOUT_MS 60000 /* per attempt of a client call */
 #define STATUS_TIMEOUT_MS 5000
-#define CLOSE_TIMEOUT_MS 10000   /* a close waits for the work in progress to finish */
-#define MAX_SAMPLES 4096         /* latencies kept for the quantiles */
+#define CLOSE_TIMEOUT_MS 10000 /* a close waits for the work in progress to finish */
+#define MAX_SAMPLES 4096       /* latencies kept for the quantiles */
 #define PREFIX "Live market feed. Each line is: SYMBOL PRICE CHANGE vol=VOLUME.\n"
 
 enum {
@@ -57,29 +57,30 @@ enum {
 static const char *const SYMS[N_SYMS] = {"AAPL", "MSFT", "NVDA", "GOOG"};
 
 struct tick {
-    int sym;            /* index into SYMS */
-    double price;       /* the symbol's price after this tick */
-    double move;        /* its change */
-    char line[64];      /* the record appended */
+    int sym;       /* index into SYMS */
+    double price;  /* the symbol's price after this tick */
+    double move;   /* its change */
+    char line[64]; /* the record appended */
 };
 
 /* One session of the demo (a symbol's ticks) and the thread that feeds it. */
 struct desk {
-    char name[8];           /* the symbol in lower case */
-    int sym;                /* index into SYMS */
-    int32_t *ticks;         /* indexes into the feed of its ticks, in order */
+    char name[8];   /* the symbol in lower case */
+    int sym;        /* index into SYMS */
+    int32_t *ticks; /* indexes into the feed of its ticks, in order */
     int32_t n_ticks;
     struct demo *d;
     pthread_t thread;
-    kvs_client *client;     /* the feeder's */
+    kvs_client *client; /* the feeder's */
     /* written by the feeder under d->mu */
     int32_t n_appended;
-    double *append_ms;      /* latency of each append (n_appended of them) */
-    double *acked_at;       /* when each append was acknowledged (now_s), 0 = not yet */
-    double row_ms;          /* append latency summed since the last table row */
+    double *append_ms;  /* latency of each append (n_appended of them) */
+    double *acked_at;   /* when each append was acknowledged (now_s) */
+    uint64_t *versions; /* the session's version after each append (a slide adds one) */
+    double row_ms;      /* append latency summed since the last table row */
     int32_t row_n;
-    double max_lag_s;       /* how late an acknowledgement came after its tick was due */
-    int failed;             /* a status, or 0 */
+    double max_lag_s; /* how late an acknowledgement came after its tick was due */
+    int failed;       /* a status, or 0 */
     char err[256];
 };
 
@@ -88,7 +89,7 @@ struct totals {
     int32_t flash_gets, flash_hits;
     double flash_ms[MAX_SAMPLES]; /* latency of each flash get (the first MAX_SAMPLES) */
     int32_t questions;
-    double ttft_ms[MAX_SAMPLES];  /* client-measured time to the first streamed piece */
+    double ttft_ms[MAX_SAMPLES]; /* client-measured time to the first streamed piece */
     int32_t answers, answers_true;
     double occupancy_sum, seqs_sum;
     int32_t samples;
@@ -97,20 +98,20 @@ struct totals {
 struct demo {
     const struct tick *feed;
     int32_t n_ticks;
-    double rate;                /* ticks per second */
-    double t0;                  /* when tick 0 was due (now_s) */
+    double rate; /* ticks per second */
+    double t0;   /* when tick 0 was due (now_s) */
     const char *endpoint;
     struct desk desks[N_DESKS];
-    pthread_mutex_t mu;         /* desks' stats; the client list below */
+    pthread_mutex_t mu;               /* desks' stats; the client list below */
     kvs_client *clients[N_DESKS + 2]; /* cancelled when a signal comes */
-    atomic_int stop;            /* the signal that came (or -1: a feeder failed), 0 = none */
-    atomic_int done;            /* tells the signal thread to end */
+    atomic_int stop;                  /* the signal that came (or -1: a feeder failed), 0 = none */
+    atomic_int done;                  /* tells the signal thread to end */
     /* the watcher of the first session's flash answers */
     kvs_client *watch_client;
     pthread_t watch_thread;
     int watch_rc;
-    int32_t pushes;             /* answers pushed (under mu) */
-    double push_delay_s;        /* summed: push time - the append's acknowledgement */
+    int32_t pushes;      /* answers pushed (under mu) */
+    double push_delay_s; /* summed: push time - the append's acknowledgement */
     int32_t push_delays;
 };
 
@@ -129,24 +130,26 @@ static void usage(FILE *f)
             "       kvstream demo --endpoint EP [--ticks N] [--rate R] [--ask-every N] [--seed S]\n"
             "\n"
             "Start a single-node cluster (kvstream up on a free loopback port), stream a\n"
-            "synthetic market feed into three sessions, keep two flash queries per session\n"
-            "fresh, ask questions while the context grows, print a live table and a summary,\n"
-            "and stop the cluster. Everything goes over the wire through libkvstream.\n"
+            "synthetic market feed into four sessions (one per symbol), keep two flash queries\n"
+            "per session fresh, ask questions while the context grows, print a live table and\n"
+            "a summary, and stop the cluster. Everything goes over the wire through libkvstream.\n"
             "\n"
             "  -m, --model PATH   GGUF model (default: the cached SmolLM2-135M-Instruct)\n"
             "  -t, --threads N    the worker's CPU threads (default: all)\n"
             "      --device DEV   cpu (default), cuda or cuda:N\n"
             "      --data-dir DIR the worker's session logs (default: a temporary directory)\n"
             "  -e, --endpoint EP  use the cluster running at EP instead of starting one\n"
-            "      --ticks N      ticks to stream, 1..100000 (default 240)\n"
-            "      --rate R       ticks per second, 0.1..1000 (default 4)\n"
+            "      --ticks N      ticks to stream, 1..100000 (default 160)\n"
+            "      --rate R       ticks per second, 0.1..1000 (default 2)\n"
             "      --ask-every N  ask every N ticks (default 20)\n"
             "      --seed S       feed seed (default 7)\n"
             "  -h, --help         this help\n"
             "\n"
-            "The demo's sessions (aapl, msft, nvda, goog) are closed at the end; with\n"
-            "--endpoint they must not exist yet. Exit status: 0 done, 1 a failure, 2 a bad command line,\n"
-            "3 no answer from the endpoint; 128 + the signal when interrupted.\n");
+            "The sessions (aapl, msft, nvda, goog) get 3/16 of the worker's cells each and\n"
+            "slide (evict their oldest ticks) when full; they are closed at the end (with\n"
+            "--endpoint they must not exist yet). Exit status: 0 done, 1 a failure, 2 a bad\n"
+            "command line, 3 no answer from the endpoint, 5 a session exists already;\n"
+            "128 + the signal when interrupted.\n");
 }
 
 /* ---- the feed ----------------------------------------------------------------------------- */
@@ -178,19 +181,38 @@ static struct tick *make_feed(long seed, int32_t n)
         t[k].sym = s;
         t[k].price = price[s];
         t[k].move = move;
-        snprintf(t[k].line, sizeof t[k].line, "%s %.2f %+.2f vol=%d", SYMS[s], price[s], move,
-                 vol);
+        snprintf(t[k].line, sizeof t[k].line, "%s %.2f %+.2f vol=%d", SYMS[s], price[s], move, vol);
     }
     return t;
 }
 
-/* The tick that brought desk k to version (its version-th append); NULL for version 0. */
+/* Which of desk k's appends brought its session to version: an index into k->ticks, or -1
+ * (none yet). An answer may have seen an append whose acknowledgement the feeder has not
+ * recorded yet: those count one version each. Call with d->mu held. */
+static int32_t append_at(const struct desk *k, uint64_t version)
+{
+    int32_t lo = 0, hi = k->n_appended; /* the first append whose version > version */
+    while (lo < hi) {
+        int32_t mid = lo + (hi - lo) / 2;
+        if (k->versions[mid] <= version) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    uint64_t last = k->n_appended > 0 ? k->versions[k->n_appended - 1] : 0;
+    if (lo == k->n_appended && version > last) {
+        int64_t i = (int64_t)lo - 1 + (int64_t)(version - last);
+        return (int32_t)(i < k->n_ticks ? i : k->n_ticks - 1);
+    }
+    return lo - 1;
+}
+
+/* The tick that brought desk k's session to version; NULL before its first. */
 static const struct tick *tick_at(const struct desk *k, uint64_t version)
 {
-    if (version == 0 || version > (uint64_t)k->n_ticks) {
-        return NULL;
-    }
-    return &k->d->feed[k->ticks[version - 1]];
+    int32_t i = append_at(k, version);
+    return i >= 0 ? &k->d->feed[k->ticks[i]] : NULL;
 }
 
 /* ---- stopping ----------------------------------------------------------------------------- */
@@ -288,7 +310,8 @@ static void *feed_main(void *arg)
             break;
         }
         double t1 = now_s();
-        int rc = kvs_client_append(k->client, k->name, t->line, strlen(t->line), NULL);
+        struct kvs_client_append_result r;
+        int rc = kvs_client_append(k->client, k->name, t->line, strlen(t->line), &r);
         double t2 = now_s();
         if (rc < 0) {
             if (!stopping(d)) {
@@ -304,6 +327,7 @@ static void *feed_main(void *arg)
         pthread_mutex_lock(&d->mu);
         k->append_ms[k->n_appended] = (t2 - t1) * 1e3;
         k->acked_at[k->n_appended] = t2;
+        k->versions[k->n_appended] = r.version;
         k->n_appended++;
         k->row_ms += (t2 - t1) * 1e3;
         k->row_n++;
@@ -320,9 +344,9 @@ static bool on_push(const struct kvs_client_answer *a, void *user)
     double t = now_s();
     pthread_mutex_lock(&d->mu);
     d->pushes++;
-    if (a->version >= 1 && a->version <= (uint64_t)k->n_appended &&
-        k->acked_at[a->version - 1] > 0 && t >= k->acked_at[a->version - 1]) {
-        d->push_delay_s += t - k->acked_at[a->version - 1];
+    int32_t i = append_at(k, a->version);
+    if (i >= 0 && i < k->n_appended && t >= k->acked_at[i]) {
+        d->push_delay_s += t - k->acked_at[i];
         d->push_delays++;
     }
     pthread_mutex_unlock(&d->mu);
@@ -410,8 +434,7 @@ static void move_question(int sym, char *q, size_t size)
 
 static void tick_question(int sym, char *q, size_t size)
 {
-    snprintf(q, size, "Question: what was the last tick of %s?\nAnswer: %s", SYMS[sym],
-             SYMS[sym]);
+    snprintf(q, size, "Question: what was the last tick of %s?\nAnswer: %s", SYMS[sym], SYMS[sym]);
 }
 
 /* Create desk k's session and register its flash queries. A status. */
@@ -478,8 +501,10 @@ static int ask_row(struct demo *d, kvs_client *c, struct desk *k, int32_t tick, 
     words(fp.text, 1, a1, sizeof a1);
     words(fm.text, 1, a2, sizeof a2);
     words(qa.text, 2, a3, sizeof a3);
+    pthread_mutex_lock(&d->mu);
     const struct tick *tp = tick_at(k, fp.version), *tm = tick_at(k, fm.version);
     const struct tick *tq = tick_at(k, qa.version);
+    pthread_mutex_unlock(&d->mu);
     if (tp != NULL) {
         snprintf(v1, sizeof v1, "%.2f", tp->price);
     }
@@ -588,8 +613,8 @@ static void print_baseline(struct demo *d, kvs_client *c)
         bool same = sf.len == sl.len && memcmp(sf.text, sl.text, sf.len) == 0;
         printf("  baseline     %s at %lld context tokens: stateful TTFT %.1f ms, stateless "
                "(re-prefill) TTFT %.1f ms: %.0fx, %s\n",
-               k->name, (long long)sf.context_tokens, sf_ms, sl_ms,
-               sf_ms > 0 ? sl_ms / sf_ms : 0.0, same ? "same answer" : "ANSWERS DIFFER");
+               k->name, (long long)sf.context_tokens, sf_ms, sl_ms, sf_ms > 0 ? sl_ms / sf_ms : 0.0,
+               same ? "same answer" : "ANSWERS DIFFER");
     } else if (!stopping(d)) {
         printf("  baseline     failed: %s\n", kvs_client_error(c));
     }
@@ -605,8 +630,8 @@ static void print_scheduler(struct demo *d, const struct totals *t)
         printf("  scheduler    (no metrics: %s)\n", err);
         return;
     }
-    uint64_t rows = s.rows[KVS_DEMO_DECODE] + s.rows[KVS_DEMO_QUESTION] +
-                    s.rows[KVS_DEMO_APPEND] + s.rows[KVS_DEMO_FLASH];
+    uint64_t rows = s.rows[KVS_DEMO_DECODE] + s.rows[KVS_DEMO_QUESTION] + s.rows[KVS_DEMO_APPEND] +
+                    s.rows[KVS_DEMO_FLASH];
     printf("  scheduler    %llu steps, %.1f rows per step; batch occupancy %.2f, %.1f sequences "
            "per step (means of %d samples), at most %lld in one step\n",
            (unsigned long long)s.steps, s.steps > 0 ? (double)rows / (double)s.steps : 0.0,
@@ -645,8 +670,8 @@ static void print_summary(struct demo *d, kvs_client *c, struct totals *t, doubl
     double q99 = quantile(t->ttft_ms, nq, 0.99);
     printf("  questions    %d, TTFT mean %.1f ms, p50 %.1f ms, p99 %.1f ms\n", (int)t->questions,
            qm, q50, q99);
-    printf("  answers      %d/%d of the model's equal to the feed's values\n",
-           (int)t->answers_true, (int)t->answers);
+    printf("  answers      %d/%d of the model's equal to the feed's values\n", (int)t->answers_true,
+           (int)t->answers);
     print_baseline(d, c);
     print_scheduler(d, t);
 }
@@ -675,7 +700,7 @@ static int parse_args(int argc, char **argv, struct demo_args *a)
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    *a = (struct demo_args){.ticks = 240, .ask_every = 20, .seed = 7, .rate = 4};
+    *a = (struct demo_args){.ticks = 160, .ask_every = 20, .seed = 7, .rate = 2};
     long v;
     float f;
     int c;
@@ -769,7 +794,9 @@ static bool plan_desks(struct demo *d)
         k->ticks = malloc(n * sizeof *k->ticks);
         k->append_ms = calloc(n, sizeof *k->append_ms);
         k->acked_at = calloc(n, sizeof *k->acked_at);
-        if (k->ticks == NULL || k->append_ms == NULL || k->acked_at == NULL) {
+        k->versions = calloc(n, sizeof *k->versions);
+        if (k->ticks == NULL || k->append_ms == NULL || k->acked_at == NULL ||
+            k->versions == NULL) {
             return false;
         }
         for (int32_t t = 0; t < d->n_ticks; t++) {
@@ -825,8 +852,9 @@ static int run(struct demo *d, long ask_every, bool close_sessions)
     int created = 0;
     for (; created < N_DESKS; created++) {
         if ((rc = setup_desk(c, &d->desks[created], cells)) == KVS_ALREADY_EXISTS) {
-            kvs_cli_error(CMD, "session '%s' exists already at %s (left by an interrupted "
-                               "demo?): 'kvstream session close %s' removes it",
+            kvs_cli_error(CMD,
+                          "session '%s' exists already at %s (left by an interrupted "
+                          "demo?): 'kvstream session close %s' removes it",
                           d->desks[created].name, d->endpoint, d->desks[created].name);
             ec = KVS_EXIT_EXISTS;
             goto done;
@@ -969,9 +997,12 @@ int kvs_cmd_demo(int argc, char **argv)
         const char *model = a.model != NULL ? a.model : kvs_cli_default_model();
         printf("kvstream demo: starting a single-node cluster (kvstream up, model %s)\n", model);
         fflush(stdout);
-        struct kvs_demo_up_opts uo = {.model = model, .threads = a.threads,
-                                      .device = a.device, .data_dir = a.data_dir,
-                                      .timeout_s = UP_TIMEOUT_S, .stop = &d->stop};
+        struct kvs_demo_up_opts uo = {.model = model,
+                                      .threads = a.threads,
+                                      .device = a.device,
+                                      .data_dir = a.data_dir,
+                                      .timeout_s = UP_TIMEOUT_S,
+                                      .stop = &d->stop};
         double t0 = now_s();
         if (kvs_demo_up_start(&uo, &up, err, sizeof err) < 0) {
             int sig = atomic_load(&d->stop);
@@ -996,8 +1027,9 @@ int kvs_cmd_demo(int argc, char **argv)
         fflush(stdout);
         int st = kvs_demo_up_stop(&up);
         if (st != 0 && ec == KVS_EXIT_OK) {
-            kvs_cli_error(CMD, "kvstream up exited with status %d (its log is gone with the "
-                               "temporary directory)",
+            kvs_cli_error(CMD,
+                          "kvstream up exited with status %d (its log is gone with the "
+                          "temporary directory)",
                           st);
             ec = KVS_EXIT_FAILED;
         } else if (ec == KVS_EXIT_OK) {
@@ -1013,6 +1045,7 @@ int kvs_cmd_demo(int argc, char **argv)
         free(d->desks[i].ticks);
         free(d->desks[i].append_ms);
         free(d->desks[i].acked_at);
+        free(d->desks[i].versions);
     }
     pthread_mutex_destroy(&d->mu);
     free(feed);

@@ -15,12 +15,12 @@
 /* ---- the child cluster ---------------------------------------------------------------------- */
 
 struct kvs_demo_up_opts {
-    const char *model;      /* -m for `up`; NULL = up's default */
-    const char *threads;    /* -t; NULL = all */
-    const char *device;     /* --device; NULL = cpu */
-    const char *data_dir;   /* --data-dir; NULL = a fresh temporary one, removed by stop */
-    double timeout_s;       /* how long the worker may take to come up */
-    atomic_int *stop;       /* non-zero (a signal came): abandon the wait; may be NULL */
+    const char *model;    /* -m for `up`; NULL = up's default */
+    const char *threads;  /* -t; NULL = all */
+    const char *device;   /* --device; NULL = cpu */
+    const char *data_dir; /* --data-dir; NULL = a fresh temporary one, removed by stop */
+    double timeout_s;     /* how long the worker may take to come up */
+    atomic_int *stop;     /* non-zero (a signal came): abandon the wait; may be NULL */
 };
 
 struct kvs_demo_up {
@@ -48,25 +48,26 @@ int kvs_demo_up_start(const struct kvs_demo_up_opts *opts, struct kvs_demo_up *u
  * when it had to be killed. Accepts a u that was never started. */
 int kvs_demo_up_stop(struct kvs_demo_up *u);
 
-/* ---- scheduler metrics of `status` ------------------------------------------------------------ */
+/* ---- scheduler metrics of `status` ------------------------------------------------------------
+ */
 
 enum { KVS_DEMO_DECODE, KVS_DEMO_QUESTION, KVS_DEMO_APPEND, KVS_DEMO_FLASH, KVS_DEMO_N_CLASSES };
 
 struct kvs_demo_sched {
-    uint64_t steps;                     /* steps that ran a forward */
-    uint64_t rows[KVS_DEMO_N_CLASSES];  /* rows computed per class, cumulative */
-    double occupancy;                   /* rows of the last step / its row budget */
-    int64_t last_n_seqs;                /* sequences in the last step */
-    int64_t max_n_seqs;                 /* in any step */
-    uint64_t flash_evaluations;         /* flash answers computed */
-    uint64_t flash_wasted;              /* of those, superseded before they completed */
-    uint64_t flash_hits, flash_misses;  /* flash.get fresh from the cache / not */
+    uint64_t steps;                    /* steps that ran a forward */
+    uint64_t rows[KVS_DEMO_N_CLASSES]; /* rows computed per class, cumulative */
+    double occupancy;                  /* rows of the last step / its row budget */
+    int64_t last_n_seqs;               /* sequences in the last step */
+    int64_t max_n_seqs;                /* in any step */
+    uint64_t flash_evaluations;        /* flash answers computed */
+    uint64_t flash_wasted;             /* of those, superseded before they completed */
+    uint64_t flash_hits, flash_misses; /* flash.get fresh from the cache / not */
 };
 
 /* Ask the worker at endpoint for `status` over a socket of our own and read its scheduler
  * metrics. 0, or -1 with a one-line reason in err (no reply within timeout_ms, an error
  * reply, a malformed reply or a missing field). Any thread. */
-int kvs_demo_sched_status(const char *endpoint, int timeout_ms, struct kvs_demo_sched *s,
-                          char *err, size_t errlen);
+int kvs_demo_sched_status(const char *endpoint, int timeout_ms, struct kvs_demo_sched *s, char *err,
+                          size_t errlen);
 
 #endif

@@ -269,7 +269,8 @@ int kvs_demo_up_start(const struct kvs_demo_up_opts *o, struct kvs_demo_up *u, c
     }
 }
 
-/* ---- scheduler metrics ------------------------------------------------------------------------ */
+/* ---- scheduler metrics ------------------------------------------------------------------------
+ */
 
 static const msgpack_object *mp_get(const msgpack_object *m, const char *key)
 {
@@ -312,8 +313,7 @@ static bool mp_f64(const msgpack_object *m, const char *key, double *v)
     return false;
 }
 
-static int read_sched(const msgpack_object *m, struct kvs_demo_sched *s, char *err,
-                      size_t errlen)
+static int read_sched(const msgpack_object *m, struct kvs_demo_sched *s, char *err, size_t errlen)
 {
     static const char *const classes[KVS_DEMO_N_CLASSES] = {"decode", "question", "append",
                                                             "flash"};
@@ -337,8 +337,9 @@ static int read_sched(const msgpack_object *m, struct kvs_demo_sched *s, char *e
         ok = mp_u64(rows, classes[i], &s->rows[i]);
     }
     if (!ok) {
-        snprintf(err, errlen, "status: the reply lacks the scheduler metrics (a worker of "
-                              "protocol 1.0?)");
+        snprintf(err, errlen,
+                 "status: the reply lacks the scheduler metrics (a worker of "
+                 "protocol 1.0?)");
         return -1;
     }
     s->last_n_seqs = (int64_t)last;
@@ -346,8 +347,8 @@ static int read_sched(const msgpack_object *m, struct kvs_demo_sched *s, char *e
     return 0;
 }
 
-int kvs_demo_sched_status(const char *endpoint, int timeout_ms, struct kvs_demo_sched *s,
-                          char *err, size_t errlen)
+int kvs_demo_sched_status(const char *endpoint, int timeout_ms, struct kvs_demo_sched *s, char *err,
+                          size_t errlen)
 {
     static const char request[] = "\x82\xa2id\x01\xa2op\xa6status"; /* {id: 1, op: "status"} */
     memset(s, 0, sizeof *s);
@@ -366,8 +367,7 @@ int kvs_demo_sched_status(const char *endpoint, int timeout_ms, struct kvs_demo_
     zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &max_size, sizeof max_size);
     if (zmq_connect(sock, endpoint) != 0 || zmq_send(sock, "", 0, ZMQ_SNDMORE) != 0 ||
         zmq_send(sock, request, sizeof request - 1, 0) != (int)sizeof request - 1) {
-        snprintf(err, errlen, "status: cannot send to %s: %s", endpoint,
-                 zmq_strerror(zmq_errno()));
+        snprintf(err, errlen, "status: cannot send to %s: %s", endpoint, zmq_strerror(zmq_errno()));
         goto out;
     }
     zmq_pollitem_t item = {.socket = sock, .events = ZMQ_POLLIN};
