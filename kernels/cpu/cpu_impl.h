@@ -141,28 +141,6 @@ struct kvs_cpu_kernels {
     /* x (n) -> ceil(n / 256) groups; n a multiple of 32 */
     void (*quantize_q8)(const float *x, struct kvs_cpu_q8g *out, int64_t n);
     kvs_cpu_gemm_fn gemm_f32, gemm_f16, gemm_bf16, gemm_q8_0, gemm_q4_0, gemm_q4_1;
-    /* attention, one block of nc cells (cell i at k + i * hd / v + i * hd):
-     * scores: out[i] = dot(q, k_i) * scale (the level's fixed-order dot)
-     * exp_shift: s[i] = exp(s[i] - m), in place (the level's exp: libm expf or a vector one)
-     * pv: acc[d] = acc[d] + p[i] * v_i[d] for cells i in order */
-    void (*scores_f32)(const float *q, const float *k, int32_t nc, int32_t hd, float scale,
-                       float *out);
-    void (*scores_f16)(const float *q, const uint16_t *k, int32_t nc, int32_t hd, float scale,
-                       float *out);
-    void (*exp_shift)(float *s, int32_t n, float m);
-    void (*pv_f32)(float *acc, const float *p, const float *v, int32_t nc, int32_t hd);
-    void (*pv_f16)(float *acc, const float *p, const uint16_t *v, int32_t nc, int32_t hd);
-    /* the same for several queries / weight rows sharing one block (heads of a KV group,
-     * rows of one sequence): out[j][i] and acc[j][d] get exactly the bits that scores / pv
-     * give for query j alone; the block is read once for all of them */
-    void (*scores_multi_f32)(const float *const *q, int32_t nq, const float *k, int32_t nc,
-                             int32_t hd, float scale, float *const *out);
-    void (*scores_multi_f16)(const float *const *q, int32_t nq, const uint16_t *k, int32_t nc,
-                             int32_t hd, float scale, float *const *out);
-    void (*pv_multi_f32)(float *const *acc, const float *const *p, int32_t np, const float *v,
-                         int32_t nc, int32_t hd);
-    void (*pv_multi_f16)(float *const *acc, const float *const *p, int32_t np,
-                         const uint16_t *v, int32_t nc, int32_t hd);
     /* attention in llama.cpp's CPU order (attention.c), rows of hd floats:
      * scores16: out[i] = dot16(q, k + i * hd) * scale, where dot16 runs 16 lanes (lane =
      *   d % 16, a chain over d in order per lane) summed by kvs_cpu_reduce16's tree
@@ -176,26 +154,15 @@ struct kvs_cpu_kernels {
     void (*lanes16)(const float *lanes, int32_t hd, float *out);
     /* x = f16_to_f32(f32_to_f16(x)) (round to nearest even), n elements */
     void (*round_f16)(float *x, int64_t n);
-    /* per column j < np, over c = 0, 1, ... while c < nc[j] (nc[j] <= n), in order:
-     * col_max: out[j] = s[off[j] + c] > out[j] ? s[off[j] + c] : out[j], from out[j] = -inf
-     * col_sum: acc[j] = acc[j] + s[off[j] + c]
-     * (a block's maximum score and sum of weights for several heads / rows at once) */
-    void (*col_max)(const float *s, const int32_t *off, const int32_t *nc, int32_t np, int32_t n,
-                    float *out);
-    void (*col_sum)(const float *s, const int32_t *off, const int32_t *nc, int32_t np, int32_t n,
-                    float *acc);
     /* out = f16 x widened to f32 (exact), n elements */
     void (*f16_to_f32)(const uint16_t *x, float *out, int64_t n);
     /* out[i] = gate[i] / (1 + exp(-gate[i])) * up[i] with the level's exp */
     void (*swiglu)(const float *gate, const float *up, int64_t n, float *out);
-    /* attention: dot(q, k) over n, k in f32 or f16 */
-    float (*dot_f32)(const float *q, const float *k, int32_t n);
-    float (*dot_f16)(const float *q, const uint16_t *k, int32_t n);
     /* acc = acc * c (n) */
     void (*scale)(float *acc, float c, int32_t n);
-    /* acc += p * v (n), v in f32 or f16 */
-    void (*axpy_f32)(float *acc, float p, const float *v, int32_t n);
-    void (*axpy_f16)(float *acc, float p, const uint16_t *v, int32_t n);
+    /* s[i] = exp(s[i] - m), in place (the level's exp: libm expf, or a vector one: at the
+     * AVX-512 level llama.cpp's ggml_v_expf, lane for lane) */
+    void (*exp_shift)(float *s, int32_t n, float m);
     /* f32 -> f16 (round to nearest even) */
     void (*f32_to_f16)(const float *x, uint16_t *out, int64_t n);
 };

@@ -145,24 +145,6 @@ static void gemm_q_scalar(const struct kvs_weight *w, const void *xv, int32_t n_
 
 /* ---- scalar attention helpers ------------------------------------------------------------ */
 
-static float dot_f32_scalar(const float *q, const float *k, int32_t n)
-{
-    float acc = 0.0f;
-    for (int32_t i = 0; i < n; i++) {
-        acc += q[i] * k[i];
-    }
-    return acc;
-}
-
-static float dot_f16_scalar(const float *q, const uint16_t *k, int32_t n)
-{
-    float acc = 0.0f;
-    for (int32_t i = 0; i < n; i++) {
-        acc += q[i] * kvs_cpu_f16_to_f32(k[i]);
-    }
-    return acc;
-}
-
 static void scale_scalar(float *acc, float c, int32_t n)
 {
     for (int32_t i = 0; i < n; i++) {
@@ -177,79 +159,10 @@ static void axpy_f32_scalar(float *acc, float p, const float *v, int32_t n)
     }
 }
 
-static void axpy_f16_scalar(float *acc, float p, const uint16_t *v, int32_t n)
-{
-    for (int32_t i = 0; i < n; i++) {
-        acc[i] += p * kvs_cpu_f16_to_f32(v[i]);
-    }
-}
-
-static void scores_f32_scalar(const float *q, const float *k, int32_t nc, int32_t hd, float scale,
-                              float *out)
-{
-    for (int32_t i = 0; i < nc; i++) {
-        out[i] = dot_f32_scalar(q, k + (int64_t)i * hd, hd) * scale;
-    }
-}
-
-static void scores_f16_scalar(const float *q, const uint16_t *k, int32_t nc, int32_t hd,
-                              float scale, float *out)
-{
-    for (int32_t i = 0; i < nc; i++) {
-        out[i] = dot_f16_scalar(q, k + (int64_t)i * hd, hd) * scale;
-    }
-}
-
 static void exp_shift_scalar(float *s, int32_t n, float m)
 {
     for (int32_t i = 0; i < n; i++) {
         s[i] = expf(s[i] - m);
-    }
-}
-
-static void pv_f32_scalar(float *acc, const float *p, const float *v, int32_t nc, int32_t hd)
-{
-    for (int32_t i = 0; i < nc; i++) {
-        axpy_f32_scalar(acc, p[i], v + (int64_t)i * hd, hd);
-    }
-}
-
-static void pv_f16_scalar(float *acc, const float *p, const uint16_t *v, int32_t nc, int32_t hd)
-{
-    for (int32_t i = 0; i < nc; i++) {
-        axpy_f16_scalar(acc, p[i], v + (int64_t)i * hd, hd);
-    }
-}
-
-static void scores_multi_f32_scalar(const float *const *q, int32_t nq, const float *k,
-                                    int32_t nc, int32_t hd, float scale, float *const *out)
-{
-    for (int32_t j = 0; j < nq; j++) {
-        scores_f32_scalar(q[j], k, nc, hd, scale, out[j]);
-    }
-}
-
-static void scores_multi_f16_scalar(const float *const *q, int32_t nq, const uint16_t *k,
-                                    int32_t nc, int32_t hd, float scale, float *const *out)
-{
-    for (int32_t j = 0; j < nq; j++) {
-        scores_f16_scalar(q[j], k, nc, hd, scale, out[j]);
-    }
-}
-
-static void pv_multi_f32_scalar(float *const *acc, const float *const *p, int32_t np,
-                                const float *v, int32_t nc, int32_t hd)
-{
-    for (int32_t j = 0; j < np; j++) {
-        pv_f32_scalar(acc[j], p[j], v, nc, hd);
-    }
-}
-
-static void pv_multi_f16_scalar(float *const *acc, const float *const *p, int32_t np,
-                                const uint16_t *v, int32_t nc, int32_t hd)
-{
-    for (int32_t j = 0; j < np; j++) {
-        pv_f16_scalar(acc[j], p[j], v, nc, hd);
     }
 }
 
@@ -298,28 +211,6 @@ static void f16_to_f32_scalar(const uint16_t *x, float *out, int64_t n)
     }
 }
 
-static void col_max_scalar(const float *s, const int32_t *off, const int32_t *nc, int32_t np,
-                           int32_t n, float *out)
-{
-    for (int32_t j = 0; j < np; j++) {
-        float m = -INFINITY;
-        for (int32_t c = 0; c < nc[j]; c++) {
-            m = s[off[j] + c] > m ? s[off[j] + c] : m;
-        }
-        out[j] = m;
-    }
-}
-
-static void col_sum_scalar(const float *s, const int32_t *off, const int32_t *nc, int32_t np,
-                           int32_t n, float *acc)
-{
-    for (int32_t j = 0; j < np; j++) {
-        for (int32_t c = 0; c < nc[j]; c++) {
-            acc[j] = acc[j] + s[off[j] + c];
-        }
-    }
-}
-
 static void swiglu_scalar(const float *gate, const float *up, int64_t n, float *out)
 {
     for (int64_t i = 0; i < n; i++) {
@@ -344,28 +235,14 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_scalar = {
     .gemm_q8_0 = gemm_q_scalar,
     .gemm_q4_0 = gemm_q_scalar,
     .gemm_q4_1 = gemm_q_scalar,
-    .scores_f32 = scores_f32_scalar,
-    .scores_f16 = scores_f16_scalar,
     .exp_shift = exp_shift_scalar,
-    .pv_f32 = pv_f32_scalar,
-    .pv_f16 = pv_f16_scalar,
-    .scores_multi_f32 = scores_multi_f32_scalar,
-    .scores_multi_f16 = scores_multi_f16_scalar,
-    .pv_multi_f32 = pv_multi_f32_scalar,
-    .pv_multi_f16 = pv_multi_f16_scalar,
     .scores16 = scores16_scalar,
     .pv16 = pv16_scalar,
     .lanes16 = lanes16_scalar,
     .round_f16 = round_f16_scalar,
     .f16_to_f32 = f16_to_f32_scalar,
-    .col_max = col_max_scalar,
-    .col_sum = col_sum_scalar,
     .swiglu = swiglu_scalar,
-    .dot_f32 = dot_f32_scalar,
-    .dot_f16 = dot_f16_scalar,
     .scale = scale_scalar,
-    .axpy_f32 = axpy_f32_scalar,
-    .axpy_f16 = axpy_f16_scalar,
     .f32_to_f16 = f32_to_f16_scalar,
 };
 

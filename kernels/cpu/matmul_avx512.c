@@ -85,15 +85,15 @@ KVS_INLINE __m512i unpack_q4_single(const uint8_t *qs)
                 const struct kvs_cpu_rg rg = kvs_cpu_rg_group(TYPE, w + c * row_bytes, nb, g); \
                 Q_SCALES(TYPE)                                                                 \
                 if (rg.n == KVS_QG) {                                                          \
-                    Q_PAIR(TYPE, 0, unpack_q4_pair) Q_PAIR(TYPE, 2, unpack_q4_pair)                        \
-                    Q_PAIR(TYPE, 4, unpack_q4_pair) Q_PAIR(TYPE, 6, unpack_q4_pair)                        \
+                    Q_PAIR(TYPE, 0, unpack_q4_pair) Q_PAIR(TYPE, 2, unpack_q4_pair)                \
+                    Q_PAIR(TYPE, 4, unpack_q4_pair) Q_PAIR(TYPE, 6, unpack_q4_pair)                \
                 } else {                                                                       \
                     int jp = 0;                                                                \
                     for (; jp + 2 <= rg.n; jp += 2) {                                          \
-                        Q_PAIR(TYPE, jp, unpack_q4_pair)                                             \
+                        Q_PAIR(TYPE, jp, unpack_q4_pair)                                           \
                     }                                                                          \
                     if (jp < rg.n) {                                                           \
-                        Q_PAIR(TYPE, jp, unpack_q4_single)                                           \
+                        Q_PAIR(TYPE, jp, unpack_q4_single)                                         \
                     }                                                                          \
                 }                                                                              \
             }                                                                                  \
@@ -129,28 +129,14 @@ const struct kvs_cpu_kernels kvs_cpu_kernels_avx512 = {
     .gemm_q8_0 = gemm_q8_0_avx512,
     .gemm_q4_0 = gemm_q4_0_avx512,
     .gemm_q4_1 = gemm_q4_1_avx512,
-    .scores_f32 = scores_float_avx512,
-    .scores_f16 = scores_kvs_f16_t_avx512,
     .exp_shift = exp_shift_avx512,
-    .pv_f32 = pv_float_avx512,
-    .pv_f16 = pv_kvs_f16_t_avx512,
-    .scores_multi_f32 = scores_multi_float_avx512,
-    .scores_multi_f16 = scores_multi_kvs_f16_t_avx512,
-    .pv_multi_f32 = pv_multi_float_avx512,
-    .pv_multi_f16 = pv_multi_kvs_f16_t_avx512,
     .scores16 = scores16_avx512,
     .pv16 = pv16_avx512,
     .lanes16 = lanes16_avx512,
     .round_f16 = round_f16_avx512,
     .f16_to_f32 = f16_to_f32_avx512,
-    .col_max = col_max_avx512,
-    .col_sum = col_sum_avx512,
     .swiglu = swiglu_avx512,
-    .dot_f32 = dot_float_avx512,
-    .dot_f16 = dot_kvs_f16_t_avx512,
     .scale = scale_avx512,
-    .axpy_f32 = axpy_float_avx512,
-    .axpy_f16 = axpy_kvs_f16_t_avx512,
     .f32_to_f16 = f32_to_f16_avx512,
 };
 

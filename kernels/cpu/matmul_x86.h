@@ -461,33 +461,6 @@ GEMM_F_TILE(bf16)
 
 /* ---- attention helpers --------------------------------------------------------------------- */
 
-#define DOT_KV(T, LOAD8, LOAD1)                                                                \
-    static float KVS_X86_NAME(dot_##T)(const float *q, const T *k, int32_t n)                  \
-    {                                                                                          \
-        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),         \
-                       _mm256_setzero_ps()};                                                   \
-        int32_t i = 0;                                                                         \
-        for (; i + 32 <= n; i += 32) {                                                         \
-            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++)                               \
-            {                                                                                  \
-                a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8 * j), LOAD8(k, i + 8 * j),    \
-                                       a[j]);                                                  \
-            }                                                                                  \
-        }                                                                                      \
-        for (; i + 8 <= n; i += 8) {                                                           \
-            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), LOAD8(k, i), a[0]);                 \
-        }                                                                                      \
-        float v = hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));  \
-        for (; i < n; i++) {                                                                   \
-            v = v + q[i] * LOAD1(k, i);                                                        \
-        }                                                                                      \
-        return v;                                                                              \
-    }
-
-typedef uint16_t kvs_f16_t;
-DOT_KV(float, load8_f32, load1_f32)
-DOT_KV(kvs_f16_t, load8_f16, load1_f16)
-
 static void KVS_X86_NAME(scale)(float *acc, float c, int32_t n)
 {
     __m256 vc = _mm256_set1_ps(c);
@@ -499,23 +472,6 @@ static void KVS_X86_NAME(scale)(float *acc, float c, int32_t n)
         acc[i] = acc[i] * c;
     }
 }
-
-#define AXPY_KV(T, LOAD8, LOAD1)                                                               \
-    static void KVS_X86_NAME(axpy_##T)(float *acc, float p, const T *v, int32_t n)             \
-    {                                                                                          \
-        __m256 vp = _mm256_set1_ps(p);                                                         \
-        int32_t i = 0;                                                                         \
-        for (; i + 8 <= n; i += 8) {                                                           \
-            _mm256_storeu_ps(acc + i,                                                          \
-                             _mm256_fmadd_ps(vp, LOAD8(v, i), _mm256_loadu_ps(acc + i)));      \
-        }                                                                                      \
-        for (; i < n; i++) {                                                                   \
-            acc[i] = acc[i] + p * LOAD1(v, i);                                                 \
-        }                                                                                      \
-    }
-
-AXPY_KV(float, load8_f32, load1_f32)
-AXPY_KV(kvs_f16_t, load8_f16, load1_f16)
 
 static void KVS_X86_NAME(f32_to_f16)(const float *x, uint16_t *out, int64_t n)
 {
@@ -628,240 +584,6 @@ static void KVS_X86_NAME(swiglu)(const float *gate, const float *up, int64_t n, 
     }
 }
 
-/* Scores of 8 cells at a time: per cell one 8-lane fma chain over the head's dims (d in
- * order, lane = d % 8), then ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) by a hadd tree;
- * a lane never mixes with another cell, so a cell's score is the same in a full or a partial
- * group (partial groups repeat cell 0 in the unused lanes). hd a multiple of 8, else the
- * fallback below. */
-#define SCORES_KV(T, LOAD8)                                                                    \
-    static void KVS_X86_NAME(scores_##T)(const float *q, const T *k, int32_t nc, int32_t hd,   \
-                                         float scale, float *out)                              \
-    {                                                                                          \
-        if (hd % 8 != 0) {                                                                     \
-            for (int32_t i = 0; i < nc; i++) {                                                 \
-                out[i] = KVS_X86_NAME(dot_##T)(q, k + (int64_t)i * hd, hd) * scale;            \
-            }                                                                                  \
-            return;                                                                            \
-        }                                                                                      \
-        const __m256 vs = _mm256_set1_ps(scale);                                               \
-        for (int32_t i = 0; i < nc; i += 8) {                                                  \
-            const T *kc[8];                                                                    \
-            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                               \
-            {                                                                                  \
-                kc[c] = k + (int64_t)(i + c < nc ? i + c : i) * hd;                            \
-            }                                                                                  \
-            __m256 a[8];                                                                       \
-            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                               \
-            {                                                                                  \
-                a[c] = _mm256_setzero_ps();                                                    \
-            }                                                                                  \
-            for (int32_t d = 0; d < hd; d += 8) {                                              \
-                __m256 qv = _mm256_loadu_ps(q + d);                                            \
-                _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                           \
-                {                                                                              \
-                    a[c] = _mm256_fmadd_ps(qv, LOAD8(kc[c], d), a[c]);                         \
-                }                                                                              \
-            }                                                                                  \
-            __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);           \
-            __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);           \
-            __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);                   \
-            __m256 sc = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),                    \
-                                      _mm256_permute2f128_ps(u0, u1, 0x31));                   \
-            sc = _mm256_mul_ps(sc, vs);                                                        \
-            if (i + 8 <= nc) {                                                                 \
-                _mm256_storeu_ps(out + i, sc);                                                 \
-            } else {                                                                           \
-                float t[8];                                                                    \
-                _mm256_storeu_ps(t, sc);                                                       \
-                memcpy(out + i, t, (size_t)(nc - i) * sizeof(float));                          \
-            }                                                                                  \
-        }                                                                                      \
-    }
-
-SCORES_KV(float, load8_f32)
-SCORES_KV(kvs_f16_t, load8_f16)
-
-/* acc += p_i v_i over the cells in order, 32 dims at a time in registers: per element the
- * same fma chain as one axpy per cell. */
-#define PV_KV(T, LOAD8, LOAD1)                                                                 \
-    static void KVS_X86_NAME(pv_##T)(float *acc, const float *p, const T *v, int32_t nc,       \
-                                     int32_t hd)                                               \
-    {                                                                                          \
-        int32_t d = 0;                                                                         \
-        for (; d + 32 <= hd; d += 32) {                                                        \
-            __m256 a0 = _mm256_loadu_ps(acc + d), a1 = _mm256_loadu_ps(acc + d + 8);           \
-            __m256 a2 = _mm256_loadu_ps(acc + d + 16), a3 = _mm256_loadu_ps(acc + d + 24);     \
-            for (int32_t i = 0; i < nc; i++) {                                                 \
-                const T *vi = v + (int64_t)i * hd + d;                                         \
-                __m256 vp = _mm256_set1_ps(p[i]);                                              \
-                a0 = _mm256_fmadd_ps(vp, LOAD8(vi, 0), a0);                                    \
-                a1 = _mm256_fmadd_ps(vp, LOAD8(vi, 8), a1);                                    \
-                a2 = _mm256_fmadd_ps(vp, LOAD8(vi, 16), a2);                                   \
-                a3 = _mm256_fmadd_ps(vp, LOAD8(vi, 24), a3);                                   \
-            }                                                                                  \
-            _mm256_storeu_ps(acc + d, a0);                                                     \
-            _mm256_storeu_ps(acc + d + 8, a1);                                                 \
-            _mm256_storeu_ps(acc + d + 16, a2);                                                \
-            _mm256_storeu_ps(acc + d + 24, a3);                                                \
-        }                                                                                      \
-        if (d < hd) {                                                                          \
-            for (int32_t i = 0; i < nc; i++) {                                                 \
-                KVS_X86_NAME(axpy_##T)(acc + d, p[i], v + (int64_t)i * hd + d, hd - d);        \
-            }                                                                                  \
-        }                                                                                      \
-    }
-
-PV_KV(float, load8_f32, load1_f32)
-PV_KV(kvs_f16_t, load8_f16, load1_f16)
-
-/* ---- attention over several queries sharing one block ------------------------------------ */
-
-/* Scores of NQ queries (heads of a KV group, rows of one sequence) against the same 8 cells at
- * a time: each K vector is loaded (and converted) once for all queries. Per (query, cell) the
- * operations are exactly scores_T's: one 8-lane fma chain over d in order, the same hadd tree,
- * then * scale; so a query's scores do not depend on which queries share the call. */
-#define SCORES_MULTI_KV(T, LOAD8)                                                              \
-    KVS_INLINE void scores_tile_##T(const float *const *q, const int NQ, const T *k,          \
-                                    int32_t nc, int32_t hd, __m256 vs, float *const *out)       \
-    {                                                                                          \
-        for (int32_t i = 0; i < nc; i += 8) {                                                  \
-            const T *kc[8];                                                                    \
-            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                               \
-            {                                                                                  \
-                kc[c] = k + (int64_t)(i + c < nc ? i + c : i) * hd;                            \
-            }                                                                                  \
-            __m256 a[4][8];                                                                    \
-            _Pragma("GCC unroll 4") for (int j = 0; j < NQ; j++)                              \
-            {                                                                                  \
-                _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                           \
-                {                                                                              \
-                    a[j][c] = _mm256_setzero_ps();                                             \
-                }                                                                              \
-            }                                                                                  \
-            for (int32_t d = 0; d < hd; d += 8) {                                              \
-                __m256 qv[4];                                                                  \
-                _Pragma("GCC unroll 4") for (int j = 0; j < NQ; j++)                          \
-                {                                                                              \
-                    qv[j] = _mm256_loadu_ps(q[j] + d);                                         \
-                }                                                                              \
-                _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)                           \
-                {                                                                              \
-                    __m256 kv = LOAD8(kc[c], d);                                               \
-                    _Pragma("GCC unroll 4") for (int j = 0; j < NQ; j++)                      \
-                    {                                                                          \
-                        a[j][c] = _mm256_fmadd_ps(qv[j], kv, a[j][c]);                         \
-                    }                                                                          \
-                }                                                                              \
-            }                                                                                  \
-            _Pragma("GCC unroll 4") for (int j = 0; j < NQ; j++)                              \
-            {                                                                                  \
-                __m256 t0 = _mm256_hadd_ps(a[j][0], a[j][1]);                                  \
-                __m256 t1 = _mm256_hadd_ps(a[j][2], a[j][3]);                                  \
-                __m256 t2 = _mm256_hadd_ps(a[j][4], a[j][5]);                                  \
-                __m256 t3 = _mm256_hadd_ps(a[j][6], a[j][7]);                                  \
-                __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);               \
-                __m256 sc = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),                \
-                                          _mm256_permute2f128_ps(u0, u1, 0x31));               \
-                sc = _mm256_mul_ps(sc, vs);                                                    \
-                if (i + 8 <= nc) {                                                             \
-                    _mm256_storeu_ps(out[j] + i, sc);                                          \
-                } else {                                                                       \
-                    float t[8];                                                                \
-                    _mm256_storeu_ps(t, sc);                                                   \
-                    memcpy(out[j] + i, t, (size_t)(nc - i) * sizeof(float));                   \
-                }                                                                              \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
-    static void KVS_X86_NAME(scores_multi_##T)(const float *const *q, int32_t nq, const T *k, \
-                                               int32_t nc, int32_t hd, float scale,            \
-                                               float *const *out)                              \
-    {                                                                                          \
-        if (hd % 8 != 0) {                                                                     \
-            for (int32_t j = 0; j < nq; j++) {                                                 \
-                KVS_X86_NAME(scores_##T)(q[j], k, nc, hd, scale, out[j]);                      \
-            }                                                                                  \
-            return;                                                                            \
-        }                                                                                      \
-        const __m256 vs = _mm256_set1_ps(scale);                                               \
-        int32_t j = 0;                                                                         \
-        for (; j + KVS_X86_SCORES_NQ <= nq; j += KVS_X86_SCORES_NQ) {                          \
-            scores_tile_##T(q + j, KVS_X86_SCORES_NQ, k, nc, hd, vs, out + j);                 \
-        }                                                                                      \
-        for (; j < nq; j++) {                                                                  \
-            scores_tile_##T(q + j, 1, k, nc, hd, vs, out + j);                                 \
-        }                                                                                      \
-    }
-
-SCORES_MULTI_KV(float, load8_f32)
-SCORES_MULTI_KV(kvs_f16_t, load8_f16)
-
-/* acc_j += p_j[i] v_i for NP (acc, p) pairs sharing one block of V: each V vector is loaded
- * once for all pairs; per element the same fma chain over the cells in order as pv_T. */
-#define PV_MULTI_KV(T, LOAD8)                                                                  \
-    KVS_INLINE void pv_tile_##T(float *const *acc, const float *const *p, const int NP,       \
-                                const T *v, int32_t nc, int32_t hd)                            \
-    {                                                                                          \
-        int32_t d = 0;                                                                         \
-        for (; d + 32 <= hd; d += 32) {                                                        \
-            __m256 a[4][4];                                                                    \
-            _Pragma("GCC unroll 4") for (int j = 0; j < NP; j++)                              \
-            {                                                                                  \
-                _Pragma("GCC unroll 4") for (int e = 0; e < 4; e++)                           \
-                {                                                                              \
-                    a[j][e] = _mm256_loadu_ps(acc[j] + d + 8 * e);                             \
-                }                                                                              \
-            }                                                                                  \
-            for (int32_t i = 0; i < nc; i++) {                                                 \
-                const T *vi = v + (int64_t)i * hd + d;                                         \
-                __m256 vv[4];                                                                  \
-                _Pragma("GCC unroll 4") for (int e = 0; e < 4; e++)                           \
-                {                                                                              \
-                    vv[e] = LOAD8(vi, 8 * e);                                                  \
-                }                                                                              \
-                _Pragma("GCC unroll 4") for (int j = 0; j < NP; j++)                          \
-                {                                                                              \
-                    __m256 vp = _mm256_set1_ps(p[j][i]);                                       \
-                    _Pragma("GCC unroll 4") for (int e = 0; e < 4; e++)                       \
-                    {                                                                          \
-                        a[j][e] = _mm256_fmadd_ps(vp, vv[e], a[j][e]);                         \
-                    }                                                                          \
-                }                                                                              \
-            }                                                                                  \
-            _Pragma("GCC unroll 4") for (int j = 0; j < NP; j++)                              \
-            {                                                                                  \
-                _Pragma("GCC unroll 4") for (int e = 0; e < 4; e++)                           \
-                {                                                                              \
-                    _mm256_storeu_ps(acc[j] + d + 8 * e, a[j][e]);                             \
-                }                                                                              \
-            }                                                                                  \
-        }                                                                                      \
-        if (d < hd) {                                                                          \
-            for (int j = 0; j < NP; j++) {                                                     \
-                for (int32_t i = 0; i < nc; i++) {                                             \
-                    KVS_X86_NAME(axpy_##T)(acc[j] + d, p[j][i], v + (int64_t)i * hd + d,       \
-                                           hd - d);                                            \
-                }                                                                              \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
-    static void KVS_X86_NAME(pv_multi_##T)(float *const *acc, const float *const *p,          \
-                                           int32_t np, const T *v, int32_t nc, int32_t hd)     \
-    {                                                                                          \
-        int32_t j = 0;                                                                         \
-        for (; j + KVS_X86_PV_NQ <= np; j += KVS_X86_PV_NQ) {                                  \
-            pv_tile_##T(acc + j, p + j, KVS_X86_PV_NQ, v, nc, hd);                             \
-        }                                                                                      \
-        for (; j < np; j++) {                                                                  \
-            pv_tile_##T(acc + j, p + j, 1, v, nc, hd);                                         \
-        }                                                                                      \
-    }
-
-PV_MULTI_KV(float, load8_f32)
-PV_MULTI_KV(kvs_f16_t, load8_f16)
-
-/* x = f16_to_f32(f32_to_f16(x)), round to nearest even: the same values as the scalar
- * kvs_cpu_f32_to_f16 / kvs_cpu_f16_to_f32 pair for every finite x. */
 static void KVS_X86_NAME(round_f16)(float *x, int64_t n)
 {
     int64_t i = 0;
@@ -885,65 +607,6 @@ static void KVS_X86_NAME(f16_to_f32)(const uint16_t *x, float *out, int64_t n)
     }
 }
 
-/* Columns 8 at a time, lane j = column j: a gather of cell c of each column, then the same
- * compare-select / add a column does alone (max_ps(a, b) is a > b ? a : b), lanes past
- * their column's nc keeping their value. */
-KVS_INLINE void col_lanes(const float *s, const int32_t *off, const int32_t *nc, int32_t np,
-                          int32_t j, __m256i *vo, __m256i *vn)
-{
-    int32_t o[8] = {0}, m[8] = {0};
-    for (int32_t l = 0; l < 8 && j + l < np; l++) {
-        o[l] = off[j + l];
-        m[l] = nc[j + l];
-    }
-    *vo = _mm256_loadu_si256((const __m256i *)o);
-    *vn = _mm256_loadu_si256((const __m256i *)m);
-}
-
-static void KVS_X86_NAME(col_max)(const float *s, const int32_t *off, const int32_t *nc,
-                                  int32_t np, int32_t n, float *out)
-{
-    for (int32_t j = 0; j < np; j += 8) {
-        __m256i vo, vn;
-        col_lanes(s, off, nc, np, j, &vo, &vn);
-        __m256 m = _mm256_set1_ps(-INFINITY);
-        for (int32_t c = 0; c < n; c++) {
-            __m256i live = _mm256_cmpgt_epi32(vn, _mm256_set1_epi32(c));
-            __m256 v = _mm256_mask_i32gather_ps(m, s + c, vo, _mm256_castsi256_ps(live), 4);
-            m = _mm256_blendv_ps(m, _mm256_max_ps(v, m), _mm256_castsi256_ps(live));
-        }
-        float t[8];
-        _mm256_storeu_ps(t, m);
-        for (int32_t l = 0; l < 8 && j + l < np; l++) {
-            out[j + l] = t[l];
-        }
-    }
-}
-
-static void KVS_X86_NAME(col_sum)(const float *s, const int32_t *off, const int32_t *nc,
-                                  int32_t np, int32_t n, float *acc)
-{
-    for (int32_t j = 0; j < np; j += 8) {
-        __m256i vo, vn;
-        col_lanes(s, off, nc, np, j, &vo, &vn);
-        float t[8] = {0};
-        for (int32_t l = 0; l < 8 && j + l < np; l++) {
-            t[l] = acc[j + l];
-        }
-        __m256 a = _mm256_loadu_ps(t);
-        for (int32_t c = 0; c < n; c++) {
-            __m256i live = _mm256_cmpgt_epi32(vn, _mm256_set1_epi32(c));
-            __m256 v = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), s + c, vo,
-                                                _mm256_castsi256_ps(live), 4);
-            a = _mm256_blendv_ps(a, _mm256_add_ps(a, v), _mm256_castsi256_ps(live));
-        }
-        _mm256_storeu_ps(t, a);
-        for (int32_t l = 0; l < 8 && j + l < np; l++) {
-            acc[j + l] = t[l];
-        }
-    }
-}
-
 /* ---- attention in llama.cpp's CPU order (attention.c) ------------------------------------ */
 
 /* Scores of nc cells (cell i at k[i]) in llama.cpp's order for an f16 cache (its tinyBLAS
@@ -963,8 +626,10 @@ KVS_INLINE __m256 hsum8x8(const __m256 u[8])
                                _mm256_permute2f128_ps(u[2], u[6], 0x31));
     __m256 x37 = _mm256_add_ps(_mm256_permute2f128_ps(u[3], u[7], 0x20),
                                _mm256_permute2f128_ps(u[3], u[7], 0x31));
-    __m256 w01 = _mm256_add_ps(_mm256_shuffle_ps(x04, x15, 0x44), _mm256_shuffle_ps(x04, x15, 0xee));
-    __m256 w23 = _mm256_add_ps(_mm256_shuffle_ps(x26, x37, 0x44), _mm256_shuffle_ps(x26, x37, 0xee));
+    __m256 w01 = _mm256_add_ps(_mm256_shuffle_ps(x04, x15, 0x44),
+                               _mm256_shuffle_ps(x04, x15, 0xee));
+    __m256 w23 = _mm256_add_ps(_mm256_shuffle_ps(x26, x37, 0x44),
+                               _mm256_shuffle_ps(x26, x37, 0xee));
     return _mm256_add_ps(_mm256_shuffle_ps(w01, w23, 0x88), _mm256_shuffle_ps(w01, w23, 0xdd));
 }
 
@@ -1000,7 +665,8 @@ static void KVS_X86_NAME(scores16)(const float *q, const float *k, int32_t nc, i
                 __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
                 for (int32_t d = 0; d < hd16; d += 16) {
                     lo = _mm256_fmadd_ps(_mm256_loadu_ps(kc + d), _mm256_loadu_ps(q + d), lo);
-                    hi = _mm256_fmadd_ps(_mm256_loadu_ps(kc + d + 8), _mm256_loadu_ps(q + d + 8), hi);
+                    hi = _mm256_fmadd_ps(_mm256_loadu_ps(kc + d + 8), _mm256_loadu_ps(q + d + 8),
+                                         hi);
                 }
                 u[c] = _mm256_add_ps(hi, lo);
             }

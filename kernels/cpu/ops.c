@@ -229,8 +229,8 @@ int kvs_cpu_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int3
                          .n_dims = rope->n_dims,
                          .style = rope->style};
 #if defined(__x86_64__)
-    kvs_threadpool_for(c->pool, n_rows, 8, c->k->isa >= KVS_CPU_ISA_AVX2 ? rope_range_fma : rope_range,
-                       &j);
+    kvs_threadpool_range_fn fn = c->k->isa >= KVS_CPU_ISA_AVX2 ? rope_range_fma : rope_range;
+    kvs_threadpool_for(c->pool, n_rows, 8, fn, &j);
 #else
     kvs_threadpool_for(c->pool, n_rows, 8, rope_range, &j);
 #endif
