@@ -18,7 +18,7 @@
 
 #define MAX_COORDS 8           /* endpoints in --coordinator */
 #define EP_MAX 255             /* bytes of an endpoint */
-#define REPLY_WAIT_MS 2000     /* a request unanswered this long: the coordinator is away */
+#define REPLY_WAIT_MS 1500     /* a request unanswered this long: the coordinator is away */
 #define RETRY_MIN_MS 100       /* registration retries back off from here ... */
 #define RETRY_MAX_MS 2000      /* ... to here */
 #define DEFAULT_HEARTBEAT_MS 1000

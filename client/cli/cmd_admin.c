@@ -220,8 +220,10 @@ static int call(struct admin *a, const char *op, const char *key, const char *va
         snprintf(err, errlen, "%s (%s)", msg ? msg : "refused", c ? c : "?");
         if (status == KVS_NOT_LEADER && leader != NULL && leader[0] != '\0' &&
             strcmp(leader, a->endpoint) != 0 && hop < MAX_REDIRECTS) {
-            json_decref(j);
-            if (admin_connect(a, leader) != KVS_EXIT_OK) {
+            char to[256];
+            snprintf(to, sizeof to, "%s", leader);
+            json_decref(j); /* leader pointed into it */
+            if (admin_connect(a, to) != KVS_EXIT_OK) {
                 return KVS_INTERNAL;
             }
             continue; /* ask the leader */
