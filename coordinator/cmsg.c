@@ -268,6 +268,7 @@ static int check_required(const struct kvs_cmsg *m, const bool *seen, char *err,
         return require(seen[F_SESSION], "session", m->op, err, errlen);
     case KVS_COP_CORDON:
     case KVS_COP_UNCORDON:
+    case KVS_COP_DRAIN:
         return require(seen[F_WORKER], "worker", m->op, err, errlen);
     default:
         return KVS_OK;

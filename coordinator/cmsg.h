@@ -36,7 +36,8 @@
     X(WORKERS, "admin.workers")                                                                    \
     X(SESSIONS, "admin.sessions")                                                                  \
     X(CORDON, "admin.cordon")                                                                      \
-    X(UNCORDON, "admin.uncordon")
+    X(UNCORDON, "admin.uncordon")                                                                  \
+    X(DRAIN, "admin.drain")
 
 enum kvs_cmsg_op {
     KVS_COP_UNKNOWN = 0,

@@ -15,6 +15,7 @@
 #define IDENT_MAX 256      /* bytes of a ROUTER peer identity */
 #define TICK_MS 200        /* health checks */
 #define DOWN_CHECK_MS 1000 /* how often an unhealthy worker's key is looked up */
+#define POLL_MOVES 64      /* moves' sockets polled per round (moves.c keeps fewer in flight) */
 
 /* ---- replies ---- */
 
@@ -31,6 +32,12 @@ static void send_reply(kvs_coord *c, const void *ident, size_t ident_len, const 
         zmq_send(c->router, data, len, ZMQ_DONTWAIT) < 0) {
         KVS_WARN("coordinator: reply not sent: %s", zmq_strerror(errno));
     }
+}
+
+void kvs_coord_send(kvs_coord *c, const void *ident, size_t ident_len, const void *data,
+                    size_t len)
+{
+    send_reply(c, ident, ident_len, data, len);
 }
 
 static void send_out(kvs_coord *c, const void *ident, size_t ident_len)
@@ -161,6 +168,20 @@ static int op_register(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t
     KVS_TRY(rc);
     w->last_hb_ms = now_ms();
     w->down = false;
+    /* Sessions left on it because they could not be restored elsewhere: it restored them
+     * from its own directory at start, so they are served again. */
+    for (size_t i = 0; i < c->n_sessions; i++) {
+        struct session_rec *s = &c->sessions[i];
+        if (strcmp(s->worker, w->id) == 0 && !s->moving && s->from[0] == '\0' &&
+            (s->error[0] != '\0' || s->retry_ms != 0)) {
+            s->error[0] = '\0';
+            s->retry_ms = 0;
+            char serr[256];
+            if (kvs_coord_session_record(c, s, serr, sizeof serr) < 0) {
+                KVS_WARN("coordinator: cannot record session '%s': %s", s->id, serr);
+            }
+        }
+    }
     KVS_INFO("coordinator: worker '%s' registered at %s (%lld cells, model %.16s...)", w->id,
              w->endpoint, (long long)w->cells_total, w->model);
     return KVS_OK;
@@ -232,26 +253,7 @@ static int op_session_create(kvs_coord *c, const struct kvs_cmsg *m, struct kvs_
         kvs_errf(err, errlen, "the directory holds %d sessions already", MAX_SESSIONS);
         return KVS_TOO_LARGE;
     }
-    struct kvs_worker_info *info = calloc(c->n_workers ? c->n_workers : 1, sizeof *info);
-    if (info == NULL) {
-        return KVS_NO_MEMORY;
-    }
-    int64_t now = now_ms();
-    for (size_t i = 0; i < c->n_workers; i++) {
-        const struct worker *w = &c->workers[i];
-        info[i] = (struct kvs_worker_info){.id = w->id,
-                                           .model_sha256 = w->model,
-                                           .n_cells_capacity = w->cells_total,
-                                           .n_cells_free = w->cells_total - w->cells_placed,
-                                           .state = kvs_coord_worker_state(c, w, now),
-                                           .prefix_hashes = w->prefix_hashes,
-                                           .n_prefix_hashes = w->n_prefix_hashes};
-    }
-    struct kvs_placement_request rq = {
-        .model_sha256 = m->model, .n_cells = (int64_t)m->cells, .prefix_hash = m->prefix_hash};
-    int rc = kvs_placement_choose(info, c->n_workers, &rq, p, err, errlen);
-    free(info);
-    KVS_TRY(rc);
+    KVS_TRY(kvs_coord_place(c, m->model, (int64_t)m->cells, m->prefix_hash, p, err, errlen));
     struct session_rec r = {.cells = (int64_t)m->cells, .prefix_hash = m->prefix_hash};
     snprintf(r.id, sizeof r.id, "%s", m->session);
     snprintf(r.worker, sizeof r.worker, "%s", c->workers[p->index].id);
@@ -268,7 +270,7 @@ static int op_session_create(kvs_coord *c, const struct kvs_cmsg *m, struct kvs_
     struct kvs_store_op put = {
         .type = KVS_STORE_OP_PUT, .key = key, .value = json, .value_len = strlen(json)};
     bool ok = false;
-    rc = kvs_leader_txn(c->leader, &absent, 1, &put, 1, &ok, NULL, err, errlen);
+    int rc = kvs_leader_txn(c->leader, &absent, 1, &put, 1, &ok, NULL, err, errlen);
     free(json);
     if (rc == KVS_UNAVAILABLE) {
         char why[400];
@@ -296,13 +298,34 @@ static int op_locate(kvs_coord *c, const struct kvs_cmsg *m, const struct sessio
         kvs_errf(err, errlen, "session '%s' not found", m->session);
         return KVS_NOT_FOUND;
     }
-    *out = &c->sessions[i];
-    *owner = kvs_coord_worker_find(c, c->sessions[i].worker);
-    if (*owner == NULL || (*owner)->down) {
+    const struct session_rec *s = &c->sessions[i];
+    *out = s;
+    *owner = kvs_coord_worker_find(c, s->worker);
+    if (s->moving || s->from[0] != '\0') {
         kvs_errf(err, errlen,
-                 "session '%s': its worker '%s' is down (lease expired and no "
-                 "heartbeat); the session is kept and waits to be restored on another worker",
-                 m->session, c->sessions[i].worker);
+                 "session '%s' is being restored on worker '%s' (from '%s''s data dir)%s%s: "
+                 "retry shortly",
+                 m->session, s->worker, s->from, s->error[0] ? "; " : "", s->error);
+        return KVS_UNAVAILABLE;
+    }
+    if (*owner == NULL || (*owner)->down) {
+        if (s->error[0] != '\0') {
+            kvs_errf(err, errlen,
+                     "session '%s': its worker '%s' is down (lease expired and no heartbeat) "
+                     "and %s; the session is kept",
+                     m->session, s->worker, s->error);
+        } else if (!c->o.shared_data_dir) {
+            kvs_errf(err, errlen,
+                     "session '%s': its worker '%s' is down (lease expired and no heartbeat); "
+                     "the session is kept; it is not restored elsewhere (the coordinator runs "
+                     "without --shared-data-dir): restart worker '%s' to bring it back",
+                     m->session, s->worker, s->worker);
+        } else {
+            kvs_errf(err, errlen,
+                     "session '%s': its worker '%s' is down (lease expired and no heartbeat); "
+                     "the session is kept and waits to be restored on another worker",
+                     m->session, s->worker);
+        }
         return KVS_UNAVAILABLE;
     }
     return KVS_OK;
@@ -315,6 +338,11 @@ static int op_close(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t er
     if (!found) {
         kvs_errf(err, errlen, "session '%s' not found", m->session);
         return KVS_NOT_FOUND;
+    }
+    if (c->sessions[i].moving) {
+        kvs_errf(err, errlen, "session '%s' is being moved to worker '%s': retry when it is done",
+                 m->session, c->sessions[i].worker);
+        return KVS_UNAVAILABLE;
     }
     char key[512];
     kvs_coord_session_key(c, m->session, key, sizeof key);
@@ -522,13 +550,24 @@ static void handle(kvs_coord *c, const void *ident, size_t ident_len, struct kvs
         pack_key(pk, "sessions");
         msgpack_pack_array(pk, n);
         for (uint32_t i = 0; i < n; i++) {
-            msgpack_pack_map(pk, 3);
+            const struct session_rec *s = &c->sessions[i];
+            const struct worker *w = kvs_coord_worker_find(c, s->worker);
+            const char *state = s->moving || s->from[0] ? "moving"
+                                : w == NULL || w->down  ? "unavailable"
+                                                        : "ok";
+            msgpack_pack_map(pk, s->error[0] ? 5 : 4);
             pack_key(pk, "session");
-            pack_key(pk, c->sessions[i].id);
+            pack_key(pk, s->id);
             pack_key(pk, "worker");
-            pack_key(pk, c->sessions[i].worker);
+            pack_key(pk, s->worker);
             pack_key(pk, "cells");
-            msgpack_pack_int64(pk, c->sessions[i].cells);
+            msgpack_pack_int64(pk, s->cells);
+            pack_key(pk, "state");
+            pack_key(pk, state);
+            if (s->error[0]) {
+                pack_key(pk, "error");
+                pack_key(pk, s->error);
+            }
         }
         pack_key(pk, "truncated");
         n < c->n_sessions ? msgpack_pack_true(pk) : msgpack_pack_false(pk);
@@ -543,6 +582,13 @@ static void handle(kvs_coord *c, const void *ident, size_t ident_len, struct kvs
             pack_key(pk, m->worker);
             pack_key(pk, "state");
             pack_key(pk, m->op == KVS_COP_CORDON ? "cordoned" : "ready");
+        }
+        break;
+    case KVS_COP_DRAIN:
+        /* Answered when its moves are done (coordinator/moves.c). */
+        rc = kvs_coord_drain_start(c, m->worker, ident, ident_len, m->id, err, sizeof err);
+        if (rc == KVS_OK) {
+            return;
         }
         break;
     default:
@@ -579,6 +625,8 @@ static void tick(kvs_coord *c)
                      (long long)token);
         } else {
             KVS_WARN("coordinator: %s stands by", c->endpoint);
+            kvs_coord_moves_clear(c, KVS_NOT_LEADER,
+                                  "this coordinator lost the leadership during the drain");
             kvs_coord_state_clear(c);
         }
         c->token = token;
@@ -602,12 +650,15 @@ static void tick(kvs_coord *c)
         if (rc == KVS_NOT_FOUND) {
             w->down = true;
             KVS_WARN("coordinator: worker '%s' is down (no heartbeat for %lld ms and its lease "
-                     "expired); its %lld sessions wait to be restored elsewhere",
+                     "expired); its %lld sessions %s",
                      w->id, (long long)(w->last_hb_ms ? now - w->last_hb_ms : -1),
-                     (long long)w->n_sessions);
+                     (long long)w->n_sessions,
+                     c->o.shared_data_dir ? "are restored on other workers"
+                                          : "wait for it (no --shared-data-dir)");
         }
         /* UNAVAILABLE: the store is away; nobody is declared down meanwhile. */
     }
+    kvs_coord_moves_tick(c, now);
 }
 
 static int recv_parts(void *sock, zmq_msg_t *parts, int n_max)
@@ -636,18 +687,22 @@ static int recv_parts(void *sock, zmq_msg_t *parts, int n_max)
 int kvs_coord_run(kvs_coord *c)
 {
     int rc = KVS_OK;
+    zmq_pollitem_t items[1 + POLL_MOVES];
     while (!c->stop) {
-        zmq_pollitem_t item = {c->router, 0, ZMQ_POLLIN, 0};
-        if (zmq_poll(&item, 1, 50) < 0 && errno != EINTR) {
+        items[0] = (zmq_pollitem_t){c->router, 0, ZMQ_POLLIN, 0};
+        size_t n_moves = kvs_coord_moves_poll_items(c, items + 1, POLL_MOVES);
+        if (zmq_poll(items, (int)(1 + n_moves), 50) < 0 && errno != EINTR) {
             KVS_ERROR("coordinator: zmq_poll: %s", zmq_strerror(errno));
             rc = KVS_INTERNAL;
             break;
         }
+        /* Workers' answers to moves first: they may free what the tick looks at. */
+        kvs_coord_moves_on_replies(c, items + 1, n_moves);
         if (now_ms() - c->last_tick_ms >= TICK_MS || kvs_leader_held_token(c->leader) != c->token) {
             tick(c);
             c->last_tick_ms = now_ms();
         }
-        for (int batch = 0; batch < 64 && (item.revents & ZMQ_POLLIN); batch++) {
+        for (int batch = 0; batch < 64 && (items[0].revents & ZMQ_POLLIN); batch++) {
             zmq_msg_t parts[3];
             int n = recv_parts(c->router, parts, 3);
             if (n <= 0) {
@@ -738,6 +793,7 @@ int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, si
     c->o.worker_ttl_s = o->worker_ttl_s > 0 ? o->worker_ttl_s : 10;
     c->o.heartbeat_ms = o->heartbeat_ms > 0 ? o->heartbeat_ms : 1000;
     c->o.unhealthy_ms = o->unhealthy_ms > 0 ? o->unhealthy_ms : 3 * c->o.heartbeat_ms;
+    c->o.move_timeout_ms = o->move_timeout_ms > 0 ? o->move_timeout_ms : 30000;
     snprintf(c->cluster, sizeof c->cluster, "%s", cluster);
     snprintf(c->key_root, sizeof c->key_root, "/kvstream/%s/", cluster);
     kvs_wire_buf_init(&c->out);
@@ -806,6 +862,9 @@ void kvs_coord_destroy(kvs_coord **pc, bool crash)
         return;
     }
     kvs_coord *c = *pc;
+    if (c->router != NULL) {
+        kvs_coord_moves_clear(c, KVS_CANCELLED, "the coordinator is shutting down");
+    }
     kvs_leader_destroy(&c->leader, !crash);
     if (c->router != NULL) {
         zmq_close(c->router);

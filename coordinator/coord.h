@@ -20,7 +20,11 @@
  * unhealthy_ms is unhealthy (gets no new sessions, its sessions are still located on it);
  * it is down only when, in addition, its lease in the store has expired (its key is gone).
  * A down worker's sessions are answered UNAVAILABLE with the reason, never dropped from the
- * directory; restoring them elsewhere is the job of the restore order (later issue).
+ * directory. With shared_data_dir they are restored on other workers (coordinator/moves.c:
+ * placement, a fenced record of the new placement, then session.adopt to the new worker);
+ * a restore that fails leaves the session recorded on its down worker with the error, which
+ * locate reports. admin.drain moves a worker's sessions one by one the same way, after the
+ * worker released each one (session.release).
  */
 #ifndef KVS_COORD_H
 #define KVS_COORD_H
@@ -42,6 +46,12 @@ struct kvs_coord_opts {
     int worker_ttl_s;      /* a worker's lease, seconds (0 = 10) */
     int heartbeat_ms;      /* the interval workers are told to heartbeat at (0 = 1000) */
     int unhealthy_ms;      /* no heartbeat for this long = unhealthy (0 = 3 x heartbeat) */
+    bool shared_data_dir;  /* the workers' --data-dir is one root on storage every worker
+                            * reaches (each keeps ROOT/<its id>): a down worker's sessions are
+                            * restored on other workers (session.adopt) and admin.drain can
+                            * move sessions; off = a down worker's sessions wait for it */
+    int move_timeout_ms;   /* one request to a worker (adopt, release) before it is sent
+                            * again, 3 attempts (0 = 30000: an adopt replays the log) */
 };
 
 /* Open the store, bind the socket, start the election. 0 with *out, or INVALID_ARGUMENT

@@ -40,13 +40,27 @@ struct worker {
     int64_t down_checked_ms;
 };
 
+#define SESSION_ERROR_MAX 240 /* bytes of a session's error (why it cannot be served) */
+
 struct session_rec {
     char id[129];
-    char worker[KVS_CMSG_WORKER_MAX + 1];
+    char worker[KVS_CMSG_WORKER_MAX + 1]; /* its owner, or where it is being restored */
     char model[65];
-    int64_t cells;        /* budget */
-    uint64_t prefix_hash; /* 0 = none */
+    int64_t cells;                      /* budget */
+    uint64_t prefix_hash;               /* 0 = none */
+    char from[KVS_CMSG_WORKER_MAX + 1]; /* a restore order is outstanding: its files are in
+                                         * this worker's directory or moved to worker's
+                                         * already; "" = none (recorded) */
+    char error[SESSION_ERROR_MAX + 1];  /* why it cannot be served (a restore that failed);
+                                         * "" = none (recorded) */
+    bool moving;                        /* a move holds it (moves.c): not placed again, not
+                                         * closed; in memory only */
+    int64_t retry_ms;                   /* monotonic: not re-placed before this (INT64_MAX =
+                                         * not until its worker registers again) */
 };
+
+struct kvs_move;  /* moves.c: one session being restored or moved (a request to a worker) */
+struct kvs_drain; /* moves.c: an admin.drain in progress */
 
 struct kvs_coord {
     struct kvs_coord_opts o;
@@ -65,6 +79,11 @@ struct kvs_coord {
     size_t n_sessions, cap_sessions;
     kvs_wire_buf out;
     int64_t last_tick_ms;
+    struct kvs_move **moves; /* n_moves in flight, owned */
+    size_t n_moves, cap_moves;
+    struct kvs_drain **drains; /* n_drains in progress, owned */
+    size_t n_drains, cap_drains;
+    uint64_t next_request_id; /* ids of the coordinator's requests to workers */
 };
 
 static inline int64_t now_ms(void)
@@ -88,6 +107,17 @@ static inline void *grow(void *p, size_t *cap, size_t need, size_t elem)
         *cap = c;
     }
     return q;
+}
+
+/* Make s printable ASCII in place (other bytes become '?'): a session's error is cut to a
+ * fixed size, which may split a UTF-8 sequence. */
+static inline void kvs_coord_ascii(char *s)
+{
+    for (; *s != '\0'; s++) {
+        if ((unsigned char)*s < 0x20 || (unsigned char)*s >= 0x7f) {
+            *s = '?';
+        }
+    }
 }
 
 /* ---- registry.c: keys and records (docs/CLUSTER.md) ---- */
@@ -117,5 +147,37 @@ int kvs_coord_state_load(kvs_coord *c, char *err, size_t errlen);
  * heartbeated to this leader for unhealthy_ms. */
 enum kvs_worker_state kvs_coord_worker_state(const kvs_coord *c, const struct worker *w,
                                              int64_t now);
+/* The placement policy (coordinator/placement.h) over the workers as this leader sees them:
+ * free cells = cells_total - cells_placed. 0 with *p (p->index into c->workers), or the
+ * policy's UNAVAILABLE / MODEL_MISMATCH / CAPACITY with err. NO_MEMORY. */
+int kvs_coord_place(kvs_coord *c, const char *model, int64_t cells, uint64_t prefix_hash,
+                    struct kvs_placement *p, char *err, size_t errlen);
+/* Record r in the store as it is now (a fenced put of its JSON). Store errors, NOT_LEADER,
+ * NO_MEMORY. */
+int kvs_coord_session_record(kvs_coord *c, const struct session_rec *r, char *err, size_t errlen);
+/* Move the budget of session i to worker `to` (in memory; the record is the caller's). */
+void kvs_coord_session_reassign(kvs_coord *c, size_t i, const char *to);
+
+/* ---- moves.c: restoring a down worker's sessions elsewhere, and drains ---- */
+
+/* Every tick of a leader: time out and resend requests to workers, start restores of down
+ * workers' sessions (with shared_data_dir), advance drains. */
+void kvs_coord_moves_tick(kvs_coord *c, int64_t now);
+/* Poll items of the moves' sockets into items[0..max) (one per move in flight); their count. */
+size_t kvs_coord_moves_poll_items(kvs_coord *c, void *items, size_t max);
+/* Read the replies the poll found on items[0..n) (as kvs_coord_moves_poll_items gave them). */
+void kvs_coord_moves_on_replies(kvs_coord *c, const void *items, size_t n);
+/* admin.drain: mark worker draining and start moving its sessions; the reply is sent when
+ * every move is done (the request's ident and id are kept). 0 (started), or NOT_FOUND,
+ * UNAVAILABLE (the worker is down, re-placement by restore is off, the store), BUSY (a
+ * drain of it is running), NO_MEMORY, with err. */
+int kvs_coord_drain_start(kvs_coord *c, const char *worker, const void *ident, size_t ident_len,
+                          uint64_t id, char *err, size_t errlen);
+/* A standby or a closing coordinator: abandon every move (sessions stay as recorded; a new
+ * leader resends outstanding restore orders) and answer pending drains with reason. */
+void kvs_coord_moves_clear(kvs_coord *c, int status, const char *reason);
+/* Send a reply (ident, the delimiter, data) on the router: coord.c's. */
+void kvs_coord_send(kvs_coord *c, const void *ident, size_t ident_len, const void *data,
+                    size_t len);
 
 #endif

@@ -3,6 +3,12 @@
  *
  *   kvs-coordinator [--listen tcp://127.0.0.1:7700] [--store URL] [--cluster NAME]
  *                   [--leader-ttl S] [--worker-ttl S] [--heartbeat-ms MS] [--insecure]
+ *                   [--shared-data-dir] [--move-timeout-ms MS]
+ *
+ * --shared-data-dir says that the workers' --data-dir is one root on storage that every worker
+ * reaches (each keeps its sessions in ROOT/<its id>; on one machine it always is): then the
+ * sessions of a worker declared down are restored on other workers (session.adopt) and
+ * admin.drain moves sessions. Without it a down worker's sessions wait for it (UNAVAILABLE).
  *
  * --store is file:PATH (the embedded store, one coordinator), mem: (nothing persisted) or
  * http://HOST:PORT[,...] (etcd's gateway: several coordinators, one leads). Prints
@@ -43,6 +49,10 @@ static void usage(FILE *f)
         "      --leader-ttl S      leader lease, seconds (default 5)\n"
         "      --worker-ttl S      worker lease, seconds (default 10)\n"
         "      --heartbeat-ms MS   worker heartbeat interval (default 1000)\n"
+        "      --shared-data-dir   the workers' --data-dir is one root every worker reaches:\n"
+        "                          restore a down worker's sessions on others, allow drain\n"
+        "      --move-timeout-ms MS  wait for a worker's answer to a restore/release before\n"
+        "                          sending it again, 3 times (default 30000)\n"
         "  -h, --help\n");
 }
 
@@ -69,6 +79,8 @@ int main(int argc, char **argv)
         {"leader-ttl", required_argument, 0, 'L'},
         {"worker-ttl", required_argument, 0, 'W'},
         {"heartbeat-ms", required_argument, 0, 'H'},
+        {"shared-data-dir", no_argument, 0, 'S'},
+        {"move-timeout-ms", required_argument, 0, 'M'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -98,6 +110,15 @@ int main(int argc, char **argv)
         case 'H':
             if (parse_int(optarg, 10, 60000, &o.heartbeat_ms) < 0) {
                 fprintf(stderr, "kvs-coordinator: --heartbeat-ms must be 10..60000\n");
+                return 2;
+            }
+            break;
+        case 'S':
+            o.shared_data_dir = true;
+            break;
+        case 'M':
+            if (parse_int(optarg, 100, 3600000, &o.move_timeout_ms) < 0) {
+                fprintf(stderr, "kvs-coordinator: --move-timeout-ms must be 100..3600000\n");
                 return 2;
             }
             break;

@@ -38,6 +38,17 @@ char *kvs_coord_session_json(const struct session_rec *r)
     snprintf(hash, sizeof hash, "%016" PRIx64, r->prefix_hash);
     json_t *j = json_pack("{sssssIss}", "worker", r->worker, "model", r->model, "cells",
                           (json_int_t)r->cells, "prefix_hash", hash);
+    /* Optional: a restore order outstanding, a restore that failed. */
+    if (j != NULL && r->from[0] != '\0' && json_object_set_new(j, "from", json_string(r->from))) {
+        json_decref(j);
+        j = NULL;
+    }
+    if (j != NULL && r->error[0] != '\0') {
+        if (json_object_set_new(j, "error", json_string(r->error)) < 0) { /* ASCII */
+            json_decref(j);
+            j = NULL;
+        }
+    }
     char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
     json_decref(j);
     return s;
@@ -77,20 +88,24 @@ static int parse_session(const struct kvs_store_kv *kv, const char *id, struct s
 {
     memset(r, 0, sizeof *r);
     json_t *j = json_loadb(kv->value, kv->value_len, JSON_REJECT_DUPLICATES, NULL);
-    const char *worker, *model, *hash;
+    const char *worker, *model, *hash, *from = "", *error = "";
     json_int_t cells;
     char *end = NULL;
     int rc = KVS_BAD_FORMAT;
     if (j != NULL &&
-        json_unpack(j, "{sssssIss}", "worker", &worker, "model", &model, "cells", &cells,
-                    "prefix_hash", &hash) == 0 &&
+        json_unpack(j, "{sssssIss s?s s?s}", "worker", &worker, "model", &model, "cells", &cells,
+                    "prefix_hash", &hash, "from", &from, "error", &error) == 0 &&
         kvs_cmsg_valid_id(worker, KVS_CMSG_WORKER_MAX) && strlen(model) == 64 && cells > 0 &&
-        cells <= KVS_CMSG_MAX_CELLS && strlen(hash) == 16 && kvs_cmsg_valid_id(id, 128)) {
+        cells <= KVS_CMSG_MAX_CELLS && strlen(hash) == 16 && kvs_cmsg_valid_id(id, 128) &&
+        (from[0] == '\0' || kvs_cmsg_valid_id(from, KVS_CMSG_WORKER_MAX))) {
         r->prefix_hash = strtoull(hash, &end, 16);
         if (end != NULL && *end == '\0') {
             snprintf(r->id, sizeof r->id, "%s", id);
             snprintf(r->worker, sizeof r->worker, "%s", worker);
             snprintf(r->model, sizeof r->model, "%s", model);
+            snprintf(r->from, sizeof r->from, "%s", from);
+            snprintf(r->error, sizeof r->error, "%s", error);
+            kvs_coord_ascii(r->error);
             r->cells = cells;
             rc = KVS_OK;
         }
@@ -217,7 +232,30 @@ int kvs_coord_state_load(kvs_coord *c, char *err, size_t errlen)
     }
     kvs_store_range_free(&r);
     /* A worker whose key expired while no one led is not in the store: its sessions point to
-     * an unknown worker, which locate reports as down. */
+     * an unknown worker. It gets a record without an endpoint, silent, so that the failure
+     * rule (tick) finds its key gone and declares it down like any other. */
+    for (size_t i = 0; i < c->n_sessions; i++) {
+        const struct session_rec *s = &c->sessions[i];
+        if (kvs_coord_worker_find(c, s->worker) != NULL) {
+            continue;
+        }
+        struct worker *ws = grow(c->workers, &c->cap_workers, c->n_workers + 1, sizeof *ws);
+        if (ws == NULL) {
+            return KVS_NO_MEMORY;
+        }
+        c->workers = ws;
+        struct worker *w = &c->workers[c->n_workers++];
+        memset(w, 0, sizeof *w);
+        snprintf(w->id, sizeof w->id, "%s", s->worker);
+        snprintf(w->model, sizeof w->model, "%s", s->model);
+        w->admin_state = KVS_WORKER_READY;
+        for (size_t k = 0; k < c->n_sessions; k++) {
+            if (strcmp(c->sessions[k].worker, w->id) == 0) {
+                w->cells_placed += c->sessions[k].cells;
+                w->n_sessions++;
+            }
+        }
+    }
     KVS_INFO("coordinator: loaded %zu workers and %zu sessions", c->n_workers, c->n_sessions);
     return KVS_OK;
 }
@@ -229,4 +267,58 @@ enum kvs_worker_state kvs_coord_worker_state(const kvs_coord *c, const struct wo
         return KVS_WORKER_UNHEALTHY;
     }
     return w->admin_state;
+}
+
+int kvs_coord_place(kvs_coord *c, const char *model, int64_t cells, uint64_t prefix_hash,
+                    struct kvs_placement *p, char *err, size_t errlen)
+{
+    struct kvs_worker_info *info = calloc(c->n_workers ? c->n_workers : 1, sizeof *info);
+    if (info == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    int64_t now = now_ms();
+    for (size_t i = 0; i < c->n_workers; i++) {
+        const struct worker *w = &c->workers[i];
+        info[i] = (struct kvs_worker_info){.id = w->id,
+                                           .model_sha256 = w->model,
+                                           .n_cells_capacity = w->cells_total,
+                                           .n_cells_free = w->cells_total - w->cells_placed,
+                                           .state = kvs_coord_worker_state(c, w, now),
+                                           .prefix_hashes = w->prefix_hashes,
+                                           .n_prefix_hashes = w->n_prefix_hashes};
+    }
+    struct kvs_placement_request rq = {
+        .model_sha256 = model, .n_cells = cells, .prefix_hash = prefix_hash};
+    int rc = kvs_placement_choose(info, c->n_workers, &rq, p, err, errlen);
+    free(info);
+    return rc;
+}
+
+int kvs_coord_session_record(kvs_coord *c, const struct session_rec *r, char *err, size_t errlen)
+{
+    char key[512];
+    kvs_coord_session_key(c, r->id, key, sizeof key);
+    char *json = kvs_coord_session_json(r);
+    if (json == NULL) {
+        return KVS_NO_MEMORY;
+    }
+    int rc = kvs_leader_put(c->leader, key, json, strlen(json), 0, err, errlen);
+    free(json);
+    return rc;
+}
+
+void kvs_coord_session_reassign(kvs_coord *c, size_t i, const char *to)
+{
+    struct session_rec *r = &c->sessions[i];
+    struct worker *w = kvs_coord_worker_find(c, r->worker);
+    if (w != NULL) {
+        w->cells_placed -= r->cells;
+        w->n_sessions--;
+    }
+    snprintf(r->worker, sizeof r->worker, "%s", to);
+    w = kvs_coord_worker_find(c, to);
+    if (w != NULL) {
+        w->cells_placed += r->cells;
+        w->n_sessions++;
+    }
 }
