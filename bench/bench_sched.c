@@ -16,15 +16,19 @@
  * every append is acknowledged with latency p99 <= 2 s (the queue does not grow) by the end
  * of the probe plus a 2 s drain. A probe lasts --seconds, longer at low rates (30 appends
  * expected, at most 3x). The search starts at 2/s, halves until a probe passes or doubles
- * until one fails, then
- * bisects (geometrically) until the bracket is within 12%. Executors, same engine:
+ * until one fails, then bisects (geometrically) until the bracket is within 12%; a failed
+ * probe is repeated once (it fails only if the repeat fails too), for both executors.
+ * Arrivals come from random streams reset for every probe: the two executors see the
+ * same arrivals at the same rate. Executors, same engine:
  *   batched: the scheduler (continuous batching across sessions, step-time target),
  *   serial:  the same scheduler with max_jobs_per_step = 1 (one request per step; flash
  *            work keeps its 10% share as one step in ten, as sched.h says, so that both
  *            executors do the same work).
  * Both run with the step target --target-ms, by default a quarter of the TTFT bound (a
  * question waits for the step in flight and runs in the next: a 2x margin). Defaults: TTFT
- * p99 bound 1000 ms, 1 question/s, 2 threads, 5 s probes, 2 rounds.
+ * p99 bound 1000 ms, 1 question/s, 5 s probes, 2 rounds, 1 engine thread (on the shared
+ * 2-core dev machine a second thread mostly waits at the pool's barriers for a partner
+ * that another process preempted: same speed, far more variance).
  * The two searches alternate (a, b, a, b for --rounds 2) so that a change in the machine's
  * load falls on both. Then the batched executor runs at half its sustainable rate for the
  * flash hit rate. Each probe prints the 1-minute load average next to its figures.
@@ -49,18 +53,30 @@
 #define DRAIN_S 2.0
 #define MIN_APPENDS 30.0
 
-static uint64_t rs = 88172645463325252ull;
-static double urand(void)
+/* xorshift64 streams, one per kind of event, reset for every probe: two probes at one rate
+ * (the two executors) see the same arrivals on the same sessions */
+enum { RNG_APPEND, RNG_QUESTION, RNG_READ, N_RNG };
+static uint64_t rs[N_RNG];
+
+static void rng_reset(void)
 {
-    rs ^= rs << 13;
-    rs ^= rs >> 7;
-    rs ^= rs << 17;
-    return (double)(rs >> 11) / 9007199254740992.0;
+    for (int i = 0; i < N_RNG; i++) {
+        rs[i] = 88172645463325252ull + 0x9e3779b97f4a7c15ull * (uint64_t)i;
+    }
 }
 
-static double expo(double rate)
+static double urand(int stream)
 {
-    return -log(1.0 - urand()) / rate;
+    uint64_t *x = &rs[stream];
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    return (double)(*x >> 11) / 9007199254740992.0;
+}
+
+static double expo(int stream, double rate)
+{
+    return -log(1.0 - urand(stream)) / rate;
 }
 
 /* One request in flight: its scheduled arrival and, once done, its latency. */
@@ -180,9 +196,10 @@ static struct probe run(kvs_engine *e, bool batched, double rate, double seconds
     if (seconds * rate < MIN_APPENDS) {
         seconds = MIN_APPENDS / rate < 3 * seconds ? MIN_APPENDS / rate : 3 * seconds;
     }
+    rng_reset();
     double t0 = kvs_now();
-    double next_append = t0 + expo(rate), next_q = t0 + expo(question_rate),
-           next_read = t0 + expo(FLASH_READ_RATE);
+    double next_append = t0 + expo(RNG_APPEND, rate), next_q = t0 + expo(RNG_QUESTION, question_rate),
+           next_read = t0 + expo(RNG_READ, FLASH_READ_RATE);
     int hits = 0, tick = 0;
     uint64_t steps0 = kvs_sched_stats(sc)->steps, rows0 = 0;
     for (int c = 0; c < KVS_N_CLASSES; c++) {
@@ -196,7 +213,7 @@ static struct probe run(kvs_engine *e, bool batched, double rate, double seconds
             break;
         }
         while (next_append <= now && n_appends < MAX_EVENTS) {
-            int i = (int)(urand() * N_SESS);
+            int i = (int)(urand(RNG_APPEND) * N_SESS);
             char line[64];
             snprintf(line, sizeof line, "SYM%d %.2f %+.2f", i, 100 + (tick % 97) * 0.37,
                      ((tick % 21) - 10) * 0.05);
@@ -206,27 +223,27 @@ static struct probe run(kvs_engine *e, bool batched, double rate, double seconds
             if (kvs_sched_append(sc, ss[i], line, strlen(line), 0, 0, 0, on_append, x) == 0) {
                 n_appends++;
             }
-            next_append += expo(rate);
+            next_append += expo(RNG_APPEND, rate);
         }
         while (next_q <= now && n_queries < MAX_EVENTS) {
-            int i = (int)(urand() * N_SESS);
+            int i = (int)(urand(RNG_QUESTION) * N_SESS);
             struct ev *x = &queries[n_queries++];
             *x = (struct ev){.t_arrival = next_q, .latency = -1};
             if (kvs_sched_query(sc, ss[i], "Which way did it move?", 22, &qo, 0, NULL, on_query,
                                 x, err, sizeof err) < 0) {
                 fprintf(stderr, "bench_sched: query refused: %s\n", err); /* stays pending */
             }
-            next_q += expo(question_rate);
+            next_q += expo(RNG_QUESTION, question_rate);
         }
         while (next_read <= now) {
-            int i = (int)(urand() * N_SESS);
+            int i = (int)(urand(RNG_READ) * N_SESS);
             struct kvs_answer a;
             if (kvs_flash_get(ss[i], "last", KVS_FLASH_ALLOW_STALE, &a, err, sizeof err) == 0) {
                 p.reads++;
                 hits += a.fresh;
                 kvs_answer_free(&a);
             }
-            next_read += expo(FLASH_READ_RATE);
+            next_read += expo(RNG_READ, FLASH_READ_RATE);
         }
         if (kvs_sched_busy(sc)) {
             double ts = kvs_now();
@@ -299,20 +316,35 @@ static void row(const struct probe *p, const char *what)
             p->sustainable ? "sustainable" : "not sustainable");
 }
 
+/* Probe rate; a failed probe is repeated once and the rate counts as sustainable if the
+ * repeat passes (a burst of load from other processes on a shared machine fails a probe
+ * now and then; both executors get the same second chance). */
+static bool sustainable(kvs_engine *e, bool batched, double rate, double seconds, double bound,
+                        double target, const char *what, double *tps)
+{
+    for (int attempt = 0; attempt < 2; attempt++) {
+        struct probe p = run(e, batched, rate, seconds, bound, target);
+        row(&p, attempt == 0 ? what : "  repeat");
+        if (p.sustainable) {
+            *tps = p.offered_tps;
+            return true;
+        }
+    }
+    return false;
+}
+
 /* The highest sustainable offered rate (appends/s) of one executor; *tps gets it in tokens/s. */
 static double search(kvs_engine *e, bool batched, double seconds, double bound, double target,
                      int round, double *tps)
 {
     char what[32];
     snprintf(what, sizeof what, "round %d", round);
-    double lo = 0, hi = 0, lo_tps = 0, r = 2;
+    double lo = 0, hi = 0, lo_tps = 0, r = 2, t;
     /* a bracket: halve from 2/s until a probe passes, or double until one fails */
     while (lo == 0 && r >= 0.25) {
-        struct probe p = run(e, batched, r, seconds, bound, target);
-        row(&p, what);
-        if (p.sustainable) {
+        if (sustainable(e, batched, r, seconds, bound, target, what, &t)) {
             lo = r;
-            lo_tps = p.offered_tps;
+            lo_tps = t;
         } else {
             hi = r;
             r /= 2;
@@ -320,11 +352,9 @@ static double search(kvs_engine *e, bool batched, double seconds, double bound, 
     }
     r = 2 * lo;
     while (hi == 0 && r > 0 && r <= 512) {
-        struct probe p = run(e, batched, r, seconds, bound, target);
-        row(&p, what);
-        if (p.sustainable) {
+        if (sustainable(e, batched, r, seconds, bound, target, what, &t)) {
             lo = r;
-            lo_tps = p.offered_tps;
+            lo_tps = t;
             r *= 2;
         } else {
             hi = r;
@@ -332,11 +362,9 @@ static double search(kvs_engine *e, bool batched, double seconds, double bound, 
     }
     while (hi > 0 && lo > 0 && hi / lo > 1.12) {
         double mid = sqrt(lo * hi);
-        struct probe p = run(e, batched, mid, seconds, bound, target);
-        row(&p, what);
-        if (p.sustainable) {
+        if (sustainable(e, batched, mid, seconds, bound, target, what, &t)) {
             lo = mid;
-            lo_tps = p.offered_tps;
+            lo_tps = t;
         } else {
             hi = mid;
         }
@@ -348,7 +376,7 @@ static double search(kvs_engine *e, bool batched, double seconds, double bound, 
 int main(int argc, char **argv)
 {
     const char *model = NULL, *out = NULL;
-    int threads = 2, rounds = 2;
+    int threads = 1, rounds = 2;
     double seconds = 5, bound = 1000, target = 0, probe_rate = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-m") && i + 1 < argc) {
