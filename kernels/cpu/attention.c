@@ -212,47 +212,53 @@ struct attn_job {
 
 #define CHUNK_CELLS 128 /* cells of K or V (f32) walked by all of a tile's pairs while in L1 */
 
+/* Gather cells [c0, c0 + nc) of a tile's KV head (table: its block table) into dst, rows
+ * of head_dim f32 in position order (f16 widened: exact). */
+static void gather_cells(const struct attn_job *j, const uint8_t *kv_base, size_t base,
+                         const int32_t *table, int32_t c0, int32_t nc, float *dst)
+{
+    const kvs_kv_cache *kv = j->kv;
+    const int32_t hd = kv->layout.head_dim, bs = kv->layout.block_size;
+    const size_t cell_bytes = (size_t)hd * kv->elem;
+    for (int32_t c = c0; c < c0 + nc;) { /* a block's run of cells at a time */
+        const int32_t in_blk = bs - c % bs;
+        const int32_t n = c0 + nc - c < in_blk ? c0 + nc - c : in_blk;
+        const uint8_t *src = kv_base + base + (size_t)table[c / bs] * kv->block_stride +
+                             (size_t)(c % bs) * cell_bytes;
+        float *d = dst + (int64_t)(c - c0) * hd;
+        if (kv->layout.dtype == KVS_DTYPE_F16) {
+            j->k->f16_to_f32((const uint16_t *)src, d, (int64_t)n * hd);
+        } else {
+            memcpy(d, src, (size_t)n * hd * sizeof(float));
+        }
+        c += n;
+    }
+}
+
 /* One (tile, KV head): the pairs (row r, head h of the group), P = R * G of them, each
- * computed by the routine at the top of the file. The tile's K and V are gathered (and
- * widened from f16, exactly) once, in position order (kw, vw); then scores, softmax and
- * p.V walk the cells a chunk at a time for every pair, so each chunk is read from memory
- * once (a lane's cells in a chunk are 8 rows 16 rows apart: few enough for the L1's ways).
- * Scratch: scores (P * (17 * head_dim + n16) + 2 * n16 * head_dim floats, n16 = the longest
- * context rounded up to 16). */
+ * computed by the routine at the top of the file. Scores, softmax, then p.V, where scores
+ * and p.V walk the cells a chunk at a time: the chunk's K (then V) rows are gathered into
+ * an L1-sized buffer (widened from f16, exactly) and used by every pair before the next.
+ * Scratch: scores (P * (17 * head_dim + n16) + CHUNK_CELLS * head_dim floats, n16 = the
+ * longest context rounded up to 16). */
 static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh,
                         struct kvs_cpu_thread_scratch *ts)
 {
     const kvs_kv_cache *kv = j->kv;
     const struct kvs_cpu_kernels *k = j->k;
-    const int32_t hd = kv->layout.head_dim, bs = kv->layout.block_size, G = j->group;
+    const int32_t hd = kv->layout.head_dim, G = j->group;
     const int32_t r0 = j->tile_r0[tile], R = j->tile_r0[tile + 1] - r0, P = R * G;
     const int32_t *ctx = j->ab->row_ctx + r0;
     const int32_t *table = j->ab->tables + j->ab->row_table[r0];
     const size_t base = (size_t)j->layer * kv->layer_stride + (size_t)kvh * kv->head_stride;
-    const size_t cell_bytes = (size_t)hd * kv->elem;
     const bool f16 = kv->layout.dtype == KVS_DTYPE_F16;
     int32_t max_ctx = 0;
     for (int32_t r = 0; r < R; r++) {
         max_ctx = ctx[r] > max_ctx ? ctx[r] : max_ctx;
     }
-    const int32_t n16 = (max_ctx + 15) / 16 * 16, nt = n16 / 16;
+    const int32_t n16 = (max_ctx + 15) / 16 * 16;
     float *qr = ts->scores, *lanes = qr + (int64_t)P * hd, *sc = lanes + (int64_t)P * 16 * hd;
-    float *kw = sc + (int64_t)P * n16, *vw = kw + (int64_t)n16 * hd;
-    for (int32_t c0 = 0; c0 < max_ctx;) { /* a block's run of cells at a time */
-        const int32_t in_blk = bs - c0 % bs;
-        const int32_t nc = max_ctx - c0 < in_blk ? max_ctx - c0 : in_blk;
-        const size_t off = base + (size_t)table[c0 / bs] * kv->block_stride +
-                           (size_t)(c0 % bs) * cell_bytes;
-        float *kd = kw + (int64_t)c0 * hd, *vd = vw + (int64_t)c0 * hd;
-        if (f16) {
-            k->f16_to_f32((const uint16_t *)(kv->k + off), kd, (int64_t)nc * hd);
-            k->f16_to_f32((const uint16_t *)(kv->v + off), vd, (int64_t)nc * hd);
-        } else {
-            memcpy(kd, kv->k + off, (size_t)nc * hd * sizeof(float));
-            memcpy(vd, kv->v + off, (size_t)nc * hd * sizeof(float));
-        }
-        c0 += nc;
-    }
+    float *cw = sc + (int64_t)P * n16; /* (CHUNK_CELLS, hd) the chunk's K or V rows */
     /* pair i = (row i / G, head kvh * G + i % G): its query (rounded to f16 with an f16
      * cache), then its scores a chunk of cells at a time */
     for (int32_t i = 0; i < P; i++) {
@@ -263,11 +269,12 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh,
         k->round_f16(qr, (int64_t)P * hd);
     }
     for (int32_t c0 = 0; c0 < max_ctx; c0 += CHUNK_CELLS) {
+        const int32_t nc = max_ctx - c0 < CHUNK_CELLS ? max_ctx - c0 : CHUNK_CELLS;
+        gather_cells(j, kv->k, base, table, c0, nc, cw);
         for (int32_t i = 0; i < P; i++) {
             const int32_t n = ctx[i / G];
             if (n > c0) {
-                const int32_t nc = n - c0 < CHUNK_CELLS ? n - c0 : CHUNK_CELLS;
-                k->scores16(qr + (int64_t)i * hd, kw + (int64_t)c0 * hd, nc, hd, j->scale,
+                k->scores16(qr + (int64_t)i * hd, cw, n - c0 < nc ? n - c0 : nc, hd, j->scale,
                             sc + (int64_t)i * n16 + c0);
             }
         }
@@ -305,18 +312,17 @@ static void attend_tile(const struct attn_job *j, int32_t tile, int32_t kvh,
         }
     }
     /* p.V: lane l of a pair takes the cells l, l + 16, ... in order (a chunk of them at a
-     * time, the chunk shared by all pairs); then each pair's lanes' tree */
+     * time: the chunk's cells of lane l are CHUNK_CELLS / 16 rows 16 rows apart, few enough
+     * for the L1's ways); then each pair's lanes' tree */
     memset(lanes, 0, (size_t)P * 16 * hd * sizeof(float));
-    for (int32_t t0 = 0; t0 < nt; t0 += CHUNK_CELLS / 16) {
+    for (int32_t c0 = 0; c0 < max_ctx; c0 += CHUNK_CELLS) {
+        const int32_t nc = max_ctx - c0 < CHUNK_CELLS ? max_ctx - c0 : CHUNK_CELLS;
+        gather_cells(j, kv->v, base, table, c0, nc, cw);
         for (int32_t i = 0; i < P; i++) {
-            const int32_t n = ctx[i / G];
+            const int32_t n = ctx[i / G] - c0 < nc ? ctx[i / G] - c0 : nc; /* cells here */
             for (int32_t l = 0; l < 16 && l < n; l++) {
-                const int32_t t_end = (n - 1 - l) / 16 + 1; /* this lane's cells */
-                const int32_t cnt = t_end - t0 < CHUNK_CELLS / 16 ? t_end - t0 : CHUNK_CELLS / 16;
-                if (cnt > 0) {
-                    k->pv16(lanes + ((int64_t)i * 16 + l) * hd, sc + (int64_t)i * n16 + l + 16 * t0,
-                            16, vw + ((int64_t)l + 16 * t0) * hd, 16 * (int64_t)hd, cnt, hd);
-                }
+                k->pv16(lanes + ((int64_t)i * 16 + l) * hd, sc + (int64_t)i * n16 + c0 + l, 16,
+                        cw + (int64_t)l * hd, 16 * (int64_t)hd, (n - 1 - l) / 16 + 1, hd);
             }
         }
     }
@@ -368,7 +374,7 @@ int kvs_cpu_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
         struct kvs_cpu_thread_scratch *ts = &c->ts[t];
         KVS_TRY(kvs_cpu_scratch_reserve((void **)&ts->scores, &ts->cap_scores,
                                         TILE_ROWS * group * (17 * (int64_t)hd + n16) +
-                                            2 * n16 * hd,
+                                            CHUNK_CELLS * (int64_t)hd,
                                         sizeof(float)));
     }
     const int32_t n_rows = ab->n_rows;
