@@ -310,10 +310,13 @@ static int op_locate(kvs_coord *c, const struct kvs_cmsg *m, const struct sessio
     }
     if (*owner == NULL || (*owner)->down) {
         if (s->error[0] != '\0') {
+            bool stuck = s->retry_ms == INT64_MAX; /* not tried again on its own */
             kvs_errf(err, errlen,
                      "session '%s': its worker '%s' is down (lease expired and no heartbeat) "
-                     "and %s; the session is kept",
-                     m->session, s->worker, s->error);
+                     "and %s; the session is kept%s%s%s",
+                     m->session, s->worker, s->error,
+                     stuck ? ": restart worker '" : "", stuck ? s->worker : "",
+                     stuck ? "' (its files are in its data dir) to serve it again" : "");
         } else if (!c->o.shared_data_dir) {
             kvs_errf(err, errlen,
                      "session '%s': its worker '%s' is down (lease expired and no heartbeat); "

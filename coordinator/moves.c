@@ -308,10 +308,8 @@ static void restore_failed(kvs_coord *c, struct kvs_move *m, int status, const c
     /* Back on its down worker (whose directory holds the files), with the reason. */
     kvs_coord_session_reassign(c, i, m->from);
     s->from[0] = '\0';
-    const char *hint = permanent(status)
-                           ? " (is --data-dir one directory shared by every worker?); kept until "
-                             "its worker registers again"
-                           : "; tried again shortly";
+    const char *hint = permanent(status) ? " (is --data-dir one directory shared by every worker?)"
+                                         : "; tried again shortly";
     set_error(s->error, "its restore on worker '%s' failed: %s: %s%s", m->to,
               kvs_status_name(status), msg, hint);
     s->retry_ms = permanent(status) ? INT64_MAX : now + RETRY_MS;
