@@ -4,8 +4,9 @@
 # libkvstream and prints a table row per session and round and a summary (appends, flash hit
 # rate, question TTFT, the stateless baseline with the same answer, the worker's scheduler
 # metrics); it stops the cluster at the end and on SIGINT, leaving no process and no
-# temporary directory behind. Bad options are one-line errors with exit 2, and --endpoint to
-# a dead endpoint fails with one line and exit 3 within the connect timeout.
+# temporary directory behind; a worker that dies under it or never comes up is a one-line
+# error (exit 1). Bad options are one-line errors with exit 2, and --endpoint to a dead
+# endpoint fails with one line and exit 3 within the connect timeout.
 # Usage: cli_demo.sh /path/to/kvstream
 set -uo pipefail
 KVS=${1:?usage: cli_demo.sh KVSTREAM}
@@ -30,9 +31,17 @@ gone() { ! kill -0 "$1" 2>/dev/null; }
 # no process mentions PATTERN in its command line (the demo's worker carries its data dir)
 none_with() { ! pgrep -f -- "$1" >/dev/null; }
 
+WORKER=$(dirname "$KVS")/kvs-worker
+[ -x "$WORKER" ] || fail "no kvs-worker next to $KVS"
+# a worker that takes 4 s to start (the demo prints progress meanwhile), one that never does
+printf '#!/bin/sh\nsleep 4\nexec "%s" "$@"\n' "$WORKER" >"$TMP/slow-worker"
+printf '#!/bin/sh\necho $$ >"%s"\nexec sleep 300\n' "$TMP/stuck.pid" >"$TMP/stuck-worker"
+chmod +x "$TMP/slow-worker" "$TMP/stuck-worker"
+
 # ---- a short run with the defaults' shape: 4 sessions, 3 rounds ----
 export TMPDIR="$TMP" # the demo's temporary data dir goes here, so we can see it removed
-"$KVS" demo --ticks 24 --rate 1 --ask-every 8 -t 2 >"$TMP/out" 2>"$TMP/err"
+KVS_WORKER="$TMP/slow-worker" "$KVS" demo --ticks 24 --rate 1 --ask-every 8 -t 2 \
+    >"$TMP/out" 2>"$TMP/err"
 rc=$?
 [ "$rc" -eq 0 ] || fail "demo exited $rc: $(cat "$TMP/err") / $(tail -5 "$TMP/out")"
 [ ! -s "$TMP/err" ] || fail "demo wrote to stderr: $(cat "$TMP/err")"
@@ -44,6 +53,8 @@ gone "$UP_PID" || fail "kvstream up (pid $UP_PID) still runs after the demo"
 none_with "$DATA_DIR" || fail "a process of $DATA_DIR is left: $(pgrep -af -- "$DATA_DIR")"
 [ ! -e "$(dirname "$DATA_DIR")" ] || fail "the temporary dir $(dirname "$DATA_DIR") is left"
 grep -q "^kvstream demo: done$" "$TMP/out" || fail "no 'done' line"
+grep -qE "^kvstream demo: waiting for the worker to load the model \([0-9]+ s\)$" "$TMP/out" \
+    || fail "no progress line while the worker started: $(head -4 "$TMP/out")"
 
 # 3 rounds (ticks 8, 16, 24) x 4 sessions, each with context, latencies and answers
 ROWS=$(grep -cE '^ +(8|16|24)  (aapl|msft|nvda|goog) +[0-9]+ +[0-9.]+  [0-2]/2 +[0-9.]+ +[0-9.]+  ' \
@@ -103,6 +114,38 @@ none_with "$TMP/sig" || fail "a process of $TMP/sig is left: $(pgrep -af -- "$TM
 [ -z "$(ls "$TMP/sig" | grep -v '^\.')" ] || fail "sessions left in the data dir: $(ls "$TMP/sig")"
 grep -q "stopping" "$TMP/sig.err" || fail "no stopping line: $(cat "$TMP/sig.err")"
 
+# ---- the worker dies under the demo: one line, exit 1, nothing left ----
+"$KVS" demo --ticks 400 --rate 4 -t 2 --data-dir "$TMP/die" >"$TMP/die.out" 2>"$TMP/die.err" &
+DEMO_PID=$!
+for _ in $(seq 1 600); do
+    grep -q "^ *tick  session" "$TMP/die.out" && break
+    gone "$DEMO_PID" && fail "demo exited early: $(cat "$TMP/die.err")"
+    sleep 0.1
+done
+WORKER_PID=$(pgrep -f -- "kvs-worker .*--data-dir $TMP/die")
+[ -n "$WORKER_PID" ] || fail "no kvs-worker of $TMP/die"
+kill -KILL "$WORKER_PID"
+START=$SECONDS
+wait "$DEMO_PID"
+rc=$?
+DEMO_PID=
+[ "$rc" -eq 1 ] || fail "after its worker died the demo exited $rc, not 1: $(cat "$TMP/die.err")"
+[ $((SECONDS - START)) -le 30 ] || fail "the demo took $((SECONDS - START)) s to notice"
+[ "$(wc -l <"$TMP/die.err")" -eq 1 ] || fail "worker died: not one line: $(cat "$TMP/die.err")"
+grep -q "exited under us" "$TMP/die.err" || fail "worker died: $(cat "$TMP/die.err")"
+none_with "$TMP/die" || fail "a process of $TMP/die is left: $(pgrep -af -- "$TMP/die")"
+
+# ---- a worker that never comes up: one line after --start-timeout, exit 1, nothing left ----
+START=$SECONDS
+KVS_WORKER="$TMP/stuck-worker" "$KVS" demo --start-timeout 2 >"$TMP/stuck.out" 2>"$TMP/stuck.err"
+rc=$?
+[ "$rc" -eq 1 ] || fail "a stuck worker: exited $rc, not 1: $(cat "$TMP/stuck.err")"
+[ $((SECONDS - START)) -le 20 ] || fail "a stuck worker: took $((SECONDS - START)) s"
+[ "$(wc -l <"$TMP/stuck.err")" -eq 1 ] || fail "a stuck worker: not one line: $(cat "$TMP/stuck.err")"
+grep -q "did not come up within 2 s" "$TMP/stuck.err" || fail "stuck: $(cat "$TMP/stuck.err")"
+gone "$(cat "$TMP/stuck.pid")" || fail "the stuck worker (pid $(cat "$TMP/stuck.pid")) is left"
+[ -z "$(ls "$TMP" | grep '^kvstream-demo\.')" ] || fail "temporary dirs left: $(ls "$TMP")"
+
 # ---- bad command lines: one line on stderr, exit 2, nothing started ----
 bad() {
     "$KVS" demo "$@" >"$TMP/bad.out" 2>"$TMP/bad.err"
@@ -115,6 +158,7 @@ bad --ticks 0
 bad --ticks many
 bad --rate 0
 bad --ask-every -1
+bad --start-timeout 0
 bad -t 0
 bad --device tpu
 bad --nope

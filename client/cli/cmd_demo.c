@@ -32,13 +32,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #define CMD "demo"
 #define N_SYMS 4
 #define N_DESKS N_SYMS        /* one session per symbol */
-#define UP_TIMEOUT_S 120.0    /* the worker's start, model load included */
+#define UP_TIMEOUT_S 120.0    /* default --start-timeout: the worker's start, model load included */
 #define CALL_TIMEOUT_MS 60000 /* per attempt of a client call */
 #define STATUS_TIMEOUT_MS 5000
 #define CLOSE_TIMEOUT_MS 10000 /* a close waits for the work in progress to finish */
@@ -52,6 +53,7 @@ enum {
     OPT_SEED,
     OPT_DEVICE,
     OPT_DATA_DIR,
+    OPT_START_TIMEOUT,
 };
 
 static const char *const SYMS[N_SYMS] = {"AAPL", "MSFT", "NVDA", "GOOG"};
@@ -106,6 +108,8 @@ struct demo {
     kvs_client *clients[N_DESKS + 2]; /* cancelled when a signal comes */
     atomic_int stop;                  /* the signal that came (or -1: a feeder failed), 0 = none */
     atomic_int done;                  /* tells the signal thread to end */
+    const struct kvs_demo_up *up;     /* the cluster we started, or NULL */
+    atomic_int child;                 /* its pid while it should run, else 0 */
     /* the watcher of the first session's flash answers */
     kvs_client *watch_client;
     pthread_t watch_thread;
@@ -126,7 +130,8 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: kvstream demo [-m MODEL] [-t THREADS] [--device DEV] [--data-dir DIR]\n"
-            "                     [--ticks N] [--rate R] [--ask-every N] [--seed S]\n"
+            "                     [--start-timeout S] [--ticks N] [--rate R] [--ask-every N]\n"
+            "                     [--seed S]\n"
             "       kvstream demo --endpoint EP [--ticks N] [--rate R] [--ask-every N] [--seed S]\n"
             "\n"
             "Start a single-node cluster (kvstream up on a free loopback port), stream a\n"
@@ -134,16 +139,17 @@ static void usage(FILE *f)
             "per session fresh, ask questions while the context grows, print a live table and\n"
             "a summary, and stop the cluster. Everything goes over the wire through libkvstream.\n"
             "\n"
-            "  -m, --model PATH   GGUF model (default: the cached SmolLM2-135M-Instruct)\n"
-            "  -t, --threads N    the worker's CPU threads (default: all)\n"
-            "      --device DEV   cpu (default), cuda or cuda:N\n"
-            "      --data-dir DIR the worker's session logs (default: a temporary directory)\n"
-            "  -e, --endpoint EP  use the cluster running at EP instead of starting one\n"
-            "      --ticks N      ticks to stream, 1..100000 (default 160)\n"
-            "      --rate R       ticks per second, 0.1..1000 (default 2)\n"
-            "      --ask-every N  ask every N ticks (default 20)\n"
-            "      --seed S       feed seed (default 7)\n"
-            "  -h, --help         this help\n"
+            "  -m, --model PATH       GGUF model (default: the cached SmolLM2-135M-Instruct)\n"
+            "  -t, --threads N        the worker's CPU threads (default: all)\n"
+            "      --device DEV       cpu (default), cuda or cuda:N\n"
+            "      --data-dir DIR     the worker's session logs (default: a temporary directory)\n"
+            "      --start-timeout S  seconds the worker may take to come up (default 120)\n"
+            "  -e, --endpoint EP      use the cluster running at EP instead of starting one\n"
+            "      --ticks N          ticks to stream, 1..100000 (default 160)\n"
+            "      --rate R           ticks per second, 0.1..1000 (default 2)\n"
+            "      --ask-every N      ask every N ticks (default 20)\n"
+            "      --seed S           feed seed (default 7)\n"
+            "  -h, --help             this help\n"
             "\n"
             "The sessions (aapl, msft, nvda, goog) get 3/16 of the worker's cells each and\n"
             "slide (evict their oldest ticks) when full; they are closed at the end (with\n"
@@ -266,6 +272,19 @@ static void *signal_main(void *arg)
                 fprintf(stderr, "kvstream demo: %s: stopping\n", strsignal(sig));
             }
             stop_all(d, sig);
+        }
+        /* the cluster we started must not die under us (WNOWAIT: stop reaps it) */
+        siginfo_t info = {0};
+        int pid = atomic_load(&d->child);
+        if (pid > 0 && !stopping(d) &&
+            waitid(P_PID, (id_t)pid, &info, WEXITED | WNOHANG | WNOWAIT) == 0 &&
+            info.si_pid == pid) {
+            char why[512];
+            kvs_demo_up_reason(d->up, why, sizeof why);
+            kvs_cli_error(CMD, "the cluster (kvstream up, pid %d) exited under us (%s %d)%s%s",
+                          pid, info.si_code == CLD_EXITED ? "status" : "signal", info.si_status,
+                          why[0] != '\0' ? ": " : "", why);
+            stop_all(d, -2);
         }
     }
     return NULL;
@@ -682,6 +701,7 @@ struct demo_args {
     const char *model, *threads, *device, *data_dir, *endpoint;
     long ticks, ask_every, seed;
     double rate;
+    double start_timeout_s;
 };
 
 /* KVS_EXIT_OK, or the exit code of a bad command line (message printed); -1 for --help. */
@@ -697,10 +717,12 @@ static int parse_args(int argc, char **argv, struct demo_args *a)
         {"rate", required_argument, NULL, OPT_RATE},
         {"ask-every", required_argument, NULL, OPT_ASK_EVERY},
         {"seed", required_argument, NULL, OPT_SEED},
+        {"start-timeout", required_argument, NULL, OPT_START_TIMEOUT},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    *a = (struct demo_args){.ticks = 160, .ask_every = 20, .seed = 7, .rate = 2};
+    *a = (struct demo_args){
+        .ticks = 160, .ask_every = 20, .seed = 7, .rate = 2, .start_timeout_s = UP_TIMEOUT_S};
     long v;
     float f;
     int c;
@@ -751,6 +773,14 @@ static int parse_args(int argc, char **argv, struct demo_args *a)
                 return KVS_EXIT_USAGE;
             }
             a->rate = f;
+            break;
+        case OPT_START_TIMEOUT:
+            if (kvs_cli_parse_float(optarg, &f) < 0 || f < 1.0f || f > 3600.0f) {
+                kvs_cli_error(CMD, "--start-timeout must be seconds in [1, 3600], got '%s'",
+                              optarg);
+                return KVS_EXIT_USAGE;
+            }
+            a->start_timeout_s = f;
             break;
         case OPT_SEED:
             if (kvs_cli_parse_long(optarg, 0, 1L << 40, &a->seed) < 0) {
@@ -814,6 +844,9 @@ static int failed(struct demo *d, kvs_client *c, const char *what, int rc)
     int sig = atomic_load(&d->stop);
     if (sig > 0) {
         return 128 + sig;
+    }
+    if (sig == -2) {
+        return KVS_EXIT_FAILED; /* the cluster died: said by the signal thread */
     }
     for (int i = 0; i < N_DESKS; i++) {
         if (d->desks[i].failed != 0) {
@@ -950,10 +983,14 @@ done:
         destroy_client(d, &d->desks[i].client);
     }
     destroy_client(d, &d->watch_client);
-    if (close_sessions) { /* also after a signal: the next demo can create them again */
+    /* Close them also after a signal (so the next demo can create them again), unless the
+     * cluster is gone or stops answering. */
+    if (close_sessions && atomic_load(&d->stop) != -2) {
         kvs_client_set_timeout(c, CLOSE_TIMEOUT_MS);
         for (int i = 0; i < created; i++) {
-            kvs_client_session_close(c, d->desks[i].name);
+            if (kvs_client_session_close(c, d->desks[i].name) == KVS_TIMEOUT) {
+                break;
+            }
         }
     }
     destroy_client(d, &c);
@@ -1001,7 +1038,7 @@ int kvs_cmd_demo(int argc, char **argv)
                                       .threads = a.threads,
                                       .device = a.device,
                                       .data_dir = a.data_dir,
-                                      .timeout_s = UP_TIMEOUT_S,
+                                      .timeout_s = a.start_timeout_s,
                                       .stop = &d->stop};
         double t0 = now_s();
         if (kvs_demo_up_start(&uo, &up, err, sizeof err) < 0) {
@@ -1015,6 +1052,8 @@ int kvs_cmd_demo(int argc, char **argv)
                    "%s)\n",
                    up.endpoint, now_s() - t0, (int)up.pid, up.data_dir);
             d->endpoint = up.endpoint;
+            d->up = &up;
+            atomic_store(&d->child, (int)up.pid);
         }
     } else if (ec == KVS_EXIT_OK) {
         d->endpoint = a.endpoint;
@@ -1022,6 +1061,7 @@ int kvs_cmd_demo(int argc, char **argv)
     if (ec == KVS_EXIT_OK) {
         ec = run(d, a.ask_every, a.endpoint != NULL || a.data_dir != NULL);
     }
+    atomic_store(&d->child, 0);
     if (up.pid > 0) {
         printf("kvstream demo: stopping the cluster (pid %d)\n", (int)up.pid);
         fflush(stdout);

@@ -43,6 +43,10 @@ struct kvs_demo_up {
 int kvs_demo_up_start(const struct kvs_demo_up_opts *opts, struct kvs_demo_up *u, char *err,
                       size_t errlen);
 
+/* Why the child stopped, as far as its log says: the worker's last line, else the last line
+ * ("" when none). Any thread, while u lives. */
+void kvs_demo_up_reason(const struct kvs_demo_up *u, char *out, size_t size);
+
 /* SIGTERM the child, wait for it (up waits for its worker; after 15 s it is killed), and
  * remove the temporary directory. Returns up's exit status (0 after a clean stop), or -1
  * when it had to be killed. Accepts a u that was never started. */

@@ -65,6 +65,11 @@ static void last_log_line(const char *path, char *out, size_t size)
     fclose(f);
 }
 
+void kvs_demo_up_reason(const struct kvs_demo_up *u, char *out, size_t size)
+{
+    last_log_line(u->log_path, out, size);
+}
+
 /* Wait for pid until deadline (seconds of now_s); its status, or -1 when still running. */
 static int wait_until(pid_t pid, double deadline, int *status)
 {
