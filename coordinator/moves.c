@@ -708,6 +708,31 @@ size_t kvs_coord_moves_poll_items(kvs_coord *c, void *items, size_t max)
     return n;
 }
 
+static bool key_is(const msgpack_object *k, const char *name)
+{
+    return k->type == MSGPACK_OBJECT_STR && k->via.str.size == strlen(name) &&
+           memcmp(k->via.str.ptr, name, k->via.str.size) == 0;
+}
+
+/* An error map {code, status, message}: the status (a known range) and the message. */
+static void parse_error(const msgpack_object *e, struct wreply *r)
+{
+    r->status = KVS_INTERNAL;
+    snprintf(r->message, sizeof r->message, "an error without a message");
+    for (uint32_t j = 0; j < e->via.map.size; j++) {
+        const msgpack_object *k = &e->via.map.ptr[j].key, *v = &e->via.map.ptr[j].val;
+        if (key_is(k, "status") && v->type == MSGPACK_OBJECT_NEGATIVE_INTEGER &&
+            v->via.i64 >= -100) {
+            r->status = (int)v->via.i64;
+        } else if (key_is(k, "message") && v->type == MSGPACK_OBJECT_STR) {
+            size_t len = v->via.str.size < SESSION_ERROR_MAX ? v->via.str.size : SESSION_ERROR_MAX;
+            memcpy(r->message, v->via.str.ptr, len);
+            r->message[len] = '\0';
+            kvs_coord_ascii(r->message);
+        }
+    }
+}
+
 /* Read a worker's reply (validated like any outside input). */
 static int parse_reply(const uint8_t *buf, size_t n, struct wreply *r, char *err, size_t errlen)
 {
@@ -723,32 +748,15 @@ static int parse_reply(const uint8_t *buf, size_t n, struct wreply *r, char *err
         const msgpack_object_map *map = &up.data.via.map;
         for (uint32_t i = 0; i < map->size; i++) {
             const msgpack_object *k = &map->ptr[i].key, *v = &map->ptr[i].val;
-            size_t kl = k->via.str.size;
-            const char *ks = k->via.str.ptr;
             bool uint = v->type == MSGPACK_OBJECT_POSITIVE_INTEGER;
-            if (kl == 2 && memcmp(ks, "id", 2) == 0 && uint) {
+            if (key_is(k, "id") && uint) {
                 r->id = v->via.u64;
-            } else if (kl == 7 && memcmp(ks, "version", 7) == 0 && uint) {
+            } else if (key_is(k, "version") && uint) {
                 r->version = v->via.u64;
-            } else if (kl == 7 && memcmp(ks, "appends", 7) == 0 && uint) {
+            } else if (key_is(k, "appends") && uint) {
                 r->appends = v->via.u64;
-            } else if (kl == 5 && memcmp(ks, "error", 5) == 0 && v->type == MSGPACK_OBJECT_MAP) {
-                r->status = KVS_INTERNAL;
-                snprintf(r->message, sizeof r->message, "an error without a message");
-                for (uint32_t j = 0; j < v->via.map.size; j++) {
-                    const msgpack_object *ek = &v->via.map.ptr[j].key, *ev = &v->via.map.ptr[j].val;
-                    if (ek->via.str.size == 6 && memcmp(ek->via.str.ptr, "status", 6) == 0 &&
-                        ev->type == MSGPACK_OBJECT_NEGATIVE_INTEGER && ev->via.i64 >= -100) {
-                        r->status = (int)ev->via.i64;
-                    } else if (ek->via.str.size == 7 && memcmp(ek->via.str.ptr, "message", 7) == 0 &&
-                               ev->type == MSGPACK_OBJECT_STR) {
-                        size_t len = ev->via.str.size < SESSION_ERROR_MAX ? ev->via.str.size
-                                                                          : SESSION_ERROR_MAX;
-                        memcpy(r->message, ev->via.str.ptr, len);
-                        r->message[len] = '\0';
-                        kvs_coord_ascii(r->message);
-                    }
-                }
+            } else if (key_is(k, "error") && v->type == MSGPACK_OBJECT_MAP) {
+                parse_error(v, r);
             }
         }
         if (r->id == 0) {

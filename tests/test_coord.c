@@ -2,7 +2,11 @@
  * playing workers, clients and admins. In process on the embedded store: registration,
  * placement by budget (best fit, model, cordon, affinity, refusal with a reason), the
  * directory (locate, close, duplicates), hostile input, the failure rule (unhealthy, then
- * down only once the lease expired), placements surviving a restart on the store's file.
+ * down only once the lease expired), placements surviving a restart on the store's file;
+ * with threads playing workers (register, heartbeat, answer the coordinator's orders): a down
+ * worker's sessions restored on others (session.adopt: done, answer lost and sent again,
+ * NOT_FOUND kept with the reason, CAPACITY tried again, no room anywhere) and admin.drain
+ * (session.release then adopt; a release refused; an adopt that fails puts it back).
  * As processes against a real etcd: two kvs-coordinator binaries, the standby redirects,
  * SIGKILL of the leader, the standby takes over within the TTL and knows the placements.
  * Without /usr/bin/etcd the program exits 77 (skipped) and says so. */
@@ -510,8 +514,13 @@ START_TEST(test_worker_failure_rule)
     int64_t took = now_ms() - t0;
     ck_assert_int_ge(took, 2000); /* not before the lease TTL */
     ck_assert_ptr_nonnull(strstr(message(r), "'w1' is down"));
+    ck_assert_ptr_nonnull(strstr(message(r), "without --shared-data-dir"));
     r = rpc(&cl, "admin.sessions", NULL);
     ck_assert_uint_eq(get(r, "sessions")->via.array.size, 2);
+    /* Moving sessions needs the shared data dir. */
+    r = rpc(&cl, "admin.drain", "s:worker", "w2", NULL);
+    ck_assert_str_eq(code(r), "UNAVAILABLE");
+    ck_assert_ptr_nonnull(strstr(message(r), "--shared-data-dir"));
     /* A late heartbeat is told to register again; after that it serves again. */
     r = rpc(&w, "worker.heartbeat", "s:worker", "w1", "u:cells_free", U(1), NULL);
     ck_assert_str_eq(code(r), "NOT_FOUND");
@@ -559,6 +568,477 @@ START_TEST(test_placements_survive_restart)
     stop(&run, false);
     unlink(path);
     unlink(log);
+}
+END_TEST
+
+/* ---- re-placement and drain, with raw ZeroMQ peers playing workers ---- */
+
+/* A worker played by a thread: a DEALER to the coordinator (register, a heartbeat every
+ * 100 ms unless silent) and a ROUTER that answers the coordinator's orders. How it answers
+ * depends on the session's name:
+ *   nf-*     session.adopt with `from`: NOT_FOUND (the files are not there); without `from`
+ *            (from its own directory) it works
+ *   cap-*    session.adopt: CAPACITY the first time, then adopted
+ *   lost-*   session.adopt: adopted, but the first answer is never sent (the coordinator sends
+ *            it again, gets ALREADY_EXISTS, asks session.info)
+ *   norel-*  session.release: UNSUPPORTED (as a worker without the op answers)
+ *   anything else: done.
+ * Every order is logged as "op session from" for the test to read. */
+struct fake {
+    char id[32];
+    char model[65];
+    char coord[128];
+    char endpoint[128]; /* its ROUTER */
+    void *router;       /* bound by fake_start, then used by the thread only */
+    uint64_t cells;
+    pthread_t th;
+    volatile int stop, silent;
+    pthread_mutex_t mu;
+    char log[64][200];
+    int n_log;
+    char open[32][64]; /* sessions it holds (adopted) */
+    int n_open;
+    int cap_seen, lost_seen;
+};
+
+/* The request's str field (or "") into out. */
+static void req_str(const msgpack_object *m, const char *key, char *out, size_t cap)
+{
+    const msgpack_object *v = get(m, key);
+    out[0] = '\0';
+    if (v != NULL && v->type == MSGPACK_OBJECT_STR && v->via.str.size < cap) {
+        memcpy(out, v->via.str.ptr, v->via.str.size);
+        out[v->via.str.size] = '\0';
+    }
+}
+
+static void fake_send(void *sock, zmq_msg_t *ident, const msgpack_sbuffer *sb)
+{
+    zmq_send(sock, zmq_msg_data(ident), zmq_msg_size(ident), ZMQ_SNDMORE);
+    zmq_send(sock, "", 0, ZMQ_SNDMORE);
+    zmq_send(sock, sb->data, sb->size, 0);
+}
+
+static bool fake_holds(struct fake *f, const char *s)
+{
+    for (int i = 0; i < f->n_open; i++) {
+        if (strcmp(f->open[i], s) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Answer one order read from the ROUTER. */
+static void fake_order(struct fake *f, void *router)
+{
+    zmq_msg_t ident, delim, body;
+    zmq_msg_init(&ident);
+    zmq_msg_init(&delim);
+    zmq_msg_init(&body);
+    zmq_msg_recv(&ident, router, 0);
+    zmq_msg_recv(&delim, router, 0);
+    zmq_msg_recv(&body, router, 0);
+    msgpack_unpacked up;
+    msgpack_unpacked_init(&up);
+    size_t off = 0;
+    msgpack_unpack_next(&up, zmq_msg_data(&body), zmq_msg_size(&body), &off);
+    char op[32], session[64], from[64];
+    req_str(&up.data, "op", op, sizeof op);
+    req_str(&up.data, "session", session, sizeof session);
+    req_str(&up.data, "from", from, sizeof from);
+    uint64_t id = get(&up.data, "id")->via.u64;
+    pthread_mutex_lock(&f->mu);
+    if (f->n_log < 64) {
+        snprintf(f->log[f->n_log++], 200, "%s %s %s", op, session, from);
+    }
+    const char *err = NULL;
+    bool answer = true;
+    if (strcmp(op, "session.adopt") == 0) {
+        if (strncmp(session, "nf-", 3) == 0 && from[0] != '\0') {
+            err = "NOT_FOUND";
+        } else if (strncmp(session, "cap-", 4) == 0 && f->cap_seen++ == 0) {
+            err = "CAPACITY";
+        } else if (fake_holds(f, session)) {
+            err = "ALREADY_EXISTS";
+        } else {
+            snprintf(f->open[f->n_open++], 64, "%s", session);
+            answer = !(strncmp(session, "lost-", 5) == 0 && f->lost_seen++ == 0);
+        }
+    } else if (strcmp(op, "session.release") == 0) {
+        if (strncmp(session, "norel-", 6) == 0) {
+            err = "UNSUPPORTED";
+        }
+    } else if (strcmp(op, "session.info") == 0) {
+        err = fake_holds(f, session) ? NULL : "NOT_FOUND";
+    }
+    pthread_mutex_unlock(&f->mu);
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, err != NULL ? 2 : 3);
+    msgpack_pack_str_with_body(&pk, "id", 2);
+    msgpack_pack_uint64(&pk, id);
+    if (err != NULL) {
+        int status = strcmp(err, "NOT_FOUND") == 0     ? KVS_NOT_FOUND
+                     : strcmp(err, "CAPACITY") == 0    ? KVS_CAPACITY
+                     : strcmp(err, "UNSUPPORTED") == 0 ? KVS_UNSUPPORTED
+                                                       : KVS_ALREADY_EXISTS;
+        msgpack_pack_str_with_body(&pk, "error", 5);
+        msgpack_pack_map(&pk, 3);
+        msgpack_pack_str_with_body(&pk, "code", 4);
+        msgpack_pack_str_with_body(&pk, err, strlen(err));
+        msgpack_pack_str_with_body(&pk, "status", 6);
+        msgpack_pack_int(&pk, status);
+        msgpack_pack_str_with_body(&pk, "message", 7);
+        msgpack_pack_str_with_body(&pk, "said the fake", 13);
+    } else {
+        msgpack_pack_str_with_body(&pk, "session", 7);
+        msgpack_pack_str_with_body(&pk, session, strlen(session));
+        msgpack_pack_str_with_body(&pk, "version", 7);
+        msgpack_pack_uint64(&pk, 7);
+    }
+    if (answer) {
+        fake_send(router, &ident, &sb);
+    }
+    msgpack_sbuffer_destroy(&sb);
+    msgpack_unpacked_destroy(&up);
+    zmq_msg_close(&ident);
+    zmq_msg_close(&delim);
+    zmq_msg_close(&body);
+}
+
+static void *fake_main(void *arg)
+{
+    struct fake *f = arg;
+    void *dealer = zmq_socket(g_zctx, ZMQ_DEALER);
+    void *router = f->router;
+    int linger = 0;
+    zmq_setsockopt(dealer, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_connect(dealer, f->coord);
+    int64_t last_hb = 0;
+    uint64_t rid = 0;
+    bool registered = false;
+    while (!f->stop) {
+        int64_t now = now_ms();
+        if (!f->silent && now - last_hb >= 100) {
+            msgpack_sbuffer sb;
+            msgpack_sbuffer_init(&sb);
+            msgpack_packer pk;
+            msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+            msgpack_pack_map(&pk, registered ? 4 : 6);
+            msgpack_pack_str_with_body(&pk, "id", 2);
+            msgpack_pack_uint64(&pk, ++rid);
+            msgpack_pack_str_with_body(&pk, "op", 2);
+            const char *op = registered ? "worker.heartbeat" : "worker.register";
+            msgpack_pack_str_with_body(&pk, op, strlen(op));
+            msgpack_pack_str_with_body(&pk, "worker", 6);
+            msgpack_pack_str_with_body(&pk, f->id, strlen(f->id));
+            if (registered) {
+                msgpack_pack_str_with_body(&pk, "cells_free", 10);
+                msgpack_pack_uint64(&pk, f->cells);
+            } else {
+                msgpack_pack_str_with_body(&pk, "endpoint", 8);
+                msgpack_pack_str_with_body(&pk, f->endpoint, strlen(f->endpoint));
+                msgpack_pack_str_with_body(&pk, "model", 5);
+                msgpack_pack_str_with_body(&pk, f->model, 64);
+                msgpack_pack_str_with_body(&pk, "cells_total", 11);
+                msgpack_pack_uint64(&pk, f->cells);
+            }
+            zmq_send(dealer, "", 0, ZMQ_SNDMORE);
+            zmq_send(dealer, sb.data, sb.size, 0);
+            msgpack_sbuffer_destroy(&sb);
+            registered = true; /* a NOT_FOUND answer below sets it back */
+            last_hb = now;
+        }
+        zmq_pollitem_t it[2] = {{dealer, 0, ZMQ_POLLIN, 0}, {router, 0, ZMQ_POLLIN, 0}};
+        zmq_poll(it, 2, 20);
+        if (it[0].revents & ZMQ_POLLIN) {
+            char buf[4096];
+            zmq_recv(dealer, buf, sizeof buf, 0);
+            int n = zmq_recv(dealer, buf, sizeof buf, 0);
+            msgpack_unpacked up;
+            msgpack_unpacked_init(&up);
+            size_t off = 0;
+            if (n > 0 && n <= (int)sizeof buf &&
+                msgpack_unpack_next(&up, buf, (size_t)n, &off) == MSGPACK_UNPACK_SUCCESS) {
+                char ecode[32];
+                req_str(get(&up.data, "error"), "code", ecode, sizeof ecode);
+                if (strcmp(ecode, "NOT_FOUND") == 0) {
+                    registered = false; /* declared down: register again */
+                }
+            }
+            msgpack_unpacked_destroy(&up);
+        }
+        if (it[1].revents & ZMQ_POLLIN) {
+            fake_order(f, router);
+        }
+    }
+    zmq_close(dealer);
+    zmq_close(router);
+    return NULL;
+}
+
+/* Bind the fake's ROUTER here (its endpoint is known before it registers), then hand it to
+ * the thread (a socket may move between threads across pthread_create's barrier). */
+static void fake_start(struct fake *f, const char *id, const char *coord, uint64_t cells)
+{
+    memset(f, 0, sizeof *f);
+    snprintf(f->id, sizeof f->id, "%s", id);
+    snprintf(f->model, sizeof f->model, "%s", MODEL_A);
+    snprintf(f->coord, sizeof f->coord, "%s", coord);
+    f->cells = cells;
+    pthread_mutex_init(&f->mu, NULL);
+    f->router = zmq_socket(g_zctx, ZMQ_ROUTER);
+    int linger = 0;
+    zmq_setsockopt(f->router, ZMQ_LINGER, &linger, sizeof linger);
+    ck_assert_int_eq(zmq_bind(f->router, "tcp://127.0.0.1:*"), 0);
+    size_t len = sizeof f->endpoint;
+    zmq_getsockopt(f->router, ZMQ_LAST_ENDPOINT, f->endpoint, &len);
+    ck_assert_int_eq(pthread_create(&f->th, NULL, fake_main, f), 0);
+}
+
+static void fake_stop(struct fake *f)
+{
+    f->stop = 1;
+    pthread_join(f->th, NULL);
+    pthread_mutex_destroy(&f->mu);
+}
+
+/* How many logged orders start with prefix. */
+static int fake_count(struct fake *f, const char *prefix)
+{
+    pthread_mutex_lock(&f->mu);
+    int n = 0;
+    for (int i = 0; i < f->n_log; i++) {
+        n += strncmp(f->log[i], prefix, strlen(prefix)) == 0;
+    }
+    pthread_mutex_unlock(&f->mu);
+    return n;
+}
+
+/* Wait until admin.workers says worker is in state. */
+static void wait_state(struct peer *p, const char *worker, const char *state)
+{
+    int64_t t0 = now_ms();
+    while (now_ms() - t0 < 10000) {
+        const msgpack_object *ws = get(rpc(p, "admin.workers", NULL), "workers");
+        for (uint32_t i = 0; i < ws->via.array.size; i++) {
+            const msgpack_object *x = &ws->via.array.ptr[i];
+            if (strcmp(str(x, "worker"), worker) == 0 && strcmp(str(x, "state"), state) == 0) {
+                return;
+            }
+        }
+        sleep_ms(20);
+    }
+    ck_abort_msg("worker %s not %s in 10 s", worker, state);
+}
+
+/* Poll locate until it answers worker (true), or its error message contains want (false);
+ * fails after timeout_ms. */
+static bool wait_locate(struct peer *p, const char *session, const char *worker, const char *want,
+                        int timeout_ms)
+{
+    int64_t t0 = now_ms();
+    const msgpack_object *r = NULL;
+    while (now_ms() - t0 < timeout_ms) {
+        r = rpc(p, "session.locate", "s:session", session, NULL);
+        if (worker != NULL && strcmp(code(r), "") == 0 && strcmp(str(r, "worker"), worker) == 0) {
+            return true;
+        }
+        if (want != NULL && strstr(message(r), want) != NULL) {
+            return false;
+        }
+        sleep_ms(50);
+    }
+    ck_abort_msg("session %s: not on %s nor '%s' in %d ms; last: %s %s %s", session,
+                 worker ? worker : "-", want ? want : "-", timeout_ms, code(r), message(r),
+                 str(r, "worker"));
+    return false;
+}
+
+/* A down worker's sessions restored on another: done; an answer lost (sent again, then
+ * ALREADY_EXISTS and session.info); NOT_FOUND (kept with the reason, not tried again); no
+ * room anywhere; CAPACITY (tried again later); the worker back serves what was left. */
+START_TEST(test_restore_orders)
+{
+    struct kvs_coord_opts o = {.store = g_store,
+                               .cluster = "t5",
+                               .worker_ttl_s = 2,
+                               .heartbeat_ms = 100,
+                               .unhealthy_ms = 400,
+                               .shared_data_dir = true,
+                               .move_timeout_ms = 300};
+    struct running run;
+    start(&run, &o);
+    struct peer cl;
+    peer_open(&cl, kvs_coord_endpoint(run.c));
+    wait_leader(&cl);
+    struct fake w1, w2;
+    fake_start(&w1, "w1", kvs_coord_endpoint(run.c), 10000);
+    wait_state(&cl, "w1", "ready");
+    ck_assert_str_eq(create(&cl, "plain", 1000, MODEL_A, 0), "w1");
+    ck_assert_str_eq(create(&cl, "lost-1", 1000, MODEL_A, 0), "w1");
+    ck_assert_str_eq(create(&cl, "nf-1", 500, MODEL_A, 0), "w1");
+    ck_assert_str_eq(create(&cl, "cap-1", 500, MODEL_A, 0), "w1");
+    ck_assert_str_eq(create(&cl, "zbig", 2500, MODEL_A, 0), "w1");
+    fake_start(&w2, "w2", kvs_coord_endpoint(run.c), 4000);
+    wait_state(&cl, "w2", "ready");
+
+    int64_t t0 = now_ms();
+    w1.silent = 1;
+    ck_assert(wait_locate(&cl, "plain", "w2", NULL, 10000));
+    int64_t took = now_ms() - t0;
+    ck_assert_int_ge(took, 1300); /* its lease (2 s, renewed every 2/3 s) expired first */
+    ck_assert_int_eq(fake_count(&w2, "session.adopt plain w1"), 1);
+    /* The answer lost: sent again, ALREADY_EXISTS, session.info says it is open there. */
+    ck_assert(wait_locate(&cl, "lost-1", "w2", NULL, 5000));
+    ck_assert_int_eq(fake_count(&w2, "session.adopt lost-1 w1"), 2);
+    ck_assert_int_eq(fake_count(&w2, "session.info lost-1"), 1);
+    /* NOT_FOUND: kept on w1 with the reason; not sent again. */
+    ck_assert(!wait_locate(&cl, "nf-1", NULL, "failed: NOT_FOUND: said the fake", 5000));
+    const msgpack_object *r = rpc(&cl, "session.locate", "s:session", "nf-1", NULL);
+    ck_assert_str_eq(code(r), "UNAVAILABLE");
+    ck_assert_ptr_nonnull(strstr(message(r), "'w1' is down"));
+    ck_assert_ptr_nonnull(strstr(message(r), "restart worker 'w1'"));
+    /* No room on w2 for the big one (placed last: sessions go in id order; 4000 - 3000 on
+     * w2 then, and never more than 2000 free). */
+    ck_assert(!wait_locate(&cl, "zbig", NULL, "no worker can take it now (CAPACITY", 5000));
+    /* CAPACITY from the worker: tried again after a while, then restored. */
+    ck_assert(wait_locate(&cl, "cap-1", "w2", NULL, 10000));
+    ck_assert_int_eq(fake_count(&w2, "session.adopt cap-1 w1"), 2);
+    ck_assert_int_eq(fake_count(&w2, "session.adopt nf-1 w1"), 1);
+
+    /* The store: the new placements, no order left outstanding; the failure recorded. */
+    struct kvs_store_kv kv;
+    char err[256];
+    ck_assert_int_eq(kvs_store_get(g_store, "/kvstream/t5/sessions/plain", &kv, err, sizeof err),
+                     0);
+    ck_assert_ptr_nonnull(strstr(kv.value, "\"worker\":\"w2\""));
+    ck_assert_ptr_null(strstr(kv.value, "\"from\""));
+    kvs_store_kv_free(&kv);
+    ck_assert_int_eq(kvs_store_get(g_store, "/kvstream/t5/sessions/nf-1", &kv, err, sizeof err), 0);
+    ck_assert_ptr_nonnull(strstr(kv.value, "\"worker\":\"w1\""));
+    ck_assert_ptr_nonnull(strstr(kv.value, "NOT_FOUND"));
+    kvs_store_kv_free(&kv);
+    r = rpc(&cl, "admin.sessions", NULL);
+    const msgpack_object *ss = get(r, "sessions");
+    ck_assert_uint_eq(ss->via.array.size, 5);
+    for (uint32_t i = 0; i < ss->via.array.size; i++) {
+        const msgpack_object *x = &ss->via.array.ptr[i];
+        bool left =
+            strcmp(str(x, "session"), "nf-1") == 0 || strcmp(str(x, "session"), "zbig") == 0;
+        ck_assert_str_eq(str(x, "state"), left ? "unavailable" : "ok");
+        ck_assert_str_eq(str(x, "worker"), left ? "w1" : "w2");
+    }
+
+    /* w1 back: it serves what could not be moved (it restores its own directory at start). */
+    w1.silent = 0;
+    ck_assert(wait_locate(&cl, "nf-1", "w1", NULL, 5000));
+    ck_assert(wait_locate(&cl, "zbig", "w1", NULL, 5000));
+    r = rpc(&cl, "admin.sessions", NULL);
+    ss = get(r, "sessions");
+    for (uint32_t i = 0; i < ss->via.array.size; i++) {
+        ck_assert_str_eq(str(&ss->via.array.ptr[i], "state"), "ok");
+        ck_assert_ptr_null(get(&ss->via.array.ptr[i], "error"));
+    }
+    peer_close(&cl);
+    stop(&run, false);
+    fake_stop(&w1);
+    fake_stop(&w2);
+}
+END_TEST
+
+/* admin.drain: each session released on the old worker then adopted on another; a release
+ * refused leaves it where it is; an adopt that fails puts it back on the old worker. */
+START_TEST(test_drain)
+{
+    struct kvs_coord_opts o = {.store = g_store,
+                               .cluster = "t6",
+                               .worker_ttl_s = 2,
+                               .heartbeat_ms = 100,
+                               .unhealthy_ms = 400,
+                               .shared_data_dir = true,
+                               .move_timeout_ms = 300};
+    struct running run;
+    start(&run, &o);
+    struct peer cl;
+    peer_open(&cl, kvs_coord_endpoint(run.c));
+    wait_leader(&cl);
+    struct fake w1, w2;
+    fake_start(&w1, "w1", kvs_coord_endpoint(run.c), 10000);
+    wait_state(&cl, "w1", "ready");
+    ck_assert_str_eq(create(&cl, "d1", 1000, MODEL_A, 0), "w1");
+    ck_assert_str_eq(create(&cl, "norel-1", 1000, MODEL_A, 0), "w1");
+    ck_assert_str_eq(create(&cl, "nf-2", 1000, MODEL_A, 0), "w1");
+    fake_start(&w2, "w2", kvs_coord_endpoint(run.c), 4000);
+    wait_state(&cl, "w2", "ready");
+
+    const msgpack_object *r = rpc(&cl, "admin.drain", "s:worker", "w1", NULL);
+    ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
+    ck_assert_str_eq(str(r, "worker"), "w1");
+    ck_assert_str_eq(str(r, "state"), "draining");
+    ck_assert_int_eq(num(r, "moved"), 1);
+    ck_assert_int_eq(num(r, "failed"), 2);
+    const msgpack_object *mv = get(r, "moves");
+    ck_assert_uint_eq(mv->via.array.size, 3);
+    const msgpack_object *m0 = &mv->via.array.ptr[0], *m1 = &mv->via.array.ptr[1],
+                         *m2 = &mv->via.array.ptr[2];
+    ck_assert_str_eq(str(m0, "session"), "d1");
+    ck_assert_str_eq(str(m0, "from"), "w1");
+    ck_assert_str_eq(str(m0, "to"), "w2");
+    ck_assert(get(m0, "ok")->via.boolean);
+    ck_assert_str_eq(str(m1, "session"), "nf-2");
+    ck_assert(!get(m1, "ok")->via.boolean);
+    ck_assert_ptr_nonnull(strstr(str(m1, "error"), "NOT_FOUND"));
+    ck_assert_ptr_nonnull(strstr(str(m1, "error"), "put back on 'w1'"));
+    ck_assert_ptr_null(strstr(str(m1, "error"), "failed too"));
+    ck_assert_str_eq(str(m2, "session"), "norel-1");
+    ck_assert(!get(m2, "ok")->via.boolean);
+    ck_assert_ptr_nonnull(strstr(str(m2, "error"), "UNSUPPORTED"));
+
+    /* What the workers were told, in order. */
+    ck_assert_int_eq(fake_count(&w1, "session.release d1"), 1);
+    ck_assert_int_eq(fake_count(&w2, "session.adopt d1 w1"), 1);
+    ck_assert_int_eq(fake_count(&w1, "session.release nf-2"), 1);
+    ck_assert_int_eq(fake_count(&w2, "session.adopt nf-2 w1"), 1);
+    ck_assert_int_eq(fake_count(&w1, "session.adopt nf-2 "), 1); /* back, from its own dir */
+    ck_assert_int_eq(fake_count(&w1, "session.release norel-1"), 1);
+    ck_assert_int_eq(fake_count(&w2, "session.adopt norel-1"), 0);
+
+    r = rpc(&cl, "session.locate", "s:session", "d1", NULL);
+    ck_assert_str_eq(str(r, "worker"), "w2");
+    r = rpc(&cl, "session.locate", "s:session", "norel-1", NULL);
+    ck_assert_str_eq(str(r, "worker"), "w1");
+    ck_assert_str_eq(str(r, "worker_state"), "draining");
+    r = rpc(&cl, "session.locate", "s:session", "nf-2", NULL);
+    ck_assert_str_eq(str(r, "worker"), "w1");
+    /* Draining: nothing new on w1 (w2 has 3000 left, w1 8000). */
+    ck_assert_str_eq(create(&cl, "new", 100, MODEL_A, 0), "w2");
+    ck_assert_str_eq(create(&cl, "new2", 5000, MODEL_A, 0), "CAPACITY");
+    /* Budgets followed the sessions. */
+    const msgpack_object *ws = get(rpc(&cl, "admin.workers", NULL), "workers");
+    for (uint32_t i = 0; i < ws->via.array.size; i++) {
+        const msgpack_object *x = &ws->via.array.ptr[i];
+        bool one = strcmp(str(x, "worker"), "w1") == 0;
+        ck_assert_int_eq(num(x, "cells_placed"), one ? 2000 : 1100);
+        ck_assert_str_eq(str(x, "state"), one ? "draining" : "ready");
+    }
+    r = rpc(&cl, "admin.drain", "s:worker", "w9", NULL);
+    ck_assert_str_eq(code(r), "NOT_FOUND");
+    r = rpc(&cl, "admin.drain", "s:worker", "../x", NULL);
+    ck_assert_str_eq(code(r), "INVALID_ARGUMENT");
+    r = rpc(&cl, "admin.drain", NULL);
+    ck_assert_str_eq(code(r), "INVALID_ARGUMENT");
+    /* Uncordon ends the draining state. */
+    r = rpc(&cl, "admin.uncordon", "s:worker", "w1", NULL);
+    ck_assert_str_eq(str(r, "state"), "ready");
+    ck_assert_str_eq(create(&cl, "new3", 5000, MODEL_A, 0), "w1");
+    peer_close(&cl);
+    stop(&run, false);
+    fake_stop(&w1);
+    fake_stop(&w2);
 }
 END_TEST
 
@@ -751,6 +1231,8 @@ int main(void)
     tcase_add_test(tc, test_hostile_input);
     tcase_add_test(tc, test_worker_failure_rule);
     tcase_add_test(tc, test_placements_survive_restart);
+    tcase_add_test(tc, test_restore_orders);
+    tcase_add_test(tc, test_drain);
     tcase_set_timeout(tc, 60);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
