@@ -308,20 +308,26 @@ static void expected_text(char *buf, size_t cap, int n)
 
 /* Poll locate until it answers a worker other than not_on (or until the deadline). The last
  * reply's worker, or "" and the last error in why. */
+static int64_t g_restoring_ms; /* when wait_located first saw "being restored", or -1 */
+
 static const char *wait_located(struct peer *coord, const char *session, const char *not_on,
                                 int timeout_ms, char *why, size_t whylen)
 {
     static char worker[80];
     int64_t t0 = now_ms();
     worker[0] = '\0';
+    g_restoring_ms = -1;
     while (now_ms() - t0 < timeout_ms) {
         const msgpack_object *r = rpc(coord, "session.locate", "s:session", session, NULL);
         if (code(r)[0] == '\0' && strcmp(str(r, "worker"), not_on) != 0) {
             snprintf(worker, sizeof worker, "%s", str(r, "worker"));
             return worker;
         }
-        snprintf(why, whylen, "%s: %s", code(r)[0] ? code(r) : "on", code(r)[0] ? message(r)
-                                                                                : str(r, "worker"));
+        if (g_restoring_ms < 0 && strstr(message(r), "being restored") != NULL) {
+            g_restoring_ms = now_ms();
+        }
+        snprintf(why, whylen, "%s: %s", code(r)[0] ? code(r) : "on",
+                 code(r)[0] ? message(r) : str(r, "worker"));
         sleep_ms(100);
     }
     return worker;
@@ -373,8 +379,9 @@ START_TEST(test_restore_on_other_worker)
     int64_t took = now_ms() - t0;
     fprintf(stderr,
             "test_failover: session 'ticks' (%d appends) served by '%s' %lld ms after the "
-            "SIGKILL of '%s' (worker lease TTL %d s)\n",
-            n, now_on, (long long)took, owner, TTL_S);
+            "SIGKILL of '%s' (worker lease TTL %d s; its restore order seen after %lld ms)\n",
+            n, now_on, (long long)took, owner, TTL_S,
+            (long long)(g_restoring_ms < 0 ? -1 : g_restoring_ms - t0));
     ck_assert_msg(now_on[0] != '\0', "not restored in 30 s; last locate: %s", why);
     ck_assert_str_eq(now_on, other);
     /* not before its lease could expire (renewed every TTL/3) */
