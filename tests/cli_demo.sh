@@ -12,8 +12,10 @@ set -uo pipefail
 KVS=${1:?usage: cli_demo.sh KVSTREAM}
 TMP=$(mktemp -d)
 DEMO_PID=
+EP_UP_PID=
 cleanup() {
     [ -n "$DEMO_PID" ] && kill -TERM "$DEMO_PID" 2>/dev/null && wait "$DEMO_PID" 2>/dev/null
+    [ -n "$EP_UP_PID" ] && kill -TERM "$EP_UP_PID" 2>/dev/null && wait "$EP_UP_PID" 2>/dev/null
     rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -113,6 +115,37 @@ gone "$UP_PID" || fail "kvstream up (pid $UP_PID) still runs after SIGINT"
 none_with "$TMP/sig" || fail "a process of $TMP/sig is left: $(pgrep -af -- "$TMP/sig")"
 [ -z "$(ls "$TMP/sig" | grep -v '^\.')" ] || fail "sessions left in the data dir: $(ls "$TMP/sig")"
 grep -q "stopping" "$TMP/sig.err" || fail "no stopping line: $(cat "$TMP/sig.err")"
+
+# ---- --endpoint: a cluster that runs already; the demo leaves it running, sessions closed ----
+"$KVS" up --listen tcp://127.0.0.1:0 --data-dir "$TMP/ep" -t 2 --fsync no \
+    >"$TMP/up.out" 2>"$TMP/up.err" &
+EP_UP_PID=$!
+for _ in $(seq 1 600); do
+    grep -q "^kvstream up: listening on " "$TMP/up.out" && break
+    gone "$EP_UP_PID" && fail "kvstream up exited: $(cat "$TMP/up.err")"
+    sleep 0.1
+done
+EP=$(sed -n 's/^kvstream up: listening on \([^ ]*\).*/\1/p' "$TMP/up.out")
+[ -n "$EP" ] || fail "kvstream up did not print its endpoint in 60 s"
+"$KVS" demo --endpoint "$EP" --ticks 8 --rate 4 --ask-every 8 >"$TMP/ep.out" 2>"$TMP/ep.err"
+rc=$?
+[ "$rc" -eq 0 ] || fail "demo --endpoint exited $rc: $(cat "$TMP/ep.err")"
+! grep -q "starting a single-node cluster" "$TMP/ep.out" || fail "--endpoint started a cluster"
+[ "$(grep -cE '^ +8  (aapl|msft|nvda|goog) ' "$TMP/ep.out")" -eq 4 ] \
+    || fail "--endpoint: expected 4 rows: $(cat "$TMP/ep.out")"
+gone "$EP_UP_PID" && fail "the demo stopped a cluster it did not start"
+"$KVS" session list --endpoint "$EP" >"$TMP/list" || fail "session list failed"
+[ ! -s "$TMP/list" ] || fail "the demo left sessions: $(cat "$TMP/list")"
+# a session of the demo's names that exists already is not touched: one line, exit 5
+"$KVS" session create msft --cells 64 --endpoint "$EP" >/dev/null || fail "session create msft"
+"$KVS" demo --endpoint "$EP" --ticks 8 >"$TMP/ep.out" 2>"$TMP/ep.err"
+rc=$?
+[ "$rc" -eq 5 ] || fail "an existing session: exited $rc, not 5: $(cat "$TMP/ep.err")"
+[ "$(wc -l <"$TMP/ep.err")" -eq 1 ] || fail "an existing session: not one line: $(cat "$TMP/ep.err")"
+"$KVS" session list --endpoint "$EP" >"$TMP/list" || fail "session list failed"
+[ "$(cat "$TMP/list")" = "msft" ] || fail "sessions after the refused demo: $(cat "$TMP/list")"
+kill -TERM "$EP_UP_PID"
+wait "$EP_UP_PID" || fail "kvstream up exited $? after SIGTERM"
 
 # ---- the worker dies under the demo: one line, exit 1, nothing left ----
 "$KVS" demo --ticks 400 --rate 4 -t 2 --data-dir "$TMP/die" >"$TMP/die.out" 2>"$TMP/die.err" &
