@@ -1,8 +1,22 @@
-/* libkvstream: the C client of a kvstream worker (docs/PROTOCOL.md, protocol version 1.1).
+/* libkvstream: the C client of a kvstream cluster or worker (docs/PROTOCOL.md, protocol
+ * version 1.1).
  *
  * A kvs_client is one logical connection: a ZeroMQ DEALER socket to the endpoint given to
- * kvs_client_connect (its "home"), plus one socket per worker that a MOVED reply pointed it
- * to (sessions are routed there from then on, as Redis Cluster clients do).
+ * kvs_client_connect (its "home"), plus one socket per worker that its sessions live on.
+ * Home may be a coordinator (kvs-coordinator, what `kvstream up` listens with) or a worker;
+ * the hello reply says which, and the API is the same for both:
+ *   - a worker: every request goes to it, unless a MOVED reply pointed a session elsewhere
+ *     (that session is routed there from then on, as Redis Cluster clients do);
+ *   - a coordinator (PROTOCOL.md section 9): a session's requests go to its worker directly
+ *     (the coordinator stays off the data path). The client asks the coordinator where the
+ *     session lives once (session.locate) and routes it there; when that worker answers
+ *     NOT_FOUND, UNAVAILABLE or MOVED, or cannot be reached, it asks again, with back-off
+ *     for up to timeout_ms, so that a session the coordinator restored on another worker
+ *     after a failure (or moved by a drain) is found again. A standby coordinator's
+ *     NOT_LEADER is followed to the leader it names (during a failover, with no leader yet,
+ *     the call waits for one for up to timeout_ms). Session create and close go through
+ *     both (the coordinator places the session, the worker holds it), session list and
+ *     status ask the coordinator (and its ready workers).
  *
  *     kvs_client *c = NULL;
  *     char err[256];
@@ -40,6 +54,9 @@
  * MOVED. A worker that does not own a session answers MOVED with the owner's endpoint; the
  * library connects there, resends, and routes that session there from then on (up to
  * max_redirects hops per call). A route is dropped when its worker stops answering.
+ * Behind a coordinator a request is sent to a worker only once a connection to it is up
+ * (waiting up to 2 s, else the worker is unreachable and the session is located again), and
+ * a connection lost while waiting for the answer ends the attempt at once (as a timeout).
  *
  * Thread-safety and ownership. A kvs_client is used by one thread at a time: give each thread
  * its own client, or hold a mutex around every call. The exception is kvs_client_cancel,
@@ -76,11 +93,11 @@ struct kvs_client_opts {
     const char *name;           /* sent in hello as `client`; NULL = "libkvstream" */
 };
 
-/* Connect to endpoint (NULL = $KVSTREAM_ENDPOINT, else KVS_CLIENT_DEFAULT_ENDPOINT) and say
- * hello (protocol version 1). opts may be NULL (defaults). Returns 0 and *out (free with
- * kvs_client_destroy), or INVALID_ARGUMENT (bad endpoint or options), TIMEOUT (no answer
- * within connect_timeout_ms), UNSUPPORTED (no common protocol version), NO_MEMORY or
- * INTERNAL, with a one-line reason in err (may be NULL). */
+/* Connect to endpoint (NULL = $KVSTREAM_ENDPOINT, else KVS_CLIENT_DEFAULT_ENDPOINT), a
+ * coordinator or a worker, and say hello (protocol version 1). opts may be NULL (defaults).
+ * Returns 0 and *out (free with kvs_client_destroy), or INVALID_ARGUMENT (bad endpoint or
+ * options), TIMEOUT (no answer within connect_timeout_ms), UNSUPPORTED (no common protocol
+ * version), NO_MEMORY or INTERNAL, with a one-line reason in err (may be NULL). */
 int kvs_client_connect(const char *endpoint, const struct kvs_client_opts *opts,
                        kvs_client **out, char *err, size_t errlen);
 
@@ -91,7 +108,8 @@ void kvs_client_destroy(kvs_client **c);
  * call on c. */
 const char *kvs_client_error(const kvs_client *c);
 
-/* The home endpoint (borrowed while c lives). */
+/* The home endpoint (borrowed until the next call on c: a NOT_LEADER redirect changes it to
+ * the leader's). */
 const char *kvs_client_endpoint(const kvs_client *c);
 
 /* The client id its appends carry. */
@@ -112,7 +130,8 @@ void kvs_client_cancel(kvs_client *c);
 
 /* ---- worker ------------------------------------------------------------------------------ */
 
-/* Round trip of a ping (answered by the worker's I/O thread), in ms in *rtt_ms (may be NULL). */
+/* Round trip of a ping (answered by the worker's I/O thread, or the coordinator), in ms in
+ * *rtt_ms (may be NULL). */
 int kvs_client_ping(kvs_client *c, double *rtt_ms);
 
 struct kvs_client_status {
@@ -125,6 +144,9 @@ struct kvs_client_status {
     int64_t queue_max;      /* engine queue bound */
 };
 
+/* The worker's status. Through a coordinator: that of its ready workers (the first one's
+ * model, n_ctx, n_vocab and queue_max; cells and sessions summed), UNAVAILABLE when none is
+ * ready. */
 int kvs_client_status(kvs_client *c, struct kvs_client_status *st);
 
 /* ---- sessions ---------------------------------------------------------------------------- */
@@ -135,6 +157,10 @@ struct kvs_client_session_opts {
     int32_t query_reserve;  /* cells kept for questions and answers; 0 = the default (512) */
     bool chat;              /* format "chat" (records as chat turns) instead of "raw" */
     bool slide;             /* policy "slide" (evict old data) instead of "reject" */
+    const char *model;      /* through a coordinator: the SHA-256 (64 lowercase hex) of the
+                               model the session needs; NULL = the one model its ready
+                               workers serve (INVALID_ARGUMENT when they serve several).
+                               Ignored by a worker. */
 };
 
 struct kvs_client_session_info {
@@ -152,7 +178,12 @@ struct kvs_client_session_info {
 
 /* Create a session. opts may be NULL. On success *info (may be NULL) has version, cells_used
  * and cells_budget set, the rest zero. Errors: ALREADY_EXISTS, CAPACITY, CONTEXT_FULL (prefix
- * larger than the budget), INVALID_ARGUMENT (bad name: 1..128 bytes of [A-Za-z0-9._-]). */
+ * larger than the budget), INVALID_ARGUMENT (bad name: 1..128 bytes of [A-Za-z0-9._-]).
+ * Through a coordinator the session is placed first (a budget of 0 is the chosen worker's
+ * default, n_ctx minus the query reserve, asked of a worker first), then created on its
+ * worker; when the worker refuses it the placement is taken back. Also MODEL_MISMATCH (no
+ * ready worker serves the model), UNAVAILABLE (no worker ready, or the placement could not
+ * be recorded). Never sent again after a timeout (TIMEOUT: it may exist). */
 int kvs_client_session_create(kvs_client *c, const char *session,
                               const struct kvs_client_session_opts *opts,
                               struct kvs_client_session_info *info);
@@ -160,10 +191,13 @@ int kvs_client_session_create(kvs_client *c, const char *session,
 int kvs_client_session_info(kvs_client *c, const char *session,
                             struct kvs_client_session_info *info);
 
-/* Close a session: its KV, log and snapshot are removed. NOT_FOUND if absent. */
+/* Close a session: its KV, log and snapshot are removed. NOT_FOUND if absent. Through a
+ * coordinator: closed on its worker, then its placement removed (also when its worker had
+ * lost it). */
 int kvs_client_session_close(kvs_client *c, const char *session);
 
-/* The worker's session ids: *names is an array of *n strings; free with kvs_client_names_free. */
+/* The worker's session ids (through a coordinator: every session it places): *names is an
+ * array of *n strings; free with kvs_client_names_free. */
 int kvs_client_session_list(kvs_client *c, char ***names, int32_t *n);
 void kvs_client_names_free(char ***names, int32_t n);
 

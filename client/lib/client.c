@@ -1,5 +1,6 @@
-/* libkvstream: connections, request ids, calls with timeouts, retries, back-off and MOVED,
- * and reading validated replies. The operations themselves are in ops.c. */
+/* libkvstream: connections, request ids, calls with timeouts, retries, back-off, MOVED and
+ * NOT_LEADER, and reading validated replies. The operations themselves are in ops.c; what is
+ * particular to a coordinator (locating sessions) is in cluster.c. */
 #include "client/lib/client_impl.h"
 
 #include <errno.h>
@@ -17,6 +18,8 @@
 #define BUSY_RETRY_MS 2000         /* BUSY answers are retried for this long at most */
 #define POLL_SLICE_MS 50           /* how often a wait looks at the cancel flag */
 #define ABANDON_WAIT_MS 1000       /* how long a cancelled stream waits for its final reply */
+#define LEADER_HOPS 4              /* NOT_LEADER redirects followed per call */
+#define FAILOVER_BACKOFF_MS 100    /* first wait when no leader is known; doubles up to 1 s */
 
 static int64_t now_ms(void)
 {
@@ -25,11 +28,24 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+int64_t client_now_ms(void)
+{
+    return now_ms();
+}
+
 static void sleep_ms(int64_t ms)
 {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
+}
+
+bool client_sleep(kvs_client *c, int64_t ms)
+{
+    for (int64_t slept = 0; slept < ms && !atomic_load(&c->cancel); slept += POLL_SLICE_MS) {
+        sleep_ms(POLL_SLICE_MS < ms - slept ? POLL_SLICE_MS : ms - slept);
+    }
+    return !atomic_load(&c->cancel);
 }
 
 int client_fail(kvs_client *c, int status, const char *fmt, ...)
@@ -94,6 +110,9 @@ static int conn_open(kvs_client *c, struct client_conn *k)
     setopt_int(k->sock, ZMQ_RCVHWM, 1000);
     setopt_int(k->sock, ZMQ_RECONNECT_IVL, 100);
     setopt_int(k->sock, ZMQ_RECONNECT_IVL_MAX, 1000);
+    /* A worker socket behind a coordinator queues nothing while it has no connection: a
+     * send waits for one (or finds the worker unreachable), and a lost one is seen. */
+    setopt_int(k->sock, ZMQ_IMMEDIATE, k->immediate ? 1 : 0);
     int64_t maxmsg = CLIENT_MAX_REPLY;
     zmq_setsockopt(k->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     if (zmq_connect(k->sock, k->endpoint) != 0) {
@@ -131,6 +150,7 @@ static int conn_get(kvs_client *c, const char *endpoint, struct client_conn **ou
     }
     conn_close(victim);
     snprintf(victim->endpoint, sizeof victim->endpoint, "%s", endpoint);
+    victim->immediate = c->coord;
     int rc = conn_open(c, victim);
     if (rc < 0) {
         victim->endpoint[0] = '\0';
@@ -143,7 +163,7 @@ static int conn_get(kvs_client *c, const char *endpoint, struct client_conn **ou
 
 /* ---- routes (MOVED) -------------------------------------------------------------------------- */
 
-static struct client_route *route_find(kvs_client *c, const char *session)
+struct client_route *client_route_find(kvs_client *c, const char *session)
 {
     for (int32_t i = 0; i < c->n_routes; i++) {
         if (strcmp(c->routes[i].session, session) == 0) {
@@ -153,9 +173,9 @@ static struct client_route *route_find(kvs_client *c, const char *session)
     return NULL;
 }
 
-static void route_drop(kvs_client *c, const char *session)
+void client_route_drop(kvs_client *c, const char *session)
 {
-    struct client_route *r = route_find(c, session);
+    struct client_route *r = client_route_find(c, session);
     if (r != NULL) {
         free(r->session);
         *r = c->routes[--c->n_routes];
@@ -164,7 +184,7 @@ static void route_drop(kvs_client *c, const char *session)
 
 void client_route_set(kvs_client *c, const char *session, const char *endpoint)
 {
-    struct client_route *r = route_find(c, session);
+    struct client_route *r = client_route_find(c, session);
     if (r == NULL) {
         if (c->n_routes == CLIENT_MAX_ROUTES) { /* drop the least recently used */
             int32_t old = 0;
@@ -173,7 +193,7 @@ void client_route_set(kvs_client *c, const char *session, const char *endpoint)
                     old = i;
                 }
             }
-            route_drop(c, c->routes[old].session);
+            client_route_drop(c, c->routes[old].session);
         }
         if (c->n_routes == c->cap_routes) {
             int32_t cap = c->cap_routes ? c->cap_routes * 2 : 16;
@@ -233,6 +253,27 @@ struct client_seq *client_seq_of(kvs_client *c, const char *session)
 static void put_raw(kvs_client *c, const void *p, size_t n)
 {
     msgpack_sbuffer_write(&c->req.sb, p, n);
+}
+
+int client_req_hold(kvs_client *c, struct client_held *h)
+{
+    h->size = c->req.sb.size;
+    h->keys = c->req_keys;
+    h->data = malloc(h->size > 0 ? h->size : 1);
+    if (h->data == NULL) {
+        return client_fail(c, KVS_NO_MEMORY, "out of memory");
+    }
+    memcpy(h->data, c->req.sb.data, h->size);
+    return 0;
+}
+
+void client_req_restore(kvs_client *c, struct client_held *h)
+{
+    kvs_wire_buf_clear(&c->req);
+    put_raw(c, h->data, h->size);
+    c->req_keys = h->keys;
+    free(h->data);
+    h->data = NULL;
 }
 
 void client_req_begin(kvs_client *c, const char *op)
@@ -316,6 +357,29 @@ static int req_send(kvs_client *c, struct client_conn *k, uint64_t *id)
     if (c->req.sb.size > KVS_WIRE_MAX_FRAME) {
         return client_fail(c, KVS_TOO_LARGE, "request of %zu bytes exceeds the %u-byte frame limit",
                            c->req.sb.size, KVS_WIRE_MAX_FRAME);
+    }
+    if (k->immediate) {
+        /* Nothing is queued without a connection: wait for one, briefly. A worker that
+         * accepts none got nothing, so the caller may locate the session again. */
+        int64_t wait = c->timeout_ms < CLIENT_CONNECT_WAIT_MS ? c->timeout_ms
+                                                              : CLIENT_CONNECT_WAIT_MS;
+        int64_t until = now_ms() + wait;
+        for (;;) {
+            zmq_pollitem_t it = {k->sock, 0, ZMQ_POLLOUT, 0};
+            int64_t left = until - now_ms();
+            if (zmq_poll(&it, 1, left < POLL_SLICE_MS ? (left > 0 ? left : 0) : POLL_SLICE_MS) >
+                0) {
+                break;
+            }
+            if (atomic_load(&c->cancel)) {
+                return client_fail(c, KVS_CANCELLED, "cancelled");
+            }
+            if (now_ms() >= until) {
+                return client_fail(c, KVS_UNAVAILABLE,
+                                   "cannot reach the worker at %s (no connection in %lld ms)",
+                                   k->endpoint, (long long)wait);
+            }
+        }
     }
     *id = c->next_id++;
     put_be(p + 1, c->req_keys, 4);
@@ -503,12 +567,18 @@ static int reply_error(kvs_client *c, const msgpack_object *e)
     mp_str(mp_get(e, "code"), &code, &code_n);
     mp_str(mp_get(e, "message"), &msg, &msg_n);
     c->moved_owner[0] = '\0';
+    c->leader[0] = '\0';
     const char *owner;
     size_t owner_n;
     if (status == KVS_MOVED && mp_str(mp_get(e, "owner"), &owner, &owner_n) &&
         owner_n > 0 && owner_n < sizeof c->moved_owner) {
         memcpy(c->moved_owner, owner, owner_n);
         c->moved_owner[owner_n] = '\0';
+    }
+    if (status == KVS_NOT_LEADER && mp_str(mp_get(e, "leader"), &owner, &owner_n) &&
+        owner_n > 0 && owner_n < sizeof c->leader) {
+        memcpy(c->leader, owner, owner_n);
+        c->leader[owner_n] = '\0';
     }
     snprintf(c->err, sizeof c->err, "%.*s: %.*s", (int)(code_n > 64 ? 64 : code_n), code,
              (int)(msg_n > 400 ? 400 : msg_n), msg);
@@ -552,6 +622,7 @@ static int recv_reply(kvs_client *c, struct client_conn *k, uint64_t id, int64_t
                       const msgpack_object **reply)
 {
     c->from_worker = false;
+    c->lost = false;
     for (;;) {
         if (atomic_load(&c->cancel)) {
             c->from_worker = false;
@@ -566,6 +637,17 @@ static int recv_reply(kvs_client *c, struct client_conn *k, uint64_t id, int64_t
         int n = zmq_poll(&it, 1, left < POLL_SLICE_MS ? left : POLL_SLICE_MS);
         if (n < 0 && errno != EINTR) {
             return client_fail(c, KVS_INTERNAL, "zmq_poll: %s", zmq_strerror(errno));
+        }
+        if (n <= 0 && k->immediate) {
+            /* An immediate socket without a connection cannot send: the worker went away
+             * (heartbeats, or its process closed the connection) with the request. */
+            int events = 0;
+            size_t len = sizeof events;
+            if (zmq_getsockopt(k->sock, ZMQ_EVENTS, &events, &len) == 0 &&
+                !(events & (ZMQ_POLLOUT | ZMQ_POLLIN))) {
+                c->lost = true;
+                return client_fail(c, KVS_TIMEOUT, "lost the connection to %s", k->endpoint);
+            }
         }
         if (n <= 0) {
             continue;
@@ -630,7 +712,14 @@ int client_send(kvs_client *c, struct client_conn *k, uint64_t *id)
 
 int client_conn_for(kvs_client *c, const char *session, struct client_conn **k)
 {
-    struct client_route *r = session != NULL ? route_find(c, session) : NULL;
+    struct client_route *r = session != NULL ? client_route_find(c, session) : NULL;
+    if (r == NULL && session != NULL && c->coord) {
+        KVS_TRY(client_locate(c, session));
+        r = client_route_find(c, session);
+        if (r == NULL) {
+            return client_fail(c, KVS_NO_MEMORY, "out of memory for a route");
+        }
+    }
     return conn_get(c, r != NULL ? r->endpoint : c->conns[0].endpoint, k);
 }
 
@@ -640,19 +729,38 @@ int client_conn_reset(kvs_client *c, struct client_conn *k)
     return conn_open(c, k);
 }
 
-int client_call(kvs_client *c, const char *session, int flags, const msgpack_object **reply)
+void client_call_begin(kvs_client *c)
 {
     c->err[0] = '\0';
     c->n_calls++;
     atomic_store(&c->cancel, 0); /* a cancel between calls does not reach this one */
+}
+
+int client_call(kvs_client *c, const char *session, int flags, const msgpack_object **reply)
+{
+    client_call_begin(c);
+    if (c->coord && session != NULL) {
+        return client_session_call(c, session, flags, reply);
+    }
+    return client_call_to(c, session, NULL, flags, reply);
+}
+
+int client_call_to(kvs_client *c, const char *session, const char *endpoint, int flags,
+                   const msgpack_object **reply)
+{
     int32_t attempts = 1 + (flags & CALL_RETRY ? (c->retries > 0 ? c->retries : 0) : 0);
-    int32_t redirects = 0;
-    int64_t busy_end = now_ms() + (c->timeout_ms < BUSY_RETRY_MS ? c->timeout_ms : BUSY_RETRY_MS);
-    int64_t backoff = BUSY_BACKOFF_MS;
+    int32_t redirects = 0, leader_hops = 0;
+    int64_t start = now_ms();
+    int64_t busy_end = start + (c->timeout_ms < BUSY_RETRY_MS ? c->timeout_ms : BUSY_RETRY_MS);
+    int64_t backoff = BUSY_BACKOFF_MS, failover_backoff = FAILOVER_BACKOFF_MS;
     for (;;) {
-        struct client_route *r = session != NULL ? route_find(c, session) : NULL;
+        struct client_route *r =
+            session != NULL && endpoint == NULL ? client_route_find(c, session) : NULL;
         struct client_conn *k = NULL;
-        int rc = r != NULL ? conn_get(c, r->endpoint, &k) : conn_get(c, c->conns[0].endpoint, &k);
+        int rc = conn_get(c, endpoint != NULL ? endpoint
+                             : r != NULL      ? r->endpoint
+                                              : c->conns[0].endpoint,
+                          &k);
         if (rc < 0) {
             return rc;
         }
@@ -673,11 +781,37 @@ int client_call(kvs_client *c, const char *session, int flags, const msgpack_obj
                 snprintf(why, sizeof why, "%s", c->err);
                 conn_open(c, k);
                 if (session != NULL && r != NULL) {
-                    route_drop(c, session); /* its worker is silent: ask home again */
+                    client_route_drop(c, session); /* its worker is silent: ask home again */
+                    if (c->coord) {
+                        snprintf(c->err, sizeof c->err, "%s", why);
+                        return rc; /* home is the coordinator: the caller locates it */
+                    }
                 }
                 snprintf(c->err, sizeof c->err, "%s", why);
             }
             if (--attempts > 0) {
+                continue;
+            }
+            return rc;
+        }
+        if (rc == KVS_NOT_LEADER && k == &c->conns[0]) {
+            /* A standby coordinator: go to the leader it names; during a failover there may
+             * be none for up to the leader lease: wait for one (nothing was done). */
+            if (c->leader[0] != '\0' && strcmp(c->leader, c->conns[0].endpoint) != 0 &&
+                leader_hops < LEADER_HOPS) {
+                leader_hops++;
+                snprintf(c->conns[0].endpoint, sizeof c->conns[0].endpoint, "%s", c->leader);
+                KVS_TRY(conn_open(c, &c->conns[0]));
+                continue;
+            }
+            if (now_ms() + failover_backoff < start + c->timeout_ms) {
+                char why[sizeof c->err];
+                snprintf(why, sizeof why, "%s", c->err);
+                if (!client_sleep(c, failover_backoff)) {
+                    atomic_store(&c->cancel, 0);
+                    return client_fail(c, KVS_CANCELLED, "cancelled (last answer: %s)", why);
+                }
+                failover_backoff = failover_backoff * 2 > 1000 ? 1000 : failover_backoff * 2;
                 continue;
             }
             return rc;
@@ -700,7 +834,7 @@ int client_call(kvs_client *c, const char *session, int flags, const msgpack_obj
             redirects++;
             if (session != NULL) {
                 client_route_set(c, session, c->moved_owner);
-                if (route_find(c, session) != NULL) {
+                if (client_route_find(c, session) != NULL) {
                     continue;
                 }
             }
@@ -846,6 +980,12 @@ int kvs_client_connect(const char *endpoint, const struct kvs_client_opts *opts,
         if (!mp_u64(mp_get(m, "minor"), &c->minor)) {
             c->minor = 0;
         }
+        /* A coordinator (PROTOCOL.md section 9) says so: its sessions are located. */
+        const char *server;
+        size_t server_n;
+        c->coord = mp_str(mp_get(m, "server"), &server, &server_n) &&
+                   server_n == strlen("kvs-coordinator") &&
+                   memcmp(server, "kvs-coordinator", server_n) == 0;
     }
     if (rc == 0 && version != KVS_WIRE_VERSION) {
         rc = client_fail(c, KVS_UNSUPPORTED, "the worker chose protocol version %llu",

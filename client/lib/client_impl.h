@@ -1,5 +1,6 @@
-/* libkvstream internals shared by client.c (connections, calls, retries, MOVED) and ops.c
- * (one function per operation: request fields in, reply fields out). */
+/* libkvstream internals shared by client.c (connections, calls, retries, MOVED, NOT_LEADER),
+ * cluster.c (sessions located through a coordinator) and ops.c (one function per operation:
+ * request fields in, reply fields out). */
 #ifndef KVS_CLIENT_IMPL_H
 #define KVS_CLIENT_IMPL_H
 
@@ -15,11 +16,15 @@
 #define CLIENT_MAX_SEQS 4096       /* per-session append numbering entries */
 #define CLIENT_ENDPOINT_MAX 256    /* bytes of an endpoint, NUL included */
 #define CLIENT_MAX_REPLY (16u << 20) /* ZMQ_MAXMSGSIZE of a client socket */
+#define CLIENT_CONNECT_WAIT_MS 2000 /* through a coordinator: a worker that accepts no
+                                       connection for this long is unreachable (re-locate) */
 
 struct client_conn {
     char endpoint[CLIENT_ENDPOINT_MAX];
     void *sock;                    /* DEALER; NULL when the slot is free */
     uint64_t last_used;            /* call counter at the last use (eviction) */
+    bool immediate;                /* ZMQ_IMMEDIATE: a worker socket behind a coordinator;
+                                      sends wait for a connection, a lost one is noticed */
 };
 
 struct client_route {
@@ -58,7 +63,11 @@ struct kvs_client {
     struct client_conn *cur_conn;
     int64_t cur_deadline;          /* ms on the monotonic clock */
     bool from_worker;              /* the last error status came in an error reply */
+    bool lost;                     /* the last wait ended because the connection was lost */
     uint64_t minor;                /* the worker's protocol minor version (hello) */
+    bool coord;                    /* home is a kvs-coordinator (PROTOCOL.md section 9):
+                                      sessions are located, workers talked to directly */
+    char leader[CLIENT_ENDPOINT_MAX]; /* leader named by the last NOT_LEADER reply ("" none) */
 };
 
 /* ---- building a request (client.c) ---- */
@@ -82,9 +91,20 @@ enum client_call_flags {
 
 /* Send the built request (routed by session, which may be NULL) and wait for its first reply:
  * 0 and *reply (borrowed until the next receive on c), or a negative status with c->err set
- * (an error reply, TIMEOUT, CANCELLED, BAD_FORMAT). Retries, back-off and MOVED as described
- * in kvstream.h. */
+ * (an error reply, TIMEOUT, CANCELLED, BAD_FORMAT). Retries, back-off, MOVED and NOT_LEADER
+ * as described in kvstream.h. Through a coordinator a session's request goes to its worker,
+ * located first and re-located when the worker lost it (client_session_call, cluster.c). */
 int client_call(kvs_client *c, const char *session, int flags, const msgpack_object **reply);
+
+/* What every call does first (client_call does it): clear the error, tick the LRU clock,
+ * forget a cancel that came between calls. */
+void client_call_begin(kvs_client *c);
+
+/* client_call without locating: to endpoint when not NULL, else session's route, else home.
+ * A timeout with no answer drops session's route; behind a coordinator it then returns at
+ * once (the caller re-locates) instead of trying home. */
+int client_call_to(kvs_client *c, const char *session, const char *endpoint, int flags,
+                   const msgpack_object **reply);
 
 /* The next reply of the streamed call in progress (same id), before the call's deadline. */
 int client_next(kvs_client *c, const msgpack_object **reply);
@@ -133,8 +153,55 @@ int rep_strbuf(kvs_client *c, const msgpack_object *m, const char *key, char *bu
 int rep_names(kvs_client *c, const msgpack_object *m, const char *key, char ***names,
               int32_t *n);
 
-/* Record that session lives at endpoint (MOVED). Best effort: without memory, no route. */
+/* Record that session lives at endpoint (MOVED, locate). Best effort: without memory, no
+ * route. */
 void client_route_set(kvs_client *c, const char *session, const char *endpoint);
+/* session's route (borrowed until the routes change), or NULL. */
+struct client_route *client_route_find(kvs_client *c, const char *session);
+void client_route_drop(kvs_client *c, const char *session);
+
+/* A built request put aside while another one is made (a locate in the middle of a call). */
+struct client_held {
+    char *data;                    /* owned copy of the request bytes */
+    size_t size;
+    uint32_t keys;
+};
+/* 0, or NO_MEMORY. */
+int client_req_hold(kvs_client *c, struct client_held *h);
+/* Make h the built request again and free h. */
+void client_req_restore(kvs_client *c, struct client_held *h);
+
+/* Monotonic clock, ms; sleep that looks at the cancel flag (false when cancelled). */
+int64_t client_now_ms(void);
+bool client_sleep(kvs_client *c, int64_t ms);
+
+/* ---- through a coordinator (cluster.c) ---- */
+
+/* client_call for a session's request: locate it (cached route), send it to its worker, and
+ * on NOT_FOUND, UNAVAILABLE, MOVED without an owner or an unreachable worker locate it again
+ * with back-off (a session the coordinator re-placed is found on its new worker). */
+int client_session_call(kvs_client *c, const char *session, int flags,
+                        const msgpack_object **reply);
+
+/* Ask the coordinator where session lives and route it there. 0, or its error (NOT_FOUND,
+ * UNAVAILABLE: its worker is down or it is being restored). The built request is kept. */
+int client_locate(kvs_client *c, const char *session);
+
+/* session.create on the coordinator: choose the model (o->model, or the one model its ready
+ * workers serve) and the budget (o->cells, or the worker's default: n_ctx minus the query
+ * reserve), record the placement and route session to its worker. *cells = the budget. */
+int client_cluster_place(kvs_client *c, const char *session,
+                         const struct kvs_client_session_opts *o, int64_t *cells);
+
+/* session.close on the coordinator (the placement and its budget are released). */
+int client_cluster_unplace(kvs_client *c, const char *session);
+
+/* admin.sessions: the directory's session ids. */
+int client_cluster_list(kvs_client *c, char ***names, int32_t *n);
+
+/* The status of the cluster's ready workers: the first one's model, context and queue bound,
+ * the sums of cells and sessions. UNAVAILABLE when no worker is ready. */
+int client_cluster_status(kvs_client *c, struct kvs_client_status *st);
 
 /* ---- shared by the operations (ops.c) ---- */
 

@@ -64,6 +64,10 @@ int kvs_client_ping(kvs_client *c, double *rtt_ms)
 int kvs_client_status(kvs_client *c, struct kvs_client_status *st)
 {
     NEED(c, st != NULL, "status: no output struct");
+    if (c->coord) {
+        client_call_begin(c);
+        return client_cluster_status(c, st);
+    }
     client_req_begin(c, "status");
     const msgpack_object *m;
     KVS_TRY(client_call(c, NULL, CALL_RETRY, &m));
@@ -93,6 +97,11 @@ int kvs_client_session_create(kvs_client *c, const char *session,
         o = *opts;
     }
     NEED(c, o.cells >= 0 && o.query_reserve >= 0, "cells and query_reserve must be >= 0");
+    if (c->coord) {
+        /* The coordinator places it first (and routes it to the worker it chose). */
+        client_call_begin(c);
+        KVS_TRY(client_cluster_place(c, session, &o, &o.cells));
+    }
     client_req_begin(c, "session.create");
     client_req_cstr(c, "session", session);
     if (o.prefix != NULL && o.prefix[0] != '\0') {
@@ -107,7 +116,18 @@ int kvs_client_session_create(kvs_client *c, const char *session,
     client_req_cstr(c, "format", o.chat ? "chat" : "raw");
     client_req_cstr(c, "policy", o.slide ? "slide" : "reject");
     const msgpack_object *m;
-    KVS_TRY(client_call(c, session, 0, &m));
+    int rc = c->coord ? client_call_to(c, session, NULL, 0, &m) : client_call(c, session, 0, &m);
+    if (rc < 0 && c->coord) {
+        /* Not created on the worker: take the placement back, keep the worker's answer. */
+        char why[sizeof c->err];
+        snprintf(why, sizeof why, "%s", c->err);
+        bool from_worker = c->from_worker;
+        client_cluster_unplace(c, session);
+        client_route_drop(c, session);
+        snprintf(c->err, sizeof c->err, "%s", why);
+        c->from_worker = from_worker;
+    }
+    KVS_TRY(rc);
     struct kvs_client_session_info in = {0};
     KVS_TRY(rep_u64(c, m, "version", &in.version));
     KVS_TRY(rep_i64(c, m, "cells", &in.cells_used));
@@ -152,14 +172,45 @@ int kvs_client_session_close(kvs_client *c, const char *session)
     client_req_begin(c, "session.close");
     client_req_cstr(c, "session", session);
     const msgpack_object *m;
-    KVS_TRY(client_call(c, session, 0, &m));
+    int rc = client_call(c, session, 0, &m);
     bool closed = false;
-    return rep_bool(c, m, "closed", &closed);
+    if (rc == 0) {
+        rc = rep_bool(c, m, "closed", &closed);
+    }
+    if (!c->coord || (rc < 0 && rc != KVS_NOT_FOUND)) {
+        return rc;
+    }
+    /* Through a coordinator: then the placement. A worker that had lost the session (NOT_FOUND
+     * where the directory placed it) still leaves a record to remove. */
+    char why[sizeof c->err];
+    snprintf(why, sizeof why, "%s", c->err);
+    int rc_coord = client_cluster_unplace(c, session);
+    client_route_drop(c, session);
+    if (rc == 0 && rc_coord < 0 && rc_coord != KVS_NOT_FOUND) {
+        char coord_why[sizeof c->err];
+        snprintf(coord_why, sizeof coord_why, "%s", c->err);
+        return client_fail(c, rc_coord,
+                           "closed on its worker, but the coordinator still places it (%s)",
+                           coord_why);
+    }
+    if (rc == KVS_NOT_FOUND && rc_coord == 0) {
+        return 0; /* the directory's record of a session its worker no longer had */
+    }
+    if (rc < 0) {
+        snprintf(c->err, sizeof c->err, "%s", why);
+        return rc;
+    }
+    c->err[0] = '\0';
+    return 0;
 }
 
 int kvs_client_session_list(kvs_client *c, char ***names, int32_t *n)
 {
     NEED(c, names != NULL && n != NULL, "session list: no output");
+    if (c->coord) {
+        client_call_begin(c);
+        return client_cluster_list(c, names, n);
+    }
     client_req_begin(c, "session.list");
     const msgpack_object *m;
     KVS_TRY(client_call(c, NULL, CALL_RETRY, &m));

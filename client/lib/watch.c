@@ -6,7 +6,11 @@
  * with `after_version` = the highest version received, and the worker replays the latest
  * answer of each flash query newer than that. A watch silent for timeout_ms is renewed the
  * same way (cancel, subscribe again), since a worker drops a watcher it cannot push to
- * without a word. */
+ * without a word. Behind a coordinator the session is located before each subscription
+ * that has no route: a watch whose worker went away, stopped serving (UNAVAILABLE) or lost
+ * the session (NOT_FOUND) is taken up on the worker the coordinator names next (the one it
+ * restored the session on), and ends NOT_FOUND only when the coordinator no longer places
+ * the session or names the same worker again. */
 #include "client/lib/client_impl.h"
 
 #include <errno.h>
@@ -170,7 +174,7 @@ static enum watch_end watch_once(kvs_client *c, const char *session, const char 
         }
         *rc = client_recv(c, k, id, WATCH_SLICE_MS, &m);
         if (*rc == KVS_TIMEOUT && !c->from_worker) {
-            if (monitor_disconnected(&mon)) {
+            if (monitor_disconnected(&mon) || c->lost) {
                 end = WATCH_LOST;
                 goto out;
             }
@@ -252,12 +256,33 @@ int kvs_client_flash_watch(kvs_client *c, const char *session, const char *name,
                            "flash watch: a callback and after_version >= -1 are needed");
     }
     int64_t resume = after_version;
-    int32_t failures = 0, redirects = 0;
+    int32_t failures = 0, redirects = 0, relocates = 0;
+    char missing_at[CLIENT_ENDPOINT_MAX] = ""; /* a worker that answered NOT_FOUND */
+    char missing_err[sizeof c->err] = "";
     for (;;) {
         struct timespec t0;
         clock_gettime(CLOCK_MONOTONIC, &t0);
         int rc = 0;
         bool subscribed = false;
+        if (c->coord && client_route_find(c, session) == NULL) {
+            rc = client_locate(c, session);
+            struct client_route *r = rc == 0 ? client_route_find(c, session) : NULL;
+            if (r != NULL && missing_at[0] != '\0' && strcmp(r->endpoint, missing_at) == 0) {
+                snprintf(c->err, sizeof c->err, "%s", missing_err);
+                return KVS_NOT_FOUND; /* the worker the directory names does not hold it */
+            }
+            if (rc == KVS_UNAVAILABLE || (rc == KVS_TIMEOUT && !c->from_worker)) {
+                /* its worker is down and it waits to be restored, or no coordinator */
+                if (failures++ >= c->retries) {
+                    return rc;
+                }
+                sleep_until(&t0, c->timeout_ms);
+                continue;
+            }
+            if (rc < 0) {
+                return rc;
+            }
+        }
         enum watch_end end = watch_once(c, session, name, &resume, cb, user, &rc, &subscribed);
         if (end == WATCH_REFRESH) {
             failures = 0;
@@ -274,8 +299,26 @@ int kvs_client_flash_watch(kvs_client *c, const char *session, const char *name,
             client_route_set(c, session, c->moved_owner);
             continue;
         }
+        if (end == WATCH_FAILED && c->coord && relocates < c->max_redirects + 4 &&
+            (rc == KVS_NOT_FOUND || rc == KVS_UNAVAILABLE)) {
+            /* The worker lost it, stopped serving or cannot be reached: locate it again. */
+            relocates++;
+            struct client_route *r = client_route_find(c, session);
+            if (rc == KVS_NOT_FOUND && r != NULL) {
+                snprintf(missing_at, sizeof missing_at, "%s", r->endpoint);
+                snprintf(missing_err, sizeof missing_err, "%s", c->err);
+            }
+            client_route_drop(c, session);
+            if (rc == KVS_UNAVAILABLE) {
+                sleep_until(&t0, c->timeout_ms < 1000 ? c->timeout_ms : 1000);
+            }
+            continue;
+        }
         if (end == WATCH_FAILED) {
             return rc;
+        }
+        if (c->coord) {
+            client_route_drop(c, session); /* lost: ask where it lives now */
         }
         /* Lost. A subscription that worked starts the count over; each failed attempt takes
          * at least timeout_ms, so a restarting worker has (retries + 1) x timeout_ms. */
