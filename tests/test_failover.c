@@ -8,7 +8,9 @@
  *                and the next one is applied.
  *   unreachable  the only other worker has another data root: its adopt fails NOT_FOUND, the
  *                session is reported UNAVAILABLE with that reason and kept in the directory;
- *                worker A restarted (same id and root) restores it and locate answers A again.
+ *                worker A restarted (same id and root) restores it and locate answers A again;
+ *                admin.drain of A fails UNSUPPORTED (kvs-worker has no session.release yet)
+ *                and leaves the session on A, served.
  *
  * The binaries are found next to this program (the build directory) or through KVS_WORKER
  * and KVS_COORDINATOR. Without the default model the program exits 77 and says so. */
@@ -490,11 +492,26 @@ START_TEST(test_data_dir_not_reachable)
     static char want[1024];
     expected_text(want, sizeof want, 3);
     ck_assert_str_eq(str(r, "text"), want);
-    peer_free(&w);
     r = rpc(coord, "admin.sessions", NULL);
     s0 = &get(r, "sessions")->via.array.ptr[0];
     ck_assert_str_eq(str(s0, "state"), "ok");
     ck_assert_ptr_null(get(s0, "error"));
+
+    /* A drain needs session.release, which kvs-worker does not have yet: the move fails with
+     * that reason and the session stays where it is, served. */
+    wait_workers(coord, 2, model);
+    r = rpc(coord, "admin.drain", "s:worker", "wa", NULL);
+    ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
+    fprintf(stderr, "test_failover: drain of 'wa' against kvs-worker: moved %llu, failed %llu: %s\n",
+            (unsigned long long)num(r, "moved"), (unsigned long long)num(r, "failed"),
+            str(&get(r, "moves")->via.array.ptr[0], "error"));
+    ck_assert_uint_eq(num(r, "failed"), 1);
+    ck_assert_ptr_nonnull(strstr(str(&get(r, "moves")->via.array.ptr[0], "error"), "UNSUPPORTED"));
+    r = rpc(coord, "session.locate", "s:session", "kept", NULL);
+    ck_assert_str_eq(str(r, "worker"), "wa");
+    ck_assert_str_eq(str(r, "worker_state"), "draining");
+    ck_assert_uint_gt(append_ticks(w, "kept", 4, 1), 0);
+    peer_free(&w);
 
     peer_free(&coord);
     proc_kill(&wa, SIGTERM);
