@@ -582,6 +582,7 @@ END_TEST
  *   lost-*   session.adopt: adopted, but the first answer is never sent (the coordinator sends
  *            it again, gets ALREADY_EXISTS, asks session.info)
  *   norel-*  session.release: UNSUPPORTED (as a worker without the op answers)
+ *   mute-*   session.adopt: no answer at all while `mute` is set
  *   anything else: done.
  * Every order is logged as "op session from" for the test to read. */
 struct fake {
@@ -592,7 +593,7 @@ struct fake {
     void *router;       /* bound by fake_start, then used by the thread only */
     uint64_t cells;
     pthread_t th;
-    volatile int stop, silent;
+    volatile int stop, silent, mute;
     pthread_mutex_t mu;
     char log[64][200];
     int n_log;
@@ -659,6 +660,8 @@ static void fake_order(struct fake *f, void *router)
             err = "NOT_FOUND";
         } else if (strncmp(session, "cap-", 4) == 0 && f->cap_seen++ == 0) {
             err = "CAPACITY";
+        } else if (strncmp(session, "mute-", 5) == 0 && f->mute) {
+            answer = false;
         } else if (fake_holds(f, session)) {
             err = "ALREADY_EXISTS";
         } else {
@@ -699,7 +702,8 @@ static void fake_order(struct fake *f, void *router)
         msgpack_pack_str_with_body(&pk, "version", 7);
         msgpack_pack_uint64(&pk, 7);
     }
-    if (answer) {
+    if (answer && (err != NULL || strncmp(op, "session.adopt", 13) != 0 ||
+                   strncmp(session, "mute-", 5) != 0 || !f->mute)) {
         fake_send(router, &ident, &sb);
     }
     msgpack_sbuffer_destroy(&sb);
@@ -1042,6 +1046,66 @@ START_TEST(test_drain)
 }
 END_TEST
 
+/* A restore order never answered stays recorded on its new worker; the next leader (here the
+ * coordinator restarted on the same store file) sends it again. */
+START_TEST(test_order_outlives_leader)
+{
+    char path[128], url[160], log[160];
+    snprintf(path, sizeof path, "/tmp/kvs-coord-order-%d.json", (int)getpid());
+    snprintf(url, sizeof url, "file:%s", path);
+    snprintf(log, sizeof log, "%s.log", path);
+    unlink(path);
+    unlink(log);
+    struct kvs_coord_opts o = {.store_url = url,
+                               .cluster = "t7",
+                               .leader_ttl_s = 2,
+                               .worker_ttl_s = 2,
+                               .heartbeat_ms = 100,
+                               .unhealthy_ms = 400,
+                               .shared_data_dir = true,
+                               .move_timeout_ms = 200};
+    struct running run;
+    start(&run, &o);
+    char ep[128];
+    snprintf(ep, sizeof ep, "%s", kvs_coord_endpoint(run.c));
+    struct peer cl;
+    peer_open(&cl, ep);
+    wait_leader(&cl);
+    struct fake w1, w2;
+    fake_start(&w1, "w1", ep, 10000);
+    wait_state(&cl, "w1", "ready");
+    ck_assert_str_eq(create(&cl, "mute-1", 1000, MODEL_A, 0), "w1");
+    fake_start(&w2, "w2", ep, 4000);
+    w2.mute = 1;
+    wait_state(&cl, "w2", "ready");
+    w1.silent = 1;
+    /* Three sends, no answer: the order stays outstanding on w2, reported. */
+    ck_assert(!wait_locate(&cl, "mute-1", NULL, "no answer to its restore order on worker 'w2'",
+                           10000));
+    ck_assert_int_eq(fake_count(&w2, "session.adopt mute-1 w1"), 3);
+    const msgpack_object *r = rpc(&cl, "admin.sessions", NULL);
+    ck_assert_str_eq(str(&get(r, "sessions")->via.array.ptr[0], "state"), "moving");
+    peer_close(&cl);
+    stop(&run, false);
+
+    w2.mute = 0;
+    o.listen = ep; /* the workers reconnect to the same address */
+    char err[512];
+    ck_assert_msg(kvs_coord_new(&o, &run.c, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(pthread_create(&run.th, NULL, coord_main, run.c), 0);
+    peer_open(&cl, ep);
+    wait_leader(&cl);
+    ck_assert(wait_locate(&cl, "mute-1", "w2", NULL, 10000));
+    ck_assert_int_eq(fake_count(&w2, "session.adopt mute-1 w1"), 4);
+    peer_close(&cl);
+    stop(&run, false);
+    fake_stop(&w1);
+    fake_stop(&w2);
+    unlink(path);
+    unlink(log);
+}
+END_TEST
+
 /* ---- two kvs-coordinator processes on a real etcd ---- */
 
 struct proc {
@@ -1233,6 +1297,7 @@ int main(void)
     tcase_add_test(tc, test_placements_survive_restart);
     tcase_add_test(tc, test_restore_orders);
     tcase_add_test(tc, test_drain);
+    tcase_add_test(tc, test_order_outlives_leader);
     tcase_set_timeout(tc, 60);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
