@@ -301,7 +301,8 @@ static int op_locate(kvs_coord *c, const struct kvs_cmsg *m, const struct sessio
     const struct session_rec *s = &c->sessions[i];
     *out = s;
     *owner = kvs_coord_worker_find(c, s->worker);
-    if (s->moving || s->from[0] != '\0') {
+    /* A drain's move before its release answers the old worker, which still serves it. */
+    if (s->from[0] != '\0') {
         kvs_errf(err, errlen,
                  "session '%s' is being restored on worker '%s' (from '%s''s data dir)%s%s: "
                  "retry shortly",
