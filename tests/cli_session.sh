@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# CLI test of the client commands against `kvstream up` (a real kvs-worker on an ephemeral
-# loopback port): session create/info/list/close, append (an argument, and '-' streaming
-# standard input line by line), query (stateful answer == --stateless answer), flash
-# register/list/get/watch/unregister, -o json keys, exit codes of failures, SIGINT to `up`
-# (clean exit 0) and a restart that restores the sessions from the data dir.
+# CLI test of the client commands against `kvstream up` (a real kvs-coordinator on an
+# ephemeral loopback port in front of a real kvs-worker that registered with it; the commands
+# go through the coordinator to the worker): session create/info/list/close, append (an
+# argument, and '-' streaming standard input line by line), query (stateful answer ==
+# --stateless answer), flash register/list/get/watch/unregister, -o json keys, exit codes of
+# failures, the coordinator's view (admin workers/sessions), SIGINT to `up` (clean exit 0), a
+# restart that restores the sessions from the data dir (the worker registered again at its
+# new port), a worker killed under `up` (up stops the cluster and exits with its status).
 # Usage: cli_session.sh /path/to/kvstream
 set -uo pipefail
 KVS=${1:?usage: cli_session.sh KVSTREAM}
@@ -35,6 +38,9 @@ start_up() {
             KVSTREAM_ENDPOINT=$(sed -n 's/^kvstream up: listening on \([^ ]*\).*/\1/p' \
                 "$TMP/up.out")
             export KVSTREAM_ENDPOINT
+            WORKER_ENDPOINT=$(sed -n 's/^kvstream up: worker cpu0 (cpu) at \(.*\)$/\1/p' \
+                "$TMP/up.out")
+            [ -n "$WORKER_ENDPOINT" ] || fail "kvstream up printed no worker: $(cat "$TMP/up.out")"
             return 0
         fi
         kill -0 "$UP_PID" 2>/dev/null || fail "kvstream up exited: $(cat "$TMP/up.err")"
@@ -80,8 +86,19 @@ sys.exit(0 if ok else 1)
 PY
 }
 
+# `up` needs kvs-coordinator next to it (or $KVS_COORDINATOR)
+KVS_COORDINATOR=$TMP/nothing "$KVS" up --listen tcp://127.0.0.1:0 --data-dir "$TMP/data" \
+    >"$TMP/out" 2>"$TMP/err"
+[ $? -eq 1 ] || fail "up without a coordinator program did not exit 1"
+grep -q "no executable kvs-coordinator" "$TMP/err" || fail "up without coordinator: $(cat "$TMP/err")"
+
 start_up
-echo "cli_session: kvstream up at $KVSTREAM_ENDPOINT"
+echo "cli_session: kvstream up at $KVSTREAM_ENDPOINT (worker $WORKER_ENDPOINT)"
+[ "$KVSTREAM_ENDPOINT" != "$WORKER_ENDPOINT" ] || fail "up printed the worker as its endpoint"
+# the endpoint is the coordinator, and the worker registered with it
+run admin workers -o json
+jq_check "$TMP/out" 'len(o["workers"]) == 1 and o["workers"][0]["worker"] == "cpu0"'
+jq_check "$TMP/out" "o['workers'][0]['endpoint'] == '$WORKER_ENDPOINT' and o['workers'][0]['state'] == 'ready'"
 
 # --help of each command, and usage errors
 for c in up session append query flash; do
@@ -114,6 +131,11 @@ run session list -o json
 jq_check "$TMP/out" 'sorted(o["sessions"]) == ["s1", "s2"]'
 run session list
 [ "$(sort "$TMP/out" | tr '\n' ' ')" = "s1 s2 " ] || fail "session list: $(cat "$TMP/out")"
+# placed by the coordinator, held by the worker (asked directly)
+run admin sessions -o json
+jq_check "$TMP/out" 'sorted((x["session"], x["worker"], x["cells"]) for x in o["sessions"]) == [("s1", "cpu0", 2048), ("s2", "cpu0", 1024)]'
+run session list -e "$WORKER_ENDPOINT" -o json
+jq_check "$TMP/out" 'sorted(o["sessions"]) == ["s1", "s2"]'
 
 # append: an argument, then standard input
 run append s1 "AAPL 189.20" -o json
@@ -236,7 +258,11 @@ jq_check "$TMP/out" 'o["names"] == []'
 
 # SIGINT: a clean stop; the restart restores s1 and s2 from the data dir
 stop_up INT
+OLD_WORKER=$WORKER_ENDPOINT
 start_up
+[ "$WORKER_ENDPOINT" != "$OLD_WORKER" ] || fail "the worker came back on the same port"
+run admin workers -o json
+jq_check "$TMP/out" "len(o['workers']) == 1 and o['workers'][0]['endpoint'] == '$WORKER_ENDPOINT'"
 run session info s1 -o json
 jq_check "$TMP/out" 'o["version"] == 10 and o["appends"] == 10'
 run session list -o json
@@ -250,6 +276,23 @@ expect_error 4 "NOT_FOUND" -- session close s1
 run session close s2
 run session list -o json
 jq_check "$TMP/out" 'o["sessions"] == []'
+
+# a worker that dies under `up`: the cluster is stopped, `up` exits with its status
+run session create s3 --cells 64
+WORKER_PID=$(pgrep -f -P "$UP_PID" kvs-worker)
+[ -n "$WORKER_PID" ] || fail "no kvs-worker child of up ($UP_PID)"
+kill -KILL "$WORKER_PID"
+wait "$UP_PID"
+rc=$?
+UP_PID=
+[ "$rc" -eq 137 ] || fail "up exited $rc after its worker was SIGKILLed, wanted 137"
+grep -q "kvs-worker cpu0 exited" "$TMP/up.err" || fail "up did not say why: $(cat "$TMP/up.err")"
+pgrep -f "$TMP/data/cluster.store" >/dev/null && fail "the coordinator outlived up"
+# the next start finds s3 again
+start_up
+run session info s3 -o json
+jq_check "$TMP/out" 'o["cells_budget"] == 64'
+run session close s3
 
 stop_up TERM
 echo "cli_session: ok"
