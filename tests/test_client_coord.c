@@ -11,7 +11,8 @@
  *     (ALREADY_EXISTS), a session its worker refuses (CONTEXT_FULL: the placement is taken
  *     back, the name is free again);
  *   - a worker SIGKILLed: the coordinator restores its session on the other worker and the
- *     same client goes on (re-located) with every acknowledged append in order;
+ *     same client goes on (re-located) with every acknowledged append in order; a flash
+ *     watch on it is taken up on the new worker and gets the answers computed there;
  *   - a standby coordinator (a small ROUTER of this test answering NOT_LEADER with the real
  *     leader's endpoint) is followed to the leader. */
 #include "client/include/kvstream.h"
@@ -339,6 +340,74 @@ START_TEST(test_worker_killed_session_found_again)
 }
 END_TEST
 
+/* ---- a watch follows its session to the worker it was restored on ----------------------- */
+
+struct watcher {
+    kvs_client *c;
+    atomic_llong last_version;    /* highest answer version seen */
+    int64_t until;                /* stop once an answer at this version came */
+    int rc;
+};
+
+static bool on_answer(const struct kvs_client_answer *a, void *user)
+{
+    struct watcher *w = user;
+    if ((long long)a->version > atomic_load(&w->last_version)) {
+        atomic_store(&w->last_version, (long long)a->version);
+    }
+    return (int64_t)a->version < w->until;
+}
+
+static void *watch_main(void *arg)
+{
+    struct watcher *w = arg;
+    w->rc = kvs_client_flash_watch(w->c, "wt", "last", 0, on_answer, w);
+    return NULL;
+}
+
+static bool wait_version(struct watcher *w, long long v, int ms)
+{
+    for (int i = 0; i < ms / 50 && atomic_load(&w->last_version) < v; i++) {
+        sleep_ms(50);
+    }
+    return atomic_load(&w->last_version) >= v;
+}
+
+START_TEST(test_watch_follows_restore)
+{
+    kvs_client *c = connect_to(g_coord.endpoint, 20000);
+    OK(c, kvs_client_session_create(c, "wt", &(struct kvs_client_session_opts){.cells = 512},
+                                    NULL));
+    OK(c, kvs_client_flash_register(c, "wt", "last", "Last:",
+                                    &(struct kvs_client_flash_opts){.query.max_tokens = 2}));
+    OK(c, kvs_client_append(c, "wt", "A 1", 3, NULL));
+    struct watcher w = {.c = connect_to(g_coord.endpoint, 20000), .until = 3};
+    atomic_init(&w.last_version, -1);
+    pthread_t th;
+    ck_assert_int_eq(pthread_create(&th, NULL, watch_main, &w), 0);
+    ck_assert_msg(wait_version(&w, 1, 30000), "the watch got no answer at version 1");
+    int at = holder("wt");
+    ck_assert(at >= 0);
+    ck_assert_int_eq(proc_stop(&g_workers[at], SIGKILL), -1);
+    OK(c, kvs_client_append(c, "wt", "A 2", 3, NULL)); /* waits for the restore */
+    ck_assert_int_eq(holder("wt"), 1 - at);
+    OK(c, kvs_client_append(c, "wt", "A 3", 3, NULL));
+    bool got = wait_version(&w, 3, 60000);
+    if (!got) {
+        kvs_client_cancel(w.c);
+    }
+    pthread_join(th, NULL);
+    ck_assert_msg(got, "the watch stopped at version %lld (%s)", atomic_load(&w.last_version),
+                  kvs_client_error(w.c));
+    ck_assert_msg(w.rc == 0, "watch: %s (%s)", kvs_status_name(w.rc), kvs_client_error(w.c));
+    kvs_client_destroy(&w.c);
+    OK(c, kvs_client_session_close(c, "wt"));
+    kvs_client_destroy(&c);
+    ck_assert_int_eq(worker_start(at), 0);
+    wait_ready(2);
+}
+END_TEST
+
 /* ---- NOT_LEADER ------------------------------------------------------------------------------- */
 
 struct standby {
@@ -496,6 +565,7 @@ int main(void)
     tcase_add_test(tc, test_refusals);
     tcase_add_test(tc, test_not_leader_is_followed);
     tcase_add_test(tc, test_worker_killed_session_found_again);
+    tcase_add_test(tc, test_watch_follows_restore);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
     srunner_set_fork_status(sr, CK_NOFORK); /* the tests share (and restart) the processes */

@@ -257,6 +257,10 @@ int kvs_client_flash_watch(kvs_client *c, const char *session, const char *name,
     }
     int64_t resume = after_version;
     int32_t failures = 0, redirects = 0, relocates = 0;
+    /* behind a coordinator: until when a session whose worker went away is sought (set at
+     * the first failure after a subscription; the coordinator needs a lease TTL to declare
+     * a worker down and restore its sessions elsewhere) */
+    int64_t seek_end = 0;
     char missing_at[CLIENT_ENDPOINT_MAX] = ""; /* a worker that answered NOT_FOUND */
     char missing_err[sizeof c->err] = "";
     for (;;) {
@@ -271,12 +275,15 @@ int kvs_client_flash_watch(kvs_client *c, const char *session, const char *name,
                 snprintf(c->err, sizeof c->err, "%s", missing_err);
                 return KVS_NOT_FOUND; /* the worker the directory names does not hold it */
             }
-            if (rc == KVS_UNAVAILABLE || (rc == KVS_TIMEOUT && !c->from_worker)) {
-                /* its worker is down and it waits to be restored, or no coordinator */
-                if (failures++ >= c->retries) {
+            if (rc == KVS_UNAVAILABLE) {
+                /* its worker is down and the session waits to be restored elsewhere */
+                if (seek_end == 0) {
+                    seek_end = mono_ms() + (int64_t)(c->retries + 1) * c->timeout_ms;
+                }
+                if (mono_ms() >= seek_end) {
                     return rc;
                 }
-                sleep_until(&t0, c->timeout_ms);
+                sleep_until(&t0, c->timeout_ms < 500 ? c->timeout_ms : 500);
                 continue;
             }
             if (rc < 0) {
@@ -299,10 +306,19 @@ int kvs_client_flash_watch(kvs_client *c, const char *session, const char *name,
             client_route_set(c, session, c->moved_owner);
             continue;
         }
-        if (end == WATCH_FAILED && c->coord && relocates < c->max_redirects + 4 &&
-            (rc == KVS_NOT_FOUND || rc == KVS_UNAVAILABLE)) {
+        if (subscribed) {
+            relocates = 0;
+            seek_end = 0;
+            missing_at[0] = '\0';
+        }
+        if (end == WATCH_FAILED && c->coord && (rc == KVS_NOT_FOUND || rc == KVS_UNAVAILABLE) &&
+            (rc == KVS_UNAVAILABLE ? seek_end == 0 || mono_ms() < seek_end
+                                   : relocates < c->max_redirects)) {
             /* The worker lost it, stopped serving or cannot be reached: locate it again. */
             relocates++;
+            if (seek_end == 0) {
+                seek_end = mono_ms() + (int64_t)(c->retries + 1) * c->timeout_ms;
+            }
             struct client_route *r = client_route_find(c, session);
             if (rc == KVS_NOT_FOUND && r != NULL) {
                 snprintf(missing_at, sizeof missing_at, "%s", r->endpoint);
@@ -310,7 +326,7 @@ int kvs_client_flash_watch(kvs_client *c, const char *session, const char *name,
             }
             client_route_drop(c, session);
             if (rc == KVS_UNAVAILABLE) {
-                sleep_until(&t0, c->timeout_ms < 1000 ? c->timeout_ms : 1000);
+                sleep_until(&t0, c->timeout_ms < 500 ? c->timeout_ms : 500);
             }
             continue;
         }
