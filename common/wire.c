@@ -590,7 +590,7 @@ static int check_required(const struct kvs_wire_request *rq, char *err, size_t e
         return 0;
     case KVS_OP_SESSION_CREATE: case KVS_OP_SESSION_INFO: case KVS_OP_SESSION_CLOSE:
     case KVS_OP_SESSION_SNAPSHOT: case KVS_OP_FLASH_LIST: case KVS_OP_FLASH_WATCH:
-    case KVS_OP_SESSION_DUMP: case KVS_OP_SESSION_ADOPT:
+    case KVS_OP_SESSION_DUMP: case KVS_OP_SESSION_ADOPT: case KVS_OP_SESSION_RELEASE:
         return require(rq->session, "session", op, err, errlen);
     default:
         return fail(KVS_INTERNAL, err, errlen, "unhandled op");

@@ -58,7 +58,8 @@
     X(FLASH_WATCH, "flash.watch")                                                          \
     X(CANCEL, "cancel")                                                                    \
     X(SESSION_DUMP, "session.dump")                                                        \
-    X(SESSION_ADOPT, "session.adopt")
+    X(SESSION_ADOPT, "session.adopt")                                                      \
+    X(SESSION_RELEASE, "session.release")
 
 enum kvs_wire_op {
     KVS_OP_UNKNOWN = 0,

@@ -74,7 +74,7 @@ free_port() {
 # wait_line FILE PATTERN: until FILE has a line starting with PATTERN (60 s)
 wait_line() {
     for _ in $(seq 1 600); do
-        grep -q "^$2" "$1" && return 0
+        grep -q "^$2" "$1" 2>/dev/null && return 0
         sleep 0.1
     done
     fail "no '$2' in $1 after 60 s"
@@ -100,7 +100,8 @@ done
 
 TTL=3
 "$BIN/kvs-coordinator" --listen tcp://127.0.0.1:0 --store "$ETCD_URL" --cluster clitest \
-    --leader-ttl 2 --worker-ttl $TTL --heartbeat-ms 250 >"$TMP/coord.out" 2>"$TMP/coord.err" &
+    --leader-ttl 2 --worker-ttl $TTL --heartbeat-ms 250 --shared-data-dir \
+    >"$TMP/coord.out" 2>"$TMP/coord.err" &
 PIDS+=($!)
 wait_line "$TMP/coord.out" "kvs-coordinator: listening on "
 COORD=$(sed -n 's/^kvs-coordinator: listening on //p' "$TMP/coord.out")
@@ -108,7 +109,7 @@ export KVSTREAM_ENDPOINT=$COORD
 
 declare -A WPID WEP
 for w in w1 w2 w3; do
-    "$BIN/kvs-worker" -m "$MODEL" --listen tcp://127.0.0.1:0 -t 1 --cells 2048 \
+    "$BIN/kvs-worker" -m "$MODEL" --listen tcp://127.0.0.1:0 -t 1 --cells 4096 \
         --data-dir "$TMP/data" --fsync always --coordinator "$COORD" --worker-id $w \
         >"$TMP/$w.out" 2>"$TMP/$w.err" &
     WPID[$w]=$!
@@ -127,11 +128,11 @@ for i in $(seq 1 50); do
     sleep 0.2
 done
 check "$J" 'sorted(w["worker"] for w in o["workers"]) == ["w1","w2","w3"]'
-check "$J" 'all(w["cells_total"] == 2048 and w["cells_free"] == 2048 and w["device"] == "cpu" for w in o["workers"])'
+check "$J" 'all(w["cells_total"] == 4096 and w["cells_free"] == 4096 and w["device"] == "cpu" for w in o["workers"])'
 check "$J" "{w['worker']: w['endpoint'] for w in o['workers']} == {'w1': '${WEP[w1]}', 'w2': '${WEP[w2]}', 'w3': '${WEP[w3]}'}"
 SHA=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["workers"][0]["model"])' "$J")
 "$KVS" admin workers >"$TMP/table" || fail "admin workers (table)"
-grep -q "^w1 .* ready .*2048" "$TMP/table" || fail "table lacks w1: $(cat "$TMP/table")"
+grep -q "^w1 .* ready .*4096" "$TMP/table" || fail "table lacks w1: $(cat "$TMP/table")"
 
 # create NAME: placed by the coordinator, then created on the worker it names; prints the worker
 create() {
@@ -170,18 +171,43 @@ check "$J" "o['worker']['state'] == 'cordoned' and all(x['worker'] == '$FULL' fo
 "$KVS" admin uncordon "$FULL" >/dev/null || fail "admin uncordon $FULL"
 "$KVS" admin describe no-such-thing >/dev/null 2>&1
 [ $? -eq 4 ] || fail "admin describe of an unknown name should exit 4"
-"$KVS" admin drain "$FULL" >/dev/null 2>"$TMP/err"
-rc=$?
-if grep -q UNSUPPORTED "$TMP/err"; then
-    [ $rc -eq 1 ] || fail "drain UNSUPPORTED exited $rc"
-fi
+# where NAME lives now, by the coordinator
+where() {
+    local r
+    r=$(rpc "$COORD" "{\"op\":\"session.locate\",\"session\":\"$1\"}")
+    "$PY" -c 'import json,sys; o=json.loads(sys.argv[1]); print(o.get("worker", "-"))' "$r"
+}
+# append W SESSION CLIENT SEQ...: acknowledged appends "tick SEQ", each applied once
+append() {
+    local w=$1 s=$2 c=$3 r
+    shift 3
+    for i in "$@"; do
+        r=$(rpc "${WEP[$w]}" "{\"op\":\"session.append\",\"session\":\"$s\",\"text\":\"tick $i\",\"client_id\":$c,\"client_seq\":$i}")
+        check "$r" "o.get('duplicate') is False"
+    done
+}
 
-# ---- SIGKILL a worker after acknowledged appends; another adopts its session ----
-VICTIM=$(awk '$1=="s1"{print $2}' "$TMP/placed")
-for i in 1 2 3 4 5; do
-    r=$(rpc "${WEP[$VICTIM]}" "{\"op\":\"session.append\",\"session\":\"s1\",\"text\":\"tick $i\",\"client_id\":7,\"client_seq\":$i}")
-    check "$r" "o.get('duplicate') is False"
-done
+# ---- drain: every session of a worker moves (release, adopt), with its data ----
+DRAINED=$(where s2)
+append "$DRAINED" s2 9 1 2 3
+"$KVS" admin drain "$DRAINED" -o json >"$TMP/drain" 2>"$TMP/err" || fail "admin drain: $(cat "$TMP/err")"
+J=$(cat "$TMP/drain")
+check "$J" "o['state'] == 'draining' and o['failed'] == 0 and o['moved'] >= 1 and all(m['ok'] and m['to'] != '$DRAINED' for m in o['moves'])"
+J=$("$KVS" admin sessions -o json) || fail "admin sessions"
+check "$J" "not [x for x in o['sessions'] if x['worker'] == '$DRAINED']"
+TO=$(where s2)
+[ "$TO" != "$DRAINED" ] && [ "$TO" != "-" ] || fail "s2 still located on $DRAINED after the drain"
+r=$(rpc "${WEP[$TO]}" '{"op":"session.dump","session":"s2"}')
+check "$r" "o['text'] == 'tick 1\\ntick 2\\ntick 3\\n'"
+r=$(rpc "${WEP[$TO]}" '{"op":"session.append","session":"s2","text":"tick 3","client_id":9,"client_seq":3}')
+check "$r" "o.get('duplicate') is True"
+r=$(rpc "${WEP[$DRAINED]}" '{"op":"session.info","session":"s2"}')
+check "$r" "o['error']['code'] == 'MOVED'"
+"$KVS" admin uncordon "$DRAINED" >/dev/null || fail "admin uncordon $DRAINED"
+
+# ---- SIGKILL a worker after acknowledged appends; the coordinator restores its session ----
+VICTIM=$(where s1)
+append "$VICTIM" s1 7 1 2 3 4 5
 kill -KILL "${WPID[$VICTIM]}"
 wait "${WPID[$VICTIM]}" 2>/dev/null
 T_KILL=$(date +%s.%N)
@@ -195,21 +221,22 @@ DOWN_S=$("$PY" -c "import time; print(round(time.time() - $T_KILL, 1))")
 echo "cli_cluster: $VICTIM reported down ${DOWN_S} s after SIGKILL (lease TTL $TTL s)"
 "$PY" -c "import sys; sys.exit(0 if $TTL - 1 <= $DOWN_S <= $TTL + 5 else 1)" ||
     fail "down after $DOWN_S s, expected about the lease TTL ($TTL s)"
-r=$(rpc "$COORD" '{"op":"session.locate","session":"s1"}')
-check "$r" "o['error']['code'] == 'UNAVAILABLE'"
-HEIR=$(for w in w1 w2 w3; do [ "$w" != "$VICTIM" ] && echo $w; done | head -1)
-r=$(rpc "${WEP[$HEIR]}" "{\"op\":\"session.adopt\",\"session\":\"s1\",\"from\":\"$VICTIM\"}")
-check "$r" "o.get('appends') == 5 and o.get('cells_budget') == 256"
+for i in $(seq 1 100); do
+    HEIR=$(where s1)
+    [ "$HEIR" != "-" ] && [ "$HEIR" != "$VICTIM" ] && break
+    [ "$i" -eq 100 ] && fail "s1 not restored on another worker 20 s after $VICTIM was down"
+    sleep 0.2
+done
+echo "cli_cluster: s1 restored on $HEIR $("$PY" -c "import time; print(round(time.time() - $T_KILL, 1))") s after SIGKILL"
 [ -f "$TMP/data/$HEIR/s1.log" ] && [ ! -f "$TMP/data/$VICTIM/s1.log" ] ||
     fail "s1.log was not moved from $VICTIM's directory to $HEIR's"
 r=$(rpc "${WEP[$HEIR]}" '{"op":"session.dump","session":"s1"}')
-check "$r" "o['text'] == ''.join('tick %d\n' % i for i in range(1, 6))"
+check "$r" "o['text'] == ''.join('tick %d\\n' % i for i in range(1, 6))"
 r=$(rpc "${WEP[$HEIR]}" '{"op":"session.append","session":"s1","text":"tick 5","client_id":7,"client_seq":5}')
 check "$r" "o.get('duplicate') is True"
-r=$(rpc "${WEP[$HEIR]}" '{"op":"session.append","session":"s1","text":"tick 6","client_id":7,"client_seq":6}')
-check "$r" "o.get('duplicate') is False"
+append "$HEIR" s1 7 6
 r=$(rpc "${WEP[$HEIR]}" '{"op":"session.dump","session":"s1"}')
-check "$r" "o['text'] == ''.join('tick %d\n' % i for i in range(1, 7))"
+check "$r" "o['text'] == ''.join('tick %d\\n' % i for i in range(1, 7))"
 r=$(rpc "${WEP[$HEIR]}" "{\"op\":\"session.adopt\",\"session\":\"s1\",\"from\":\"$VICTIM\"}")
 check "$r" "o['error']['code'] == 'ALREADY_EXISTS'"
 r=$(rpc "${WEP[$HEIR]}" "{\"op\":\"session.adopt\",\"session\":\"nope\",\"from\":\"$VICTIM\"}")
@@ -217,6 +244,14 @@ check "$r" "o['error']['code'] == 'NOT_FOUND'"
 
 # ---- SIGSTOP a worker past its lease: resumed, it has stopped serving ----
 PAUSED=$(for w in w1 w2 w3; do [ "$w" != "$VICTIM" ] && [ "$w" != "$HEIR" ] && echo $w; done)
+# a session of its own first: the other live worker cordoned while it is placed
+"$KVS" admin cordon "$HEIR" >/dev/null || fail "admin cordon $HEIR"
+W=$(create p1) || exit 1
+[ "$W" = "$PAUSED" ] || fail "p1 placed on $W, not on $PAUSED, the only uncordoned worker"
+"$KVS" admin uncordon "$HEIR" >/dev/null || fail "admin uncordon $HEIR"
+append "$PAUSED" p1 11 1 2
+J=$("$KVS" admin sessions -o json) || fail "admin sessions"
+HELD=$("$PY" -c 'import json,sys; print(" ".join(x["session"] for x in json.loads(sys.argv[1])["sessions"] if x["worker"]==sys.argv[2]))' "$J" "$PAUSED")
 kill -STOP "${WPID[$PAUSED]}"
 sleep $((TTL + 2))
 kill -CONT "${WPID[$PAUSED]}"
@@ -228,5 +263,23 @@ sleep 1
 J=$("$KVS" admin workers -o json) || fail "admin workers"
 check "$J" "[w['state'] for w in o['workers'] if w['worker'] == '$PAUSED'] == ['down']"
 grep -q "stopped serving" "$TMP/$PAUSED.err" || fail "$PAUSED did not log why it stopped serving"
+# its sessions: restored elsewhere and served there, refused by the paused worker: one owner
+for s in $HELD; do
+    for i in $(seq 1 100); do
+        W=$(where "$s")
+        [ "$W" != "-" ] && [ "$W" != "$PAUSED" ] && break
+        [ "$i" -eq 100 ] && fail "$s of the paused $PAUSED not restored elsewhere in 20 s"
+        sleep 0.2
+    done
+    r=$(rpc "${WEP[$W]}" "{\"op\":\"session.info\",\"session\":\"$s\"}")
+    check "$r" "o.get('session') == '$s'"
+    if [ "$s" = p1 ]; then
+        r=$(rpc "${WEP[$W]}" '{"op":"session.dump","session":"p1"}')
+        check "$r" "o['text'] == 'tick 1\\ntick 2\\n'"
+    fi
+    r=$(rpc "${WEP[$PAUSED]}" "{\"op\":\"session.info\",\"session\":\"$s\"}")
+    check "$r" "o['error']['code'] == 'UNAVAILABLE'"
+done
+echo "cli_cluster: the paused $PAUSED stopped serving; its sessions ($HELD) are served elsewhere"
 
 echo "cli_cluster: ok ($(($(date +%s) - T0)) s)"

@@ -15,8 +15,10 @@
  *              renewed in that time either, the coordinator may soon declare this worker down
  *              and restore its sessions elsewhere, so the worker stops serving first
  *              (kvs_server_fence: requests answered UNAVAILABLE, the reason logged, the logs
- *              kept) and stops heartbeating; a session never has two owners. A fenced worker
- *              stays fenced: restart it to serve again. Through a store outage the leader
+ *              kept) and stops heartbeating; once its scheduler is idle it closes the
+ *              sessions' logs (files kept: their locks released for the adopting worker).
+ *              A session never has two owners. A fenced worker stays fenced: restart it to
+ *              serve again (it restores what is still in its directory). Through a store outage the leader
  *              goes on answering heartbeats, so nothing is fenced.
  *
  * The lease renewal is dated conservatively: the send time of the heartbeat minus its

@@ -98,8 +98,10 @@ const char *kvs_server_model_sha256(const kvs_server *srv);
 /* Stop serving for good (the ownership rule, worker/coordlink.h): from now on every request
  * but hello and ping is answered UNAVAILABLE with why (copied, one line), watches end with
  * it, and the engine cancels its queued and running work with it (an append already written
- * to its log still completes). The sessions and their logs stay as they are. Thread-safe;
- * the first call's reason is kept, later calls do nothing. */
+ * to its log still completes). Once the scheduler is idle the engine lets go of every
+ * session (kvs_session_release: log synced and closed, files kept), which drops the log
+ * locks so another worker can adopt them. Thread-safe; the first call's reason is kept,
+ * later calls do nothing. */
 void kvs_server_fence(kvs_server *srv, const char *why);
 bool kvs_server_fenced(kvs_server *srv);
 

@@ -146,6 +146,49 @@ static bool ss_settled(const kvs_server *srv, const struct sstate *ss)
 
 /* ---- engine thread: requests ------------------------------------------------------------ */
 
+/* session.close and session.release wait for an idle scheduler (queued flash evaluations
+ * reference the session) and hold every request received after them meanwhile. */
+static bool is_barrier(enum kvs_wire_op op)
+{
+    return op == KVS_OP_SESSION_CLOSE || op == KVS_OP_SESSION_RELEASE;
+}
+
+/* Sessions released to another worker (session.release), remembered so that requests for
+ * them are answered MOVED rather than NOT_FOUND: the last RELEASED_MAX of them. */
+static bool released_has(const kvs_server *srv, const char *id)
+{
+    for (int32_t i = 0; i < srv->n_released; i++) {
+        if (strcmp(srv->released[i], id) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static void released_remove(kvs_server *srv, const char *id)
+{
+    for (int32_t i = 0; i < srv->n_released; i++) {
+        if (strcmp(srv->released[i], id) == 0) {
+            srv->released[i][0] = '\0'; /* an empty id matches no session */
+        }
+    }
+}
+
+static void released_add(kvs_server *srv, const char *id)
+{
+    if (srv->released == NULL) {
+        srv->released = calloc(RELEASED_MAX, sizeof *srv->released);
+        if (srv->released == NULL) {
+            return; /* later requests get NOT_FOUND instead of MOVED: still correct */
+        }
+    }
+    snprintf(srv->released[srv->released_next], sizeof srv->released[0], "%s", id);
+    srv->released_next = (srv->released_next + 1) % RELEASED_MAX;
+    if (srv->n_released < RELEASED_MAX) {
+        srv->n_released++;
+    }
+}
+
 static struct req *req_new(kvs_server *srv, const uint8_t *ident, size_t ident_len,
                            const struct kvs_wire_request *rq, double t_recv)
 {
@@ -177,7 +220,7 @@ static void req_free(struct req *r)
     r->next->prev = r->prev;
     if (r->deferred) {
         r->srv->n_deferred--;
-        if (r->op == KVS_OP_SESSION_CLOSE) {
+        if (is_barrier(r->op)) {
             r->srv->closes_waiting--;
         }
     }
@@ -508,6 +551,7 @@ static bool needs_settled(const struct kvs_wire_request *rq)
 {
     switch (rq->op) {
     case KVS_OP_SESSION_CLOSE:
+    case KVS_OP_SESSION_RELEASE:
     case KVS_OP_SESSION_SNAPSHOT:
     case KVS_OP_SESSION_DUMP:
     case KVS_OP_FLASH_REGISTER:
@@ -541,8 +585,13 @@ static void eng_execute(kvs_server *srv, struct req *r, const struct kvs_wire_re
         s = kvs_session_find(srv->S, rq->session);
         ss = s != NULL ? ss_get(srv, s) : NULL;
         if (ss == NULL) {
-            snprintf(err, sizeof err, "session '%s' not found", rq->session);
-            req_error(r, KVS_NOT_FOUND, err);
+            /* a resent release finds it gone: NOT_FOUND, which its sender counts as done */
+            bool moved = rq->op != KVS_OP_SESSION_RELEASE && released_has(srv, rq->session);
+            snprintf(err, sizeof err,
+                     moved ? "session '%s' was released to another worker: locate it again"
+                           : "session '%s' not found",
+                     rq->session);
+            req_error(r, moved ? KVS_MOVED : KVS_NOT_FOUND, err);
             req_free(r);
             return;
         }
@@ -566,6 +615,7 @@ static void eng_execute(kvs_server *srv, struct req *r, const struct kvs_wire_re
             break;
         }
         ss_get(srv, s); /* watch and publish its version before the reply */
+        released_remove(srv, rq->session);
         struct kvs_session_info in;
         kvs_session_info(s, &in);
         begin_reply(srv, rq->id, 4);
@@ -578,7 +628,27 @@ static void eng_execute(kvs_server *srv, struct req *r, const struct kvs_wire_re
     }
     case KVS_OP_SESSION_ADOPT:
         rc = eng_adopt(srv, r, rq, err, sizeof err);
+        if (rc == 0) {
+            released_remove(srv, rq->session);
+        }
         break;
+    case KVS_OP_SESSION_RELEASE: {
+        struct kvs_session_info in;
+        rc = kvs_session_release(srv->S, rq->session, &in, err, sizeof err);
+        if (rc < 0) {
+            break;
+        }
+        ss_remove(srv, ss);
+        publish_simple(srv, MSG_CLOSED, rq->session, NULL);
+        released_add(srv, rq->session);
+        begin_reply(srv, rq->id, 4);
+        pack_key(pk, "session"), kvs_wire_pack_cstr(pk, rq->session);
+        pack_key(pk, "released"), msgpack_pack_true(pk);
+        pack_key(pk, "version"), msgpack_pack_uint64(pk, in.version);
+        pack_key(pk, "appends"), msgpack_pack_uint64(pk, in.appends);
+        req_send(r, &srv->eout, true);
+        break;
+    }
     case KVS_OP_SESSION_APPEND: {
         if (!rq->has_tokens) {
             r->ss = ss;
@@ -789,7 +859,7 @@ static void defer(kvs_server *srv, struct req *r, const void *payload, size_t le
     r->payload_len = len;
     r->deferred = true;
     srv->n_deferred++;
-    if (r->op == KVS_OP_SESSION_CLOSE) {
+    if (is_barrier(r->op)) {
         srv->closes_waiting++;
     }
     /* the live list is newest first; the deferred queue runs oldest first (see run_deferred) */
@@ -830,7 +900,7 @@ static bool must_wait(kvs_server *srv, const struct kvs_wire_request *rq)
     if (ss == NULL || !needs_settled(rq)) {
         return false;
     }
-    if (rq->op == KVS_OP_SESSION_CLOSE) {
+    if (is_barrier(rq->op)) {
         return kvs_sched_busy(srv->sc); /* flash evaluations of the session may be queued */
     }
     return !ss_settled(srv, ss);
@@ -899,7 +969,7 @@ static void run_deferred(kvs_server *srv)
         kvs_session *s = rq.session != NULL ? kvs_session_find(srv->S, rq.session) : NULL;
         struct sstate *ss = s != NULL ? ss_get(srv, s) : NULL;
         bool wait = false;
-        if (rq.op == KVS_OP_SESSION_CLOSE) {
+        if (is_barrier(rq.op)) {
             wait = kvs_sched_busy(srv->sc) || (ss != NULL && ss->blocked_pass == srv->pass);
         } else if (ss != NULL) {
             wait = ss->blocked_pass == srv->pass || (needs_settled(&rq) && !ss_settled(srv, ss));
@@ -908,7 +978,7 @@ static void run_deferred(kvs_server *srv)
             if (ss != NULL) {
                 ss->blocked_pass = srv->pass;
             }
-            bool is_close = rq.op == KVS_OP_SESSION_CLOSE;
+            bool is_close = is_barrier(rq.op);
             kvs_wire_request_free(&rq);
             if (is_close) {
                 break; /* a waiting close holds everything behind it */
@@ -919,7 +989,7 @@ static void run_deferred(kvs_server *srv)
         /* leave the queue, then run as if it had just arrived */
         r->deferred = false;
         srv->n_deferred--;
-        if (r->op == KVS_OP_SESSION_CLOSE) {
+        if (is_barrier(r->op)) {
             srv->closes_waiting--;
         }
         free(r->payload);
@@ -971,6 +1041,39 @@ static void eng_fence(kvs_server *srv)
         req_cancel(r, KVS_UNAVAILABLE, why);
         r = srv->live.next; /* callbacks may have freed others: restart */
     }
+}
+
+/* Fenced and the scheduler idle: let go of every session (logs synced and closed, files
+ * kept, KV freed), so that another worker can adopt them: their logs are locked (flock) by
+ * the process that holds them open. Requests keep being answered UNAVAILABLE. */
+static void eng_release_all(kvs_server *srv)
+{
+    if (!srv->eng_fenced || srv->fence_released || kvs_sched_busy(srv->sc)) {
+        return;
+    }
+    srv->fence_released = true;
+    int32_t n = kvs_sessions_count(srv->S), released = 0;
+    while (kvs_sessions_count(srv->S) > 0) {
+        kvs_session *s = kvs_sessions_at(srv->S, kvs_sessions_count(srv->S) - 1);
+        char id[KVS_SESSION_ID_MAX + 1], err[256];
+        snprintf(id, sizeof id, "%s", kvs_session_id(s));
+        struct sstate *ss = ss_find(srv, s);
+        struct kvs_session_info in;
+        int rc = kvs_session_release(srv->S, id, &in, err, sizeof err);
+        if (rc < 0) {
+            /* no data dir, or the log cannot be synced: keep it (and its lock) */
+            KVS_ERROR("server: fenced, session %s kept: %s", id, err);
+            break;
+        }
+        if (ss != NULL) {
+            ss_remove(srv, ss);
+        }
+        publish_simple(srv, MSG_CLOSED, id, NULL);
+        released++;
+    }
+    KVS_WARN("server: fenced: %d of %d sessions released (logs closed, files kept for another "
+             "worker)",
+             released, n);
 }
 
 /* Cancel the live requests of a peer that is gone (all) or does not read (its streams). */
@@ -1059,6 +1162,7 @@ void *kvs_srv_engine_main(void *arg)
             }
         }
         after_step(srv);
+        eng_release_all(srv);
     }
     /* Shutdown: requests waiting for a session are cancelled, the scheduler gets DRAIN_S to
      * finish the work in progress (new requests are answered CANCELLED meanwhile), what is
@@ -1106,5 +1210,8 @@ void kvs_srv_engine_free(kvs_server *srv)
     }
     free(srv->ss);
     srv->ss = NULL;
+    free(srv->released);
+    srv->released = NULL;
+    srv->n_released = srv->released_next = 0;
     srv->n_ss = srv->cap_ss = 0;
 }

@@ -20,6 +20,7 @@
 #define RECV_BATCH 64 /* ROUTER messages handled per poll round */
 #define SERVER_VERSION "0.2.0"
 #define DRAIN_S 2.0 /* at shutdown, seconds the scheduler may finish work */
+#define RELEASED_MAX 1024 /* released session ids remembered (answered MOVED) */
 
 /* Engine -> I/O messages on the inproc pair; frame 0 is one of these bytes:
  *   R [ident][payload][final: 1 byte]     a reply to relay to a peer
@@ -104,6 +105,7 @@ struct kvs_server {
     atomic_llong serve_until_ms; /* kvs_server_serve_until (CLOCK_MONOTONIC ms; 0 = none) */
     bool io_fenced;      /* I/O thread: the watches have been ended */
     bool eng_fenced;     /* engine thread: the work in progress has been cancelled */
+    bool fence_released; /* engine thread: the sessions have been let go */
     /* load published by the engine thread (kvs_server_load) */
     atomic_llong load_cells_used, load_cells_reserved, load_cells_free;
     atomic_int load_sessions;
@@ -116,6 +118,8 @@ struct kvs_server {
     struct sstate **ss;     /* (n_ss) */
     int32_t n_ss, cap_ss;
     uint32_t pass; /* run_deferred counter */
+    char (*released)[KVS_SESSION_ID_MAX + 1]; /* (RELEASED_MAX) ring of released ids, or NULL */
+    int32_t n_released, released_next;
 };
 
 static inline void pack_key(msgpack_packer *pk, const char *k)

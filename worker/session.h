@@ -135,6 +135,14 @@ int kvs_sessions_restore(kvs_sessions *S, char *err, size_t errlen);
 int kvs_session_adopt(kvs_sessions *S, const char *from_dir, const char *id, char *err,
                       size_t errlen);
 
+/* Stop holding session id and leave its files for another worker to adopt (a drain): its
+ * log is written to disk (fsync, whatever the fsync policy), *info gets its state then, and
+ * it is closed like kvs_sessions_destroy closes one (KV and budget freed, files kept). 0, or
+ * KVS_NOT_FOUND (not open), KVS_UNSUPPORTED (no data dir), KVS_IO (the log could not be
+ * synced: nothing changed, the session stays open). s is freed on success. */
+int kvs_session_release(kvs_sessions *S, const char *id, struct kvs_session_info *info, char *err,
+                        size_t errlen);
+
 /* Write session s's snapshot (its KV blocks and state, checksummed, temp + rename). With
  * compact, the log is then rewritten to hold only what the snapshot does not (a corrupt
  * snapshot then loses the session: keep compact off where that matters). 0, KVS_IO,

@@ -750,3 +750,36 @@ int kvs_session_adopt(kvs_sessions *S, const char *from_dir, const char *id, cha
     }
     return rc;
 }
+
+int kvs_session_release(kvs_sessions *S, const char *id, struct kvs_session_info *info, char *err,
+                        size_t errlen)
+{
+    err[0] = '\0';
+    kvs_session *s = kvs_session_find(S, id);
+    if (s == NULL) {
+        snprintf(err, errlen, "session '%s' is not open here", id);
+        return KVS_NOT_FOUND;
+    }
+    if (S->data_dir == NULL || s->log == NULL) {
+        snprintf(err, errlen, "this worker has no data dir: session '%s' cannot be handed over",
+                 id);
+        return KVS_UNSUPPORTED;
+    }
+    /* on disk before it is let go, whatever --fsync says: the next owner reads it */
+    if (kvs_sesslog_sync(s->log) < 0) {
+        snprintf(err, errlen, "the log of session '%s' could not be written to disk", id);
+        return KVS_IO;
+    }
+    kvs_session_info(s, info);
+    for (int32_t i = 0; i < S->n; i++) {
+        if (S->all[i] == s) {
+            S->all[i] = S->all[--S->n];
+            break;
+        }
+    }
+    S->reserved_blocks -= s->reserved_blocks;
+    kvs_sess_log_close(s, false);
+    kvs_sess_free(s);
+    KVS_INFO("session %s released (its files stay in %s)", id, S->data_dir);
+    return KVS_OK;
+}

@@ -33,13 +33,15 @@ static void usage(FILE *f)
             "\n"
             "Ask the cluster's coordinator (kvs-coordinator) about its workers and sessions.\n"
             "cordon: the worker keeps its sessions and gets no new ones; uncordon undoes it;\n"
-            "drain: move its sessions away (needs a coordinator with admin.drain). top: a\n"
+            "drain: move its sessions to other workers (by restore from the shared data dir;\n"
+            "it exits 1 when a move failed, the session then staying where it was). top: a\n"
             "refreshing view of cells, sessions and tokens/s per worker.\n"
             "\n"
             "  -e, --endpoint EP       the coordinator (default: $KVSTREAM_ENDPOINT, else\n"
             "                          " KVS_CLIENT_DEFAULT_ENDPOINT ")\n"
             "  -o, --output FMT        table (default) or json (one JSON object per line)\n"
-            "      --timeout MS        wait at most MS for each answer (default 5000)\n"
+            "      --timeout MS        wait at most MS for each answer (default 5000; drain\n"
+            "                          waits for every move: default 600000)\n"
             "      --once              top: print one view and exit\n"
             "      --interval MS       top: refresh every MS (default 1000)\n"
             "  -h, --help              this help\n"
@@ -48,7 +50,8 @@ static void usage(FILE *f)
             "device, model, state, cells_total, cells_placed, cells_used, cells_free, sessions,\n"
             "queue, load, heartbeat_age_ms, prefixes}]}; sessions {sessions: [{session, worker,\n"
             "cells}], truncated}; describe {worker: {...}, sessions: [...]} or {session: {...},\n"
-            "worker: {...}}; cordon/uncordon {worker, state}; top: one workers object per view.\n"
+            "worker: {...}}; cordon/uncordon {worker, state}; drain {worker, state, moved, failed,\n"
+            "moves: [{session, from, to, ok, error}]}; top: one workers object per view.\n"
             "Exit codes: see 'kvstream --help' (4: no such worker or session).\n");
 }
 
@@ -290,12 +293,14 @@ static void print_workers_table(json_t *workers)
 
 static void print_sessions_table(json_t *sessions)
 {
-    printf("%-32s %-20s %10s\n", "SESSION", "WORKER", "CELLS");
+    printf("%-32s %-20s %10s %-12s %s\n", "SESSION", "WORKER", "CELLS", "STATE", "ERROR");
     size_t i;
     json_t *s;
     json_array_foreach(sessions, i, s)
     {
-        printf("%-32s %-20s %10lld\n", jstr(s, "session"), jstr(s, "worker"), jint(s, "cells"));
+        printf("%-32s %-20s %10lld %-12s %s\n", jstr(s, "session"), jstr(s, "worker"),
+               jint(s, "cells"), jstr(s, "state"),
+               json_object_get(s, "error") ? jstr(s, "error") : "");
     }
 }
 
@@ -427,12 +432,26 @@ static int cmd_set_state(struct admin *a, const char *op, const char *worker)
         return rc;
     }
     if (a->r.json) {
+        rc = jint(rep, "failed") > 0 ? KVS_EXIT_FAILED : KVS_EXIT_OK; /* a drain's failures */
         kvs_cli_print_json(rep);
-        return KVS_EXIT_OK;
+        return rc;
     }
     printf("worker %s: %s\n", jstr(rep, "worker"), jstr(rep, "state"));
+    json_t *moves = json_object_get(rep, "moves");
+    if (json_is_array(moves)) { /* a drain: what moved where */
+        printf("moved %lld, failed %lld\n", jint(rep, "moved"), jint(rep, "failed"));
+        size_t i;
+        json_t *m;
+        json_array_foreach(moves, i, m)
+        {
+            printf("  %-32s %s -> %s  %s%s\n", jstr(m, "session"), jstr(m, "from"), jstr(m, "to"),
+                   json_is_true(json_object_get(m, "ok")) ? "ok" : "FAILED: ",
+                   json_is_true(json_object_get(m, "ok")) ? "" : jstr(m, "error"));
+        }
+    }
+    rc = jint(rep, "failed") > 0 ? KVS_EXIT_FAILED : KVS_EXIT_OK;
     json_decref(rep);
-    return KVS_EXIT_OK;
+    return rc;
 }
 
 static int cmd_top(struct admin *a, bool once, long interval_ms)
@@ -495,7 +514,7 @@ int kvs_cmd_admin(int argc, char **argv)
         {"interval", required_argument, NULL, OPT_INTERVAL},
         {NULL, 0, NULL, 0},
     };
-    bool once = false;
+    bool once = false, timeout_set = false;
     long interval = 1000;
     optind = 0;
     opterr = 0;
@@ -514,6 +533,7 @@ int kvs_cmd_admin(int argc, char **argv)
             return KVS_EXIT_USAGE;
         }
         if (h > 0) {
+            timeout_set = timeout_set || c == KVS_CLI_OPT_TIMEOUT;
             continue;
         }
         if (c == OPT_ONCE) {
@@ -554,6 +574,9 @@ int kvs_cmd_admin(int argc, char **argv)
     if ((once || interval != 1000) && strcmp(sub, "top") != 0) {
         kvs_cli_error("admin", "--once and --interval are options of 'top'");
         return KVS_EXIT_USAGE;
+    }
+    if (strcmp(sub, "drain") == 0 && !timeout_set) {
+        a.r.timeout_ms = 600000; /* the reply comes when every session was moved */
     }
     char cmd[32];
     snprintf(cmd, sizeof cmd, "admin %s", sub);
