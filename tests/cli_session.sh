@@ -91,6 +91,12 @@ KVS_COORDINATOR=$TMP/nothing "$KVS" up --listen tcp://127.0.0.1:0 --data-dir "$T
     >"$TMP/out" 2>"$TMP/err"
 [ $? -eq 1 ] || fail "up without a coordinator program did not exit 1"
 grep -q "no executable kvs-coordinator" "$TMP/err" || fail "up without coordinator: $(cat "$TMP/err")"
+# a worker that cannot start: up stops the coordinator too and exits 1
+"$KVS" up -m "$TMP/no-such-model.gguf" --listen tcp://127.0.0.1:0 --data-dir "$TMP/bad" \
+    >"$TMP/out" 2>"$TMP/err"
+[ $? -eq 1 ] || fail "up with a missing model did not exit 1"
+grep -q "kvs-worker cpu0 exited before it was ready" "$TMP/err" || fail "up: $(cat "$TMP/err")"
+pgrep -f "$TMP/bad/cluster.store" >/dev/null && fail "the coordinator outlived a failed up"
 
 start_up
 echo "cli_session: kvstream up at $KVSTREAM_ENDPOINT (worker $WORKER_ENDPOINT)"
