@@ -993,7 +993,7 @@ int kvs_client_connect(const char *endpoint, const struct kvs_client_opts *opts,
     }
     if (rc < 0) {
         if (rc == KVS_TIMEOUT) {
-            kvs_errf(err, errlen, "no answer from %s within %d ms (is a worker running there?)",
+            kvs_errf(err, errlen, "no answer from %s within %d ms (is a coordinator or worker running there?)",
                      endpoint, o.connect_timeout_ms > 0 ? o.connect_timeout_ms : 5000);
         } else {
             kvs_errf(err, errlen, "%s", c->err);

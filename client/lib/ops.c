@@ -117,8 +117,9 @@ int kvs_client_session_create(kvs_client *c, const char *session,
     client_req_cstr(c, "policy", o.slide ? "slide" : "reject");
     const msgpack_object *m;
     int rc = c->coord ? client_call_to(c, session, NULL, 0, &m) : client_call(c, session, 0, &m);
-    if (rc < 0 && c->coord) {
-        /* Not created on the worker: take the placement back, keep the worker's answer. */
+    if (rc < 0 && c->coord && (c->from_worker || rc == KVS_UNAVAILABLE)) {
+        /* Not created on the worker (it refused, or got nothing): take the placement back,
+         * keep the worker's answer. After a timeout it may exist: the placement stays. */
         char why[sizeof c->err];
         snprintf(why, sizeof why, "%s", c->err);
         bool from_worker = c->from_worker;
