@@ -16,18 +16,18 @@
 #include <time.h>
 #include <zmq.h>
 
-#define MAX_COORDS 8           /* endpoints in --coordinator */
-#define EP_MAX 255             /* bytes of an endpoint */
-#define REPLY_WAIT_MS 1500     /* a request unanswered this long: the coordinator is away */
-#define RETRY_MIN_MS 100       /* registration retries back off from here ... */
-#define RETRY_MAX_MS 2000      /* ... to here */
+#define MAX_COORDS 8       /* endpoints in --coordinator */
+#define EP_MAX 255         /* bytes of an endpoint */
+#define REPLY_WAIT_MS 1500 /* a request unanswered this long: the coordinator is away */
+#define RETRY_MIN_MS 100   /* registration retries back off from here ... */
+#define RETRY_MAX_MS 2000  /* ... to here */
 #define DEFAULT_HEARTBEAT_MS 1000
 #define DEFAULT_TTL_S 10
 
 struct kvs_coordlink {
     struct kvs_coordlink_opts o;
-    char worker[65];                    /* worker id */
-    char advertise[EP_MAX + 1];         /* endpoint clients use */
+    char worker[65];            /* worker id */
+    char advertise[EP_MAX + 1]; /* endpoint clients use */
     char device[64];
     char coords[MAX_COORDS][EP_MAX + 1]; /* --coordinator list */
     int n_coords;
@@ -47,11 +47,11 @@ struct kvs_coordlink {
     bool ever_registered;
     bool fenced;
     int64_t heartbeat_ms, ttl_ms;
-    int64_t next_send_ms;    /* when the next register / heartbeat is due */
-    int64_t retry_ms;        /* the registration backoff */
-    int64_t last_reply_ms;   /* last successful register / heartbeat reply */
+    int64_t next_send_ms;     /* when the next register / heartbeat is due */
+    int64_t retry_ms;         /* the registration backoff */
+    int64_t last_reply_ms;    /* last successful register / heartbeat reply */
     int64_t lease_renewed_ms; /* conservative date of the lease's last renewal */
-    uint64_t last_rows;      /* for tokens/s */
+    uint64_t last_rows;       /* for tokens/s */
     int64_t last_rows_ms;
     double load; /* tokens/s over the last beat */
 };
@@ -335,8 +335,8 @@ static void on_reply(kvs_coordlink *l, const uint8_t *data, size_t len, int64_t 
     msgpack_unpacked_destroy(&u);
     if (l->ever_registered) {
         /* the server itself refuses past this point, whichever thread notices first */
-        int64_t last = l->last_reply_ms > l->lease_renewed_ms ? l->last_reply_ms
-                                                               : l->lease_renewed_ms;
+        int64_t last =
+            l->last_reply_ms > l->lease_renewed_ms ? l->last_reply_ms : l->lease_renewed_ms;
         kvs_server_serve_until(l->o.srv, last + fence_limit(l));
     }
 }
@@ -436,8 +436,10 @@ int kvs_coordlink_start(const struct kvs_coordlink_opts *o, kvs_coordlink **out,
 {
     *out = NULL;
     if (o->srv == NULL || o->worker_id == NULL || !valid_id(o->worker_id)) {
-        kvs_errf(err, errlen, "worker id '%s': 1..64 bytes of [A-Za-z0-9._-], not starting "
-                 "with '.'", o->worker_id ? o->worker_id : "");
+        kvs_errf(err, errlen,
+                 "worker id '%s': 1..64 bytes of [A-Za-z0-9._-], not starting "
+                 "with '.'",
+                 o->worker_id ? o->worker_id : "");
         return KVS_INVALID_ARGUMENT;
     }
     if (o->advertise == NULL || !valid_endpoint(o->advertise)) {
@@ -476,8 +478,10 @@ int kvs_coordlink_start(const struct kvs_coordlink_opts *o, kvs_coordlink **out,
         }
     }
     if (l->n_coords == 0 || *p != '\0') {
-        kvs_errf(err, errlen, "--coordinator '%s': 1..%d endpoints tcp://... or ipc://... "
-                 "separated by commas", o->coordinators ? o->coordinators : "", MAX_COORDS);
+        kvs_errf(err, errlen,
+                 "--coordinator '%s': 1..%d endpoints tcp://... or ipc://... "
+                 "separated by commas",
+                 o->coordinators ? o->coordinators : "", MAX_COORDS);
         free(l);
         return KVS_INVALID_ARGUMENT;
     }

@@ -14,16 +14,20 @@
  *              (TTL/3, at least 1 s) AND the last reply's lease_age_ms says the lease was not
  *              renewed in that time either, the coordinator may soon declare this worker down
  *              and restore its sessions elsewhere, so the worker stops serving first
- *              (kvs_server_fence: requests answered UNAVAILABLE, the reason logged, the logs
- *              kept) and stops heartbeating; once its scheduler is idle it closes the
- *              sessions' logs (files kept: their locks released for the adopting worker).
- *              A session never has two owners. A fenced worker stays fenced: restart it to
- *              serve again (it restores what is still in its directory). Through a store outage the leader
- *              goes on answering heartbeats, so nothing is fenced.
+ *              (kvs_server_fence: requests answered UNAVAILABLE, the reason logged) and stops
+ *              heartbeating; once its scheduler is idle it closes the sessions' logs (files
+ *              kept: their locks released for the adopting worker). A session never has two
+ *              owners. A fenced worker stays fenced: restart it to serve again (it restores
+ *              what is still in its directory). Through a store outage the leader goes on
+ *              answering heartbeats, so nothing is fenced.
  *
- * The lease renewal is dated conservatively: the send time of the heartbeat minus its
- * reply's lease_age_ms (never later than the real renewal), so the worker stops at least the
- * margin before its lease can expire.
+ * Replies are dated by their request's send time and the lease renewal by that time minus
+ * the reply's lease_age_ms (never later than the real renewal); the server refuses on its own
+ * past the deadline this gives (kvs_server_serve_until), so a worker paused past it (SIGSTOP)
+ * serves nothing when it resumes, whichever thread runs first. The coordinator renews a lease
+ * at most every TTL/3, so when the worker stops its lease may have little of the margin left;
+ * what keeps a session to one owner then is that the coordinator restores only after the
+ * lease expired and that an adopt is refused while the old owner still holds the log's lock.
  *
  * Thread-safety: kvs_coordlink_start and kvs_coordlink_stop from one thread (main); the link
  * reads the server through its thread-safe calls only.
@@ -38,7 +42,7 @@
 typedef struct kvs_coordlink kvs_coordlink;
 
 struct kvs_coordlink_opts {
-    const char *coordinators; /* "tcp://H:P[,tcp://H:P...]": any coordinator (a standby redirects) */
+    const char *coordinators; /* "tcp://H:P[,...]": any coordinator (a standby redirects) */
     const char *worker_id;    /* 1..64 bytes of [A-Za-z0-9._-], not starting with '.' */
     const char *advertise;    /* the endpoint clients reach this worker at */
     const char *device;       /* "cpu", "cuda:0", ... (NULL = "cpu") */

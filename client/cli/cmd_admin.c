@@ -24,35 +24,35 @@ enum { OPT_ONCE = KVS_CLI_OPT_FIRST_LOCAL, OPT_INTERVAL };
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: kvstream admin workers\n"
-            "       kvstream admin sessions\n"
-            "       kvstream admin describe SESSION|WORKER\n"
-            "       kvstream admin cordon|uncordon|drain WORKER\n"
-            "       kvstream admin top [--once] [--interval MS]\n"
-            "\n"
-            "Ask the cluster's coordinator (kvs-coordinator) about its workers and sessions.\n"
-            "cordon: the worker keeps its sessions and gets no new ones; uncordon undoes it;\n"
-            "drain: move its sessions to other workers (by restore from the shared data dir;\n"
-            "it exits 1 when a move failed, the session then staying where it was). top: a\n"
-            "refreshing view of cells, sessions and tokens/s per worker.\n"
-            "\n"
-            "  -e, --endpoint EP       the coordinator (default: $KVSTREAM_ENDPOINT, else\n"
-            "                          " KVS_CLIENT_DEFAULT_ENDPOINT ")\n"
-            "  -o, --output FMT        table (default) or json (one JSON object per line)\n"
-            "      --timeout MS        wait at most MS for each answer (default 5000; drain\n"
-            "                          waits for every move: default 600000)\n"
-            "      --once              top: print one view and exit\n"
-            "      --interval MS       top: refresh every MS (default 1000)\n"
-            "  -h, --help              this help\n"
-            "\n"
-            "-o json prints the coordinator's reply: workers {workers: [{worker, endpoint,\n"
-            "device, model, state, cells_total, cells_placed, cells_used, cells_free, sessions,\n"
-            "queue, load, heartbeat_age_ms, prefixes}]}; sessions {sessions: [{session, worker,\n"
-            "cells}], truncated}; describe {worker: {...}, sessions: [...]} or {session: {...},\n"
-            "worker: {...}}; cordon/uncordon {worker, state}; drain {worker, state, moved, failed,\n"
-            "moves: [{session, from, to, ok, error}]}; top: one workers object per view.\n"
-            "Exit codes: see 'kvstream --help' (4: no such worker or session).\n");
+    fprintf(
+        f, "usage: kvstream admin workers\n"
+           "       kvstream admin sessions\n"
+           "       kvstream admin describe SESSION|WORKER\n"
+           "       kvstream admin cordon|uncordon|drain WORKER\n"
+           "       kvstream admin top [--once] [--interval MS]\n"
+           "\n"
+           "Ask the cluster's coordinator (kvs-coordinator) about its workers and sessions.\n"
+           "cordon: the worker keeps its sessions and gets no new ones; uncordon undoes it;\n"
+           "drain: move its sessions to other workers (by restore from the shared data dir;\n"
+           "it exits 1 when a move failed, the session then staying where it was). top: a\n"
+           "refreshing view of cells, sessions and tokens/s per worker.\n"
+           "\n"
+           "  -e, --endpoint EP       the coordinator (default: $KVSTREAM_ENDPOINT, else\n"
+           "                          " KVS_CLIENT_DEFAULT_ENDPOINT ")\n"
+           "  -o, --output FMT        table (default) or json (one JSON object per line)\n"
+           "      --timeout MS        wait at most MS for each answer (default 5000; drain\n"
+           "                          waits for every move: default 600000)\n"
+           "      --once              top: print one view and exit\n"
+           "      --interval MS       top: refresh every MS (default 1000)\n"
+           "  -h, --help              this help\n"
+           "\n"
+           "-o json prints the coordinator's reply: workers {workers: [{worker, endpoint,\n"
+           "device, model, state, cells_total, cells_placed, cells_used, cells_free, sessions,\n"
+           "queue, load, heartbeat_age_ms, prefixes}]}; sessions {sessions: [{session, worker,\n"
+           "cells}], truncated}; describe {worker: {...}, sessions: [...]} or {session: {...},\n"
+           "worker: {...}}; cordon/uncordon {worker, state}; drain {worker, state, moved, failed,\n"
+           "moves: [{session, from, to, ok, error}]}; top: one workers object per view.\n"
+           "Exit codes: see 'kvstream --help' (4: no such worker or session).\n");
 }
 
 /* ---- a small coordinator client ---- */
@@ -91,14 +91,19 @@ static int admin_connect(struct admin *a, const char *ep)
 static json_t *to_json(const msgpack_object *o)
 {
     switch (o->type) {
-    case MSGPACK_OBJECT_NIL: return json_null();
-    case MSGPACK_OBJECT_BOOLEAN: return json_boolean(o->via.boolean);
+    case MSGPACK_OBJECT_NIL:
+        return json_null();
+    case MSGPACK_OBJECT_BOOLEAN:
+        return json_boolean(o->via.boolean);
     case MSGPACK_OBJECT_POSITIVE_INTEGER:
         return json_integer(o->via.u64 > INT64_MAX ? INT64_MAX : (json_int_t)o->via.u64);
-    case MSGPACK_OBJECT_NEGATIVE_INTEGER: return json_integer(o->via.i64);
+    case MSGPACK_OBJECT_NEGATIVE_INTEGER:
+        return json_integer(o->via.i64);
     case MSGPACK_OBJECT_FLOAT32:
-    case MSGPACK_OBJECT_FLOAT64: return json_real(o->via.f64);
-    case MSGPACK_OBJECT_STR: return json_stringn(o->via.str.ptr, o->via.str.size);
+    case MSGPACK_OBJECT_FLOAT64:
+        return json_real(o->via.f64);
+    case MSGPACK_OBJECT_STR:
+        return json_stringn(o->via.str.ptr, o->via.str.size);
     case MSGPACK_OBJECT_ARRAY: {
         json_t *v = json_array();
         for (uint32_t i = 0; i < o->via.array.size; i++) {
@@ -120,7 +125,8 @@ static json_t *to_json(const msgpack_object *o)
         }
         return v;
     }
-    default: return json_null();
+    default:
+        return json_null();
     }
 }
 
@@ -133,8 +139,8 @@ static int64_t now_ms(void)
 
 /* Send {id, op[, key: value]} and wait for its reply. KVS_OK and *reply (json_decref it), or
  * the failed status with the message in err (and the error's code in code). */
-static int call(struct admin *a, const char *op, const char *key, const char *value,
-                json_t **reply, char *code, char *err, size_t errlen)
+static int call(struct admin *a, const char *op, const char *key, const char *value, json_t **reply,
+                char *code, char *err, size_t errlen)
 {
     *reply = NULL;
     code[0] = '\0';
