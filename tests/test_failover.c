@@ -2,18 +2,21 @@
  * kvs-workers with the default model registered through --coordinator, sharing one data root.
  *
  *   restore      a session created through the coordinator on worker A and appended to
- *                (fsync always); SIGKILL of A; after the lease TTL the coordinator restores
- *                it on worker B: locate answers B, session.dump there holds every
- *                acknowledged append in order, a retried append is answered as a duplicate,
- *                and the next one is applied.
+ *                (fsync always); SIGKILL of A with one more append in flight; after the lease
+ *                TTL the coordinator restores it on worker B: locate answers B, session.dump
+ *                there holds every acknowledged append in order (and the one in flight or
+ *                not), the client's retry of the one in flight is applied exactly once, a
+ *                retried acknowledged append is answered as a duplicate.
  *   unreachable  the only other worker has another data root: its adopt fails NOT_FOUND, the
  *                session is reported UNAVAILABLE with that reason and kept in the directory;
  *                worker A restarted (same id and root) restores it and locate answers A again;
  *                admin.drain of A fails UNSUPPORTED (kvs-worker has no session.release yet)
  *                and leaves the session on A, served.
  *
+ * Each runs on the embedded store and, when /usr/bin/etcd is installed, on a real etcd.
  * The binaries are found next to this program (the build directory) or through KVS_WORKER
  * and KVS_COORDINATOR. Without the default model the program exits 77 and says so. */
+#include "etcd_rig.h"
 #include "testutil.h"
 
 #include <check.h>
@@ -37,6 +40,9 @@
 
 static char g_worker_bin[PATH_MAX], g_coord_bin[PATH_MAX], g_model[PATH_MAX];
 static char g_tmp[256]; /* this test's directory: data roots and the processes' logs */
+static struct etcd_rig g_etcd;
+static const char *g_stores[2] = {"mem:", NULL}; /* the cluster stores tried: embedded, etcd */
+static int g_n_stores = 1;
 static void *g_zctx;
 
 static int64_t now_ms(void)
@@ -101,21 +107,22 @@ static void proc_kill(struct proc *p, int sig)
     }
 }
 
-static void start_coordinator(struct proc *p)
+/* A coordinator on store (a cluster of its own: name). */
+static void start_coordinator(struct proc *p, const char *store, const char *name)
 {
-    char log[300];
-    snprintf(log, sizeof log, "%s/coordinator.err", g_tmp);
-    char *argv[] = {g_coord_bin,      "--listen",          "tcp://127.0.0.1:*", "--store",
-                    "mem:",           "--cluster",         "failover",          "--worker-ttl",
-                    "2",              "--heartbeat-ms",    "200",               "--shared-data-dir",
-                    "--move-timeout-ms", "20000",          NULL};
+    char log[400];
+    snprintf(log, sizeof log, "%s/coordinator-%s.err", g_tmp, name);
+    char *argv[] = {g_coord_bin,        "--listen",     "tcp://127.0.0.1:*", "--store",
+                    (char *)store,      "--cluster",    (char *)name,        "--worker-ttl",
+                    "2",                "--heartbeat-ms", "200",             "--shared-data-dir",
+                    "--move-timeout-ms", "20000",       NULL};
     spawn(p, log, argv);
 }
 
 static void start_worker(struct proc *p, const char *id, const char *root, const char *coord)
 {
-    char log[300];
-    snprintf(log, sizeof log, "%s/%s.err", g_tmp, id);
+    char log[600];
+    snprintf(log, sizeof log, "%s-%s.err", root, id);
     char *argv[] = {g_worker_bin, "--model",     g_model,       "--listen", "tcp://127.0.0.1:*",
                     "--worker-id", (char *)id,   "--coordinator", (char *)coord, "--data-dir",
                     (char *)root, "--fsync",     "always",      "--threads", "1",
@@ -200,9 +207,9 @@ static const char *message(const msgpack_object *r)
     return str(get(r, "error"), "message");
 }
 
-/* Send {"id", "op", fields} ("s:key", const char * | "u:key", uint64_t, ended by NULL) and
- * return the reply (30 s at most: a worker's adopt or dump may take a while). */
-static const msgpack_object *rpc(struct peer *p, const char *op, ...)
+/* Send {"id", "op", fields} ("s:key", const char * | "u:key", uint64_t, ended by NULL);
+ * returns the request's id. */
+static uint64_t send_req(struct peer *p, const char *op, va_list ap0)
 {
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
@@ -210,7 +217,7 @@ static const msgpack_object *rpc(struct peer *p, const char *op, ...)
     msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
     va_list ap;
     int n = 0;
-    va_start(ap, op);
+    va_copy(ap, ap0);
     for (const char *k = va_arg(ap, const char *); k != NULL; k = va_arg(ap, const char *)) {
         k[0] == 's' ? (void)va_arg(ap, const char *) : (void)va_arg(ap, uint64_t);
         n++;
@@ -222,7 +229,7 @@ static const msgpack_object *rpc(struct peer *p, const char *op, ...)
     msgpack_pack_uint64(&pk, id);
     msgpack_pack_str_with_body(&pk, "op", 2);
     msgpack_pack_str_with_body(&pk, op, strlen(op));
-    va_start(ap, op);
+    va_copy(ap, ap0);
     for (const char *k = va_arg(ap, const char *); k != NULL; k = va_arg(ap, const char *)) {
         msgpack_pack_str_with_body(&pk, k + 2, strlen(k + 2));
         if (k[0] == 's') {
@@ -236,6 +243,17 @@ static const msgpack_object *rpc(struct peer *p, const char *op, ...)
     ck_assert_int_ge(zmq_send(p->sock, "", 0, ZMQ_SNDMORE), 0);
     ck_assert_int_ge(zmq_send(p->sock, sb.data, sb.size, 0), 0);
     msgpack_sbuffer_destroy(&sb);
+    return id;
+}
+
+/* Send a request and return its reply (30 s at most: a worker's adopt or dump may take a
+ * while); replies to other requests are skipped. */
+static const msgpack_object *rpc(struct peer *p, const char *op, ...)
+{
+    va_list ap;
+    va_start(ap, op);
+    uint64_t id = send_req(p, op, ap);
+    va_end(ap);
     for (;;) {
         zmq_pollitem_t it = {p->sock, 0, ZMQ_POLLIN, 0};
         ck_assert_msg(zmq_poll(&it, 1, 30000) == 1, "no reply to %s in 30 s", op);
@@ -252,6 +270,15 @@ static const msgpack_object *rpc(struct peer *p, const char *op, ...)
             return r;
         }
     }
+}
+
+/* Send a request and do not wait for its reply. */
+static void post(struct peer *p, const char *op, ...)
+{
+    va_list ap;
+    va_start(ap, op);
+    send_req(p, op, ap);
+    va_end(ap);
 }
 
 #define U(x) ((uint64_t)(x))
@@ -345,11 +372,14 @@ static void mkdirs(const char *root)
 
 START_TEST(test_restore_on_other_worker)
 {
-    char root[300];
-    snprintf(root, sizeof root, "%s/data", g_tmp);
+    const char *store = g_stores[_i];
+    fprintf(stderr, "test_failover: restore, store %s\n", store);
+    char root[300], name[32];
+    snprintf(root, sizeof root, "%s/data-%d", g_tmp, _i);
+    snprintf(name, sizeof name, "restore-%d", _i);
     mkdirs(root);
     struct proc co, wa, wb;
-    start_coordinator(&co);
+    start_coordinator(&co, store, name);
     start_worker(&wa, "wa", root, co.endpoint);
     start_worker(&wb, "wb", root, co.endpoint);
     struct peer *coord = peer_new(co.endpoint);
@@ -371,11 +401,16 @@ START_TEST(test_restore_on_other_worker)
     ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
     const int n = 24;
     uint64_t version = append_ticks(w, "ticks", 1, n);
-    peer_free(&w);
 
-    /* SIGKILL of its worker: after the lease TTL the session is restored on the other. */
+    /* SIGKILL of its worker mid-stream (append n + 1 sent, not answered): after the lease
+     * TTL the session is restored on the other. */
+    char text[64];
+    snprintf(text, sizeof text, "tick %04d price %d.%02d", n + 1, 100 + n + 1, (n + 1) % 100);
+    post(w, "session.append", "s:session", "ticks", "s:text", text, "u:client_id", U(4242),
+         "u:client_seq", U(n + 1), NULL);
     int64_t t0 = now_ms();
     proc_kill(victim, SIGKILL);
+    peer_free(&w);
     char why[1200] = "";
     const char *now_on = wait_located(coord, "ticks", owner, 30000, why, sizeof why);
     int64_t took = now_ms() - t0;
@@ -389,24 +424,42 @@ START_TEST(test_restore_on_other_worker)
     /* not before its lease could expire (renewed every TTL/3) */
     ck_assert_int_ge(took, TTL_S * 1000 * 2 / 3 - 200);
 
-    /* Every acknowledged append, in order, on the new worker. */
+    /* Every acknowledged append, in order, on the new worker, and at most the one in flight. */
     r = rpc(coord, "session.locate", "s:session", "ticks", NULL);
     struct peer *w2 = peer_new(str(r, "endpoint"));
     r = rpc(w2, "session.dump", "s:session", "ticks", NULL);
     ck_assert_msg(code(r)[0] == '\0', "dump: %s %s", code(r), message(r));
-    static char want[8192];
+    static char want[8192], want_more[8192];
     expected_text(want, sizeof want, n);
-    ck_assert_str_eq(str(r, "text"), want);
-    ck_assert_uint_eq(num(r, "version"), version);
-    /* The idempotency table came along: the last append again is a duplicate. */
-    char text[64];
-    snprintf(text, sizeof text, "tick %04d price %d.%02d", n, 100 + n, n % 100);
-    r = rpc(w2, "session.append", "s:session", "ticks", "s:text", text, "u:client_id", U(4242),
-            "u:client_seq", U(n), NULL);
+    expected_text(want_more, sizeof want_more, n + 1);
+    bool in_flight_applied = strcmp(str(r, "text"), want_more) == 0;
+    ck_assert_msg(in_flight_applied || strcmp(str(r, "text"), want) == 0, "dump: '%s'",
+                  str(r, "text"));
+    ck_assert_uint_eq(num(r, "version"), version + (in_flight_applied ? 1 : 0));
+    /* The idempotency table came along: the last append it holds, sent again, is answered
+     * as a duplicate (not applied, not OUT_OF_ORDER). */
+    char last[64];
+    int last_seq = in_flight_applied ? n + 1 : n;
+    snprintf(last, sizeof last, "tick %04d price %d.%02d", last_seq, 100 + last_seq,
+             last_seq % 100);
+    r = rpc(w2, "session.append", "s:session", "ticks", "s:text", last, "u:client_id", U(4242),
+            "u:client_seq", U(last_seq), NULL);
     ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
     ck_assert(get(r, "duplicate")->via.boolean);
-    ck_assert_uint_eq(num(r, "version"), version);
-    ck_assert_uint_gt(append_ticks(w2, "ticks", n + 1, 1), version);
+    ck_assert_uint_eq(num(r, "version"), version + (in_flight_applied ? 1 : 0));
+    /* The client retries the one in flight: applied exactly once in either case. */
+    r = rpc(w2, "session.append", "s:session", "ticks", "s:text", text, "u:client_id", U(4242),
+            "u:client_seq", U(n + 1), NULL);
+    ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
+    fprintf(stderr,
+            "test_failover: the append in flight at the SIGKILL was %s; its retry: duplicate %d\n",
+            in_flight_applied ? "applied" : "lost (never acknowledged)",
+            (int)get(r, "duplicate")->via.boolean);
+    ck_assert(get(r, "duplicate")->via.boolean == in_flight_applied);
+    version = num(r, "version");
+    r = rpc(w2, "session.dump", "s:session", "ticks", NULL);
+    ck_assert_str_eq(str(r, "text"), want_more);
+    ck_assert_uint_gt(append_ticks(w2, "ticks", n + 2, 1), version);
     peer_free(&w2);
 
     /* The directory: on the other worker, nothing left in flight; the dead one is down. */
@@ -431,13 +484,16 @@ END_TEST
 
 START_TEST(test_data_dir_not_reachable)
 {
-    char root[300], elsewhere[300];
-    snprintf(root, sizeof root, "%s/data2", g_tmp);
-    snprintf(elsewhere, sizeof elsewhere, "%s/data-elsewhere", g_tmp);
+    const char *store = g_stores[_i];
+    fprintf(stderr, "test_failover: unreachable, store %s\n", store);
+    char root[300], elsewhere[300], name[32];
+    snprintf(root, sizeof root, "%s/kept-%d", g_tmp, _i);
+    snprintf(elsewhere, sizeof elsewhere, "%s/elsewhere-%d", g_tmp, _i);
+    snprintf(name, sizeof name, "unreachable-%d", _i);
     mkdirs(root);
     mkdirs(elsewhere);
     struct proc co, wa, wc;
-    start_coordinator(&co);
+    start_coordinator(&co, store, name);
     start_worker(&wa, "wa", root, co.endpoint);
     struct peer *coord = peer_new(co.endpoint);
     char model[65];
@@ -502,7 +558,8 @@ START_TEST(test_data_dir_not_reachable)
     wait_workers(coord, 2, model);
     r = rpc(coord, "admin.drain", "s:worker", "wa", NULL);
     ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
-    fprintf(stderr, "test_failover: drain of 'wa' against kvs-worker: moved %llu, failed %llu: %s\n",
+    fprintf(stderr,
+            "test_failover: drain of 'wa' against kvs-worker: moved %llu, failed %llu: %s\n",
             (unsigned long long)num(r, "moved"), (unsigned long long)num(r, "failed"),
             str(&get(r, "moves")->via.array.ptr[0], "error"));
     ck_assert_uint_eq(num(r, "failed"), 1);
@@ -572,17 +629,28 @@ int main(void)
         perror("mkdtemp");
         return 1;
     }
+    if (!etcd_rig_available()) {
+        fprintf(stderr, "test_failover: %s is not installed (apt-get install etcd-server): the "
+                        "etcd runs are skipped, the embedded store's run\n",
+                ETCD_RIG_BIN);
+    } else if (etcd_rig_start(&g_etcd) < 0) {
+        etcd_rig_destroy(&g_etcd);
+        return 1;
+    } else {
+        g_stores[g_n_stores++] = g_etcd.url;
+    }
     Suite *su = suite_create("failover");
     TCase *tc = tcase_create("processes");
     tcase_add_checked_fixture(tc, setup, teardown);
-    tcase_add_test(tc, test_restore_on_other_worker);
-    tcase_add_test(tc, test_data_dir_not_reachable);
+    tcase_add_loop_test(tc, test_restore_on_other_worker, 0, g_n_stores);
+    tcase_add_loop_test(tc, test_data_dir_not_reachable, 0, g_n_stores);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
+    etcd_rig_destroy(&g_etcd);
     if (failed == 0) {
         char cmd[300];
         snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_tmp);
