@@ -583,6 +583,8 @@ END_TEST
  *            it again, gets ALREADY_EXISTS, asks session.info)
  *   norel-*  session.release: UNSUPPORTED (as a worker without the op answers)
  *   mute-*   session.adopt: no answer at all while `mute` is set
+ *   junk-*   session.adopt: first a frame that is not msgpack, three frames, a map without
+ *            an id and an answer to another id, then the answer
  *   anything else: done.
  * Every order is logged as "op session from" for the test to read. */
 struct fake {
@@ -701,6 +703,21 @@ static void fake_order(struct fake *f, void *router)
         msgpack_pack_str_with_body(&pk, session, strlen(session));
         msgpack_pack_str_with_body(&pk, "version", 7);
         msgpack_pack_uint64(&pk, 7);
+    }
+    if (answer && strncmp(session, "junk-", 5) == 0) {
+        zmq_send(router, zmq_msg_data(&ident), zmq_msg_size(&ident), ZMQ_SNDMORE);
+        zmq_send(router, "", 0, ZMQ_SNDMORE);
+        zmq_send(router, "\xc1garbage", 8, 0);
+        zmq_send(router, zmq_msg_data(&ident), zmq_msg_size(&ident), ZMQ_SNDMORE);
+        zmq_send(router, "", 0, ZMQ_SNDMORE);
+        zmq_send(router, "\x80", 1, ZMQ_SNDMORE);
+        zmq_send(router, "\x80", 1, 0);
+        zmq_send(router, zmq_msg_data(&ident), zmq_msg_size(&ident), ZMQ_SNDMORE);
+        zmq_send(router, "", 0, ZMQ_SNDMORE);
+        zmq_send(router, "\x81\xa7version\x07", 10, 0);
+        zmq_send(router, zmq_msg_data(&ident), zmq_msg_size(&ident), ZMQ_SNDMORE);
+        zmq_send(router, "", 0, ZMQ_SNDMORE);
+        zmq_send(router, "\x81\xa2id\xcd\x30\x39", 7, 0); /* {"id": 12345} */
     }
     if (answer && (err != NULL || strncmp(op, "session.adopt", 13) != 0 ||
                    strncmp(session, "mute-", 5) != 0 || !f->mute)) {
@@ -886,6 +903,7 @@ START_TEST(test_restore_orders)
     ck_assert_str_eq(create(&cl, "lost-1", 1000, MODEL_A, 0), "w1");
     ck_assert_str_eq(create(&cl, "nf-1", 500, MODEL_A, 0), "w1");
     ck_assert_str_eq(create(&cl, "cap-1", 500, MODEL_A, 0), "w1");
+    ck_assert_str_eq(create(&cl, "junk-1", 10, MODEL_A, 0), "w1");
     ck_assert_str_eq(create(&cl, "zbig", 2500, MODEL_A, 0), "w1");
     fake_start(&w2, "w2", kvs_coord_endpoint(run.c), 4000);
     wait_state(&cl, "w2", "ready");
@@ -913,6 +931,9 @@ START_TEST(test_restore_orders)
     ck_assert(wait_locate(&cl, "cap-1", "w2", NULL, 10000));
     ck_assert_int_eq(fake_count(&w2, "session.adopt cap-1 w1"), 2);
     ck_assert_int_eq(fake_count(&w2, "session.adopt nf-1 w1"), 1);
+    /* Replies that are not protocol, or not to the order, are ignored; the answer counts. */
+    ck_assert(wait_locate(&cl, "junk-1", "w2", NULL, 5000));
+    ck_assert_int_eq(fake_count(&w2, "session.adopt junk-1 w1"), 1);
 
     /* The store: the new placements, no order left outstanding; the failure recorded. */
     struct kvs_store_kv kv;
@@ -928,7 +949,7 @@ START_TEST(test_restore_orders)
     kvs_store_kv_free(&kv);
     r = rpc(&cl, "admin.sessions", NULL);
     const msgpack_object *ss = get(r, "sessions");
-    ck_assert_uint_eq(ss->via.array.size, 5);
+    ck_assert_uint_eq(ss->via.array.size, 6);
     for (uint32_t i = 0; i < ss->via.array.size; i++) {
         const msgpack_object *x = &ss->via.array.ptr[i];
         bool left =
