@@ -652,11 +652,11 @@ static void print_scheduler(struct demo *d, const struct totals *t)
     uint64_t rows = s.rows[KVS_DEMO_DECODE] + s.rows[KVS_DEMO_QUESTION] + s.rows[KVS_DEMO_APPEND] +
                     s.rows[KVS_DEMO_FLASH];
     printf("  scheduler    %llu steps, %.1f rows per step; batch occupancy %.2f, %.1f sequences "
-           "per step (means of %d samples), at most %lld in one step\n",
+           "per step (means of %d samples), at most %lld in one step; %d worker%s\n",
            (unsigned long long)s.steps, s.steps > 0 ? (double)rows / (double)s.steps : 0.0,
            t->samples > 0 ? t->occupancy_sum / t->samples : 0.0,
            t->samples > 0 ? t->seqs_sum / t->samples : 0.0, (int)t->samples,
-           (long long)s.max_n_seqs);
+           (long long)s.max_n_seqs, (int)s.n_workers, s.n_workers == 1 ? "" : "s");
     printf("  rows         decode %llu, question %llu, append %llu, flash %llu\n",
            (unsigned long long)s.rows[KVS_DEMO_DECODE],
            (unsigned long long)s.rows[KVS_DEMO_QUESTION],
@@ -874,7 +874,7 @@ static int run(struct demo *d, long ask_every, bool close_sessions)
         destroy_client(d, &c);
         return ec;
     }
-    printf("kvstream demo: worker at %s: model sha256 %.12s, %lld KV cells, %lld sessions\n",
+    printf("kvstream demo: cluster at %s: model sha256 %.12s, %lld KV cells, %lld sessions\n",
            d->endpoint, st.model_sha256, (long long)st.cells_total, (long long)st.sessions);
     /* Budgets: 3/16 of the worker's cells each, so that a quarter stays free for the
      * questions' and flash queries' forks, stateless re-prefills and sliding (which copies

@@ -1,7 +1,8 @@
 /* What `kvstream demo` needs around libkvstream: the single-node cluster it starts as a
- * child process (`kvstream up` on a free loopback port), and the scheduler metrics of a
- * worker's `status` reply, which struct kvs_client_status does not carry (read here from the
- * reply itself, docs/PROTOCOL.md §5 status). Used by client/cli/cmd_demo.c only. */
+ * child process (`kvstream up` on a free loopback port: a coordinator and its workers), and
+ * the scheduler metrics of the workers' `status` replies, which struct kvs_client_status does
+ * not carry (read here from the replies themselves, docs/PROTOCOL.md §5 status). Used by
+ * client/cli/cmd_demo.c only. */
 #ifndef KVS_CLI_DEMO_H
 #define KVS_CLI_DEMO_H
 
@@ -25,7 +26,8 @@ struct kvs_demo_up_opts {
 
 struct kvs_demo_up {
     pid_t pid;              /* of `kvstream up`; 0 = none */
-    int out_fd;             /* read end of its standard output */
+    int out_fd;             /* read end of its standard output (not read after the ready line:
+                               up prints nothing more) */
     char endpoint[256];     /* where its worker listens, once up */
     char tmp_dir[PATH_MAX]; /* ours to remove ("" = none): the log, and the data dir unless given */
     char data_dir[PATH_MAX];
@@ -66,11 +68,13 @@ struct kvs_demo_sched {
     uint64_t flash_evaluations;        /* flash answers computed */
     uint64_t flash_wasted;             /* of those, superseded before they completed */
     uint64_t flash_hits, flash_misses; /* flash.get fresh from the cache / not */
+    int32_t n_workers;                 /* whose metrics these are (summed; occupancy: mean) */
 };
 
-/* Ask the worker at endpoint for `status` over a socket of our own and read its scheduler
- * metrics. 0, or -1 with a one-line reason in err (no reply within timeout_ms, an error
- * reply, a malformed reply or a missing field). Any thread. */
+/* The scheduler metrics of the worker at endpoint (its `status`, over a socket of our own),
+ * or, when endpoint is a coordinator (it refuses `status` UNSUPPORTED), of each worker that
+ * its `admin.workers` lists ready, summed. 0, or -1 with a one-line reason in err (no reply
+ * within timeout_ms, an error reply, a malformed reply or a missing field). Any thread. */
 int kvs_demo_sched_status(const char *endpoint, int timeout_ms, struct kvs_demo_sched *s, char *err,
                           size_t errlen);
 

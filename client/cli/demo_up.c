@@ -70,7 +70,8 @@ void kvs_demo_up_reason(const struct kvs_demo_up *u, char *out, size_t size)
     last_log_line(u->log_path, out, size);
 }
 
-/* Wait for pid until deadline (seconds of now_s); its status, or -1 when still running. */
+/* Wait for pid until deadline (seconds of now_s): 0 with its *status, -1 when it still runs,
+ * -2 when it cannot be waited for. */
 static int wait_until(pid_t pid, double deadline, int *status)
 {
     for (;;) {
@@ -318,104 +319,197 @@ static bool mp_f64(const msgpack_object *m, const char *key, double *v)
     return false;
 }
 
-static int read_sched(const msgpack_object *m, struct kvs_demo_sched *s, char *err, size_t errlen)
+/* One request {id: 1, op} over a socket of our own, and its reply, kept alive together. */
+struct raw_reply {
+    void *ctx, *sock;
+    zmq_msg_t msg;          /* the payload frame (the unpacked object may point into it) */
+    msgpack_unpacked up;
+    const msgpack_object *m; /* the reply map, once received */
+};
+
+static void raw_free(struct raw_reply *r)
+{
+    msgpack_unpacked_destroy(&r->up);
+    zmq_msg_close(&r->msg);
+    if (r->sock != NULL) {
+        zmq_close(r->sock);
+    }
+    if (r->ctx != NULL) {
+        zmq_ctx_term(r->ctx);
+    }
+    memset(r, 0, sizeof *r);
+}
+
+/* Send {id: 1, op} to endpoint and read the reply into r (free with raw_free, also on
+ * error). 0, or -1 with a reason in err. */
+static int raw_call(const char *endpoint, const char *op, int timeout_ms, struct raw_reply *r,
+                    char *err, size_t errlen)
+{
+    memset(r, 0, sizeof *r);
+    zmq_msg_init(&r->msg);
+    msgpack_unpacked_init(&r->up);
+    char request[64];
+    size_t n_op = strlen(op);
+    if (n_op > 31) {
+        snprintf(err, errlen, "%s: op too long", op);
+        return -1;
+    }
+    memcpy(request, "\x82\xa2id\x01\xa2op", 8); /* {"id": 1, "op": <fixstr>} */
+    request[8] = (char)(0xa0 | n_op);
+    memcpy(request + 9, op, n_op);
+    r->ctx = zmq_ctx_new();
+    r->sock = r->ctx != NULL ? zmq_socket(r->ctx, ZMQ_DEALER) : NULL;
+    if (r->sock == NULL) {
+        snprintf(err, errlen, "%s: cannot create a socket: %s", op, zmq_strerror(zmq_errno()));
+        return -1;
+    }
+    int linger = 0;
+    int64_t max_size = KVS_WIRE_MAX_FRAME + 64;
+    zmq_setsockopt(r->sock, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(r->sock, ZMQ_MAXMSGSIZE, &max_size, sizeof max_size);
+    if (zmq_connect(r->sock, endpoint) != 0 || zmq_send(r->sock, "", 0, ZMQ_SNDMORE) != 0 ||
+        zmq_send(r->sock, request, 9 + n_op, 0) != (int)(9 + n_op)) {
+        snprintf(err, errlen, "%s: cannot send to %s: %s", op, endpoint,
+                 zmq_strerror(zmq_errno()));
+        return -1;
+    }
+    zmq_pollitem_t item = {.socket = r->sock, .events = ZMQ_POLLIN};
+    if (zmq_poll(&item, 1, timeout_ms) <= 0) {
+        snprintf(err, errlen, "%s: no reply from %s within %d ms", op, endpoint, timeout_ms);
+        return -1;
+    }
+    /* two frames: the empty delimiter, then the payload */
+    int n_parts = 0;
+    size_t n_delim = 1;
+    for (bool more = true; more; n_parts++) {
+        zmq_msg_close(&r->msg);
+        zmq_msg_init(&r->msg);
+        if (zmq_msg_recv(&r->msg, r->sock, 0) < 0) {
+            snprintf(err, errlen, "%s: %s", op, zmq_strerror(zmq_errno()));
+            return -1;
+        }
+        more = zmq_msg_more(&r->msg);
+        if (n_parts == 0) {
+            n_delim = zmq_msg_size(&r->msg);
+        }
+    }
+    const uint8_t *buf = zmq_msg_data(&r->msg);
+    size_t n = zmq_msg_size(&r->msg);
+    if (n_parts != 2 || n_delim != 0 || kvs_wire_prevalidate(buf, n, NULL, 0) != 0 ||
+        msgpack_unpack_next(&r->up, (const char *)buf, n, NULL) != MSGPACK_UNPACK_SUCCESS) {
+        snprintf(err, errlen, "%s: the reply of %s is not one valid protocol message", op,
+                 endpoint);
+        return -1;
+    }
+    r->m = &r->up.data;
+    return 0;
+}
+
+/* The error of a reply: false when it is none; else its code and message. */
+static bool reply_error(const msgpack_object *m, char code[32], char *msg, size_t size)
+{
+    const msgpack_object *e = mp_get(m, "error");
+    if (e == NULL) {
+        return false;
+    }
+    const msgpack_object *c = mp_get(e, "code"), *text = mp_get(e, "message");
+    bool has_text = text != NULL && text->type == MSGPACK_OBJECT_STR;
+    bool has_code = c != NULL && c->type == MSGPACK_OBJECT_STR && c->via.str.size < 32;
+    snprintf(msg, size, "%.*s", has_text ? (int)text->via.str.size : 0,
+             has_text ? text->via.str.ptr : "");
+    snprintf(code, 32, "%.*s", has_code ? (int)c->via.str.size : 5,
+             has_code ? c->via.str.ptr : "ERROR");
+    return true;
+}
+
+/* Add the scheduler metrics of one worker's status reply m to s. */
+static int add_sched(const msgpack_object *m, struct kvs_demo_sched *s, char *err, size_t errlen)
 {
     static const char *const classes[KVS_DEMO_N_CLASSES] = {"decode", "question", "append",
                                                             "flash"};
-    const msgpack_object *e = mp_get(m, "error");
-    if (e != NULL) {
-        const msgpack_object *msg = mp_get(e, "message");
-        snprintf(err, errlen, "status: %.*s",
-                 msg != NULL && msg->type == MSGPACK_OBJECT_STR ? (int)msg->via.str.size : 5,
-                 msg != NULL && msg->type == MSGPACK_OBJECT_STR ? msg->via.str.ptr : "error");
-        return -1;
-    }
     const msgpack_object *sc = mp_get(m, "scheduler"), *fl = mp_get(m, "flash");
     const msgpack_object *rows = mp_get(sc, "rows");
+    struct kvs_demo_sched w = {0};
     uint64_t last = 0, most = 0;
-    bool ok = mp_u64(sc, "steps", &s->steps) && mp_f64(sc, "occupancy", &s->occupancy) &&
+    bool ok = mp_u64(sc, "steps", &w.steps) && mp_f64(sc, "occupancy", &w.occupancy) &&
               mp_u64(sc, "last_n_seqs", &last) && mp_u64(sc, "max_n_seqs", &most) &&
-              mp_u64(fl, "evaluations", &s->flash_evaluations) &&
-              mp_u64(fl, "wasted", &s->flash_wasted) && mp_u64(fl, "hits", &s->flash_hits) &&
-              mp_u64(fl, "misses", &s->flash_misses);
+              mp_u64(fl, "evaluations", &w.flash_evaluations) &&
+              mp_u64(fl, "wasted", &w.flash_wasted) && mp_u64(fl, "hits", &w.flash_hits) &&
+              mp_u64(fl, "misses", &w.flash_misses);
     for (int i = 0; ok && i < KVS_DEMO_N_CLASSES; i++) {
-        ok = mp_u64(rows, classes[i], &s->rows[i]);
+        ok = mp_u64(rows, classes[i], &w.rows[i]);
     }
     if (!ok) {
-        snprintf(err, errlen,
-                 "status: the reply lacks the scheduler metrics (a worker of "
-                 "protocol 1.0?)");
+        snprintf(err, errlen, "status: the reply lacks the scheduler metrics (a worker of "
+                              "protocol 1.0?)");
         return -1;
     }
-    s->last_n_seqs = (int64_t)last;
-    s->max_n_seqs = (int64_t)most;
+    s->steps += w.steps;
+    for (int i = 0; i < KVS_DEMO_N_CLASSES; i++) {
+        s->rows[i] += w.rows[i];
+    }
+    s->occupancy = (s->occupancy * s->n_workers + w.occupancy) / (s->n_workers + 1);
+    s->last_n_seqs += (int64_t)last;
+    s->max_n_seqs = (int64_t)most > s->max_n_seqs ? (int64_t)most : s->max_n_seqs;
+    s->flash_evaluations += w.flash_evaluations;
+    s->flash_wasted += w.flash_wasted;
+    s->flash_hits += w.flash_hits;
+    s->flash_misses += w.flash_misses;
+    s->n_workers++;
     return 0;
 }
 
 int kvs_demo_sched_status(const char *endpoint, int timeout_ms, struct kvs_demo_sched *s, char *err,
                           size_t errlen)
 {
-    static const char request[] = "\x82\xa2id\x01\xa2op\xa6status"; /* {id: 1, op: "status"} */
     memset(s, 0, sizeof *s);
-    int rc = -1;
-    void *ctx = zmq_ctx_new();
-    void *sock = ctx != NULL ? zmq_socket(ctx, ZMQ_DEALER) : NULL;
-    zmq_msg_t part;
-    zmq_msg_init(&part);
-    if (sock == NULL) {
-        snprintf(err, errlen, "status: cannot create a socket: %s", zmq_strerror(zmq_errno()));
-        goto out;
-    }
-    int linger = 0;
-    int64_t max_size = KVS_WIRE_MAX_FRAME + 64;
-    zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &max_size, sizeof max_size);
-    if (zmq_connect(sock, endpoint) != 0 || zmq_send(sock, "", 0, ZMQ_SNDMORE) != 0 ||
-        zmq_send(sock, request, sizeof request - 1, 0) != (int)sizeof request - 1) {
-        snprintf(err, errlen, "status: cannot send to %s: %s", endpoint, zmq_strerror(zmq_errno()));
-        goto out;
-    }
-    zmq_pollitem_t item = {.socket = sock, .events = ZMQ_POLLIN};
-    if (zmq_poll(&item, 1, timeout_ms) <= 0) {
-        snprintf(err, errlen, "status: no reply from %s within %d ms", endpoint, timeout_ms);
-        goto out;
-    }
-    /* two frames: the empty delimiter, then the payload */
-    int n_parts = 0;
-    size_t n_delim = 1;
-    for (bool more = true; more; n_parts++) {
-        zmq_msg_close(&part);
-        zmq_msg_init(&part);
-        if (zmq_msg_recv(&part, sock, 0) < 0) {
-            snprintf(err, errlen, "status: %s", zmq_strerror(zmq_errno()));
-            goto out;
+    char code[32], msg[256];
+    struct raw_reply r;
+    int rc = raw_call(endpoint, "status", timeout_ms, &r, err, errlen);
+    bool refused = rc == 0 && reply_error(r.m, code, msg, sizeof msg);
+    if (rc == 0 && !refused) {
+        rc = add_sched(r.m, s, err, errlen); /* a worker */
+    } else if (refused && strcmp(code, "UNSUPPORTED") != 0) {
+        snprintf(err, errlen, "status: %s: %s", code, msg);
+        rc = -1;
+    } else if (refused) {
+        /* a coordinator: ask each of its ready workers */
+        raw_free(&r);
+        rc = raw_call(endpoint, "admin.workers", timeout_ms, &r, err, errlen);
+        refused = rc == 0 && reply_error(r.m, code, msg, sizeof msg);
+        const msgpack_object *ws = rc == 0 ? mp_get(r.m, "workers") : NULL;
+        if (rc == 0 && (refused || ws == NULL || ws->type != MSGPACK_OBJECT_ARRAY)) {
+            snprintf(err, errlen, "admin.workers: %s: %s", refused ? code : "BAD_FORMAT",
+                     refused ? msg : "no workers array");
+            rc = -1;
         }
-        more = zmq_msg_more(&part);
-        if (n_parts == 0) {
-            n_delim = zmq_msg_size(&part);
+        for (uint32_t i = 0; rc == 0 && i < ws->via.array.size; i++) {
+            const msgpack_object *w = &ws->via.array.ptr[i];
+            const msgpack_object *ep = mp_get(w, "endpoint"), *state = mp_get(w, "state");
+            if (ep == NULL || ep->type != MSGPACK_OBJECT_STR || ep->via.str.size >= 256 ||
+                state == NULL || state->type != MSGPACK_OBJECT_STR ||
+                state->via.str.size != 5 || memcmp(state->via.str.ptr, "ready", 5) != 0) {
+                continue;
+            }
+            char wep[256];
+            memcpy(wep, ep->via.str.ptr, ep->via.str.size);
+            wep[ep->via.str.size] = '\0';
+            struct raw_reply wr;
+            rc = raw_call(wep, "status", timeout_ms, &wr, err, errlen);
+            if (rc == 0 && reply_error(wr.m, code, msg, sizeof msg)) {
+                snprintf(err, errlen, "status of %s: %s: %s", wep, code, msg);
+                rc = -1;
+            }
+            if (rc == 0) {
+                rc = add_sched(wr.m, s, err, errlen);
+            }
+            raw_free(&wr);
+        }
+        if (rc == 0 && s->n_workers == 0) {
+            snprintf(err, errlen, "admin.workers: no ready worker");
+            rc = -1;
         }
     }
-    const uint8_t *buf = zmq_msg_data(&part);
-    size_t n = zmq_msg_size(&part);
-    if (n_parts != 2 || n_delim != 0 || kvs_wire_prevalidate(buf, n, NULL, 0) != 0) {
-        snprintf(err, errlen, "status: the reply is not one valid protocol message");
-        goto out;
-    }
-    msgpack_unpacked up;
-    msgpack_unpacked_init(&up);
-    if (msgpack_unpack_next(&up, (const char *)buf, n, NULL) == MSGPACK_UNPACK_SUCCESS) {
-        rc = read_sched(&up.data, s, err, errlen);
-    } else {
-        snprintf(err, errlen, "status: the reply cannot be unpacked");
-    }
-    msgpack_unpacked_destroy(&up);
-out:
-    zmq_msg_close(&part);
-    if (sock != NULL) {
-        zmq_close(sock);
-    }
-    if (ctx != NULL) {
-        zmq_ctx_term(ctx);
-    }
+    raw_free(&r);
     return rc;
 }
