@@ -504,7 +504,7 @@ static void start_restore(kvs_coord *c, size_t i, int64_t now)
     }
     struct kvs_move *m = move_new(c, MOVE_RESTORE, s->id, down, r.worker);
     if (m == NULL) {
-        return; /* the recorded order is sent again by the tick */
+        return; /* out of memory: the next tick places it again (and records that) */
     }
     snprintf(m->alt_from, sizeof m->alt_from, "%s", strcmp(alt, down) != 0 ? alt : "");
     kvs_coord_session_reassign(c, i, r.worker);
