@@ -10,8 +10,10 @@
  *   unreachable  the only other worker has another data root: its adopt fails NOT_FOUND, the
  *                session is reported UNAVAILABLE with that reason and kept in the directory;
  *                worker A restarted (same id and root) restores it and locate answers A again;
- *                admin.drain of A fails UNSUPPORTED (kvs-worker has no session.release yet)
- *                and leaves the session on A, served.
+ *                admin.drain of A to that worker fails NOT_FOUND and A takes the session
+ *                back (session.adopt without from): still served there, with all its data.
+ *   (restore)    then a third worker on the shared root and admin.drain of B: the session
+ *                is released on B and adopted by the third with every append.
  *
  * Each runs on the embedded store and, when /usr/bin/etcd is installed, on a real etcd.
  * The binaries are found next to this program (the build directory) or through KVS_WORKER
@@ -475,9 +477,42 @@ START_TEST(test_restore_on_other_worker)
         ck_assert_str_eq(str(x, "state"), strcmp(str(x, "worker"), owner) == 0 ? "down" : "ready");
     }
 
+    /* A drain of the new owner to a third worker on the shared root moves the session with
+     * every append (session.release there, session.adopt on the third). */
+    struct proc wc;
+    start_worker(&wc, "wc", root, co.endpoint);
+    wait_workers(coord, 2, model);
+    int64_t t1 = now_ms();
+    r = rpc(coord, "admin.drain", "s:worker", other, NULL);
+    ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
+    fprintf(stderr, "test_failover: drain of '%s': moved %llu, failed %llu in %lld ms\n", other,
+            (unsigned long long)num(r, "moved"), (unsigned long long)num(r, "failed"),
+            (long long)(now_ms() - t1));
+    ck_assert_uint_eq(num(r, "moved"), 1);
+    ck_assert_uint_eq(num(r, "failed"), 0);
+    const msgpack_object *m0 = &get(r, "moves")->via.array.ptr[0];
+    ck_assert_str_eq(str(m0, "session"), "ticks");
+    ck_assert_str_eq(str(m0, "from"), other);
+    ck_assert_str_eq(str(m0, "to"), "wc");
+    r = rpc(coord, "session.locate", "s:session", "ticks", NULL);
+    ck_assert_str_eq(str(r, "worker"), "wc");
+    ck_assert_str_eq(str(r, "endpoint"), wc.endpoint);
+    struct peer *w3 = peer_new(wc.endpoint);
+    r = rpc(w3, "session.dump", "s:session", "ticks", NULL);
+    expected_text(want_more, sizeof want_more, n + 2);
+    ck_assert_str_eq(str(r, "text"), want_more);
+    ck_assert_uint_gt(append_ticks(w3, "ticks", n + 3, 1), 0);
+    peer_free(&w3);
+    /* The drained worker answers MOVED for it now. */
+    w2 = peer_new(other[1] == 'a' ? wa.endpoint : wb.endpoint);
+    r = rpc(w2, "session.info", "s:session", "ticks", NULL);
+    ck_assert_str_eq(code(r), "MOVED");
+    peer_free(&w2);
+
     peer_free(&coord);
     proc_kill(&wa, SIGTERM);
     proc_kill(&wb, SIGTERM);
+    proc_kill(&wc, SIGTERM);
     proc_kill(&co, SIGTERM);
 }
 END_TEST
@@ -553,21 +588,27 @@ START_TEST(test_data_dir_not_reachable)
     ck_assert_str_eq(str(s0, "state"), "ok");
     ck_assert_ptr_null(get(s0, "error"));
 
-    /* A drain needs session.release, which kvs-worker does not have yet: the move fails with
-     * that reason and the session stays where it is, served. */
+    /* A drain of wa: released there, but wc cannot reach the files (NOT_FOUND), so wa takes
+     * it back from its own directory: it stays on wa, served, with all its data. */
     wait_workers(coord, 2, model);
     r = rpc(coord, "admin.drain", "s:worker", "wa", NULL);
     ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
+    const char *drain_err = str(&get(r, "moves")->via.array.ptr[0], "error");
     fprintf(stderr,
-            "test_failover: drain of 'wa' against kvs-worker: moved %llu, failed %llu: %s\n",
-            (unsigned long long)num(r, "moved"), (unsigned long long)num(r, "failed"),
-            str(&get(r, "moves")->via.array.ptr[0], "error"));
+            "test_failover: drain of 'wa' to a worker that cannot reach its files: moved %llu, "
+            "failed %llu: %s\n",
+            (unsigned long long)num(r, "moved"), (unsigned long long)num(r, "failed"), drain_err);
     ck_assert_uint_eq(num(r, "failed"), 1);
-    ck_assert_ptr_nonnull(strstr(str(&get(r, "moves")->via.array.ptr[0], "error"), "UNSUPPORTED"));
+    ck_assert_ptr_nonnull(strstr(drain_err, "restore on 'wc' failed: NOT_FOUND"));
+    ck_assert_ptr_nonnull(strstr(drain_err, "put back on 'wa'"));
+    ck_assert_ptr_null(strstr(drain_err, "failed too"));
     r = rpc(coord, "session.locate", "s:session", "kept", NULL);
     ck_assert_str_eq(str(r, "worker"), "wa");
     ck_assert_str_eq(str(r, "worker_state"), "draining");
     ck_assert_uint_gt(append_ticks(w, "kept", 4, 1), 0);
+    r = rpc(w, "session.dump", "s:session", "kept", NULL);
+    expected_text(want, sizeof want, 4);
+    ck_assert_str_eq(str(r, "text"), want);
     peer_free(&w);
 
     peer_free(&coord);
