@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo end to end through a real cluster: `kvstream demo` starts `kvstream up` (a real
-# kvs-worker on a free loopback port) as its child, streams the feed into four sessions over
+# kvs-coordinator and kvs-worker on free loopback ports) as its child, streams the feed into four sessions over
 # libkvstream and prints a table row per session and round and a summary (appends, flash hit
 # rate, question TTFT, the stateless baseline with the same answer, the worker's scheduler
 # metrics); it stops the cluster at the end and on SIGINT, leaving no process and no
