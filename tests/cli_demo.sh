@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The demo end to end through a real cluster: `kvstream demo` starts `kvstream up` (a real
-# kvs-coordinator and kvs-worker on free loopback ports) as its child, streams the feed into four sessions over
-# libkvstream and prints a table row per session and round and a summary (appends, flash hit
-# rate, question TTFT, the stateless baseline with the same answer, the worker's scheduler
-# metrics); it stops the cluster at the end and on SIGINT, leaving no process and no
+# kvs-coordinator and kvs-worker on free loopback ports) as its child, streams the feed into
+# four sessions over libkvstream and prints a table row per session and round and a summary
+# (appends, flash hit rate, question TTFT, the stateless baseline with the same answer, the
+# worker's scheduler metrics); it stops the cluster at the end and on SIGINT, leaving no process and no
 # temporary directory behind; a worker that dies under it or never comes up is a one-line
 # error (exit 1). Bad options are one-line errors with exit 2, and --endpoint to a dead
 # endpoint fails with one line and exit 3 within the connect timeout.
