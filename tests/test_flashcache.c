@@ -97,6 +97,24 @@ static void field_s(int i, const char *key, const char *want)
     ck_assert(memcmp(o->via.str.ptr, want, o->via.str.size) == 0);
 }
 
+/* The error code of sent[i] ("" when it is not an error). */
+static const char *error_code(int i)
+{
+    static char buf[32];
+    const msgpack_object *e = field(i, "error");
+    buf[0] = '\0';
+    for (uint32_t k = 0; e != NULL && e->type == MSGPACK_OBJECT_MAP && k < e->via.map.size; k++) {
+        const msgpack_object *ko = &e->via.map.ptr[k].key, *v = &e->via.map.ptr[k].val;
+        if (ko->type == MSGPACK_OBJECT_STR && ko->via.str.size == 4 &&
+            memcmp(ko->via.str.ptr, "code", 4) == 0 && v->type == MSGPACK_OBJECT_STR &&
+            v->via.str.size < sizeof buf) {
+            memcpy(buf, v->via.str.ptr, v->via.str.size);
+            buf[v->via.str.size] = '\0';
+        }
+    }
+    return buf;
+}
+
 /* Publish an answer of name at version whose body is {"answer": text, "version": version}. */
 static void publish(kvs_flashcache *c, const char *session, const char *name, uint64_t version,
                     const char *text)
@@ -209,8 +227,31 @@ START_TEST(test_watch_push_resume_and_close)
     ck_assert_int_eq(n_sent, 7);
     ck_assert_str_eq(sent[6].peer, "b");
     ck_assert(field_b(6, "done"));
+    ck_assert_str_eq(error_code(6), "NOT_FOUND");
     ck_assert_int_eq(kvs_flashcache_n_watchers(fc), 0);
     ck_assert_int_eq(kvs_flashcache_watch(fc, "b", 1, 9, "s", false, 0, err, sizeof err),
+                     KVS_NOT_FOUND);
+}
+END_TEST
+
+/* session.release (the session moves to another worker): its watches end MOVED, as the
+ * worker answers its later requests (PROTOCOL.md §5), not NOT_FOUND. */
+START_TEST(test_release_ends_watches_moved)
+{
+    char err[128];
+    kvs_flashcache_version(fc, "s", 1);
+    ck_assert_int_eq(kvs_flashcache_watch(fc, "a", 1, 3, "s", false, 0, err, sizeof err), 0);
+    kvs_flashcache_version(fc, "t", 1);
+    ck_assert_int_eq(kvs_flashcache_watch(fc, "b", 1, 4, "t", false, 0, err, sizeof err), 0);
+    int before = n_sent;
+    kvs_flashcache_release(fc, "s");
+    ck_assert_int_eq(n_sent, before + 1);
+    ck_assert_str_eq(sent[before].peer, "a");
+    ck_assert_uint_eq(field_u(before, "id"), 3);
+    ck_assert(field_b(before, "done"));
+    ck_assert_str_eq(error_code(before), "MOVED");
+    ck_assert_int_eq(kvs_flashcache_n_watchers(fc), 1); /* t's watch goes on */
+    ck_assert_int_eq(kvs_flashcache_watch(fc, "a", 1, 5, "s", false, 0, err, sizeof err),
                      KVS_NOT_FOUND);
 }
 END_TEST
@@ -281,6 +322,7 @@ int main(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, test_get_fresh_and_stale);
     tcase_add_test(tc, test_watch_push_resume_and_close);
+    tcase_add_test(tc, test_release_ends_watches_moved);
     tcase_add_test(tc, test_undeliverable_watcher_dropped);
     tcase_add_test(tc, test_limits);
     suite_add_tcase(s, tc);

@@ -252,13 +252,12 @@ static void end_watch(kvs_flashcache *c, int32_t i, int status, const char *why)
     remove_watcher(c, i);
 }
 
-void kvs_flashcache_close(kvs_flashcache *c, const char *session)
+/* End every watch of session with status and why; forget its answers. */
+static void end_session(kvs_flashcache *c, const char *session, int status, const char *why)
 {
-    char why[KVS_SESSION_ID_MAX + 32];
-    snprintf(why, sizeof why, "session '%s' closed", session);
     for (int32_t i = 0; i < c->n_w;) {
         if (strcmp(c->w[i].session, session) == 0) {
-            end_watch(c, i, KVS_NOT_FOUND, why);
+            end_watch(c, i, status, why);
         } else {
             i++;
         }
@@ -268,6 +267,21 @@ void kvs_flashcache_close(kvs_flashcache *c, const char *session)
         sess_free(c->s[k]);
         c->s[k] = c->s[--c->n_s];
     }
+}
+
+void kvs_flashcache_close(kvs_flashcache *c, const char *session)
+{
+    char why[KVS_SESSION_ID_MAX + 32];
+    snprintf(why, sizeof why, "session '%s' closed", session);
+    end_session(c, session, KVS_NOT_FOUND, why);
+}
+
+void kvs_flashcache_release(kvs_flashcache *c, const char *session)
+{
+    char why[KVS_SESSION_ID_MAX + 80];
+    snprintf(why, sizeof why, "session '%s' was released to another worker: locate it again",
+             session);
+    end_session(c, session, KVS_MOVED, why);
 }
 
 bool kvs_flashcache_get(kvs_flashcache *c, const char *session, const char *name, bool allow_stale,

@@ -49,6 +49,9 @@ int kvs_flashcache_answer(kvs_flashcache *c, const char *session, const char *na
 void kvs_flashcache_unregister(kvs_flashcache *c, const char *session, const char *name);
 /* The session is closed: its watches end with a NOT_FOUND error reply (seq, done). */
 void kvs_flashcache_close(kvs_flashcache *c, const char *session);
+/* The session was released to another worker (session.release): its watches end with a
+ * MOVED error reply (seq, done), as its later requests are answered; locate it again. */
+void kvs_flashcache_release(kvs_flashcache *c, const char *session);
 
 /* flash.get of request id: when the cache holds name's answer at the session's current
  * version (or any answer, with allow_stale), encodes the reply into out and returns true;

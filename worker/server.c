@@ -300,9 +300,13 @@ static bool io_from_engine(kvs_server *srv)
             msg_str(&p[1], session, sizeof session);
             msg_str(&p[2], name, sizeof name);
             kvs_flashcache_unregister(srv->fc, session, name);
-        } else if (kind == MSG_CLOSED && n == 2) {
+        } else if (kind == MSG_CLOSED && (n == 2 || n == 3)) {
             msg_str(&p[1], session, sizeof session);
-            kvs_flashcache_close(srv->fc, session);
+            if (n == 3) { /* released to another worker (session.release) */
+                kvs_flashcache_release(srv->fc, session);
+            } else {
+                kvs_flashcache_close(srv->fc, session);
+            }
         } else if (kind == MSG_EXIT) {
             exited = true;
         } else {

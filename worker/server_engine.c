@@ -639,7 +639,8 @@ static void eng_execute(kvs_server *srv, struct req *r, const struct kvs_wire_re
             break;
         }
         ss_remove(srv, ss);
-        publish_simple(srv, MSG_CLOSED, rq->session, NULL);
+        /* its watches end MOVED, as later requests for it are answered (§5) */
+        publish_simple(srv, MSG_CLOSED, rq->session, "released");
         released_add(srv, rq->session);
         begin_reply(srv, rq->id, 4);
         pack_key(pk, "session"), kvs_wire_pack_cstr(pk, rq->session);
