@@ -3,7 +3,10 @@
 
 For each prompt: the prompt ids llama.cpp feeds (BOS as the GGUF metadata says), the top-K
 log-probabilities of every position under teacher forcing (K = 64, with the log of the
-mass left outside them), and a greedy continuation of 64 tokens. tests/test_parity_llamacpp.c
+mass left outside them), a greedy continuation of 64 tokens decoded token by token
+("greedy"), and the greedy continuation with each step evaluated as one batch over the whole
+sequence ("greedy_batch": llama.cpp's prompt kernels, whose sums are ordered differently
+from its one-token kernels). tests/test_parity_llamacpp.c
 compares kvstream with these: top-1 agreement, KL(llama.cpp || kvstream) per position
 (computed over the K tokens plus one bucket for the rest, a lower bound on the full KL
 that is within the tail mass of it), and the greedy continuations.
@@ -70,6 +73,10 @@ def main():
     llm = llama_cpp.Llama(model_path=args.model, n_ctx=1024, n_batch=args.n_batch,
                           n_ubatch=args.n_batch, n_threads=2, logits_all=True, verbose=False,
                           flash_attn=False)
+    # the batch-path greedy needs only each step's last row of logits
+    llm_last = llama_cpp.Llama(model_path=args.model, n_ctx=1024, n_batch=args.n_batch,
+                               n_ubatch=args.n_batch, n_threads=2, logits_all=False,
+                               verbose=False, flash_attn=False)
     add_bos = llm._model.add_bos_token() if hasattr(llm._model, "add_bos_token") else None
     out = {"llama_cpp_python": llama_cpp.__version__, "model_sha256": sha,
            "settings": {"n_ctx": 1024, "n_batch": args.n_batch, "n_ubatch": args.n_batch,
@@ -99,9 +106,24 @@ def main():
                 break
             gen.append(tok)
             llm.eval([tok])
+        # The same greedy continuation with every step's logits from one batch over the whole
+        # sequence: llama.cpp's prompt kernels (llamafile f16 GEMM for K.q and P.V) instead of
+        # its one-token ones (ggml_vec_dot_f16, another summation order), which is the path
+        # the teacher-forced positions above take.
+        gen_batch = []
+        for _ in range(N_GEN):
+            llm_last.reset()
+            llm_last.eval(ids + gen_batch)
+            last = np.ctypeslib.as_array(llm_last._ctx.get_logits(), shape=(llm_last.n_vocab(),))
+            tok = int(np.argmax(last))
+            if tok == llm.token_eos():
+                break
+            gen_batch.append(tok)
         out["prompts"].append({"text": text, "ids": ids, "positions": positions, "greedy": gen,
-                               "greedy_text": llm.detokenize(gen).decode("utf-8", "replace")})
-        print(len(ids), "tokens;", repr(out["prompts"][-1]["greedy_text"][:60]))
+                               "greedy_text": llm.detokenize(gen).decode("utf-8", "replace"),
+                               "greedy_batch": gen_batch})
+        print(len(ids), "tokens;", repr(out["prompts"][-1]["greedy_text"][:60]),
+              "; batch-path greedy", "same" if gen_batch == gen else "differs", flush=True)
     with open(args.out, "w") as f:
         json.dump(out, f, separators=(",", ":"))
 
