@@ -465,6 +465,50 @@ START_TEST(test_slide)
 }
 END_TEST
 
+/* SLIDE at a full pool, synchronous path: budgets fill the pool, a flash query is evaluated
+ * after every append and queries run between appends. Forks live only inside a query call
+ * here, so a slide never meets one: every append is applied and the cells in use never pass
+ * what is promised (the scheduler's side of this is test_sched's test_slide_under_forks). */
+START_TEST(test_slide_full_pool)
+{
+    kvs_engine *e = open_engine(1024); /* 64 blocks of 16 cells */
+    kvs_sessions *S;
+    ck_assert_int_eq(kvs_sessions_new(e, &(struct kvs_sessions_opts){0}, &S), 0);
+    char err[256], text[512];
+    static const int64_t budgets[3] = {304, 304, 240}; /* 20 + 20 + 16 blocks promised */
+    kvs_session *ss[3];
+    for (int i = 0; i < 3; i++) {
+        char id[16];
+        snprintf(id, sizeof id, "w%d", i);
+        struct kvs_session_opts so = {.budget_cells = budgets[i], .policy = KVS_POLICY_SLIDE};
+        ck_assert_msg(kvs_session_create(S, id, &so, &ss[i], err, sizeof err) == 0, "%s", err);
+    }
+    struct kvs_query_opts qo = {.sampling = kvs_sampling_default(), .max_tokens = 40};
+    ck_assert_msg(kvs_flash_register(ss[0], "q", "What is the state?", 18, &qo, NULL, err,
+                                     sizeof err) == 0, "%s", err);
+    rs = 7;
+    int64_t evicted = 0;
+    for (int round = 0; round < 60; round++) {
+        for (int i = 0; i < 3; i++) {
+            random_text(text, sizeof text);
+            struct kvs_append_result r;
+            ck_assert_msg(kvs_session_append(ss[i], text, strlen(text), 0, 0, &r, err,
+                                             sizeof err) == 0, "round %d: %s", round, err);
+            evicted += r.evicted;
+            int64_t used = (int64_t)(kvs_pool_n_blocks(e->pool) - kvs_pool_n_free(e->pool)) * 16;
+            ck_assert_int_le(used + kvs_sessions_cells_free(S), 1024);
+        }
+        struct kvs_answer a;
+        ck_assert_msg(kvs_session_query(ss[round % 3], "Status now?", 11, &qo, NULL, NULL, &a,
+                                        err, sizeof err) == 0, "%s", err);
+        kvs_answer_free(&a);
+    }
+    ck_assert_int_gt(evicted, 0);
+    kvs_sessions_destroy(&S);
+    kvs_engine_destroy(&e);
+}
+END_TEST
+
 int main(void)
 {
     tiny_model(); /* made once, in the parent, before the forked tests */
@@ -477,6 +521,7 @@ int main(void)
     tcase_add_test(tc, test_bad_input_and_capacity);
     tcase_add_test(tc, test_idempotent_appends);
     tcase_add_test(tc, test_slide);
+    tcase_add_test(tc, test_slide_full_pool);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);

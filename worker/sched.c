@@ -31,6 +31,9 @@ struct job {
     kvs_detok *dt;
     bool decoding;                   /* prefill done: one decode row per step */
     bool waiting_cells;              /* an append waiting for real cells (overcommit) */
+    bool waiting_forks;              /* an append that slides waiting for its session's forks */
+    bool deferred;                   /* a query behind its session's sliding append: cells
+                                      * reserved in the accounting, not forked yet */
     bool head;                       /* this step: an append that may begin (cells there) */
     int32_t next_tok;                /* the token the next decode row feeds */
     int32_t max_tokens;
@@ -365,16 +368,44 @@ static bool make_room(kvs_sched *sc, int32_t need)
     return true;
 }
 
-/* Accept a query or flash evaluation on s: reserve (accounting and the fork's real
- * blocks), fork at the visible data, set up sampling. On error nothing is kept. */
-static int accept(kvs_sched *sc, struct job *j, const struct kvs_query_opts *o, char *err,
-                  size_t errlen)
+/* Fork j's session at its visible data and take the real blocks of j's question and answer
+ * (without overcommit the accounting guarantees them; with it, flash evaluations may be
+ * cancelled to make room for a query). On error j holds no fork. */
+static int take_fork(kvs_sched *sc, struct job *j, char *err, size_t errlen)
+{
+    kvs_pool *pool = sc->e->pool;
+    kvs_session *s = j->s;
+    j->ctx = s->visible;
+    j->version = s->version;
+    j->seq = kvs_pool_seq_fork_n(pool, s->seq, (int32_t)j->ctx);
+    if (j->seq == NULL) {
+        snprintf(err, errlen, "cannot start the query");
+        return KVS_NO_MEMORY;
+    }
+    int32_t n_cells = (int32_t)(j->n_ids + j->max_tokens);
+    if (kvs_pool_seq_reserve(pool, j->seq, n_cells) == KVS_CAPACITY &&
+        (j->kind != JOB_QUERY ||
+         !make_room(sc, kvs_pool_seq_blocks_needed(pool, j->seq, n_cells)) ||
+         kvs_pool_seq_reserve(pool, j->seq, n_cells) < 0)) {
+        kvs_pool_seq_release(pool, &j->seq);
+        snprintf(err, errlen, "no free KV cells for a query of %lld + %d tokens now",
+                 (long long)j->n_ids, j->max_tokens);
+        return KVS_BUSY;
+    }
+    return KVS_OK;
+}
+
+/* Accept a query or flash evaluation on s: reserve its cells in the accounting, set up
+ * sampling, and fork at the visible data (take_fork) unless `defer` (a query behind its
+ * session's sliding append forks when the slide is done). On error the caller frees j
+ * (job_free), which releases whatever was set up. */
+static int accept(kvs_sched *sc, struct job *j, const struct kvs_query_opts *o, bool defer,
+                  char *err, size_t errlen)
 {
     kvs_engine *e = sc->e;
     kvs_session *s = j->s;
     j->max_tokens = o->max_tokens > 0 ? o->max_tokens : 64;
-    j->ctx = s->visible;
-    j->version = s->version;
+    j->ctx = s->visible; /* a deferred query sees no more than this: the slide evicts */
     j->logit_row = -1;
     if (j->ctx + j->n_ids + j->max_tokens > e->n_ctx) {
         snprintf(err, errlen, "context %lld + question %lld + answer %d exceed the model's %lld",
@@ -391,39 +422,40 @@ static int accept(kvs_sched *sc, struct job *j, const struct kvs_query_opts *o, 
         snprintf(err, errlen, "KV cells exhausted (overcommit): appends are waiting for cells");
         return KVS_BUSY;
     }
-    j->seq = kvs_pool_seq_fork_n(e->pool, s->seq, (int32_t)j->ctx);
-    /* the real blocks now (without overcommit the accounting above guarantees them) */
-    int32_t n_cells = (int32_t)(j->n_ids + j->max_tokens);
-    if (j->seq != NULL && kvs_pool_seq_reserve(e->pool, j->seq, n_cells) == KVS_CAPACITY &&
-        (j->kind != JOB_QUERY ||
-         !make_room(sc, kvs_pool_seq_blocks_needed(e->pool, j->seq, n_cells)) ||
-         kvs_pool_seq_reserve(e->pool, j->seq, n_cells) < 0)) {
-        kvs_pool_seq_release(e->pool, &j->seq);
-        snprintf(err, errlen, "no free KV cells for a query of %lld + %d tokens now",
-                 (long long)j->n_ids, j->max_tokens);
-        return KVS_BUSY;
-    }
     int rc = kvs_sampler_new(&o->sampling, (int32_t)e->model->hp.n_vocab, &j->smp);
     j->stop = kvs_stop_new(o->stops, o->n_stops);
     j->dt = kvs_detok_new(e->tok, false);
     j->out = malloc(((size_t)j->max_tokens + 1) * sizeof *j->out);
-    if (j->seq == NULL || rc < 0 || j->stop == NULL || j->dt == NULL || j->out == NULL) {
-        kvs_pool_seq_release(e->pool, &j->seq);
-        kvs_sampler_destroy(&j->smp);
-        kvs_stop_destroy(&j->stop);
-        kvs_detok_destroy(&j->dt);
-        free(j->out);
-        j->out = NULL;
+    if (rc < 0 || j->stop == NULL || j->dt == NULL || j->out == NULL) {
         snprintf(err, errlen, "cannot start the query");
         return rc < 0 ? rc : KVS_NO_MEMORY;
+    }
+    if (!defer) {
+        KVS_TRY(take_fork(sc, j, err, errlen));
     }
     for (int64_t i = 0; i < j->n_ids; i++) {
         kvs_sampler_accept(j->smp, j->ids[i]);
     }
     sc->S->reserved_blocks += blocks;
     j->reserved_blocks = blocks;
+    j->deferred = defer;
     j->t_accept = kvs_now();
     return KVS_OK;
+}
+
+/* Is the next append of s (the first one queued) a slide that has not begun? Then new forks
+ * of s would hold blocks that slide drops: new queries wait behind it and no flash
+ * evaluation is queued (its answer would be stale at once). */
+static bool slide_ahead(const kvs_sched *sc, const kvs_session *s)
+{
+    for (int32_t i = 0; i < sc->n; i++) {
+        const struct job *j = sc->jobs[i];
+        if (j->kind == JOB_APPEND && j->s == s && !j->cancelled) {
+            return !j->begun && s->policy == KVS_POLICY_SLIDE &&
+                   s->seq->n_cells + j->n_ids > s->budget;
+        }
+    }
+    return false;
 }
 
 int kvs_sched_query(kvs_sched *sc, kvs_session *s, const char *question, size_t len,
@@ -456,13 +488,16 @@ int kvs_sched_query(kvs_sched *sc, kvs_session *s, const char *question, size_t 
         rc = KVS_INVALID_ARGUMENT;
     }
     if (rc == 0) {
-        rc = accept(sc, j, o, err, errlen);
+        rc = accept(sc, j, o, slide_ahead(sc, s), err, errlen);
         if (!sc->in_step) {
             sweep_cancelled(sc); /* flash evaluations cancelled to make room */
         }
     }
     if (rc == 0) {
         rc = push_job(sc, j);
+    }
+    if (rc == 0 && j->deferred) {
+        sc->st.queries_deferred++;
     }
     if (rc < 0) {
         sc->st.refused++;
@@ -477,6 +512,9 @@ static void queue_flash(kvs_sched *sc, kvs_session *s)
 {
     if (sc->st.pressure || sc->pressure_now) {
         return; /* overcommit, stage 3: no new work while appends wait for cells */
+    }
+    if (slide_ahead(sc, s)) {
+        return; /* queued again when that append is done */
     }
     for (int32_t i = 0; i < s->n_flash; i++) {
         struct flash *f = &s->flash[i];
@@ -515,7 +553,7 @@ static void queue_flash(kvs_sched *sc, kvs_session *s)
         }
         memcpy(j->ids, f->question, (size_t)f->n_question * sizeof *j->ids);
         j->n_ids = f->n_question;
-        if (accept(sc, j, &f->opts, err, sizeof err) < 0 || push_job(sc, j) < 0) {
+        if (accept(sc, j, &f->opts, false, err, sizeof err) < 0 || push_job(sc, j) < 0) {
             KVS_DEBUG("flash %s/%s deferred: %s", s->id, f->name, err);
             job_free(sc, j);
             return;
@@ -730,6 +768,38 @@ static int32_t append_cells(kvs_sched *sc, struct job *j, int32_t promised)
     return -2;
 }
 
+/* May append j, at the head of its session's queue, slide now? Not while forks of its
+ * session hold blocks the slide drops or copies (kvs_sess_slide_shared): the cells that
+ * would take are nobody's reservation. The session's flash evaluations are cancelled (their
+ * answers would be stale at once; the append queues new ones), its running queries finish
+ * (bounded by max_tokens and their deadlines) and its new queries wait behind the append
+ * (slide_ahead). Returns true when j may begin. */
+static bool slide_clear(kvs_sched *sc, struct job *j)
+{
+    kvs_session *s = j->s;
+    if (kvs_sess_slide_shared(s, j->n_ids) > 0) {
+        for (int32_t i = 0; i < sc->n; i++) {
+            struct job *f = sc->jobs[i];
+            if (f->kind == JOB_FLASH && f->s == s && !f->cancelled && f->seq != NULL) {
+                kvs_pool_seq_release(sc->e->pool, &f->seq);
+                sc->S->reserved_blocks -= f->reserved_blocks;
+                f->reserved_blocks = 0;
+                f->cancelled = true; /* freed at the next safe point */
+                sc->st.slide_flash_cancelled++;
+            }
+        }
+    }
+    if (kvs_sess_slide_shared(s, j->n_ids) == 0) {
+        j->waiting_forks = false;
+        return true;
+    }
+    if (!j->waiting_forks) {
+        j->waiting_forks = true;
+        sc->st.slide_waits++;
+    }
+    return false;
+}
+
 /* Begin append j (policy, log, record) and take the blocks of its whole record. Returns
  * true when begun, false when it left the queue (a retry answered, or an error). */
 static bool begin_append(kvs_sched *sc, struct job *j)
@@ -784,9 +854,24 @@ static int step(kvs_sched *sc, double now)
         sc->jobs[i]->rows = 0;
         sc->jobs[i]->logit_row = -1;
     }
-    /* 2. the cells of the append at the head of each session's queue (one append per
+    /* 2. queries deferred behind a sliding append fork once it has begun (the slide done) */
+    for (int32_t i = 0; i < sc->n;) {
+        struct job *j = sc->jobs[i];
+        if (j->deferred && !j->cancelled && !slide_ahead(sc, j->s)) {
+            char err[160];
+            j->deferred = false;
+            if (take_fork(sc, j, err, sizeof err) < 0) {
+                remove_job(sc, i); /* with overcommit only */
+                job_fail(sc, j, KVS_BUSY, err);
+                continue;
+            }
+        }
+        i++;
+    }
+    /* 3. the cells of the append at the head of each session's queue (one append per
      * session at a time, in arrival order), before any row of this step holds blocks: this
-     * is where the overcommit order runs; appends begin when they are planned */
+     * is where a slide waits for its session's forks and the overcommit order runs;
+     * appends begin when they are planned */
     int32_t promised = 0;
     for (int32_t i = 0; i < sc->n;) {
         struct job *j = sc->jobs[i];
@@ -794,6 +879,9 @@ static int step(kvs_sched *sc, double now)
         for (int32_t q = 0; q < i && j->head; q++) {
             j->head = !(sc->jobs[q]->kind == JOB_APPEND && sc->jobs[q]->s == j->s &&
                         !sc->jobs[q]->cancelled);
+        }
+        if (j->head && !slide_clear(sc, j)) {
+            j->head = false; /* waiting for its session's queries to finish */
         }
         if (j->head) {
             int32_t need = append_cells(sc, j, promised);
@@ -833,7 +921,7 @@ static int step(kvs_sched *sc, double now)
             classes = flash_first;
         }
     }
-    /* 3. plan by class: decode, question, append, then flash (with its floor) */
+    /* 4. plan by class: decode, question, append, then flash (with its floor) */
     for (int c = 0; c < KVS_N_CLASSES; c++) {
         int cls = classes[c];
         if (cls == KVS_CLASS_FLASH) {
@@ -845,7 +933,7 @@ static int step(kvs_sched *sc, double now)
                 break;
             }
             struct job *j = sc->jobs[(start + k) % sc->n];
-            if (j->rows > 0 || j->cancelled) {
+            if (j->rows > 0 || j->cancelled || j->deferred) {
                 continue;
             }
             if ((int)job_class(j) != cls) {
@@ -870,7 +958,7 @@ static int step(kvs_sched *sc, double now)
         }
         sc->rr[cls]++;
     }
-    /* 4. forward */
+    /* 5. forward */
     kvs_batch *b = &e->batch;
     if (b->n_rows == 0) {
         return 0;
@@ -884,7 +972,7 @@ static int step(kvs_sched *sc, double now)
     if (fs->last_n_seqs > sc->st.max_n_seqs) {
         sc->st.max_n_seqs = fs->last_n_seqs;
     }
-    /* 5. commit, sample, complete */
+    /* 6. commit, sample, complete */
     int32_t n_vocab = (int32_t)e->model->hp.n_vocab;
     for (int32_t i = 0; i < sc->n;) {
         struct job *j = sc->jobs[i];

@@ -34,7 +34,27 @@
  * acceptance, in the admission accounting and as real blocks of its fork; an append begins
  * (is logged) only when the real blocks of its whole record are free, and takes them. Without
  * overcommit the accounting never promises more than the pool holds, so these always
- * succeed: an admitted session's append never fails for lack of KV. With overcommit > 1,
+ * succeed: an admitted session's append never fails for lack of KV.
+ *
+ * Sliding (policy slide). A slide replaces every data block of the session by a shifted
+ * copy or evicts it; a block that a query's fork still references stays allocated besides
+ * (kept ones need a fresh copy, evicted ones are not freed), and no reservation covers
+ * those cells. So a sliding append begins only when no fork of its session references a
+ * data block (kvs_sess_slide_shared): while it waits at the head of its session's queue,
+ *   - the session's flash evaluations in flight are cancelled (their answers would be stale
+ *     at once; stats.slide_flash_cancelled), and none are queued until the append begins;
+ *     the append queues them when it is done, as always. A stream whose appends slide more
+ *     often than an evaluation takes keeps cancelling them: flash_get then computes (or
+ *     serves the stale answer),
+ *   - the session's running queries finish (bounded by their max_tokens and deadlines),
+ *   - the session's new queries are accepted (cells reserved in the accounting, so BUSY
+ *     still comes at submission) but fork only after the slide is done: they see the kept
+ *     data without the sliding append (stats.queries_deferred),
+ *   - the append waits up to its deadline (KVS_TIMEOUT, nothing applied) (stats.slide_waits).
+ * Then the slide needs one free block at a time and the record's blocks are the session's
+ * own: the append never fails for lack of KV. Other sessions are not held up.
+ *
+ * With overcommit > 1,
  * session budgets are admitted against capacity x overcommit and the real cells can run
  * out. Then, in this order:
  *   1. unreferenced cached prefix blocks are reclaimed (LRU; the pool does it on demand),
@@ -51,8 +71,8 @@
  * Semantics are those of worker/session.h: an append is logged before its first chunk and
  * acknowledged (callback) when its last chunk is in; a query forks the session at the data
  * completely appended before it was accepted (a concurrent append in progress is not
- * visible) and reserves |question| + max_tokens cells at acceptance (KVS_BUSY if they are
- * not there). Jobs whose deadline passes before they start fail with KVS_TIMEOUT; a query
+ * visible; behind a sliding append: the data that slide keeps) and reserves |question| +
+ * max_tokens cells at acceptance (KVS_BUSY if they are not there). Jobs whose deadline passes before they start fail with KVS_TIMEOUT; a query
  * that is already running when its deadline passes is stopped with KVS_TIMEOUT.
  *
  * Time is a parameter (now, seconds on any monotonic clock) so that tests drive it; step
@@ -136,6 +156,10 @@ struct kvs_sched_stats {
     uint64_t append_waits;                /* appends that had to wait for real cells */
     uint64_t append_capacity;             /* appends failed with KVS_CAPACITY (no real cells) */
     uint64_t flash_cancelled;             /* flash evaluations cancelled to free cells */
+    /* sliding appends (policy slide; see Capacity above) */
+    uint64_t slide_waits;                 /* appends that waited for their session's forks */
+    uint64_t slide_flash_cancelled;       /* flash evaluations cancelled for a slide */
+    uint64_t queries_deferred;            /* queries that waited behind a sliding append */
     /* flash queries */
     uint64_t flash_evals;                 /* flash answers computed */
     uint64_t flash_wasted;                /* ... whose session had moved on when they completed */

@@ -1101,6 +1101,24 @@ int kvs_sess_evict(kvs_session *s, int32_t first, int32_t k, char *err, size_t e
     return (int)gone;
 }
 
+int32_t kvs_sess_slide_shared(const kvs_session *s, int64_t n)
+{
+    kvs_pool *pool = s->S->e->pool;
+    int64_t cur = s->seq->n_cells;
+    if (s->policy != KVS_POLICY_SLIDE || cur + n <= s->budget) {
+        return 0;
+    }
+    /* every data block after the prefix is either evicted or replaced by a shifted copy */
+    int32_t bs = kvs_pool_block_size(pool);
+    int32_t first = (int32_t)((s->n_prefix + bs - 1) / bs);
+    int32_t used = (int32_t)((cur + bs - 1) / bs);
+    int32_t shared = 0;
+    for (int32_t i = first; i < used; i++) {
+        shared += kvs_pool_refcount(pool, s->seq->table[i]) > 1;
+    }
+    return shared;
+}
+
 static int slide(kvs_session *s, int64_t n, int32_t *evicted, char *err, size_t errlen)
 {
     kvs_engine *e = s->S->e;

@@ -99,6 +99,11 @@ void kvs_sess_free(kvs_session *s);
 /* The scheduler's building blocks (worker/sched.c). */
 int32_t kvs_sess_blocks_for(const kvs_sessions *S, int64_t cells);
 int32_t kvs_sess_blocks_free(const kvs_sessions *S);
+/* Data blocks that making room for n more cells would evict or replace (policy slide) while
+ * another seq, a query's fork, still references them: nothing reserves the cells those
+ * take (evicted ones stay allocated, kept ones are copied), so the scheduler does not slide
+ * while this is > 0. 0 when the append does not slide. */
+int32_t kvs_sess_slide_shared(const kvs_session *s, int64_t n);
 int kvs_sess_check_query_opts(const struct kvs_query_opts *o, char *err, size_t errlen);
 struct flash *kvs_sess_flash_find(kvs_session *s, const char *name);
 /* Tokenize text with the record (question = false) or question template; *ids malloc'd. */
