@@ -24,7 +24,7 @@
 #include <stdint.h>
 
 #define KVS_WIRE_VERSION 1                 /* the protocol version this code speaks */
-#define KVS_WIRE_MINOR 1                   /* its minor version (hello's `minor`) */
+#define KVS_WIRE_MINOR 2                   /* its minor version (hello's `minor`) */
 #define KVS_WIRE_MAX_FRAME (1u << 20)      /* payload bytes */
 #define KVS_WIRE_MAX_DEPTH 8               /* nesting; the top-level map is depth 1 */
 #define KVS_WIRE_MAX_OBJECTS 65536u        /* values + keys + elements in one message */

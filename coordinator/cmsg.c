@@ -46,6 +46,7 @@ bool kvs_cmsg_valid_id(const char *s, size_t max)
     X(MODEL, "model")                                                                              \
     X(CELLS, "cells")                                                                              \
     X(CELLS_TOTAL, "cells_total")                                                                  \
+    X(BLOCK_SIZE, "block_size")                                                                    \
     X(CELLS_USED, "cells_used")                                                                    \
     X(CELLS_RESERVED, "cells_reserved")                                                            \
     X(CELLS_FREE, "cells_free")                                                                    \
@@ -190,6 +191,9 @@ static int decode_field(struct kvs_cmsg *m, enum field f, const msgpack_object *
         return m->cells > 0 ? KVS_OK : bad(err, errlen, key, "must be >= 1");
     case F_CELLS_TOTAL:
         return get_uint(key, v, KVS_CMSG_MAX_CELLS, &m->cells_total, err, errlen);
+    case F_BLOCK_SIZE:
+        KVS_TRY(get_uint(key, v, KVS_CMSG_MAX_BLOCK_SIZE, &m->block_size, err, errlen));
+        return m->block_size > 0 ? KVS_OK : bad(err, errlen, key, "must be >= 1");
     case F_CELLS_USED:
         return get_uint(key, v, KVS_CMSG_MAX_CELLS, &m->cells_used, err, errlen);
     case F_CELLS_RESERVED:

@@ -22,6 +22,7 @@
 #define KVS_CMSG_DEVICE_MAX 63     /* bytes of a device name */
 #define KVS_CMSG_MAX_PREFIXES 1024 /* prefix hashes in one register / heartbeat */
 #define KVS_CMSG_MAX_CELLS (INT64_C(1) << 40)
+#define KVS_CMSG_MAX_BLOCK_SIZE 65536 /* cells per block a worker may declare */
 
 /* X(enum suffix, wire name) */
 #define KVS_CMSG_OP_TABLE(X)                                                                       \
@@ -56,9 +57,10 @@ struct kvs_cmsg {
     char worker[KVS_CMSG_WORKER_MAX + 1];     /* worker id, validated charset */
     char endpoint[KVS_CMSG_ENDPOINT_MAX + 1]; /* tcp://... or ipc://... */
     char device[KVS_CMSG_DEVICE_MAX + 1];
-    char model[65];                                  /* 64 lowercase hex digits, or "" */
-    uint64_t cells;                                  /* session.create: budget (> 0) */
-    uint64_t cells_total;                            /* register: the worker's pool */
+    char model[65];       /* 64 lowercase hex digits, or "" */
+    uint64_t cells;       /* session.create: budget (> 0) */
+    uint64_t cells_total; /* register: the worker's pool */
+    uint64_t block_size;  /* register: cells per block of its pool; 0 = not sent (minor < 2) */
     uint64_t cells_used, cells_reserved, cells_free; /* heartbeat */
     uint64_t queue;                                  /* heartbeat: requests waiting */
     uint64_t sessions;                               /* heartbeat: sessions it serves */

@@ -3,6 +3,7 @@
 #include "coordinator/coord_impl.h"
 
 #include "common/log.h"
+#include "common/sdnotify.h"
 #include "common/status.h"
 
 #include <errno.h>
@@ -16,6 +17,9 @@
 #define TICK_MS 200        /* health checks */
 #define DOWN_CHECK_MS 1000 /* how often an unhealthy worker's key is looked up */
 #define POLL_MOVES 64      /* moves' sockets polled per round (moves.c keeps fewer in flight) */
+#define STOREQ_CAP 1024    /* store jobs queued at most (storeq.h); more wait for a later round */
+#define STORE_STALL_MS 500 /* a store call running this long: the store is not answering */
+#define PROBE_MS 500       /* how often a store that stopped answering is tried again */
 
 /* ---- replies ---- */
 
@@ -34,8 +38,7 @@ static void send_reply(kvs_coord *c, const void *ident, size_t ident_len, const 
     }
 }
 
-void kvs_coord_send(kvs_coord *c, const void *ident, size_t ident_len, const void *data,
-                    size_t len)
+void kvs_coord_send(kvs_coord *c, const void *ident, size_t ident_len, const void *data, size_t len)
 {
     send_reply(c, ident, ident_len, data, len);
 }
@@ -52,12 +55,53 @@ static void send_error(kvs_coord *c, const void *ident, size_t ident_len, uint64
     send_out(c, ident, ident_len);
 }
 
+/* ---- the store, as the loop uses it (coord_impl.h) ---- */
+
+int kvs_coord_store_ready(kvs_coord *c, char *err, size_t errlen)
+{
+    if (kvs_storeq_healthy(c->storeq, now_ms(), STORE_STALL_MS)) {
+        return KVS_OK;
+    }
+    kvs_errf(err, errlen,
+             "the cluster store (%s) is not answering; nothing was changed: retry when it is "
+             "back (sessions are served meanwhile)",
+             kvs_store_kind(c->store));
+    return KVS_UNAVAILABLE;
+}
+
+int kvs_coord_put(kvs_coord *c, const char *key, const char *json, int64_t lease, char *err,
+                  size_t errlen)
+{
+    KVS_TRY(kvs_coord_store_ready(c, err, errlen));
+    int rc = kvs_leader_put(c->leader, key, json, strlen(json), lease, err, errlen);
+    kvs_storeq_note(c->storeq, rc);
+    return rc;
+}
+
+int kvs_coord_txn(kvs_coord *c, const struct kvs_store_cmp *cmp, size_t n_cmp,
+                  const struct kvs_store_op *ok, size_t n_ok, bool *succeeded, char *err,
+                  size_t errlen)
+{
+    KVS_TRY(kvs_coord_store_ready(c, err, errlen));
+    int rc = kvs_leader_txn(c->leader, cmp, n_cmp, ok, n_ok, succeeded, NULL, err, errlen);
+    kvs_storeq_note(c->storeq, rc);
+    return rc;
+}
+
+int kvs_coord_delete(kvs_coord *c, const char *key, char *err, size_t errlen)
+{
+    KVS_TRY(kvs_coord_store_ready(c, err, errlen));
+    int rc = kvs_leader_delete(c->leader, key, false, err, errlen);
+    kvs_storeq_note(c->storeq, rc);
+    return rc;
+}
+
 /* NOT_LEADER, with the leader's endpoint when known (clients go there). */
 static void send_not_leader(kvs_coord *c, const void *ident, size_t ident_len, uint64_t id)
 {
     char leader[KVS_CMSG_ENDPOINT_MAX + 1];
     kvs_leader_current(c->leader, leader, sizeof leader);
-    if (leader[0] == '\0') {
+    if (leader[0] == '\0' && kvs_storeq_healthy(c->storeq, now_ms(), STORE_STALL_MS)) {
         /* Not learned by the election yet (just started): ask the store. */
         char key[192];
         struct kvs_store_kv kv;
@@ -124,7 +168,7 @@ static int op_register(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t
         /* Sessions placed on it by an earlier leader count against it again. */
         for (size_t i = 0; i < c->n_sessions; i++) {
             if (strcmp(c->sessions[i].worker, w->id) == 0) {
-                w->cells_placed += c->sessions[i].cells;
+                w->cells_placed += kvs_coord_cells_reserved(w, c->sessions[i].cells);
                 w->n_sessions++;
             }
         }
@@ -139,6 +183,21 @@ static int op_register(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t
     snprintf(w->device, sizeof w->device, "%s", m->device[0] ? m->device : "cpu");
     snprintf(w->model, sizeof w->model, "%s", m->model);
     w->cells_total = (int64_t)m->cells_total;
+    if ((int64_t)m->block_size != w->block_size) {
+        /* What its sessions reserve there follows its block size (kvs_coord_cells_reserved);
+         * moves' holds on it (moves.c) are left as they were taken. */
+        for (size_t i = 0; i < c->n_sessions; i++) {
+            if (strcmp(c->sessions[i].worker, w->id) == 0) {
+                w->cells_placed -= kvs_coord_cells_reserved(w, c->sessions[i].cells);
+            }
+        }
+        w->block_size = (int64_t)m->block_size;
+        for (size_t i = 0; i < c->n_sessions; i++) {
+            if (strcmp(c->sessions[i].worker, w->id) == 0) {
+                w->cells_placed += kvs_coord_cells_reserved(w, c->sessions[i].cells);
+            }
+        }
+    }
     if (m->has_prefix_hashes) {
         free(w->prefix_hashes);
         w->prefix_hashes =
@@ -150,20 +209,28 @@ static int op_register(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t
         }
     }
     /* A fresh lease for a new (or returning) worker; the record bound to it. */
-    if (w->lease == 0 || w->down ||
-        kvs_store_lease_keepalive(c->store, w->lease, NULL, NULL, 0) < 0) {
+    KVS_TRY(kvs_coord_store_ready(c, err, errlen));
+    int64_t renewed = now_ms();
+    int rc = w->lease == 0 || w->down || w->lease_expired
+                 ? KVS_NOT_FOUND
+                 : kvs_store_lease_keepalive(c->store, w->lease, NULL, err, errlen);
+    if (rc < 0) {
         int64_t lease;
-        KVS_TRY(kvs_store_lease_grant(c->store, c->o.worker_ttl_s, &lease, NULL, err, errlen));
+        renewed = now_ms();
+        rc = kvs_store_lease_grant(c->store, c->o.worker_ttl_s, &lease, NULL, err, errlen);
+        kvs_storeq_note(c->storeq, rc);
+        KVS_TRY(rc);
         w->lease = lease;
+        w->lease_expired = false;
     }
-    w->lease_renewed_ms = now_ms();
+    w->lease_renewed_ms = renewed;
     char key[512];
     kvs_coord_worker_key(c, w->id, key, sizeof key);
     char *json = kvs_coord_worker_json(w);
     if (json == NULL) {
         return KVS_NO_MEMORY;
     }
-    int rc = kvs_leader_put(c->leader, key, json, strlen(json), w->lease, err, errlen);
+    rc = kvs_coord_put(c, key, json, w->lease, err, errlen);
     free(json);
     KVS_TRY(rc);
     w->last_hb_ms = now_ms();
@@ -221,20 +288,21 @@ static int op_heartbeat(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_
             w->n_prefix_hashes = m->n_prefix_hashes;
         }
     }
-    /* Renew its lease a few times per TTL, not per heartbeat. A store that is away is not
-     * the worker's fault: it keeps serving (the lease gets its full TTL back afterwards). */
-    if (now - w->lease_renewed_ms >= (int64_t)c->o.worker_ttl_s * 1000 / 3) {
-        char serr[256];
-        int rc = kvs_store_lease_keepalive(c->store, w->lease, NULL, serr, sizeof serr);
-        if (rc == KVS_OK) {
-            w->lease_renewed_ms = now;
-        } else if (rc == KVS_NOT_FOUND) {
-            kvs_errf(err, errlen, "worker '%s': its lease expired: register again", w->id);
-            w->down = true;
-            return KVS_NOT_FOUND;
-        } else {
-            KVS_WARN("coordinator: cannot renew worker '%s''s lease: %s", w->id, serr);
-        }
+    if (w->lease_expired) {
+        /* Not down: it heartbeats (the rule needs both). Registering gives it a new lease. */
+        kvs_errf(err, errlen, "worker '%s': its lease expired: register again", w->id);
+        return KVS_NOT_FOUND;
+    }
+    /* Renew its lease on (about) every heartbeat, so that the lease_age_ms of the reply stays
+     * within a heartbeat and the worker keeps nearly all of its stop-serving margin; on the
+     * store's thread (storeq.h), so that a store that hangs never holds up this reply. A
+     * store that is away is not the worker's fault: it keeps serving (the lease gets its full
+     * TTL back afterwards). */
+    if (!w->renewing && now - w->lease_renewed_ms >= c->o.heartbeat_ms / 2) {
+        struct kvs_storeq_job j = {
+            .kind = KVS_STOREQ_KEEPALIVE, .lease = w->lease, .token = c->token};
+        snprintf(j.worker, sizeof j.worker, "%s", w->id);
+        w->renewing = kvs_storeq_push(c->storeq, &j) == KVS_OK;
     }
     return KVS_OK;
 }
@@ -270,12 +338,12 @@ static int op_session_create(kvs_coord *c, const struct kvs_cmsg *m, struct kvs_
     struct kvs_store_op put = {
         .type = KVS_STORE_OP_PUT, .key = key, .value = json, .value_len = strlen(json)};
     bool ok = false;
-    int rc = kvs_leader_txn(c->leader, &absent, 1, &put, 1, &ok, NULL, err, errlen);
+    int rc = kvs_coord_txn(c, &absent, 1, &put, 1, &ok, err, errlen);
     free(json);
     if (rc == KVS_UNAVAILABLE) {
-        char why[400];
-        snprintf(why, sizeof why, "cannot record the placement: %s", err);
-        kvs_errf(err, errlen, "%s", why);
+        char why[400]; /* the store's reason, cut to fit */
+        snprintf(why, sizeof why, "%.360s", err);
+        kvs_errf(err, errlen, "cannot record the placement: %s", why);
     }
     KVS_TRY(rc);
     if (!ok) {
@@ -315,8 +383,8 @@ static int op_locate(kvs_coord *c, const struct kvs_cmsg *m, const struct sessio
             kvs_errf(err, errlen,
                      "session '%s': its worker '%s' is down (lease expired and no heartbeat) "
                      "and %s; the session is kept%s%s%s",
-                     m->session, s->worker, s->error,
-                     stuck ? ": restart worker '" : "", stuck ? s->worker : "",
+                     m->session, s->worker, s->error, stuck ? ": restart worker '" : "",
+                     stuck ? s->worker : "",
                      stuck ? "' (its files are in its data dir) to serve it again" : "");
         } else if (!c->o.shared_data_dir) {
             kvs_errf(err, errlen,
@@ -350,7 +418,7 @@ static int op_close(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t er
     }
     char key[512];
     kvs_coord_session_key(c, m->session, key, sizeof key);
-    KVS_TRY(kvs_leader_delete(c->leader, key, false, err, errlen));
+    KVS_TRY(kvs_coord_delete(c, key, err, errlen));
     kvs_coord_session_remove(c, i);
     return KVS_OK;
 }
@@ -367,8 +435,7 @@ static int op_cordon(kvs_coord *c, const struct kvs_cmsg *m, bool cordon, char *
     char key[512];
     kvs_coord_worker_key(c, w->id, key, sizeof key);
     char *json = kvs_coord_worker_json(w);
-    int rc = json ? kvs_leader_put(c->leader, key, json, strlen(json), w->lease, err, errlen)
-                  : KVS_NO_MEMORY;
+    int rc = json ? kvs_coord_put(c, key, json, w->lease, err, errlen) : KVS_NO_MEMORY;
     free(json);
     if (rc < 0) {
         w->admin_state = before; /* nothing changed */
@@ -378,7 +445,7 @@ static int op_cordon(kvs_coord *c, const struct kvs_cmsg *m, bool cordon, char *
 
 static void pack_worker(kvs_coord *c, msgpack_packer *pk, const struct worker *w, int64_t now)
 {
-    msgpack_pack_map(pk, 14);
+    msgpack_pack_map(pk, 15);
     pack_key(pk, "worker");
     pack_key(pk, w->id);
     pack_key(pk, "endpoint");
@@ -391,6 +458,8 @@ static void pack_worker(kvs_coord *c, msgpack_packer *pk, const struct worker *w
     pack_key(pk, w->down ? "down" : kvs_worker_state_name(kvs_coord_worker_state(c, w, now)));
     pack_key(pk, "cells_total");
     msgpack_pack_int64(pk, w->cells_total);
+    pack_key(pk, "block_size");
+    msgpack_pack_int64(pk, w->block_size);
     pack_key(pk, "cells_placed");
     msgpack_pack_int64(pk, w->cells_placed);
     pack_key(pk, "cells_used");
@@ -611,10 +680,31 @@ static void handle(kvs_coord *c, const void *ident, size_t ident_len, struct kvs
 
 /* ---- the loop ---- */
 
+/* Whether w's heartbeats to this leader stopped (unhealthy_ms without one). A worker not
+ * heard yet counts from when this leadership began: a new leader gives every worker the
+ * time to heartbeat to it before its key is looked at (after a store outage the workers'
+ * leases may have expired while they kept heartbeating). */
+static bool silent_for(const kvs_coord *c, const struct worker *w, int64_t now)
+{
+    int64_t heard = w->last_hb_ms != 0 ? w->last_hb_ms : c->led_since_ms;
+    return now - heard > c->o.unhealthy_ms;
+}
+
 /* Leadership changes and worker health. */
 static void tick(kvs_coord *c)
 {
     int64_t now = now_ms();
+    /* A store that stopped answering is tried again now and then (leader or not), so that
+     * the loop's own calls are let through again once it is back, even when no worker
+     * heartbeats. */
+    if (!kvs_storeq_healthy(c->storeq, now, STORE_STALL_MS) && kvs_storeq_pending(c->storeq) == 0 &&
+        now - c->last_probe_ms >= PROBE_MS) {
+        struct kvs_storeq_job j = {.kind = KVS_STOREQ_GET};
+        snprintf(j.key, sizeof j.key, "%sleader", c->key_root);
+        if (kvs_storeq_push(c->storeq, &j) == KVS_OK) {
+            c->last_probe_ms = now;
+        }
+    }
     int64_t token = kvs_leader_held_token(c->leader);
     if (token != c->token) {
         if (token != 0) {
@@ -627,6 +717,7 @@ static void tick(kvs_coord *c)
             }
             KVS_INFO("coordinator: %s leads cluster '%s' (token %lld)", c->endpoint, c->cluster,
                      (long long)token);
+            c->led_since_ms = now;
         } else {
             KVS_WARN("coordinator: %s stands by", c->endpoint);
             kvs_coord_moves_clear(c, KVS_NOT_LEADER,
@@ -641,17 +732,53 @@ static void tick(kvs_coord *c)
     /* The failure rule: down = heartbeats stopped AND lease expired (its key is gone). */
     for (size_t i = 0; i < c->n_workers; i++) {
         struct worker *w = &c->workers[i];
-        bool silent = w->last_hb_ms == 0 || now - w->last_hb_ms > c->o.unhealthy_ms;
-        if (!silent || w->down || now - w->down_checked_ms < DOWN_CHECK_MS) {
+        if (!silent_for(c, w, now) || w->down || now - w->down_checked_ms < DOWN_CHECK_MS) {
             continue;
         }
-        w->down_checked_ms = now;
-        char key[512], err[256];
-        kvs_coord_worker_key(c, w->id, key, sizeof key);
-        struct kvs_store_kv kv;
-        int rc = kvs_store_get(c->store, key, &kv, err, sizeof err);
-        kvs_store_kv_free(&kv);
-        if (rc == KVS_NOT_FOUND) {
+        if (w->checking) {
+            continue;
+        }
+        /* Is its key gone? Asked on the store's thread; the answer comes to on_store_done. */
+        struct kvs_storeq_job j = {.kind = KVS_STOREQ_GET, .token = c->token};
+        snprintf(j.worker, sizeof j.worker, "%s", w->id);
+        kvs_coord_worker_key(c, w->id, j.key, sizeof j.key);
+        if (kvs_storeq_push(c->storeq, &j) == KVS_OK) {
+            w->checking = true;
+            w->down_checked_ms = now;
+        }
+    }
+    kvs_coord_moves_tick(c, now);
+}
+
+/* Results of the store's thread: lease renewals and down checks (storeq.h). */
+static void on_store_done(kvs_coord *c)
+{
+    struct kvs_storeq_job j;
+    while (kvs_storeq_pop_done(c->storeq, &j)) {
+        struct worker *w = j.worker[0] ? kvs_coord_worker_find(c, j.worker) : NULL;
+        if (w == NULL || j.token != c->token || c->token == 0) {
+            continue; /* the probe, or a worker this leadership no longer knows */
+        }
+        int64_t now = now_ms();
+        if (j.kind == KVS_STOREQ_KEEPALIVE) {
+            w->renewing = false;
+            if (j.lease != w->lease) {
+                continue; /* it registered again meanwhile, with a new lease */
+            }
+            if (j.status == KVS_OK) {
+                /* dated when the call began: the store renewed it no earlier */
+                if (j.started_ms > w->lease_renewed_ms) {
+                    w->lease_renewed_ms = j.started_ms;
+                }
+            } else if (j.status == KVS_NOT_FOUND) {
+                w->lease_expired = true;
+            } else {
+                KVS_WARN("coordinator: cannot renew worker '%s''s lease: %s", w->id, j.err);
+            }
+            continue;
+        }
+        w->checking = false;
+        if (j.status == KVS_NOT_FOUND && silent_for(c, w, now) && !w->down) {
             w->down = true;
             KVS_WARN("coordinator: worker '%s' is down (no heartbeat for %lld ms and its lease "
                      "expired); its %lld sessions %s",
@@ -662,7 +789,6 @@ static void tick(kvs_coord *c)
         }
         /* UNAVAILABLE: the store is away; nobody is declared down meanwhile. */
     }
-    kvs_coord_moves_tick(c, now);
 }
 
 static int recv_parts(void *sock, zmq_msg_t *parts, int n_max)
@@ -692,7 +818,15 @@ int kvs_coord_run(kvs_coord *c)
 {
     int rc = KVS_OK;
     zmq_pollitem_t items[1 + POLL_MOVES];
+    /* systemd (Type=notify): ready once listening; the watchdog fed by this loop, so a loop
+     * that hangs gets the process restarted */
+    int64_t wd_ms = kvs_sd_watchdog_ms(), wd_last = 0;
+    kvs_sd_notify("READY=1");
     while (!c->stop) {
+        if (wd_ms > 0 && now_ms() - wd_last >= wd_ms / 2) {
+            kvs_sd_notify("WATCHDOG=1");
+            wd_last = now_ms();
+        }
         items[0] = (zmq_pollitem_t){c->router, 0, ZMQ_POLLIN, 0};
         size_t n_moves = kvs_coord_moves_poll_items(c, items + 1, POLL_MOVES);
         if (zmq_poll(items, (int)(1 + n_moves), 50) < 0 && errno != EINTR) {
@@ -702,6 +836,7 @@ int kvs_coord_run(kvs_coord *c)
         }
         /* Workers' answers to moves first: they may free what the tick looks at. */
         kvs_coord_moves_on_replies(c, items + 1, n_moves);
+        on_store_done(c);
         if (now_ms() - c->last_tick_ms >= TICK_MS || kvs_leader_held_token(c->leader) != c->token) {
             tick(c);
             c->last_tick_ms = now_ms();
@@ -736,6 +871,7 @@ int kvs_coord_run(kvs_coord *c)
             }
         }
     }
+    kvs_sd_notify("STOPPING=1");
     return rc;
 }
 
@@ -819,6 +955,12 @@ int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, si
         }
         c->own_store = true;
     }
+    c->storeq = kvs_storeq_new(c->store, STOREQ_CAP);
+    if (c->storeq == NULL) {
+        kvs_errf(err, errlen, "coordinator: cannot start the store's thread");
+        rc = KVS_NO_MEMORY;
+        goto fail;
+    }
     c->zctx = zmq_ctx_new();
     c->router = c->zctx ? zmq_socket(c->zctx, ZMQ_ROUTER) : NULL;
     if (c->router == NULL) {
@@ -870,6 +1012,7 @@ void kvs_coord_destroy(kvs_coord **pc, bool crash)
         kvs_coord_moves_clear(c, KVS_CANCELLED, "the coordinator is shutting down");
     }
     kvs_leader_destroy(&c->leader, !crash);
+    kvs_storeq_destroy(&c->storeq);
     if (c->router != NULL) {
         zmq_close(c->router);
     }

@@ -10,6 +10,7 @@
 #include "coordinator/coord.h"
 #include "coordinator/leader.h"
 #include "coordinator/placement.h"
+#include "coordinator/storeq.h"
 
 #include <signal.h>
 #include <stdbool.h>
@@ -26,7 +27,9 @@ struct worker {
     char device[KVS_CMSG_DEVICE_MAX + 1];
     char model[65];
     int64_t cells_total;  /* the worker's pool, cells */
-    int64_t cells_placed; /* budgets of the sessions placed on it, cells */
+    int64_t block_size;   /* cells per block of its pool (register); 0 = not sent */
+    int64_t cells_placed; /* what the sessions placed on it reserve there, cells
+                           * (kvs_coord_cells_reserved of each budget) */
     int64_t n_sessions;   /* sessions placed on it */
     uint64_t cells_used, cells_reserved, cells_free, queue, sessions_reported; /* heartbeat */
     double load;             /* heartbeat: tokens/s */
@@ -38,6 +41,9 @@ struct worker {
     int64_t lease_renewed_ms;          /* monotonic */
     bool down;                         /* lease expired and heartbeats stopped */
     int64_t down_checked_ms;
+    bool renewing;      /* a renewal of lease is queued on c->storeq */
+    bool checking;      /* a lookup of its key (is it down?) is queued on c->storeq */
+    bool lease_expired; /* a renewal found lease gone: its next heartbeat answers NOT_FOUND */
 };
 
 #define SESSION_ERROR_MAX 240 /* bytes of a session's error (why it cannot be served) */
@@ -69,8 +75,10 @@ struct kvs_coord {
     char key_root[128]; /* /kvstream/<cluster>/ */
     kvs_store *store;
     bool own_store;
+    kvs_storeq *storeq; /* the store calls the loop does not wait on (storeq.h) */
     kvs_leader *leader;
-    int64_t token; /* the leadership the in-memory state was loaded under */
+    int64_t token;        /* the leadership the in-memory state was loaded under */
+    int64_t led_since_ms; /* monotonic: when that leadership began (its state loaded) */
     void *zctx, *router;
     volatile sig_atomic_t stop;
     struct worker *workers; /* n_workers, unordered */
@@ -79,6 +87,7 @@ struct kvs_coord {
     size_t n_sessions, cap_sessions;
     kvs_wire_buf out;
     int64_t last_tick_ms;
+    int64_t last_probe_ms;   /* the last probe of a store that stopped answering */
     struct kvs_move **moves; /* n_moves in flight, owned */
     size_t n_moves, cap_moves;
     struct kvs_drain **drains; /* n_drains in progress, owned */
@@ -109,6 +118,16 @@ static inline void *grow(void *p, size_t *cap, size_t need, size_t elem)
     return q;
 }
 
+/* The cells a session of budget cells reserves on worker w: what kvs_session_create does
+ * (worker/session.c, kvs_sess_blocks_for): whole blocks, plus one for a fork's copy-on-write
+ * of a shared partial tail. A worker that did not send its block size (protocol minor < 2)
+ * is taken at its word: the budget. */
+static inline int64_t kvs_coord_cells_reserved(const struct worker *w, int64_t cells)
+{
+    struct kvs_worker_info info = {.block_size = w != NULL ? w->block_size : 0};
+    return kvs_placement_cells_reserved(&info, cells);
+}
+
 /* Make s printable ASCII in place (other bytes become '?'): a session's error is cut to a
  * fixed size, which may split a UTF-8 sequence. */
 static inline void kvs_coord_ascii(char *s)
@@ -119,6 +138,20 @@ static inline void kvs_coord_ascii(char *s)
         }
     }
 }
+
+/* Before a store call the loop makes itself: UNAVAILABLE with a reason when the store is not
+ * answering now (kvs_storeq_healthy), so the call is not made and the loop does not wait for
+ * its timeout; else 0 (coord.c). */
+int kvs_coord_store_ready(kvs_coord *c, char *err, size_t errlen);
+/* The loop's fenced writes (kvs_leader_put / kvs_leader_txn / kvs_leader_delete), refused at
+ * once with UNAVAILABLE while the store is not answering (kvs_coord_store_ready); their
+ * outcome is reported to the store's health (kvs_storeq_note). Errors as those. */
+int kvs_coord_put(kvs_coord *c, const char *key, const char *json, int64_t lease, char *err,
+                  size_t errlen);
+int kvs_coord_txn(kvs_coord *c, const struct kvs_store_cmp *cmp, size_t n_cmp,
+                  const struct kvs_store_op *ok, size_t n_ok, bool *succeeded, char *err,
+                  size_t errlen);
+int kvs_coord_delete(kvs_coord *c, const char *key, char *err, size_t errlen);
 
 /* ---- registry.c: keys and records (docs/CLUSTER.md) ---- */
 

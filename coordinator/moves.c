@@ -68,9 +68,9 @@ struct kvs_move {
     int64_t reserved;   /* drain: cells held on `to` until the placement is recorded */
     void *sock;         /* DEALER to the worker of this step */
     char endpoint[KVS_CMSG_ENDPOINT_MAX + 1];
-    uint64_t rid;    /* the id of the request in flight */
-    int attempt;     /* sends of this step so far */
-    int64_t sent_ms; /* monotonic */
+    uint64_t rid;     /* the id of the request in flight */
+    int attempt;      /* sends of this step so far */
+    int64_t sent_ms;  /* monotonic */
     int first_status; /* drain: why the adopt on `to` failed (reported after the way back) */
     char first_error[SESSION_ERROR_MAX + 1];
 };
@@ -336,8 +336,8 @@ static void drain_failed(kvs_coord *c, struct kvs_move *m, int status, const cha
     if (s != NULL) {
         s->moving = false;
     }
-    KVS_WARN("coordinator: drain of '%s': session '%s' not moved to '%s': %s", m->from,
-             m->session, m->to, why);
+    KVS_WARN("coordinator: drain of '%s': session '%s' not moved to '%s': %s", m->from, m->session,
+             m->to, why);
     drain_note(c, m, status, why);
     move_free(c, m);
 }
@@ -403,8 +403,8 @@ static void on_result(kvs_coord *c, struct kvs_move *m, int status, const char *
         }
         if (status == KVS_NOT_FOUND && m->alt_from[0] != '\0') {
             /* An earlier order may have left the files in the other directory. */
-            KVS_INFO("coordinator: session '%s' not in '%s''s directory; trying '%s''s",
-                     m->session, m->from, m->alt_from);
+            KVS_INFO("coordinator: session '%s' not in '%s''s directory; trying '%s''s", m->session,
+                     m->from, m->alt_from);
             snprintf(m->from, sizeof m->from, "%s", m->alt_from);
             m->alt_from[0] = '\0';
             m->attempt = 0;
@@ -434,7 +434,7 @@ static void on_result(kvs_coord *c, struct kvs_move *m, int status, const char *
             record_or_warn(c, s);
         }
         set_error(err, "%s; put back on '%s'%s", m->first_error, m->from,
-                 status < 0 ? " failed too: the session is unavailable" : "");
+                  status < 0 ? " failed too: the session is unavailable" : "");
         drain_failed(c, m, m->first_status, err);
         return;
     }
@@ -626,8 +626,8 @@ static bool drain_step(kvs_coord *c, struct kvs_drain *d, int64_t now)
             return true; /* the next one */
         }
         /* Hold the budget on the new worker until the placement is recorded. */
-        c->workers[p.index].cells_placed += s->cells;
-        m->reserved = s->cells;
+        m->reserved = kvs_coord_cells_reserved(&c->workers[p.index], s->cells);
+        c->workers[p.index].cells_placed += m->reserved;
         s->moving = true;
         d->busy = true;
         m->step = STEP_RELEASE;
@@ -799,8 +799,8 @@ static bool read_replies(kvs_coord *c, struct kvs_move *m)
         char err[256] = "";
         int prc = KVS_BAD_FORMAT;
         if (n == 2 && zmq_msg_size(&parts[0]) == 0) {
-            prc = parse_reply(zmq_msg_data(&parts[1]), zmq_msg_size(&parts[1]), &r, err,
-                              sizeof err);
+            prc =
+                parse_reply(zmq_msg_data(&parts[1]), zmq_msg_size(&parts[1]), &r, err, sizeof err);
         }
         for (int i = 0; i < (n < 2 ? n : 2); i++) {
             zmq_msg_close(&parts[i]);
@@ -862,7 +862,7 @@ int kvs_coord_drain_start(kvs_coord *c, const char *worker, const void *ident, s
         kvs_errf(err, errlen, "a drain of '%s' is in progress", worker);
         return KVS_BUSY;
     }
-    if (ident_len > sizeof ((struct kvs_drain *)0)->ident) {
+    if (ident_len > sizeof((struct kvs_drain *)0)->ident) {
         return KVS_INVALID_ARGUMENT;
     }
     struct kvs_drain **ds = grow(c->drains, &c->cap_drains, c->n_drains + 1, sizeof *ds);
@@ -877,8 +877,7 @@ int kvs_coord_drain_start(kvs_coord *c, const char *worker, const void *ident, s
     char key[512];
     kvs_coord_worker_key(c, w->id, key, sizeof key);
     char *json = kvs_coord_worker_json(w);
-    int rc = json ? kvs_leader_put(c->leader, key, json, strlen(json), w->lease, err, errlen)
-                  : KVS_NO_MEMORY;
+    int rc = json ? kvs_coord_put(c, key, json, w->lease, err, errlen) : KVS_NO_MEMORY;
     free(json);
     if (rc < 0) {
         w->admin_state = before;

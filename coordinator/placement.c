@@ -35,15 +35,23 @@ static bool has_prefix(const struct kvs_worker_info *w, uint64_t hash)
     return false;
 }
 
-/* Whether candidate a beats b (both eligible). */
-static bool better(const struct kvs_worker_info *a, bool a_hit, const struct kvs_worker_info *b,
-                   bool b_hit)
+int64_t kvs_placement_cells_reserved(const struct kvs_worker_info *w, int64_t n_cells)
+{
+    if (w->block_size <= 0) {
+        return n_cells;
+    }
+    return ((n_cells + w->block_size - 1) / w->block_size + 1) * w->block_size;
+}
+
+/* Whether candidate a beats b (both eligible), a_left and b_left cells left over on each. */
+static bool better(const struct kvs_worker_info *a, bool a_hit, int64_t a_left,
+                   const struct kvs_worker_info *b, bool b_hit, int64_t b_left)
 {
     if (a_hit != b_hit) {
         return a_hit;
     }
-    if (a->n_cells_free != b->n_cells_free) {
-        return a->n_cells_free < b->n_cells_free; /* best fit: least left over */
+    if (a_left != b_left) {
+        return a_left < b_left; /* best fit: least left over */
     }
     return strcmp(a->id, b->id) < 0;
 }
@@ -61,7 +69,7 @@ int kvs_placement_choose(const struct kvs_worker_info *workers, size_t n,
     }
     size_t n_ready = 0, n_model = 0, n_not_ready = 0, best = n;
     bool best_hit = false;
-    int64_t max_free = -1;
+    int64_t max_free = -1, best_left = 0;
     for (size_t i = 0; i < n; i++) {
         const struct kvs_worker_info *w = &workers[i];
         if (w->state != KVS_WORKER_READY) {
@@ -76,19 +84,21 @@ int kvs_placement_choose(const struct kvs_worker_info *workers, size_t n,
         if (w->n_cells_free > max_free) {
             max_free = w->n_cells_free;
         }
-        if (w->n_cells_free < rq->n_cells) {
+        int64_t left = w->n_cells_free - kvs_placement_cells_reserved(w, rq->n_cells);
+        if (left < 0) {
             continue;
         }
         bool hit = has_prefix(w, rq->prefix_hash);
-        if (best == n || better(w, hit, &workers[best], best_hit)) {
+        if (best == n || better(w, hit, left, &workers[best], best_hit, best_left)) {
             best = i;
             best_hit = hit;
+            best_left = left;
         }
     }
     if (best < n) {
         out->index = best;
         out->prefix_hit = best_hit;
-        out->n_cells_left = workers[best].n_cells_free - rq->n_cells;
+        out->n_cells_left = best_left;
         return KVS_OK;
     }
     if (n_ready == 0) {
@@ -104,8 +114,9 @@ int kvs_placement_choose(const struct kvs_worker_info *workers, size_t n,
         return KVS_MODEL_MISMATCH;
     }
     kvs_errf(reason, reason_len,
-             "no worker has %lld free cells for the session: the most free on a ready worker "
-             "serving its model is %lld (%zu such workers)",
+             "no worker has %lld free cells for the session (a worker reserves whole blocks, "
+             "plus one): the most free on a ready worker serving its model is %lld (%zu such "
+             "workers)",
              (long long)rq->n_cells, (long long)max_free, n_model);
     return KVS_CAPACITY;
 }

@@ -4,11 +4,12 @@
  *
  * The rule, in order:
  *   1. eligible: state READY (never cordoned, draining or unhealthy), serving the requested
- *      model (SHA-256 of the model file, compared exactly), with n_cells_free >= the budget;
+ *      model (SHA-256 of the model file, compared exactly), with n_cells_free >= what the
+ *      budget reserves there (kvs_placement_cells_reserved);
  *   2. prefix affinity: if any eligible worker has the request's prefix hash cached, only
  *      those are considered (a cache hit saves the prefix's prefill, as SGLang's cache-aware
  *      router does);
- *   3. best fit: the fewest free cells left after the budget (keeps big holes for big
+ *   3. best fit: the fewest free cells left after the reservation (keeps big holes for big
  *      sessions);
  *   4. ties: the smaller worker id (bytewise), so the choice is deterministic.
  * When nothing is eligible the reason says why, worker by worker class:
@@ -44,6 +45,8 @@ struct kvs_worker_info {
     const char *model_sha256; /* hex SHA-256 of the model it serves */
     int64_t n_cells_capacity; /* cells, the whole pool */
     int64_t n_cells_free;     /* cells not used nor reserved */
+    int64_t block_size;       /* cells per block of its pool: a budget costs more there
+                               * (kvs_placement_cells_reserved); 0 = budgets cost themselves */
     enum kvs_worker_state state;
     const uint64_t *prefix_hashes; /* n_prefix_hashes prefix hashes it has cached */
     size_t n_prefix_hashes;
@@ -60,6 +63,11 @@ struct kvs_placement {
     bool prefix_hit;      /* chosen for its cached prefix */
     int64_t n_cells_left; /* its free cells after the budget */
 };
+
+/* The cells a budget of n_cells reserves on worker w: as a kvs-worker admits it
+ * (worker/session.c), whole blocks plus one for a fork's copy-on-write tail, when w gave its
+ * block size; n_cells otherwise. */
+int64_t kvs_placement_cells_reserved(const struct kvs_worker_info *w, int64_t n_cells);
 
 /* Choose a worker for rq among workers[0..n). 0 with *out filled, or UNAVAILABLE,
  * MODEL_MISMATCH, CAPACITY (above) or INVALID_ARGUMENT (n_cells <= 0, no model) with a

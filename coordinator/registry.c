@@ -24,9 +24,10 @@ void kvs_coord_session_key(const kvs_coord *c, const char *id, char *buf, size_t
 
 char *kvs_coord_worker_json(const struct worker *w)
 {
-    json_t *j = json_pack("{sssssssIss}", "endpoint", w->endpoint, "device", w->device, "model",
-                          w->model, "cells_total", (json_int_t)w->cells_total, "state",
-                          kvs_worker_state_name(w->admin_state));
+    json_t *j =
+        json_pack("{sssssssIsIss}", "endpoint", w->endpoint, "device", w->device, "model", w->model,
+                  "cells_total", (json_int_t)w->cells_total, "block_size",
+                  (json_int_t)w->block_size, "state", kvs_worker_state_name(w->admin_state));
     char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
     json_decref(j);
     return s;
@@ -60,19 +61,21 @@ static int parse_worker(const struct kvs_store_kv *kv, const char *id, struct wo
     memset(w, 0, sizeof *w);
     json_t *j = json_loadb(kv->value, kv->value_len, JSON_REJECT_DUPLICATES, NULL);
     const char *ep, *dev, *model, *state;
-    json_int_t cells;
+    json_int_t cells, block_size = 0; /* block_size: absent in records of before minor 2 */
     int rc = KVS_BAD_FORMAT;
     if (j != NULL &&
-        json_unpack(j, "{sssssssIss}", "endpoint", &ep, "device", &dev, "model", &model,
-                    "cells_total", &cells, "state", &state) == 0 &&
+        json_unpack(j, "{sssssssIs?Iss}", "endpoint", &ep, "device", &dev, "model", &model,
+                    "cells_total", &cells, "block_size", &block_size, "state", &state) == 0 &&
         strlen(ep) <= KVS_CMSG_ENDPOINT_MAX && strlen(dev) <= KVS_CMSG_DEVICE_MAX &&
-        strlen(model) == 64 && cells >= 0 && cells <= KVS_CMSG_MAX_CELLS &&
-        kvs_worker_state_parse(state) >= 0 && kvs_cmsg_valid_id(id, KVS_CMSG_WORKER_MAX)) {
+        strlen(model) == 64 && cells >= 0 && cells <= KVS_CMSG_MAX_CELLS && block_size >= 0 &&
+        block_size <= KVS_CMSG_MAX_BLOCK_SIZE && kvs_worker_state_parse(state) >= 0 &&
+        kvs_cmsg_valid_id(id, KVS_CMSG_WORKER_MAX)) {
         snprintf(w->id, sizeof w->id, "%s", id);
         snprintf(w->endpoint, sizeof w->endpoint, "%s", ep);
         snprintf(w->device, sizeof w->device, "%s", dev);
         snprintf(w->model, sizeof w->model, "%s", model);
         w->cells_total = cells;
+        w->block_size = block_size;
         w->admin_state = (enum kvs_worker_state)kvs_worker_state_parse(state);
         if (w->admin_state == KVS_WORKER_UNHEALTHY) {
             w->admin_state = KVS_WORKER_READY; /* health is not an admin state */
@@ -173,7 +176,7 @@ int kvs_coord_session_add(kvs_coord *c, const struct session_rec *r)
     c->n_sessions++;
     struct worker *w = kvs_coord_worker_find(c, r->worker);
     if (w != NULL) {
-        w->cells_placed += r->cells;
+        w->cells_placed += kvs_coord_cells_reserved(w, r->cells);
         w->n_sessions++;
     }
     return KVS_OK;
@@ -183,7 +186,7 @@ void kvs_coord_session_remove(kvs_coord *c, size_t i)
 {
     struct worker *w = kvs_coord_worker_find(c, c->sessions[i].worker);
     if (w != NULL) {
-        w->cells_placed -= c->sessions[i].cells;
+        w->cells_placed -= kvs_coord_cells_reserved(w, c->sessions[i].cells);
         w->n_sessions--;
     }
     memmove(&c->sessions[i], &c->sessions[i + 1], (c->n_sessions - i - 1) * sizeof *c->sessions);
@@ -195,6 +198,7 @@ void kvs_coord_session_remove(kvs_coord *c, size_t i)
 int kvs_coord_state_load(kvs_coord *c, char *err, size_t errlen)
 {
     kvs_coord_state_clear(c);
+    KVS_TRY(kvs_coord_store_ready(c, err, errlen));
     char prefix[192];
     struct kvs_store_range r;
     snprintf(prefix, sizeof prefix, "%sworkers/", c->key_root);
@@ -251,7 +255,7 @@ int kvs_coord_state_load(kvs_coord *c, char *err, size_t errlen)
         w->admin_state = KVS_WORKER_READY;
         for (size_t k = 0; k < c->n_sessions; k++) {
             if (strcmp(c->sessions[k].worker, w->id) == 0) {
-                w->cells_placed += c->sessions[k].cells;
+                w->cells_placed += kvs_coord_cells_reserved(w, c->sessions[k].cells);
                 w->n_sessions++;
             }
         }
@@ -283,6 +287,7 @@ int kvs_coord_place(kvs_coord *c, const char *model, int64_t cells, uint64_t pre
                                            .model_sha256 = w->model,
                                            .n_cells_capacity = w->cells_total,
                                            .n_cells_free = w->cells_total - w->cells_placed,
+                                           .block_size = w->block_size,
                                            .state = kvs_coord_worker_state(c, w, now),
                                            .prefix_hashes = w->prefix_hashes,
                                            .n_prefix_hashes = w->n_prefix_hashes};
@@ -302,7 +307,7 @@ int kvs_coord_session_record(kvs_coord *c, const struct session_rec *r, char *er
     if (json == NULL) {
         return KVS_NO_MEMORY;
     }
-    int rc = kvs_leader_put(c->leader, key, json, strlen(json), 0, err, errlen);
+    int rc = kvs_coord_put(c, key, json, 0, err, errlen);
     free(json);
     return rc;
 }
@@ -312,13 +317,13 @@ void kvs_coord_session_reassign(kvs_coord *c, size_t i, const char *to)
     struct session_rec *r = &c->sessions[i];
     struct worker *w = kvs_coord_worker_find(c, r->worker);
     if (w != NULL) {
-        w->cells_placed -= r->cells;
+        w->cells_placed -= kvs_coord_cells_reserved(w, r->cells);
         w->n_sessions--;
     }
     snprintf(r->worker, sizeof r->worker, "%s", to);
     w = kvs_coord_worker_find(c, to);
     if (w != NULL) {
-        w->cells_placed += r->cells;
+        w->cells_placed += kvs_coord_cells_reserved(w, r->cells);
         w->n_sessions++;
     }
 }

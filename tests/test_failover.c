@@ -90,8 +90,7 @@ static void spawn(struct proc *p, const char *log, char *const argv[])
     close(fds[1]);
     FILE *f = fdopen(fds[0], "r");
     char line[512] = "";
-    ck_assert_msg(fgets(line, sizeof line, f) != NULL, "%s printed nothing (see %s)", argv[0],
-                  log);
+    ck_assert_msg(fgets(line, sizeof line, f) != NULL, "%s printed nothing (see %s)", argv[0], log);
     fclose(f);
     const char *at = strstr(line, "listening on ");
     ck_assert_msg(at != NULL, "%s: unexpected first line '%s'", argv[0], line);
@@ -114,10 +113,10 @@ static void start_coordinator(struct proc *p, const char *store, const char *nam
 {
     char log[400];
     snprintf(log, sizeof log, "%s/coordinator-%s.err", g_tmp, name);
-    char *argv[] = {g_coord_bin,        "--listen",     "tcp://127.0.0.1:*", "--store",
-                    (char *)store,      "--cluster",    (char *)name,        "--worker-ttl",
-                    "2",                "--heartbeat-ms", "200",             "--shared-data-dir",
-                    "--move-timeout-ms", "20000",       NULL};
+    char *argv[] = {
+        g_coord_bin, "--listen",          "tcp://127.0.0.1:*", "--store", (char *)store,
+        "--cluster", (char *)name,        "--worker-ttl",      "2",       "--heartbeat-ms",
+        "200",       "--shared-data-dir", "--move-timeout-ms", "20000",   NULL};
     spawn(p, log, argv);
 }
 
@@ -125,11 +124,32 @@ static void start_worker(struct proc *p, const char *id, const char *root, const
 {
     char log[600];
     snprintf(log, sizeof log, "%s-%s.err", root, id);
-    char *argv[] = {g_worker_bin, "--model",     g_model,       "--listen", "tcp://127.0.0.1:*",
-                    "--worker-id", (char *)id,   "--coordinator", (char *)coord, "--data-dir",
-                    (char *)root, "--fsync",     "always",      "--threads", "1",
-                    "--cells",    "4096",        NULL};
+    char *argv[] = {g_worker_bin,
+                    "--model",
+                    g_model,
+                    "--listen",
+                    "tcp://127.0.0.1:*",
+                    "--worker-id",
+                    (char *)id,
+                    "--coordinator",
+                    (char *)coord,
+                    "--data-dir",
+                    (char *)root,
+                    "--fsync",
+                    "always",
+                    "--threads",
+                    "1",
+                    "--cells",
+                    "4096",
+                    NULL};
     spawn(p, log, argv);
+}
+
+/* Signal etcd's process (SIGSTOP: it hangs, every call to it times out; SIGCONT). */
+static void etcd_signal(int sig)
+{
+    ck_assert_int_gt(g_etcd.pid, 0);
+    ck_assert_int_eq(kill(g_etcd.pid, sig), 0);
 }
 
 /* ---- a raw DEALER peer ---- */
@@ -366,8 +386,7 @@ static const char *wait_located(struct peer *coord, const char *session, const c
 
 static void mkdirs(const char *root)
 {
-    ck_assert_msg(mkdir(root, 0700) == 0 || errno == EEXIST, "mkdir %s: %s", root,
-                  strerror(errno));
+    ck_assert_msg(mkdir(root, 0700) == 0 || errno == EEXIST, "mkdir %s: %s", root, strerror(errno));
 }
 
 /* ---- tests ---- */
@@ -618,6 +637,166 @@ START_TEST(test_data_dir_not_reachable)
 }
 END_TEST
 
+/* etcd hangs (SIGSTOP, not killed: every store call waits for its timeout) for longer than
+ * the workers' lease TTL: the coordinator answers heartbeats, locates and admin views from
+ * memory, so every worker keeps serving (a query answers) and nothing is re-placed; a write
+ * that needs the store is refused at once with UNAVAILABLE. SIGCONT: writes succeed again
+ * (session.create) without operator action, the session still where it was. */
+START_TEST(test_etcd_paused)
+{
+    if (g_etcd.pid <= 0) {
+        fprintf(stderr, "test_failover: etcd paused: no etcd, skipped\n");
+        return;
+    }
+    fprintf(stderr, "test_failover: etcd paused, store %s\n", g_etcd.url);
+    char root[300];
+    snprintf(root, sizeof root, "%s/paused", g_tmp);
+    mkdirs(root);
+    struct proc co, wa, wb;
+    start_coordinator(&co, g_etcd.url, "paused");
+    start_worker(&wa, "wa", root, co.endpoint);
+    start_worker(&wb, "wb", root, co.endpoint);
+    struct peer *coord = peer_new(co.endpoint);
+    char model[65];
+    wait_workers(coord, 2, model);
+    const msgpack_object *r = rpc(coord, "session.create", "s:session", "held", "s:model", model,
+                                  "u:cells", U(1024), NULL);
+    ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
+    char owner[80], owner_ep[128];
+    snprintf(owner, sizeof owner, "%s", str(r, "worker"));
+    snprintf(owner_ep, sizeof owner_ep, "%s", str(r, "endpoint"));
+    struct peer *w = peer_new(owner_ep);
+    r = rpc(w, "session.create", "s:session", "held", "u:cells", U(1024), NULL);
+    ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
+    append_ticks(w, "held", 1, 3);
+
+    /* 3 x the lease TTL; the workers stop serving after TTL minus the margin (1 s) of
+     * silence from the coordinator. */
+    const int pause_ms = 3 * TTL_S * 1000;
+    etcd_signal(SIGSTOP);
+    int64_t t0 = now_ms(), slowest = 0;
+    bool create_refused = false;
+    int n_queries = 0;
+    while (now_ms() - t0 < pause_ms) {
+        int64_t t1 = now_ms();
+        r = rpc(coord, "admin.workers", NULL);
+        const msgpack_object *ws = get(r, "workers");
+        ck_assert_ptr_nonnull(ws);
+        ck_assert_int_eq(ws->via.array.size, 2);
+        for (uint32_t i = 0; i < ws->via.array.size; i++) {
+            const char *state = str(&ws->via.array.ptr[i], "state");
+            ck_assert_msg(strcmp(state, "ready") == 0, "%s is %s with etcd paused",
+                          str(&ws->via.array.ptr[i], "worker"), state);
+        }
+        r = rpc(coord, "session.locate", "s:session", "held", NULL);
+        ck_assert_msg(code(r)[0] == '\0', "locate: %s %s", code(r), message(r));
+        ck_assert_str_eq(str(r, "worker"), owner);
+        int64_t took = now_ms() - t1;
+        slowest = took > slowest ? took : slowest;
+        r = rpc(w, "query", "s:session", "held", "s:question", "last tick?", "u:max_tokens", U(2),
+                NULL);
+        ck_assert_msg(code(r)[0] == '\0', "query %lld ms into the pause: %s %s",
+                      (long long)(now_ms() - t0), code(r), message(r));
+        n_queries++;
+        if (!create_refused && now_ms() - t0 > 2000) {
+            t1 = now_ms();
+            r = rpc(coord, "session.create", "s:session", "during", "s:model", model, "u:cells",
+                    U(256), NULL);
+            ck_assert_str_eq(code(r), "UNAVAILABLE");
+            ck_assert_msg(now_ms() - t1 < 1000, "a refused create took %lld ms",
+                          (long long)(now_ms() - t1));
+            create_refused = true;
+        }
+        sleep_ms(200);
+    }
+    etcd_signal(SIGCONT);
+    fprintf(stderr,
+            "test_failover: etcd paused %d ms: %d queries answered, admin.workers + locate "
+            "answered in %lld ms at most\n",
+            pause_ms, n_queries, (long long)slowest);
+    ck_assert(create_refused);
+    ck_assert_msg(slowest < 1000, "the coordinator took %lld ms to answer", (long long)slowest);
+
+    /* Back: a write goes through again (after its leases' renewals catch up). */
+    int64_t t2 = now_ms();
+    for (;;) {
+        r = rpc(coord, "session.create", "s:session", "after", "s:model", model, "u:cells", U(256),
+                NULL);
+        if (code(r)[0] == '\0') {
+            break;
+        }
+        ck_assert_msg(now_ms() - t2 < 15000, "session.create after etcd came back: %s %s", code(r),
+                      message(r));
+        sleep_ms(200);
+    }
+    fprintf(stderr, "test_failover: session.create succeeded %lld ms after SIGCONT\n",
+            (long long)(now_ms() - t2));
+    /* Nothing was re-placed; the session is served where it was. */
+    sleep_ms(2 * TTL_S * 1000);
+    r = rpc(coord, "session.locate", "s:session", "held", NULL);
+    ck_assert_msg(code(r)[0] == '\0', "locate: %s %s", code(r), message(r));
+    ck_assert_str_eq(str(r, "worker"), owner);
+    r = rpc(w, "query", "s:session", "held", "s:question", "last tick?", "u:max_tokens", U(2),
+            NULL);
+    ck_assert_msg(code(r)[0] == '\0', "query after the pause: %s %s", code(r), message(r));
+    append_ticks(w, "held", 4, 1);
+    peer_free(&w);
+    peer_free(&coord);
+    proc_kill(&wa, SIGTERM);
+    proc_kill(&wb, SIGTERM);
+    proc_kill(&co, SIGTERM);
+}
+END_TEST
+
+/* The coordinator counts a budget as the worker reserves it (whole blocks of 16 cells plus
+ * one): with a pool of 4,096 cells (256 blocks), eight sessions of 496 cells (31 + 1 blocks
+ * each) fill it exactly, and both the coordinator and the worker accept all eight; a ninth of
+ * 64 cells (5 blocks) fits neither, and the coordinator says so itself (CAPACITY) instead of
+ * placing a session that the worker would then refuse. */
+START_TEST(test_exact_fit)
+{
+    const char *store = g_stores[_i];
+    fprintf(stderr, "test_failover: exact fit, store %s\n", store);
+    char root[300], name[32];
+    snprintf(root, sizeof root, "%s/fit-%d", g_tmp, _i);
+    snprintf(name, sizeof name, "fit-%d", _i);
+    mkdirs(root);
+    struct proc co, wa;
+    start_coordinator(&co, store, name);
+    start_worker(&wa, "wa", root, co.endpoint);
+    struct peer *coord = peer_new(co.endpoint);
+    char model[65];
+    wait_workers(coord, 1, model);
+    struct peer *w = peer_new(wa.endpoint);
+    for (int i = 0; i < 8; i++) {
+        char id[32];
+        snprintf(id, sizeof id, "fit%d", i);
+        const msgpack_object *r = rpc(coord, "session.create", "s:session", id, "s:model", model,
+                                      "u:cells", U(496), NULL);
+        ck_assert_msg(code(r)[0] == '\0', "coordinator, session %d: %s %s", i, code(r), message(r));
+        r = rpc(w, "session.create", "s:session", id, "u:cells", U(496), NULL);
+        ck_assert_msg(code(r)[0] == '\0', "worker, session %d: %s %s", i, code(r), message(r));
+    }
+    const msgpack_object *r = rpc(w, "status", NULL);
+    ck_assert_uint_eq(num(get(r, "capacity"), "cells_free"), 0);
+    r = rpc(coord, "session.create", "s:session", "ninth", "s:model", model, "u:cells", U(64),
+            NULL);
+    ck_assert_msg(strcmp(code(r), "CAPACITY") == 0, "a ninth session: %s %s (worker '%s')", code(r),
+                  message(r), str(r, "worker"));
+    r = rpc(w, "session.create", "s:session", "ninth", "u:cells", U(64), NULL);
+    ck_assert_str_eq(code(r), "CAPACITY"); /* the worker agrees */
+    r = rpc(coord, "admin.workers", NULL);
+    const msgpack_object *ws = get(r, "workers");
+    ck_assert_int_eq(ws->via.array.size, 1);
+    ck_assert_uint_eq(num(&ws->via.array.ptr[0], "block_size"), 16);
+    ck_assert_uint_eq(num(&ws->via.array.ptr[0], "cells_placed"), 4096);
+    peer_free(&w);
+    peer_free(&coord);
+    proc_kill(&wa, SIGTERM);
+    proc_kill(&co, SIGTERM);
+}
+END_TEST
+
 static void setup(void)
 {
     g_zctx = zmq_ctx_new();
@@ -671,8 +850,9 @@ int main(void)
         return 1;
     }
     if (!etcd_rig_available()) {
-        fprintf(stderr, "test_failover: %s is not installed (apt-get install etcd-server): the "
-                        "etcd runs are skipped, the embedded store's run\n",
+        fprintf(stderr,
+                "test_failover: %s is not installed (apt-get install etcd-server): the "
+                "etcd runs are skipped, the embedded store's run\n",
                 ETCD_RIG_BIN);
     } else if (etcd_rig_start(&g_etcd) < 0) {
         etcd_rig_destroy(&g_etcd);
@@ -687,6 +867,13 @@ int main(void)
     tcase_add_loop_test(tc, test_data_dir_not_reachable, 0, g_n_stores);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(su, tc);
+    /* the coordinator's findings (CK_RUN_CASE=coordinator runs these alone) */
+    TCase *tc2 = tcase_create("coordinator");
+    tcase_add_checked_fixture(tc2, setup, teardown);
+    tcase_add_loop_test(tc2, test_exact_fit, 0, g_n_stores);
+    tcase_add_test(tc2, test_etcd_paused);
+    tcase_set_timeout(tc2, 120);
+    suite_add_tcase(su, tc2);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

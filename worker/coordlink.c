@@ -158,13 +158,15 @@ static void send_request(kvs_coordlink *l, bool reg, int64_t now)
     msgpack_packer *pk = &l->out.pk;
     uint64_t id = ++l->next_id;
     if (reg) {
-        msgpack_pack_map(pk, 7);
+        msgpack_pack_map(pk, 8);
         kvs_wire_pack_cstr(pk, "id"), msgpack_pack_uint64(pk, id);
         pack_kv_str(pk, "op", "worker.register");
         pack_kv_str(pk, "worker", l->worker);
         pack_kv_str(pk, "endpoint", l->advertise);
         pack_kv_str(pk, "model", kvs_server_model_sha256(srv));
         pack_kv_i64(pk, "cells_total", ld.cells_total);
+        /* how the coordinator counts what a budget reserves here (PROTOCOL.md §9) */
+        pack_kv_i64(pk, "block_size", ld.block_size);
         pack_kv_str(pk, "device", l->device);
     } else {
         if (l->last_rows_ms > 0 && now > l->last_rows_ms && ld.rows >= l->last_rows) {

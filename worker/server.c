@@ -4,7 +4,7 @@
 
 #include "common/log.h"
 #include "common/status.h"
-#include "worker/sdnotify.h"
+#include "common/sdnotify.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -447,6 +447,7 @@ const char *kvs_srv_fence_reason(kvs_server *srv)
 void kvs_server_load(kvs_server *srv, struct kvs_server_load *out)
 {
     out->cells_total = kvs_pool_capacity_cells(srv->e->pool);
+    out->block_size = kvs_pool_block_size(srv->e->pool);
     out->cells_used = atomic_load(&srv->load_cells_used);
     out->cells_reserved = atomic_load(&srv->load_cells_reserved);
     out->cells_free = atomic_load(&srv->load_cells_free);

@@ -80,6 +80,7 @@ void kvs_server_destroy(kvs_server **srv);
 /* A worker's load, for the coordinator's heartbeats (worker/coordlink.h). */
 struct kvs_server_load {
     int64_t cells_total;    /* the pool */
+    int64_t block_size;     /* cells per block of the pool (a session reserves whole blocks) */
     int64_t cells_used;     /* in referenced blocks */
     int64_t cells_reserved; /* promised to sessions and running queries */
     int64_t cells_free;     /* neither */

@@ -27,12 +27,12 @@ def records(dump):
 
 
 def test_hello_minor_and_status_metrics(client):
-    assert client.hello()["minor"] == 1
+    assert client.hello()["minor"] == 2
     client.create("m", cells=1024)
     client.append("m", "hello")
     client.query("m", "Why?", max_tokens=4)
     st = client.status()
-    assert st["protocol"] == 1 and st["protocol_minor"] == 1
+    assert st["protocol"] == 1 and st["protocol_minor"] == 2
     sc = st["scheduler"]
     assert sc["steps"] > 0 and sc["completed"] >= 2
     assert set(sc["rows"]) == {"decode", "question", "append", "flash"}

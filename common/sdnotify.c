@@ -1,5 +1,5 @@
-/* sd_notify without libsystemd: see worker/sdnotify.h. */
-#include "worker/sdnotify.h"
+/* sd_notify without libsystemd: see common/sdnotify.h. */
+#include "common/sdnotify.h"
 
 #include <errno.h>
 #include <stddef.h>

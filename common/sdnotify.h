@@ -1,7 +1,8 @@
 /* systemd's readiness and watchdog protocol (sd_notify(3)) without libsystemd: one datagram
- * to the unix socket named by $NOTIFY_SOCKET. Under `Type=notify` kvs-worker says READY=1 once
- * it listens, WATCHDOG=1 from its I/O loop (every half of $WATCHDOG_USEC) and STOPPING=1 at
- * shutdown. Outside systemd ($NOTIFY_SOCKET unset) every call does nothing.
+ * to the unix socket named by $NOTIFY_SOCKET. Under `Type=notify` kvs-worker and
+ * kvs-coordinator say READY=1 once they listen, WATCHDOG=1 from their request loops (every half
+ * of $WATCHDOG_USEC: a loop that hangs is restarted) and STOPPING=1 at shutdown. Outside
+ * systemd ($NOTIFY_SOCKET unset) every call does nothing.
  *
  * Thread-safety: reentrant (a socket per call).
  */
