@@ -129,7 +129,9 @@ _Static_assert(sizeof(struct kvs_cpu_block_q4_1) == 20, "Q4_1 block");
 
 /* Compute y[r * ldy + o] for rows r in [0, n_rows) and outputs o in [o0, o1). x is the
  * f32 activations (float weights), row r at x + r * n_in, or the kvs_cpu_q8g groups
- * (quantized weights), row r at x + r * ceil(n_in / 256). bias may be NULL. */
+ * (quantized weights), row r at x + r * ng (ng = ceil(n_in / 256)); for Q4_1 the groups are
+ * followed by the activation sums of each quad of rows transposed: floats, quad q, group g,
+ * block j, row i (< 4) at ((q * ng + g) * 8 + j) * 4 + i. bias may be NULL. */
 typedef void (*kvs_cpu_gemm_fn)(const struct kvs_weight *w, const void *x, int32_t n_rows,
                                 int64_t o0, int64_t o1, const float *bias, float *y,
                                 int64_t ldy);

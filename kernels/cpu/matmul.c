@@ -368,11 +368,26 @@ int kvs_cpu_matmul(kvs_backend *b, const struct kvs_weight *w, const float *x, i
             return KVS_INVALID_ARGUMENT;
         }
         int64_t ng = (w->n_in / KVS_QK + KVS_QG - 1) / KVS_QG;
-        KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->qx, &c->cap_qx, (int64_t)n_rows * ng,
+        /* the groups, then (Q4_1) the sums of each quad of rows transposed (cpu_impl.h) */
+        int64_t n_st = w->type == KVS_DTYPE_Q4_1 ? (int64_t)(n_rows / 4) * ng * 32 : 0;
+        int64_t n_extra = (n_st * (int64_t)sizeof(float) + (int64_t)sizeof(struct kvs_cpu_q8g) - 1) /
+                          (int64_t)sizeof(struct kvs_cpu_q8g);
+        KVS_TRY(kvs_cpu_scratch_reserve((void **)&c->qx, &c->cap_qx,
+                                        (int64_t)n_rows * ng + n_extra,
                                         sizeof(struct kvs_cpu_q8g)));
         struct quant_job qj = {.k = k, .x = x, .qx = c->qx, .n_in = w->n_in};
         /* a row takes ~n_in ns: only batches are worth waking the workers for */
         kvs_threadpool_for(c->pool, n_rows, 4, quant_range, &qj);
+        float *st = (float *)(c->qx + (int64_t)n_rows * ng);
+        for (int64_t q = 0; q < (n_st > 0 ? n_rows / 4 : 0); q++) {
+            for (int64_t g = 0; g < ng; g++) {
+                for (int jj = 0; jj < KVS_QG; jj++) {
+                    for (int r = 0; r < 4; r++) {
+                        st[((q * ng + g) * KVS_QG + jj) * 4 + r] = c->qx[(q * 4 + r) * ng + g].s[jj];
+                    }
+                }
+            }
+        }
         xin = c->qx;
     }
     struct gemm_job gj = {.fn = fn, .w = w, .x = xin, .n_rows = n_rows, .bias = bias, .y = y};

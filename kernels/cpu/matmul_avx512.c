@@ -60,8 +60,8 @@ KVS_INLINE __m512i unpack_q4_single(const uint8_t *qs)
 
 #define Q_TILE_PAIRED(NAME, TYPE)                                                              \
     KVS_INLINE void NAME(const uint8_t *w, size_t row_bytes, const struct kvs_cpu_q8g *x,     \
-                         int64_t ldx, int64_t nb, const int R, const int C, float *out,        \
-                         int64_t ldo)                                                          \
+                         const float *xst, int64_t ldx, int64_t nb, const int R, const int C,  \
+                         float *out, int64_t ldo)                                              \
     {                                                                                          \
         __m256 acc[4][4], ms[4][4];                                                            \
         float msum[4][4];                                                                      \

@@ -142,20 +142,38 @@ KVS_INLINE void transpose4x8(const float *pa, const float *pb, const float *pc, 
 #define Q_MSUM_GROUP(TYPE)                                                                     \
     if (TYPE == KVS_DTYPE_Q4_1) {                                                              \
         if (R == 4) {                                                                          \
-            __m128 st[8];                                                                      \
-            transpose4x8(x[g].s, x[ldx + g].s, x[2 * ldx + g].s, x[3 * ldx + g].s, st);        \
-            _Pragma("GCC unroll 4") for (int c = 0; c < C; c++)                               \
-            {                                                                                  \
+            const float *st = xst + g * KVS_QG * 4; /* st + 4 j: rows' sums at block j */ \
+            if (gn == KVS_QG) { /* unrolled: the columns' chains interleave */               \
+                _Pragma("GCC unroll 8") for (int j = 0; j < KVS_QG; j++)                      \
+                {                                                                              \
+                    _Pragma("GCC unroll 4") for (int c = 0; c < C; c++)                       \
+                    {                                                                          \
+                        msv[c] = _mm_fmadd_ps(_mm_set1_ps(mwf[c][j]), _mm_loadu_ps(st + 4 * j),     \
+                                              msv[c]);                                         \
+                    }                                                                          \
+                }                                                                              \
+            } else {                                                                           \
                 for (int j = 0; j < gn; j++) {                                                 \
-                    msv[c] = _mm_fmadd_ps(_mm_set1_ps(mwf[c][j]), st[j], msv[c]);              \
+                    _Pragma("GCC unroll 4") for (int c = 0; c < C; c++)                       \
+                    {                                                                          \
+                        msv[c] = _mm_fmadd_ps(_mm_set1_ps(mwf[c][j]), _mm_loadu_ps(st + 4 * j),     \
+                                              msv[c]);                                         \
+                    }                                                                          \
                 }                                                                              \
             }                                                                                  \
         } else if (R == 1 && C == 4) {                                                         \
             __m128 mt[8];                                                                      \
             transpose4x8(mwf[0], mwf[1], mwf[2], mwf[3], mt);                                  \
             const float *xs = x[g].s;                                                          \
-            for (int j = 0; j < gn; j++) {                                                     \
-                msv[0] = _mm_fmadd_ps(mt[j], _mm_set1_ps(xs[j]), msv[0]);                      \
+            if (gn == KVS_QG) {                                                                \
+                _Pragma("GCC unroll 8") for (int j = 0; j < KVS_QG; j++)                      \
+                {                                                                              \
+                    msv[0] = _mm_fmadd_ps(mt[j], _mm_set1_ps(xs[j]), msv[0]);                  \
+                }                                                                              \
+            } else {                                                                           \
+                for (int j = 0; j < gn; j++) {                                                 \
+                    msv[0] = _mm_fmadd_ps(mt[j], _mm_set1_ps(xs[j]), msv[0]);                  \
+                }                                                                              \
             }                                                                                  \
         } else {                                                                               \
             _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                               \
@@ -235,8 +253,8 @@ KVS_INLINE void transpose4x8(const float *pa, const float *pb, const float *pc, 
 /* TYPE: enum kvs_dtype; BLOCK: Q_BLOCK_Q4 or Q_BLOCK_Q8 */
 #define Q_TILE(NAME, TYPE, BLOCK)                                                              \
     KVS_INLINE void NAME(const uint8_t *w, size_t row_bytes, const struct kvs_cpu_q8g *x,     \
-                         int64_t ldx, int64_t nb, const int R, const int C, float *out,        \
-                         int64_t ldo)                                                          \
+                         const float *xst, int64_t ldx, int64_t nb, const int R, const int C,  \
+                         float *out, int64_t ldo)                                              \
     {                                                                                          \
         __m256 acc[4][4], ms[4][4];                                                            \
         float msum[4][4];                                                                      \
@@ -316,18 +334,19 @@ KVS_INLINE void prefetch_rows(const uint8_t *p, size_t bytes)
         const uint8_t *wd = w->data;                                                           \
         const size_t rb = w->row_bytes;                                                        \
         const int64_t nb = w->n_in / KVS_QK, ng = (nb + KVS_QG - 1) / KVS_QG;                  \
+        const float *xst = (const float *)(x + (int64_t)n_rows * ng); /* Q4_1: quads' sums */  \
         for (int64_t ob = o0; ob < o1; ob += 16) {                                             \
             int64_t oe = ob + 16 < o1 ? ob + 16 : o1;                                          \
             int32_t r = 0;                                                                     \
             for (; r + KVS_X86_TILE_R <= n_rows; r += KVS_X86_TILE_R) {                        \
                 int64_t o = ob;                                                                \
                 for (; o + KVS_X86_TILE_C <= oe; o += KVS_X86_TILE_C) {                        \
-                    TILE(wd + o * rb, rb, x + r * ng, ng, nb, KVS_X86_TILE_R, KVS_X86_TILE_C,  \
-                         y + r * ldy + o, ldy);                                                \
+                    TILE(wd + o * rb, rb, x + r * ng, xst + (r / 4) * ng * 32, ng, nb,         \
+                         KVS_X86_TILE_R, KVS_X86_TILE_C, y + r * ldy + o, ldy);                \
                 }                                                                              \
                 for (; o < oe; o++) {                                                          \
-                    TILE(wd + o * rb, rb, x + r * ng, ng, nb, KVS_X86_TILE_R, 1,               \
-                         y + r * ldy + o, ldy);                                                \
+                    TILE(wd + o * rb, rb, x + r * ng, xst + (r / 4) * ng * 32, ng, nb,         \
+                         KVS_X86_TILE_R, 1, y + r * ldy + o, ldy);                             \
                 }                                                                              \
             }                                                                                  \
             for (; r < n_rows; r++) {                                                          \
@@ -336,10 +355,10 @@ KVS_INLINE void prefetch_rows(const uint8_t *p, size_t bytes)
                     if (r == 0 && o + KVS_PF_ROWS + 4 <= w->n_out) {                           \
                         prefetch_rows(wd + (o + KVS_PF_ROWS) * rb, 4 * rb);                    \
                     }                                                                          \
-                    TILE(wd + o * rb, rb, x + r * ng, ng, nb, 1, 4, y + r * ldy + o, ldy);     \
+                    TILE(wd + o * rb, rb, x + r * ng, NULL, ng, nb, 1, 4, y + r * ldy + o, ldy); \
                 }                                                                              \
                 for (; o < oe; o++) {                                                          \
-                    TILE(wd + o * rb, rb, x + r * ng, ng, nb, 1, 1, y + r * ldy + o, ldy);     \
+                    TILE(wd + o * rb, rb, x + r * ng, NULL, ng, nb, 1, 1, y + r * ldy + o, ldy); \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
