@@ -396,6 +396,76 @@ START_TEST(test_placement_and_directory)
 }
 END_TEST
 
+/* What a budget costs on a worker that sent its block size (worker.register, minor 2): whole
+ * blocks plus one, as kvs-worker reserves it (worker/session.c), so that a placement is never
+ * refused by the worker; a worker that did not send it is counted by the budget. Best fit
+ * compares what is left after the reservation. */
+START_TEST(test_block_size_accounting)
+{
+    struct kvs_coord_opts o = {.store = g_store, .cluster = "blocks"};
+    struct running run;
+    start(&run, &o);
+    struct peer w, cl;
+    peer_open(&w, kvs_coord_endpoint(run.c));
+    peer_open(&cl, kvs_coord_endpoint(run.c));
+    wait_leader(&cl);
+    const msgpack_object *r =
+        rpc(&w, "worker.register", "s:worker", "b16", "s:endpoint", "tcp://127.0.0.1:7721",
+            "s:model", MODEL_A, "u:cells_total", U(4096), "u:block_size", U(16), NULL);
+    ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
+    /* 4096 cells = 256 blocks; 496 cells = 31 + 1 blocks: eight fill it exactly. */
+    for (int i = 0; i < 8; i++) {
+        char id[16];
+        snprintf(id, sizeof id, "e%d", i);
+        ck_assert_str_eq(create(&cl, id, 496, MODEL_A, 0), "b16");
+    }
+    ck_assert_str_eq(create(&cl, "e8", 1, MODEL_A, 0), "CAPACITY"); /* 1 cell = 2 blocks */
+    r = rpc(&cl, "admin.workers", NULL);
+    const msgpack_object *ws = get(r, "workers");
+    ck_assert_int_eq(num(&ws->via.array.ptr[0], "cells_placed"), 4096);
+    ck_assert_int_eq(num(&ws->via.array.ptr[0], "block_size"), 16);
+    ck_assert_int_eq(num(&ws->via.array.ptr[0], "cells_free"), 0);
+    /* A closed session gives back what it reserved. */
+    r = rpc(&cl, "session.close", "s:session", "e0", NULL);
+    ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
+    ck_assert_str_eq(create(&cl, "e0b", 496, MODEL_A, 0), "b16");
+    ck_assert_str_eq(create(&cl, "e9", 1, MODEL_A, 0), "CAPACITY");
+
+    /* A worker without block_size (minor < 2): budgets count as themselves. */
+    reg(&w, "old", "tcp://127.0.0.1:7722", MODEL_A, 1000);
+    ck_assert_str_eq(create(&cl, "o1", 1000, MODEL_A, 0), "old");
+    /* Best fit by what is left after the reservation: 300 cells reserve 384 on b64 (6 blocks
+     * of 64: 1600 left) and 300 on roomy (1650 left): b64, where counting budgets alone
+     * (1684 left) would have chosen roomy. */
+    r = rpc(&w, "worker.register", "s:worker", "b64", "s:endpoint", "tcp://127.0.0.1:7723",
+            "s:model", MODEL_B, "u:cells_total", U(1984), "u:block_size", U(64), NULL);
+    ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
+    reg(&w, "roomy", "tcp://127.0.0.1:7724", MODEL_B, 1950);
+    ck_assert_str_eq(create(&cl, "f1", 300, MODEL_B, 0), "b64");
+    /* Registering again with another block size recounts its sessions (384 -> 320 + 16). */
+    r = rpc(&w, "worker.register", "s:worker", "b64", "s:endpoint", "tcp://127.0.0.1:7723",
+            "s:model", MODEL_B, "u:cells_total", U(1984), "u:block_size", U(16), NULL);
+    ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
+    r = rpc(&cl, "admin.workers", NULL);
+    ws = get(r, "workers");
+    bool seen = false;
+    for (uint32_t i = 0; i < ws->via.array.size; i++) {
+        if (strcmp(str(&ws->via.array.ptr[i], "worker"), "b64") == 0) {
+            ck_assert_int_eq(num(&ws->via.array.ptr[i], "cells_placed"), 320);
+            seen = true;
+        }
+    }
+    ck_assert(seen);
+    /* A block size out of range is refused. */
+    r = rpc(&w, "worker.register", "s:worker", "bad", "s:endpoint", "tcp://127.0.0.1:7725",
+            "s:model", MODEL_A, "u:cells_total", U(4096), "u:block_size", U(0), NULL);
+    ck_assert_str_eq(code(r), "INVALID_ARGUMENT");
+    peer_close(&w);
+    peer_close(&cl);
+    stop(&run, false);
+}
+END_TEST
+
 START_TEST(test_hostile_input)
 {
     struct kvs_coord_opts o = {.store = g_store, .cluster = "t2"};
@@ -1101,8 +1171,8 @@ START_TEST(test_order_outlives_leader)
     wait_state(&cl, "w2", "ready");
     w1.silent = 1;
     /* Three sends, no answer: the order stays outstanding on w2, reported. */
-    ck_assert(!wait_locate(&cl, "mute-1", NULL, "no answer to its restore order on worker 'w2'",
-                           10000));
+    ck_assert(
+        !wait_locate(&cl, "mute-1", NULL, "no answer to its restore order on worker 'w2'", 10000));
     ck_assert_int_eq(fake_count(&w2, "session.adopt mute-1 w1"), 3);
     const msgpack_object *r = rpc(&cl, "admin.sessions", NULL);
     ck_assert_str_eq(str(&get(r, "sessions")->via.array.ptr[0], "state"), "moving");
@@ -1313,6 +1383,7 @@ int main(void)
     TCase *tc = tcase_create("embedded");
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, test_placement_and_directory);
+    tcase_add_test(tc, test_block_size_accounting);
     tcase_add_test(tc, test_hostile_input);
     tcase_add_test(tc, test_worker_failure_rule);
     tcase_add_test(tc, test_placements_survive_restart);
