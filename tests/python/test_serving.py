@@ -167,6 +167,26 @@ def test_watch_push_and_resume(worker, client):
     watcher.close()
 
 
+def test_release_ends_watch_moved(worker, client):
+    """session.release (a drain's first order): the session's watches end MOVED, as its later
+    requests are answered (the session lives on another worker now), not NOT_FOUND."""
+    client.create("r", cells=256)
+    client.append("r", "BTC 65000")
+    client.flash_register("r", "last", "Last BTC price:", max_tokens=2)
+    watcher = worker.client()
+    w = watcher.watch("r")
+    rep = client.call("session.release", session="r")
+    assert rep["released"] and rep["version"] == 1
+    with pytest.raises(kvstream.KvsError) as e:
+        while True:
+            w.next(10)
+    assert e.value.code == "MOVED" and e.value.reply["done"]
+    with pytest.raises(kvstream.KvsError) as e:
+        client.append("r", "BTC 65100")
+    assert e.value.code == "MOVED"
+    watcher.close()
+
+
 def test_gone_watcher_is_dropped(worker, client):
     client.create("g", cells=1024)
     client.append("g", "tick 1")
