@@ -129,6 +129,8 @@ for i in $(seq 1 50); do
 done
 check "$J" 'sorted(w["worker"] for w in o["workers"]) == ["w1","w2","w3"]'
 check "$J" 'all(w["cells_total"] == 4096 and w["cells_free"] == 4096 and w["device"] == "cpu" for w in o["workers"])'
+# each worker told the coordinator its block size (what a budget reserves there)
+check "$J" 'all(w["block_size"] == 16 for w in o["workers"])'
 check "$J" "{w['worker']: w['endpoint'] for w in o['workers']} == {'w1': '${WEP[w1]}', 'w2': '${WEP[w2]}', 'w3': '${WEP[w3]}'}"
 SHA=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["workers"][0]["model"])' "$J")
 "$KVS" admin workers >"$TMP/table" || fail "admin workers (table)"
