@@ -91,7 +91,7 @@ void kvs_cpu_pair_q4(uint32_t type, void *data, int64_t n_out, int64_t n_in, siz
 
 static inline bool kvs_cpu_paired_q4(int isa, uint32_t type)
 {
-    return isa == KVS_CPU_ISA_AVX512 && (type == KVS_DTYPE_Q4_0 || type == KVS_DTYPE_Q4_1);
+    return isa == KVS_CPU_ISA_AVX512 && type == KVS_DTYPE_Q4_0;
 }
 
 /* Zero the blocks of the last group past nb (a row's padding). */

@@ -18,18 +18,18 @@
 #define KVS_X86_PV_NQ 4     /* weight rows per pv tile */
 #include "kernels/cpu/matmul_x86.h"
 
-/* Q4_0 / Q4_1 on pair-packed rows (kvs_cpu_pair_q4): the 32 bytes of blocks j, j+1 of a
- * group hold element i of block j in the low nibble of byte i and element i of block j+1 in
- * the high nibble, so [bytes & 15 | bytes >> 4 & 15] is the 64 elements in order and one
- * 512-bit vpdpbusd against the activation's q[j], q[j+1] (64 contiguous bytes) gives lanes
- * 0..7 = block j (lane i = products 4i..4i+3), 8..15 = block j+1. An odd last block of a
- * short group keeps GGUF's nibble order and takes the same path with a zero partner.
- *
+/* Q4_0 on pair-packed rows (kvs_cpu_pair_q4): the 32 bytes of blocks j, j+1 of a group hold
+ * element i of block j in the low nibble of byte i and element i of block j+1 in the high
+ * nibble, so [bytes & 15 | bytes >> 4 & 15] is the 64 elements in order and one 512-bit
+ * vpdpbusd against the activation's q[j], q[j+1] (64 contiguous bytes) gives lanes 0..7 =
+ * block j (lane i = products 4i..4i+3), 8..15 = block j+1. An odd last block of a short
+ * group keeps GGUF's nibble order and takes the same path with a zero partner.
  * Per element, the order of the AVX2 level (matmul_x86.h): the 16 lanes of a pair's isum are
  * two blocks' 8 lanes, folded into one 8-lane acc = fma(set1(sc_j), lo, acc), then
- * fma(set1(sc_j+1), hi, acc); Q4_1: msum = fma(mw_j, sx_j, msum) per block in order,
- * y = hsum8(acc) + msum (llama.cpp's ggml_vec_dot_q4_1_q8_1, bit for bit); Q4_0: ms (8 lanes)
- * = fma(dw8, sx8, ms) per group, y = hsum8(acc) - 8 hsum8(ms). */
+ * fma(set1(sc_j+1), hi, acc); ms (8 lanes) = fma(dw8, sx8, ms) per group,
+ * y = hsum8(acc) - 8 hsum8(ms). Q4_1 takes the template's tile with 4 x 2 tiles (measured
+ * faster than pairs once its chain is llama.cpp's single 8-lane one: 5.3 vs 6.0 ms for
+ * 512 x 576 x 576 on one thread). */
 KVS_INLINE __m512i unpack_q4_pair(const uint8_t *qs)
 {
     __m256i t = _mm256_loadu_si256((const __m256i *)qs);
@@ -115,9 +115,7 @@ KVS_INLINE __m512i unpack_q4_single(const uint8_t *qs)
         }                                                                                      \
     }
 
-Q_TILE_PAIRED(tile_q4_1, KVS_DTYPE_Q4_1)
 Q_TILE_PAIRED(tile_q4_0, KVS_DTYPE_Q4_0)
-GEMM_Q_DRIVER(gemm_q4_1, tile_q4_1)
 GEMM_Q_DRIVER(gemm_q4_0, tile_q4_0)
 
 const struct kvs_cpu_kernels kvs_cpu_kernels_avx512 = {

@@ -3,7 +3,7 @@
  *   KVS_X86_NAME(s)  symbol suffixing, e.g. s##_avx2
  *   KVS_X86_VNNI     1 to take u8 x s8 dot products with vpdpbusd (AVX512-VNNI, 256-bit)
  *   KVS_X86_TILE_R, KVS_X86_TILE_C   rows x outputs of the multi-row quantized tile
- *   KVS_X86_PAIRED_Q4 1 when the includer defines its own Q4_0/Q4_1 tiles (pair-packed rows)
+ *   KVS_X86_PAIRED_Q4 1 when the includer defines its own Q4_0 tile (pair-packed rows)
  *
  * Per-element order (the batch-invariance contract, identical in every tile shape):
  *   quantized: acc (8 lanes) = fma(set1(dw_b * dx_b), cvt(isum8_b), acc) for blocks b in
@@ -303,8 +303,8 @@ KVS_INLINE void transpose4x8(const float *pa, const float *pb, const float *pc, 
         }                                                                                      \
     }
 
-#if !KVS_X86_PAIRED_Q4
 Q_TILE(tile_q4_1, KVS_DTYPE_Q4_1, Q_BLOCK_Q4)
+#if !KVS_X86_PAIRED_Q4
 Q_TILE(tile_q4_0, KVS_DTYPE_Q4_0, Q_BLOCK_Q4)
 #endif
 Q_TILE(tile_q8_0, KVS_DTYPE_Q8_0, Q_BLOCK_Q8)
@@ -371,8 +371,8 @@ KVS_INLINE void prefetch_rows(const uint8_t *p, size_t bytes)
         }                                                                                      \
     }
 
-#if !KVS_X86_PAIRED_Q4 /* else the includer brings its own Q4 tiles */
 GEMM_Q_DRIVER(gemm_q4_1, tile_q4_1)
+#if !KVS_X86_PAIRED_Q4 /* else the includer brings its own Q4_0 tile */
 GEMM_Q_DRIVER(gemm_q4_0, tile_q4_0)
 #endif
 GEMM_Q_DRIVER(gemm_q8_0, tile_q8_0)
