@@ -211,9 +211,14 @@ static int op_register(kvs_coord *c, const struct kvs_cmsg *m, char *err, size_t
     /* A fresh lease for a new (or returning) worker; the record bound to it. */
     KVS_TRY(kvs_coord_store_ready(c, err, errlen));
     int64_t renewed = now_ms();
-    int rc = w->lease == 0 || w->down || w->lease_expired
-                 ? KVS_NOT_FOUND
-                 : kvs_store_lease_keepalive(c->store, w->lease, NULL, err, errlen);
+    int rc = KVS_NOT_FOUND;
+    if (w->lease != 0 && !w->down && !w->lease_expired) {
+        rc = kvs_store_lease_keepalive(c->store, w->lease, NULL, err, errlen);
+        kvs_storeq_note(c->storeq, rc);
+        if (rc == KVS_UNAVAILABLE) {
+            return rc; /* not a grant after it: that would wait for the store again */
+        }
+    }
     if (rc < 0) {
         int64_t lease;
         renewed = now_ms();

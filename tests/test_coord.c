@@ -466,6 +466,35 @@ START_TEST(test_block_size_accounting)
 }
 END_TEST
 
+/* The worker's lease is renewed on heartbeats (off the request loop), so the lease_age_ms
+ * of a heartbeat's reply stays within about a heartbeat interval (1 s by default), however
+ * long the TTL (10 s): it used to be renewed every TTL/3, which let the age reach 3.3 s and
+ * ate that much of the worker's stop-serving margin (TTL minus TTL/3). */
+START_TEST(test_lease_renewed_per_heartbeat)
+{
+    struct kvs_coord_opts o = {.store = g_store, .cluster = "renew"};
+    struct running run;
+    start(&run, &o);
+    struct peer w;
+    peer_open(&w, kvs_coord_endpoint(run.c));
+    wait_leader(&w);
+    reg(&w, "w1", "tcp://127.0.0.1:7731", MODEL_A, 4096);
+    int64_t t0 = now_ms(), max_age = 0;
+    while (now_ms() - t0 < 4000) {
+        const msgpack_object *r =
+            rpc(&w, "worker.heartbeat", "s:worker", "w1", "u:cells_free", U(4096), NULL);
+        ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
+        int64_t age = num(r, "lease_age_ms");
+        max_age = age > max_age ? age : max_age;
+        sleep_ms(200);
+    }
+    ck_assert_msg(max_age < 1000, "lease_age_ms reached %lld with heartbeats every 200 ms",
+                  (long long)max_age);
+    peer_close(&w);
+    stop(&run, false);
+}
+END_TEST
+
 START_TEST(test_hostile_input)
 {
     struct kvs_coord_opts o = {.store = g_store, .cluster = "t2"};
@@ -1384,6 +1413,7 @@ int main(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, test_placement_and_directory);
     tcase_add_test(tc, test_block_size_accounting);
+    tcase_add_test(tc, test_lease_renewed_per_heartbeat);
     tcase_add_test(tc, test_hostile_input);
     tcase_add_test(tc, test_worker_failure_rule);
     tcase_add_test(tc, test_placements_survive_restart);
