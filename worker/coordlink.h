@@ -25,9 +25,11 @@
  * the reply's lease_age_ms (never later than the real renewal); the server refuses on its own
  * past the deadline this gives (kvs_server_serve_until), so a worker paused past it (SIGSTOP)
  * serves nothing when it resumes, whichever thread runs first. The coordinator renews a lease
- * at most every TTL/3, so when the worker stops its lease may have little of the margin left;
- * what keeps a session to one owner then is that the coordinator restores only after the
- * lease expired and that an adopt is refused while the old owner still holds the log's lock.
+ * on heartbeats (about one renewal per heartbeat, off its request loop: docs/CLUSTER.md), so
+ * while the store answers, the lease was renewed within about a heartbeat of the last reply
+ * and the worker stops nearly the whole margin before its lease can expire; besides, the
+ * coordinator restores only after the lease expired, and an adopt is refused while the old
+ * owner still holds the log's lock.
  *
  * Thread-safety: kvs_coordlink_start and kvs_coordlink_stop from one thread (main); the link
  * reads the server through its thread-safe calls only.
