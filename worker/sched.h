@@ -191,11 +191,13 @@ int kvs_sched_append(kvs_sched *sc, kvs_session *s, const char *text, size_t len
                      uint64_t client_id, uint64_t client_seq, double deadline,
                      kvs_sched_append_fn done, void *user);
 
-/* Accept a query: frame the question, reserve its cells, fork the session. Returns 0 (done
- * is called later; on_token streams text, may be NULL, and returning false from it ends the
- * answer there) or KVS_BUSY (no reserve, or appends are waiting for cells) /
- * KVS_INVALID_ARGUMENT / KVS_CONTEXT_FULL with err set (done never called). Stateless
- * queries are not scheduled. */
+/* Accept a query: frame the question, reserve its cells, fork the session (behind a sliding
+ * append of the session that has not begun: once that slide is done, see Capacity). Returns
+ * 0 (done is called later; on_token streams text, may be NULL, and returning false from it
+ * ends the answer there) or KVS_BUSY (no reserve, or appends are waiting for cells) /
+ * KVS_INVALID_ARGUMENT / KVS_CONTEXT_FULL with err set (done never called). From a step,
+ * done gets KVS_TIMEOUT, or KVS_BUSY for a deferred query whose fork finds no real cells
+ * (with overcommit only). Stateless queries are not scheduled. */
 int kvs_sched_query(kvs_sched *sc, kvs_session *s, const char *question, size_t len,
                     const struct kvs_query_opts *o, double deadline, kvs_token_fn on_token,
                     kvs_sched_query_fn done, void *user, char *err, size_t errlen);
