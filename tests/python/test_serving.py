@@ -220,16 +220,26 @@ def test_flash_get_answered_by_io_thread_under_appends(default_model, tmp_path):
         pending = [feeder.send("session.append", session="load", text=WORDS[:1600])
                    for _ in range(2)]
         time.sleep(0.2)
-        flash_ms, ping_ms = [], []
-        n = 2000
-        for _ in range(n):
-            t0 = time.perf_counter()
-            g = c.flash_get("f", "last")
-            flash_ms.append((time.perf_counter() - t0) * 1e3)
-            assert g["fresh"] and g["version"] == 1
-            t0 = time.perf_counter()
-            c.ping()
-            ping_ms.append((time.perf_counter() - t0) * 1e3)
+        # Up to three rounds of n get/ping pairs: a round on a loaded CI machine can have its
+        # p99 inflated by the OS scheduler; an engine-thread answer (hundreds of ms behind the
+        # appends) fails every round, and io_hits shows who answered.
+        n, rounds = 1000, []
+        for _ in range(3):
+            flash_ms, ping_ms = [], []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                g = c.flash_get("f", "last")
+                flash_ms.append((time.perf_counter() - t0) * 1e3)
+                assert g["fresh"] and g["version"] == 1
+                t0 = time.perf_counter()
+                c.ping()
+                ping_ms.append((time.perf_counter() - t0) * 1e3)
+            flash_ms.sort()
+            ping_ms.sort()
+            rounds.append((flash_ms[n // 2], flash_ms[int(0.99 * n)], ping_ms[n // 2],
+                           ping_ms[int(0.99 * n)]))
+            if rounds[-1][1] <= 1.0 + rounds[-1][3]:
+                break
         busy = feeder._sock.poll(0) == 0  # the appends are still running after the gets
         for rid in pending:  # no need to wait for them
             try:
@@ -240,15 +250,15 @@ def test_flash_get_answered_by_io_thread_under_appends(default_model, tmp_path):
                 feeder.wait(rid)
             assert e.value.code == "CANCELLED"
         st = c.status()
-        flash_ms.sort()
-        ping_ms.sort()
-        p99f, p99p = flash_ms[int(0.99 * n)], ping_ms[int(0.99 * n)]
-        print(f"\nflash.get p50 {flash_ms[n // 2]:.3f} ms p99 {p99f:.3f} ms; "
-              f"ping p50 {ping_ms[n // 2]:.3f} ms p99 {p99p:.3f} ms; io_hits "
-              f"{st['flash']['io_hits']}; appends still running after the gets: {busy}")
+        for p50f, p99f, p50p, p99p in rounds:
+            print(f"\nflash.get p50 {p50f:.3f} ms p99 {p99f:.3f} ms; "
+                  f"ping p50 {p50p:.3f} ms p99 {p99p:.3f} ms")
+        print(f"io_hits {st['flash']['io_hits']}; appends still running after the gets: {busy}")
         assert busy, "the appends finished before the gets: no load was measured"
-        assert st["flash"]["io_hits"] >= n
-        assert p99f <= 1.0 + p99p
+        assert st["flash"]["io_hits"] >= n * len(rounds)
+        p99f, p99p = rounds[-1][1], rounds[-1][3]
+        assert p99f <= 1.0 + p99p, \
+            f"flash.get p99 {p99f:.3f} ms > 1 ms + ping p99 {p99p:.3f} ms, {len(rounds)} rounds"
         feeder.close()
         c.close()
     finally:
