@@ -922,11 +922,15 @@ int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, si
                  "1..63 bytes of [A-Za-z0-9._-]");
         return KVS_INVALID_ARGUMENT;
     }
-    if (!o->insecure && !endpoint_is_local(o->listen)) {
+    if (!o->insecure && o->curve_secret == NULL && !endpoint_is_local(o->listen)) {
         kvs_errf(err, errlen,
-                 "refusing to listen on %s: not a loopback address and CURVE is "
-                 "not implemented yet (pass --insecure to accept the risk)",
+                 "refusing to listen on %s: not a loopback address and no CURVE key "
+                 "(give --curve-secret, or --insecure to accept the risk)",
                  o->listen);
+        return KVS_INVALID_ARGUMENT;
+    }
+    if (o->curve_clients != NULL && o->curve_secret == NULL) {
+        kvs_errf(err, errlen, "a client key list needs a CURVE secret key");
         return KVS_INVALID_ARGUMENT;
     }
     kvs_coord *c = calloc(1, sizeof *c);
@@ -983,6 +987,32 @@ int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, si
     setopt_int(c->router, ZMQ_SNDHWM, 1000);
     setopt_int(c->router, ZMQ_RCVHWM, 1000);
     setopt_int(c->router, ZMQ_LINGER, 500);
+    if (o->curve_secret != NULL) { /* the allow-list answers before the first handshake */
+        rc = kvs_curve_server_setup(c->router, o->curve_secret, err, errlen);
+        if (rc < 0) {
+            goto fail;
+        }
+        if (o->curve_clients != NULL) {
+            c->zap = kvs_curve_zap_start(c->zctx, o->curve_clients, err, errlen);
+            if (c->zap == NULL) {
+                rc = KVS_INVALID_ARGUMENT;
+                goto fail;
+            }
+        }
+    }
+    if (o->worker_key != NULL) { /* our identity toward CURVE workers: our own key if any */
+        bool ok = o->curve_secret != NULL
+                      ? zmq_curve_public(c->curve_pub, o->curve_secret) == 0
+                      : zmq_curve_keypair(c->curve_pub, c->curve_sec) == 0;
+        if (ok && o->curve_secret != NULL) {
+            snprintf(c->curve_sec, sizeof c->curve_sec, "%s", o->curve_secret);
+        }
+        if (!ok) {
+            kvs_errf(err, errlen, "cannot make a CURVE key pair: %s", zmq_strerror(errno));
+            rc = KVS_INVALID_ARGUMENT;
+            goto fail;
+        }
+    }
     if (zmq_bind(c->router, o->listen) != 0) {
         kvs_errf(err, errlen, "cannot bind %s: %s", o->listen, zmq_strerror(errno));
         rc = KVS_IO;
@@ -1021,6 +1051,7 @@ void kvs_coord_destroy(kvs_coord **pc, bool crash)
     if (c->router != NULL) {
         zmq_close(c->router);
     }
+    kvs_curve_zap_stop(&c->zap); /* closes its socket: before zmq_ctx_term */
     if (c->zctx != NULL) {
         zmq_ctx_term(c->zctx);
     }

@@ -38,7 +38,12 @@ typedef struct kvs_coord kvs_coord;
 
 struct kvs_coord_opts {
     const char *listen;    /* ZeroMQ endpoint (tcp://127.0.0.1:7700; port * = any) */
-    bool insecure;         /* allow a non-loopback address (no CURVE yet) */
+    bool insecure;         /* allow a non-loopback address without CURVE */
+    const char *curve_secret;  /* Z85 secret key: the ROUTER is a CURVE server (NULL = none) */
+    const char *curve_clients; /* file of allowed client public keys (NULL = any client that
+                                * knows the server's key) */
+    const char *worker_key;    /* the workers' Z85 public key: session moves talk to them as
+                                * a CURVE client (NULL = plain) */
     const char *store_url; /* kvs_store_open URL (file:PATH, mem:, http://...) */
     kvs_store *store;      /* or a store to borrow (tests: two coordinators, one store) */
     const char *cluster;   /* the cluster's name: keys live under /kvstream/<cluster>/ */

@@ -4,6 +4,7 @@
 #ifndef KVS_COORD_IMPL_H
 #define KVS_COORD_IMPL_H
 
+#include "common/curve.h"
 #include "common/store.h"
 #include "common/wire.h"
 #include "coordinator/cmsg.h"
@@ -80,6 +81,9 @@ struct kvs_coord {
     int64_t token;        /* the leadership the in-memory state was loaded under */
     int64_t led_since_ms; /* monotonic: when that leadership began (its state loaded) */
     void *zctx, *router;
+    kvs_curve_zap *zap;                        /* CURVE client allow-list (NULL = none) */
+    char curve_pub[KVS_CURVE_KEY_Z85 + 1];     /* own key pair toward CURVE workers */
+    char curve_sec[KVS_CURVE_KEY_Z85 + 1];
     volatile sig_atomic_t stop;
     struct worker *workers; /* n_workers, unordered */
     size_t n_workers, cap_workers;

@@ -4,6 +4,11 @@
  *   kvs-coordinator [--listen tcp://127.0.0.1:7700] [--store URL] [--cluster NAME]
  *                   [--leader-ttl S] [--worker-ttl S] [--heartbeat-ms MS] [--insecure]
  *                   [--shared-data-dir] [--move-timeout-ms MS]
+ *                   [--curve-secret FILE [--curve-clients FILE]] [--worker-key FILE|Z85]
+ *
+ * --curve-secret makes the socket a CURVE server (clients and workers need its public key);
+ * --curve-clients admits only the listed client public keys; --worker-key is the workers'
+ * public key (when they run with --curve-secret) for the session moves it asks of them.
  *
  * --shared-data-dir says that the workers' --data-dir is one root on storage that every worker
  * reaches (each keeps its sessions in ROOT/<its id>; on one machine it always is): then the
@@ -16,6 +21,7 @@
  * free one). SIGTERM / SIGINT: resign the leadership, exit 0. Exit status: 0 clean
  * shutdown, 1 start-up failure (reason on stderr), 2 usage.
  */
+#include "common/curve.h"
 #include "common/log.h"
 #include "common/status.h"
 #include "coordinator/coord.h"
@@ -42,7 +48,10 @@ static void usage(FILE *f)
         f,
         "usage: kvs-coordinator [options]\n"
         "  -l, --listen EP         ZeroMQ endpoint (default tcp://127.0.0.1:7700; port * = any)\n"
-        "      --insecure          allow a non-loopback address (no CURVE encryption yet)\n"
+        "      --insecure          allow a non-loopback address without CURVE\n"
+        "      --curve-secret FILE CURVE: the server's Z85 secret key (kvstream keygen)\n"
+        "      --curve-clients FILE  CURVE: only these client public keys (one a line)\n"
+        "      --worker-key K      the workers' CURVE public key (FILE or Z85)\n"
         "  -s, --store URL         file:PATH | mem: | http://HOST:PORT[,...] (etcd)\n"
         "                          (default file:kvstream-cluster.json)\n"
         "  -c, --cluster NAME      keys live under /kvstream/NAME/ (default: default)\n"
@@ -82,8 +91,13 @@ int main(int argc, char **argv)
         {"shared-data-dir", no_argument, 0, 'S'},
         {"move-timeout-ms", required_argument, 0, 'M'},
         {"help", no_argument, 0, 'h'},
+        {"curve-secret", required_argument, 0, 'K'},
+        {"curve-clients", required_argument, 0, 'C'},
+        {"worker-key", required_argument, 0, 'P'},
         {0, 0, 0, 0},
     };
+    const char *curve_secret_arg = NULL, *worker_key_arg = NULL;
+    char curve_secret[KVS_CURVE_KEY_Z85 + 1], worker_key[KVS_CURVE_KEY_Z85 + 1], kerr[512];
     int ch;
     while ((ch = getopt_long(argc, argv, "l:s:c:h", longopts, NULL)) != -1) {
         switch (ch) {
@@ -122,6 +136,15 @@ int main(int argc, char **argv)
                 return 2;
             }
             break;
+        case 'K':
+            curve_secret_arg = optarg;
+            break;
+        case 'C':
+            o.curve_clients = optarg;
+            break;
+        case 'P':
+            worker_key_arg = optarg;
+            break;
         case 'h':
             usage(stdout);
             return 0;
@@ -133,6 +156,20 @@ int main(int argc, char **argv)
     if (optind != argc) {
         usage(stderr);
         return 2;
+    }
+    if (curve_secret_arg != NULL) {
+        if (kvs_curve_key_load(curve_secret_arg, curve_secret, kerr, sizeof kerr) < 0) {
+            fprintf(stderr, "kvs-coordinator: --curve-secret: %s\n", kerr);
+            return 2;
+        }
+        o.curve_secret = curve_secret;
+    }
+    if (worker_key_arg != NULL) {
+        if (kvs_curve_key_load(worker_key_arg, worker_key, kerr, sizeof kerr) < 0) {
+            fprintf(stderr, "kvs-coordinator: --worker-key: %s\n", kerr);
+            return 2;
+        }
+        o.worker_key = worker_key;
     }
     char err[1024] = "";
     kvs_coord *c = NULL;

@@ -173,6 +173,13 @@ static void *open_sock(kvs_coord *c, const char *endpoint)
     zmq_setsockopt(s, ZMQ_HEARTBEAT_TIMEOUT, &tmo, sizeof tmo);
     zmq_setsockopt(s, ZMQ_SNDHWM, &hwm, sizeof hwm);
     zmq_setsockopt(s, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
+    char err[256];
+    if (c->o.worker_key != NULL && kvs_curve_client_setup(s, c->o.worker_key, c->curve_pub,
+                                                          c->curve_sec, err, sizeof err) < 0) {
+        KVS_ERROR("coordinator: %s", err);
+        zmq_close(s);
+        return NULL;
+    }
     if (zmq_connect(s, endpoint) != 0) {
         zmq_close(s);
         return NULL;

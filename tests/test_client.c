@@ -38,6 +38,7 @@ struct worker {
     FILE *out;               /* its standard output (the ready line) */
     char endpoint[256];
     char dir[512];           /* --data-dir */
+    const char *curve_secret; /* --curve-secret FILE (NULL = plain) */
 };
 
 static char g_model[600];
@@ -84,8 +85,11 @@ static int worker_start(struct worker *w, const char *listen, const char *dir)
         close(p[1]);
         FILE *e = freopen(log, "a", stderr);
         (void)e;
+        /* plain: curve is NULL and ends the argument list there */
+        const char *curve = w->curve_secret != NULL ? "--curve-secret" : NULL;
         execl(g_worker_bin, g_worker_bin, "--model", g_model, "--listen", listen, "--threads",
-              "1", "--cells", "4096", "--data-dir", dir, "--fsync", "no", (char *)NULL);
+              "1", "--cells", "4096", "--data-dir", dir, "--fsync", "no", curve,
+              w->curve_secret, (char *)NULL);
         _exit(127);
     }
     close(p[1]);
@@ -1039,6 +1043,44 @@ START_TEST(test_bad_arguments)
 }
 END_TEST
 
+/* ---- CURVE (PROTOCOL.md section 1) ---------------------------------------------------------- */
+
+START_TEST(test_curve)
+{
+    char pub[41], sec[41], wrong[41], wrong_sec[41], path[600], dir[600];
+    ck_assert_int_eq(zmq_curve_keypair(pub, sec), 0);
+    ck_assert_int_eq(zmq_curve_keypair(wrong, wrong_sec), 0);
+    snprintf(path, sizeof path, "%s/server.key", g_tmp);
+    FILE *f = fopen(path, "w");
+    ck_assert(f != NULL && fprintf(f, "%s\n", sec) > 0 && fclose(f) == 0);
+    snprintf(dir, sizeof dir, "%s/curve", g_tmp);
+    struct worker w = {.curve_secret = path};
+    ck_assert_int_eq(worker_start(&w, "tcp://127.0.0.1:0", dir), 0);
+    /* the right server key: every call works (home socket), with a fresh client key pair */
+    struct kvs_client_opts o = {.timeout_ms = 30000, .connect_timeout_ms = 10000,
+                                .curve_server_key = pub};
+    kvs_client *c = NULL;
+    char err[256] = "";
+    ck_assert_msg(kvs_client_connect(w.endpoint, &o, &c, err, sizeof err) == 0, "%s", err);
+    OK(c, kvs_client_ping(c, NULL));
+    OK(c, kvs_client_session_create(c, "cv", NULL, NULL));
+    OK(c, kvs_client_append(c, "cv", "AAPL 189.2", 10, NULL));
+    kvs_client_destroy(&c);
+    /* a wrong server key, or none: no answer */
+    o.connect_timeout_ms = 500;
+    o.curve_server_key = wrong;
+    ck_assert_int_eq(kvs_client_connect(w.endpoint, &o, &c, err, sizeof err), KVS_TIMEOUT);
+    o.curve_server_key = NULL;
+    ck_assert_int_eq(kvs_client_connect(w.endpoint, &o, &c, err, sizeof err), KVS_TIMEOUT);
+    /* a key that is no key */
+    o.curve_server_key = "short";
+    ck_assert_int_eq(kvs_client_connect(w.endpoint, &o, &c, err, sizeof err),
+                     KVS_INVALID_ARGUMENT);
+    ck_assert_ptr_null(c);
+    ck_assert_int_eq(worker_stop(&w, SIGTERM), 0);
+}
+END_TEST
+
 int main(void)
 {
     snprintf(g_model, sizeof g_model, "%s", kvs_test_default_model());
@@ -1081,6 +1123,7 @@ int main(void)
     tcase_add_test(tc, test_reconnect_after_restart);
     tcase_add_test(tc, test_moved_is_followed);
     tcase_add_test(tc, test_bad_arguments);
+    tcase_add_test(tc, test_curve);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);

@@ -2,6 +2,7 @@
  * table of contents: poll the DEALER, take a reply, check the fence, send what is due. */
 #include "worker/coordlink.h"
 
+#include "common/curve.h"
 #include "common/log.h"
 #include "common/status.h"
 #include "common/wire.h"
@@ -34,6 +35,10 @@ struct kvs_coordlink {
     char current[EP_MAX + 1]; /* the endpoint the socket is connected to */
     int next_coord;           /* index in coords of the next one to try */
     void *zctx, *sock;
+    bool curve;                                /* the socket is a CURVE client */
+    char coord_key[KVS_CURVE_KEY_Z85 + 1];     /* coordinator's public key (Z85) */
+    char curve_pub[KVS_CURVE_KEY_Z85 + 1];     /* ours: public ... */
+    char curve_sec[KVS_CURVE_KEY_Z85 + 1];     /* ... and secret */
     pthread_t th;
     bool started;
     atomic_int stop;
@@ -119,6 +124,12 @@ static int connect_to(kvs_coordlink *l, const char *ep)
     setopt_int(l->sock, ZMQ_HEARTBEAT_TTL, 1000);
     setopt_int(l->sock, ZMQ_SNDHWM, 16);
     setopt_int(l->sock, ZMQ_RCVHWM, 16);
+    char err[256];
+    if (l->curve && kvs_curve_client_setup(l->sock, l->coord_key, l->curve_pub, l->curve_sec,
+                                           err, sizeof err) < 0) {
+        KVS_ERROR("coordlink: %s", err);
+        return KVS_INTERNAL;
+    }
     if (zmq_connect(l->sock, ep) != 0) {
         KVS_ERROR("coordlink: cannot connect to %s: %s", ep, zmq_strerror(errno));
         return KVS_INVALID_ARGUMENT;
@@ -486,6 +497,25 @@ int kvs_coordlink_start(const struct kvs_coordlink_opts *o, kvs_coordlink **out,
                  o->coordinators ? o->coordinators : "", MAX_COORDS);
         free(l);
         return KVS_INVALID_ARGUMENT;
+    }
+    if (o->coordinator_key != NULL) {
+        l->curve = true;
+        bool ok = strlen(o->coordinator_key) == KVS_CURVE_KEY_Z85;
+        if (ok) {
+            memcpy(l->coord_key, o->coordinator_key, KVS_CURVE_KEY_Z85 + 1);
+        }
+        if (ok && o->curve_secret != NULL) {
+            ok = strlen(o->curve_secret) == KVS_CURVE_KEY_Z85 &&
+                 zmq_curve_public(l->curve_pub, o->curve_secret) == 0;
+            memcpy(l->curve_sec, o->curve_secret, ok ? KVS_CURVE_KEY_Z85 + 1 : 1);
+        } else if (ok) {
+            ok = zmq_curve_keypair(l->curve_pub, l->curve_sec) == 0;
+        }
+        if (!ok) {
+            kvs_errf(err, errlen, "the coordinator's or the worker's CURVE key is not usable");
+            free(l);
+            return KVS_INVALID_ARGUMENT;
+        }
     }
     l->heartbeat_ms = DEFAULT_HEARTBEAT_MS;
     l->ttl_ms = DEFAULT_TTL_S * 1000;

@@ -49,10 +49,14 @@ struct kvs_coordlink_opts {
     const char *advertise;    /* the endpoint clients reach this worker at */
     const char *device;       /* "cpu", "cuda:0", ... (NULL = "cpu") */
     kvs_server *srv;          /* borrowed; must outlive the link */
+    const char *coordinator_key; /* the coordinators' Z85 CURVE public key: the link is a
+                                  * CURVE client (NULL = plain) */
+    const char *curve_secret;    /* the worker's own Z85 secret key, its CURVE identity
+                                  * toward the coordinator (NULL = a fresh key pair) */
 };
 
 /* Start the link's thread. 0 and *out (stop with kvs_coordlink_stop), or
- * KVS_INVALID_ARGUMENT (a bad id, endpoint or list: err says which), KVS_NO_MEMORY,
+ * KVS_INVALID_ARGUMENT (a bad id, endpoint, list or key: err says which), KVS_NO_MEMORY,
  * KVS_INTERNAL (ZeroMQ or the thread). The first registration happens on the thread: a
  * coordinator that is not up yet is retried with a backoff while the worker serves. */
 int kvs_coordlink_start(const struct kvs_coordlink_opts *o, kvs_coordlink **out, char *err,

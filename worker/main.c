@@ -3,7 +3,13 @@
  *   kvs-worker --model PATH [--listen tcp://127.0.0.1:7710] [--data-dir DIR]
  *              [--fsync always|everysec|no] [--threads N] [--cells N] [--device DEV]
  *              [--batch-tokens N] [--append-chunk N] [--target-step-ms T] [--overcommit R]
- *              [--insecure] [--coordinator EP[,EP...] [--worker-id ID] [--advertise EP]]
+ *              [--insecure | --curve-secret FILE [--curve-clients FILE]]
+ *              [--coordinator EP[,EP...] [--coordinator-key FILE|Z85] [--worker-id ID]
+ *               [--advertise EP]]
+ *
+ * With --curve-secret FILE (a Z85 secret key, `kvstream keygen`) clients must speak CURVE
+ * with the matching public key; --curve-clients FILE (one Z85 public key a line) admits only
+ * those clients. A non-loopback --listen needs --curve-secret or --insecure.
  *
  * With --coordinator the worker registers with the cluster's coordinator, heartbeats its
  * load and stops serving when it loses both the coordinator and its lease
@@ -17,6 +23,7 @@
  * rest, close the logs,
  * exit 0. Exit status: 0 clean shutdown, 1 start-up failure (reason on stderr), 2 usage.
  */
+#include "common/curve.h"
 #include "common/log.h"
 #include "common/status.h"
 #include "worker/coordlink.h"
@@ -48,7 +55,9 @@ static void usage(FILE *f)
             "usage: kvs-worker --model PATH [options]\n"
             "  -m, --model PATH        GGUF model file (or synthetic:NAME)\n"
             "  -l, --listen EP         ZeroMQ endpoint (default tcp://127.0.0.1:7710; port * = any)\n"
-            "      --insecure          allow a non-loopback address (no CURVE encryption yet)\n"
+            "      --insecure          allow a non-loopback address without CURVE\n"
+            "      --curve-secret FILE CURVE: the server's Z85 secret key (kvstream keygen)\n"
+            "      --curve-clients FILE  CURVE: only these client public keys (one a line)\n"
             "  -d, --data-dir DIR      session logs and snapshots; restored at start\n"
             "      --fsync POLICY      always (default) | everysec | no\n"
             "  -t, --threads N         CPU threads (default: all)\n"
@@ -59,6 +68,7 @@ static void usage(FILE *f)
             "      --target-step-ms T  scheduler step time the row budget aims at (default 100)\n"
             "      --overcommit R      admit session budgets against capacity x R (1..16; default 1 = off)\n"
             "      --coordinator EP    register with the cluster's coordinator (EP[,EP...])\n"
+            "      --coordinator-key K the coordinator's CURVE public key (FILE or Z85)\n"
             "      --worker-id ID      this worker's id in the cluster (default HOSTNAME-PORT)\n"
             "      --advertise EP      the endpoint clients reach it at (default: the bound one)\n"
             "  -h, --help\n");
@@ -116,9 +126,14 @@ int main(int argc, char **argv)
         {"coordinator", required_argument, 0, 'C'},
         {"worker-id", required_argument, 0, 'W'},
         {"advertise", required_argument, 0, 'V'},
+        {"curve-secret", required_argument, 0, 'S'},
+        {"curve-clients", required_argument, 0, 'K'},
+        {"coordinator-key", required_argument, 0, 'P'},
         {0, 0, 0, 0},
     };
     const char *coordinator = NULL, *worker_id = NULL, *advertise = NULL;
+    const char *curve_secret_arg = NULL, *coordinator_key_arg = NULL;
+    char curve_secret[KVS_CURVE_KEY_Z85 + 1], coordinator_key[KVS_CURVE_KEY_Z85 + 1];
     int c;
     int64_t v;
     while ((c = getopt_long(argc, argv, "m:l:d:t:c:h", longopts, NULL)) != -1) {
@@ -183,6 +198,9 @@ int main(int argc, char **argv)
         case 'C': coordinator = optarg; break;
         case 'W': worker_id = optarg; break;
         case 'V': advertise = optarg; break;
+        case 'S': curve_secret_arg = optarg; break;
+        case 'K': o.curve_clients = optarg; break;
+        case 'P': coordinator_key_arg = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -192,8 +210,27 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    if (coordinator == NULL && (worker_id != NULL || advertise != NULL)) {
-        fprintf(stderr, "kvs-worker: --worker-id and --advertise need --coordinator\n");
+    if (coordinator == NULL && (worker_id != NULL || advertise != NULL ||
+                                coordinator_key_arg != NULL)) {
+        fprintf(stderr, "kvs-worker: --worker-id, --advertise and --coordinator-key need "
+                        "--coordinator\n");
+        return 2;
+    }
+    if (o.curve_clients != NULL && curve_secret_arg == NULL) {
+        fprintf(stderr, "kvs-worker: --curve-clients needs --curve-secret\n");
+        return 2;
+    }
+    char kerr[512];
+    if (curve_secret_arg != NULL) {
+        if (kvs_curve_key_load(curve_secret_arg, curve_secret, kerr, sizeof kerr) < 0) {
+            fprintf(stderr, "kvs-worker: --curve-secret: %s\n", kerr);
+            return 2;
+        }
+        o.curve_secret = curve_secret;
+    }
+    if (coordinator_key_arg != NULL &&
+        kvs_curve_key_load(coordinator_key_arg, coordinator_key, kerr, sizeof kerr) < 0) {
+        fprintf(stderr, "kvs-worker: --coordinator-key: %s\n", kerr);
         return 2;
     }
     char id_buf[80], own_dir[4096];
@@ -243,7 +280,10 @@ int main(int argc, char **argv)
                                         .advertise =
                                             advertise ? advertise : kvs_server_endpoint(srv),
                                         .device = o.engine.device ? o.engine.device : "cpu",
-                                        .srv = srv};
+                                        .srv = srv,
+                                        .coordinator_key =
+                                            coordinator_key_arg ? coordinator_key : NULL,
+                                        .curve_secret = o.curve_secret};
         rc = kvs_coordlink_start(&lo, &link, err, sizeof err);
         if (rc < 0) {
             fprintf(stderr, "kvs-worker: %s (%s)\n", err, kvs_status_name(rc));

@@ -473,11 +473,15 @@ int kvs_server_new(const struct kvs_server_opts *o, kvs_server **out, char *err,
         snprintf(err, errlen, "no listen endpoint");
         return KVS_INVALID_ARGUMENT;
     }
-    if (!o->insecure && !kvs_server_endpoint_is_local(o->listen)) {
+    if (!o->insecure && o->curve_secret == NULL && !kvs_server_endpoint_is_local(o->listen)) {
         snprintf(err, errlen,
-                 "refusing to listen on %s: not a loopback address and CURVE is not "
-                 "implemented yet (pass --insecure to accept the risk)",
+                 "refusing to listen on %s: not a loopback address and no CURVE key "
+                 "(give --curve-secret, or --insecure to accept the risk)",
                  o->listen);
+        return KVS_INVALID_ARGUMENT;
+    }
+    if (o->curve_clients != NULL && o->curve_secret == NULL) {
+        snprintf(err, errlen, "a client key list needs a CURVE secret key");
         return KVS_INVALID_ARGUMENT;
     }
     kvs_server *srv = calloc(1, sizeof *srv);
@@ -571,6 +575,19 @@ int kvs_server_new(const struct kvs_server_opts *o, kvs_server **out, char *err,
     setopt_int(srv->router, ZMQ_SNDHWM, 1000);
     setopt_int(srv->router, ZMQ_RCVHWM, 1000);
     setopt_int(srv->router, ZMQ_LINGER, 500);
+    if (o->curve_secret != NULL) { /* the allow-list answers before the first handshake */
+        rc = kvs_curve_server_setup(srv->router, o->curve_secret, err, errlen);
+        if (rc < 0) {
+            goto fail;
+        }
+        if (o->curve_clients != NULL) {
+            srv->zap = kvs_curve_zap_start(srv->zctx, o->curve_clients, err, errlen);
+            if (srv->zap == NULL) {
+                rc = KVS_INVALID_ARGUMENT;
+                goto fail;
+            }
+        }
+    }
     if (zmq_bind(srv->router, o->listen) != 0) {
         snprintf(err, errlen, "cannot bind %s: %s", o->listen, zmq_strerror(errno));
         rc = KVS_IO;
@@ -614,6 +631,7 @@ void kvs_server_destroy(kvs_server **psrv)
         zmq_setsockopt(srv->pair_eng, ZMQ_LINGER, &zero, sizeof zero);
         zmq_close(srv->pair_eng);
     }
+    kvs_curve_zap_stop(&srv->zap); /* closes its socket: before zmq_ctx_term */
     if (srv->zctx) {
         zmq_ctx_term(srv->zctx);
     }

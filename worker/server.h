@@ -45,7 +45,11 @@
 
 struct kvs_server_opts {
     const char *listen;            /* ZeroMQ endpoint, e.g. tcp://127.0.0.1:7710 (port * = any) */
-    bool insecure;                 /* allow a non-loopback listen address (no CURVE yet) */
+    bool insecure;                 /* allow a non-loopback listen address without CURVE */
+    const char *curve_secret;      /* Z85 secret key: the ROUTER is a CURVE server (NULL = no
+                                    * CURVE; then only loopback unless insecure) */
+    const char *curve_clients;     /* file of allowed client public keys, one Z85 key a line
+                                    * (NULL = any client that knows the server's key) */
     const char *data_dir;          /* session logs and snapshots; NULL = in memory only */
     const char *data_root;         /* shared root of the workers' data dirs: session.adopt
                                     * {from: W} takes the session from data_root/W (NULL =
@@ -59,7 +63,8 @@ struct kvs_server_opts {
 typedef struct kvs_server kvs_server;
 
 /* Open the engine, restore the sessions found in data_dir, and bind. 0 and *out (free with
- * kvs_server_destroy), or KVS_INVALID_ARGUMENT (non-loopback address without insecure, bad
+ * kvs_server_destroy), or KVS_INVALID_ARGUMENT (non-loopback address without insecure or
+ * curve_secret, a bad key or client key list, bad
  * endpoint), KVS_IO (bind failed, data dir unusable), an engine error; err says why.
  * Call from the thread that will call kvs_server_run. */
 int kvs_server_new(const struct kvs_server_opts *o, kvs_server **out, char *err, size_t errlen);

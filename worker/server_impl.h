@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <zmq.h>
 
+#include "common/curve.h"
 #include "common/wire.h"
 #include "worker/flashcache.h"
 #include "worker/sched.h"
@@ -83,6 +84,7 @@ struct kvs_server {
     kvs_sched *sc;   /* owned; engine thread */
     struct kvs_sched_opts sched_opts;
     void *zctx;                           /* ZeroMQ context (owned) */
+    kvs_curve_zap *zap;                   /* CURVE client allow-list (owned; NULL = none) */
     void *router;                         /* I/O thread: the clients' socket */
     void *pair_io;                        /* I/O thread's end of the inproc pair */
     void *pair_eng;                       /* engine thread's end */

@@ -16,6 +16,7 @@ int kvs_cmd_append(int argc, char **argv);
 int kvs_cmd_query(int argc, char **argv);
 int kvs_cmd_flash(int argc, char **argv);
 int kvs_cmd_admin(int argc, char **argv);
+int kvs_cmd_keygen(int argc, char **argv);
 
 /* Print "kvstream <cmd>: <message>\n" on standard error. */
 #if defined(__GNUC__)

@@ -23,6 +23,7 @@ static const struct command commands[] = {
     {"generate", kvs_cmd_generate, "generate text from a prompt (stateless, one shot)"},
     {"tokenize", kvs_cmd_tokenize, "tokenize JSON strings read one per line from stdin"},
     {"inspect", kvs_cmd_inspect, "print a model file's metadata, or why it is refused"},
+    {"keygen", kvs_cmd_keygen, "make a CURVE key pair (PREFIX.key, PREFIX.pub) for servers"},
 };
 
 void kvs_cli_error(const char *cmd, const char *fmt, ...)

@@ -2,6 +2,7 @@
 #include "client/cli/remote.h"
 
 #include "client/cli/cmd.h"
+#include "common/curve.h"
 
 #include <errno.h>
 #include <math.h>
@@ -19,6 +20,8 @@ void kvs_cli_remote_init(struct kvs_cli_remote *r, const char *cmd)
     r->timeout_ms = DEFAULT_TIMEOUT_MS;
     const char *env = getenv("KVSTREAM_ENDPOINT");
     r->endpoint = env != NULL && env[0] != '\0' ? env : KVS_CLIENT_DEFAULT_ENDPOINT;
+    env = getenv("KVSTREAM_SERVER_KEY");
+    r->server_key = env != NULL && env[0] != '\0' ? env : NULL;
 }
 
 int kvs_cli_parse_long(const char *s, long lo, long hi, long *out)
@@ -89,6 +92,9 @@ int kvs_cli_remote_opt(struct kvs_cli_remote *r, int opt, const char *arg)
         }
         r->timeout_ms = (int32_t)v;
         return 1;
+    case KVS_CLI_OPT_SERVER_KEY:
+        r->server_key = arg;
+        return 1;
     default:
         return 0;
     }
@@ -124,7 +130,15 @@ int kvs_cli_connect(const struct kvs_cli_remote *r, kvs_client **c)
         .client_id = r->client_id,
         .name = "kvstream-cli",
     };
-    char err[512] = "";
+    char err[512] = "", server_key[KVS_CURVE_KEY_Z85 + 1];
+    if (r->server_key != NULL) {
+        int krc = kvs_curve_key_load(r->server_key, server_key, err, sizeof err);
+        if (krc < 0) {
+            kvs_cli_error(r->cmd, "--server-key: %s", err);
+            return krc == KVS_UNSUPPORTED ? kvs_cli_exit_code(krc) : KVS_EXIT_USAGE;
+        }
+        o.curve_server_key = server_key;
+    }
     int rc = kvs_client_connect(r->endpoint, &o, c, err, sizeof err);
     if (rc == KVS_TIMEOUT) {
         kvs_cli_error(r->cmd, "%s (start one with 'kvstream up', or set --endpoint)", err);

@@ -30,6 +30,7 @@ enum {
     KVS_CLI_OPT_RP,
     KVS_CLI_OPT_SEED,
     KVS_CLI_OPT_STOP,
+    KVS_CLI_OPT_SERVER_KEY,
     KVS_CLI_OPT_FIRST_LOCAL = 400, /* subcommands number their own options from here */
 };
 
@@ -39,12 +40,14 @@ struct kvs_cli_remote {
     bool json;                 /* -o json */
     int32_t timeout_ms;        /* --timeout, per attempt */
     uint64_t client_id;        /* --client-id (0 = random) */
+    const char *server_key;    /* --server-key, else $KVSTREAM_SERVER_KEY: CURVE (NULL = off) */
 };
 
 /* The common options' getopt entries and short letters. */
 #define KVS_CLI_REMOTE_LONGOPTS                                                            \
     {"endpoint", required_argument, NULL, 'e'}, {"output", required_argument, NULL, 'o'},  \
         {"timeout", required_argument, NULL, KVS_CLI_OPT_TIMEOUT},                         \
+        {"server-key", required_argument, NULL, KVS_CLI_OPT_SERVER_KEY},                   \
         {"help", no_argument, NULL, 'h'}
 #define KVS_CLI_REMOTE_SHORTOPTS "e:o:h"
 
@@ -54,6 +57,8 @@ struct kvs_cli_remote {
     "                          " KVS_CLIENT_DEFAULT_ENDPOINT ")\n"                             \
     "  -o, --output FMT        text (default) or json (one JSON object per line)\n"           \
     "      --timeout MS        wait at most MS per attempt (default 60000)\n"                  \
+    "      --server-key KEY    CURVE: the server's public key, Z85 or a file (default:\n"     \
+    "                          $KVSTREAM_SERVER_KEY; none = no encryption)\n"               \
     "  -h, --help              this help\n"
 
 void kvs_cli_remote_init(struct kvs_cli_remote *r, const char *cmd);

@@ -91,12 +91,19 @@ struct kvs_client_opts {
     int32_t max_redirects;      /* MOVED replies followed per call; 0 = 4 */
     uint64_t client_id;         /* appends' client id; 0 = a random one (below 2^63) */
     const char *name;           /* sent in hello as `client`; NULL = "libkvstream" */
+    /* CURVE (PROTOCOL.md section 1): with curve_server_key every socket the client opens
+     * (home and workers) encrypts and authenticates the server; NULL = plain. Keys are
+     * 40-character Z85 text, copied at connect. A server with the wrong key, or one without
+     * CURVE, never answers: calls time out. */
+    const char *curve_server_key; /* the servers' public key (coordinator and workers) */
+    const char *curve_public_key; /* this client's key pair; both NULL = a fresh pair made */
+    const char *curve_secret_key; /*   at connect (a server's allow-list needs a fixed one) */
 };
 
 /* Connect to endpoint (NULL = $KVSTREAM_ENDPOINT, else KVS_CLIENT_DEFAULT_ENDPOINT), a
  * coordinator or a worker, and say hello (protocol version 1). opts may be NULL (defaults).
- * Returns 0 and *out (free with kvs_client_destroy), or INVALID_ARGUMENT (bad endpoint or
- * options), TIMEOUT (no answer within connect_timeout_ms), UNSUPPORTED (no common protocol
+ * Returns 0 and *out (free with kvs_client_destroy), or INVALID_ARGUMENT (bad endpoint,
+ * options or CURVE key), UNSUPPORTED (CURVE asked of a libzmq without it), TIMEOUT (no answer within connect_timeout_ms), UNSUPPORTED (no common protocol
  * version), NO_MEMORY or INTERNAL, with a one-line reason in err (may be NULL). */
 int kvs_client_connect(const char *endpoint, const struct kvs_client_opts *opts,
                        kvs_client **out, char *err, size_t errlen);

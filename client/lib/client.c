@@ -115,6 +115,14 @@ static int conn_open(kvs_client *c, struct client_conn *k)
     setopt_int(k->sock, ZMQ_IMMEDIATE, k->immediate ? 1 : 0);
     int64_t maxmsg = CLIENT_MAX_REPLY;
     zmq_setsockopt(k->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
+    char why[256];
+    int rc = c->curve ? kvs_curve_client_setup(k->sock, c->curve_server, c->curve_pub,
+                                               c->curve_sec, why, sizeof why)
+                      : 0;
+    if (rc < 0) {
+        conn_close(k);
+        return client_fail(c, rc, "%s", why);
+    }
     if (zmq_connect(k->sock, k->endpoint) != 0) {
         int e = errno;
         conn_close(k);
@@ -935,10 +943,38 @@ int kvs_client_connect(const char *endpoint, const struct kvs_client_opts *opts,
         kvs_errf(err, errlen, "timeouts and max_redirects must be >= 0");
         return KVS_INVALID_ARGUMENT;
     }
+    if ((o.curve_public_key == NULL) != (o.curve_secret_key == NULL) ||
+        (o.curve_public_key != NULL && o.curve_server_key == NULL)) {
+        kvs_errf(err, errlen, "a CURVE key pair needs both keys and curve_server_key");
+        return KVS_INVALID_ARGUMENT;
+    }
+    const char *keys[3] = {o.curve_server_key, o.curve_public_key, o.curve_secret_key};
+    for (int i = 0; i < 3; i++) {
+        if (keys[i] != NULL && strlen(keys[i]) != KVS_CURVE_KEY_Z85) {
+            kvs_errf(err, errlen, "a CURVE key must be %d characters of Z85", KVS_CURVE_KEY_Z85);
+            return KVS_INVALID_ARGUMENT;
+        }
+    }
+    if (o.curve_server_key != NULL && !kvs_curve_available()) {
+        kvs_errf(err, errlen, "this libzmq was built without CURVE");
+        return KVS_UNSUPPORTED;
+    }
     kvs_client *c = calloc(1, sizeof *c);
     if (c == NULL) {
         kvs_errf(err, errlen, "out of memory");
         return KVS_NO_MEMORY;
+    }
+    if (o.curve_server_key != NULL) {
+        c->curve = true;
+        memcpy(c->curve_server, o.curve_server_key, KVS_CURVE_KEY_Z85 + 1);
+        if (o.curve_public_key != NULL) {
+            memcpy(c->curve_pub, o.curve_public_key, KVS_CURVE_KEY_Z85 + 1);
+            memcpy(c->curve_sec, o.curve_secret_key, KVS_CURVE_KEY_Z85 + 1);
+        } else if (zmq_curve_keypair(c->curve_pub, c->curve_sec) != 0) {
+            kvs_errf(err, errlen, "zmq_curve_keypair: %s", zmq_strerror(errno));
+            free(c);
+            return KVS_INTERNAL;
+        }
     }
     c->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : 30000;
     c->retries = o.retries == 0 ? 2 : (o.retries < 0 ? 0 : o.retries);

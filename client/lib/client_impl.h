@@ -5,6 +5,7 @@
 #define KVS_CLIENT_IMPL_H
 
 #include "client/include/kvstream.h"
+#include "common/curve.h"
 #include "common/wire.h"
 
 #include <msgpack.h>
@@ -68,6 +69,10 @@ struct kvs_client {
     bool coord;                    /* home is a kvs-coordinator (PROTOCOL.md section 9):
                                       sessions are located, workers talked to directly */
     char leader[CLIENT_ENDPOINT_MAX]; /* leader named by the last NOT_LEADER reply ("" none) */
+    bool curve;                    /* every socket is a CURVE client with these Z85 keys: */
+    char curve_server[KVS_CURVE_KEY_Z85 + 1]; /* the servers' public key */
+    char curve_pub[KVS_CURVE_KEY_Z85 + 1];    /* ours */
+    char curve_sec[KVS_CURVE_KEY_Z85 + 1];
 };
 
 /* ---- building a request (client.c) ---- */

@@ -27,11 +27,27 @@ class KvsTimeout(KvsError):
 
 
 class Client:
-    def __init__(self, endpoint, timeout=30.0, context=None, rcvhwm=None):
+    def __init__(self, endpoint, timeout=30.0, context=None, rcvhwm=None, server_key=None,
+                 public_key=None, secret_key=None):
+        """server_key: the server's CURVE public key (40-character Z85, str or bytes) for a
+        worker or coordinator run with --curve-secret (PROTOCOL.md section 1); None = plain.
+        public_key/secret_key: this client's key pair (a server's --curve-clients list names
+        the public one); None = a fresh pair from zmq.curve_keypair()."""
         self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
         self._rcvhwm = rcvhwm
+        self._curve = None
+        if server_key is not None:
+            if (public_key is None) != (secret_key is None):
+                raise ValueError("give both public_key and secret_key, or neither")
+            if public_key is None:
+                public_key, secret_key = zmq.curve_keypair()
+            keys = [k.encode() if isinstance(k, str) else bytes(k)
+                    for k in (server_key, public_key, secret_key)]
+            if any(len(k) != 40 for k in keys):
+                raise ValueError("CURVE keys are 40 characters of Z85")
+            self._curve = keys
         self._sock = None
         # Ids start at a random point so that two clients' ids rarely look alike in logs.
         self._ids = itertools.count(int.from_bytes(os.urandom(3), "big") + 1)
@@ -50,6 +66,11 @@ class Client:
         self._sock.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
         if self._rcvhwm is not None:
             self._sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
+        if self._curve is not None:
+            server, public, secret = self._curve
+            self._sock.setsockopt(zmq.CURVE_SERVERKEY, server)
+            self._sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            self._sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
         self._sock.connect(self.endpoint)
 
     def reconnect(self):

@@ -1,0 +1,147 @@
+"""CURVE on kvs-worker (PROTOCOL.md section 1, Security): keys, the ZAP allow-list, and the
+rule that a non-loopback address needs CURVE or --insecure."""
+import subprocess
+
+import pytest
+import zmq
+
+import kvstream
+from conftest import Worker, worker_binary
+
+pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="pyzmq's libzmq lacks CURVE")
+
+
+def write_keypair(tmp_path, name):
+    public, secret = zmq.curve_keypair()
+    (tmp_path / f"{name}.key").write_bytes(secret + b"\n")
+    (tmp_path / f"{name}.pub").write_bytes(public + b"\n")
+    return public, secret
+
+
+@pytest.fixture
+def curve_worker(tiny_model, tmp_path):
+    """A worker with --curve-secret and no allow-list, and its public key."""
+    public, _ = write_keypair(tmp_path, "server")
+    w = Worker(tiny_model, extra=["--curve-secret", str(tmp_path / "server.key")]).start()
+    yield w, public
+    assert w.stop() == 0
+
+
+def test_right_key_serves(curve_worker):
+    w, public = curve_worker
+    with kvstream.Client(w.endpoint, timeout=10, server_key=public.decode()) as c:
+        assert c.hello()["server"] == "kvs-worker"
+        assert c.ping() == {"pong": True}
+        c.create("s", cells=1024)
+        assert c.append("s", "AAPL 189.2")["version"] == 1
+        r = c.query("s", "Last AAPL price:", max_tokens=4)
+        assert r["version"] == 1 and len(r["tokens"]) > 0
+
+
+def test_plain_or_wrong_key_gets_no_answer(curve_worker):
+    w, public = curve_worker
+    wrong, _ = zmq.curve_keypair()
+    with kvstream.Client(w.endpoint, timeout=1.5) as plain, \
+            kvstream.Client(w.endpoint, timeout=1.5, server_key=wrong) as bad:
+        for c in (plain, bad):
+            with pytest.raises(kvstream.KvsTimeout):
+                c.ping()
+    with kvstream.Client(w.endpoint, timeout=10, server_key=public) as good:
+        assert good.ping() == {"pong": True}  # the worker kept serving
+
+
+def test_allow_list(tiny_model, tmp_path):
+    public, _ = write_keypair(tmp_path, "server")
+    allowed_pub, allowed_sec = write_keypair(tmp_path, "alice")
+    (tmp_path / "clients").write_bytes(b"# allowed clients\n\n" + allowed_pub + b"\n")
+    w = Worker(tiny_model, extra=["--curve-secret", str(tmp_path / "server.key"),
+                                  "--curve-clients", str(tmp_path / "clients")]).start()
+    try:
+        with kvstream.Client(w.endpoint, timeout=1.5, server_key=public) as stranger:
+            with pytest.raises(kvstream.KvsTimeout):
+                stranger.ping()
+        with kvstream.Client(w.endpoint, timeout=10, server_key=public, public_key=allowed_pub,
+                             secret_key=allowed_sec) as alice:
+            assert alice.ping() == {"pong": True}
+    finally:
+        assert w.stop() == 0
+
+
+def test_bad_keys_are_refused_at_start(tiny_model, tmp_path):
+    (tmp_path / "bad.key").write_text("not a key\n")
+    write_keypair(tmp_path, "server")
+    (tmp_path / "clients").write_text("# nobody\n")
+    for extra in (["--curve-secret", str(tmp_path / "bad.key")],
+                  ["--curve-secret", str(tmp_path / "missing.key")],
+                  ["--curve-clients", str(tmp_path / "clients")],
+                  ["--curve-secret", str(tmp_path / "server.key"),
+                   "--curve-clients", str(tmp_path / "clients")]):
+        p = subprocess.run([worker_binary(), "--model", tiny_model, *extra],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode in (1, 2), (extra, p.stderr)
+        assert "kvs-worker:" in p.stderr
+
+
+def test_non_loopback_needs_curve_or_insecure(tiny_model, tmp_path):
+    p = subprocess.run([worker_binary(), "--model", tiny_model, "--listen", "tcp://0.0.0.0:0"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "--curve-secret" in p.stderr and "--insecure" in p.stderr
+    public, _ = write_keypair(tmp_path, "server")
+    w = Worker(tiny_model, extra=["--curve-secret", str(tmp_path / "server.key")])
+    w.start(listen="tcp://0.0.0.0:*")
+    try:
+        port = w.endpoint.rsplit(":", 1)[1]
+        with kvstream.Client(f"tcp://127.0.0.1:{port}", timeout=10, server_key=public) as c:
+            assert c.ping() == {"pong": True}
+    finally:
+        assert w.stop() == 0
+
+
+def test_coordinator_and_worker_link(tiny_model, tmp_path):
+    """A CURVE coordinator: a worker joins it with --coordinator-key (its own --curve-secret
+    is its client identity, which the coordinator's allow-list names), CURVE clients reach
+    it, a client not on the list does not."""
+    import os
+    import time
+    coord_bin = os.path.join(os.path.dirname(worker_binary()), "kvs-coordinator")
+    if not os.path.exists(coord_bin):
+        pytest.skip("no kvs-coordinator next to kvs-worker")
+    cpub, _ = write_keypair(tmp_path, "coord")
+    wpub, _ = write_keypair(tmp_path, "worker")
+    apub, asec = write_keypair(tmp_path, "admin")
+    (tmp_path / "clients").write_bytes(wpub + b"\n" + apub + b"\n")
+    coord = subprocess.Popen([coord_bin, "--listen", "tcp://127.0.0.1:0", "--store", "mem:",
+                              "--heartbeat-ms", "100", "--curve-secret",
+                              str(tmp_path / "coord.key"), "--curve-clients",
+                              str(tmp_path / "clients"), "--worker-key",
+                              str(tmp_path / "worker.pub")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    w = None
+    try:
+        line = coord.stdout.readline()
+        assert "listening on" in line, coord.stderr.read()
+        cep = line.strip().split("listening on ", 1)[1]
+        w = Worker(tiny_model, extra=["--curve-secret", str(tmp_path / "worker.key"),
+                                      "--coordinator", cep, "--coordinator-key",
+                                      str(tmp_path / "coord.pub"), "--worker-id", "w1"]).start()
+        with kvstream.Client(cep, timeout=1.5, server_key=cpub) as stranger:
+            with pytest.raises(kvstream.KvsTimeout):
+                stranger.ping()
+        with kvstream.Client(cep, timeout=10, server_key=cpub, public_key=apub,
+                             secret_key=asec) as admin:
+            assert admin.hello()["server"] == "kvs-coordinator"
+            deadline = time.monotonic() + 20
+            workers = []
+            while time.monotonic() < deadline:
+                workers = admin.call("admin.workers")["workers"]
+                if any(x["worker"] == "w1" and x["state"] == "ready" for x in workers):
+                    break
+                time.sleep(0.1)
+            assert any(x["worker"] == "w1" and x["state"] == "ready" for x in workers), workers
+    finally:
+        if w is not None:
+            assert w.stop() == 0
+        coord.terminate()
+        assert coord.wait(30) == 0
+        coord.stdout.close()
+        coord.stderr.close()
