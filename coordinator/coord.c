@@ -988,8 +988,9 @@ int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, si
     setopt_int(c->router, ZMQ_RCVHWM, 1000);
     setopt_int(c->router, ZMQ_LINGER, 500);
     if (o->curve_secret != NULL) { /* the allow-list answers before the first handshake */
-        rc = kvs_curve_server_setup(c->router, o->curve_secret, err, errlen);
-        if (rc < 0) {
+        int crc = kvs_curve_server_setup(c->router, o->curve_secret, err, errlen);
+        if (crc < 0) {
+            rc = crc;
             goto fail;
         }
         if (o->curve_clients != NULL) {
