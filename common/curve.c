@@ -56,7 +56,9 @@ int kvs_curve_key_load(const char *arg, char out[KVS_CURVE_KEY_Z85 + 1], char *e
     struct stat st;
     if (stat(arg, &st) != 0) { /* not a file: the key itself */
         if (!z85_key_valid(arg)) {
-            kvs_errf(err, errlen, "'%s' is neither a file nor a 40-character Z85 key", arg);
+            /* not echoed: it may be a mistyped secret key */
+            kvs_errf(err, errlen, "neither a file nor a 40-character Z85 key (%zu characters)",
+                     strlen(arg));
             return KVS_INVALID_ARGUMENT;
         }
         memcpy(out, arg, KVS_CURVE_KEY_Z85 + 1);

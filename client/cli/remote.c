@@ -140,7 +140,10 @@ int kvs_cli_connect(const struct kvs_cli_remote *r, kvs_client **c)
         o.curve_server_key = server_key;
     }
     int rc = kvs_client_connect(r->endpoint, &o, c, err, sizeof err);
-    if (rc == KVS_TIMEOUT) {
+    if (rc == KVS_TIMEOUT && r->server_key != NULL) { /* a CURVE mismatch is silence too */
+        kvs_cli_error(r->cmd, "%s (or the server does not have the key given by --server-key "
+                              "or $KVSTREAM_SERVER_KEY)", err);
+    } else if (rc == KVS_TIMEOUT) {
         kvs_cli_error(r->cmd, "%s (start one with 'kvstream up', or set --endpoint)", err);
     } else if (rc < 0) {
         kvs_cli_error(r->cmd, "%s", err);
