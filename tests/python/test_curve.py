@@ -145,3 +145,40 @@ def test_coordinator_and_worker_link(tiny_model, tmp_path):
         assert coord.wait(30) == 0
         coord.stdout.close()
         coord.stderr.close()
+
+
+def test_cli_keygen_and_server_key(tiny_model, tmp_path):
+    """kvstream keygen writes PREFIX.key (0600) and PREFIX.pub; the remote commands take the
+    public key with --server-key FILE or $KVSTREAM_SERVER_KEY."""
+    import os
+    import stat
+    cli = os.path.join(os.path.dirname(worker_binary()), "kvstream")
+    if not os.path.exists(cli):
+        pytest.skip("no kvstream next to kvs-worker")
+    prefix = tmp_path / "srv"
+    p = subprocess.run([cli, "keygen", "--out", str(prefix)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    key, pub = tmp_path / "srv.key", tmp_path / "srv.pub"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert len(key.read_text().strip()) == 40 and len(pub.read_text().strip()) == 40
+    assert zmq.curve_public(key.read_text().strip().encode()) == pub.read_text().strip().encode()
+    p = subprocess.run([cli, "keygen", "--out", str(prefix)], capture_output=True, text=True)
+    assert p.returncode == 1 and "srv.key" in p.stderr  # never replaces a key
+    w = Worker(tiny_model, extra=["--curve-secret", str(key)]).start()
+    try:
+        env = dict(os.environ, KVSTREAM_ENDPOINT=w.endpoint)
+        env.pop("KVSTREAM_SERVER_KEY", None)
+        with_key = dict(env, KVSTREAM_SERVER_KEY=pub.read_text().strip())
+
+        def run(*args, env):
+            return subprocess.run([cli, *args], capture_output=True, text=True, timeout=60,
+                                  env=env)
+
+        p = run("session", "create", "k1", "--server-key", str(pub), env=env)
+        assert p.returncode == 0, p.stderr
+        p = run("session", "list", "-o", "json", env=with_key)
+        assert p.returncode == 0 and "k1" in p.stdout, p.stderr
+        p = run("session", "list", "--timeout", "800", env=env)  # no key: no answer
+        assert p.returncode == 3 and "--server-key" not in p.stderr, p.stderr
+    finally:
+        assert w.stop() == 0
