@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <zmq.h>
 
 #define ZAP_ENDPOINT "inproc://zeromq.zap.01" /* fixed by ZeroMQ RFC 27 */
@@ -188,12 +189,20 @@ static void zap_answer(kvs_curve_zap *z)
 static void *zap_main(void *arg)
 {
     kvs_curve_zap *z = arg;
+    bool failed = false;
     while (!atomic_load(&z->stop)) {
         zmq_pollitem_t item = {z->sock, 0, ZMQ_POLLIN, 0};
         int rc = zmq_poll(&item, 1, ZAP_POLL_MS);
         if (rc < 0 && errno != EINTR) {
-            KVS_ERROR("curve: ZAP poll failed: %s", zmq_strerror(errno));
-            break;
+            /* Keep the socket bound: with no ZAP handler at all libzmq admits every client,
+             * while unanswered requests fail the handshakes (closed, not open). */
+            if (!failed) {
+                KVS_ERROR("curve: ZAP poll failed: %s (refusing clients)", zmq_strerror(errno));
+            }
+            failed = true;
+            struct timespec ts = {0, ZAP_POLL_MS * 1000000L};
+            nanosleep(&ts, NULL);
+            continue;
         }
         if (rc > 0) {
             zap_answer(z);
