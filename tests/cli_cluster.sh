@@ -6,7 +6,9 @@
 # a cordoned worker gets no new session; a worker appended to (fsync always) and SIGKILLed is
 # reported down after its lease TTL, and another worker adopts its session (session.adopt)
 # with every acknowledged append in order, a retried append answered as a duplicate; a worker
-# SIGSTOPped past its lease has stopped serving when resumed (UNAVAILABLE) and is reported down.
+# SIGSTOPped past its lease has stopped serving when resumed (UNAVAILABLE) and is reported down;
+# etcd stopped for 30 s (KVS_ETCD_OUTAGE_S) and restarted: appends keep being acknowledged,
+# nothing is re-placed, store writes fail UNAVAILABLE and come back by themselves.
 # Usage: cli_cluster.sh /path/to/kvstream   (kvs-worker and kvs-coordinator next to it)
 set -uo pipefail
 KVS=${1:?usage: cli_cluster.sh KVSTREAM}
@@ -85,18 +87,23 @@ CPORT=$(free_port)
 PPORT=$(free_port)
 while [ "$PPORT" = "$CPORT" ]; do PPORT=$(free_port); done
 ETCD_URL=http://127.0.0.1:$CPORT
-"$ETCD" --name kvs --data-dir "$TMP/etcd" --listen-client-urls "$ETCD_URL" \
-    --advertise-client-urls "$ETCD_URL" --listen-peer-urls "http://127.0.0.1:$PPORT" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$PPORT" \
-    --initial-cluster "kvs=http://127.0.0.1:$PPORT" --heartbeat-interval 50 \
-    --election-timeout 500 >"$TMP/etcd.log" 2>&1 &
-PIDS+=($!)
-for i in $(seq 1 150); do
-    "$PY" -c 'import sys,urllib.request; urllib.request.urlopen(sys.argv[1]+"/health", timeout=1)' \
-        "$ETCD_URL" 2>/dev/null && break
-    [ "$i" -eq 150 ] && fail "etcd did not answer at $ETCD_URL in 15 s ($(tail -3 "$TMP/etcd.log"))"
-    sleep 0.1
-done
+# start_etcd: (again) on the same ports and data dir; waits until it answers
+start_etcd() {
+    "$ETCD" --name kvs --data-dir "$TMP/etcd" --listen-client-urls "$ETCD_URL" \
+        --advertise-client-urls "$ETCD_URL" --listen-peer-urls "http://127.0.0.1:$PPORT" \
+        --initial-advertise-peer-urls "http://127.0.0.1:$PPORT" \
+        --initial-cluster "kvs=http://127.0.0.1:$PPORT" --heartbeat-interval 50 \
+        --election-timeout 500 >>"$TMP/etcd.log" 2>&1 &
+    ETCD_PID=$!
+    PIDS+=($!)
+    for i in $(seq 1 150); do
+        "$PY" -c 'import sys,urllib.request; urllib.request.urlopen(sys.argv[1]+"/health", timeout=1)' \
+            "$ETCD_URL" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    fail "etcd did not answer at $ETCD_URL in 15 s ($(tail -3 "$TMP/etcd.log"))"
+}
+start_etcd
 
 TTL=3
 "$BIN/kvs-coordinator" --listen tcp://127.0.0.1:0 --store "$ETCD_URL" --cluster clitest \
@@ -283,5 +290,42 @@ for s in $HELD; do
     check "$r" "o['error']['code'] == 'UNAVAILABLE'"
 done
 echo "cli_cluster: the paused $PAUSED stopped serving; its sessions ($HELD) are served elsewhere"
+
+# ---- etcd stopped for 30 s (KVS_ETCD_OUTAGE_S) and started again: the workers serve
+# throughout (appends acknowledged), nothing is re-placed, a write that needs the store fails
+# UNAVAILABLE, and once etcd is back the cluster takes writes again without any operator step
+OUTAGE=${KVS_ETCD_OUTAGE_S:-30}
+BEFORE=$("$KVS" admin sessions -o json) || fail "admin sessions"
+kill -TERM "$ETCD_PID"
+wait "$ETCD_PID" 2>/dev/null
+T1=$(date +%s)
+n=0
+while [ $(($(date +%s) - T1)) -lt "$OUTAGE" ]; do
+    n=$((n + 1))
+    r=$(rpc "${WEP[$HEIR]}" "{\"op\":\"session.append\",\"session\":\"s1\",\"text\":\"during $n\",\"client_id\":77,\"client_seq\":$n}")
+    check "$r" "o.get('duplicate') is False"
+    sleep 1
+done
+r=$(rpc "$COORD" "{\"op\":\"session.create\",\"session\":\"during\",\"model\":\"$SHA\",\"cells\":256}")
+check "$r" "o['error']['code'] == 'UNAVAILABLE'"
+J=$("$KVS" admin workers -o json) || fail "admin workers with etcd down"
+check "$J" "[w['state'] for w in o['workers'] if w['worker'] == '$HEIR'] == ['ready']"
+start_etcd
+for i in $(seq 1 100); do
+    r=$(rpc "$COORD" "{\"op\":\"session.create\",\"session\":\"after\",\"model\":\"$SHA\",\"cells\":256}")
+    "$PY" -c 'import json,sys; sys.exit(0 if "worker" in json.loads(sys.argv[1]) else 1)' "$r" && break
+    [ "$i" -eq 100 ] && fail "session.create still failing 30 s after etcd came back: $r"
+    sleep 0.3
+done
+AFTER=$("$KVS" admin sessions -o json) || fail "admin sessions after the outage"
+"$PY" -c '
+import json, sys
+placed = lambda j: {x["session"]: x["worker"] for x in json.loads(j)["sessions"]}
+b, a = placed(sys.argv[1]), placed(sys.argv[2])
+moved = {s: (w, a.get(s)) for s, w in b.items() if a.get(s) != w}
+sys.exit("re-placed during the outage: %s" % moved if moved else 0)' "$BEFORE" "$AFTER" || fail "placements changed"
+r=$(rpc "${WEP[$HEIR]}" '{"op":"session.info","session":"s1"}')
+check "$r" "o.get('session') == 's1'"
+echo "cli_cluster: etcd down ${OUTAGE} s: $n appends acknowledged meanwhile, nothing re-placed, writes back after $i tries"
 
 echo "cli_cluster: ok ($(($(date +%s) - T0)) s)"
