@@ -535,7 +535,7 @@ static int ask_row(struct demo *d, kvs_client *c, struct desk *k, int32_t tick, 
     }
     t->answers += 3;
     t->answers_true += (strcmp(a1, v1) == 0) + (strcmp(a2, v2) == 0) + (strcmp(a3, v3) == 0);
-    char price[48], move[48];
+    char price[64], move[64]; /* "a1 [v1]": two 24-byte fields and 3 more */
     snprintf(price, sizeof price, "%s [%s]", a1, v1);
     snprintf(move, sizeof move, "%s [%s]", a2, v2);
     printf("%6d  %-7s %7lld %9.1f  %d/2 %9.2f %8.1f  %-17s %-12s %s [%s]\n", (int)tick, k->name,
