@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CLI test of a real cluster on one machine: etcd (Debian's /usr/bin/etcd on ephemeral loopback
-# ports, a temporary data dir), a kvs-coordinator on it and three CPU kvs-workers started with
+# ports, a temporary data dir), two kvs-coordinators on it (one leads, one stands by; SIGKILL
+# of the leader near the end: the standby takes over while appends go on) and three CPU kvs-workers started with
 # --coordinator and a shared --data-dir. Checks: `kvstream admin workers -o json` lists the
 # workers with their cells; sessions created through the coordinator land where it says;
 # a cordoned worker gets no new session; a worker appended to (fsync always) and SIGKILLed is
@@ -82,7 +83,7 @@ wait_line() {
     fail "no '$2' in $1 after 60 s"
 }
 
-# ---- etcd, the coordinator, three workers ----
+# ---- etcd, two coordinators, three workers ----
 CPORT=$(free_port)
 PPORT=$(free_port)
 while [ "$PPORT" = "$CPORT" ]; do PPORT=$(free_port); done
@@ -105,19 +106,41 @@ start_etcd() {
 }
 start_etcd
 
-TTL=3
-"$BIN/kvs-coordinator" --listen tcp://127.0.0.1:0 --store "$ETCD_URL" --cluster clitest \
-    --leader-ttl 2 --worker-ttl $TTL --heartbeat-ms 250 --shared-data-dir \
-    >"$TMP/coord.out" 2>"$TMP/coord.err" &
-PIDS+=($!)
-wait_line "$TMP/coord.out" "kvs-coordinator: listening on "
-COORD=$(sed -n 's/^kvs-coordinator: listening on //p' "$TMP/coord.out")
+TTL=6 # worker lease: longer than a leader failover (leader TTL 2 s + re-registration)
+# two coordinators on the same etcd: one leads, the other stands by
+declare -A CPID CEP
+for c in c1 c2; do
+    "$BIN/kvs-coordinator" --listen tcp://127.0.0.1:0 --store "$ETCD_URL" --cluster clitest \
+        --leader-ttl 2 --worker-ttl $TTL --heartbeat-ms 250 --shared-data-dir \
+        >"$TMP/$c.out" 2>"$TMP/$c.err" &
+    CPID[$c]=$!
+    PIDS+=($!)
+    wait_line "$TMP/$c.out" "kvs-coordinator: listening on "
+    CEP[$c]=$(sed -n 's/^kvs-coordinator: listening on //p' "$TMP/$c.out")
+done
+# is_leader C: coord.status of C says it leads
+is_leader() {
+    local r
+    r=$(rpc "${CEP[$1]}" '{"op":"coord.status"}') || return 1
+    "$PY" -c 'import json,sys; sys.exit(0 if json.loads(sys.argv[1]).get("leader") else 1)' "$r"
+}
+LEAD=
+for i in $(seq 1 100); do
+    for c in c1 c2; do is_leader $c && LEAD=$c; done
+    [ -n "$LEAD" ] && break
+    [ "$i" -eq 100 ] && fail "no coordinator leads after 20 s"
+    sleep 0.2
+done
+STANDBY=$([ "$LEAD" = c1 ] && echo c2 || echo c1)
+COORD=${CEP[$LEAD]}
 export KVSTREAM_ENDPOINT=$COORD
+r=$(rpc "${CEP[$STANDBY]}" '{"op":"admin.workers"}')
+check "$r" "o['error']['code'] == 'NOT_LEADER'"
 
 declare -A WPID WEP
 for w in w1 w2 w3; do
     "$BIN/kvs-worker" -m "$MODEL" --listen tcp://127.0.0.1:0 -t 1 --cells 4096 \
-        --data-dir "$TMP/data" --fsync always --coordinator "$COORD" --worker-id $w \
+        --data-dir "$TMP/data" --fsync always --coordinator "${CEP[c1]},${CEP[c2]}" --worker-id $w \
         >"$TMP/$w.out" 2>"$TMP/$w.err" &
     WPID[$w]=$!
     PIDS+=($!)
@@ -290,6 +313,34 @@ for s in $HELD; do
     check "$r" "o['error']['code'] == 'UNAVAILABLE'"
 done
 echo "cli_cluster: the paused $PAUSED stopped serving; its sessions ($HELD) are served elsewhere"
+
+# ---- SIGKILL the leading coordinator: the standby takes over within about the leader lease
+# TTL (2 s), the workers register with it, and the data path (appends to a worker) never stops
+kill -KILL "${CPID[$LEAD]}"
+T1=$(date +%s%N)
+wait "${CPID[$LEAD]}" 2>/dev/null
+n=0
+took=
+for i in $(seq 1 200); do
+    n=$((n + 1))
+    r=$(rpc "${WEP[$HEIR]}" "{\"op\":\"session.append\",\"session\":\"s1\",\"text\":\"failover $n\",\"client_id\":78,\"client_seq\":$n}")
+    check "$r" "o.get('duplicate') is False"
+    if [ -z "$took" ] && is_leader "$STANDBY"; then
+        took=$((($(date +%s%N) - T1) / 1000000))
+    fi
+    if [ -n "$took" ]; then
+        J=$(rpc "${CEP[$STANDBY]}" '{"op":"admin.workers"}')
+        "$PY" -c 'import json,sys; o=json.loads(sys.argv[1]); sys.exit(0 if [w["state"] for w in o.get("workers", []) if w["worker"] == sys.argv[2]] == ["ready"] else 1)' "$J" "$HEIR" && break
+    fi
+    [ "$i" -eq 200 ] && fail "after SIGKILL of leader $LEAD: standby leads: ${took:-no}; $HEIR not ready on it in 20 s"
+    sleep 0.1
+done
+[ "$took" -le 4000 ] || fail "the standby took over $took ms after the leader's SIGKILL (leader TTL 2 s)"
+COORD=${CEP[$STANDBY]}
+export KVSTREAM_ENDPOINT=$COORD
+[ "$(where s1)" = "$HEIR" ] || fail "the new leader locates s1 on $(where s1), not $HEIR"
+W=$(create f1) || exit 1
+echo "cli_cluster: leader $LEAD SIGKILLed: $STANDBY leads after $took ms, $n appends acknowledged meanwhile"
 
 # ---- etcd stopped for 30 s (KVS_ETCD_OUTAGE_S) and started again: the workers serve
 # throughout (appends acknowledged), nothing is re-placed, a write that needs the store fails
