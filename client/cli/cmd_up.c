@@ -44,8 +44,8 @@ enum { OPT_DEVICE = KVS_CLI_OPT_FIRST_LOCAL, OPT_LISTEN, OPT_DATA_DIR, OPT_CELLS
 
 struct child {
     const char *what;         /* "kvs-coordinator", "kvs-worker" */
-    char id[16];              /* worker id ("cpu0", "cuda1"); "" for the coordinator */
-    char device[16];          /* --device of a worker */
+    char id[32];              /* worker id ("cpu0", "cuda1"); "" for the coordinator */
+    char device[32];          /* --device of a worker */
     pid_t pid;                /* 0 once reaped */
     int out;                  /* its standard output (read end), -1 when closed */
     char endpoint[512];       /* from its ready line */
