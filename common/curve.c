@@ -19,6 +19,45 @@
 #define ZAP_POLL_MS 100                        /* how often the handler looks at `stop` */
 #define ZAP_MAX_KEYS 65536                     /* client keys in one allow-list */
 
+bool kvs_endpoint_is_local(const char *ep)
+{
+    if (strncmp(ep, "ipc://", 6) == 0 || strncmp(ep, "inproc://", 9) == 0) {
+        return true;
+    }
+    if (strncmp(ep, "tcp://", 6) != 0) {
+        return false;
+    }
+    const char *host = ep + 6;
+    const char *colon = strrchr(host, ':');
+    if (colon == NULL) {
+        return false;
+    }
+    size_t n = (size_t)(colon - host);
+    if (strchr(host, ';') != NULL) { /* "src;dst" forms: refuse, keep the rule simple */
+        return false;
+    }
+    return (n >= 4 && strncmp(host, "127.", 4) == 0) ||
+           (n == 9 && strncmp(host, "localhost", 9) == 0) ||
+           (n == 5 && strncmp(host, "[::1]", 5) == 0) || (n == 2 && strncmp(host, "lo", 2) == 0);
+}
+
+int kvs_curve_check_listen(const char *listen, bool insecure, const char *secret,
+                           const char *clients, char *err, size_t errlen)
+{
+    if (!insecure && secret == NULL && !kvs_endpoint_is_local(listen)) {
+        kvs_errf(err, errlen,
+                 "refusing to listen on %s: not a loopback address and no CURVE key "
+                 "(give --curve-secret, or --insecure to accept the risk)",
+                 listen);
+        return KVS_INVALID_ARGUMENT;
+    }
+    if (clients != NULL && secret == NULL) {
+        kvs_errf(err, errlen, "a client key list needs a CURVE secret key");
+        return KVS_INVALID_ARGUMENT;
+    }
+    return 0;
+}
+
 bool kvs_curve_available(void)
 {
     return zmq_has("curve") != 0;

@@ -14,6 +14,16 @@
 
 #define KVS_CURVE_KEY_Z85 40 /* characters of a Z85 key, without the NUL */
 
+/* True when endpoint names a loopback or local transport: ipc://, inproc://, or tcp:// to
+ * 127.x, [::1], localhost or the lo interface. */
+bool kvs_endpoint_is_local(const char *endpoint);
+
+/* The listen rule of kvstream's servers (kvs-worker, kvs-coordinator): a non-loopback listen
+ * endpoint needs a CURVE secret key or insecure; a client allow-list needs a secret key.
+ * 0, or KVS_INVALID_ARGUMENT with the reason in err. */
+int kvs_curve_check_listen(const char *listen, bool insecure, const char *secret,
+                           const char *clients, char *err, size_t errlen);
+
 /* Whether this libzmq was built with CURVE. */
 bool kvs_curve_available(void);
 

@@ -897,13 +897,6 @@ bool kvs_coord_is_leader(kvs_coord *c)
 
 /* ---- open / close ---- */
 
-static bool endpoint_is_local(const char *ep)
-{
-    return strncmp(ep, "ipc://", 6) == 0 || strncmp(ep, "inproc://", 9) == 0 ||
-           strncmp(ep, "tcp://127.", 10) == 0 || strncmp(ep, "tcp://[::1]:", 12) == 0 ||
-           strncmp(ep, "tcp://localhost:", 16) == 0;
-}
-
 static void setopt_int(void *s, int opt, int v)
 {
     if (zmq_setsockopt(s, opt, &v, sizeof v) != 0) {
@@ -922,16 +915,10 @@ int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, si
                  "1..63 bytes of [A-Za-z0-9._-]");
         return KVS_INVALID_ARGUMENT;
     }
-    if (!o->insecure && o->curve_secret == NULL && !endpoint_is_local(o->listen)) {
-        kvs_errf(err, errlen,
-                 "refusing to listen on %s: not a loopback address and no CURVE key "
-                 "(give --curve-secret, or --insecure to accept the risk)",
-                 o->listen);
-        return KVS_INVALID_ARGUMENT;
-    }
-    if (o->curve_clients != NULL && o->curve_secret == NULL) {
-        kvs_errf(err, errlen, "a client key list needs a CURVE secret key");
-        return KVS_INVALID_ARGUMENT;
+    int rc = kvs_curve_check_listen(o->listen, o->insecure, o->curve_secret, o->curve_clients,
+                                    err, errlen);
+    if (rc < 0) {
+        return rc;
     }
     kvs_coord *c = calloc(1, sizeof *c);
     if (c == NULL) {
@@ -946,7 +933,7 @@ int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, si
     snprintf(c->cluster, sizeof c->cluster, "%s", cluster);
     snprintf(c->key_root, sizeof c->key_root, "/kvstream/%s/", cluster);
     kvs_wire_buf_init(&c->out);
-    int rc = KVS_INVALID_ARGUMENT;
+    rc = KVS_INVALID_ARGUMENT;
     if (c->o.leader_ttl_s < 2 || c->o.leader_ttl_s > 600 || c->o.worker_ttl_s < 2 ||
         c->o.worker_ttl_s > 600) {
         kvs_errf(err, errlen, "coordinator: lease TTLs must be 2..600 s");

@@ -15,28 +15,6 @@
 
 /* ---- helpers ------------------------------------------------------------------------------ */
 
-bool kvs_server_endpoint_is_local(const char *ep)
-{
-    if (strncmp(ep, "ipc://", 6) == 0 || strncmp(ep, "inproc://", 9) == 0) {
-        return true;
-    }
-    if (strncmp(ep, "tcp://", 6) != 0) {
-        return false;
-    }
-    const char *host = ep + 6;
-    const char *colon = strrchr(host, ':');
-    if (colon == NULL) {
-        return false;
-    }
-    size_t n = (size_t)(colon - host);
-    if (strchr(host, ';') != NULL) { /* "src;dst" forms: refuse, keep the rule simple */
-        return false;
-    }
-    return (n >= 4 && strncmp(host, "127.", 4) == 0) ||
-           (n == 9 && strncmp(host, "localhost", 9) == 0) ||
-           (n == 5 && strncmp(host, "[::1]", 5) == 0) || (n == 2 && strncmp(host, "lo", 2) == 0);
-}
-
 static void setopt_int(void *s, int opt, int v)
 {
     if (zmq_setsockopt(s, opt, &v, sizeof v) != 0) {
@@ -473,16 +451,10 @@ int kvs_server_new(const struct kvs_server_opts *o, kvs_server **out, char *err,
         snprintf(err, errlen, "no listen endpoint");
         return KVS_INVALID_ARGUMENT;
     }
-    if (!o->insecure && o->curve_secret == NULL && !kvs_server_endpoint_is_local(o->listen)) {
-        snprintf(err, errlen,
-                 "refusing to listen on %s: not a loopback address and no CURVE key "
-                 "(give --curve-secret, or --insecure to accept the risk)",
-                 o->listen);
-        return KVS_INVALID_ARGUMENT;
-    }
-    if (o->curve_clients != NULL && o->curve_secret == NULL) {
-        snprintf(err, errlen, "a client key list needs a CURVE secret key");
-        return KVS_INVALID_ARGUMENT;
+    int rc = kvs_curve_check_listen(o->listen, o->insecure, o->curve_secret, o->curve_clients,
+                                    err, errlen);
+    if (rc < 0) {
+        return rc;
     }
     kvs_server *srv = calloc(1, sizeof *srv);
     if (srv == NULL) {
@@ -505,7 +477,7 @@ int kvs_server_new(const struct kvs_server_opts *o, kvs_server **out, char *err,
     atomic_init(&srv->load_rows, 0);
     kvs_wire_buf_init(&srv->out);
     kvs_wire_buf_init(&srv->eout);
-    int rc = KVS_NO_MEMORY;
+    rc = KVS_NO_MEMORY;
     srv->data_dir = o->data_dir ? strdup(o->data_dir) : NULL;
     srv->data_root = o->data_root ? strdup(o->data_root) : NULL;
     if ((o->data_dir && !srv->data_dir) || (o->data_root && !srv->data_root)) {

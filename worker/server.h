@@ -117,8 +117,4 @@ bool kvs_server_fenced(kvs_server *srv);
  * (SIGSTOP) past its lease fences itself before it serves anything. Thread-safe. */
 void kvs_server_serve_until(kvs_server *srv, int64_t until_ms);
 
-/* True when endpoint names a loopback or local transport (tcp to 127.x / [::1] / localhost,
- * ipc://, inproc://). */
-bool kvs_server_endpoint_is_local(const char *endpoint);
-
 #endif
