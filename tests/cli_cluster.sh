@@ -106,7 +106,7 @@ start_etcd() {
 }
 start_etcd
 
-TTL=6 # worker lease: longer than a leader failover (leader TTL 2 s + re-registration)
+TTL=10 # worker lease: well above a leader failover (leader TTL 2 s + finding the new leader), even on a loaded machine
 # two coordinators on the same etcd: one leads, the other stands by
 declare -A CPID CEP
 for c in c1 c2; do
