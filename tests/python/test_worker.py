@@ -1,4 +1,5 @@
 """kvs-worker end to end through the pure-Python client (docs/PROTOCOL.md v1.1)."""
+import os
 import signal
 
 import msgpack
@@ -109,23 +110,25 @@ def test_errors(client):
     assert e.value.code == "NOT_FOUND" and e.value.reply["done"] and e.value.reply["seq"] == 0
 
 
+BAD_FRAMES = [
+    [b"", b"\xdd\xff\xff\xff\xff"],                       # the allocation bomb
+    [b"", b"\x81\xa1x" + b"\x91" * 64 + b"\xc0"],        # deep nesting
+    [b"", b"\x82\xa2id\x01\xa2op\xa4pi"],                 # truncated
+    [b"", b"\x82\xa2id\x01\xa2op\xa2\xff\xfe"],           # invalid UTF-8
+    [b"", b"\xc1"],                                        # reserved byte
+    [b"", b""],                                            # empty payload
+    [b"\x81\xa2id\x01"],                                   # no delimiter
+    [b"", b"x", b"y"],                                     # too many frames
+    [b"", msgpack.packb({"id": 1, "op": "ping", "x": "a" * (300 << 10)})],  # long string
+]
+BAD_CODES = ["BAD_FORMAT", "BAD_FORMAT", "BAD_FORMAT", "INVALID_UTF8", "BAD_FORMAT",
+             "BAD_FORMAT", "BAD_FORMAT", "BAD_FORMAT", "TOO_LARGE"]
+
+
 def test_malformed_bytes_keep_serving(client):
     client.create("m", cells=1024)
     client.append("m", "hello")
-    bad = [
-        [b"", b"\xdd\xff\xff\xff\xff"],                       # the allocation bomb
-        [b"", b"\x81\xa1x" + b"\x91" * 64 + b"\xc0"],        # deep nesting
-        [b"", b"\x82\xa2id\x01\xa2op\xa4pi"],                 # truncated
-        [b"", b"\x82\xa2id\x01\xa2op\xa2\xff\xfe"],           # invalid UTF-8
-        [b"", b"\xc1"],                                        # reserved byte
-        [b"", b""],                                            # empty payload
-        [b"\x81\xa2id\x01"],                                   # no delimiter
-        [b"", b"x", b"y"],                                     # too many frames
-        [b"", msgpack.packb({"id": 1, "op": "ping", "x": "a" * (300 << 10)})],  # long string
-    ]
-    expect = ["BAD_FORMAT", "BAD_FORMAT", "BAD_FORMAT", "INVALID_UTF8", "BAD_FORMAT",
-              "BAD_FORMAT", "BAD_FORMAT", "BAD_FORMAT", "TOO_LARGE"]
-    for frames, code in zip(bad, expect):
+    for frames, code in zip(BAD_FRAMES, BAD_CODES):
         client.send_raw(frames)
         rep = client.recv_any()
         assert rep["error"]["code"] == code, (frames[:2], rep)
@@ -138,6 +141,37 @@ def test_malformed_bytes_keep_serving(client):
     c2.close()
     assert client.ping() == {"pong": True}
     assert client.info("m")["version"] == 1
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def test_bad_input_keeps_memory_bounded(worker, client):
+    """Thousands of hostile messages (allocation bombs, deep nesting, invalid UTF-8, 300 KiB
+    strings, ...) each get their error and leave the worker's resident memory where it was."""
+    client.create("b", cells=1024)
+
+    def blast(n):
+        for i in range(n):
+            client.send_raw(BAD_FRAMES[i % len(BAD_FRAMES)])
+            assert client.recv_any()["error"]["code"] == BAD_CODES[i % len(BAD_FRAMES)]
+
+    blast(len(BAD_FRAMES) * 20)  # the allocator's first growth is not what is measured
+    before = rss_kib(worker.proc.pid)
+    blast(len(BAD_FRAMES) * 500)
+    after = rss_kib(worker.proc.pid)
+    # under the sanitizer build (scripts/test.sh sets ASAN_OPTIONS) freed memory waits in
+    # ASan's quarantine (256 MiB by default) before it is reused
+    limit = (16 + (256 if "ASAN_OPTIONS" in os.environ else 0)) * 1024
+    print(f"\nworker RSS {before} KiB -> {after} KiB after {len(BAD_FRAMES) * 500} bad messages")
+    assert after - before < limit, f"RSS grew {after - before} KiB (limit {limit} KiB)"
+    assert client.ping() == {"pong": True}
+    assert client.info("b")["version"] == 0
 
 
 def test_busy_and_interleaving(client):
