@@ -108,16 +108,25 @@ static void proc_kill(struct proc *p, int sig)
     }
 }
 
-/* A coordinator on store (a cluster of its own: name). */
-static void start_coordinator(struct proc *p, const char *store, const char *name)
+/* A coordinator on store (a cluster of its own: name), with the leader lease TTL leader_ttl
+ * (seconds, as text). */
+static void start_coordinator_ttl(struct proc *p, const char *store, const char *name,
+                                  const char *leader_ttl)
 {
     char log[400];
     snprintf(log, sizeof log, "%s/coordinator-%s.err", g_tmp, name);
     char *argv[] = {
-        g_coord_bin, "--listen",          "tcp://127.0.0.1:*", "--store", (char *)store,
-        "--cluster", (char *)name,        "--worker-ttl",      "2",       "--heartbeat-ms",
-        "200",       "--shared-data-dir", "--move-timeout-ms", "20000",   NULL};
+        g_coord_bin,    "--listen",          "tcp://127.0.0.1:*", "--store",
+        (char *)store,  "--cluster",         (char *)name,        "--worker-ttl",
+        "2",            "--heartbeat-ms",    "200",               "--shared-data-dir",
+        "--move-timeout-ms", "20000",        "--leader-ttl",      (char *)leader_ttl,
+        NULL};
     spawn(p, log, argv);
+}
+
+static void start_coordinator(struct proc *p, const char *store, const char *name)
+{
+    start_coordinator_ttl(p, store, name, "5");
 }
 
 static void start_worker(struct proc *p, const char *id, const char *root, const char *coord)
@@ -653,7 +662,10 @@ START_TEST(test_etcd_paused)
     snprintf(root, sizeof root, "%s/paused", g_tmp);
     mkdirs(root);
     struct proc co, wa, wb;
-    start_coordinator(&co, g_etcd.url, "paused");
+    /* The leader lease outlives the hang: etcd's lessor runs on when it is resumed and would
+     * revoke a lease that expired meanwhile, costing the leadership (a re-election) instead
+     * of testing that heartbeats are answered through the hang. */
+    start_coordinator_ttl(&co, g_etcd.url, "paused", "15");
     start_worker(&wa, "wa", root, co.endpoint);
     start_worker(&wb, "wb", root, co.endpoint);
     struct peer *coord = peer_new(co.endpoint);
