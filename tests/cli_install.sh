@@ -59,8 +59,13 @@ open(sys.argv[2], "w").write("#include <kvstream/kvstream.h>\n#include <stdio.h>
                              "#include <stdlib.h>\n\nint main(void)\n{\n" + body
                              + "    return rc < 0;\n}\n")
 PY
-cc -std=c11 -Wall -Wextra -Werror -I"$PREFIX/include" -o "$TMP/example" "$TMP/example.c" \
-    -L"$LIBDIR" -lkvstream -Wl,-rpath,"$LIBDIR" 2>"$TMP/cc.err" ||
+# a sanitizer build's library needs the program linked with the same runtimes
+SAN=()
+if ldd "$LIBDIR/libkvstream.so" 2>/dev/null | grep -q libasan; then
+    SAN=(-fsanitize=address,undefined)
+fi
+cc -std=c11 -Wall -Wextra -Werror "${SAN[@]}" -I"$PREFIX/include" -o "$TMP/example" \
+    "$TMP/example.c" -L"$LIBDIR" -lkvstream -Wl,-rpath,"$LIBDIR" 2>"$TMP/cc.err" ||
     fail "the README example does not build against the install: $(cat "$TMP/cc.err")"
 EP=$EP "$TMP/example" >"$TMP/example.out" 2>"$TMP/example.err" ||
     fail "the README example failed: $(cat "$TMP/example.err")"
