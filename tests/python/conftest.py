@@ -45,6 +45,11 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_model():
     """The default model (SmolLM2-135M-Instruct Q4_1), which scripts/setup.sh fetches."""
+    if os.environ.get("KVS_TEST_QUICK"):
+        # the sanitizer run of scripts/test.sh: the default model's 30 layers under ASan would
+        # outrun these tests' timings (the 8-client load test, latency under appends); the
+        # release run runs them
+        pytest.skip("KVS_TEST_QUICK: default-model tests run in the release build's run")
     if not VOCAB.exists():
         pytest.fail(f"the default model {VOCAB} is missing: run scripts/setup.sh")
     return str(VOCAB)
