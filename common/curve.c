@@ -3,6 +3,7 @@
 
 #include "common/log.h"
 #include "common/status.h"
+#include "common/wire.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -18,6 +19,29 @@
 #define ZAP_ENDPOINT "inproc://zeromq.zap.01" /* fixed by ZeroMQ RFC 27 */
 #define ZAP_POLL_MS 100                        /* how often the handler looks at `stop` */
 #define ZAP_MAX_KEYS 65536                     /* client keys in one allow-list */
+
+static void router_opt(void *s, int opt, int v)
+{
+    if (zmq_setsockopt(s, opt, &v, sizeof v) != 0) {
+        KVS_WARN("zmq_setsockopt(%d) failed: %s", opt, zmq_strerror(errno));
+    }
+}
+
+void kvs_router_options(void *router)
+{
+    int64_t maxmsg = KVS_WIRE_MAX_FRAME + 64;
+    if (zmq_setsockopt(router, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg) != 0) {
+        KVS_WARN("zmq_setsockopt(ZMQ_MAXMSGSIZE) failed: %s", zmq_strerror(errno));
+    }
+    router_opt(router, ZMQ_ROUTER_MANDATORY, 1);
+    router_opt(router, ZMQ_HEARTBEAT_IVL, 250);
+    router_opt(router, ZMQ_HEARTBEAT_TIMEOUT, 1000);
+    router_opt(router, ZMQ_HEARTBEAT_TTL, 1000);
+    router_opt(router, ZMQ_HANDSHAKE_IVL, 2000);
+    router_opt(router, ZMQ_SNDHWM, 1000);
+    router_opt(router, ZMQ_RCVHWM, 1000);
+    router_opt(router, ZMQ_LINGER, 500);
+}
 
 bool kvs_endpoint_is_local(const char *ep)
 {

@@ -24,6 +24,11 @@ bool kvs_endpoint_is_local(const char *endpoint);
 int kvs_curve_check_listen(const char *listen, bool insecure, const char *secret,
                            const char *clients, char *err, size_t errlen);
 
+/* The options every kvstream server sets on its ROUTER before binding (docs/PROTOCOL.md §1):
+ * ZMQ_MAXMSGSIZE from the frame limit, ROUTER_MANDATORY, heartbeats (250 ms, 1 s timeout
+ * and TTL), a 2 s handshake limit, high-water marks of 1,000 and a 500 ms linger. */
+void kvs_router_options(void *router);
+
 /* Whether this libzmq was built with CURVE. */
 bool kvs_curve_available(void);
 

@@ -897,13 +897,6 @@ bool kvs_coord_is_leader(kvs_coord *c)
 
 /* ---- open / close ---- */
 
-static void setopt_int(void *s, int opt, int v)
-{
-    if (zmq_setsockopt(s, opt, &v, sizeof v) != 0) {
-        KVS_WARN("coordinator: zmq_setsockopt(%d) failed: %s", opt, zmq_strerror(errno));
-    }
-}
-
 int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, size_t errlen)
 {
     *out = NULL;
@@ -964,16 +957,7 @@ int kvs_coord_new(const struct kvs_coord_opts *o, kvs_coord **out, char *err, si
         rc = KVS_INTERNAL;
         goto fail;
     }
-    int64_t maxmsg = KVS_WIRE_MAX_FRAME + 64;
-    zmq_setsockopt(c->router, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
-    setopt_int(c->router, ZMQ_ROUTER_MANDATORY, 1);
-    setopt_int(c->router, ZMQ_HEARTBEAT_IVL, 250);
-    setopt_int(c->router, ZMQ_HEARTBEAT_TIMEOUT, 1000);
-    setopt_int(c->router, ZMQ_HEARTBEAT_TTL, 1000);
-    setopt_int(c->router, ZMQ_HANDSHAKE_IVL, 2000);
-    setopt_int(c->router, ZMQ_SNDHWM, 1000);
-    setopt_int(c->router, ZMQ_RCVHWM, 1000);
-    setopt_int(c->router, ZMQ_LINGER, 500);
+    kvs_router_options(c->router);
     if (o->curve_secret != NULL) { /* the allow-list answers before the first handshake */
         int crc = kvs_curve_server_setup(c->router, o->curve_secret, err, errlen);
         if (crc < 0) {

@@ -537,16 +537,7 @@ int kvs_server_new(const struct kvs_server_opts *o, kvs_server **out, char *err,
         rc = KVS_INTERNAL;
         goto fail;
     }
-    int64_t maxmsg = KVS_WIRE_MAX_FRAME + 64;
-    zmq_setsockopt(srv->router, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
-    setopt_int(srv->router, ZMQ_ROUTER_MANDATORY, 1);
-    setopt_int(srv->router, ZMQ_HEARTBEAT_IVL, 250);
-    setopt_int(srv->router, ZMQ_HEARTBEAT_TIMEOUT, 1000);
-    setopt_int(srv->router, ZMQ_HEARTBEAT_TTL, 1000);
-    setopt_int(srv->router, ZMQ_HANDSHAKE_IVL, 2000);
-    setopt_int(srv->router, ZMQ_SNDHWM, 1000);
-    setopt_int(srv->router, ZMQ_RCVHWM, 1000);
-    setopt_int(srv->router, ZMQ_LINGER, 500);
+    kvs_router_options(srv->router);
     if (o->curve_secret != NULL) { /* the allow-list answers before the first handshake */
         rc = kvs_curve_server_setup(srv->router, o->curve_secret, err, errlen);
         if (rc < 0) {
