@@ -1,7 +1,8 @@
 /* The scheduler: batching is real (forward calls carry rows of many sessions) and exact
  * (every greedy answer equals the same session run alone through the synchronous path),
  * priorities (decode and question rows before append chunks), the append chunk bound,
- * fairness between sessions, the flash-query minimum share, deadlines and admission,
+ * fairness between sessions, the flash-query minimum share, the FIFO mode (one request at a
+ * time, the benchmarks' baseline), deadlines and admission,
  * cancellation, the step-time target, and the overcommit order when the real cells run out.
  * Time is driven by the test (a fake clock). Tiny 2-layer model, SmolLM2 tokenizer. */
 #include <check.h>
@@ -92,8 +93,9 @@ static void run(kvs_sched *sc, int max_steps)
 static const char *REC[] = {"AAPL 189.23 +0.42", "MSFT 411.10 -1.05 vol=800", "ERROR timeout",
                             "NVDA 875.02 +5.40", "GOOG 141.77"};
 
-/* N sessions through the scheduler vs each alone through the synchronous path. */
-static void exactness(int n_sessions)
+/* N sessions through the scheduler (or its FIFO mode) vs each alone through the
+ * synchronous path. */
+static void exactness_opts(int n_sessions, bool fifo)
 {
     kvs_engine *e = engine(32768, 256), *ref = engine(4096, 64);
     ck_assert_ptr_nonnull(e);
@@ -102,7 +104,8 @@ static void exactness(int n_sessions)
     ck_assert_int_eq(kvs_sessions_new(e, NULL, &S), 0);
     ck_assert_int_eq(kvs_sessions_new(ref, NULL, &R), 0);
     kvs_sched *sc;
-    ck_assert_int_eq(kvs_sched_new(S, &(struct kvs_sched_opts){.append_chunk = 16}, &sc), 0);
+    ck_assert_int_eq(kvs_sched_new(S, &(struct kvs_sched_opts){.append_chunk = 16, .fifo = fifo},
+                                   &sc), 0);
     char err[256];
     kvs_session *ss[32];
     struct result ap[32][5], qr[32];
@@ -127,7 +130,9 @@ static void exactness(int n_sessions)
     }
     run(sc, 1000);
     const struct kvs_sched_stats *st = kvs_sched_stats(sc);
-    if (n_sessions > 1) {
+    if (fifo) {
+        ck_assert_int_eq(st->max_n_seqs, 1);
+    } else if (n_sessions > 1) {
         ck_assert_int_ge(st->max_n_seqs, n_sessions < 8 ? n_sessions : 8);
     }
     printf("sched %d sessions: %llu steps, at most %d sequences in one forward\n", n_sessions,
@@ -163,6 +168,11 @@ static void exactness(int n_sessions)
     kvs_sessions_destroy(&R);
     kvs_engine_destroy(&e);
     kvs_engine_destroy(&ref);
+}
+
+static void exactness(int n_sessions)
+{
+    exactness_opts(n_sessions, false);
 }
 
 START_TEST(test_exact_1)
@@ -374,6 +384,82 @@ START_TEST(test_flash_share_serial)
     kvs_sched_destroy(&sc);
     kvs_sessions_destroy(&S);
     kvs_engine_destroy(&e);
+}
+END_TEST
+
+/* FIFO mode (the synchronous executor): arrival order, each request to its end, no
+ * priorities, an append's whole record in one forward, the flash evaluation queued behind
+ * what arrived before its append ended, one request's rows per forward. */
+START_TEST(test_fifo)
+{
+    kvs_engine *e = engine(8192, 64);
+    kvs_sessions *S;
+    ck_assert_int_eq(kvs_sessions_new(e, NULL, &S), 0);
+    kvs_sched *sc;
+    ck_assert_int_eq(kvs_sched_new(S, &(struct kvs_sched_opts){.max_batch_tokens = 64,
+                                                                .append_chunk = 8, .fifo = true,
+                                                                .max_jobs_per_step = 3}, &sc), 0);
+    char err[256];
+    kvs_session *a, *b;
+    ck_assert_int_eq(kvs_session_create(S, "a", &(struct kvs_session_opts){.budget_cells = 1024}, &a, err, sizeof err), 0);
+    ck_assert_int_eq(kvs_session_create(S, "b", &(struct kvs_session_opts){.budget_cells = 1024}, &b, err, sizeof err), 0);
+    struct kvs_query_opts fo = {.sampling = kvs_sampling_default(), .max_tokens = 3};
+    ck_assert_int_eq(kvs_flash_register(a, "q", "State?", 6, &fo, NULL, err, sizeof err), 0);
+    kvs_flash_watch(a, on_flash, NULL);
+    const char *rec = "AAPL 189.23 +0.42 MSFT 411.10 -1.05 vol=800 NVDA 875.02 +5.40";
+    struct result r1 = {0}, rq = {0}, r2 = {0};
+    ck_assert_int_eq(kvs_sched_append(sc, a, rec, strlen(rec), 0, 0, 0, on_append, &r1), 0);
+    struct kvs_query_opts qo = {.sampling = kvs_sampling_default(), .max_tokens = 4};
+    ck_assert_int_eq(kvs_sched_query(sc, b, "Which way did it move?", 22, &qo, 0, NULL, on_query,
+                                     &rq, err, sizeof err), 0);
+    ck_assert_int_eq(kvs_sched_append(sc, b, REC[0], strlen(REC[0]), 0, 0, 0, on_append, &r2), 0);
+    flash_done_step = -1;
+    cur_step = 0;
+    int flash_first_step = -1;
+    int32_t rows1 = -1;
+    while (kvs_sched_busy(sc)) {
+        cur_step++;
+        ck_assert_int_gt(kvs_sched_step(sc, cur_step), 0); /* every step runs a forward */
+        const struct kvs_sched_stats *st = kvs_sched_stats(sc);
+        ck_assert_int_eq(st->last_n_seqs, 1); /* one request's rows per forward */
+        if (cur_step == 1) {
+            rows1 = st->last_rows[KVS_CLASS_APPEND];
+            ck_assert_int_eq(st->last_rows[KVS_CLASS_QUESTION], 0); /* no priority for it */
+        }
+        if (flash_first_step < 0 && st->last_rows[KVS_CLASS_FLASH] > 0) {
+            flash_first_step = cur_step;
+        }
+        ck_assert_int_lt(cur_step, 100);
+    }
+    /* the first append: its whole record (more than append_chunk) in the first forward */
+    ck_assert(r1.done && r1.status == 0);
+    ck_assert_int_eq(r1.step_done, 1);
+    ck_assert_int_eq(rows1, r1.r.n_tokens);
+    ck_assert_int_gt(rows1, 8);
+    /* then the question to its last token, then the second append in one forward */
+    ck_assert(rq.done && rq.status == 0);
+    ck_assert_int_ge(rq.step_done, 2 + rq.a->n_tokens - 1);
+    ck_assert(r2.done && r2.status == 0);
+    ck_assert_int_eq(r2.step_done, rq.step_done + 1);
+    /* the flash evaluation that the first append triggered ran last: behind both */
+    ck_assert_int_eq(flash_first_step, r2.step_done + 1);
+    ck_assert_int_gt(flash_done_step, r2.step_done);
+    struct kvs_answer fa;
+    ck_assert_int_eq(kvs_flash_get(a, "q", KVS_FLASH_ALLOW_STALE, &fa, err, sizeof err), 0);
+    ck_assert(fa.fresh);
+    kvs_answer_free(&fa);
+    ck_assert_int_eq(kvs_sched_stats(sc)->max_n_seqs, 1);
+    kvs_answer_free(rq.a);
+    free(rq.a);
+    kvs_sched_destroy(&sc);
+    kvs_sessions_destroy(&S);
+    kvs_engine_destroy(&e);
+}
+END_TEST
+
+START_TEST(test_exact_4_fifo)
+{
+    exactness_opts(4, true);
 }
 END_TEST
 
@@ -1040,6 +1126,8 @@ int main(void)
     tcase_add_test(tc, test_fairness);
     tcase_add_test(tc, test_flash_share);
     tcase_add_test(tc, test_flash_share_serial);
+    tcase_add_test(tc, test_fifo);
+    tcase_add_test(tc, test_exact_4_fifo);
     tcase_add_test(tc, test_deadlines_and_admission);
     tcase_add_test(tc, test_prefix_sharing);
     tcase_add_test(tc, test_pressure_no_deadlock);

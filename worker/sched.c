@@ -817,6 +817,40 @@ static bool begin_append(kvs_sched *sc, struct job *j)
     return true;
 }
 
+/* Has j started (some rows computed, or an append begun)? */
+static bool job_started(const struct job *j)
+{
+    return j->kind == JOB_APPEND ? j->begun : j->done > 0 || j->decoding;
+}
+
+/* FIFO (sched.h): the job that has started, else the oldest that can start, alone, with
+ * every row it has left up to the batch cap (one decode row once it decodes). */
+static void plan_fifo(kvs_sched *sc)
+{
+    struct job *pick = NULL;
+    for (int32_t i = 0; i < sc->n && pick == NULL; i++) {
+        struct job *j = sc->jobs[i];
+        if (!j->cancelled && job_started(j)) {
+            pick = j;
+        }
+    }
+    for (int32_t i = 0; i < sc->n && pick == NULL; i++) {
+        struct job *j = sc->jobs[i];
+        if (j->cancelled || j->deferred || (j->kind == JOB_APPEND && !j->head)) {
+            continue; /* cannot start now: the next one may */
+        }
+        if (j->kind == JOB_APPEND && !begin_append(sc, j)) {
+            i--; /* it left the queue */
+            continue;
+        }
+        pick = j;
+    }
+    if (pick != NULL) {
+        int cls = (int)job_class(pick);
+        sc->st.last_rows[cls] += plan_rows(sc, pick, sc->o.max_batch_tokens);
+    }
+}
+
 static int step(kvs_sched *sc, double now)
 {
     sc->now = now;
@@ -830,8 +864,7 @@ static int step(kvs_sched *sc, double now)
             i++;
             continue;
         }
-        bool started = (j->kind == JOB_APPEND && j->begun) || (j->kind != JOB_APPEND &&
-                                                              (j->done > 0 || j->decoding));
+        bool started = job_started(j);
         if (j->deadline > 0 && now > j->deadline && (!started || j->kind == JOB_QUERY)) {
             remove_job(sc, i);
             if (j->waiting_cells) { /* overcommit, stage 4 */
@@ -921,8 +954,11 @@ static int step(kvs_sched *sc, double now)
             classes = flash_first;
         }
     }
-    /* 4. plan by class: decode, question, append, then flash (with its floor) */
-    for (int c = 0; c < KVS_N_CLASSES; c++) {
+    /* 4. plan by class: decode, question, append, then flash (with its floor); or FIFO */
+    if (sc->o.fifo) {
+        plan_fifo(sc);
+    }
+    for (int c = 0; c < KVS_N_CLASSES && !sc->o.fifo; c++) {
         int cls = classes[c];
         if (cls == KVS_CLASS_FLASH) {
             avail += flash_floor;

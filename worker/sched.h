@@ -68,6 +68,16 @@
  *      then fails with KVS_CAPACITY; an append without a deadline fails with KVS_CAPACITY
  *      at once.
  *
+ * FIFO (opts.fifo): one request at a time, in arrival order, each to its end before the
+ * next starts, as the synchronous session calls run them: an append is its whole record in
+ * one forward (max_batch_tokens rows at a time if it is longer), a query or flash evaluation
+ * its whole prefill in one forward and then one decode row per forward until it finishes; a
+ * flash evaluation is queued behind what arrived before the append that triggered it ended.
+ * No priorities, no chunking, no rows of two requests in one forward. A job that cannot
+ * start (an append waiting for cells or for its session's forks, a deferred query) is
+ * passed over for the next one; a job that has started is always finished first. The
+ * admission, capacity and sliding rules above hold as they are.
+ *
  * Semantics are those of worker/session.h: an append is logged before its first chunk and
  * acknowledged (callback) when its last chunk is in; a query forks the session at the data
  * completely appended before it was accepted (a concurrent append in progress is not
@@ -111,9 +121,13 @@ struct kvs_sched_opts {
                                * < 0 = no target: max_batch_tokens rows every step) */
     int32_t append_chunk;     /* rows of one append per step (0 = 64) */
     float flash_min_share;    /* budget share kept for flash work when it has any (0 = 0.1) */
-    int32_t max_jobs_per_step;/* 0 = no limit; 1 = one request at a time (the no-batching
-                               * baseline of the benchmarks); then flash work's share is
-                               * one step in 1/flash_min_share that has flash work */
+    int32_t max_jobs_per_step;/* 0 = no limit; 1 = one request per step (the scheduler
+                               * without cross-session batching, a benchmark row); then
+                               * flash work's share is one step in 1/flash_min_share that
+                               * has flash work */
+    bool fifo;                /* the synchronous executor (the benchmarks' baseline): see
+                               * FIFO below; overrides the priorities, append_chunk, the
+                               * step budget, the flash share and max_jobs_per_step */
     float overcommit;         /* admit budgets against capacity x this (0 = 1 = off; at
                                * most KVS_SCHED_OVERCOMMIT_MAX); set on the registry */
     double (*clock)(void *user); /* seconds, for step durations (NULL = kvs_now) */
