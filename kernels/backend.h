@@ -145,6 +145,14 @@ struct kvs_backend_ops {
     /* Free the backend's context and b itself (kvs_backend_destroy calls it). Weights and
      * KV caches must have been freed before. */
     void (*destroy)(kvs_backend *b);
+
+    /* ---- optional fused ops (NULL: the caller runs the ops they stand for) ---- */
+    /* rope(q, n_head), rope(k, n_kv_head) at host_pos, then kv_store(k, v): the same bits as
+     * those three calls, in one pass (a decode step runs it once per layer). */
+    int (*rope_store)(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, float *q, int32_t n_head,
+                      float *k, const float *v, int32_t n_kv_head, int32_t head_dim,
+                      const int32_t *host_pos, const struct kvs_rope *rope,
+                      const struct kvs_attn_batch *ab);
 };
 
 struct kvs_backend {

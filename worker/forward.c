@@ -270,9 +270,14 @@ static int forward_ops(kvs_forward *fw, const kvs_batch *bt, const struct kvs_at
         KVS_TRY(op->matmul(b, &L->wq, fw->h, n, L->bq, fw->q));
         KVS_TRY(op->matmul(b, &L->wk, fw->h, n, L->bk, fw->k));
         KVS_TRY(op->matmul(b, &L->wv, fw->h, n, L->bv, fw->v));
-        KVS_TRY(op->rope(b, fw->q, n, H, D, bt->pos, &m->rope));
-        KVS_TRY(op->rope(b, fw->k, n, HKV, D, bt->pos, &m->rope));
-        KVS_TRY(op->kv_store(b, kv, (int32_t)l, fw->k, fw->v, ab));
+        if (op->rope_store != NULL) {
+            KVS_TRY(op->rope_store(b, kv, (int32_t)l, fw->q, H, fw->k, fw->v, HKV, D, bt->pos,
+                                   &m->rope, ab));
+        } else {
+            KVS_TRY(op->rope(b, fw->q, n, H, D, bt->pos, &m->rope));
+            KVS_TRY(op->rope(b, fw->k, n, HKV, D, bt->pos, &m->rope));
+            KVS_TRY(op->kv_store(b, kv, (int32_t)l, fw->k, fw->v, ab));
+        }
         KVS_TRY(op->attention(b, kv, (int32_t)l, fw->q, H, scale, ab, fw->att));
         KVS_TRY(op->matmul(b, &L->wo, fw->att, n, NULL, fw->o));
         KVS_TRY(op->add(b, fw->x, fw->o, (int64_t)n * E));
@@ -325,7 +330,11 @@ int kvs_forward_run(kvs_forward *fw, const kvs_batch *bt, float *logits)
 #ifdef KVS_HAVE_CUDA
     const bool graph = kvs_backend_is_cuda(b);
     if (graph) {
-        KVS_TRY(kvs_cuda_graph_begin(b, fw->stats.last_n_seqs));
+        int32_t max_ctx = 0;
+        for (int32_t r = 0; r < bt->n_rows; r++) {
+            max_ctx = fw->h_ctx[r] > max_ctx ? fw->h_ctx[r] : max_ctx;
+        }
+        KVS_TRY(kvs_cuda_graph_begin(b, fw->stats.last_n_seqs, bt->n_rows, max_ctx));
     }
     do {
         rc = forward_ops(fw, bt, &ab, n_head_rows);

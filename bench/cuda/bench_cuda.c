@@ -19,6 +19,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <cuda_profiler_api.h>
+
 #include "common/status.h"
 #include "kernels/cuda/cuda.h"
 #include "kernels/dtype.h"
@@ -130,7 +132,7 @@ static double mm_step_graph_ms(struct bench *B, const float *dx, float *dy)
         CHECK(B->b->ops->sync(B->b));
         double t1 = now();
         int rc = 0;
-        CHECK(kvs_cuda_graph_begin(B->b, 1));
+        CHECK(kvs_cuda_graph_begin(B->b, 1, 1, 1025));
         do {
             rc = mm_step(B, dx, dy);
         } while (kvs_cuda_graph_end(B->b, &rc) == 1);
@@ -192,7 +194,7 @@ static double pieces_ms(struct bench *B, struct pieces *P, int which)
         CHECK(B->b->ops->sync(B->b));
         double t1 = now();
         int rc = 0;
-        CHECK(kvs_cuda_graph_begin(B->b, 1));
+        CHECK(kvs_cuda_graph_begin(B->b, 1, 1, 1025));
         do {
             rc = pieces_step(B, P);
         } while (kvs_cuda_graph_end(B->b, &rc) == 1);
@@ -263,11 +265,14 @@ int main(int argc, char **argv)
 {
     const char *model = "synthetic:llama3-8b";
     int quick = 0;
+    const char *profile = NULL; /* --profile chunk|decode: one forward between profiler marks */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
             model = argv[++i];
         } else if (strcmp(argv[i], "--quick") == 0) {
             quick = 1;
+        } else if (strcmp(argv[i], "--profile") == 0 && i + 1 < argc) {
+            profile = argv[++i];
         }
     }
     char why[256] = "", err[512] = "";
@@ -318,6 +323,25 @@ int main(int argc, char **argv)
     CHECK(kvs_forward_new(B.m, B.pool, n_append, &B.fw));
     CHECK(kvs_batch_init(&B.batch, n_append));
     B.logits = malloc((size_t)64 * hp->n_vocab * sizeof(float));
+
+    /* ---- --profile: one forward between cudaProfilerStart/Stop, for ncu --profile-from-start
+     * off (bench/cuda/profile_h200.sh): "chunk" = the last 2048-row chunk of the stateless
+     * 32K fill (context 30720..32767), "decode" = one decode step at 1K context (graphs warm) */
+    if (profile != NULL) {
+        kvs_seq *ps = kvs_pool_seq_new(B.pool);
+        const int is_chunk = strcmp(profile, "chunk") == 0;
+        feed(&B, ps, is_chunk ? ctx_long - n_append : 1023, 0);
+        for (int i = 0; !is_chunk && i < 4; i++) {
+            feed(&B, ps, 1, 1); /* graphs captured */
+        }
+        CHECK(B.b->ops->sync(B.b));
+        cudaProfilerStart();
+        double tp = feed(&B, ps, is_chunk ? n_append : 1, 1);
+        cudaProfilerStop();
+        printf("profile %s: %.3f ms\n", profile, tp * 1e3);
+        kvs_pool_seq_release(B.pool, &ps);
+        return 0;
+    }
 
     /* ---- bounds ---- */
     double E = hp->n_embd, FF = hp->n_ff, QD = (double)hp->n_head * hp->head_dim;
@@ -399,8 +423,9 @@ int main(int argc, char **argv)
     /* the same under the switches (KVS_CUDA_GRAPHS, _FUSE, _PDL): which part gives what */
     static const char *const var[][3] = {
         /* graphs, fuse, pdl */
-        {"1", "all", "1"}, {"1", "gemv", "0"}, {"1", "gemv", "gemv"}, {"1", "add", "1"},
-        {"1", "0", "1"},   {"1", "0", "0"},    {"0", "gemv", "1"},    {"0", "0", "1"},
+        {"1", "all", "1"}, {"1", "gemv", "1"}, {"1", "gemv+rope", "0"}, {"1", "gemv+rope", "gemv"},
+        {"1", "add", "1"},
+        {"1", "0", "1"},   {"1", "0", "0"},    {"0", "gemv+rope", "1"}, {"0", "0", "1"},
         {"0", "0", "0"},
     };
     double dec1k_nograph = 0, dec1k_nopdl = 0, dec1k_plain = 0;
@@ -411,17 +436,26 @@ int main(int argc, char **argv)
         double t = decode_ms(&B, s1, quick ? 5 : 10);
         printf("decode 1K variant: graphs %s, fuse %s, pdl %s: %.3f ms\n", var[i][0], var[i][1],
                var[i][2], t);
-        if (i == 1) {
+        if (i == 2) {
             dec1k_nopdl = t;
-        } else if (i == 6) {
+        } else if (i == 7) {
             dec1k_nograph = t;
-        } else if (i == 8) {
+        } else if (i == 9) {
             dec1k_plain = t;
         }
     }
     unsetenv("KVS_CUDA_GRAPHS");
     unsetenv("KVS_CUDA_FUSE");
     unsetenv("KVS_CUDA_PDL");
+    /* the attention's split count at 1K: at least 1, 2, 4, 8 or 16 KV tiles a split */
+    for (int st = 1; st <= 16; st *= 2) {
+        char v[8];
+        snprintf(v, sizeof v, "%d", st);
+        setenv("KVS_CUDA_SPLIT_TILES", v, 1);
+        printf("decode 1K with >= %d KV tiles per attention split: %.3f ms\n", st,
+               decode_ms(&B, s1, quick ? 5 : 10));
+    }
+    unsetenv("KVS_CUDA_SPLIT_TILES");
     /* a step without logits: no LM head, no download */
     {
         double tn[16];

@@ -790,17 +790,27 @@ static __global__ void __launch_bounds__(NW * 32) attn_fa_kernel(attn_args a)
                         mma_bf16(s[2 * np + 1], qf[ks], b[2], b[3]);
                     }
                 }
-                /* mask, scale, row max */
+                /* mask (only where a row's context ends inside the warp's cells), row max
+                 * of the raw scores; the scale goes into the exponent's fma below */
                 float mx[2] = {-INFINITY, -INFINITY};
+                const bool whole = c_first + NT * 8 <= min(ctx[0], ctx[1]);
+                if (__all_sync(0xffffffffu, whole)) {
 #pragma unroll
-                for (int j = 0; j < NT; j++) {
+                    for (int j = 0; j < NT; j++) {
+                        mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
+                        mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
+                    }
+                } else {
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int h = e >> 1;
-                        const int32_t c = c_first + j * 8 + (lane & 3) * 2 + (e & 1);
-                        const float v = c < ctx[h] ? s[j][e] * sl2 : -INFINITY;
-                        s[j][e] = v;
-                        mx[h] = fmaxf(mx[h], v);
+                    for (int j = 0; j < NT; j++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int h = e >> 1;
+                            const int32_t c = c_first + j * 8 + (lane & 3) * 2 + (e & 1);
+                            const float v = c < ctx[h] ? s[j][e] : -INFINITY;
+                            s[j][e] = v;
+                            mx[h] = fmaxf(mx[h], v);
+                        }
                     }
                 }
                 float corr[2], base[2];
@@ -808,7 +818,7 @@ static __global__ void __launch_bounds__(NW * 32) attn_fa_kernel(attn_args a)
                 for (int h = 0; h < 2; h++) {
                     mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
                     mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-                    const float mn = fmaxf(m[h], mx[h]);
+                    const float mn = fmaxf(m[h], mx[h] * sl2);
                     base[h] = mn == -INFINITY ? 0.0f : mn;
                     corr[h] = exp2f(m[h] - base[h]); /* 0 when m was -inf */
                     m[h] = mn;
@@ -821,22 +831,19 @@ static __global__ void __launch_bounds__(NW * 32) attn_fa_kernel(attn_args a)
                     o[i][2] *= corr[1];
                     o[i][3] *= corr[1];
                 }
-                /* P = exp2(S - m), bf16, as A fragments; l sums the rounded values */
+                /* P = exp2(S scale - m), bf16, as A fragments; l sums P in f32 */
                 uint32_t pf[NT / 2][4];
 #pragma unroll
                 for (int j = 0; j < NT; j++) {
                     float p[4];
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
-                        p[e] = exp2f(s[j][e] - base[e >> 1]);
+                        p[e] = exp2f(fmaf(s[j][e], sl2, -base[e >> 1]));
                     }
-                    const uint32_t lo = pack_bf16(p[0], p[1]), hi = pack_bf16(p[2], p[3]);
-                    const __nv_bfloat162 lo2 = *(const __nv_bfloat162 *)&lo;
-                    const __nv_bfloat162 hi2 = *(const __nv_bfloat162 *)&hi;
-                    l[0] += __low2float(lo2) + __high2float(lo2);
-                    l[1] += __low2float(hi2) + __high2float(hi2);
-                    pf[j >> 1][(j & 1) * 2 + 0] = lo;
-                    pf[j >> 1][(j & 1) * 2 + 1] = hi;
+                    l[0] += p[0] + p[1];
+                    l[1] += p[2] + p[3];
+                    pf[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p[0], p[1]);
+                    pf[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p[2], p[3]);
                 }
                 /* O += P V */
 #pragma unroll
@@ -1098,7 +1105,7 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
     }
     nw = kvw ? 4 : nw;
     fa_fn fa = NULL;
-    if (!use_old && (uintptr_t)q % 16 == 0) {
+    if (!use_old && (uintptr_t)q % 16 == 0 && a.scale > 0.0f) { /* row max of raw scores */
         if (nw == 8 && (fa_qv(kvw, nw) % a.group != 0 || fa_smem(a.hd, kvw, nw) > c->smem_optin ||
                         fa_kernel_for(a.hd, kvw, nw) == NULL)) {
             nw = 4;
@@ -1133,6 +1140,20 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
         a.n_split = n_units >= want ? 1 : (int32_t)(want / n_units);
         if (a.n_split > MAX_SPLIT) {
             a.n_split = MAX_SPLIT;
+        }
+        /* and at least KVS_CUDA_SPLIT_TILES (2) KV tiles a split over the bucket of the
+         * batch's longest context (kvs_cuda_graph_begin's hint), the bucket (pow2/2, pow2]
+         * counted from its low end, so that one graph serves the whole bucket: at 1K, 33
+         * splits left half the blocks without a tile and gave the combine 33 partials */
+        if (c->max_ctx_hint > 0 && a.n_split > 1) {
+            int64_t pow2 = 64;
+            while (pow2 < c->max_ctx_hint) {
+                pow2 *= 2;
+            }
+            const char *st_env = getenv("KVS_CUDA_SPLIT_TILES");
+            const int64_t per = st_env != NULL && atoi(st_env) > 0 ? atoi(st_env) : 2;
+            const int64_t cap = pow2 / 2 / FA_TC / per;
+            a.n_split = (int32_t)(cap < 1 ? 1 : cap < a.n_split ? cap : a.n_split);
         }
         if (a.n_split > 1) {
             size_t need = (size_t)a.n_rows * n_head * a.n_split * (a.hd + 2) * sizeof(float);

@@ -195,6 +195,7 @@ static const struct kvs_backend_ops cuda_ops = {
     /* .kv_store = */ kvs_cuda_kv_store,
     /* .attention = */ kvs_cuda_attention,
     /* .destroy = */ cuda_destroy,
+    /* .rope_store = */ kvs_cuda_rope_store,
 }; /* positional (this C++ dialect lacks C's designated initializers): header order */
 
 #define NEW_FAIL(...)                                                                      \

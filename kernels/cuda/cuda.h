@@ -71,17 +71,19 @@ int kvs_cuda_weight_random(kvs_backend *b, struct kvs_weight *w, uint64_t seed, 
 int kvs_cuda_mem_info(kvs_backend *b, size_t *free_bytes, size_t *total_bytes);
 
 /* CUDA graphs of a forward's layers (kernels/cuda/fuse.cu says how). The forward calls
- *     kvs_cuda_graph_begin(b, n_seqs);
+ *     kvs_cuda_graph_begin(b, n_seqs, n_rows, max_ctx);
  *     do { rc = <issue the layers' ops>; } while (kvs_cuda_graph_end(b, &rc) == 1);
  * graph_end returns 1 when the ops must be issued again (the backend then runs them eagerly
  * or captures them), 0 when they are issued (as a graph or eagerly) with the final status in
  * *rc. Between the two, ops must not be called with host arrays that change between passes,
- * nor upload, download or sync. n_seqs (distinct sequences of the batch, 0 = unknown) picks
- * the attention tiles until graph_end: 128 query vectors per tile when the batch has at least
- * 64 query vectors per sequence on average (a question, a prefill chunk), else 64 (rows of
- * many sequences, which would leave most of a larger tile idle). KVS_CUDA_GRAPHS=0 makes
- * begin record only n_seqs. 0 or KVS_DEVICE. */
-int kvs_cuda_graph_begin(kvs_backend *b, int32_t n_seqs);
+ * nor upload, download or sync. Hints about the batch, 0 = unknown, hold until graph_end:
+ * n_seqs (distinct sequences) picks the attention tiles: 128 query vectors per tile when the
+ * batch has at least 64 query vectors per sequence on average (a question, a prefill chunk),
+ * else 64 (rows of many sequences, which would leave most of a larger tile idle); max_ctx
+ * (the longest row context) caps the attention's split count (attention.cu); n_rows ==
+ * n_seqs (decode steps) launches only the GEMVs early, unless KVS_CUDA_PDL says otherwise.
+ * KVS_CUDA_GRAPHS=0 makes begin record only the hints. 0 or KVS_DEVICE. */
+int kvs_cuda_graph_begin(kvs_backend *b, int32_t n_seqs, int32_t n_rows, int32_t max_ctx);
 int kvs_cuda_graph_end(kvs_backend *b, int *rc);
 /* Forwards launched as graphs and graphs captured so far (benchmarks). */
 void kvs_cuda_graph_counts(kvs_backend *b, uint64_t *launched, uint64_t *captured);

@@ -68,7 +68,8 @@ struct kvs_cuda_mirror {
 /* Parts of the fusion and early-launch switches (KVS_CUDA_FUSE, KVS_CUDA_PDL). */
 #define KVS_CUDA_PART_GEMV 1  /* GEMV matmuls */
 #define KVS_CUDA_PART_OTHER 2 /* the add (fusion); norm, rope, kv_store, attention (PDL) */
-#define KVS_CUDA_FUSE_DEFAULT KVS_CUDA_PART_GEMV /* fuse.cu says why not the add */
+#define KVS_CUDA_PART_ROPE 4  /* rope q, rope k and kv_store as one kernel (fusion) */
+#define KVS_CUDA_FUSE_DEFAULT (KVS_CUDA_PART_GEMV | KVS_CUDA_PART_ROPE) /* fuse.cu: not the add */
 
 /* One matmul of the GEMV path, held back so that the next op can join it (fuse.cu). */
 struct kvs_cuda_mm {
@@ -122,6 +123,7 @@ struct kvs_cuda {
     struct kvs_rope rope_key;      /* ... for these parameters */
     int rope_valid;
     int32_t n_seqs_hint;           /* distinct sequences of this forward's batch, 0 = unknown */
+    int32_t max_ctx_hint;          /* longest row context of this forward, 0 = unknown */
     /* fusion (fuse.cu): ops held back until the next op says whether it can join them */
     int fuse;                                      /* KVS_CUDA_PART_* held and fused */
     int pdl;                                       /* KVS_CUDA_PART_* launched early (PDL) */
@@ -129,6 +131,7 @@ struct kvs_cuda {
     struct kvs_cuda_mm pend_mm[KVS_CUDA_MAX_PEND_MM];
     const float *pend_x;                           /* their x (n_rows, n_in) */
     int32_t pend_rows;
+    float *pend_res;                               /* residual the held GEMV adds into */
     int64_t pend_n_in;
     float *pend_add_x;                             /* an add held back (x += y, n), or NULL */
     const float *pend_add_y;
@@ -183,6 +186,9 @@ int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out);
  * applicable (the caller runs it), or a negative status. */
 int kvs_cuda_swiglu_fused(struct kvs_cuda *c, const float *gate, const float *up, int64_t n,
                           float *out);
+/* gemm.cu: x += y fused into the one held GEMV that writes y: 1 = done, 0 = not applicable,
+ * or a negative status. */
+int kvs_cuda_add_into_gemv(struct kvs_cuda *c, float *x, const float *y, int64_t n);
 /* norm_rope.cu: launch the held-back add (fused with the rmsnorm when rms_w != NULL). */
 int kvs_cuda_add_flush(struct kvs_cuda *c, const float *rms_w, int32_t n_rows, int32_t dim,
                        float eps, float *out);
@@ -223,6 +229,11 @@ int kvs_cuda_kv_write_block(kvs_backend *b, kvs_kv_cache *kv, int32_t block,
                             const void *host_buf);
 int kvs_cuda_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *k,
                       const float *v, const struct kvs_attn_batch *ab);
+/* norm_rope.cu: rope q and k, store k and v (backend.h, rope_store) */
+int kvs_cuda_rope_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, float *q,
+                        int32_t n_head, float *k, const float *v, int32_t n_kv_head,
+                        int32_t head_dim, const int32_t *host_pos, const struct kvs_rope *rope,
+                        const struct kvs_attn_batch *ab);
 
 /* attention.cu */
 int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *q,

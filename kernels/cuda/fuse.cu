@@ -1,19 +1,22 @@
 /* Fewer launches per forward: ops held back and fused, and CUDA graphs of whole forwards.
  *
  * Fusion. A decode step is ~17 kernels per layer, most of them a few microseconds of work
- * each; between two kernels the GPU drains and refills. Three patterns of the forward are
- * joined without changing the backend contract, by holding an op back until the next op
- * shows whether it can join:
+ * each; between two kernels the GPU drains and refills. These patterns of the forward are
+ * joined, by holding an op back until the next op shows whether it can join, or through the
+ * optional fused op rope_store (kernels/backend.h):
  *   - GEMV matmuls (few rows) reading the same x (q, k, v): one launch over all of them;
  *   - two GEMV matmuls followed by swiglu(their outputs) (gate, up): one kernel reads both
  *     weight rows and writes silu(g) * u, g and u (each buffer ends as the contract says);
+ *   - a GEMV matmul writing y followed by add(x, y) (the residual adds after the output
+ *     and down projections): the GEMV adds each output to x as it writes it;
+ *   - rope(q), rope(k), kv_store(k, v): one kernel (rope_store; part "rope");
  *   - add(x, y) followed by rmsnorm(x): one kernel per row (off by default: faster alone, but
  *     slower inside a decode step at 1K: 6.29 vs 5.25 ms with every kernel launched early,
- *     5.47 vs 5.26 with only the GEMVs early; KVS_CUDA_FUSE=all turns it on).
+ *     5.47 vs 5.26 with only the GEMVs early; part "add").
  * Each output is computed in the same order as unfused, so the results are the same bits.
  * Any other op, upload, download, sync and free launch what is held first (kvs_cuda_flush),
- * so stream order is kept; errors of a held op surface at that point. KVS_CUDA_FUSE=0 turns
- * holding off, =gemv (the default) holds GEMVs only, =all both.
+ * so stream order is kept; errors of a held op surface at that point. KVS_CUDA_FUSE (parts,
+ * kvs_cuda_env_parts): 0 none, unset = gemv+rope, all = every part.
  *
  * Graphs. The forward (worker/forward.c) brackets its layers with kvs_cuda_graph_begin /
  * _end and runs them up to three times:
@@ -105,9 +108,9 @@ static int env_off(const char *name)
     return e != NULL && strcmp(e, "0") == 0;
 }
 
-/* KVS_CUDA_FUSE / KVS_CUDA_PDL: "0" none, "gemv" the GEMV part only, "add" (FUSE) or
- * "other" the other part only, anything else both: a mask of KVS_CUDA_PART_GEMV |
- * KVS_CUDA_PART_OTHER. Unset: def. */
+/* KVS_CUDA_FUSE / KVS_CUDA_PDL: "0" none; parts joined by '+': "gemv" (KVS_CUDA_PART_GEMV),
+ * "add" or "other" (KVS_CUDA_PART_OTHER), "rope" (KVS_CUDA_PART_ROPE), e.g. "gemv+rope";
+ * "all" (or any other word) every part. Unset: def. */
 int kvs_cuda_env_parts(const char *name, int def)
 {
     const char *e = getenv(name);
@@ -117,22 +120,37 @@ int kvs_cuda_env_parts(const char *name, int def)
     if (strcmp(e, "0") == 0) {
         return 0;
     }
-    if (strcmp(e, "gemv") == 0) {
-        return KVS_CUDA_PART_GEMV;
+    int parts = 0;
+    for (const char *p = e; *p != '\0';) {
+        const char *q = strchr(p, '+');
+        size_t n = q != NULL ? (size_t)(q - p) : strlen(p);
+        if (n == 4 && strncmp(p, "gemv", 4) == 0) {
+            parts |= KVS_CUDA_PART_GEMV;
+        } else if ((n == 3 && strncmp(p, "add", 3) == 0) || (n == 5 && strncmp(p, "other", 5) == 0)) {
+            parts |= KVS_CUDA_PART_OTHER;
+        } else if (n == 4 && strncmp(p, "rope", 4) == 0) {
+            parts |= KVS_CUDA_PART_ROPE;
+        } else {
+            return KVS_CUDA_PART_GEMV | KVS_CUDA_PART_OTHER | KVS_CUDA_PART_ROPE;
+        }
+        p += n + (q != NULL);
     }
-    if (strcmp(e, "add") == 0 || strcmp(e, "other") == 0) {
-        return KVS_CUDA_PART_OTHER;
-    }
-    return KVS_CUDA_PART_GEMV | KVS_CUDA_PART_OTHER;
+    return parts;
 }
 
-extern "C" int kvs_cuda_graph_begin(kvs_backend *b, int32_t n_seqs)
+extern "C" int kvs_cuda_graph_begin(kvs_backend *b, int32_t n_seqs, int32_t n_rows,
+                                    int32_t max_ctx)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
     KVS_TRY(kvs_cuda_flush(c));
     c->n_seqs_hint = n_seqs > 0 ? n_seqs : 0;
+    c->max_ctx_hint = max_ctx > 0 ? max_ctx : 0;
     c->fuse = kvs_cuda_env_parts("KVS_CUDA_FUSE", KVS_CUDA_FUSE_DEFAULT);
-    c->pdl = kvs_cuda_env_parts("KVS_CUDA_PDL", KVS_CUDA_PART_GEMV | KVS_CUDA_PART_OTHER);
+    /* early launch of every kernel helps the multi-row forwards (TTFT 32K 9.39 vs 9.69 ms
+     * with GEMVs only) and costs a decode step ~0.1 ms (bench/NOTES.md): GEMVs only there */
+    const bool decode = n_seqs > 0 && n_rows == n_seqs;
+    c->pdl = kvs_cuda_env_parts("KVS_CUDA_PDL", decode ? KVS_CUDA_PART_GEMV
+                                                        : KVS_CUDA_PART_GEMV | KVS_CUDA_PART_OTHER);
     c->gmode = KVS_CUDA_G_OFF;
     if (env_off("KVS_CUDA_GRAPHS")) {
         return 0;

@@ -22,6 +22,7 @@ struct gemv_jobs {
     float *y[KVS_CUDA_MAX_PEND_MM];
     int64_t n_out[KVS_CUDA_MAX_PEND_MM];
     int64_t first[KVS_CUDA_MAX_PEND_MM + 1];
+    float *res; /* n == 1: a residual stream that the outputs are added to (res += y), or NULL */
     int n;
 };
 
@@ -124,8 +125,16 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_dot2((const uint4 *)(W + o * n_in), (const uint4 *)(W + o1 * n_in), x, n_in, lane, a0,
               a1);
     if (lane == 0) {
-        y[o] = a0 + (bias != NULL ? bias[o] : 0.0f);
-        y[o1] = a1 + (bias != NULL ? bias[o1] : 0.0f);
+        const float y0 = a0 + (bias != NULL ? bias[o] : 0.0f);
+        const float y1 = a1 + (bias != NULL ? bias[o1] : 0.0f);
+        y[o] = y0;
+        y[o1] = y1;
+        if (J.res != NULL) {
+            J.res[o] += y0;
+            if (o1 != o) {
+                J.res[o1] += y1;
+            }
+        }
     }
 }
 
@@ -158,7 +167,11 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     if (lane == 0) {
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            y[r * n_out + o] = acc[r] + (bias != NULL ? bias[o] : 0.0f);
+            const float v = acc[r] + (bias != NULL ? bias[o] : 0.0f);
+            y[r * n_out + o] = v;
+            if (J.res != NULL) {
+                J.res[r * n_out + o] += v; /* add_kernel's x += y, the same bits */
+            }
         }
     }
 }
@@ -262,7 +275,9 @@ int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out)
     gemv_jobs J;
     memset(&J, 0, sizeof J);
     J.n = n;
-    uint64_t args[4 * KVS_CUDA_MAX_PEND_MM + 3];
+    J.res = c->pend_res; /* set by kvs_cuda_add_into_gemv for one held matmul */
+    c->pend_res = NULL;
+    uint64_t args[4 * KVS_CUDA_MAX_PEND_MM + 5];
     int na = 0;
     for (int j = 0; j < n; j++) {
         const struct kvs_cuda_mm *m = &c->pend_mm[j];
@@ -280,6 +295,7 @@ int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out)
     args[na++] = (uint64_t)n_in;
     args[na++] = (uint64_t)R;
     args[na++] = (uint64_t)rpw;
+    args[na++] = (uint64_t)(uintptr_t)J.res;
     if (!kvs_cuda_launch_ok(c, SITE_GEMV, args, na)) {
         return 0;
     }
@@ -414,4 +430,18 @@ int kvs_cuda_matmul(kvs_backend *b, const struct kvs_weight *w, const float *x, 
         CU_LAUNCHED();
     }
     return 0;
+}
+
+/* x += y right after the one held GEMV matmul that writes y: the GEMV adds its outputs to x
+ * as it writes them (the residual adds of a decode step, one kernel less each). 1 = done, 0 =
+ * not applicable (the caller runs the add). */
+int kvs_cuda_add_into_gemv(struct kvs_cuda *c, float *x, const float *y, int64_t n)
+{
+    if ((c->fuse & KVS_CUDA_PART_GEMV) == 0 || c->n_pend_mm != 1 || c->pend_mm[0].y != y ||
+        n != (int64_t)c->pend_rows * c->pend_mm[0].n_out || x == y || x == c->pend_x) {
+        return 0;
+    }
+    c->pend_res = x;
+    KVS_TRY(kvs_cuda_gemv_flush(c, NULL));
+    return 1;
 }

@@ -101,7 +101,8 @@ static __global__ void __launch_bounds__(NORM_THREADS)
     }
 }
 
-enum { SITE_RMSNORM = 0x200, SITE_ADD_RMSNORM, SITE_ROPE, SITE_SWIGLU, SITE_ADD, SITE_GATHER };
+enum { SITE_RMSNORM = 0x200, SITE_ADD_RMSNORM, SITE_ROPE, SITE_SWIGLU, SITE_ADD, SITE_GATHER,
+       SITE_ROPE_STORE };
 
 static __global__ void add_kernel(float *x, const float *y, int64_t n);
 
@@ -166,6 +167,22 @@ int kvs_cuda_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_r
  * (theta / ff[i]), cosf / sinf, x0' = fma(x0, cos, -(x1 sin)), x1' = fma(x0, sin, x1 cos)
  * with the inner products rounded. (A thread per (row, i) looping over the heads made 32
  * dependent load/store round trips per thread: ~10 us for one decode row's q.) */
+/* Rotate the pair (x0, x1) of frequency i at position p (the CPU reference's arithmetic). */
+static __device__ __forceinline__ void rope_pair(float *x0p, float *x1p, int32_t p, int32_t i,
+                                                 const float *__restrict__ ff,
+                                                 float theta_scale, float freq_scale)
+{
+    float theta = (float)p;
+    for (int32_t k = 0; k < i; k++) {
+        theta = __fmul_rn(theta, theta_scale);
+    }
+    const float ang = __fmul_rn(freq_scale, __fdiv_rn(theta, ff[i]));
+    const float cs = cosf(ang), sn = sinf(ang);
+    const float x0 = *x0p, x1 = *x1p;
+    *x0p = fmaf(x0, cs, -__fmul_rn(x1, sn));
+    *x1p = fmaf(x0, sn, __fmul_rn(x1, cs));
+}
+
 static __global__ void rope_kernel(float *x, int32_t n_rows, int32_t n_heads, int32_t head_dim,
                                    int32_t half, int32_t neox, const int32_t *__restrict__ pos,
                                    const float *__restrict__ ff, float theta_scale,
@@ -179,38 +196,18 @@ static __global__ void rope_kernel(float *x, int32_t n_rows, int32_t n_heads, in
         int32_t i = (int32_t)(t % half);
         int64_t rh = t / half; /* row * n_heads + head */
         int32_t r = (int32_t)(rh / n_heads);
-        float theta = (float)pos[r];
-        for (int32_t k = 0; k < i; k++) {
-            theta = __fmul_rn(theta, theta_scale);
-        }
-        const float ang = __fmul_rn(freq_scale, __fdiv_rn(theta, ff[i]));
-        const float cs = cosf(ang), sn = sinf(ang);
         int32_t i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
         float *xh = x + rh * head_dim;
-        float x0 = xh[i0], x1 = xh[i1];
-        xh[i0] = fmaf(x0, cs, -__fmul_rn(x1, sn));
-        xh[i1] = fmaf(x0, sn, __fmul_rn(x1, cs));
+        rope_pair(xh + i0, xh + i1, pos[r], i, ff, theta_scale, freq_scale);
     }
 }
 
-int kvs_cuda_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int32_t head_dim,
-                  const int32_t *host_pos, const struct kvs_rope *rope)
+/* The frequency divisors and positions of a rope call as device arrays, and theta_scale. */
+static int rope_prep(struct kvs_cuda *c, const struct kvs_rope *rope, int32_t n_rows,
+                     const int32_t *host_pos, const void **d_pos, const void **d_ff,
+                     float *theta_scale)
 {
-    struct kvs_cuda *c = kvs_cuda_ctx(b);
-    assert(x != NULL && rope != NULL && n_rows >= 0 && n_heads > 0);
-    if (rope->n_dims <= 0 || rope->n_dims % 2 != 0 || rope->n_dims > head_dim ||
-        (rope->style != KVS_ROPE_NORM && rope->style != KVS_ROPE_NEOX)) {
-        return KVS_INVALID_ARGUMENT;
-    }
-    KVS_TRY(kvs_cuda_flush(c));
-    if (n_rows == 0) {
-        return 0;
-    }
     int32_t half = rope->n_dims / 2;
-    if (half > 512) { /* head_dim <= KVS_HPARAMS_MAX_HEAD_DIM (1024) */
-        return KVS_INVALID_ARGUMENT;
-    }
-    /* the frequency divisors (1 without llama3 factors), as a device array */
     float *ff = c->rope_ff;
     const struct kvs_rope *k = &c->rope_key;
     if (!c->rope_valid || k->n_dims != rope->n_dims ||
@@ -223,12 +220,37 @@ int kvs_cuda_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int
         c->rope_key = *rope;
         c->rope_valid = 1;
     }
-    const float theta_scale = powf(rope->freq_base, -2.0f / (float)rope->n_dims); /* as the CPU */
-    const void *d_pos = NULL, *d_ff = NULL;
+    *theta_scale = powf(rope->freq_base, -2.0f / (float)rope->n_dims); /* as the CPU */
     KVS_TRY(kvs_cuda_host_array(c, &c->pos, KVS_CUDA_STAGE_POS, host_pos,
-                                (size_t)n_rows * sizeof(int32_t), &d_pos));
+                                (size_t)n_rows * sizeof(int32_t), d_pos));
     KVS_TRY(kvs_cuda_host_array(c, &c->freq, KVS_CUDA_STAGE_FREQ, ff,
-                                (size_t)half * sizeof(float), &d_ff));
+                                (size_t)half * sizeof(float), d_ff));
+    return 0;
+}
+
+static bool rope_args_ok(const struct kvs_rope *rope, int32_t head_dim)
+{
+    return rope->n_dims > 0 && rope->n_dims % 2 == 0 && rope->n_dims <= head_dim &&
+           rope->n_dims / 2 <= 512 && /* head_dim <= KVS_HPARAMS_MAX_HEAD_DIM (1024) */
+           (rope->style == KVS_ROPE_NORM || rope->style == KVS_ROPE_NEOX);
+}
+
+int kvs_cuda_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int32_t head_dim,
+                  const int32_t *host_pos, const struct kvs_rope *rope)
+{
+    struct kvs_cuda *c = kvs_cuda_ctx(b);
+    assert(x != NULL && rope != NULL && n_rows >= 0 && n_heads > 0);
+    if (!rope_args_ok(rope, head_dim)) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    KVS_TRY(kvs_cuda_flush(c));
+    if (n_rows == 0) {
+        return 0;
+    }
+    int32_t half = rope->n_dims / 2;
+    float theta_scale = 0.0f;
+    const void *d_pos = NULL, *d_ff = NULL;
+    KVS_TRY(rope_prep(c, rope, n_rows, host_pos, &d_pos, &d_ff, &theta_scale));
     const uint64_t args[] = {(uint64_t)(uintptr_t)x,      (uint64_t)n_rows,
                              (uint64_t)n_heads,           (uint64_t)head_dim,
                              (uint64_t)half,              (uint64_t)rope->style,
@@ -240,8 +262,147 @@ int kvs_cuda_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int
     int64_t n = (int64_t)n_rows * n_heads * half;
     CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, rope_kernel, dim3(kvs_cuda_blocks(n, 128)),
                            dim3(128), 0, x, n_rows, n_heads, head_dim, half,
-                           (int32_t)(rope->style == KVS_ROPE_NEOX), (const int32_t *)d_pos, (const float *)d_ff, theta_scale,
-                           rope->freq_scale));
+                           (int32_t)(rope->style == KVS_ROPE_NEOX), (const int32_t *)d_pos,
+                           (const float *)d_ff, theta_scale, rope->freq_scale));
+    return 0;
+}
+
+/* rope q, rope k, store k and v in one launch. Three ranges of threads: (row, q head, i <
+ * half) rotates a pair of q; (row, KV head, pair j < head_dim / 2) rotates a pair of k (j <
+ * half) or copies two dims past n_dims, and stores the pair in the cache; (row, KV head,
+ * dim) stores one element of v. Same arithmetic as rope_kernel and kv_store_kernel. */
+struct rope_store_args {
+    float *q, *k;
+    const float *v;
+    const int32_t *pos, *row_slot;
+    const float *ff;
+    __nv_bfloat16 *kc, *vc;
+    int *flag;
+    int32_t n_rows, n_head, n_kv_head, head_dim, half, neox, block_size;
+    int64_t n_slots;
+    size_t layer_off, head_stride, block_stride;
+    float theta_scale, freq_scale;
+};
+
+static __global__ void rope_store_kernel(rope_store_args a)
+{
+    kvs_pdl_trigger();
+    kvs_pdl_wait();
+    const int32_t hd = a.head_dim, hp = hd / 2;
+    const int64_t n_q = (int64_t)a.n_rows * a.n_head * a.half;
+    const int64_t n_k = (int64_t)a.n_rows * a.n_kv_head * hp;
+    const int64_t total = n_q + n_k + (int64_t)a.n_rows * a.n_kv_head * hd;
+    for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < total;
+         t += (int64_t)gridDim.x * blockDim.x) {
+        if (t < n_q) {
+            const int32_t i = (int32_t)(t % a.half);
+            const int64_t rh = t / a.half;
+            const int32_t r = (int32_t)(rh / a.n_head);
+            const int32_t i0 = a.neox ? i : 2 * i, i1 = a.neox ? i + a.half : 2 * i + 1;
+            float *xh = a.q + rh * hd;
+            rope_pair(xh + i0, xh + i1, a.pos[r], i, a.ff, a.theta_scale, a.freq_scale);
+            continue;
+        }
+        const bool is_k = t < n_q + n_k;
+        const int64_t u = is_k ? t - n_q : t - n_q - n_k;
+        const int32_t per = is_k ? hp : hd; /* threads per (row, KV head) */
+        const int32_t j = (int32_t)(u % per);
+        const int64_t rh = u / per; /* row * n_kv_head + head */
+        const int32_t r = (int32_t)(rh / a.n_kv_head), h = (int32_t)(rh % a.n_kv_head);
+        int32_t i0, i1;
+        if (!is_k) {
+            i0 = i1 = j;
+        } else if (j < a.half) {
+            i0 = a.neox ? j : 2 * j;
+            i1 = a.neox ? j + a.half : 2 * j + 1;
+            float *xh = a.k + rh * hd;
+            rope_pair(xh + i0, xh + i1, a.pos[r], j, a.ff, a.theta_scale, a.freq_scale);
+        } else {
+            i0 = 2 * a.half + 2 * (j - a.half);
+            i1 = i0 + 1;
+        }
+        const int32_t slot = a.row_slot[r];
+        if (slot < 0 || slot >= a.n_slots) {
+            *a.flag = 1;
+            continue;
+        }
+        const size_t base = a.layer_off + (size_t)(slot / a.block_size) * a.block_stride +
+                            (size_t)h * a.head_stride + (size_t)(slot % a.block_size) * hd;
+        if (is_k) {
+            a.kc[base + i0] = __float2bfloat16_rn(a.k[rh * hd + i0]);
+            a.kc[base + i1] = __float2bfloat16_rn(a.k[rh * hd + i1]);
+        } else {
+            a.vc[base + j] = __float2bfloat16_rn(a.v[rh * hd + j]);
+        }
+    }
+}
+
+int kvs_cuda_rope_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, float *q,
+                        int32_t n_head, float *k, const float *v, int32_t n_kv_head,
+                        int32_t head_dim, const int32_t *host_pos, const struct kvs_rope *rope,
+                        const struct kvs_attn_batch *ab)
+{
+    struct kvs_cuda *c = kvs_cuda_ctx(b);
+    assert(kv != NULL && q != NULL && k != NULL && v != NULL && ab != NULL && rope != NULL);
+    const struct kvs_kv_layout *l = &kv->layout;
+    /* fusion off (KVS_CUDA_FUSE without "rope"), or a shape the store cannot take: the
+     * three ops one by one */
+    if ((c->fuse & KVS_CUDA_PART_ROPE) == 0 || n_kv_head != l->n_kv_head ||
+        head_dim != l->head_dim || head_dim % 2 != 0) {
+        KVS_TRY(kvs_cuda_rope(b, q, ab->n_rows, n_head, head_dim, host_pos, rope));
+        KVS_TRY(kvs_cuda_rope(b, k, ab->n_rows, n_kv_head, head_dim, host_pos, rope));
+        return kvs_cuda_kv_store(b, kv, layer, k, v, ab);
+    }
+    if (layer < 0 || layer >= l->n_layer) {
+        return KVS_OUT_OF_RANGE;
+    }
+    if (n_head <= 0 || !rope_args_ok(rope, head_dim)) {
+        return KVS_INVALID_ARGUMENT;
+    }
+    KVS_TRY(kvs_cuda_flush(c));
+    if (ab->n_rows == 0) {
+        return 0;
+    }
+    rope_store_args a;
+    memset(&a, 0, sizeof a);
+    const void *d_pos = NULL, *d_ff = NULL;
+    KVS_TRY(rope_prep(c, rope, ab->n_rows, host_pos, &d_pos, &d_ff, &a.theta_scale));
+    a.q = q;
+    a.k = k;
+    a.v = v;
+    a.pos = (const int32_t *)d_pos;
+    a.ff = (const float *)d_ff;
+    a.row_slot = ab->row_slot;
+    a.kc = kv->k;
+    a.vc = kv->v;
+    a.flag = c->d_flag;
+    a.n_rows = ab->n_rows;
+    a.n_head = n_head;
+    a.n_kv_head = n_kv_head;
+    a.head_dim = head_dim;
+    a.half = rope->n_dims / 2;
+    a.neox = rope->style == KVS_ROPE_NEOX;
+    a.block_size = l->block_size;
+    a.n_slots = (int64_t)l->n_block * l->block_size;
+    a.layer_off = (size_t)layer * kv->layer_stride;
+    a.head_stride = kv->head_stride;
+    a.block_stride = kv->block_stride;
+    a.freq_scale = rope->freq_scale;
+    const uint64_t args[] = {(uint64_t)(uintptr_t)q,      (uint64_t)(uintptr_t)k,
+                             (uint64_t)(uintptr_t)v,      (uint64_t)a.n_rows,
+                             (uint64_t)n_head,            (uint64_t)n_kv_head,
+                             (uint64_t)head_dim,          (uint64_t)a.half,
+                             (uint64_t)rope->style,       (uint64_t)(uintptr_t)d_pos,
+                             (uint64_t)(uintptr_t)d_ff,   (uint64_t)(uintptr_t)ab->row_slot,
+                             (uint64_t)(uintptr_t)kv,     (uint64_t)layer,
+                             kvs_cuda_fbits(a.theta_scale), kvs_cuda_fbits(rope->freq_scale)};
+    if (!kvs_cuda_launch_ok(c, SITE_ROPE_STORE, args, 16)) {
+        return 0;
+    }
+    const int64_t n = (int64_t)a.n_rows * (n_head * a.half + n_kv_head * (head_dim / 2) +
+                                           n_kv_head * head_dim);
+    CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, rope_store_kernel,
+                           dim3(kvs_cuda_blocks(n, 128)), dim3(128), 0, a));
     return 0;
 }
 
@@ -290,6 +451,10 @@ int kvs_cuda_add(kvs_backend *b, float *x, const float *y, int64_t n)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
     assert(x != NULL && y != NULL && n >= 0);
+    const int into = n > 0 ? kvs_cuda_add_into_gemv(c, x, y, n) : 0;
+    if (into != 0) {
+        return into < 0 ? into : 0;
+    }
     KVS_TRY(kvs_cuda_flush(c));
     if (n == 0) {
         return 0;
