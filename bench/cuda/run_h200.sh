@@ -19,7 +19,7 @@ if [ -z "${KVS_PREBUILT:-}" ]; then
     >"$OUT/cmake.log" 2>&1 && cmake --build "$B" -j"$(nproc)" --target test_cuda test_cuda_parity \
     >>"$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; exit 1; }
   cc -O2 -std=c11 -D_GNU_SOURCE -DKVS_HAVE_CUDA=1 -I. -I/usr/local/cuda/include \
-    bench/cuda/bench_cuda.c "$B"/libkvs_engine.a "$B"/libkvs_kernels.a "$B"/libkvs_cuda.a \
+    bench/cuda/bench_cuda.c "$B"/libkvs_engine.a "$B"/libkvs_kernels.a "$B"/libkvs_cuda.a "$B"/libkvs_cuda_sm90a.a \
     "$B"/libkvs_common.a -L/usr/local/cuda/lib64 -lcublas -lcublasLt -lcudart -lstdc++ \
     -ljansson -lsodium -lm -lpthread -o "$B"/bench_cuda || exit 1
 fi
@@ -34,6 +34,13 @@ echo "${KVS_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}" >"$OUT/commit.txt"
 # the previous attention kernels (kept for comparison: KVS_CUDA_ATTN=old) on the op checks
 KVS_CUDA_ATTN=old CK_RUN_CASE=ops "$B"/test_cuda_parity >"$OUT/test_cuda_parity_old.log" 2>&1
 rc2o=$?
+# the Hopper wgmma attention kernel on every op check it can take: 128-vector tiles forced
+# (KVS_CUDA_FA_WARPS=8), with 128-cell (default) and 64-cell KV tiles
+KVS_CUDA_FA_WARPS=8 CK_RUN_CASE=ops "$B"/test_cuda_parity >"$OUT/test_cuda_parity_wg.log" 2>&1
+rc2w=$?
+KVS_CUDA_FA_WARPS=8 KVS_CUDA_WGMMA=64 CK_RUN_CASE=ops "$B"/test_cuda_parity \
+  >"$OUT/test_cuda_parity_wg64.log" 2>&1
+rc2w64=$?
 timeout 300 "$B"/bench_cuda ${KVS_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; rc3=${PIPESTATUS[0]}
 # HF transformers on the same shape, same GPU, same run (after bench_cuda has freed the GPU)
 rc5=skipped
@@ -59,7 +66,8 @@ if [ "${KVS_SANITIZE_GPU:-0}" = 1 ]; then
 fi
 echo
 echo "==== summary ($(head -1 "$OUT/gpu.txt" >/dev/null; sed -n 2p "$OUT/gpu.txt"))"
-echo "test_cuda rc=$rc1  test_cuda_parity rc=$rc2 (old attention, ops: $rc2o)  bench rc=$rc3  hf rc=$rc5  memcheck rc=$rc4"
+echo "test_cuda rc=$rc1  test_cuda_parity rc=$rc2 (ops: old attention $rc2o, wgmma $rc2w, wgmma 64 $rc2w64)  bench rc=$rc3  hf rc=$rc5  memcheck rc=$rc4"
 grep -E "^(forward|worst|[0-9]+%)|Checks|FAIL|Failure" "$OUT/test_cuda_parity.log" | head -20
-grep -E "Checks|Failure" "$OUT/test_cuda_parity_old.log" | head -5
+grep -E "Checks|Failure" "$OUT/test_cuda_parity_old.log" "$OUT/test_cuda_parity_wg.log" \
+  "$OUT/test_cuda_parity_wg64.log" | head -12
 grep -E "^(ceiling|decode|append|TTFT|RESULT|filled|model|sessions|stateless|graphs|matmuls)" "$OUT/bench.log"

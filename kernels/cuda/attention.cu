@@ -26,7 +26,7 @@
  * Fallback (other head dims or group sizes): one warp per (row, head, split), fp32 all the
  * way, cell by cell. Both paths raise the device flag on a block id outside the pool or a
  * row without context (reported by sync). */
-#include "kernels/cuda/cuda_impl.h"
+#include "kernels/cuda/attention_impl.h"
 
 #include <assert.h>
 #include <math.h>
@@ -38,69 +38,9 @@
 using namespace nvcuda;
 
 #define TILE_Q 64     /* query vectors per block */
-#define TILE_C 64     /* KV cells per step */
 #define ATT_WARPS 4   /* each warp owns 16 query vectors */
 #define ATT_THREADS (ATT_WARPS * 32)
 #define MAX_TC_DIM 128
-#define MAX_SPLIT 64
-
-struct attn_args {
-    const float *q;             /* (n_rows, n_head, hd) */
-    float *out;                 /* (n_rows, n_head, hd) */
-    float *partial;             /* (n_rows, n_head, n_split, hd + 2): acc, m, l */
-    const __nv_bfloat16 *k, *v; /* this layer's K and V */
-    const int32_t *row_ctx, *row_table, *tables;
-    int *flag;
-    int32_t n_rows, n_head, n_kv_head, hd, group, block_size, n_block, n_split;
-    int32_t bs_shift; /* log2(block_size) when a power of two, else -1 */
-    size_t head_stride, block_stride; /* elements */
-    float scale;
-};
-
-/* Rows [*start, *end) of [t0, t1) with the same block table as row *start. */
-static __device__ __forceinline__ int32_t sub_tile_end(const attn_args &a, int32_t start,
-                                                       int32_t t1)
-{
-    int32_t tab = a.row_table[start], end = start + 1;
-    while (end < t1 && a.row_table[end] == tab) {
-        end++;
-    }
-    return end;
-}
-
-/* The KV tiles [*kt0, *kt1) that split s of a context of n_ctx cells covers. */
-static __device__ __forceinline__ void split_range(int32_t n_ctx, int32_t n_split, int32_t s,
-                                                   int32_t *kt0, int32_t *kt1)
-{
-    int32_t n_tiles = (n_ctx + TILE_C - 1) / TILE_C;
-    int32_t per = (n_tiles + n_split - 1) / n_split;
-    *kt0 = min(s * per, n_tiles);
-    *kt1 = min(*kt0 + per, n_tiles);
-}
-
-/* Write one query's result: final (normalized) or this split's partial. */
-static __device__ __forceinline__ void write_result(const attn_args &a, int32_t row, int32_t head,
-                                                    int32_t split, int32_t d, float acc, float m,
-                                                    float l)
-{
-    if (a.n_split == 1) {
-        if (l == 0.0f) {
-            if (d == 0) {
-                *a.flag = 2; /* a row with no context */
-            }
-            a.out[((int64_t)row * a.n_head + head) * a.hd + d] = 0.0f;
-        } else {
-            a.out[((int64_t)row * a.n_head + head) * a.hd + d] = acc / l;
-        }
-        return;
-    }
-    float *p = a.partial + (((int64_t)row * a.n_head + head) * a.n_split + split) * (a.hd + 2);
-    p[d] = acc;
-    if (d == 0) {
-        p[a.hd] = m;
-        p[a.hd + 1] = l;
-    }
-}
 
 /* ---- tensor-core path ---------------------------------------------------------------------- */
 
@@ -571,28 +511,6 @@ static __global__ void attn_simple_kernel(attn_args a)
  * store m in natural-log units for the shared combine kernel. */
 #define FA_TC 64 /* cells per tile */
 
-static __device__ __forceinline__ uint32_t smem_u32(const void *p)
-{
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-static __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool full)
-{
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)),
-                 "l"(src), "r"(full ? 16 : 0));
-}
-
-static __device__ __forceinline__ void cp_async_commit()
-{
-    asm volatile("cp.async.commit_group;\n" ::);
-}
-
-template <int N>
-static __device__ __forceinline__ void cp_async_wait()
-{
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 static __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p)
 {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -614,12 +532,6 @@ static __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&
                  "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
-{
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *(uint32_t *)&v;
 }
 
 static __host__ __device__ constexpr int fa_ld(int hd)
@@ -686,8 +598,8 @@ static __device__ __forceinline__ void fa_load(const attn_args &a, const __nv_bf
 template <int HD, bool KVW, int NW>
 static __global__ void __launch_bounds__(NW * 32) attn_fa_kernel(attn_args a)
 {
-    kvs_pdl_trigger();
     kvs_pdl_wait();
+    kvs_pdl_trigger(); /* after the wait: see kvs_pdl_trigger */
     constexpr int THREADS = NW * 32;
     constexpr int LD = fa_ld(HD), QV = fa_qv(KVW, NW); /* query vectors per block */
     constexpr int NT = KVW ? 2 : 8;                   /* 8-cell n-tiles per warp per tile */
@@ -937,8 +849,6 @@ static __global__ void __launch_bounds__(NW * 32) attn_fa_kernel(attn_args a)
     }
 }
 
-typedef void (*fa_fn)(attn_args);
-
 template <int HD>
 static fa_fn fa_pick(bool kvw)
 {
@@ -975,8 +885,8 @@ static fa_fn fa_kernel_for(int hd, bool kvw, int nw)
  * round trip, cost ~30 us per layer at 33 splits.) Same sums, same order as before. */
 static __global__ void __launch_bounds__(128) attn_combine_kernel(attn_args a)
 {
-    kvs_pdl_trigger(); /* the output projection's GEMV may start loading its weights */
     kvs_pdl_wait();
+    kvs_pdl_trigger(); /* after the wait: see kvs_pdl_trigger */
     __shared__ float sw[MAX_SPLIT], sl[MAX_SPLIT]; /* per split: m (then weight), l */
     __shared__ float sM, sL;
     const int32_t rh = blockIdx.x; /* row * n_head + head */
@@ -1090,18 +1000,16 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
     /* flash-attention path (mma.sync, cp.async): head dims a multiple of 16 up to 128; KVW
      * (warps split the KV tile) when the batch has few query vectors. KVS_CUDA_ATTN=old
      * selects the previous kernels (decode on CUDA cores, WMMA tiles) for comparison. */
-    const char *mode = getenv("KVS_CUDA_ATTN");
-    const bool use_old = mode != NULL && strcmp(mode, "old") == 0;
+    const bool use_old = c->env_attn_old;
     const bool kvw = (int64_t)a.n_rows * a.group <= 32 && 16 % a.group == 0;
     /* 8 warps (128 query vectors a tile) where that kernel exists and the batch has >= 64
      * query vectors per sequence (cuda.h, kvs_cuda_graph_begin; without a hint: >= 256
      * vectors); KVS_CUDA_FA_WARPS=4 or 8 forces the choice */
-    const char *fw_env = getenv("KVS_CUDA_FA_WARPS");
     const int64_t n_vec = (int64_t)a.n_rows * a.group;
     int nw = c->n_seqs_hint > 0 ? (n_vec >= 64 * (int64_t)c->n_seqs_hint ? 8 : 4)
                                 : (n_vec >= 256 ? 8 : 4);
-    if (fw_env != NULL && (strcmp(fw_env, "4") == 0 || strcmp(fw_env, "8") == 0)) {
-        nw = fw_env[0] - '0';
+    if (c->env_fa_warps != 0) {
+        nw = c->env_fa_warps;
     }
     nw = kvw ? 4 : nw;
     fa_fn fa = NULL;
@@ -1114,8 +1022,23 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
             fa = fa_kernel_for(a.hd, kvw, nw);
         }
     }
+    size_t smem = fa != NULL ? fa_smem(a.hd, kvw, nw) : 0;
+    /* Hopper: the wgmma kernel (attention_sm90a.cu) for head dim 128 where the 8-warp tile
+     * applies (two warpgroups, 128 query vectors), or for every query-split tile with
+     * KVS_CUDA_WG_NWG=1 (one warpgroup, 64 vectors, two blocks a multiprocessor);
+     * KVS_CUDA_WGMMA=0 keeps the mma.sync kernel */
+    if (fa != NULL && !kvw && a.hd == 128 && c->cc == 90 && c->env_wgmma != 0 &&
+        (nw == 8 || c->env_wg_nwg == 1)) {
+        const int nwg = c->env_wg_nwg == 1 ? 1 : 2;
+        size_t wsm = 0;
+        fa_fn wg = kvs_cuda_wg_kernel(c->env_wgmma, nwg, &wsm);
+        if (wg != NULL && wsm <= c->smem_optin && fa_qv(false, 4 * nwg) % a.group == 0) {
+            fa = wg;
+            smem = wsm;
+            nw = 4 * nwg; /* the tile's query vectors: 64 per warpgroup */
+        }
+    }
     if (fa != NULL) {
-        const size_t smem = fa_smem(a.hd, kvw, nw);
         int per_sm = 0;
         for (int i = 0; i < c->n_fa_set; i++) {
             if (c->fa_set[i] == (const void *)fa) {
@@ -1141,17 +1064,17 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
         if (a.n_split > MAX_SPLIT) {
             a.n_split = MAX_SPLIT;
         }
-        /* and at least KVS_CUDA_SPLIT_TILES (2) KV tiles a split over the bucket of the
+        /* and at least KVS_CUDA_SPLIT_TILES (1) KV tiles a split over the bucket of the
          * batch's longest context (kvs_cuda_graph_begin's hint), the bucket (pow2/2, pow2]
          * counted from its low end, so that one graph serves the whole bucket: at 1K, 33
-         * splits left half the blocks without a tile and gave the combine 33 partials */
+         * splits left half the blocks without a tile and gave the combine 33 partials
+         * (decode 1K, H200: 1, 2, 4, 8, 16 tiles a split 4.97, 5.02, 5.15, 5.41, 5.90 ms) */
         if (c->max_ctx_hint > 0 && a.n_split > 1) {
             int64_t pow2 = 64;
             while (pow2 < c->max_ctx_hint) {
                 pow2 *= 2;
             }
-            const char *st_env = getenv("KVS_CUDA_SPLIT_TILES");
-            const int64_t per = st_env != NULL && atoi(st_env) > 0 ? atoi(st_env) : 2;
+            const int64_t per = c->env_split_tiles;
             const int64_t cap = pow2 / 2 / FA_TC / per;
             a.n_split = (int32_t)(cap < 1 ? 1 : cap < a.n_split ? cap : a.n_split);
         }

@@ -249,6 +249,7 @@ extern "C" kvs_backend *kvs_backend_cuda_new(int dev, char *err, size_t errlen)
                  dev, p.name, p.major, p.minor);
     }
     c->n_sm = p.multiProcessorCount;
+    c->cc = p.major * 10 + p.minor;
     c->smem_optin = p.sharedMemPerBlockOptin;
     if (cublasCreate(&c->cublas) != CUBLAS_STATUS_SUCCESS ||
         cublasSetStream(c->cublas, c->stream) != CUBLAS_STATUS_SUCCESS) {
@@ -259,6 +260,7 @@ extern "C" kvs_backend *kvs_backend_cuda_new(int dev, char *err, size_t errlen)
         cublasSetWorkspace(c->cublas, c->cublas_ws, CUBLAS_WS_BYTES) != CUBLAS_STATUS_SUCCESS) {
         NEW_FAIL("CUDA device %d: cannot set a cuBLAS workspace", dev);
     }
+    kvs_cuda_read_env(c);
     c->fuse = kvs_cuda_env_parts("KVS_CUDA_FUSE", KVS_CUDA_FUSE_DEFAULT);
     c->pdl = kvs_cuda_env_parts("KVS_CUDA_PDL", KVS_CUDA_PART_GEMV | KVS_CUDA_PART_OTHER);
     KVS_DEBUG("cuda: backend on device %d (%s, %d SMs)", dev, p.name, c->n_sm);

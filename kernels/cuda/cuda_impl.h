@@ -105,6 +105,7 @@ struct kvs_cuda {
     cudaStream_t stream;           /* every op runs on it */
     cublasHandle_t cublas;         /* bound to stream */
     int n_sm;                      /* multiprocessors */
+    int cc;                        /* compute capability, major * 10 + minor */
     size_t smem_optin;             /* max dynamic shared memory per block */
     size_t attn_smem_set;          /* dynamic shared memory the attention kernel may use */
     const void *fa_set[32];        /* flash-attention kernels whose smem limit was raised */
@@ -124,6 +125,16 @@ struct kvs_cuda {
     int rope_valid;
     int32_t n_seqs_hint;           /* distinct sequences of this forward's batch, 0 = unknown */
     int32_t max_ctx_hint;          /* longest row context of this forward, 0 = unknown */
+    /* variant switches, read at creation and at each kvs_cuda_graph_begin (a getenv per op
+     * call cost a decode step ~200 environment scans): KVS_CUDA_ATTN=old, KVS_CUDA_FA_WARPS
+     * (4 or 8, else 0), KVS_CUDA_SPLIT_TILES (>= 1, default 1), KVS_CUDA_GEMV=rpw2,
+     * KVS_CUDA_WGMMA (0, 64 or 128 (default)) */
+    bool env_attn_old;
+    int env_fa_warps;
+    int env_split_tiles;
+    int env_wgmma;                 /* KVS_CUDA_WGMMA: 0 off, else KV tile cells (64, 128) */
+    int env_wg_nwg;                /* KVS_CUDA_WG_NWG: warpgroups a wgmma block (1, 2) */
+    bool env_gemv_rpw2;
     /* fusion (fuse.cu): ops held back until the next op says whether it can join them */
     int fuse;                                      /* KVS_CUDA_PART_* held and fused */
     int pdl;                                       /* KVS_CUDA_PART_* launched early (PDL) */
@@ -168,6 +179,8 @@ void kvs_cuda_mirror_free(struct kvs_cuda_mirror *m);
 
 /* fuse.cu: held-back ops, graph modes, staged host arrays */
 int kvs_cuda_env_parts(const char *name, int def);
+/* Read the variant switches into c (env_*). */
+void kvs_cuda_read_env(struct kvs_cuda *c);
 /* Launch what is held back (in the current graph mode). Every op that is not a GEMV matmul,
  * an add or an rmsnorm calls it first, as do upload, download, sync and free. */
 int kvs_cuda_flush(struct kvs_cuda *c);
@@ -250,6 +263,11 @@ static __device__ __forceinline__ void kvs_pdl_wait()
 #endif
 }
 
+/* Where to trigger: a GEMV triggers at its start (the small kernel after it may launch and
+ * wait), every other kernel only after its kvs_pdl_wait(). A kernel that triggers before its
+ * own wait lets the kernel after it launch too, and that one the next: a chain of kernels
+ * launched early whose waiting blocks took the multiprocessors from the GEMV still running
+ * (a decode step at 1K went from 5.0 to 6.2 ms once no plain launch broke the chain). */
 static __device__ __forceinline__ void kvs_pdl_trigger()
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

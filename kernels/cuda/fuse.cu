@@ -138,6 +138,22 @@ int kvs_cuda_env_parts(const char *name, int def)
     return parts;
 }
 
+void kvs_cuda_read_env(struct kvs_cuda *c)
+{
+    const char *e = getenv("KVS_CUDA_ATTN");
+    c->env_attn_old = e != NULL && strcmp(e, "old") == 0;
+    e = getenv("KVS_CUDA_FA_WARPS");
+    c->env_fa_warps = e != NULL && (strcmp(e, "4") == 0 || strcmp(e, "8") == 0) ? e[0] - '0' : 0;
+    e = getenv("KVS_CUDA_SPLIT_TILES");
+    c->env_split_tiles = e != NULL && atoi(e) > 0 ? atoi(e) : 1;
+    e = getenv("KVS_CUDA_WGMMA");
+    c->env_wgmma = e == NULL ? 128 : strcmp(e, "64") == 0 ? 64 : strcmp(e, "128") == 0 ? 128 : 0;
+    e = getenv("KVS_CUDA_WG_NWG");
+    c->env_wg_nwg = e != NULL && strcmp(e, "1") == 0 ? 1 : 2;
+    e = getenv("KVS_CUDA_GEMV");
+    c->env_gemv_rpw2 = e != NULL && strcmp(e, "rpw2") == 0;
+}
+
 extern "C" int kvs_cuda_graph_begin(kvs_backend *b, int32_t n_seqs, int32_t n_rows,
                                     int32_t max_ctx)
 {
@@ -145,6 +161,7 @@ extern "C" int kvs_cuda_graph_begin(kvs_backend *b, int32_t n_seqs, int32_t n_ro
     KVS_TRY(kvs_cuda_flush(c));
     c->n_seqs_hint = n_seqs > 0 ? n_seqs : 0;
     c->max_ctx_hint = max_ctx > 0 ? max_ctx : 0;
+    kvs_cuda_read_env(c);
     c->fuse = kvs_cuda_env_parts("KVS_CUDA_FUSE", KVS_CUDA_FUSE_DEFAULT);
     /* early launch of every kernel helps the multi-row forwards (TTFT 32K 9.39 vs 9.69 ms
      * with GEMVs only) and costs a decode step ~0.1 ms (bench/NOTES.md): GEMVs only there */

@@ -270,8 +270,7 @@ int kvs_cuda_gemv_flush(struct kvs_cuda *c, float *swiglu_out)
         return 0;
     }
     /* KVS_CUDA_GEMV=rpw2: two outputs per warp for one-row GEMVs (variant under test) */
-    const char *gv = getenv("KVS_CUDA_GEMV");
-    const int rpw = R == 1 && gv != NULL && strcmp(gv, "rpw2") == 0 ? 2 : 1;
+    const int rpw = R == 1 && c->env_gemv_rpw2 ? 2 : 1;
     gemv_jobs J;
     memset(&J, 0, sizeof J);
     J.n = n;

@@ -96,8 +96,8 @@ static __global__ void kv_store_kernel(const float *__restrict__ k, const float 
                                        size_t block_stride, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
                                        int *flag)
 {
-    kvs_pdl_trigger();
     kvs_pdl_wait();
+    kvs_pdl_trigger(); /* after the wait: see kvs_pdl_trigger */
     int64_t total = (int64_t)n_rows * n_kv_head * head_dim;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
          i += (int64_t)gridDim.x * blockDim.x) {

@@ -28,8 +28,8 @@ static __global__ void __launch_bounds__(NORM_THREADS)
     norm_kernel(float *x, const float *y, const float *__restrict__ w, int32_t dim, float eps,
                 float *out)
 {
-    kvs_pdl_trigger(); /* the next kernel may start (a GEMV loads its weights) */
     kvs_pdl_wait();
+    kvs_pdl_trigger(); /* after the wait: see kvs_pdl_trigger */
     __shared__ float warp_sums[NORM_THREADS / 32];
     float *xr = x + (int64_t)blockIdx.x * dim;
     const float *yr = ADD ? y + (int64_t)blockIdx.x * dim : NULL;
@@ -188,8 +188,8 @@ static __global__ void rope_kernel(float *x, int32_t n_rows, int32_t n_heads, in
                                    const float *__restrict__ ff, float theta_scale,
                                    float freq_scale)
 {
-    kvs_pdl_trigger();
     kvs_pdl_wait();
+    kvs_pdl_trigger(); /* after the wait: see kvs_pdl_trigger */
     const int64_t total = (int64_t)n_rows * n_heads * half;
     for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < total;
          t += (int64_t)gridDim.x * blockDim.x) {
@@ -286,8 +286,8 @@ struct rope_store_args {
 
 static __global__ void rope_store_kernel(rope_store_args a)
 {
-    kvs_pdl_trigger();
     kvs_pdl_wait();
+    kvs_pdl_trigger(); /* after the wait: see kvs_pdl_trigger */
     const int32_t hd = a.head_dim, hp = hd / 2;
     const int64_t n_q = (int64_t)a.n_rows * a.n_head * a.half;
     const int64_t n_k = (int64_t)a.n_rows * a.n_kv_head * hp;

@@ -1,0 +1,104 @@
+/* Internals of the attention kernels shared by attention.cu and attention_sm90a.cu: the
+ * launch arguments, the split and sub-tile helpers, the result writer and the cp.async
+ * wrappers. */
+#ifndef KVS_ATTENTION_IMPL_H
+#define KVS_ATTENTION_IMPL_H
+#include "kernels/cuda/cuda_impl.h"
+
+#define TILE_C 64    /* KV cells per step (the split unit) */
+#define MAX_SPLIT 64 /* splits over the context */
+
+struct attn_args {
+    const float *q;             /* (n_rows, n_head, hd) */
+    float *out;                 /* (n_rows, n_head, hd) */
+    float *partial;             /* (n_rows, n_head, n_split, hd + 2): acc, m, l */
+    const __nv_bfloat16 *k, *v; /* this layer's K and V */
+    const int32_t *row_ctx, *row_table, *tables;
+    int *flag;
+    int32_t n_rows, n_head, n_kv_head, hd, group, block_size, n_block, n_split;
+    int32_t bs_shift; /* log2(block_size) when a power of two, else -1 */
+    size_t head_stride, block_stride; /* elements */
+    float scale;
+};
+
+/* Rows [*start, *end) of [t0, t1) with the same block table as row *start. */
+static __device__ __forceinline__ int32_t sub_tile_end(const attn_args &a, int32_t start,
+                                                       int32_t t1)
+{
+    int32_t tab = a.row_table[start], end = start + 1;
+    while (end < t1 && a.row_table[end] == tab) {
+        end++;
+    }
+    return end;
+}
+
+/* The KV tiles [*kt0, *kt1) that split s of a context of n_ctx cells covers. */
+static __device__ __forceinline__ void split_range(int32_t n_ctx, int32_t n_split, int32_t s,
+                                                   int32_t *kt0, int32_t *kt1)
+{
+    int32_t n_tiles = (n_ctx + TILE_C - 1) / TILE_C;
+    int32_t per = (n_tiles + n_split - 1) / n_split;
+    *kt0 = min(s * per, n_tiles);
+    *kt1 = min(*kt0 + per, n_tiles);
+}
+
+/* Write one query's result: final (normalized) or this split's partial. */
+static __device__ __forceinline__ void write_result(const attn_args &a, int32_t row, int32_t head,
+                                                    int32_t split, int32_t d, float acc, float m,
+                                                    float l)
+{
+    if (a.n_split == 1) {
+        if (l == 0.0f) {
+            if (d == 0) {
+                *a.flag = 2; /* a row with no context */
+            }
+            a.out[((int64_t)row * a.n_head + head) * a.hd + d] = 0.0f;
+        } else {
+            a.out[((int64_t)row * a.n_head + head) * a.hd + d] = acc / l;
+        }
+        return;
+    }
+    float *p = a.partial + (((int64_t)row * a.n_head + head) * a.n_split + split) * (a.hd + 2);
+    p[d] = acc;
+    if (d == 0) {
+        p[a.hd] = m;
+        p[a.hd + 1] = l;
+    }
+}
+
+static __device__ __forceinline__ uint32_t smem_u32(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+static __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool full)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)),
+                 "l"(src), "r"(full ? 16 : 0));
+}
+
+static __device__ __forceinline__ void cp_async_commit()
+{
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int N>
+static __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *(uint32_t *)&v;
+}
+
+typedef void (*fa_fn)(attn_args);
+
+/* attention_sm90a.cu: the Hopper (wgmma) flash kernel for head dim 128, nwg warpgroups (1
+ * or 2) of 64 query vectors a tile, tc cells a KV tile (64 or 128), and its dynamic shared
+ * memory; NULL for other arguments. */
+fa_fn kvs_cuda_wg_kernel(int tc, int nwg, size_t *smem);
+
+#endif

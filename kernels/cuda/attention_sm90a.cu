@@ -1,0 +1,363 @@
+/* Paged flash attention on Hopper's warpgroup MMA (wgmma), for prefill chunks and questions:
+ * head dim 128, 64 query vectors a warpgroup and NWG (1 or 2) warpgroups a block sharing its
+ * K/V tiles, KV tiles of TC cells (64 or 128) in shared memory with the 128-byte swizzle
+ * that wgmma reads.
+ *
+ * The same algorithm, tiling of rows, splits and results as attn_fa_kernel's 8-warp variant
+ * (attention.cu): only the products move from mma.sync (each warp reading K and V fragments
+ * out of shared memory with ldmatrix, 16 query vectors per K/V read) to wgmma (a warpgroup's
+ * 64 query vectors per read, operands straight from shared memory, asynchronous). S = Q K^T
+ * takes Q and K from shared memory (both K-major); O += P V takes P from registers (the S
+ * accumulator layout of a warp is the A fragment layout, as with mma.sync) and V from
+ * shared memory as an N-major operand (V's cells are rows with the head dims contiguous).
+ *
+ * Shared memory layout (bytes), every matrix as 64-dim halves of 128-byte rows, the 16-byte
+ * chunk c of row r stored at chunk c ^ (r % 8) (the 128-byte swizzle; halves 1024-aligned):
+ *   Q: half h at h * 128 rows * 128; K and V of stage s: half h at h * TC * 128.
+ * Descriptors: K-major (Q, K): stride 1024 between 8-row groups, a k-step of 16 dims is +32
+ * bytes inside a 128-byte row, the second half is the next 64 dims. N-major (V): stride 1024
+ * between 8-cell groups (the k direction), 'leading' offset TC * 128 between the two halves
+ * (the n direction), a k-step of 16 cells is +2048 bytes.
+ *
+ * Compiled for sm_90a only (wgmma); kvs_cuda_wg_kernel returns NULL elsewhere. */
+#include "kernels/cuda/attention_impl.h"
+
+#include <math.h>
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || !defined(__CUDA_ARCH__)
+#define KVS_WG_ON 1
+#endif
+
+#define WG_HD 128
+
+/* KV stages in flight: 64-cell tiles with two warpgroups take 3 (128 KiB), one warpgroup 2
+ * (80 KiB: two blocks a multiprocessor); 128-cell tiles 2. */
+static __host__ __device__ constexpr int wg_stages(int tc, int nwg)
+{
+    return tc == 64 && nwg == 2 ? 3 : 2;
+}
+
+static __host__ __device__ constexpr size_t wg_smem(int tc, int nwg)
+{
+    /* Q (64 query vectors a warpgroup), then per stage K and V; + 1024 to align the start */
+    return (size_t)64 * nwg * WG_HD * 2 + (size_t)wg_stages(tc, nwg) * 2 * tc * WG_HD * 2 + 1024;
+}
+
+#if defined(KVS_WG_ON)
+// clang-format off
+/* D (m64n64, f32) (+)= A (smem desc, K-major) x B (smem desc, K-major), bf16. */
+static __device__ __forceinline__ void wg_mma_ss_n64(float (&d)[32], uint64_t da, uint64_t db,
+                                                   int accumulate)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(da), "l"(db), "r"(accumulate));
+}
+
+/* D (m64n128, f32) (+)= A (smem desc, K-major) x B (smem desc, K-major), bf16. */
+static __device__ __forceinline__ void wg_mma_ss_n128(float (&d)[64], uint64_t da, uint64_t db,
+                                                   int accumulate)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(accumulate));
+}
+
+/* D (m64n128, f32) += A (registers: bf16 fragments) x B (smem desc, MN-major), bf16. */
+static __device__ __forceinline__ void wg_mma_rs_n128_tb(float (&d)[64], const uint32_t (&ra)[4],
+                                                      uint64_t db)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(ra[0]), "r"(ra[1]), "r"(ra[2]), "r"(ra[3]), "l"(db), "r"(1));
+}
+// clang-format on
+
+static __device__ __forceinline__ void wg_fence()
+{
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+
+static __device__ __forceinline__ void wg_commit()
+{
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+static __device__ __forceinline__ void wg_wait0()
+{
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+
+/* Generic-proxy writes (st.shared, cp.async) before wgmma (the async proxy) reads them. */
+static __device__ __forceinline__ void fence_proxy_async()
+{
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+/* A shared-memory matrix descriptor, 128-byte swizzle. */
+static __device__ __forceinline__ uint64_t wg_desc(const void *p, uint32_t lbo, uint32_t sbo)
+{
+    const uint64_t addr = smem_u32(p);
+    return ((addr & 0x3FFFF) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
+           ((uint64_t)((sbo >> 4) & 0x3FFF) << 32) | ((uint64_t)1 << 62);
+}
+
+/* Byte offset of (row, dim) in a swizzled matrix of n_rows rows of WG_HD dims. */
+static __device__ __forceinline__ uint32_t wg_off(int row, int dim, int n_rows)
+{
+    const int half = dim >> 6, chunk = (dim & 63) >> 3;
+    return (uint32_t)(half * n_rows * 128 + row * 128 + ((chunk ^ (row & 7)) << 4) +
+                      ((dim & 7) << 1));
+}
+
+/* cp.async of KV tile kt (cells kt * TC ..) into sK, sV. */
+template <int TC, int THREADS>
+static __device__ __forceinline__ void wg_load(const attn_args &a, const __nv_bfloat16 *kb,
+                                               const __nv_bfloat16 *vb,
+                                               const int32_t *__restrict__ table, int32_t n_ctx,
+                                               int32_t kt, unsigned char *sK, unsigned char *sV)
+{
+    constexpr int CPR = WG_HD / 8; /* 16-byte chunks per cell */
+    bool bad = false;
+#pragma unroll
+    for (int u = 0; u < TC * CPR / THREADS; u++) {
+        const int j = threadIdx.x + u * THREADS;
+        const int cell = j / CPR, part = j % CPR;
+        const int32_t c = kt * TC + cell;
+        const __nv_bfloat16 *ks = kb, *vs = vb;
+        bool ok = false;
+        if (c < n_ctx) {
+            const int32_t bi = a.bs_shift >= 0 ? c >> a.bs_shift : c / a.block_size;
+            const int32_t bc = a.bs_shift >= 0 ? c & (a.block_size - 1) : c % a.block_size;
+            const int32_t blk = __ldg(table + bi);
+            ok = blk >= 0 && blk < a.n_block;
+            bad |= !ok;
+            if (ok) {
+                const size_t off = (size_t)blk * a.block_stride + (size_t)bc * WG_HD + part * 8;
+                ks = kb + off;
+                vs = vb + off;
+            }
+        }
+        const uint32_t d = wg_off(cell, part * 8, TC);
+        cp_async16(sK + d, ks, ok);
+        cp_async16(sV + d, vs, ok);
+    }
+    if (bad) {
+        *a.flag = 1;
+    }
+}
+#endif
+
+template <int TC, int NWG>
+static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn_args a)
+{
+#if defined(KVS_WG_ON) && defined(__CUDA_ARCH__)
+    kvs_pdl_wait();
+    kvs_pdl_trigger(); /* after the wait: see kvs_pdl_trigger */
+    constexpr int S = wg_stages(TC, NWG);
+    constexpr int WG_QV = 64 * NWG, WG_THREADS = 128 * NWG; /* query vectors, threads */
+    constexpr int NT = TC / 8;     /* 8-cell column tiles of S per warp */
+    constexpr int DT = WG_HD / 8;  /* 8-dim column tiles of O */
+    constexpr int KQ = WG_HD / 16; /* k-steps of S = Q K^T */
+    constexpr int KP = TC / 16;    /* k-steps of O += P V */
+    constexpr uint32_t QB = WG_QV * WG_HD * 2, KVB = TC * WG_HD * 2; /* bytes */
+    extern __shared__ unsigned char wsm_raw[];
+    unsigned char *sQ =
+        (unsigned char *)(((uintptr_t)wsm_raw + 1023) & ~(uintptr_t)1023); /* 1024-aligned */
+    unsigned char *sKV = sQ + QB; /* stage s: K at sKV + 2s KVB, V after it */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wg = warp >> 2;
+    const int qb = warp * 16; /* the warp's first query vector */
+    const int32_t G = a.group, rows_per_tile = WG_QV / G;
+    const int32_t t0 = blockIdx.x * rows_per_tile;
+    const int32_t t1 = min(t0 + rows_per_tile, a.n_rows);
+    const int32_t kvh = blockIdx.y, split = blockIdx.z;
+    const __nv_bfloat16 *kb = a.k + (size_t)kvh * a.head_stride;
+    const __nv_bfloat16 *vb = a.v + (size_t)kvh * a.head_stride;
+    const float sl2 = a.scale * 1.4426950408889634f; /* scores in log2 units */
+
+    for (int32_t start = t0; start < t1;) {
+        const int32_t end = sub_tile_end(a, start, t1);
+        const int32_t *table = a.tables + a.row_table[start];
+        int32_t n_ctx = 0;
+        for (int32_t r = start; r < end; r++) {
+            n_ctx = max(n_ctx, a.row_ctx[r]);
+        }
+        /* this split's KV tiles of TC cells */
+        const int32_t n_tiles = (n_ctx + TC - 1) / TC;
+        const int32_t per = (n_tiles + a.n_split - 1) / a.n_split;
+        const int32_t kt0 = min(split * per, n_tiles), kt1 = min(kt0 + per, n_tiles);
+
+        __syncthreads(); /* the previous sub-tile is done with shared memory */
+#pragma unroll
+        for (int s = 0; s < S - 1; s++) {
+            if (kt0 + s < kt1) {
+                unsigned char *nk = sKV + (size_t)s * 2 * KVB;
+                wg_load<TC, WG_THREADS>(a, kb, vb, table, n_ctx, kt0 + s, nk, nk + KVB);
+            }
+            cp_async_commit(); /* one group per tile, empty or not */
+        }
+        /* Q of the sub-tile's rows (others zero), swizzled */
+        for (int e = threadIdx.x; e < WG_QV * WG_HD / 4; e += WG_THREADS) {
+            const int qi = e / (WG_HD / 4), d = (e % (WG_HD / 4)) * 4;
+            const int32_t row = t0 + qi / G;
+            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (row >= start && row < end) {
+                x = *(const float4 *)(a.q + ((int64_t)row * a.n_head + kvh * G + qi % G) * WG_HD +
+                                      d);
+            }
+            uint2 p;
+            p.x = pack_bf16(x.x, x.y);
+            p.y = pack_bf16(x.z, x.w);
+            *(uint2 *)(sQ + wg_off(qi, d, WG_QV)) = p;
+        }
+        /* this thread's two rows of the warp's 16 query vectors: ctx (0 outside the sub-tile) */
+        int32_t ctx[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int32_t row = t0 + (qb + (lane >> 2) + 8 * h) / G;
+            ctx[h] = (row >= start && row < end) ? a.row_ctx[row] : 0;
+        }
+        fence_proxy_async();
+        __syncthreads();
+        float o[DT * 4];
+#pragma unroll
+        for (int i = 0; i < DT * 4; i++) {
+            o[i] = 0.0f;
+        }
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+        const unsigned char *qw = sQ + wg * 64 * 128; /* this warpgroup's 64 query vectors */
+
+        for (int32_t kt = kt0; kt < kt1; kt++) {
+            const int st = (kt - kt0) % S;
+            cp_async_wait<S - 2>(); /* tile kt has landed (this thread's part) */
+            fence_proxy_async();    /* ... visible to wgmma */
+            __syncthreads();        /* ... everyone's; and tile kt-1's stage is free */
+            if (kt + S - 1 < kt1) {
+                unsigned char *nk = sKV + (size_t)((st + S - 1) % S) * 2 * KVB;
+                wg_load<TC, WG_THREADS>(a, kb, vb, table, n_ctx, kt + S - 1, nk, nk + KVB);
+            }
+            cp_async_commit();
+            const unsigned char *sK = sKV + (size_t)st * 2 * KVB;
+            const unsigned char *sV = sK + KVB;
+            const int32_t c_first = kt * TC; /* the warp's first cell (warps share all cells) */
+
+            /* S = Q K^T: 8 k-steps of 16 dims */
+            float s[NT * 4];
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < KQ; kk++) {
+                const uint64_t dq = wg_desc(qw + (kk >> 2) * QB / 2 + (kk & 3) * 32, 16, 1024);
+                const uint64_t dk = wg_desc(sK + (kk >> 2) * (KVB / 2) + (kk & 3) * 32, 16, 1024);
+                if constexpr (TC == 64) {
+                    wg_mma_ss_n64(s, dq, dk, kk > 0);
+                } else {
+                    wg_mma_ss_n128(s, dq, dk, kk > 0);
+                }
+            }
+            wg_commit();
+            wg_wait0();
+
+            /* mask (only where a row's context ends inside the tile), row max of the raw
+             * scores; the scale goes into the exponent's fma below */
+            float mx[2] = {-INFINITY, -INFINITY};
+            const bool whole = c_first + TC <= min(ctx[0], ctx[1]);
+            if (__all_sync(0xffffffffu, whole)) {
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
+                    mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int h = e >> 1;
+                        const int32_t c = c_first + j * 8 + (lane & 3) * 2 + (e & 1);
+                        const float v = c < ctx[h] ? s[4 * j + e] : -INFINITY;
+                        s[4 * j + e] = v;
+                        mx[h] = fmaxf(mx[h], v);
+                    }
+                }
+            }
+            float corr[2], base[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+                const float mn = fmaxf(m[h], mx[h] * sl2);
+                base[h] = mn == -INFINITY ? 0.0f : mn;
+                corr[h] = exp2f(m[h] - base[h]); /* 0 when m was -inf */
+                m[h] = mn;
+                l[h] *= corr[h];
+            }
+#pragma unroll
+            for (int i = 0; i < DT; i++) {
+                o[4 * i] *= corr[0];
+                o[4 * i + 1] *= corr[0];
+                o[4 * i + 2] *= corr[1];
+                o[4 * i + 3] *= corr[1];
+            }
+            /* P = exp2(S scale - m), bf16, as A fragments; l sums P in f32 */
+            uint32_t pf[KP][4];
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                float p[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    p[e] = exp2f(fmaf(s[4 * j + e], sl2, -base[e >> 1]));
+                }
+                l[0] += p[0] + p[1];
+                l[1] += p[2] + p[3];
+                pf[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p[0], p[1]);
+                pf[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p[2], p[3]);
+            }
+            /* O += P V: k-steps of 16 cells */
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < KP; kk++) {
+                const uint64_t dv = wg_desc(sV + kk * 16 * 128, KVB / 2, 1024);
+                wg_mma_rs_n128_tb(o, pf[kk], dv);
+            }
+            wg_commit();
+            wg_wait0();
+        }
+        cp_async_wait<0>();
+        /* row sums across the quad */
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+            l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+        }
+        const float ln2 = 0.6931471805599453f;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int qv = qb + (lane >> 2) + 8 * h;
+            const int32_t row = t0 + qv / G;
+            if (row >= start && row < end) {
+#pragma unroll
+                for (int i = 0; i < DT; i++) {
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        write_result(a, row, kvh * G + qv % G, split, i * 8 + (lane & 3) * 2 + e,
+                                     o[4 * i + 2 * h + e], m[h] * ln2, l[h]);
+                    }
+                }
+            }
+        }
+        start = end;
+    }
+#endif
+}
+
+fa_fn kvs_cuda_wg_kernel(int tc, int nwg, size_t *smem)
+{
+    *smem = wg_smem(tc, nwg);
+    if (nwg == 1) {
+        return tc == 128 ? attn_wg_kernel<128, 1> : tc == 64 ? attn_wg_kernel<64, 1> : NULL;
+    }
+    return tc == 128 ? attn_wg_kernel<128, 2> : tc == 64 ? attn_wg_kernel<64, 2> : NULL;
+}
