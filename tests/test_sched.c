@@ -3,7 +3,8 @@
  * priorities (decode and question rows before append chunks), the append chunk bound,
  * fairness between sessions, the flash-query minimum share, the FIFO mode (one request at a
  * time, the benchmarks' baseline), deadlines and admission,
- * cancellation, the step-time target, and the overcommit order when the real cells run out.
+ * cancellation, the step-time target, short steps while answers are in flight, and the
+ * overcommit order when the real cells run out.
  * Time is driven by the test (a fake clock). Tiny 2-layer model, SmolLM2 tokenizer. */
 #include <check.h>
 #include <math.h>
@@ -944,6 +945,96 @@ START_TEST(test_step_time_target)
 }
 END_TEST
 
+/* One query on a session while 4 others' big appends saturate the budget (fake clock: 2 ms a
+ * step + 0.5 ms a row, target 40 ms, rule 5's answer_step_ms as given). Returns the fake
+ * seconds from the query's submission to its answer; *worst_s gets the longest step while it
+ * was in flight, *min_append the fewest append rows in such a step. */
+static double answer_under_appends(double answer_ms, double *worst_s, int32_t *min_append)
+{
+    kvs_engine *e = engine(16384, 256);
+    kvs_sessions *S;
+    ck_assert_int_eq(kvs_sessions_new(e, NULL, &S), 0);
+    fake_t = 0;
+    fake_calls = kvs_forward_stats(e->fw)->calls;
+    fake_rows = kvs_forward_stats(e->fw)->rows;
+    fake_overhead_s = 0.002;
+    fake_row_s = 0.0005;
+    kvs_sched *sc;
+    struct kvs_sched_opts so = {.max_batch_tokens = 256, .target_step_ms = 40,
+                                .answer_step_ms = answer_ms, .append_chunk = 64,
+                                .clock = fake_clock, .clock_user = e};
+    ck_assert_int_eq(kvs_sched_new(S, &so, &sc), 0);
+    const struct kvs_sched_stats *st = kvs_sched_stats(sc);
+    char err[256], big[4096] = "";
+    for (int w = 0; w < 20; w++) {
+        strcat(big, "NVDA 875.02 +5.40 ");
+    }
+    kvs_session *ss[4], *q;
+    for (int i = 0; i < 4; i++) {
+        char id[16];
+        snprintf(id, sizeof id, "t%d", i);
+        ck_assert_int_eq(kvs_session_create(S, id, &(struct kvs_session_opts){.budget_cells = 1800}, &ss[i], err, sizeof err), 0);
+        for (int k = 0; k < 6; k++) {
+            ck_assert_int_eq(kvs_sched_append(sc, ss[i], big, strlen(big), 0, 0, 0, on_append_count, NULL), 0);
+        }
+    }
+    ck_assert_int_eq(kvs_session_create(S, "q", &(struct kvs_session_opts){.budget_cells = 512}, &q, err, sizeof err), 0);
+    n_append_ok = n_append_bad = 0;
+    for (cur_step = 1; cur_step <= 8; cur_step++) { /* calibrate on appends alone */
+        ck_assert_int_gt(kvs_sched_step(sc, cur_step), 0);
+    }
+    ck_assert(st->calibrated);
+    ck_assert_double_gt(st->last_step_s, 0.030); /* full steps: no answer in flight */
+    struct result rq = {0};
+    struct kvs_query_opts qo = {.sampling = kvs_sampling_default(), .max_tokens = 6};
+    ck_assert_int_eq(kvs_sched_query(sc, q, "What is the price of NVDA now?", 30, &qo, 0, NULL,
+                                     on_query, &rq, err, sizeof err), 0);
+    double elapsed = 0;
+    *worst_s = 0;
+    *min_append = INT32_MAX;
+    for (; kvs_sched_busy(sc); cur_step++) {
+        bool answering = !rq.done;
+        ck_assert_int_gt(kvs_sched_step(sc, cur_step), 0);
+        if (answering) {
+            elapsed += st->last_step_s;
+            *worst_s = st->last_step_s > *worst_s ? st->last_step_s : *worst_s;
+            int32_t ar = st->last_rows[KVS_CLASS_APPEND];
+            *min_append = ar < *min_append ? ar : *min_append;
+        }
+        ck_assert_int_lt(cur_step, 500);
+    }
+    ck_assert(rq.done && rq.status == 0);
+    ck_assert_int_eq(n_append_ok, 24);
+    ck_assert_int_eq(n_append_bad, 0);
+    kvs_answer_free(rq.a);
+    free(rq.a);
+    kvs_sched_destroy(&sc);
+    kvs_sessions_destroy(&S);
+    kvs_engine_destroy(&e);
+    return elapsed;
+}
+
+/* Rule 5: while an answer is in flight, steps stop taking append rows at answer_step_ms
+ * (appends still get at least KVS_SCHED_MIN_ROWS a step), so the answer comes in a fraction
+ * of the time it takes behind full steps. */
+START_TEST(test_answer_steps)
+{
+    double worst_on, worst_off;
+    int32_t min_on, min_off;
+    double on = answer_under_appends(10, &worst_on, &min_on);
+    double off = answer_under_appends(-1, &worst_off, &min_off);
+    printf("answer behind saturating appends: %.1f ms with 10 ms answer steps (longest %.1f ms, "
+           ">= %d append rows), %.1f ms with full steps (longest %.1f ms)\n",
+           on * 1e3, worst_on * 1e3, min_on, off * 1e3, worst_off * 1e3);
+    /* the cost model's rows for 10 ms at 2 ms + 0.5 ms/row, its time per row a little above
+     * 0.5 ms: 19 rows, 11.5 ms */
+    ck_assert_double_le(worst_on, 0.002 + 0.0005 * 19 + 1e-9);
+    ck_assert_int_ge(min_on, KVS_SCHED_MIN_ROWS); /* appends keep moving */
+    ck_assert_double_gt(worst_off, 0.030);
+    ck_assert_double_lt(on, off / 2);
+}
+END_TEST
+
 /* Text of a record whose framed tokens need exactly `blocks` new blocks in seq. */
 static void record_needing(kvs_engine *e, const kvs_seq *seq, int32_t blocks, char *out, size_t cap)
 {
@@ -1134,6 +1225,7 @@ int main(void)
     tcase_add_test(tc, test_slide_under_forks);
     tcase_add_test(tc, test_cancel);
     tcase_add_test(tc, test_step_time_target);
+    tcase_add_test(tc, test_answer_steps);
     tcase_add_test(tc, test_overcommit_order);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);

@@ -110,23 +110,29 @@ static void cost_observe(kvs_sched *sc, int32_t rows, double seconds)
     }
 }
 
-/* Rows the next step may plan: the target's share of the fitted cost, within the caps. */
-static int32_t step_budget(const kvs_sched *sc)
+/* Rows that fit in `seconds` by the fitted cost, within the caps. */
+static int32_t rows_in(const kvs_sched *sc, double seconds)
 {
     int32_t cap = sc->o.max_batch_tokens;
-    if (sc->o.target_step_ms < 0) {
-        return cap;
-    }
     int32_t floor_rows = cap < KVS_SCHED_MIN_ROWS ? cap : KVS_SCHED_MIN_ROWS;
     if (!sc->st.calibrated) {
         return cap < KVS_SCHED_COLD_ROWS ? cap : KVS_SCHED_COLD_ROWS;
     }
     double row_s = sc->st.est_row_s;
-    double rows = row_s > 0 ? sc->st.target_step_s / row_s : cap;
+    double rows = row_s > 0 ? seconds / row_s : cap;
     if (!(rows < cap)) { /* also NaN */
         return cap;
     }
     return rows > floor_rows ? (int32_t)rows : floor_rows;
+}
+
+/* Rows the next step may plan: the target's share of the fitted cost, within the caps. */
+static int32_t step_budget(const kvs_sched *sc)
+{
+    if (sc->o.target_step_ms < 0) {
+        return sc->o.max_batch_tokens;
+    }
+    return rows_in(sc, sc->st.target_step_s);
 }
 
 int kvs_sched_new(kvs_sessions *S, const struct kvs_sched_opts *o, kvs_sched **out)
@@ -154,6 +160,9 @@ int kvs_sched_new(kvs_sessions *S, const struct kvs_sched_opts *o, kvs_sched **o
     if (sc->o.target_step_ms == 0.0) {
         sc->o.target_step_ms = KVS_SCHED_TARGET_STEP_MS;
     }
+    if (sc->o.answer_step_ms == 0.0) {
+        sc->o.answer_step_ms = sc->o.target_step_ms * KVS_SCHED_ANSWER_STEP_SHARE;
+    }
     if (sc->o.overcommit == 0.0f) {
         sc->o.overcommit = 1.0f;
     }
@@ -165,6 +174,10 @@ int kvs_sched_new(kvs_sessions *S, const struct kvs_sched_opts *o, kvs_sched **o
     }
     S->overcommit = sc->o.overcommit;
     sc->st.target_step_s = sc->o.target_step_ms > 0 ? sc->o.target_step_ms / 1e3 : 0;
+    sc->st.answer_step_s = sc->o.target_step_ms > 0 && sc->o.answer_step_ms > 0 &&
+                                   sc->o.answer_step_ms < sc->o.target_step_ms
+                               ? sc->o.answer_step_ms / 1e3
+                               : 0;
     sc->st.step_rows = step_budget(sc);
     sc->logits = malloc((size_t)sc->o.max_batch_tokens * sc->e->model->hp.n_vocab * sizeof(float));
     if (sc->logits == NULL) {
@@ -851,6 +864,56 @@ static void plan_fifo(kvs_sched *sc)
     }
 }
 
+/* Step 4's running totals. */
+struct plan {
+    int32_t avail;        /* rows left in the step's budget */
+    int32_t append_left;  /* append rows the step may still take (rule 5) */
+    int32_t jobs_planned; /* jobs with rows in the step */
+};
+
+/* Plan the jobs of class cls that can run (only appends already begun when begun_only),
+ * starting at the class's round-robin position, into the step's batch. */
+static void plan_class(kvs_sched *sc, int cls, bool begun_only, struct plan *pl)
+{
+    int32_t start = sc->n > 0 ? sc->rr[cls] % sc->n : 0;
+    for (int32_t k = 0; k < sc->n && pl->avail > 0; k++) {
+        if (sc->o.max_jobs_per_step > 0 && pl->jobs_planned >= sc->o.max_jobs_per_step) {
+            break;
+        }
+        struct job *j = sc->jobs[(start + k) % sc->n];
+        if (j->rows > 0 || j->cancelled || j->deferred) {
+            continue;
+        }
+        if ((int)job_class(j) != cls) {
+            continue;
+        }
+        if (j->kind == JOB_APPEND && (pl->append_left <= 0 || (begun_only && !j->begun))) {
+            continue; /* an append begins only when it gets rows */
+        }
+        if (j->kind == JOB_APPEND && !j->begun) {
+            if (!j->head) {
+                continue; /* behind its session's current append, or waiting for cells */
+            }
+            if (!begin_append(sc, j)) {
+                k--; /* it left the queue */
+                continue;
+            }
+        }
+        int32_t want = pl->avail;
+        if (j->kind == JOB_APPEND) {
+            want = want < sc->o.append_chunk ? want : sc->o.append_chunk;
+            want = want < pl->append_left ? want : pl->append_left;
+        }
+        int32_t got = plan_rows(sc, j, want);
+        pl->avail -= got;
+        if (j->kind == JOB_APPEND) {
+            pl->append_left -= got;
+        }
+        pl->jobs_planned += got > 0;
+        sc->st.last_rows[cls] += got;
+    }
+}
+
 static int step(kvs_sched *sc, double now)
 {
     sc->now = now;
@@ -936,8 +999,7 @@ static int step(kvs_sched *sc, double now)
     if (flash_floor < (flash_work ? 1 : 0)) {
         flash_floor = 1;
     }
-    int32_t avail = budget - flash_floor;
-    int32_t jobs_planned = 0;
+    struct plan pl = {.avail = budget - flash_floor, .append_left = INT32_MAX};
     static const int order[KVS_N_CLASSES] = {KVS_CLASS_DECODE, KVS_CLASS_QUESTION,
                                              KVS_CLASS_APPEND, KVS_CLASS_FLASH};
     static const int flash_first[KVS_N_CLASSES] = {KVS_CLASS_FLASH, KVS_CLASS_DECODE,
@@ -946,7 +1008,7 @@ static int step(kvs_sched *sc, double now)
     if (sc->o.max_jobs_per_step > 0) {
         /* a few requests per step: the flash share is a share of the steps instead (every
          * 1/flash_min_share-th step that has flash work serves it first) */
-        avail = budget;
+        pl.avail = budget;
         flash_floor = 0;
         int32_t period = (int32_t)ceilf(1.0f / sc->o.flash_min_share);
         if (flash_work && ++sc->flash_turn >= period) {
@@ -961,37 +1023,21 @@ static int step(kvs_sched *sc, double now)
     for (int c = 0; c < KVS_N_CLASSES && !sc->o.fifo; c++) {
         int cls = classes[c];
         if (cls == KVS_CLASS_FLASH) {
-            avail += flash_floor;
+            pl.avail += flash_floor;
         }
-        int32_t start = sc->n > 0 ? sc->rr[cls] % sc->n : 0;
-        for (int32_t k = 0; k < sc->n && avail > 0; k++) {
-            if (sc->o.max_jobs_per_step > 0 && jobs_planned >= sc->o.max_jobs_per_step) {
-                break;
-            }
-            struct job *j = sc->jobs[(start + k) % sc->n];
-            if (j->rows > 0 || j->cancelled || j->deferred) {
-                continue;
-            }
-            if ((int)job_class(j) != cls) {
-                continue;
-            }
-            if (j->kind == JOB_APPEND && !j->begun) {
-                if (!j->head) {
-                    continue; /* behind its session's current append, or waiting for cells */
-                }
-                if (!begin_append(sc, j)) {
-                    k--; /* it left the queue */
-                    continue;
-                }
-            }
-            int32_t want = j->kind == JOB_APPEND ? (avail < sc->o.append_chunk ? avail
-                                                                              : sc->o.append_chunk)
-                                                 : avail;
-            int32_t got = plan_rows(sc, j, want);
-            avail -= got;
-            jobs_planned += got > 0;
-            sc->st.last_rows[cls] += got;
+        if (cls == KVS_CLASS_APPEND && sc->st.answer_step_s > 0 &&
+            (e->batch.n_rows > 0 || flash_floor > 0)) {
+            /* answers in flight: appends stop early (sched.h, rule 5) */
+            int32_t left = rows_in(sc, sc->st.answer_step_s) - e->batch.n_rows;
+            pl.append_left = left > KVS_SCHED_MIN_ROWS ? left : KVS_SCHED_MIN_ROWS;
         }
+        /* appends that have begun get their rows before new ones begin (an append is
+         * acknowledged at its last chunk: chunks spread over many appends in turn would
+         * delay them all) */
+        if (cls == KVS_CLASS_APPEND) {
+            plan_class(sc, cls, true, &pl);
+        }
+        plan_class(sc, cls, false, &pl);
         sc->rr[cls]++;
     }
     /* 5. forward */

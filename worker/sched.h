@@ -6,9 +6,21 @@
  *   2. question prefills,
  *   3. append chunks (at most append_chunk rows of one append per step, so a huge append
  *      holds a query back by one step at most; one append per session at a time, sessions
- *      served round-robin),
+ *      served round-robin; appends already begun before new ones begin, since an append is
+ *      acknowledged at its last chunk),
  *   4. flash-query evaluations (prefill and decode), which get a guaranteed minimum share
  *      of the budget whenever they have work, so a busy stream cannot starve them,
+ *   5. short steps while answers are in flight: in a step that already has rows of a
+ *      query or flash evaluation when its appends are planned (or flash work waiting for
+ *      its share), append rows stop where the step's rows reach answer_step_ms (the cost
+ *      model's rows for it; default a quarter of the target), but take at least
+ *      KVS_SCHED_MIN_ROWS so appends always move; flash prefills then take what is left
+ *      of the full budget, as before. An answer needs a prefill step and one step per
+ *      further token, each behind the step in flight: with this rule those steps last
+ *      about answer_step_ms, not target_step_ms, so a flash answer is fresh again sooner
+ *      after an append and a query's tokens come faster. The price is append latency near
+ *      saturation: flash evaluations finish instead of waiting (and covering several
+ *      appends at once), so that work goes before appends (bench/results/sched-*.md),
  * then runs one forward (worker/forward.h) over all the rows, samples, emits tokens and
  * completes jobs. Within a class the starting job rotates every step (no job starves).
  *
@@ -114,11 +126,15 @@ enum kvs_job_class {
 #define KVS_SCHED_CALIBRATION_STEPS 4    /* observed steps before the model is trusted */
 #define KVS_SCHED_COST_DECAY 0.9         /* weight kept by an observation per later step */
 #define KVS_SCHED_OVERCOMMIT_MAX 16.0f   /* largest overcommit ratio accepted */
+#define KVS_SCHED_ANSWER_STEP_SHARE 0.25 /* rule 5's step time, a share of the target */
 
 struct kvs_sched_opts {
     int32_t max_batch_tokens; /* hard cap on rows per step (0 = the engine's max_batch_rows) */
     double target_step_ms;    /* wall time a step should take (0 = KVS_SCHED_TARGET_STEP_MS;
                                * < 0 = no target: max_batch_tokens rows every step) */
+    double answer_step_ms;    /* rule 5: a step with answers in flight stops taking append
+                               * rows here (0 = target_step_ms x KVS_SCHED_ANSWER_STEP_SHARE;
+                               * < 0, or >= target_step_ms, = off; off without a target) */
     int32_t append_chunk;     /* rows of one append per step (0 = 64) */
     float flash_min_share;    /* budget share kept for flash work when it has any (0 = 0.1) */
     int32_t max_jobs_per_step;/* 0 = no limit; 1 = one request per step (the scheduler
@@ -149,6 +165,7 @@ struct kvs_sched_stats {
     uint64_t cancelled;                   /* jobs cancelled by kvs_sched_cancel */
     /* step time and budget */
     double target_step_s;                 /* the target (0: none) */
+    double answer_step_s;                 /* rule 5's shorter target (0: off) */
     double last_step_s;                   /* wall seconds of the last step (opts.clock) */
     double max_step_s;                    /* longest step so far */
     double est_row_s;                     /* smoothed seconds per row (fixed costs included) */
