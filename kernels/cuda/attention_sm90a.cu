@@ -31,16 +31,18 @@
 #define WG_HD 128
 
 /* KV stages in flight: 64-cell tiles with two warpgroups take 3 (128 KiB), one warpgroup 2
- * (80 KiB: two blocks a multiprocessor); 128-cell tiles 2. */
-static __host__ __device__ constexpr int wg_stages(int tc, int nwg)
+ * (80 KiB: two blocks a multiprocessor); 128-cell tiles 2; the overlapped loop (OVL) 3, since
+ * tile kt + 1's K is read while tile kt + 2 loads (224 KiB with 128-cell tiles). */
+static __host__ __device__ constexpr int wg_stages(int tc, int nwg, bool ovl)
 {
-    return tc == 64 && nwg == 2 ? 3 : 2;
+    return ovl ? 3 : tc == 64 && nwg == 2 ? 3 : 2;
 }
 
-static __host__ __device__ constexpr size_t wg_smem(int tc, int nwg)
+static __host__ __device__ constexpr size_t wg_smem(int tc, int nwg, bool ovl)
 {
     /* Q (64 query vectors a warpgroup), then per stage K and V; + 1024 to align the start */
-    return (size_t)64 * nwg * WG_HD * 2 + (size_t)wg_stages(tc, nwg) * 2 * tc * WG_HD * 2 + 1024;
+    return (size_t)64 * nwg * WG_HD * 2 +
+           (size_t)wg_stages(tc, nwg, ovl) * 2 * tc * WG_HD * 2 + 1024;
 }
 
 #if defined(KVS_WG_ON)
@@ -113,7 +115,48 @@ static __device__ __forceinline__ uint32_t wg_off(int row, int dim, int n_rows)
                       ((dim & 7) << 1));
 }
 
-/* cp.async of KV tile kt (cells kt * TC ..) into sK, sV. */
+/* cp.async of KV tile kt (cells kt * TC ..) into sK, sV, for the pool's default 16-cell
+ * blocks and 256 threads: thread t always takes dims (t % 16) * 8.. of cells t / 16 + 16 u,
+ * i.e. cell t / 16 of the tile's u-th block, so its destinations are fixed offsets (+2048
+ * bytes a block: the swizzle repeats every 8 rows) and its sources one table entry and one
+ * multiply-add a block. (The general loop below spent ~30 instructions a 16-byte chunk on
+ * cell, block and swizzle arithmetic.) */
+template <int TC>
+static __device__ __forceinline__ void wg_load16(const attn_args &a, const __nv_bfloat16 *kb,
+                                                 const __nv_bfloat16 *vb,
+                                                 const int32_t *__restrict__ table,
+                                                 int32_t n_ctx, int32_t kt, unsigned char *sK,
+                                                 unsigned char *sV)
+{
+    const int cell = threadIdx.x >> 4, part = threadIdx.x & 15;
+    const uint32_t d0 = wg_off(cell, part * 8, TC);
+    const size_t so = (size_t)cell * WG_HD + part * 8;
+    const int32_t b0 = kt * (TC / 16);
+    bool bad = false;
+#pragma unroll
+    for (int u = 0; u < TC / 16; u++) {
+        const int32_t c = (b0 + u) * 16 + cell;
+        const __nv_bfloat16 *ks = kb, *vs = vb;
+        bool ok = false;
+        if (c < n_ctx) {
+            const int32_t blk = __ldg(table + b0 + u);
+            ok = blk >= 0 && blk < a.n_block;
+            bad |= !ok;
+            if (ok) {
+                const size_t off = (size_t)blk * a.block_stride + so;
+                ks = kb + off;
+                vs = vb + off;
+            }
+        }
+        cp_async16(sK + d0 + u * 2048, ks, ok);
+        cp_async16(sV + d0 + u * 2048, vs, ok);
+    }
+    if (bad) {
+        *a.flag = 1;
+    }
+}
+
+/* cp.async of KV tile kt (cells kt * TC ..) into sK, sV: any block size, any thread count. */
 template <int TC, int THREADS>
 static __device__ __forceinline__ void wg_load(const attn_args &a, const __nv_bfloat16 *kb,
                                                const __nv_bfloat16 *vb,
@@ -151,13 +194,16 @@ static __device__ __forceinline__ void wg_load(const attn_args &a, const __nv_bf
 }
 #endif
 
-template <int TC, int NWG>
+/* OVL: the scores of tile kt + 1 (S = Q K^T, asynchronous) are computed while the softmax of
+ * tile kt runs, the exponentials then overlapping the tensor cores (FlashAttention-3's
+ * intra-warpgroup pipelining, without its warp specialization). */
+template <int TC, int NWG, bool OVL>
 static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn_args a)
 {
 #if defined(KVS_WG_ON) && defined(__CUDA_ARCH__)
     kvs_pdl_wait();
     kvs_pdl_trigger(); /* after the wait: see kvs_pdl_trigger */
-    constexpr int S = wg_stages(TC, NWG);
+    constexpr int S = wg_stages(TC, NWG, OVL);
     constexpr int WG_QV = 64 * NWG, WG_THREADS = 128 * NWG; /* query vectors, threads */
     constexpr int NT = TC / 8;     /* 8-cell column tiles of S per warp */
     constexpr int DT = WG_HD / 8;  /* 8-dim column tiles of O */
@@ -177,6 +223,7 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
     const __nv_bfloat16 *kb = a.k + (size_t)kvh * a.head_stride;
     const __nv_bfloat16 *vb = a.v + (size_t)kvh * a.head_stride;
     const float sl2 = a.scale * 1.4426950408889634f; /* scores in log2 units */
+    const bool fast16 = WG_THREADS == 256 && a.block_size == 16; /* wg_load16's case */
 
     for (int32_t start = t0; start < t1;) {
         const int32_t end = sub_tile_end(a, start, t1);
@@ -195,7 +242,11 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
         for (int s = 0; s < S - 1; s++) {
             if (kt0 + s < kt1) {
                 unsigned char *nk = sKV + (size_t)s * 2 * KVB;
-                wg_load<TC, WG_THREADS>(a, kb, vb, table, n_ctx, kt0 + s, nk, nk + KVB);
+                if (fast16) {
+                    wg_load16<TC>(a, kb, vb, table, n_ctx, kt0 + s, nk, nk + KVB);
+                } else {
+                    wg_load<TC, WG_THREADS>(a, kb, vb, table, n_ctx, kt0 + s, nk, nk + KVB);
+                }
             }
             cp_async_commit(); /* one group per tile, empty or not */
         }
@@ -229,36 +280,59 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
         }
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
         const unsigned char *qw = sQ + wg * 64 * 128; /* this warpgroup's 64 query vectors */
+        /* S = Q K^T for the tile in stage sk: 8 k-steps of 16 dims, committed, not waited */
+        auto issue_s = [&](float(&acc)[NT * 4], const unsigned char *sk) {
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < KQ; kk++) {
+                const uint64_t dq = wg_desc(qw + (kk >> 2) * QB / 2 + (kk & 3) * 32, 16, 1024);
+                const uint64_t dk = wg_desc(sk + (kk >> 2) * (KVB / 2) + (kk & 3) * 32, 16, 1024);
+                if constexpr (TC == 64) {
+                    wg_mma_ss_n64(acc, dq, dk, kk > 0);
+                } else {
+                    wg_mma_ss_n128(acc, dq, dk, kk > 0);
+                }
+            }
+            wg_commit();
+        };
+        float s[NT * 4], s_nxt[NT * 4];
+        if (OVL && kt0 < kt1) { /* the first tile's scores */
+            cp_async_wait<S - 2>();
+            fence_proxy_async();
+            __syncthreads();
+            issue_s(s, sKV);
+            wg_wait0();
+        }
 
         for (int32_t kt = kt0; kt < kt1; kt++) {
             const int st = (kt - kt0) % S;
-            cp_async_wait<S - 2>(); /* tile kt has landed (this thread's part) */
-            fence_proxy_async();    /* ... visible to wgmma */
-            __syncthreads();        /* ... everyone's; and tile kt-1's stage is free */
+            if (OVL) {
+                cp_async_wait<0>(); /* tile kt + 1 has landed (the only group in flight) */
+            } else {
+                cp_async_wait<S - 2>(); /* tile kt has landed (this thread's part) */
+            }
+            fence_proxy_async(); /* ... visible to wgmma */
+            __syncthreads();     /* ... everyone's; and tile kt-1's stage is free */
             if (kt + S - 1 < kt1) {
                 unsigned char *nk = sKV + (size_t)((st + S - 1) % S) * 2 * KVB;
-                wg_load<TC, WG_THREADS>(a, kb, vb, table, n_ctx, kt + S - 1, nk, nk + KVB);
+                if (fast16) {
+                    wg_load16<TC>(a, kb, vb, table, n_ctx, kt + S - 1, nk, nk + KVB);
+                } else {
+                    wg_load<TC, WG_THREADS>(a, kb, vb, table, n_ctx, kt + S - 1, nk, nk + KVB);
+                }
             }
             cp_async_commit();
             const unsigned char *sK = sKV + (size_t)st * 2 * KVB;
             const unsigned char *sV = sK + KVB;
             const int32_t c_first = kt * TC; /* the warp's first cell (warps share all cells) */
-
-            /* S = Q K^T: 8 k-steps of 16 dims */
-            float s[NT * 4];
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < KQ; kk++) {
-                const uint64_t dq = wg_desc(qw + (kk >> 2) * QB / 2 + (kk & 3) * 32, 16, 1024);
-                const uint64_t dk = wg_desc(sK + (kk >> 2) * (KVB / 2) + (kk & 3) * 32, 16, 1024);
-                if constexpr (TC == 64) {
-                    wg_mma_ss_n64(s, dq, dk, kk > 0);
-                } else {
-                    wg_mma_ss_n128(s, dq, dk, kk > 0);
+            if (OVL) {
+                if (kt + 1 < kt1) { /* the next tile's scores, while this one's softmax runs */
+                    issue_s(s_nxt, sKV + (size_t)((st + 1) % S) * 2 * KVB);
                 }
+            } else {
+                issue_s(s, sK);
+                wg_wait0();
             }
-            wg_commit();
-            wg_wait0();
 
             /* mask (only where a row's context ends inside the tile), row max of the raw
              * scores; the scale goes into the exponent's fma below */
@@ -324,6 +398,12 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
             }
             wg_commit();
             wg_wait0();
+            if (OVL) {
+#pragma unroll
+                for (int i = 0; i < NT * 4; i++) {
+                    s[i] = s_nxt[i];
+                }
+            }
         }
         cp_async_wait<0>();
         /* row sums across the quad */
@@ -353,11 +433,19 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
 #endif
 }
 
-fa_fn kvs_cuda_wg_kernel(int tc, int nwg, size_t *smem)
+fa_fn kvs_cuda_wg_kernel(int tc, int nwg, bool ovl, size_t *smem)
 {
-    *smem = wg_smem(tc, nwg);
-    if (nwg == 1) {
-        return tc == 128 ? attn_wg_kernel<128, 1> : tc == 64 ? attn_wg_kernel<64, 1> : NULL;
+    *smem = wg_smem(tc, nwg, ovl);
+    if (ovl) {
+        return nwg != 2 ? NULL
+               : tc == 128 ? attn_wg_kernel<128, 2, true>
+               : tc == 64  ? attn_wg_kernel<64, 2, true>
+                           : NULL;
     }
-    return tc == 128 ? attn_wg_kernel<128, 2> : tc == 64 ? attn_wg_kernel<64, 2> : NULL;
+    if (nwg == 1) {
+        return tc == 128 ? attn_wg_kernel<128, 1, false>
+               : tc == 64 ? attn_wg_kernel<64, 1, false>
+                          : NULL;
+    }
+    return tc == 128 ? attn_wg_kernel<128, 2, false> : tc == 64 ? attn_wg_kernel<64, 2, false> : NULL;
 }
