@@ -116,8 +116,7 @@ struct fresh_track {
     uint64_t step_ack; /* scheduler steps at that acknowledgement */
     bool stale;        /* no answer at >= version yet */
     double stale_s;    /* seconds stale during the probe */
-    int n_intervals;   /* acknowledgements after the session's first one */
-    double interval_s; /* ... summed time between them */
+    int n_acks;        /* acknowledgements during the probe */
 };
 static struct fresh_track track[N_SESS];
 static bool tracking;           /* a probe is running (not the drain) */
@@ -151,10 +150,7 @@ static void on_append(int status, const struct kvs_append_result *r, const char 
         n_superseded++;
         t->stale_s += now - t->t_ack;
     }
-    if (t->t_ack > 0) {
-        t->n_intervals++;
-        t->interval_s += now - t->t_ack;
-    }
+    t->n_acks++;
     t->version = r->version;
     t->t_ack = now;
     t->step_ack = *steps_now;
@@ -364,20 +360,16 @@ static struct probe run(kvs_engine *e, enum executor ex, double rate, double sec
     }
     double elapsed = kvs_now() - t0;
     tracking = false;
-    double stale_s = 0, interval_s = 0;
-    int n_intervals = 0;
+    double stale_s = 0;
+    int n_acks = 0;
     for (int i = 0; i < N_SESS; i++) {
         stale_s += track[i].stale_s + (track[i].stale ? t0 + elapsed - track[i].t_ack : 0);
-        interval_s += track[i].interval_s;
-        n_intervals += track[i].n_intervals;
-    }
-    int n_acked = n_refresh + n_superseded;
-    for (int i = 0; i < N_SESS; i++) {
-        n_acked += track[i].stale; /* still waiting at the end */
+        n_acks += track[i].n_acks;
     }
     p.stale_frac = stale_s / (N_SESS * elapsed);
-    p.interval_s = n_intervals ? interval_s / n_intervals : NAN;
-    p.superseded = n_acked ? (double)n_superseded / n_acked : NAN;
+    /* session-time per acknowledgement (gaps inside the probe alone would favour short ones) */
+    p.interval_s = n_acks ? N_SESS * elapsed / n_acks : NAN;
+    p.superseded = n_acks ? (double)n_superseded / n_acks : NAN;
     p.refresh_mean_ms = 0;
     for (int i = 0; i < n_refresh; i++) {
         p.refresh_mean_ms += refresh_lat[i];
