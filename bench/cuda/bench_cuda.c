@@ -488,24 +488,24 @@ int main(int argc, char **argv)
                chunk_s[nc - 2] * 1e3);
         kvs_pool_seq_release(B.pool, &st);
         /* the same with the other attention kernels: wgmma with 64-cell KV tiles
-         * (KVS_CUDA_WGMMA=64), the overlapped loop (KVS_CUDA_WG_OVL=1) with 64- and
-         * 128-cell tiles, and the mma.sync kernel (KVS_CUDA_WGMMA=0) */
+         * (KVS_CUDA_WGMMA=64) with and without the mbarrier pipeline (KVS_CUDA_WG_MB), 128-cell
+         * tiles with a block barrier a tile (MB=0), and the mma.sync kernel (WGMMA=0) */
         static const char *const wgv[][3] = {
-            {"64", "2", "0"}, {"64", "2", "1"}, {"128", "2", "1"}, {"0", "2", "0"}};
+            {"64", "2", "0"}, {"64", "2", "1"}, {"128", "2", "0"}, {"0", "2", "0"}};
         for (int w = 0; w < 4; w++) {
             setenv("KVS_CUDA_WGMMA", wgv[w][0], 1);
             setenv("KVS_CUDA_WG_NWG", wgv[w][1], 1);
-            setenv("KVS_CUDA_WG_OVL", wgv[w][2], 1);
+            setenv("KVS_CUDA_WG_MB", wgv[w][2], 1);
             kvs_seq *sv = kvs_pool_seq_new(B.pool);
             double tv = feed_chunks(&B, sv, n_st, 1, chunk_s) * 1e3;
-            printf("stateless with KVS_CUDA_WGMMA=%s KVS_CUDA_WG_NWG=%s KVS_CUDA_WG_OVL=%s: %.1f "
+            printf("stateless with KVS_CUDA_WGMMA=%s KVS_CUDA_WG_NWG=%s KVS_CUDA_WG_MB=%s: %.1f "
                    "ms; chunk 0 %.1f ms, chunk %d %.1f ms\n",
                    wgv[w][0], wgv[w][1], wgv[w][2], tv, chunk_s[0] * 1e3, nc - 2,
                    chunk_s[nc - 2] * 1e3);
             kvs_pool_seq_release(B.pool, &sv);
             unsetenv("KVS_CUDA_WGMMA");
             unsetenv("KVS_CUDA_WG_NWG");
-            unsetenv("KVS_CUDA_WG_OVL");
+            unsetenv("KVS_CUDA_WG_MB");
         }
     }
 
@@ -603,11 +603,11 @@ int main(int argc, char **argv)
             /* the attention kernel variants on Hopper: wgmma with 64-cell KV tiles, and the
              * mma.sync kernel (KVS_CUDA_WGMMA=64 / 0; the default is wgmma, 128 cells) */
             static const char *const wgv[][3] = {
-                {"64", "2", "0"}, {"64", "2", "1"}, {"128", "2", "1"}, {"0", "2", "0"}};
+                {"64", "2", "0"}, {"64", "2", "1"}, {"128", "2", "0"}, {"0", "2", "0"}};
             for (int w = 0; w < 4; w++) {
                 setenv("KVS_CUDA_WGMMA", wgv[w][0], 1);
                 setenv("KVS_CUDA_WG_NWG", wgv[w][1], 1);
-                setenv("KVS_CUDA_WG_OVL", wgv[w][2], 1);
+                setenv("KVS_CUDA_WG_MB", wgv[w][2], 1);
                 for (int i = 0; i < n_tt + 1; i++) {
                     kvs_seq *f = kvs_pool_seq_fork(B.pool, lg);
                     double t = feed(&B, f, n_q, 1);
@@ -618,8 +618,8 @@ int main(int argc, char **argv)
                 }
                 unsetenv("KVS_CUDA_WGMMA");
                 unsetenv("KVS_CUDA_WG_NWG");
-                unsetenv("KVS_CUDA_WG_OVL");
-                printf("TTFT at %d with KVS_CUDA_WGMMA=%s KVS_CUDA_WG_NWG=%s KVS_CUDA_WG_OVL=%s: "
+                unsetenv("KVS_CUDA_WG_MB");
+                printf("TTFT at %d with KVS_CUDA_WGMMA=%s KVS_CUDA_WG_NWG=%s KVS_CUDA_WG_MB=%s: "
                        "%.3f ms\n",
                        tt_ctx[k], wgv[w][0], wgv[w][1], wgv[w][2], median(tt, n_tt) * 1e3);
             }

@@ -35,14 +35,15 @@ echo "${KVS_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}" >"$OUT/commit.txt"
 KVS_CUDA_ATTN=old CK_RUN_CASE=ops "$B"/test_cuda_parity >"$OUT/test_cuda_parity_old.log" 2>&1
 rc2o=$?
 # the Hopper wgmma attention kernel on every op check it can take: 128-vector tiles forced
-# (KVS_CUDA_FA_WARPS=8), with 128-cell (default) and 64-cell KV tiles
+# (KVS_CUDA_FA_WARPS=8), with 128-cell (default) and 64-cell KV tiles, and with a block
+# barrier a tile instead of the mbarrier pipeline (KVS_CUDA_WG_MB=0)
 KVS_CUDA_FA_WARPS=8 CK_RUN_CASE=ops "$B"/test_cuda_parity >"$OUT/test_cuda_parity_wg.log" 2>&1
 rc2w=$?
 KVS_CUDA_FA_WARPS=8 KVS_CUDA_WGMMA=64 CK_RUN_CASE=ops "$B"/test_cuda_parity \
   >"$OUT/test_cuda_parity_wg64.log" 2>&1
 rc2w64=$?
-KVS_CUDA_FA_WARPS=8 KVS_CUDA_WGMMA=64 KVS_CUDA_WG_OVL=1 CK_RUN_CASE=ops "$B"/test_cuda_parity \
-  >"$OUT/test_cuda_parity_wgovl.log" 2>&1
+KVS_CUDA_FA_WARPS=8 KVS_CUDA_WG_MB=0 CK_RUN_CASE=ops "$B"/test_cuda_parity \
+  >"$OUT/test_cuda_parity_wgbar.log" 2>&1
 rc2w64=$((rc2w64 + $?))
 timeout 300 "$B"/bench_cuda ${KVS_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; rc3=${PIPESTATUS[0]}
 # HF transformers on the same shape, same GPU, same run (after bench_cuda has freed the GPU)
@@ -72,5 +73,5 @@ echo "==== summary ($(head -1 "$OUT/gpu.txt" >/dev/null; sed -n 2p "$OUT/gpu.txt
 echo "test_cuda rc=$rc1  test_cuda_parity rc=$rc2 (ops: old attention $rc2o, wgmma $rc2w, wgmma 64 $rc2w64)  bench rc=$rc3  hf rc=$rc5  memcheck rc=$rc4"
 grep -E "^(forward|worst|[0-9]+%)|Checks|FAIL|Failure" "$OUT/test_cuda_parity.log" | head -20
 grep -E "Checks|Failure" "$OUT/test_cuda_parity_old.log" "$OUT/test_cuda_parity_wg.log" \
-  "$OUT/test_cuda_parity_wg64.log" "$OUT/test_cuda_parity_wgovl.log" | head -12
+  "$OUT/test_cuda_parity_wg64.log" "$OUT/test_cuda_parity_wgbar.log" | head -12
 grep -E "^(ceiling|decode|append|TTFT|RESULT|filled|model|sessions|stateless|graphs|matmuls)" "$OUT/bench.log"

@@ -1031,7 +1031,7 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
         (nw == 8 || c->env_wg_nwg == 1)) {
         const int nwg = c->env_wg_nwg == 1 ? 1 : 2;
         size_t wsm = 0;
-        fa_fn wg = kvs_cuda_wg_kernel(c->env_wgmma, nwg, nwg == 2 && c->env_wg_ovl, &wsm);
+        fa_fn wg = kvs_cuda_wg_kernel(c->env_wgmma, nwg, nwg == 2 && c->env_wg_mb, &wsm);
         if (wg != NULL && wsm <= c->smem_optin && fa_qv(false, 4 * nwg) % a.group == 0) {
             fa = wg;
             smem = wsm;

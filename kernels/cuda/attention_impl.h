@@ -97,9 +97,9 @@ static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
 typedef void (*fa_fn)(attn_args);
 
 /* attention_sm90a.cu: the Hopper (wgmma) flash kernel for head dim 128, nwg warpgroups (1
- * or 2) of 64 query vectors a tile, tc cells a KV tile (64 or 128), ovl: the next tile's
- * scores computed during this tile's softmax (two warpgroups only), and its dynamic shared
- * memory; NULL for other arguments. */
-fa_fn kvs_cuda_wg_kernel(int tc, int nwg, bool ovl, size_t *smem);
+ * or 2) of 64 query vectors a tile, tc cells a KV tile (64 or 128), mb: stages handed over
+ * through mbarriers instead of a block barrier a tile (two warpgroups only), and its dynamic
+ * shared memory; NULL for other arguments. */
+fa_fn kvs_cuda_wg_kernel(int tc, int nwg, bool mb, size_t *smem);
 
 #endif

@@ -30,19 +30,20 @@
 
 #define WG_HD 128
 
-/* KV stages in flight: 64-cell tiles with two warpgroups take 3 (128 KiB), one warpgroup 2
- * (80 KiB: two blocks a multiprocessor); 128-cell tiles 2; the overlapped loop (OVL) 3, since
- * tile kt + 1's K is read while tile kt + 2 loads (224 KiB with 128-cell tiles). */
-static __host__ __device__ constexpr int wg_stages(int tc, int nwg, bool ovl)
+/* KV stages: 64-cell tiles with two warpgroups 3 (128 KiB), one warpgroup 2 (80 KiB: two
+ * blocks a multiprocessor); 128-cell tiles 2; the mbarrier pipeline (MB) 3 with one tile
+ * loaded ahead (224 KiB with 128-cell tiles), so that a warp may run a tile ahead of another
+ * (the stage it refills was released two tiles ago). */
+static __host__ __device__ constexpr int wg_stages(int tc, int nwg, bool mb)
 {
-    return ovl ? 3 : tc == 64 && nwg == 2 ? 3 : 2;
+    return mb ? 3 : tc == 64 && nwg == 2 ? 3 : 2;
 }
 
-static __host__ __device__ constexpr size_t wg_smem(int tc, int nwg, bool ovl)
+static __host__ __device__ constexpr size_t wg_smem(int tc, int nwg, bool mb)
 {
     /* Q (64 query vectors a warpgroup), then per stage K and V; + 1024 to align the start */
     return (size_t)64 * nwg * WG_HD * 2 +
-           (size_t)wg_stages(tc, nwg, ovl) * 2 * tc * WG_HD * 2 + 1024;
+           (size_t)wg_stages(tc, nwg, mb) * 2 * tc * WG_HD * 2 + 1024;
 }
 
 #if defined(KVS_WG_ON)
@@ -91,6 +92,42 @@ static __device__ __forceinline__ void wg_commit()
 static __device__ __forceinline__ void wg_wait0()
 {
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+
+/* mbarriers in shared memory (MB pipeline). */
+static __device__ __forceinline__ void mb_init(uint64_t *bar, int count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count)
+                 : "memory");
+}
+
+static __device__ __forceinline__ void mb_inval(uint64_t *bar)
+{
+    asm volatile("mbarrier.inval.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+
+static __device__ __forceinline__ void mb_arrive(uint64_t *bar)
+{
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(
+                     smem_u32(bar))
+                 : "memory");
+}
+
+/* Arrive once this thread's cp.async operations so far have completed. */
+static __device__ __forceinline__ void mb_arrive_cp_async(uint64_t *bar)
+{
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar))
+                 : "memory");
+}
+
+/* Wait until the phase of the given parity has completed. */
+static __device__ __forceinline__ void mb_wait(uint64_t *bar, uint32_t parity)
+{
+    asm volatile("{\n.reg .pred p;\nWAIT_%=:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+                 "@!p bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)),
+                 "r"(parity)
+                 : "memory");
 }
 
 /* Generic-proxy writes (st.shared, cp.async) before wgmma (the async proxy) reads them. */
@@ -194,16 +231,20 @@ static __device__ __forceinline__ void wg_load(const attn_args &a, const __nv_bf
 }
 #endif
 
-/* OVL: the scores of tile kt + 1 (S = Q K^T, asynchronous) are computed while the softmax of
- * tile kt runs, the exponentials then overlapping the tensor cores (FlashAttention-3's
- * intra-warpgroup pipelining, without its warp specialization). */
-template <int TC, int NWG, bool OVL>
+/* MB: the stages are handed over through mbarriers instead of a block barrier a tile: "full"
+ * (every thread's cp.async of the tile has landed: cp.async.mbarrier.arrive) and "empty"
+ * (every warp is done reading the stage), so warps are no longer held in step every tile
+ * (ncu: "Stall Barrier" was the largest stall of the barrier loop). */
+template <int TC, int NWG, bool MB>
 static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn_args a)
 {
 #if defined(KVS_WG_ON) && defined(__CUDA_ARCH__)
     kvs_pdl_wait();
     kvs_pdl_trigger(); /* after the wait: see kvs_pdl_trigger */
-    constexpr int S = wg_stages(TC, NWG, OVL);
+    constexpr int S = wg_stages(TC, NWG, MB);
+    constexpr int LA = MB ? S - 2 : S - 1; /* tiles loaded ahead of the one in use */
+    __shared__ __align__(8) uint64_t full_bar[S], empty_bar[S]; /* MB */
+    bool bars_live = false;                                     /* MB, thread 0 */
     constexpr int WG_QV = 64 * NWG, WG_THREADS = 128 * NWG; /* query vectors, threads */
     constexpr int NT = TC / 8;     /* 8-cell column tiles of S per warp */
     constexpr int DT = WG_HD / 8;  /* 8-dim column tiles of O */
@@ -238,14 +279,31 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
         const int32_t kt0 = min(split * per, n_tiles), kt1 = min(kt0 + per, n_tiles);
 
         __syncthreads(); /* the previous sub-tile is done with shared memory */
+        if (MB) { /* fresh barriers for this sub-tile's tiles */
+            if (threadIdx.x == 0) {
+                for (int s = 0; s < S; s++) {
+                    if (bars_live) {
+                        mb_inval(&full_bar[s]);
+                        mb_inval(&empty_bar[s]);
+                    }
+                    mb_init(&full_bar[s], WG_THREADS);
+                    mb_init(&empty_bar[s], WG_THREADS / 32);
+                }
+                bars_live = true;
+            }
+            __syncthreads();
+        }
 #pragma unroll
-        for (int s = 0; s < S - 1; s++) {
+        for (int s = 0; s < LA; s++) {
             if (kt0 + s < kt1) {
                 unsigned char *nk = sKV + (size_t)s * 2 * KVB;
                 if (fast16) {
                     wg_load16<TC>(a, kb, vb, table, n_ctx, kt0 + s, nk, nk + KVB);
                 } else {
                     wg_load<TC, WG_THREADS>(a, kb, vb, table, n_ctx, kt0 + s, nk, nk + KVB);
+                }
+                if (MB) {
+                    mb_arrive_cp_async(&full_bar[s]);
                 }
             }
             cp_async_commit(); /* one group per tile, empty or not */
@@ -280,82 +338,73 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
         }
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
         const unsigned char *qw = sQ + wg * 64 * 128; /* this warpgroup's 64 query vectors */
-        /* S = Q K^T for the tile in stage sk: 8 k-steps of 16 dims, committed, not waited */
-        auto issue_s = [&](float(&acc)[NT * 4], const unsigned char *sk) {
+        auto stage = [&](int32_t kt) { return sKV + (size_t)((kt - kt0) % S) * 2 * KVB; };
+        float s[NT * 4];
+        uint32_t pf[KP][4];
+        /* S = Q K^T of tile kt: 8 k-steps of 16 dims */
+        auto scores = [&](int32_t kt) {
+            const unsigned char *sk = stage(kt);
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < KQ; kk++) {
                 const uint64_t dq = wg_desc(qw + (kk >> 2) * QB / 2 + (kk & 3) * 32, 16, 1024);
                 const uint64_t dk = wg_desc(sk + (kk >> 2) * (KVB / 2) + (kk & 3) * 32, 16, 1024);
                 if constexpr (TC == 64) {
-                    wg_mma_ss_n64(acc, dq, dk, kk > 0);
+                    wg_mma_ss_n64(s, dq, dk, kk > 0);
                 } else {
-                    wg_mma_ss_n128(acc, dq, dk, kk > 0);
+                    wg_mma_ss_n128(s, dq, dk, kk > 0);
                 }
             }
             wg_commit();
-        };
-        float s[NT * 4], s_nxt[NT * 4];
-        if (OVL && kt0 < kt1) { /* the first tile's scores */
-            cp_async_wait<S - 2>();
-            fence_proxy_async();
-            __syncthreads();
-            issue_s(s, sKV);
             wg_wait0();
-        }
-
-        for (int32_t kt = kt0; kt < kt1; kt++) {
-            const int st = (kt - kt0) % S;
-            if (OVL) {
-                cp_async_wait<0>(); /* tile kt + 1 has landed (the only group in flight) */
-            } else {
-                cp_async_wait<S - 2>(); /* tile kt has landed (this thread's part) */
-            }
-            fence_proxy_async(); /* ... visible to wgmma */
-            __syncthreads();     /* ... everyone's; and tile kt-1's stage is free */
-            if (kt + S - 1 < kt1) {
-                unsigned char *nk = sKV + (size_t)((st + S - 1) % S) * 2 * KVB;
-                if (fast16) {
-                    wg_load16<TC>(a, kb, vb, table, n_ctx, kt + S - 1, nk, nk + KVB);
-                } else {
-                    wg_load<TC, WG_THREADS>(a, kb, vb, table, n_ctx, kt + S - 1, nk, nk + KVB);
-                }
-            }
-            cp_async_commit();
-            const unsigned char *sK = sKV + (size_t)st * 2 * KVB;
-            const unsigned char *sV = sK + KVB;
-            const int32_t c_first = kt * TC; /* the warp's first cell (warps share all cells) */
-            if (OVL) {
-                if (kt + 1 < kt1) { /* the next tile's scores, while this one's softmax runs */
-                    issue_s(s_nxt, sKV + (size_t)((st + 1) % S) * 2 * KVB);
-                }
-            } else {
-                issue_s(s, sK);
-                wg_wait0();
-            }
-
-            /* mask (only where a row's context ends inside the tile), row max of the raw
-             * scores; the scale goes into the exponent's fma below */
+        };
+        /* mask (only where a row's context ends inside the tile), online softmax, O rescaled,
+         * P = exp2(S scale - m) as bf16 A fragments (l sums P in f32) */
+        auto softmax = [&](int32_t kt) {
+            const int32_t c_first = kt * TC; /* warps share all of a tile's cells */
             float mx[2] = {-INFINITY, -INFINITY};
             const bool whole = c_first + TC <= min(ctx[0], ctx[1]);
-            if (__all_sync(0xffffffffu, whole)) {
-#pragma unroll
-                for (int j = 0; j < NT; j++) {
-                    mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
-                    mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-                }
-            } else {
+            if (!__all_sync(0xffffffffu, whole)) {
 #pragma unroll
                 for (int j = 0; j < NT; j++) {
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
-                        const int h = e >> 1;
                         const int32_t c = c_first + j * 8 + (lane & 3) * 2 + (e & 1);
-                        const float v = c < ctx[h] ? s[4 * j + e] : -INFINITY;
-                        s[4 * j + e] = v;
-                        mx[h] = fmaxf(mx[h], v);
+                        s[4 * j + e] = c < ctx[e >> 1] ? s[4 * j + e] : -INFINITY;
                     }
                 }
+            }
+            /* row maxima as a tree (a chain of NT dependent maxima per row stalled on
+             * latency with two warps a scheduler) */
+            {
+                float t[2][NT];
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    t[0][j] = fmaxf(s[4 * j], s[4 * j + 1]);
+                    t[1][j] = fmaxf(s[4 * j + 2], s[4 * j + 3]);
+                }
+                static_assert(NT == 8 || NT == 16, "tree of 8 or 16 maxima");
+                if constexpr (NT == 16) {
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        t[0][j] = fmaxf(t[0][j], t[0][j + 8]);
+                        t[1][j] = fmaxf(t[1][j], t[1][j + 8]);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    t[0][j] = fmaxf(t[0][j], t[0][j + 4]);
+                    t[1][j] = fmaxf(t[1][j], t[1][j + 4]);
+                }
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    t[0][j] = fmaxf(t[0][j], t[0][j + 2]);
+                    t[1][j] = fmaxf(t[1][j], t[1][j + 2]);
+                }
+                t[0][0] = fmaxf(t[0][0], t[0][1]);
+                t[1][0] = fmaxf(t[1][0], t[1][1]);
+                mx[0] = t[0][0];
+                mx[1] = t[1][0];
             }
             float corr[2], base[2];
 #pragma unroll
@@ -375,8 +424,7 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
                 o[4 * i + 2] *= corr[1];
                 o[4 * i + 3] *= corr[1];
             }
-            /* P = exp2(S scale - m), bf16, as A fragments; l sums P in f32 */
-            uint32_t pf[KP][4];
+            float ls[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
             for (int j = 0; j < NT; j++) {
                 float p[4];
@@ -384,24 +432,63 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
                 for (int e = 0; e < 4; e++) {
                     p[e] = exp2f(fmaf(s[4 * j + e], sl2, -base[e >> 1]));
                 }
-                l[0] += p[0] + p[1];
-                l[1] += p[2] + p[3];
+                ls[0][j & 3] += p[0] + p[1]; /* four partial sums a row: short chains */
+                ls[1][j & 3] += p[2] + p[3];
                 pf[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p[0], p[1]);
                 pf[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p[2], p[3]);
             }
-            /* O += P V: k-steps of 16 cells */
+            l[0] += (ls[0][0] + ls[0][1]) + (ls[0][2] + ls[0][3]);
+            l[1] += (ls[1][0] + ls[1][1]) + (ls[1][2] + ls[1][3]);
+        };
+        /* O += P V of tile kt: k-steps of 16 cells */
+        auto pv = [&](int32_t kt) {
+            const unsigned char *sv = stage(kt) + KVB;
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < KP; kk++) {
-                const uint64_t dv = wg_desc(sV + kk * 16 * 128, KVB / 2, 1024);
+                const uint64_t dv = wg_desc(sv + kk * 16 * 128, KVB / 2, 1024);
                 wg_mma_rs_n128_tb(o, pf[kk], dv);
             }
             wg_commit();
             wg_wait0();
-            if (OVL) {
-#pragma unroll
-                for (int i = 0; i < NT * 4; i++) {
-                    s[i] = s_nxt[i];
+        };
+        uint32_t full_par = 0, empty_par = 0; /* MB: the parity each stage's next wait expects */
+
+        for (int32_t kt = kt0; kt < kt1; kt++) {
+            const int st = (kt - kt0) % S;
+            if (MB) {
+                mb_wait(&full_bar[st], (full_par >> st) & 1); /* everyone's part has landed */
+                full_par ^= 1u << st;
+                fence_proxy_async(); /* ... visible to wgmma */
+            } else {
+                cp_async_wait<LA - 1>(); /* tile kt has landed (this thread's part) */
+                fence_proxy_async();     /* ... visible to wgmma */
+                __syncthreads();         /* ... everyone's; and the stage loaded next is free */
+            }
+            if (kt + LA < kt1) {
+                const int sn = (kt + LA - kt0) % S;
+                if (MB && kt + LA - S >= kt0) { /* its previous tile is read by every warp */
+                    mb_wait(&empty_bar[sn], (empty_par >> sn) & 1);
+                    empty_par ^= 1u << sn;
+                }
+                unsigned char *nk = stage(kt + LA);
+                if (fast16) {
+                    wg_load16<TC>(a, kb, vb, table, n_ctx, kt + LA, nk, nk + KVB);
+                } else {
+                    wg_load<TC, WG_THREADS>(a, kb, vb, table, n_ctx, kt + LA, nk, nk + KVB);
+                }
+                if (MB) {
+                    mb_arrive_cp_async(&full_bar[sn]);
+                }
+            }
+            cp_async_commit();
+            scores(kt);
+            softmax(kt);
+            pv(kt);
+            if (MB) { /* this warp is done reading the stage */
+                __syncwarp();
+                if (lane == 0) {
+                    mb_arrive(&empty_bar[st]);
                 }
             }
         }
@@ -433,10 +520,10 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
 #endif
 }
 
-fa_fn kvs_cuda_wg_kernel(int tc, int nwg, bool ovl, size_t *smem)
+fa_fn kvs_cuda_wg_kernel(int tc, int nwg, bool mb, size_t *smem)
 {
-    *smem = wg_smem(tc, nwg, ovl);
-    if (ovl) {
+    *smem = wg_smem(tc, nwg, mb);
+    if (mb) {
         return nwg != 2 ? NULL
                : tc == 128 ? attn_wg_kernel<128, 2, true>
                : tc == 64  ? attn_wg_kernel<64, 2, true>
