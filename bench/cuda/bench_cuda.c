@@ -261,6 +261,21 @@ static double decode_ms(struct bench *B, kvs_seq *seq, int steps)
     return median(t, steps) * 1e3;
 }
 
+/* TTFT of an n_q-token question on forks of seq: median of n runs after a warm-up. */
+static double ttft_fork_ms(struct bench *B, kvs_seq *seq, int32_t n_q, int n)
+{
+    double tt[16];
+    for (int i = 0; i < n + 1; i++) {
+        kvs_seq *f = kvs_pool_seq_fork(B->pool, seq);
+        double t = feed(B, f, n_q, 1);
+        if (i > 0) {
+            tt[i - 1] = t;
+        }
+        kvs_pool_seq_release(B->pool, &f);
+    }
+    return median(tt, n) * 1e3;
+}
+
 int main(int argc, char **argv)
 {
     const char *model = "synthetic:llama3-8b";
@@ -575,53 +590,30 @@ int main(int argc, char **argv)
         tfill += tf;
         printf("filled to %d cells: %.2f s so far (%.0f tok/s)\n", tt_ctx[k], tfill,
                tt_ctx[k] / tfill);
-        double tt[8];
-        for (int i = 0; i < n_tt + 1; i++) {
-            kvs_seq *f = kvs_pool_seq_fork(B.pool, lg);
-            double t = feed(&B, f, n_q, 1);
-            if (i > 0) {
-                tt[i - 1] = t;
-            }
-            kvs_pool_seq_release(B.pool, &f);
-        }
-        ttft_at[k] = median(tt, n_tt) * 1e3;
+        ttft_at[k] = ttft_fork_ms(&B, lg, n_q, n_tt);
         printf("TTFT at %d: %.3f ms\n", tt_ctx[k], ttft_at[k]);
         if (tt_ctx[k] == ctx_long) { /* the question with 64-vector attention tiles */
             setenv("KVS_CUDA_FA_WARPS", "4", 1);
-            for (int i = 0; i < n_tt + 1; i++) {
-                kvs_seq *f = kvs_pool_seq_fork(B.pool, lg);
-                double t = feed(&B, f, n_q, 1);
-                if (i > 0) {
-                    tt[i - 1] = t;
-                }
-                kvs_pool_seq_release(B.pool, &f);
-            }
+            ttft_fa4 = ttft_fork_ms(&B, lg, n_q, n_tt);
             unsetenv("KVS_CUDA_FA_WARPS");
-            ttft_fa4 = median(tt, n_tt) * 1e3;
             printf("TTFT at %d with 4-warp (64-vector) attention tiles: %.3f ms\n", tt_ctx[k],
                    ttft_fa4);
-            /* the attention kernel variants on Hopper: wgmma with 64-cell KV tiles, and the
-             * mma.sync kernel (KVS_CUDA_WGMMA=64 / 0; the default is wgmma, 128 cells) */
+            /* the attention kernel variants on Hopper (the default: wgmma, 128-cell tiles,
+             * mbarrier stages): 64-cell tiles with and without mbarriers, 128-cell tiles with
+             * a block barrier a tile, and the mma.sync kernel (KVS_CUDA_WGMMA=0) */
             static const char *const wgv[][3] = {
                 {"64", "2", "0"}, {"64", "2", "1"}, {"128", "2", "0"}, {"0", "2", "0"}};
             for (int w = 0; w < 4; w++) {
                 setenv("KVS_CUDA_WGMMA", wgv[w][0], 1);
                 setenv("KVS_CUDA_WG_NWG", wgv[w][1], 1);
                 setenv("KVS_CUDA_WG_MB", wgv[w][2], 1);
-                for (int i = 0; i < n_tt + 1; i++) {
-                    kvs_seq *f = kvs_pool_seq_fork(B.pool, lg);
-                    double t = feed(&B, f, n_q, 1);
-                    if (i > 0) {
-                        tt[i - 1] = t;
-                    }
-                    kvs_pool_seq_release(B.pool, &f);
-                }
+                const double tv = ttft_fork_ms(&B, lg, n_q, n_tt);
                 unsetenv("KVS_CUDA_WGMMA");
                 unsetenv("KVS_CUDA_WG_NWG");
                 unsetenv("KVS_CUDA_WG_MB");
                 printf("TTFT at %d with KVS_CUDA_WGMMA=%s KVS_CUDA_WG_NWG=%s KVS_CUDA_WG_MB=%s: "
                        "%.3f ms\n",
-                       tt_ctx[k], wgv[w][0], wgv[w][1], wgv[w][2], median(tt, n_tt) * 1e3);
+                       tt_ctx[k], wgv[w][0], wgv[w][1], wgv[w][2], tv);
             }
         }
         if (tt_ctx[k] == ctx_long) {

@@ -639,26 +639,10 @@ static __global__ void __launch_bounds__(NW * 32) attn_fa_kernel(attn_args a)
             cp_async_commit(); /* one group per tile, empty or not */
         }
         /* Q of the sub-tile's rows (others zero) */
-        for (int e = threadIdx.x; e < QV * HD / 4; e += THREADS) {
-            const int qi = e / (HD / 4), d = (e % (HD / 4)) * 4;
-            const int32_t row = t0 + qi / G;
-            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (row >= start && row < end) {
-                x = *(const float4 *)(a.q + ((int64_t)row * a.n_head + kvh * G + qi % G) * HD +
-                                      d);
-            }
-            uint2 p;
-            p.x = pack_bf16(x.x, x.y);
-            p.y = pack_bf16(x.z, x.w);
-            *(uint2 *)(sQ + qi * LD + d) = p;
-        }
-        /* this thread's two rows of the warp's 16 query vectors: ctx (0 outside the sub-tile) */
-        int32_t ctx[2];
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int32_t row = t0 + (qb + (lane >> 2) + 8 * h) / G;
-            ctx[h] = (row >= start && row < end) ? a.row_ctx[row] : 0;
-        }
+        fa_store_q<QV, HD, THREADS>(a, t0, start, end, kvh, (unsigned char *)sQ,
+                                    [](int qi, int d) { return (qi * LD + d) * 2; });
+        int32_t ctx[2]; /* of this thread's two query vectors */
+        fa_row_ctx(a, t0, start, end, qb, lane, ctx);
         const bool active = KVW || (__any_sync(0xffffffffu, ctx[0] > 0 || ctx[1] > 0));
         __syncthreads();
         uint32_t qf[KS][4];
@@ -782,22 +766,8 @@ static __global__ void __launch_bounds__(NW * 32) attn_fa_kernel(attn_args a)
         const float ln2 = 0.6931471805599453f;
         if (!KVW) {
             if (active) {
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int qv = qb + (lane >> 2) + 8 * h;
-                    const int32_t row = t0 + qv / G;
-                    if (row >= start && row < end) {
-#pragma unroll
-                        for (int i = 0; i < DT; i++) {
-#pragma unroll
-                            for (int e = 0; e < 2; e++) {
-                                write_result(a, row, kvh * G + qv % G, split,
-                                             i * 8 + (lane & 3) * 2 + e, o[i][2 * h + e],
-                                             m[h] * ln2, l[h]);
-                            }
-                        }
-                    }
-                }
+                fa_write_rows<DT>(a, t0, start, end, kvh, split, qb, lane,
+                                  [&](int i, int k) { return o[i][k]; }, m, l);
             }
         } else {
             /* merge the four warps (each saw a quarter of every tile) through shared memory */

@@ -94,6 +94,71 @@ static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
     return *(uint32_t *)&v;
 }
 
+/* Flash kernels (attention.cu, attention_sm90a.cu): a tile's QV query vectors are QV / G
+ * consecutive rows x the G query heads of KV head kvh. */
+
+/* Store the tile's queries of rows [start, end) as bf16 (zeros for the other vectors) at
+ * base + off(query vector, dim) bytes, 4 dims a store. */
+template <int QV, int HD, int THREADS, typename Off>
+static __device__ __forceinline__ void fa_store_q(const attn_args &a, int32_t t0, int32_t start,
+                                                  int32_t end, int32_t kvh, unsigned char *base,
+                                                  Off off)
+{
+    const int32_t G = a.group;
+    for (int e = threadIdx.x; e < QV * HD / 4; e += THREADS) {
+        const int qi = e / (HD / 4), d = (e % (HD / 4)) * 4;
+        const int32_t row = t0 + qi / G;
+        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (row >= start && row < end) {
+            x = *(const float4 *)(a.q + ((int64_t)row * a.n_head + kvh * G + qi % G) * HD + d);
+        }
+        uint2 p;
+        p.x = pack_bf16(x.x, x.y);
+        p.y = pack_bf16(x.z, x.w);
+        *(uint2 *)(base + off(qi, d)) = p;
+    }
+}
+
+/* The contexts of this thread's two query vectors (qb + lane / 4 and + 8; an mma fragment's
+ * rows): 0 outside the sub-tile [start, end). */
+static __device__ __forceinline__ void fa_row_ctx(const attn_args &a, int32_t t0, int32_t start,
+                                                  int32_t end, int qb, int lane, int32_t (&ctx)[2])
+{
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int32_t row = t0 + (qb + (lane >> 2) + 8 * h) / a.group;
+        ctx[h] = (row >= start && row < end) ? a.row_ctx[row] : 0;
+    }
+}
+
+/* Write this thread's part of a warp's O, an mma accumulator: o_at(i, 2h + e) is element e of
+ * row half h in 8-dim column tile i; for the rows of the sub-tile, with m in log2 units and
+ * l already summed across the quad. */
+template <int DT, typename OAt>
+static __device__ __forceinline__ void fa_write_rows(const attn_args &a, int32_t t0,
+                                                     int32_t start, int32_t end, int32_t kvh,
+                                                     int32_t split, int qb, int lane, OAt o_at,
+                                                     const float (&m)[2], const float (&l)[2])
+{
+    const float ln2 = 0.6931471805599453f;
+    const int32_t G = a.group;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int qv = qb + (lane >> 2) + 8 * h;
+        const int32_t row = t0 + qv / G;
+        if (row >= start && row < end) {
+#pragma unroll
+            for (int i = 0; i < DT; i++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    write_result(a, row, kvh * G + qv % G, split, i * 8 + (lane & 3) * 2 + e,
+                                 o_at(i, 2 * h + e), m[h] * ln2, l[h]);
+                }
+            }
+        }
+    }
+}
+
 typedef void (*fa_fn)(attn_args);
 
 /* attention_sm90a.cu: the Hopper (wgmma) flash kernel for head dim 128, nwg warpgroups (1

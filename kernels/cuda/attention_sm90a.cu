@@ -293,42 +293,30 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
             }
             __syncthreads();
         }
+        /* cp.async of tile kt into stage st (MB: arriving on its "full" barrier) */
+        auto load_tile = [&](int32_t kt, int st) {
+            unsigned char *nk = sKV + (size_t)st * 2 * KVB;
+            if (fast16) {
+                wg_load16<TC>(a, kb, vb, table, n_ctx, kt, nk, nk + KVB);
+            } else {
+                wg_load<TC, WG_THREADS>(a, kb, vb, table, n_ctx, kt, nk, nk + KVB);
+            }
+            if (MB) {
+                mb_arrive_cp_async(&full_bar[st]);
+            }
+        };
 #pragma unroll
         for (int s = 0; s < LA; s++) {
             if (kt0 + s < kt1) {
-                unsigned char *nk = sKV + (size_t)s * 2 * KVB;
-                if (fast16) {
-                    wg_load16<TC>(a, kb, vb, table, n_ctx, kt0 + s, nk, nk + KVB);
-                } else {
-                    wg_load<TC, WG_THREADS>(a, kb, vb, table, n_ctx, kt0 + s, nk, nk + KVB);
-                }
-                if (MB) {
-                    mb_arrive_cp_async(&full_bar[s]);
-                }
+                load_tile(kt0 + s, s);
             }
             cp_async_commit(); /* one group per tile, empty or not */
         }
         /* Q of the sub-tile's rows (others zero), swizzled */
-        for (int e = threadIdx.x; e < WG_QV * WG_HD / 4; e += WG_THREADS) {
-            const int qi = e / (WG_HD / 4), d = (e % (WG_HD / 4)) * 4;
-            const int32_t row = t0 + qi / G;
-            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (row >= start && row < end) {
-                x = *(const float4 *)(a.q + ((int64_t)row * a.n_head + kvh * G + qi % G) * WG_HD +
-                                      d);
-            }
-            uint2 p;
-            p.x = pack_bf16(x.x, x.y);
-            p.y = pack_bf16(x.z, x.w);
-            *(uint2 *)(sQ + wg_off(qi, d, WG_QV)) = p;
-        }
-        /* this thread's two rows of the warp's 16 query vectors: ctx (0 outside the sub-tile) */
-        int32_t ctx[2];
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int32_t row = t0 + (qb + (lane >> 2) + 8 * h) / G;
-            ctx[h] = (row >= start && row < end) ? a.row_ctx[row] : 0;
-        }
+        fa_store_q<WG_QV, WG_HD, WG_THREADS>(
+            a, t0, start, end, kvh, sQ, [](int qi, int d) { return wg_off(qi, d, WG_QV); });
+        int32_t ctx[2]; /* of this thread's two query vectors */
+        fa_row_ctx(a, t0, start, end, qb, lane, ctx);
         fence_proxy_async();
         __syncthreads();
         float o[DT * 4];
@@ -471,15 +459,7 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
                     mb_wait(&empty_bar[sn], (empty_par >> sn) & 1);
                     empty_par ^= 1u << sn;
                 }
-                unsigned char *nk = stage(kt + LA);
-                if (fast16) {
-                    wg_load16<TC>(a, kb, vb, table, n_ctx, kt + LA, nk, nk + KVB);
-                } else {
-                    wg_load<TC, WG_THREADS>(a, kb, vb, table, n_ctx, kt + LA, nk, nk + KVB);
-                }
-                if (MB) {
-                    mb_arrive_cp_async(&full_bar[sn]);
-                }
+                load_tile(kt + LA, sn);
             }
             cp_async_commit();
             scores(kt);
@@ -499,22 +479,8 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
             l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
             l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
         }
-        const float ln2 = 0.6931471805599453f;
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int qv = qb + (lane >> 2) + 8 * h;
-            const int32_t row = t0 + qv / G;
-            if (row >= start && row < end) {
-#pragma unroll
-                for (int i = 0; i < DT; i++) {
-#pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        write_result(a, row, kvh * G + qv % G, split, i * 8 + (lane & 3) * 2 + e,
-                                     o[4 * i + 2 * h + e], m[h] * ln2, l[h]);
-                    }
-                }
-            }
-        }
+        fa_write_rows<DT>(a, t0, start, end, kvh, split, qb, lane,
+                          [&](int i, int k) { return o[4 * i + k]; }, m, l);
         start = end;
     }
 #endif
