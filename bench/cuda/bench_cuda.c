@@ -261,6 +261,27 @@ static double decode_ms(struct bench *B, kvs_seq *seq, int steps)
     return median(t, steps) * 1e3;
 }
 
+/* The Hopper attention variants timed next to the default (wgmma, 128-cell tiles, mbarrier
+ * stages): wgmma with 64-cell KV tiles with and without the mbarrier pipeline, 128-cell tiles
+ * with a block barrier a tile, and the mma.sync kernel. */
+#define N_WG_VARIANTS 4
+static const char *const wg_variants[N_WG_VARIANTS][3] = {
+    /* KVS_CUDA_WGMMA, KVS_CUDA_WG_NWG, KVS_CUDA_WG_MB */
+    {"64", "2", "0"}, {"64", "2", "1"}, {"128", "2", "0"}, {"0", "2", "0"}};
+
+/* Set variant w's switches (w < 0: unset them). */
+static void wg_variant(int w)
+{
+    static const char *const names[3] = {"KVS_CUDA_WGMMA", "KVS_CUDA_WG_NWG", "KVS_CUDA_WG_MB"};
+    for (int i = 0; i < 3; i++) {
+        if (w < 0) {
+            unsetenv(names[i]);
+        } else {
+            setenv(names[i], wg_variants[w][i], 1);
+        }
+    }
+}
+
 /* TTFT of an n_q-token question on forks of seq: median of n runs after a warm-up. */
 static double ttft_fork_ms(struct bench *B, kvs_seq *seq, int32_t n_q, int n)
 {
@@ -502,25 +523,17 @@ int main(int argc, char **argv)
                n_st, nc, stateless32k, chunk_s[0] * 1e3, nc / 2, chunk_s[nc / 2] * 1e3, nc - 2,
                chunk_s[nc - 2] * 1e3);
         kvs_pool_seq_release(B.pool, &st);
-        /* the same with the other attention kernels: wgmma with 64-cell KV tiles
-         * (KVS_CUDA_WGMMA=64) with and without the mbarrier pipeline (KVS_CUDA_WG_MB), 128-cell
-         * tiles with a block barrier a tile (MB=0), and the mma.sync kernel (WGMMA=0) */
-        static const char *const wgv[][3] = {
-            {"64", "2", "0"}, {"64", "2", "1"}, {"128", "2", "0"}, {"0", "2", "0"}};
-        for (int w = 0; w < 4; w++) {
-            setenv("KVS_CUDA_WGMMA", wgv[w][0], 1);
-            setenv("KVS_CUDA_WG_NWG", wgv[w][1], 1);
-            setenv("KVS_CUDA_WG_MB", wgv[w][2], 1);
+        /* the same with the other attention kernels (wg_variants) */
+        for (int w = 0; w < N_WG_VARIANTS; w++) {
+            const char *const *wgv = wg_variants[w];
+            wg_variant(w);
             kvs_seq *sv = kvs_pool_seq_new(B.pool);
             double tv = feed_chunks(&B, sv, n_st, 1, chunk_s) * 1e3;
             printf("stateless with KVS_CUDA_WGMMA=%s KVS_CUDA_WG_NWG=%s KVS_CUDA_WG_MB=%s: %.1f "
                    "ms; chunk 0 %.1f ms, chunk %d %.1f ms\n",
-                   wgv[w][0], wgv[w][1], wgv[w][2], tv, chunk_s[0] * 1e3, nc - 2,
-                   chunk_s[nc - 2] * 1e3);
+                   wgv[0], wgv[1], wgv[2], tv, chunk_s[0] * 1e3, nc - 2, chunk_s[nc - 2] * 1e3);
             kvs_pool_seq_release(B.pool, &sv);
-            unsetenv("KVS_CUDA_WGMMA");
-            unsetenv("KVS_CUDA_WG_NWG");
-            unsetenv("KVS_CUDA_WG_MB");
+            wg_variant(-1);
         }
     }
 
@@ -598,22 +611,14 @@ int main(int argc, char **argv)
             unsetenv("KVS_CUDA_FA_WARPS");
             printf("TTFT at %d with 4-warp (64-vector) attention tiles: %.3f ms\n", tt_ctx[k],
                    ttft_fa4);
-            /* the attention kernel variants on Hopper (the default: wgmma, 128-cell tiles,
-             * mbarrier stages): 64-cell tiles with and without mbarriers, 128-cell tiles with
-             * a block barrier a tile, and the mma.sync kernel (KVS_CUDA_WGMMA=0) */
-            static const char *const wgv[][3] = {
-                {"64", "2", "0"}, {"64", "2", "1"}, {"128", "2", "0"}, {"0", "2", "0"}};
-            for (int w = 0; w < 4; w++) {
-                setenv("KVS_CUDA_WGMMA", wgv[w][0], 1);
-                setenv("KVS_CUDA_WG_NWG", wgv[w][1], 1);
-                setenv("KVS_CUDA_WG_MB", wgv[w][2], 1);
+            /* the attention kernel variants on Hopper (wg_variants) */
+            for (int w = 0; w < N_WG_VARIANTS; w++) {
+                wg_variant(w);
                 const double tv = ttft_fork_ms(&B, lg, n_q, n_tt);
-                unsetenv("KVS_CUDA_WGMMA");
-                unsetenv("KVS_CUDA_WG_NWG");
-                unsetenv("KVS_CUDA_WG_MB");
+                wg_variant(-1);
                 printf("TTFT at %d with KVS_CUDA_WGMMA=%s KVS_CUDA_WG_NWG=%s KVS_CUDA_WG_MB=%s: "
                        "%.3f ms\n",
-                       tt_ctx[k], wgv[w][0], wgv[w][1], wgv[w][2], tv);
+                       tt_ctx[k], wg_variants[w][0], wg_variants[w][1], wg_variants[w][2], tv);
             }
         }
         if (tt_ctx[k] == ctx_long) {

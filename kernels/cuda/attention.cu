@@ -710,16 +710,7 @@ static __global__ void __launch_bounds__(NW * 32) attn_fa_kernel(attn_args a)
                     }
                 }
                 float corr[2], base[2];
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-                    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-                    const float mn = fmaxf(m[h], mx[h] * sl2);
-                    base[h] = mn == -INFINITY ? 0.0f : mn;
-                    corr[h] = exp2f(m[h] - base[h]); /* 0 when m was -inf */
-                    m[h] = mn;
-                    l[h] *= corr[h];
-                }
+                fa_online_max(mx, m, l, sl2, corr, base);
 #pragma unroll
                 for (int i = 0; i < DT; i++) {
                     o[i][0] *= corr[0];

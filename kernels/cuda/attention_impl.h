@@ -131,6 +131,26 @@ static __device__ __forceinline__ void fa_row_ctx(const attn_args &a, int32_t t0
     }
 }
 
+/* One online-softmax step for this thread's two rows, given the maxima mx of its raw scores
+ * in the new tile: the row maxima across the quad, the new running maxima m (log2 units,
+ * scores times sl2), base (0 for a row with no score yet), the rescale corr of the old O and
+ * l (l is rescaled here; O by the caller). */
+static __device__ __forceinline__ void fa_online_max(float (&mx)[2], float (&m)[2],
+                                                     float (&l)[2], float sl2,
+                                                     float (&corr)[2], float (&base)[2])
+{
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        const float mn = fmaxf(m[h], mx[h] * sl2);
+        base[h] = mn == -INFINITY ? 0.0f : mn;
+        corr[h] = exp2f(m[h] - base[h]); /* 0 when m was -inf */
+        m[h] = mn;
+        l[h] *= corr[h];
+    }
+}
+
 /* Write this thread's part of a warp's O, an mma accumulator: o_at(i, 2h + e) is element e of
  * row half h in 8-dim column tile i; for the rows of the sub-tile, with m in log2 units and
  * l already summed across the quad. */
