@@ -556,43 +556,19 @@ static __host__ __device__ constexpr size_t fa_smem(int hd, bool kvw, int nw)
     return ((size_t)fa_qv(kvw, nw) + 2 * fa_stages(kvw) * FA_TC) * fa_ld(hd) * 2;
 }
 
-/* Issue the cp.async loads of KV tile kt (cells kt*64 ..) into stage buffers sK, sV. */
+/* Issue the cp.async loads of KV tile kt (cells kt*64 ..) into stage buffers sK, sV (rows of
+ * LD elements). */
 template <int HD, int THREADS>
 static __device__ __forceinline__ void fa_load(const attn_args &a, const __nv_bfloat16 *kb,
                                                const __nv_bfloat16 *vb,
                                                const int32_t *__restrict__ table, int32_t n_ctx,
                                                int32_t kt, __nv_bfloat16 *sK, __nv_bfloat16 *sV)
 {
-    constexpr int CPR = HD / 8, LD = fa_ld(HD);
-    bool bad = false;
-#pragma unroll
-    for (int u = 0; u < (FA_TC * CPR + THREADS - 1) / THREADS; u++) {
-        const int j = threadIdx.x + u * THREADS;
-        if (FA_TC * CPR % THREADS != 0 && j >= FA_TC * CPR) {
-            break;
-        }
-        const int cell = j / CPR, part = j % CPR;
-        const int32_t c = kt * FA_TC + cell;
-        const __nv_bfloat16 *ks = kb, *vs = vb;
-        bool ok = false;
-        if (c < n_ctx) {
-            const int32_t bi = a.bs_shift >= 0 ? c >> a.bs_shift : c / a.block_size;
-            const int32_t bc = a.bs_shift >= 0 ? c & (a.block_size - 1) : c % a.block_size;
-            int32_t blk = __ldg(table + bi);
-            ok = blk >= 0 && blk < a.n_block;
-            bad |= !ok;
-            if (ok) {
-                size_t off = (size_t)blk * a.block_stride + (size_t)bc * HD + part * 8;
-                ks = kb + off;
-                vs = vb + off;
-            }
-        }
-        cp_async16(sK + cell * LD + part * 8, ks, ok);
-        cp_async16(sV + cell * LD + part * 8, vs, ok);
-    }
-    if (bad) {
-        *a.flag = 1;
-    }
+    constexpr int LD = fa_ld(HD);
+    fa_load_tile<FA_TC, HD, THREADS>(a, kb, vb, table, n_ctx, kt, (unsigned char *)sK,
+                                     (unsigned char *)sV, [](int cell, int part) {
+                                         return (uint32_t)((cell * LD + part * 8) * 2);
+                                     });
 }
 
 template <int HD, bool KVW, int NW>

@@ -131,6 +131,49 @@ static __device__ __forceinline__ void fa_row_ctx(const attn_args &a, int32_t t0
     }
 }
 
+/* cp.async of KV tile kt (cells kt * TC ..) of a sequence whose blocks are listed in table:
+ * the 16-byte chunk (cell, part) of K and of V to sK / sV + dst(cell, part) bytes, zeros past
+ * n_ctx; a block id outside the pool raises the device flag and loads zeros. */
+template <int TC, int HD, int THREADS, typename Dst>
+static __device__ __forceinline__ void fa_load_tile(const attn_args &a, const __nv_bfloat16 *kb,
+                                                    const __nv_bfloat16 *vb,
+                                                    const int32_t *__restrict__ table,
+                                                    int32_t n_ctx, int32_t kt, unsigned char *sK,
+                                                    unsigned char *sV, Dst dst)
+{
+    constexpr int CPR = HD / 8; /* 16-byte chunks per cell */
+    bool bad = false;
+#pragma unroll
+    for (int u = 0; u < (TC * CPR + THREADS - 1) / THREADS; u++) {
+        const int j = threadIdx.x + u * THREADS;
+        if (TC * CPR % THREADS != 0 && j >= TC * CPR) {
+            break;
+        }
+        const int cell = j / CPR, part = j % CPR;
+        const int32_t c = kt * TC + cell;
+        const __nv_bfloat16 *ks = kb, *vs = vb;
+        bool ok = false;
+        if (c < n_ctx) {
+            const int32_t bi = a.bs_shift >= 0 ? c >> a.bs_shift : c / a.block_size;
+            const int32_t bc = a.bs_shift >= 0 ? c & (a.block_size - 1) : c % a.block_size;
+            const int32_t blk = __ldg(table + bi);
+            ok = blk >= 0 && blk < a.n_block;
+            bad |= !ok;
+            if (ok) {
+                const size_t off = (size_t)blk * a.block_stride + (size_t)bc * HD + part * 8;
+                ks = kb + off;
+                vs = vb + off;
+            }
+        }
+        const uint32_t d = dst(cell, part);
+        cp_async16(sK + d, ks, ok);
+        cp_async16(sV + d, vs, ok);
+    }
+    if (bad) {
+        *a.flag = 1;
+    }
+}
+
 /* One online-softmax step for this thread's two rows, given the maxima mx of its raw scores
  * in the new tile: the row maxima across the quad, the new running maxima m (log2 units,
  * scores times sl2), base (0 for a row with no score yet), the rescale corr of the old O and

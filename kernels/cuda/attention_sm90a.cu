@@ -200,34 +200,9 @@ static __device__ __forceinline__ void wg_load(const attn_args &a, const __nv_bf
                                                const int32_t *__restrict__ table, int32_t n_ctx,
                                                int32_t kt, unsigned char *sK, unsigned char *sV)
 {
-    constexpr int CPR = WG_HD / 8; /* 16-byte chunks per cell */
-    bool bad = false;
-#pragma unroll
-    for (int u = 0; u < TC * CPR / THREADS; u++) {
-        const int j = threadIdx.x + u * THREADS;
-        const int cell = j / CPR, part = j % CPR;
-        const int32_t c = kt * TC + cell;
-        const __nv_bfloat16 *ks = kb, *vs = vb;
-        bool ok = false;
-        if (c < n_ctx) {
-            const int32_t bi = a.bs_shift >= 0 ? c >> a.bs_shift : c / a.block_size;
-            const int32_t bc = a.bs_shift >= 0 ? c & (a.block_size - 1) : c % a.block_size;
-            const int32_t blk = __ldg(table + bi);
-            ok = blk >= 0 && blk < a.n_block;
-            bad |= !ok;
-            if (ok) {
-                const size_t off = (size_t)blk * a.block_stride + (size_t)bc * WG_HD + part * 8;
-                ks = kb + off;
-                vs = vb + off;
-            }
-        }
-        const uint32_t d = wg_off(cell, part * 8, TC);
-        cp_async16(sK + d, ks, ok);
-        cp_async16(sV + d, vs, ok);
-    }
-    if (bad) {
-        *a.flag = 1;
-    }
+    fa_load_tile<TC, WG_HD, THREADS>(a, kb, vb, table, n_ctx, kt, sK, sV, [](int cell, int part) {
+        return wg_off(cell, part * 8, TC);
+    });
 }
 #endif
 
