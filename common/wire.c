@@ -719,6 +719,22 @@ void kvs_wire_buf_destroy(kvs_wire_buf *b)
     memset(b, 0, sizeof *b);
 }
 
+const msgpack_object *kvs_wire_map_get(const msgpack_object *m, const char *key)
+{
+    if (m == NULL || m->type != MSGPACK_OBJECT_MAP) {
+        return NULL;
+    }
+    size_t n = strlen(key);
+    for (uint32_t i = 0; i < m->via.map.size; i++) {
+        const msgpack_object *k = &m->via.map.ptr[i].key;
+        if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == n &&
+            memcmp(k->via.str.ptr, key, n) == 0) {
+            return &m->via.map.ptr[i].val;
+        }
+    }
+    return NULL;
+}
+
 void kvs_wire_pack_cstr(msgpack_packer *pk, const char *s)
 {
     kvs_wire_pack_str(pk, s, strlen(s));

@@ -140,6 +140,10 @@ void kvs_wire_buf_init(kvs_wire_buf *b);
 void kvs_wire_buf_clear(kvs_wire_buf *b); /* empty, keep the memory */
 void kvs_wire_buf_destroy(kvs_wire_buf *b);
 
+/* The value of key in a msgpack map (the first entry with that string key), or NULL when m
+ * is NULL, not a map, or has no such key. */
+const msgpack_object *kvs_wire_map_get(const msgpack_object *m, const char *key);
+
 /* Pack a NUL-terminated string (a key or a value). */
 void kvs_wire_pack_cstr(msgpack_packer *pk, const char *s);
 /* Pack s[0..n) as a string; bytes that are not valid UTF-8 are replaced by '?'. */

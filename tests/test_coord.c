@@ -12,6 +12,7 @@
  * Without /usr/bin/etcd the program exits 77 (skipped) and says so. */
 #include "common/status.h"
 #include "common/store.h"
+#include "common/wire.h"
 #include "coordinator/coord.h"
 #include "etcd_rig.h"
 
@@ -97,28 +98,13 @@ static const msgpack_object *recv_reply(struct peer *p)
     return &p->reply.data;
 }
 
-static const msgpack_object *get(const msgpack_object *map, const char *key)
-{
-    if (map == NULL || map->type != MSGPACK_OBJECT_MAP) {
-        return NULL;
-    }
-    for (uint32_t i = 0; i < map->via.map.size; i++) {
-        const msgpack_object *k = &map->via.map.ptr[i].key;
-        if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == strlen(key) &&
-            memcmp(k->via.str.ptr, key, k->via.str.size) == 0) {
-            return &map->via.map.ptr[i].val;
-        }
-    }
-    return NULL;
-}
-
 /* A string field copied to a static buffer ("" when absent). */
 static const char *str(const msgpack_object *map, const char *key)
 {
     static char buf[4][512];
     static int i;
     i = (i + 1) % 4;
-    const msgpack_object *v = get(map, key);
+    const msgpack_object *v = kvs_wire_map_get(map, key);
     buf[i][0] = '\0';
     if (v != NULL && v->type == MSGPACK_OBJECT_STR && v->via.str.size < sizeof buf[i]) {
         memcpy(buf[i], v->via.str.ptr, v->via.str.size);
@@ -129,7 +115,7 @@ static const char *str(const msgpack_object *map, const char *key)
 
 static int64_t num(const msgpack_object *map, const char *key)
 {
-    const msgpack_object *v = get(map, key);
+    const msgpack_object *v = kvs_wire_map_get(map, key);
     ck_assert_msg(v != NULL, "no field '%s'", key);
     if (v->type == MSGPACK_OBJECT_NEGATIVE_INTEGER) {
         return v->via.i64;
@@ -141,12 +127,12 @@ static int64_t num(const msgpack_object *map, const char *key)
 /* The error code of a reply, "" when it is not an error. */
 static const char *code(const msgpack_object *r)
 {
-    return str(get(r, "error"), "code");
+    return str(kvs_wire_map_get(r, "error"), "code");
 }
 
 static const char *message(const msgpack_object *r)
 {
-    return str(get(r, "error"), "message");
+    return str(kvs_wire_map_get(r, "error"), "message");
 }
 
 /* Send {"id", "op", fields...} and return the reply. Fields are given as pairs
@@ -251,7 +237,7 @@ static void wait_leader(struct peer *p)
     int64_t t0 = now_ms();
     while (now_ms() - t0 < 10000) {
         const msgpack_object *r = rpc(p, "coord.status", NULL);
-        const msgpack_object *l = get(r, "leader");
+        const msgpack_object *l = kvs_wire_map_get(r, "leader");
         if (l != NULL && l->type == MSGPACK_OBJECT_BOOLEAN && l->via.boolean) {
             return;
         }
@@ -318,7 +304,7 @@ START_TEST(test_placement_and_directory)
     /* Nothing fits: refused with a reason. */
     r = rpc(&cl, "session.create", "s:session", "s4", "u:cells", U(9000), "s:model", MODEL_A, NULL);
     ck_assert_str_eq(code(r), "CAPACITY");
-    ck_assert_int_eq(num(get(r, "error"), "status"), KVS_CAPACITY);
+    ck_assert_int_eq(num(kvs_wire_map_get(r, "error"), "status"), KVS_CAPACITY);
     ck_assert_ptr_nonnull(strstr(message(r), "9000 free cells"));
     ck_assert_ptr_nonnull(strstr(message(r), "is 3192")); /* w2: 8192 - 5000 */
     /* A name is placed once. */
@@ -353,7 +339,7 @@ START_TEST(test_placement_and_directory)
 
     /* The admin view: budgets placed per worker. */
     r = rpc(&cl, "admin.workers", NULL);
-    const msgpack_object *ws = get(r, "workers");
+    const msgpack_object *ws = kvs_wire_map_get(r, "workers");
     ck_assert_uint_eq(ws->via.array.size, 4);
     int seen = 0;
     for (uint32_t i = 0; i < ws->via.array.size; i++) {
@@ -369,7 +355,7 @@ START_TEST(test_placement_and_directory)
     }
     ck_assert_int_eq(seen, 1);
     r = rpc(&cl, "admin.sessions", NULL);
-    ck_assert_uint_eq(get(r, "sessions")->via.array.size, 7);
+    ck_assert_uint_eq(kvs_wire_map_get(r, "sessions")->via.array.size, 7);
 
     /* Close frees the budget. */
     r = rpc(&cl, "session.close", "s:session", "s1", NULL);
@@ -421,7 +407,7 @@ START_TEST(test_block_size_accounting)
     }
     ck_assert_str_eq(create(&cl, "e8", 1, MODEL_A, 0), "CAPACITY"); /* 1 cell = 2 blocks */
     r = rpc(&cl, "admin.workers", NULL);
-    const msgpack_object *ws = get(r, "workers");
+    const msgpack_object *ws = kvs_wire_map_get(r, "workers");
     ck_assert_int_eq(num(&ws->via.array.ptr[0], "cells_placed"), 4096);
     ck_assert_int_eq(num(&ws->via.array.ptr[0], "block_size"), 16);
     ck_assert_int_eq(num(&ws->via.array.ptr[0], "cells_free"), 0);
@@ -447,7 +433,7 @@ START_TEST(test_block_size_accounting)
             "s:model", MODEL_B, "u:cells_total", U(1984), "u:block_size", U(16), NULL);
     ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
     r = rpc(&cl, "admin.workers", NULL);
-    ws = get(r, "workers");
+    ws = kvs_wire_map_get(r, "workers");
     bool seen = false;
     for (uint32_t i = 0; i < ws->via.array.size; i++) {
         if (strcmp(str(&ws->via.array.ptr[i], "worker"), "b64") == 0) {
@@ -564,7 +550,7 @@ START_TEST(test_hostile_input)
 
     /* Still alive and well. */
     r = rpc(&p, "ping", NULL);
-    ck_assert(get(r, "pong")->via.boolean);
+    ck_assert(kvs_wire_map_get(r, "pong")->via.boolean);
     peer_close(&p);
     stop(&run, false);
 }
@@ -615,7 +601,7 @@ START_TEST(test_worker_failure_rule)
     ck_assert_ptr_nonnull(strstr(message(r), "'w1' is down"));
     ck_assert_ptr_nonnull(strstr(message(r), "without --shared-data-dir"));
     r = rpc(&cl, "admin.sessions", NULL);
-    ck_assert_uint_eq(get(r, "sessions")->via.array.size, 2);
+    ck_assert_uint_eq(kvs_wire_map_get(r, "sessions")->via.array.size, 2);
     /* Moving sessions needs the shared data dir. */
     r = rpc(&cl, "admin.drain", "s:worker", "w2", NULL);
     ck_assert_str_eq(code(r), "UNAVAILABLE");
@@ -706,7 +692,7 @@ struct fake {
 /* The request's str field (or "") into out. */
 static void req_str(const msgpack_object *m, const char *key, char *out, size_t cap)
 {
-    const msgpack_object *v = get(m, key);
+    const msgpack_object *v = kvs_wire_map_get(m, key);
     out[0] = '\0';
     if (v != NULL && v->type == MSGPACK_OBJECT_STR && v->via.str.size < cap) {
         memcpy(out, v->via.str.ptr, v->via.str.size);
@@ -749,7 +735,7 @@ static void fake_order(struct fake *f, void *router)
     req_str(&up.data, "op", op, sizeof op);
     req_str(&up.data, "session", session, sizeof session);
     req_str(&up.data, "from", from, sizeof from);
-    uint64_t id = get(&up.data, "id")->via.u64;
+    uint64_t id = kvs_wire_map_get(&up.data, "id")->via.u64;
     pthread_mutex_lock(&f->mu);
     if (f->n_log < 64) {
         snprintf(f->log[f->n_log++], 200, "%s %s %s", op, session, from);
@@ -884,7 +870,7 @@ static void *fake_main(void *arg)
             if (n > 0 && n <= (int)sizeof buf &&
                 msgpack_unpack_next(&up, buf, (size_t)n, &off) == MSGPACK_UNPACK_SUCCESS) {
                 char ecode[32];
-                req_str(get(&up.data, "error"), "code", ecode, sizeof ecode);
+                req_str(kvs_wire_map_get(&up.data, "error"), "code", ecode, sizeof ecode);
                 if (strcmp(ecode, "NOT_FOUND") == 0) {
                     registered = false; /* declared down: register again */
                 }
@@ -943,7 +929,7 @@ static void wait_state(struct peer *p, const char *worker, const char *state)
 {
     int64_t t0 = now_ms();
     while (now_ms() - t0 < 10000) {
-        const msgpack_object *ws = get(rpc(p, "admin.workers", NULL), "workers");
+        const msgpack_object *ws = kvs_wire_map_get(rpc(p, "admin.workers", NULL), "workers");
         for (uint32_t i = 0; i < ws->via.array.size; i++) {
             const msgpack_object *x = &ws->via.array.ptr[i];
             if (strcmp(str(x, "worker"), worker) == 0 && strcmp(str(x, "state"), state) == 0) {
@@ -1047,7 +1033,7 @@ START_TEST(test_restore_orders)
     ck_assert_ptr_nonnull(strstr(kv.value, "NOT_FOUND"));
     kvs_store_kv_free(&kv);
     r = rpc(&cl, "admin.sessions", NULL);
-    const msgpack_object *ss = get(r, "sessions");
+    const msgpack_object *ss = kvs_wire_map_get(r, "sessions");
     ck_assert_uint_eq(ss->via.array.size, 6);
     for (uint32_t i = 0; i < ss->via.array.size; i++) {
         const msgpack_object *x = &ss->via.array.ptr[i];
@@ -1062,10 +1048,10 @@ START_TEST(test_restore_orders)
     ck_assert(wait_locate(&cl, "nf-1", "w1", NULL, 5000));
     ck_assert(wait_locate(&cl, "zbig", "w1", NULL, 5000));
     r = rpc(&cl, "admin.sessions", NULL);
-    ss = get(r, "sessions");
+    ss = kvs_wire_map_get(r, "sessions");
     for (uint32_t i = 0; i < ss->via.array.size; i++) {
         ck_assert_str_eq(str(&ss->via.array.ptr[i], "state"), "ok");
-        ck_assert_ptr_null(get(&ss->via.array.ptr[i], "error"));
+        ck_assert_ptr_null(kvs_wire_map_get(&ss->via.array.ptr[i], "error"));
     }
     peer_close(&cl);
     stop(&run, false);
@@ -1105,21 +1091,21 @@ START_TEST(test_drain)
     ck_assert_str_eq(str(r, "state"), "draining");
     ck_assert_int_eq(num(r, "moved"), 1);
     ck_assert_int_eq(num(r, "failed"), 2);
-    const msgpack_object *mv = get(r, "moves");
+    const msgpack_object *mv = kvs_wire_map_get(r, "moves");
     ck_assert_uint_eq(mv->via.array.size, 3);
     const msgpack_object *m0 = &mv->via.array.ptr[0], *m1 = &mv->via.array.ptr[1],
                          *m2 = &mv->via.array.ptr[2];
     ck_assert_str_eq(str(m0, "session"), "d1");
     ck_assert_str_eq(str(m0, "from"), "w1");
     ck_assert_str_eq(str(m0, "to"), "w2");
-    ck_assert(get(m0, "ok")->via.boolean);
+    ck_assert(kvs_wire_map_get(m0, "ok")->via.boolean);
     ck_assert_str_eq(str(m1, "session"), "nf-2");
-    ck_assert(!get(m1, "ok")->via.boolean);
+    ck_assert(!kvs_wire_map_get(m1, "ok")->via.boolean);
     ck_assert_ptr_nonnull(strstr(str(m1, "error"), "NOT_FOUND"));
     ck_assert_ptr_nonnull(strstr(str(m1, "error"), "put back on 'w1'"));
     ck_assert_ptr_null(strstr(str(m1, "error"), "failed too"));
     ck_assert_str_eq(str(m2, "session"), "norel-1");
-    ck_assert(!get(m2, "ok")->via.boolean);
+    ck_assert(!kvs_wire_map_get(m2, "ok")->via.boolean);
     ck_assert_ptr_nonnull(strstr(str(m2, "error"), "UNSUPPORTED"));
 
     /* What the workers were told, in order. */
@@ -1142,7 +1128,7 @@ START_TEST(test_drain)
     ck_assert_str_eq(create(&cl, "new", 100, MODEL_A, 0), "w2");
     ck_assert_str_eq(create(&cl, "new2", 5000, MODEL_A, 0), "CAPACITY");
     /* Budgets followed the sessions. */
-    const msgpack_object *ws = get(rpc(&cl, "admin.workers", NULL), "workers");
+    const msgpack_object *ws = kvs_wire_map_get(rpc(&cl, "admin.workers", NULL), "workers");
     for (uint32_t i = 0; i < ws->via.array.size; i++) {
         const msgpack_object *x = &ws->via.array.ptr[i];
         bool one = strcmp(str(x, "worker"), "w1") == 0;
@@ -1204,7 +1190,7 @@ START_TEST(test_order_outlives_leader)
         !wait_locate(&cl, "mute-1", NULL, "no answer to its restore order on worker 'w2'", 10000));
     ck_assert_int_eq(fake_count(&w2, "session.adopt mute-1 w1"), 3);
     const msgpack_object *r = rpc(&cl, "admin.sessions", NULL);
-    ck_assert_str_eq(str(&get(r, "sessions")->via.array.ptr[0], "state"), "moving");
+    ck_assert_str_eq(str(&kvs_wire_map_get(r, "sessions")->via.array.ptr[0], "state"), "moving");
     peer_close(&cl);
     stop(&run, false);
 
@@ -1271,9 +1257,9 @@ START_TEST(test_failover_processes)
     const msgpack_object *r =
         rpc(&pb, "session.create", "s:session", "x", "u:cells", U(1), "s:model", MODEL_A, NULL);
     ck_assert_str_eq(code(r), "NOT_LEADER");
-    ck_assert_str_eq(str(get(r, "error"), "leader"), a.endpoint);
+    ck_assert_str_eq(str(kvs_wire_map_get(r, "error"), "leader"), a.endpoint);
     r = rpc(&pb, "coord.status", NULL);
-    ck_assert(!get(r, "leader")->via.boolean);
+    ck_assert(!kvs_wire_map_get(r, "leader")->via.boolean);
     ck_assert_str_eq(str(r, "store"), "etcd");
 
     reg(&pa, "w1", "tcp://127.0.0.1:7711", MODEL_A, 4096);
@@ -1286,7 +1272,7 @@ START_TEST(test_failover_processes)
     int64_t took = -1;
     while (now_ms() - t0 < 10000) {
         r = rpc(&pb, "coord.status", NULL);
-        if (get(r, "leader")->via.boolean) {
+        if (kvs_wire_map_get(r, "leader")->via.boolean) {
             took = now_ms() - t0;
             break;
         }
@@ -1368,7 +1354,7 @@ START_TEST(test_etcd_outage)
     }
     ck_assert_str_eq(placed, "w1");
     const msgpack_object *r = rpc(&cl, "coord.status", NULL);
-    ck_assert(get(r, "leader")->via.boolean);
+    ck_assert(kvs_wire_map_get(r, "leader")->via.boolean);
     ck_assert_int_eq(num(r, "token"), token);
     for (int i = 0; i < 10; i++) { /* past the worker TTL again: its lease is alive */
         heartbeat(&w, "w1");

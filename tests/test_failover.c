@@ -18,6 +18,7 @@
  * Each runs on the embedded store and, when /usr/bin/etcd is installed, on a real etcd.
  * The binaries are found next to this program (the build directory) or through KVS_WORKER
  * and KVS_COORDINATOR. Without the default model the program exits 77 and says so. */
+#include "common/wire.h"
 #include "etcd_rig.h"
 #include "testutil.h"
 
@@ -191,28 +192,13 @@ static void peer_free(struct peer **pp)
     *pp = NULL;
 }
 
-static const msgpack_object *get(const msgpack_object *map, const char *key)
-{
-    if (map == NULL || map->type != MSGPACK_OBJECT_MAP) {
-        return NULL;
-    }
-    for (uint32_t i = 0; i < map->via.map.size; i++) {
-        const msgpack_object *k = &map->via.map.ptr[i].key;
-        if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == strlen(key) &&
-            memcmp(k->via.str.ptr, key, k->via.str.size) == 0) {
-            return &map->via.map.ptr[i].val;
-        }
-    }
-    return NULL;
-}
-
 /* A string field copied into a rotating static buffer ("" when absent). */
 static const char *str(const msgpack_object *map, const char *key)
 {
     static char buf[4][1024];
     static int i;
     i = (i + 1) % 4;
-    const msgpack_object *v = get(map, key);
+    const msgpack_object *v = kvs_wire_map_get(map, key);
     buf[i][0] = '\0';
     if (v != NULL && v->type == MSGPACK_OBJECT_STR && v->via.str.size < sizeof buf[i]) {
         memcpy(buf[i], v->via.str.ptr, v->via.str.size);
@@ -223,19 +209,19 @@ static const char *str(const msgpack_object *map, const char *key)
 
 static uint64_t num(const msgpack_object *map, const char *key)
 {
-    const msgpack_object *v = get(map, key);
+    const msgpack_object *v = kvs_wire_map_get(map, key);
     ck_assert_msg(v != NULL && v->type == MSGPACK_OBJECT_POSITIVE_INTEGER, "no uint '%s'", key);
     return v->via.u64;
 }
 
 static const char *code(const msgpack_object *r)
 {
-    return str(get(r, "error"), "code");
+    return str(kvs_wire_map_get(r, "error"), "code");
 }
 
 static const char *message(const msgpack_object *r)
 {
-    return str(get(r, "error"), "message");
+    return str(kvs_wire_map_get(r, "error"), "message");
 }
 
 /* Send {"id", "op", fields} ("s:key", const char * | "u:key", uint64_t, ended by NULL);
@@ -322,7 +308,7 @@ static void wait_workers(struct peer *coord, int n, char *model)
     int64_t t0 = now_ms();
     while (now_ms() - t0 < 30000) {
         const msgpack_object *r = rpc(coord, "admin.workers", NULL);
-        const msgpack_object *ws = get(r, "workers");
+        const msgpack_object *ws = kvs_wire_map_get(r, "workers");
         int ready = 0;
         for (uint32_t i = 0; ws != NULL && i < ws->via.array.size; i++) {
             const msgpack_object *w = &ws->via.array.ptr[i];
@@ -348,7 +334,7 @@ static uint64_t append_ticks(struct peer *w, const char *session, int first, int
         const msgpack_object *r = rpc(w, "session.append", "s:session", session, "s:text", text,
                                       "u:client_id", U(4242), "u:client_seq", U(i), NULL);
         ck_assert_msg(code(r)[0] == '\0', "append %d: %s %s", i, code(r), message(r));
-        ck_assert(!get(r, "duplicate")->via.boolean);
+        ck_assert(!kvs_wire_map_get(r, "duplicate")->via.boolean);
         version = num(r, "version");
     }
     return version;
@@ -475,7 +461,7 @@ START_TEST(test_restore_on_other_worker)
     r = rpc(w2, "session.append", "s:session", "ticks", "s:text", last, "u:client_id", U(4242),
             "u:client_seq", U(last_seq), NULL);
     ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
-    ck_assert(get(r, "duplicate")->via.boolean);
+    ck_assert(kvs_wire_map_get(r, "duplicate")->via.boolean);
     ck_assert_uint_eq(num(r, "version"), version + (in_flight_applied ? 1 : 0));
     /* The client retries the one in flight: applied exactly once in either case. */
     r = rpc(w2, "session.append", "s:session", "ticks", "s:text", text, "u:client_id", U(4242),
@@ -484,8 +470,8 @@ START_TEST(test_restore_on_other_worker)
     fprintf(stderr,
             "test_failover: the append in flight at the SIGKILL was %s; its retry: duplicate %d\n",
             in_flight_applied ? "applied" : "lost (never acknowledged)",
-            (int)get(r, "duplicate")->via.boolean);
-    ck_assert(get(r, "duplicate")->via.boolean == in_flight_applied);
+            (int)kvs_wire_map_get(r, "duplicate")->via.boolean);
+    ck_assert(kvs_wire_map_get(r, "duplicate")->via.boolean == in_flight_applied);
     version = num(r, "version");
     r = rpc(w2, "session.dump", "s:session", "ticks", NULL);
     ck_assert_str_eq(str(r, "text"), want_more);
@@ -494,12 +480,12 @@ START_TEST(test_restore_on_other_worker)
 
     /* The directory: on the other worker, nothing left in flight; the dead one is down. */
     r = rpc(coord, "admin.sessions", NULL);
-    const msgpack_object *ss = get(r, "sessions");
+    const msgpack_object *ss = kvs_wire_map_get(r, "sessions");
     ck_assert_uint_eq(ss->via.array.size, 1);
     ck_assert_str_eq(str(&ss->via.array.ptr[0], "worker"), other);
     ck_assert_str_eq(str(&ss->via.array.ptr[0], "state"), "ok");
     r = rpc(coord, "admin.workers", NULL);
-    const msgpack_object *ws = get(r, "workers");
+    const msgpack_object *ws = kvs_wire_map_get(r, "workers");
     for (uint32_t i = 0; i < ws->via.array.size; i++) {
         const msgpack_object *x = &ws->via.array.ptr[i];
         ck_assert_str_eq(str(x, "state"), strcmp(str(x, "worker"), owner) == 0 ? "down" : "ready");
@@ -518,7 +504,7 @@ START_TEST(test_restore_on_other_worker)
             (long long)(now_ms() - t1));
     ck_assert_uint_eq(num(r, "moved"), 1);
     ck_assert_uint_eq(num(r, "failed"), 0);
-    const msgpack_object *m0 = &get(r, "moves")->via.array.ptr[0];
+    const msgpack_object *m0 = &kvs_wire_map_get(r, "moves")->via.array.ptr[0];
     ck_assert_str_eq(str(m0, "session"), "ticks");
     ck_assert_str_eq(str(m0, "from"), other);
     ck_assert_str_eq(str(m0, "to"), "wc");
@@ -591,7 +577,7 @@ START_TEST(test_data_dir_not_reachable)
     ck_assert_ptr_nonnull(strstr(message(r), "'wa' is down"));
     ck_assert_ptr_nonnull(strstr(message(r), "the session is kept"));
     r = rpc(coord, "admin.sessions", NULL);
-    const msgpack_object *s0 = &get(r, "sessions")->via.array.ptr[0];
+    const msgpack_object *s0 = &kvs_wire_map_get(r, "sessions")->via.array.ptr[0];
     ck_assert_str_eq(str(s0, "session"), "kept");
     ck_assert_str_eq(str(s0, "worker"), "wa");
     ck_assert_str_eq(str(s0, "state"), "unavailable");
@@ -612,16 +598,16 @@ START_TEST(test_data_dir_not_reachable)
     expected_text(want, sizeof want, 3);
     ck_assert_str_eq(str(r, "text"), want);
     r = rpc(coord, "admin.sessions", NULL);
-    s0 = &get(r, "sessions")->via.array.ptr[0];
+    s0 = &kvs_wire_map_get(r, "sessions")->via.array.ptr[0];
     ck_assert_str_eq(str(s0, "state"), "ok");
-    ck_assert_ptr_null(get(s0, "error"));
+    ck_assert_ptr_null(kvs_wire_map_get(s0, "error"));
 
     /* A drain of wa: released there, but wc cannot reach the files (NOT_FOUND), so wa takes
      * it back from its own directory: it stays on wa, served, with all its data. */
     wait_workers(coord, 2, model);
     r = rpc(coord, "admin.drain", "s:worker", "wa", NULL);
     ck_assert_msg(code(r)[0] == '\0', "%s %s", code(r), message(r));
-    const char *drain_err = str(&get(r, "moves")->via.array.ptr[0], "error");
+    const char *drain_err = str(&kvs_wire_map_get(r, "moves")->via.array.ptr[0], "error");
     fprintf(stderr,
             "test_failover: drain of 'wa' to a worker that cannot reach its files: moved %llu, "
             "failed %llu: %s\n",
@@ -692,7 +678,7 @@ START_TEST(test_etcd_paused)
     while (now_ms() - t0 < pause_ms) {
         int64_t t1 = now_ms();
         r = rpc(coord, "admin.workers", NULL);
-        const msgpack_object *ws = get(r, "workers");
+        const msgpack_object *ws = kvs_wire_map_get(r, "workers");
         ck_assert_ptr_nonnull(ws);
         ck_assert_int_eq(ws->via.array.size, 2);
         for (uint32_t i = 0; i < ws->via.array.size; i++) {
@@ -790,7 +776,7 @@ START_TEST(test_exact_fit)
         ck_assert_msg(code(r)[0] == '\0', "worker, session %d: %s %s", i, code(r), message(r));
     }
     const msgpack_object *r = rpc(w, "status", NULL);
-    ck_assert_uint_eq(num(get(r, "capacity"), "cells_free"), 0);
+    ck_assert_uint_eq(num(kvs_wire_map_get(r, "capacity"), "cells_free"), 0);
     r = rpc(coord, "session.create", "s:session", "ninth", "s:model", model, "u:cells", U(64),
             NULL);
     ck_assert_msg(strcmp(code(r), "CAPACITY") == 0, "a ninth session: %s %s (worker '%s')", code(r),
@@ -798,7 +784,7 @@ START_TEST(test_exact_fit)
     r = rpc(w, "session.create", "s:session", "ninth", "u:cells", U(64), NULL);
     ck_assert_str_eq(code(r), "CAPACITY"); /* the worker agrees */
     r = rpc(coord, "admin.workers", NULL);
-    const msgpack_object *ws = get(r, "workers");
+    const msgpack_object *ws = kvs_wire_map_get(r, "workers");
     ck_assert_int_eq(ws->via.array.size, 1);
     ck_assert_uint_eq(num(&ws->via.array.ptr[0], "block_size"), 16);
     ck_assert_uint_eq(num(&ws->via.array.ptr[0], "cells_placed"), 4096);

@@ -209,25 +209,9 @@ static void send_request(kvs_coordlink *l, bool reg, int64_t now)
 
 /* ---- replies ---- */
 
-static const msgpack_object *map_get(const msgpack_object *m, const char *key)
-{
-    if (m == NULL || m->type != MSGPACK_OBJECT_MAP) {
-        return NULL;
-    }
-    size_t n = strlen(key);
-    for (uint32_t i = 0; i < m->via.map.size; i++) {
-        const msgpack_object *k = &m->via.map.ptr[i].key;
-        if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == n &&
-            memcmp(k->via.str.ptr, key, n) == 0) {
-            return &m->via.map.ptr[i].val;
-        }
-    }
-    return NULL;
-}
-
 static bool get_i64(const msgpack_object *m, const char *key, int64_t *out)
 {
-    const msgpack_object *v = map_get(m, key);
+    const msgpack_object *v = kvs_wire_map_get(m, key);
     if (v != NULL && v->type == MSGPACK_OBJECT_POSITIVE_INTEGER && v->via.u64 <= INT64_MAX) {
         *out = (int64_t)v->via.u64;
         return true;
@@ -241,7 +225,7 @@ static bool get_i64(const msgpack_object *m, const char *key, int64_t *out)
 
 static void get_str(const msgpack_object *m, const char *key, char *out, size_t cap)
 {
-    const msgpack_object *v = map_get(m, key);
+    const msgpack_object *v = kvs_wire_map_get(m, key);
     out[0] = '\0';
     if (v != NULL && v->type == MSGPACK_OBJECT_STR && v->via.str.size < cap) {
         memcpy(out, v->via.str.ptr, v->via.str.size);
@@ -317,7 +301,7 @@ static void on_reply(kvs_coordlink *l, const uint8_t *data, size_t len, int64_t 
      * socket while this process was paused proves nothing about now. */
     int64_t sent = l->pending_sent_ms;
     l->pending_id = 0;
-    const msgpack_object *e = map_get(m, "error");
+    const msgpack_object *e = kvs_wire_map_get(m, "error");
     if (e != NULL) {
         on_error(l, e, now);
     } else if (l->pending_register) {

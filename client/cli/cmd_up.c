@@ -276,22 +276,6 @@ static bool relay(struct child *k)
 
 /* ---- registration --------------------------------------------------------------------------- */
 
-static const msgpack_object *mp_get(const msgpack_object *m, const char *key)
-{
-    if (m == NULL || m->type != MSGPACK_OBJECT_MAP) {
-        return NULL;
-    }
-    size_t n = strlen(key);
-    for (uint32_t i = 0; i < m->via.map.size; i++) {
-        const msgpack_object_kv *kv = &m->via.map.ptr[i];
-        if (kv->key.type == MSGPACK_OBJECT_STR && kv->key.via.str.size == n &&
-            memcmp(kv->key.via.str.ptr, key, n) == 0) {
-            return &kv->val;
-        }
-    }
-    return NULL;
-}
-
 static bool mp_is(const msgpack_object *o, const char *s)
 {
     return o != NULL && o->type == MSGPACK_OBJECT_STR && o->via.str.size == strlen(s) &&
@@ -303,9 +287,10 @@ static bool registered(const msgpack_object *workers, const struct child *k)
 {
     for (uint32_t i = 0; i < workers->via.array.size; i++) {
         const msgpack_object *w = &workers->via.array.ptr[i];
-        const msgpack_object *age = mp_get(w, "heartbeat_age_ms");
-        if (mp_is(mp_get(w, "worker"), k->id) && mp_is(mp_get(w, "endpoint"), k->endpoint) &&
-            mp_is(mp_get(w, "state"), "ready") && age != NULL &&
+        const msgpack_object *age = kvs_wire_map_get(w, "heartbeat_age_ms");
+        if (mp_is(kvs_wire_map_get(w, "worker"), k->id) &&
+            mp_is(kvs_wire_map_get(w, "endpoint"), k->endpoint) &&
+            mp_is(kvs_wire_map_get(w, "state"), "ready") && age != NULL &&
             age->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
             return true;
         }
@@ -361,10 +346,10 @@ static int all_registered(void *sock, uint64_t id)
         bool mine = false;
         if (data != NULL && kvs_wire_prevalidate(data, len, why, sizeof why) == 0 &&
             msgpack_unpack_next(&up, (const char *)data, len, NULL) == MSGPACK_UNPACK_SUCCESS) {
-            const msgpack_object *rid = mp_get(&up.data, "id");
+            const msgpack_object *rid = kvs_wire_map_get(&up.data, "id");
             mine = rid != NULL && rid->type == MSGPACK_OBJECT_POSITIVE_INTEGER &&
                    rid->via.u64 == id;
-            const msgpack_object *w = mp_get(&up.data, "workers");
+            const msgpack_object *w = kvs_wire_map_get(&up.data, "workers");
             if (mine && w != NULL && w->type == MSGPACK_OBJECT_ARRAY) {
                 done = 1;
                 for (int i = 1; i < g_n_kids && done; i++) {

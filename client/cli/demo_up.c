@@ -278,26 +278,10 @@ int kvs_demo_up_start(const struct kvs_demo_up_opts *o, struct kvs_demo_up *u, c
 /* ---- scheduler metrics ------------------------------------------------------------------------
  */
 
-static const msgpack_object *mp_get(const msgpack_object *m, const char *key)
-{
-    if (m == NULL || m->type != MSGPACK_OBJECT_MAP) {
-        return NULL;
-    }
-    size_t n = strlen(key);
-    for (uint32_t i = 0; i < m->via.map.size; i++) {
-        const msgpack_object_kv *kv = &m->via.map.ptr[i];
-        if (kv->key.type == MSGPACK_OBJECT_STR && kv->key.via.str.size == n &&
-            memcmp(kv->key.via.str.ptr, key, n) == 0) {
-            return &kv->val;
-        }
-    }
-    return NULL;
-}
-
 /* An unsigned integer field (a non-negative int of any encoding); false when absent. */
 static bool mp_u64(const msgpack_object *m, const char *key, uint64_t *v)
 {
-    const msgpack_object *o = mp_get(m, key);
+    const msgpack_object *o = kvs_wire_map_get(m, key);
     if (o != NULL && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
         *v = o->via.u64;
         return true;
@@ -307,7 +291,7 @@ static bool mp_u64(const msgpack_object *m, const char *key, uint64_t *v)
 
 static bool mp_f64(const msgpack_object *m, const char *key, double *v)
 {
-    const msgpack_object *o = mp_get(m, key);
+    const msgpack_object *o = kvs_wire_map_get(m, key);
     if (o != NULL && (o->type == MSGPACK_OBJECT_FLOAT64 || o->type == MSGPACK_OBJECT_FLOAT32)) {
         *v = o->via.f64;
         return true;
@@ -408,11 +392,11 @@ static int raw_call(const char *endpoint, const char *op, int timeout_ms, struct
 /* The error of a reply: false when it is none; else its code and message. */
 static bool reply_error(const msgpack_object *m, char code[32], char *msg, size_t size)
 {
-    const msgpack_object *e = mp_get(m, "error");
+    const msgpack_object *e = kvs_wire_map_get(m, "error");
     if (e == NULL) {
         return false;
     }
-    const msgpack_object *c = mp_get(e, "code"), *text = mp_get(e, "message");
+    const msgpack_object *c = kvs_wire_map_get(e, "code"), *text = kvs_wire_map_get(e, "message");
     bool has_text = text != NULL && text->type == MSGPACK_OBJECT_STR;
     bool has_code = c != NULL && c->type == MSGPACK_OBJECT_STR && c->via.str.size < 32;
     snprintf(msg, size, "%.*s", has_text ? (int)text->via.str.size : 0,
@@ -427,8 +411,8 @@ static int add_sched(const msgpack_object *m, struct kvs_demo_sched *s, char *er
 {
     static const char *const classes[KVS_DEMO_N_CLASSES] = {"decode", "question", "append",
                                                             "flash"};
-    const msgpack_object *sc = mp_get(m, "scheduler"), *fl = mp_get(m, "flash");
-    const msgpack_object *rows = mp_get(sc, "rows");
+    const msgpack_object *sc = kvs_wire_map_get(m, "scheduler"), *fl = kvs_wire_map_get(m, "flash");
+    const msgpack_object *rows = kvs_wire_map_get(sc, "rows");
     struct kvs_demo_sched w = {0};
     uint64_t last = 0, most = 0;
     bool ok = mp_u64(sc, "steps", &w.steps) && mp_f64(sc, "occupancy", &w.occupancy) &&
@@ -477,7 +461,7 @@ int kvs_demo_sched_status(const char *endpoint, int timeout_ms, struct kvs_demo_
         raw_free(&r);
         rc = raw_call(endpoint, "admin.workers", timeout_ms, &r, err, errlen);
         refused = rc == 0 && reply_error(r.m, code, msg, sizeof msg);
-        const msgpack_object *ws = rc == 0 ? mp_get(r.m, "workers") : NULL;
+        const msgpack_object *ws = rc == 0 ? kvs_wire_map_get(r.m, "workers") : NULL;
         if (rc == 0 && (refused || ws == NULL || ws->type != MSGPACK_OBJECT_ARRAY)) {
             snprintf(err, errlen, "admin.workers: %s: %s", refused ? code : "BAD_FORMAT",
                      refused ? msg : "no workers array");
@@ -485,7 +469,8 @@ int kvs_demo_sched_status(const char *endpoint, int timeout_ms, struct kvs_demo_
         }
         for (uint32_t i = 0; rc == 0 && i < ws->via.array.size; i++) {
             const msgpack_object *w = &ws->via.array.ptr[i];
-            const msgpack_object *ep = mp_get(w, "endpoint"), *state = mp_get(w, "state");
+            const msgpack_object *ep = kvs_wire_map_get(w, "endpoint");
+            const msgpack_object *state = kvs_wire_map_get(w, "state");
             if (ep == NULL || ep->type != MSGPACK_OBJECT_STR || ep->via.str.size >= 256 ||
                 state == NULL || state->type != MSGPACK_OBJECT_STR ||
                 state->via.str.size != 5 || memcmp(state->via.str.ptr, "ready", 5) != 0) {

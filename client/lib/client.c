@@ -405,22 +405,6 @@ static int req_send(kvs_client *c, struct client_conn *k, uint64_t *id)
 
 /* ---- replies -------------------------------------------------------------------------------- */
 
-const msgpack_object *mp_get(const msgpack_object *map, const char *key)
-{
-    if (map == NULL || map->type != MSGPACK_OBJECT_MAP) {
-        return NULL;
-    }
-    size_t n = strlen(key);
-    for (uint32_t i = 0; i < map->via.map.size; i++) {
-        const msgpack_object *k = &map->via.map.ptr[i].key;
-        if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == n &&
-            memcmp(k->via.str.ptr, key, n) == 0) {
-            return &map->via.map.ptr[i].val;
-        }
-    }
-    return NULL;
-}
-
 bool mp_u64(const msgpack_object *o, uint64_t *v)
 {
     if (o == NULL || o->type != MSGPACK_OBJECT_POSITIVE_INTEGER) {
@@ -483,29 +467,29 @@ static int missing(kvs_client *c, const char *key, const char *type)
 
 int rep_u64(kvs_client *c, const msgpack_object *m, const char *key, uint64_t *v)
 {
-    return mp_u64(mp_get(m, key), v) ? 0 : missing(c, key, "an unsigned integer");
+    return mp_u64(kvs_wire_map_get(m, key), v) ? 0 : missing(c, key, "an unsigned integer");
 }
 
 int rep_i64(kvs_client *c, const msgpack_object *m, const char *key, int64_t *v)
 {
-    return mp_i64(mp_get(m, key), v) ? 0 : missing(c, key, "an integer");
+    return mp_i64(kvs_wire_map_get(m, key), v) ? 0 : missing(c, key, "an integer");
 }
 
 int rep_f64(kvs_client *c, const msgpack_object *m, const char *key, double *v)
 {
-    return mp_f64(mp_get(m, key), v) ? 0 : missing(c, key, "a number");
+    return mp_f64(kvs_wire_map_get(m, key), v) ? 0 : missing(c, key, "a number");
 }
 
 int rep_bool(kvs_client *c, const msgpack_object *m, const char *key, bool *v)
 {
-    return mp_bool(mp_get(m, key), v) ? 0 : missing(c, key, "a boolean");
+    return mp_bool(kvs_wire_map_get(m, key), v) ? 0 : missing(c, key, "a boolean");
 }
 
 int rep_strbuf(kvs_client *c, const msgpack_object *m, const char *key, char *buf, size_t size)
 {
     const char *s;
     size_t n;
-    if (!mp_str(mp_get(m, key), &s, &n)) {
+    if (!mp_str(kvs_wire_map_get(m, key), &s, &n)) {
         return missing(c, key, "a string");
     }
     if (n >= size) {
@@ -528,10 +512,10 @@ void kvs_client_names_free(char ***names, int32_t n)
     *names = NULL;
 }
 
-int rep_names(kvs_client *c, const msgpack_object *m, const char *key, char ***names,
-              int32_t *n)
+int rep_names(kvs_client *c, const msgpack_object *m, const char *key, const char *field,
+              char ***names, int32_t *n)
 {
-    const msgpack_object *a = mp_get(m, key);
+    const msgpack_object *a = kvs_wire_map_get(m, key);
     if (a == NULL || a->type != MSGPACK_OBJECT_ARRAY) {
         return missing(c, key, "an array");
     }
@@ -541,12 +525,18 @@ int rep_names(kvs_client *c, const msgpack_object *m, const char *key, char ***n
         return client_fail(c, KVS_NO_MEMORY, "out of memory for %u names", count);
     }
     for (uint32_t i = 0; i < count; i++) {
+        const msgpack_object *e = &a->via.array.ptr[i];
         const char *s;
         size_t len;
-        if (!mp_str(&a->via.array.ptr[i], &s, &len) || (v[i] = strndup(s, len)) == NULL) {
+        if (!mp_str(field != NULL ? kvs_wire_map_get(e, field) : e, &s, &len) ||
+            (v[i] = strndup(s, len)) == NULL) {
             kvs_client_names_free(&v, (int32_t)i);
-            return client_fail(c, KVS_BAD_FORMAT, "reply field '%s': element %u is not a string",
-                               key, i);
+            return field != NULL ? client_fail(c, KVS_BAD_FORMAT,
+                                               "reply field '%s': element %u has no string '%s'",
+                                               key, i, field)
+                                 : client_fail(c, KVS_BAD_FORMAT,
+                                               "reply field '%s': element %u is not a string",
+                                               key, i);
         }
     }
     *names = v;
@@ -569,21 +559,21 @@ static int reply_error(kvs_client *c, const msgpack_object *e)
     int64_t status = KVS_INTERNAL;
     const char *code = "?", *msg = "";
     size_t code_n = 1, msg_n = 0;
-    if (!mp_i64(mp_get(e, "status"), &status) || status >= 0 || status < INT32_MIN) {
+    if (!mp_i64(kvs_wire_map_get(e, "status"), &status) || status >= 0 || status < INT32_MIN) {
         status = KVS_INTERNAL;
     }
-    mp_str(mp_get(e, "code"), &code, &code_n);
-    mp_str(mp_get(e, "message"), &msg, &msg_n);
+    mp_str(kvs_wire_map_get(e, "code"), &code, &code_n);
+    mp_str(kvs_wire_map_get(e, "message"), &msg, &msg_n);
     c->moved_owner[0] = '\0';
     c->leader[0] = '\0';
     const char *owner;
     size_t owner_n;
-    if (status == KVS_MOVED && mp_str(mp_get(e, "owner"), &owner, &owner_n) &&
+    if (status == KVS_MOVED && mp_str(kvs_wire_map_get(e, "owner"), &owner, &owner_n) &&
         owner_n > 0 && owner_n < sizeof c->moved_owner) {
         memcpy(c->moved_owner, owner, owner_n);
         c->moved_owner[owner_n] = '\0';
     }
-    if (status == KVS_NOT_LEADER && mp_str(mp_get(e, "leader"), &owner, &owner_n) &&
+    if (status == KVS_NOT_LEADER && mp_str(kvs_wire_map_get(e, "leader"), &owner, &owner_n) &&
         owner_n > 0 && owner_n < sizeof c->leader) {
         memcpy(c->leader, owner, owner_n);
         c->leader[owner_n] = '\0';
@@ -687,10 +677,10 @@ static int recv_reply(kvs_client *c, struct client_conn *k, uint64_t id, int64_t
         c->have_reply = true;
         const msgpack_object *m = &c->up.data;
         uint64_t rid = 0;
-        if (!mp_u64(mp_get(m, "id"), &rid) || rid != id) {
+        if (!mp_u64(kvs_wire_map_get(m, "id"), &rid) || rid != id) {
             continue; /* a stale reply (or an id-0 complaint about an earlier one) */
         }
-        const msgpack_object *e = mp_get(m, "error");
+        const msgpack_object *e = kvs_wire_map_get(m, "error");
         if (e != NULL) {
             c->from_worker = true; /* an answer, so a TIMEOUT here is the worker's */
             return reply_error(c, e);
@@ -899,8 +889,8 @@ void client_abandon(kvs_client *c)
             int rc = recv_reply(c, k, target, deadline, &m);
             bool done = false;
             if (rc == 0) { /* a single reply, or a stream's piece unless it is the last */
-                done = mp_get(m, "seq") == NULL;
-                mp_bool(mp_get(m, "done"), &done);
+                done = kvs_wire_map_get(m, "seq") == NULL;
+                mp_bool(kvs_wire_map_get(m, "done"), &done);
             }
             if (rc < 0 && c->from_worker) {
                 done = true; /* an error reply (CANCELLED, as a rule) ends a stream */
@@ -1013,13 +1003,13 @@ int kvs_client_connect(const char *endpoint, const struct kvs_client_opts *opts,
     uint64_t version = 0;
     if (rc == 0) {
         rc = rep_u64(c, m, "version", &version);
-        if (!mp_u64(mp_get(m, "minor"), &c->minor)) {
+        if (!mp_u64(kvs_wire_map_get(m, "minor"), &c->minor)) {
             c->minor = 0;
         }
         /* A coordinator (PROTOCOL.md section 9) says so: its sessions are located. */
         const char *server;
         size_t server_n;
-        c->coord = mp_str(mp_get(m, "server"), &server, &server_n) &&
+        c->coord = mp_str(kvs_wire_map_get(m, "server"), &server, &server_n) &&
                    server_n == strlen("kvs-coordinator") &&
                    memcmp(server, "kvs-coordinator", server_n) == 0;
     }

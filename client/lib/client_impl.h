@@ -140,7 +140,6 @@ int client_fail(kvs_client *c, int status, const char *fmt, ...)
 
 /* ---- reading replies (client.c) ---- */
 
-const msgpack_object *mp_get(const msgpack_object *map, const char *key);
 bool mp_u64(const msgpack_object *o, uint64_t *v);
 bool mp_i64(const msgpack_object *o, int64_t *v);
 bool mp_f64(const msgpack_object *o, double *v);
@@ -154,9 +153,10 @@ int rep_f64(kvs_client *c, const msgpack_object *m, const char *key, double *v);
 int rep_bool(kvs_client *c, const msgpack_object *m, const char *key, bool *v);
 /* A string copied into buf[0..size) (truncated), NUL-terminated. */
 int rep_strbuf(kvs_client *c, const msgpack_object *m, const char *key, char *buf, size_t size);
-/* An array of strings, malloc'd (kvs_client_names_free). */
-int rep_names(kvs_client *c, const msgpack_object *m, const char *key, char ***names,
-              int32_t *n);
+/* An array of strings, malloc'd (kvs_client_names_free): the elements themselves, or with
+ * field != NULL the string field of each element (an array of maps). */
+int rep_names(kvs_client *c, const msgpack_object *m, const char *key, const char *field,
+              char ***names, int32_t *n);
 
 /* Record that session lives at endpoint (MOVED, locate). Best effort: without memory, no
  * route. */

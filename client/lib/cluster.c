@@ -53,7 +53,7 @@ static int rep_endpoint(kvs_client *c, const msgpack_object *m, const char *key,
 {
     const char *s;
     size_t n;
-    if (!mp_str(mp_get(m, key), &s, &n) || n == 0 || n >= size) {
+    if (!mp_str(kvs_wire_map_get(m, key), &s, &n) || n == 0 || n >= size) {
         return client_fail(c, KVS_BAD_FORMAT, "reply field '%s' missing or not an endpoint",
                            key);
     }
@@ -174,7 +174,7 @@ static int list_workers(kvs_client *c, struct worker_view **out, size_t *n)
     *n = 0;
     const msgpack_object *m;
     KVS_TRY(coord_request(c, "admin.workers", NULL, CALL_RETRY, &m));
-    const msgpack_object *a = mp_get(m, "workers");
+    const msgpack_object *a = kvs_wire_map_get(m, "workers");
     if (a == NULL || a->type != MSGPACK_OBJECT_ARRAY) {
         return client_fail(c, KVS_BAD_FORMAT, "reply field 'workers' missing or not an array");
     }
@@ -266,7 +266,7 @@ int client_cluster_place(kvs_client *c, const char *session,
             const msgpack_object *m;
             int64_t n_ctx = 0;
             KVS_TRY(worker_status(c, endpoint, &m));
-            KVS_TRY(rep_i64(c, mp_get(m, "model"), "n_ctx", &n_ctx));
+            KVS_TRY(rep_i64(c, kvs_wire_map_get(m, "model"), "n_ctx", &n_ctx));
             budget = n_ctx - (o->query_reserve > 0 ? o->query_reserve : QUERY_RESERVE_DEFAULT);
             if (budget <= 0) {
                 return client_fail(c, KVS_INVALID_ARGUMENT,
@@ -307,29 +307,7 @@ int client_cluster_list(kvs_client *c, char ***names, int32_t *n)
 {
     const msgpack_object *m;
     KVS_TRY(coord_request(c, "admin.sessions", NULL, CALL_RETRY, &m));
-    const msgpack_object *a = mp_get(m, "sessions");
-    if (a == NULL || a->type != MSGPACK_OBJECT_ARRAY) {
-        return client_fail(c, KVS_BAD_FORMAT, "reply field 'sessions' missing or not an array");
-    }
-    uint32_t count = a->via.array.size;
-    char **v = calloc(count + 1, sizeof *v);
-    if (v == NULL) {
-        return client_fail(c, KVS_NO_MEMORY, "out of memory for %u names", count);
-    }
-    for (uint32_t i = 0; i < count; i++) {
-        const char *s;
-        size_t len;
-        if (!mp_str(mp_get(&a->via.array.ptr[i], "session"), &s, &len) ||
-            (v[i] = strndup(s, len)) == NULL) {
-            kvs_client_names_free(&v, (int32_t)i);
-            return client_fail(c, KVS_BAD_FORMAT, "reply field 'sessions': element %u has no "
-                                                  "session",
-                               i);
-        }
-    }
-    *names = v;
-    *n = (int32_t)count;
-    return 0;
+    return rep_names(c, m, "sessions", "session", names, n);
 }
 
 int client_cluster_status(kvs_client *c, struct kvs_client_status *st)
@@ -351,8 +329,8 @@ int client_cluster_status(kvs_client *c, struct kvs_client_status *st)
         if (rc < 0) {
             break;
         }
-        model = mp_get(m, "model");
-        cap = mp_get(m, "capacity");
+        model = kvs_wire_map_get(m, "model");
+        cap = kvs_wire_map_get(m, "capacity");
         if ((rc = rep_strbuf(c, model, "sha256", one.model_sha256, sizeof one.model_sha256)) <
                 0 ||
             (rc = rep_i64(c, model, "n_ctx", &one.n_ctx)) < 0 ||
@@ -360,7 +338,7 @@ int client_cluster_status(kvs_client *c, struct kvs_client_status *st)
             (rc = rep_i64(c, cap, "cells_total", &one.cells_total)) < 0 ||
             (rc = rep_i64(c, cap, "cells_free", &one.cells_free)) < 0 ||
             (rc = rep_i64(c, m, "sessions", &one.sessions)) < 0 ||
-            (rc = rep_i64(c, mp_get(m, "queue"), "max", &one.queue_max)) < 0) {
+            (rc = rep_i64(c, kvs_wire_map_get(m, "queue"), "max", &one.queue_max)) < 0) {
             break;
         }
         if (n_ready++ == 0) {

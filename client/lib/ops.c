@@ -72,8 +72,9 @@ int kvs_client_status(kvs_client *c, struct kvs_client_status *st)
     const msgpack_object *m;
     KVS_TRY(client_call(c, NULL, CALL_RETRY, &m));
     struct kvs_client_status s = {0};
-    const msgpack_object *model = mp_get(m, "model"), *cap = mp_get(m, "capacity");
-    const msgpack_object *q = mp_get(m, "queue");
+    const msgpack_object *model = kvs_wire_map_get(m, "model");
+    const msgpack_object *cap = kvs_wire_map_get(m, "capacity");
+    const msgpack_object *q = kvs_wire_map_get(m, "queue");
     KVS_TRY(rep_strbuf(c, model, "sha256", s.model_sha256, sizeof s.model_sha256));
     KVS_TRY(rep_i64(c, model, "n_ctx", &s.n_ctx));
     KVS_TRY(rep_i64(c, model, "n_vocab", &s.n_vocab));
@@ -215,7 +216,7 @@ int kvs_client_session_list(kvs_client *c, char ***names, int32_t *n)
     client_req_begin(c, "session.list");
     const msgpack_object *m;
     KVS_TRY(client_call(c, NULL, CALL_RETRY, &m));
-    return rep_names(c, m, "sessions", names, n);
+    return rep_names(c, m, "sessions", NULL, names, n);
 }
 
 int kvs_client_session_snapshot(kvs_client *c, const char *session, bool compact)
@@ -243,11 +244,11 @@ int kvs_client_session_dump(kvs_client *c, const char *session, struct kvs_clien
     size_t n;
     KVS_TRY(rep_u64(c, m, "version", &o.version));
     KVS_TRY(rep_i64(c, m, "prefix_tokens", &o.prefix_tokens));
-    const msgpack_object *toks = mp_get(m, "tokens");
+    const msgpack_object *toks = kvs_wire_map_get(m, "tokens");
     if (toks == NULL || toks->type != MSGPACK_OBJECT_ARRAY) {
         return client_fail(c, KVS_BAD_FORMAT, "reply field 'tokens' missing or not an array");
     }
-    if (!mp_str(mp_get(m, "text"), &s, &n)) {
+    if (!mp_str(kvs_wire_map_get(m, "text"), &s, &n)) {
         return client_fail(c, KVS_BAD_FORMAT, "reply field 'text' missing or not a string");
     }
     o.tokens = malloc(((size_t)toks->via.array.size + 1) * sizeof *o.tokens);
@@ -400,10 +401,10 @@ int client_read_answer(kvs_client *c, const msgpack_object *m, bool with_fresh,
     const char *s;
     size_t n;
     int64_t ctx = 0, qt = 0;
-    if (!mp_str(mp_get(m, "answer"), &s, &n)) {
+    if (!mp_str(kvs_wire_map_get(m, "answer"), &s, &n)) {
         return client_fail(c, KVS_BAD_FORMAT, "reply field 'answer' missing or not a string");
     }
-    const msgpack_object *toks = mp_get(m, "tokens");
+    const msgpack_object *toks = kvs_wire_map_get(m, "tokens");
     if (toks == NULL || toks->type != MSGPACK_OBJECT_ARRAY) {
         return client_fail(c, KVS_BAD_FORMAT, "reply field 'tokens' missing or not an array");
     }
@@ -417,7 +418,7 @@ int client_read_answer(kvs_client *c, const msgpack_object *m, bool with_fresh,
     }
     const char *name;
     size_t name_n;
-    if (mp_str(mp_get(m, "name"), &name, &name_n) && name_n < sizeof a.name) {
+    if (mp_str(kvs_wire_map_get(m, "name"), &name, &name_n) && name_n < sizeof a.name) {
         memcpy(a.name, name, name_n);
     }
     a.context_tokens = ctx;
@@ -510,24 +511,24 @@ int kvs_client_query(kvs_client *c, const char *session, const char *question,
     for (uint64_t expect = 0;; expect++) {
         uint64_t seq = 0;
         bool done = false;
-        if (!mp_u64(mp_get(m, "seq"), &seq) || seq != expect) {
+        if (!mp_u64(kvs_wire_map_get(m, "seq"), &seq) || seq != expect) {
             client_abandon(c);
             return client_fail(c, KVS_BAD_FORMAT, "streamed reply: seq %llu, expected %llu",
                                (unsigned long long)seq, (unsigned long long)expect);
         }
-        mp_bool(mp_get(m, "done"), &done);
+        mp_bool(kvs_wire_map_get(m, "done"), &done);
         if (done) {
             return client_read_answer(c, m, false, a);
         }
         uint64_t token = 0;
         const char *text = "";
         size_t n = 0;
-        if (!mp_str(mp_get(m, "text"), &text, &n)) {
+        if (!mp_str(kvs_wire_map_get(m, "text"), &text, &n)) {
             client_abandon(c);
             return client_fail(c, KVS_BAD_FORMAT, "streamed piece without text");
         }
-        int32_t tok =
-            mp_u64(mp_get(m, "token"), &token) && token <= INT32_MAX ? (int32_t)token : -1;
+        const bool has_tok = mp_u64(kvs_wire_map_get(m, "token"), &token) && token <= INT32_MAX;
+        int32_t tok = has_tok ? (int32_t)token : -1;
         if (!cb(tok, text, n, user) || atomic_load(&c->cancel)) {
             client_abandon(c);
             return client_fail(c, KVS_CANCELLED, "query cancelled");
@@ -591,7 +592,7 @@ int kvs_client_flash_list(kvs_client *c, const char *session, char ***names, int
     client_req_cstr(c, "session", session);
     const msgpack_object *m;
     KVS_TRY(client_call(c, session, CALL_RETRY, &m));
-    return rep_names(c, m, "names", names, n);
+    return rep_names(c, m, "names", NULL, names, n);
 }
 
 int kvs_client_flash_get(kvs_client *c, const char *session, const char *name,

@@ -154,8 +154,9 @@ static enum watch_end watch_once(kvs_client *c, const char *session, const char 
     }
     bool watching = false;
     uint64_t version = 0, seq = 1;
-    if (!mp_bool(mp_get(m, "watching"), &watching) || !watching ||
-        !mp_u64(mp_get(m, "seq"), &seq) || seq != 0 || !mp_u64(mp_get(m, "version"), &version)) {
+    if (!mp_bool(kvs_wire_map_get(m, "watching"), &watching) || !watching ||
+        !mp_u64(kvs_wire_map_get(m, "seq"), &seq) || seq != 0 ||
+        !mp_u64(kvs_wire_map_get(m, "version"), &version)) {
         *rc = client_fail(c, KVS_BAD_FORMAT, "flash.watch: the first piece is not {seq: 0, "
                                              "watching: true, version}");
         goto out;
@@ -202,7 +203,7 @@ static enum watch_end watch_once(kvs_client *c, const char *session, const char 
         if (*rc < 0) {
             goto out;
         }
-        if (!mp_u64(mp_get(m, "seq"), &seq) || seq != expect) {
+        if (!mp_u64(kvs_wire_map_get(m, "seq"), &seq) || seq != expect) {
             *rc = client_fail(c, KVS_BAD_FORMAT, "flash.watch: seq %llu, expected %llu",
                               (unsigned long long)seq, (unsigned long long)expect);
             end = WATCH_LOST; /* a piece was lost: resubscribe from what we have */
