@@ -265,15 +265,15 @@ static double decode_ms(struct bench *B, kvs_seq *seq, int steps)
  * stages): wgmma with 64-cell KV tiles with and without the mbarrier pipeline, 128-cell tiles
  * with a block barrier a tile, and the mma.sync kernel. */
 #define N_WG_VARIANTS 4
-static const char *const wg_variants[N_WG_VARIANTS][3] = {
-    /* KVS_CUDA_WGMMA, KVS_CUDA_WG_NWG, KVS_CUDA_WG_MB */
-    {"64", "2", "0"}, {"64", "2", "1"}, {"128", "2", "0"}, {"0", "2", "0"}};
+static const char *const wg_variants[N_WG_VARIANTS][2] = {
+    /* KVS_CUDA_WGMMA, KVS_CUDA_WG_MB */
+    {"64", "0"}, {"64", "1"}, {"128", "0"}, {"0", "0"}};
 
 /* Set variant w's switches (w < 0: unset them). */
 static void wg_variant(int w)
 {
-    static const char *const names[3] = {"KVS_CUDA_WGMMA", "KVS_CUDA_WG_NWG", "KVS_CUDA_WG_MB"};
-    for (int i = 0; i < 3; i++) {
+    static const char *const names[2] = {"KVS_CUDA_WGMMA", "KVS_CUDA_WG_MB"};
+    for (int i = 0; i < 2; i++) {
         if (w < 0) {
             unsetenv(names[i]);
         } else {
@@ -529,9 +529,9 @@ int main(int argc, char **argv)
             wg_variant(w);
             kvs_seq *sv = kvs_pool_seq_new(B.pool);
             double tv = feed_chunks(&B, sv, n_st, 1, chunk_s) * 1e3;
-            printf("stateless with KVS_CUDA_WGMMA=%s KVS_CUDA_WG_NWG=%s KVS_CUDA_WG_MB=%s: %.1f "
+            printf("stateless with KVS_CUDA_WGMMA=%s KVS_CUDA_WG_MB=%s: %.1f "
                    "ms; chunk 0 %.1f ms, chunk %d %.1f ms\n",
-                   wgv[0], wgv[1], wgv[2], tv, chunk_s[0] * 1e3, nc - 2, chunk_s[nc - 2] * 1e3);
+                   wgv[0], wgv[1], tv, chunk_s[0] * 1e3, nc - 2, chunk_s[nc - 2] * 1e3);
             kvs_pool_seq_release(B.pool, &sv);
             wg_variant(-1);
         }
@@ -616,9 +616,9 @@ int main(int argc, char **argv)
                 wg_variant(w);
                 const double tv = ttft_fork_ms(&B, lg, n_q, n_tt);
                 wg_variant(-1);
-                printf("TTFT at %d with KVS_CUDA_WGMMA=%s KVS_CUDA_WG_NWG=%s KVS_CUDA_WG_MB=%s: "
+                printf("TTFT at %d with KVS_CUDA_WGMMA=%s KVS_CUDA_WG_MB=%s: "
                        "%.3f ms\n",
-                       tt_ctx[k], wg_variants[w][0], wg_variants[w][1], wg_variants[w][2], tv);
+                       tt_ctx[k], wg_variants[w][0], wg_variants[w][1], tv);
             }
         }
         if (tt_ctx[k] == ctx_long) {

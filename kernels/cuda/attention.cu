@@ -961,18 +961,14 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
     }
     size_t smem = fa != NULL ? fa_smem(a.hd, kvw, nw) : 0;
     /* Hopper: the wgmma kernel (attention_sm90a.cu) for head dim 128 where the 8-warp tile
-     * applies (two warpgroups, 128 query vectors), or for every query-split tile with
-     * KVS_CUDA_WG_NWG=1 (one warpgroup, 64 vectors, two blocks a multiprocessor);
-     * KVS_CUDA_WGMMA=0 keeps the mma.sync kernel */
-    if (fa != NULL && !kvw && a.hd == 128 && c->cc == 90 && c->env_wgmma != 0 &&
-        (nw == 8 || c->env_wg_nwg == 1)) {
-        const int nwg = c->env_wg_nwg == 1 ? 1 : 2;
+     * applies (two warpgroups, the same 128 query vectors); KVS_CUDA_WGMMA=0 keeps the
+     * mma.sync kernel */
+    if (fa != NULL && nw == 8 && !kvw && a.hd == 128 && c->cc == 90 && c->env_wgmma != 0) {
         size_t wsm = 0;
-        fa_fn wg = kvs_cuda_wg_kernel(c->env_wgmma, nwg, nwg == 2 && c->env_wg_mb, &wsm);
-        if (wg != NULL && wsm <= c->smem_optin && fa_qv(false, 4 * nwg) % a.group == 0) {
+        fa_fn wg = kvs_cuda_wg_kernel(c->env_wgmma, c->env_wg_mb, &wsm);
+        if (wg != NULL && wsm <= c->smem_optin) {
             fa = wg;
             smem = wsm;
-            nw = 4 * nwg; /* the tile's query vectors: 64 per warpgroup */
         }
     }
     if (fa != NULL) {

@@ -224,10 +224,10 @@ static __device__ __forceinline__ void fa_write_rows(const attn_args &a, int32_t
 
 typedef void (*fa_fn)(attn_args);
 
-/* attention_sm90a.cu: the Hopper (wgmma) flash kernel for head dim 128, nwg warpgroups (1
- * or 2) of 64 query vectors a tile, tc cells a KV tile (64 or 128), mb: stages handed over
- * through mbarriers instead of a block barrier a tile (two warpgroups only), and its dynamic
- * shared memory; NULL for other arguments. */
-fa_fn kvs_cuda_wg_kernel(int tc, int nwg, bool mb, size_t *smem);
+/* attention_sm90a.cu: the Hopper (wgmma) flash kernel for head dim 128 and 128 query vectors
+ * a tile (two warpgroups), tc cells a KV tile (64 or 128), mb: stages handed over through
+ * mbarriers instead of a block barrier a tile, and its dynamic shared memory; NULL for other
+ * tile sizes. */
+fa_fn kvs_cuda_wg_kernel(int tc, bool mb, size_t *smem);
 
 #endif

@@ -1,7 +1,8 @@
 /* Paged flash attention on Hopper's warpgroup MMA (wgmma), for prefill chunks and questions:
- * head dim 128, 64 query vectors a warpgroup and NWG (1 or 2) warpgroups a block sharing its
- * K/V tiles, KV tiles of TC cells (64 or 128) in shared memory with the 128-byte swizzle
- * that wgmma reads.
+ * head dim 128, 64 query vectors a warpgroup and two warpgroups a block sharing its K/V
+ * tiles, KV tiles of TC cells (64 or 128) in shared memory with the 128-byte swizzle that
+ * wgmma reads. (One warpgroup a block, two blocks a multiprocessor, was measured slower:
+ * 2192 vs 1920 ms stateless 32K.)
  *
  * The same algorithm, tiling of rows, splits and results as attn_fa_kernel's 8-warp variant
  * (attention.cu): only the products move from mma.sync (each warp reading K and V fragments
@@ -30,20 +31,21 @@
 
 #define WG_HD 128
 
-/* KV stages: 64-cell tiles with two warpgroups 3 (128 KiB), one warpgroup 2 (80 KiB: two
- * blocks a multiprocessor); 128-cell tiles 2; the mbarrier pipeline (MB) 3 with one tile
- * loaded ahead (224 KiB with 128-cell tiles), so that a warp may run a tile ahead of another
- * (the stage it refills was released two tiles ago). */
-static __host__ __device__ constexpr int wg_stages(int tc, int nwg, bool mb)
+#define WG_NWG 2 /* warpgroups a block */
+
+/* KV stages: 64-cell tiles 3 (128 KiB), 128-cell tiles 2; the mbarrier pipeline (MB) 3 with
+ * one tile loaded ahead (224 KiB with 128-cell tiles), so that a warp may run a tile ahead of
+ * another (the stage it refills was released two tiles ago). */
+static __host__ __device__ constexpr int wg_stages(int tc, bool mb)
 {
-    return mb ? 3 : tc == 64 && nwg == 2 ? 3 : 2;
+    return mb || tc == 64 ? 3 : 2;
 }
 
-static __host__ __device__ constexpr size_t wg_smem(int tc, int nwg, bool mb)
+static __host__ __device__ constexpr size_t wg_smem(int tc, bool mb)
 {
     /* Q (64 query vectors a warpgroup), then per stage K and V; + 1024 to align the start */
-    return (size_t)64 * nwg * WG_HD * 2 +
-           (size_t)wg_stages(tc, nwg, mb) * 2 * tc * WG_HD * 2 + 1024;
+    return (size_t)64 * WG_NWG * WG_HD * 2 + (size_t)wg_stages(tc, mb) * 2 * tc * WG_HD * 2 +
+           1024;
 }
 
 #if defined(KVS_WG_ON)
@@ -210,13 +212,14 @@ static __device__ __forceinline__ void wg_load(const attn_args &a, const __nv_bf
  * (every thread's cp.async of the tile has landed: cp.async.mbarrier.arrive) and "empty"
  * (every warp is done reading the stage), so warps are no longer held in step every tile
  * (ncu: "Stall Barrier" was the largest stall of the barrier loop). */
-template <int TC, int NWG, bool MB>
-static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn_args a)
+template <int TC, bool MB>
+static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_args a)
 {
 #if defined(KVS_WG_ON) && defined(__CUDA_ARCH__)
     kvs_pdl_wait();
     kvs_pdl_trigger(); /* after the wait: see kvs_pdl_trigger */
-    constexpr int S = wg_stages(TC, NWG, MB);
+    constexpr int NWG = WG_NWG;
+    constexpr int S = wg_stages(TC, MB);
     constexpr int LA = MB ? S - 2 : S - 1; /* tiles loaded ahead of the one in use */
     __shared__ __align__(8) uint64_t full_bar[S], empty_bar[S]; /* MB */
     bool bars_live = false;                                     /* MB, thread 0 */
@@ -452,19 +455,11 @@ static __global__ void __launch_bounds__(NWG * 128, 3 - NWG) attn_wg_kernel(attn
 #endif
 }
 
-fa_fn kvs_cuda_wg_kernel(int tc, int nwg, bool mb, size_t *smem)
+fa_fn kvs_cuda_wg_kernel(int tc, bool mb, size_t *smem)
 {
-    *smem = wg_smem(tc, nwg, mb);
+    *smem = wg_smem(tc, mb);
     if (mb) {
-        return nwg != 2 ? NULL
-               : tc == 128 ? attn_wg_kernel<128, 2, true>
-               : tc == 64  ? attn_wg_kernel<64, 2, true>
-                           : NULL;
+        return tc == 128 ? attn_wg_kernel<128, true> : tc == 64 ? attn_wg_kernel<64, true> : NULL;
     }
-    if (nwg == 1) {
-        return tc == 128 ? attn_wg_kernel<128, 1, false>
-               : tc == 64 ? attn_wg_kernel<64, 1, false>
-                          : NULL;
-    }
-    return tc == 128 ? attn_wg_kernel<128, 2, false> : tc == 64 ? attn_wg_kernel<64, 2, false> : NULL;
+    return tc == 128 ? attn_wg_kernel<128, false> : tc == 64 ? attn_wg_kernel<64, false> : NULL;
 }

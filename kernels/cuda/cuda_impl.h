@@ -133,7 +133,6 @@ struct kvs_cuda {
     int env_fa_warps;
     int env_split_tiles;
     int env_wgmma;                 /* KVS_CUDA_WGMMA: 0 off, else KV tile cells (64, 128) */
-    int env_wg_nwg;                /* KVS_CUDA_WG_NWG: warpgroups a wgmma block (1, 2) */
     bool env_wg_mb;                /* KVS_CUDA_WG_MB (default 1): stages handed over by
                                     * mbarriers in the wgmma kernel; 0: a block barrier a tile */
     bool env_gemv_rpw2;

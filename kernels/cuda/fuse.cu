@@ -148,8 +148,6 @@ void kvs_cuda_read_env(struct kvs_cuda *c)
     c->env_split_tiles = e != NULL && atoi(e) > 0 ? atoi(e) : 1;
     e = getenv("KVS_CUDA_WGMMA");
     c->env_wgmma = e == NULL ? 128 : strcmp(e, "64") == 0 ? 64 : strcmp(e, "128") == 0 ? 128 : 0;
-    e = getenv("KVS_CUDA_WG_NWG");
-    c->env_wg_nwg = e != NULL && strcmp(e, "1") == 0 ? 1 : 2;
     e = getenv("KVS_CUDA_WG_MB");
     c->env_wg_mb = e == NULL || strcmp(e, "0") != 0; /* default on: 1853 -> 1783 ms */
     e = getenv("KVS_CUDA_GEMV");
