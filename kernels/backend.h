@@ -153,6 +153,20 @@ struct kvs_backend_ops {
                       float *k, const float *v, int32_t n_kv_head, int32_t head_dim,
                       const int32_t *host_pos, const struct kvs_rope *rope,
                       const struct kvs_attn_batch *ab);
+    /* y += x W^T (no bias): matmul into tmp (n_rows, n_out), then add(y, tmp). tmp is scratch
+     * the backend may leave undefined; x and y do not overlap tmp or each other. A backend
+     * may keep the product's intermediate in its own precision (CUDA, many rows: accumulated
+     * straight into y by the GEMM). */
+    int (*matmul_add)(kvs_backend *b, const struct kvs_weight *w, const float *x,
+                      int32_t n_rows, float *tmp, float *y);
+    /* The SwiGLU feed-forward block's matmuls: x += (silu(h Wg^T) * (h Wu^T)) Wd^T, as
+     * matmul(w_gate, h -> gate), matmul(w_up, h -> up), swiglu(gate, up -> gate),
+     * matmul(w_down, gate -> tmp), add(x, tmp). gate, up (n_rows, n_ff) and tmp (n_rows,
+     * n_embd) are scratch the backend may leave undefined; none overlaps h or x. CUDA keeps
+     * gate and up in bf16 past the GEMV path (many rows). */
+    int (*ffn)(kvs_backend *b, const struct kvs_weight *w_gate, const struct kvs_weight *w_up,
+               const struct kvs_weight *w_down, const float *h, int32_t n_rows, float *gate,
+               float *up, float *tmp, float *x);
 };
 
 struct kvs_backend {

@@ -272,6 +272,126 @@ START_TEST(test_rowwise)
 }
 END_TEST
 
+/* Delta of a residual update: out[i] = after[i] - before[i]. */
+static void delta(const float *after, const float *before, int64_t n, float *out)
+{
+    for (int64_t i = 0; i < n; i++) {
+        out[i] = after[i] - before[i];
+    }
+}
+
+/* A bf16 weight (n_out, n_in) loaded into both backends. */
+static void weight_pair(int64_t n_out, int64_t n_in, struct kvs_weight *wc, struct kvs_weight *wg)
+{
+    size_t rb = 0;
+    void *hw = random_weight(KVS_DTYPE_BF16, n_out, n_in, &rb);
+    *wc = (struct kvs_weight){.type = KVS_DTYPE_BF16, .n_in = n_in, .n_out = n_out,
+                              .row_bytes = rb};
+    *wg = *wc;
+    ck_assert_int_eq(cpu->ops->weight_load(cpu, wc, hw), 0);
+    ck_assert_int_eq(gpu->ops->weight_load(gpu, wg, hw), 0);
+    free(hw);
+}
+
+/* The optional fused ops against the CPU's plain op sequence, on the GEMV path (3 rows) and
+ * the GEMM path (40 rows: gate / up kept in bf16, the products accumulated into the residual
+ * inside the GEMM): matmul_add (y += x Wo^T) and ffn (x += swiglu(h Wg^T, h Wu^T) Wd^T),
+ * compared on the update they add. Then the bf16 copy that rmsnorm leaves for the GEMMs: a
+ * matmul of the norm's output matches the CPU, and after the output is rewritten (by upload,
+ * by add) a matmul reads the new values, never the stale copy. */
+START_TEST(test_fused_blocks)
+{
+    ck_assert_ptr_nonnull(gpu->ops->matmul_add);
+    ck_assert_ptr_nonnull(gpu->ops->ffn);
+    const int32_t E = 256, FF = 704;
+    struct kvs_weight gc, gg, uc, ug, dc, dg, oc, og;
+    weight_pair(FF, E, &gc, &gg);
+    weight_pair(FF, E, &uc, &ug);
+    weight_pair(E, FF, &dc, &dg);
+    weight_pair(E, E, &oc, &og);
+    static const int32_t rows[] = {3, 40};
+    for (size_t k = 0; k < sizeof rows / sizeof rows[0]; k++) {
+        const int32_t n = rows[k];
+        const size_t be = (size_t)n * E * 4, bf = (size_t)n * FF * 4;
+        float *h = malloc(be), *x = malloc(be), *xr = malloc(be), *xg = malloc(be);
+        float *g = malloc(bf), *u = malloc(bf), *o = malloc(be), *dr = malloc(be), *dgpu = malloc(be);
+        fill(h, (int64_t)n * E, 1.0f);
+        fill(x, (int64_t)n * E, 1.0f);
+        /* ffn */
+        ck_assert_int_eq(cpu->ops->matmul(cpu, &gc, h, n, NULL, g), 0);
+        ck_assert_int_eq(cpu->ops->matmul(cpu, &uc, h, n, NULL, u), 0);
+        ck_assert_int_eq(cpu->ops->swiglu(cpu, g, u, (int64_t)n * FF, g), 0);
+        ck_assert_int_eq(cpu->ops->matmul(cpu, &dc, g, n, NULL, o), 0);
+        float *dh = to_gpu(h, be), *dx = to_gpu(x, be), *dtmp = gpu->ops->alloc(gpu, be);
+        float *dgate = gpu->ops->alloc(gpu, bf), *dup = gpu->ops->alloc(gpu, bf);
+        ck_assert_int_eq(gpu->ops->ffn(gpu, &gg, &ug, &dg, dh, n, dgate, dup, dtmp, dx), 0);
+        from_gpu(xg, dx, be);
+        delta(xg, x, (int64_t)n * E, dgpu);
+        char what[96];
+        snprintf(what, sizeof what, "ffn %d rows", n);
+        expect_close(dgpu, o, (int64_t)n * E, 1e-2, W_MATMUL, what);
+        /* matmul_add */
+        ck_assert_int_eq(cpu->ops->matmul(cpu, &oc, h, n, NULL, o), 0);
+        ck_assert_int_eq(gpu->ops->upload(gpu, dx, x, be), 0);
+        ck_assert_int_eq(gpu->ops->matmul_add(gpu, &og, dh, n, dtmp, dx), 0);
+        from_gpu(xg, dx, be);
+        delta(xg, x, (int64_t)n * E, dgpu);
+        snprintf(what, sizeof what, "matmul_add %d rows", n);
+        expect_close(dgpu, o, (int64_t)n * E, 1e-2, W_MATMUL, what);
+        /* rmsnorm's bf16 copy: used while valid, never once its f32 rows are rewritten */
+        float *w = malloc((size_t)E * 4);
+        fill(w, E, 1.5f);
+        float *dw = to_gpu(w, (size_t)E * 4), *dy = gpu->ops->alloc(gpu, be);
+        ck_assert_int_eq(cpu->ops->rmsnorm(cpu, h, w, n, E, 1e-5f, xr), 0);
+        ck_assert_int_eq(cpu->ops->matmul(cpu, &oc, xr, n, NULL, o), 0);
+        ck_assert_int_eq(gpu->ops->rmsnorm(gpu, dh, dw, n, E, 1e-5f, dtmp), 0);
+        ck_assert_int_eq(gpu->ops->matmul(gpu, &og, dtmp, n, NULL, dy), 0);
+        from_gpu(xg, dy, be);
+        snprintf(what, sizeof what, "rmsnorm then matmul %d rows", n);
+        expect_close(xg, o, (int64_t)n * E, 1e-2, W_MATMUL, what);
+        ck_assert_int_eq(gpu->ops->rmsnorm(gpu, dh, dw, n, E, 1e-5f, dtmp), 0);
+        ck_assert_int_eq(gpu->ops->upload(gpu, dtmp, x, be), 0);
+        ck_assert_int_eq(gpu->ops->matmul(gpu, &og, dtmp, n, NULL, dy), 0);
+        ck_assert_int_eq(cpu->ops->matmul(cpu, &oc, x, n, NULL, o), 0);
+        from_gpu(xg, dy, be);
+        snprintf(what, sizeof what, "matmul after upload over the norm's output, %d rows", n);
+        expect_close(xg, o, (int64_t)n * E, 1e-2, W_MATMUL, what);
+        ck_assert_int_eq(gpu->ops->rmsnorm(gpu, dh, dw, n, E, 1e-5f, dtmp), 0);
+        ck_assert_int_eq(gpu->ops->add(gpu, dtmp, dx, (int64_t)n * E), 0);
+        ck_assert_int_eq(gpu->ops->matmul(gpu, &og, dtmp, n, NULL, dy), 0);
+        from_gpu(dr, dx, be);
+        for (int64_t i = 0; i < (int64_t)n * E; i++) {
+            dr[i] += xr[i];
+        }
+        ck_assert_int_eq(cpu->ops->matmul(cpu, &oc, dr, n, NULL, o), 0);
+        from_gpu(xg, dy, be);
+        snprintf(what, sizeof what, "matmul after add into the norm's output, %d rows", n);
+        expect_close(xg, o, (int64_t)n * E, 1e-2, W_MATMUL, what);
+        gpu->ops->free(gpu, dw);
+        gpu->ops->free(gpu, dy);
+        free(w);
+        gpu->ops->free(gpu, dh);
+        gpu->ops->free(gpu, dx);
+        gpu->ops->free(gpu, dtmp);
+        gpu->ops->free(gpu, dgate);
+        gpu->ops->free(gpu, dup);
+        free(h);
+        free(x);
+        free(xr);
+        free(xg);
+        free(g);
+        free(u);
+        free(o);
+        free(dr);
+        free(dgpu);
+    }
+    struct kvs_weight *all[] = {&gc, &gg, &uc, &ug, &dc, &dg, &oc, &og};
+    for (int i = 0; i < 8; i++) {
+        (i % 2 == 0 ? cpu : gpu)->ops->weight_free(i % 2 == 0 ? cpu : gpu, all[i]);
+    }
+}
+END_TEST
+
 START_TEST(test_rope)
 {
     static const int32_t shapes[][4] = {/* n_rows, n_heads, head_dim, n_dims */
@@ -800,6 +920,7 @@ int main(void)
     tcase_add_test(ops, test_matmul);
     tcase_add_test(ops, test_rowwise);
     tcase_add_test(ops, test_rope);
+    tcase_add_test(ops, test_fused_blocks);
     tcase_add_test(ops, test_attention);
     tcase_add_test(ops, test_bad_slot_is_reported);
     suite_add_tcase(s, ops);

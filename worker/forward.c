@@ -279,15 +279,24 @@ static int forward_ops(kvs_forward *fw, const kvs_batch *bt, const struct kvs_at
             KVS_TRY(op->kv_store(b, kv, (int32_t)l, fw->k, fw->v, ab));
         }
         KVS_TRY(op->attention(b, kv, (int32_t)l, fw->q, H, scale, ab, fw->att));
-        KVS_TRY(op->matmul(b, &L->wo, fw->att, n, NULL, fw->o));
-        KVS_TRY(op->add(b, fw->x, fw->o, (int64_t)n * E));
+        if (op->matmul_add != NULL) {
+            KVS_TRY(op->matmul_add(b, &L->wo, fw->att, n, fw->o, fw->x));
+        } else {
+            KVS_TRY(op->matmul(b, &L->wo, fw->att, n, NULL, fw->o));
+            KVS_TRY(op->add(b, fw->x, fw->o, (int64_t)n * E));
+        }
         /* feed-forward block */
         KVS_TRY(op->rmsnorm(b, fw->x, L->ffn_norm, n, E, hp->norm_eps, fw->h));
-        KVS_TRY(op->matmul(b, &L->w_gate, fw->h, n, NULL, fw->gate));
-        KVS_TRY(op->matmul(b, &L->w_up, fw->h, n, NULL, fw->up));
-        KVS_TRY(op->swiglu(b, fw->gate, fw->up, (int64_t)n * FF, fw->gate));
-        KVS_TRY(op->matmul(b, &L->w_down, fw->gate, n, NULL, fw->o));
-        KVS_TRY(op->add(b, fw->x, fw->o, (int64_t)n * E));
+        if (op->ffn != NULL) {
+            KVS_TRY(op->ffn(b, &L->w_gate, &L->w_up, &L->w_down, fw->h, n, fw->gate, fw->up,
+                            fw->o, fw->x));
+        } else {
+            KVS_TRY(op->matmul(b, &L->w_gate, fw->h, n, NULL, fw->gate));
+            KVS_TRY(op->matmul(b, &L->w_up, fw->h, n, NULL, fw->up));
+            KVS_TRY(op->swiglu(b, fw->gate, fw->up, (int64_t)n * FF, fw->gate));
+            KVS_TRY(op->matmul(b, &L->w_down, fw->gate, n, NULL, fw->o));
+            KVS_TRY(op->add(b, fw->x, fw->o, (int64_t)n * E));
+        }
     }
     if (n_head_rows > 0) {
         KVS_TRY(op->gather(b, fw->x, fw->logit_idx, n_head_rows, E, fw->lx));

@@ -362,11 +362,18 @@ int main(int argc, char **argv)
 
     /* ---- --profile: one forward between cudaProfilerStart/Stop, for ncu --profile-from-start
      * off (bench/cuda/profile_h200.sh): "chunk" = the last 2048-row chunk of the stateless
-     * 32K fill (context 30720..32767), "decode" = one decode step at 1K context (graphs warm) */
+     * 32K fill (context 30720..32767), "chunk0" its first chunk, "decode" = one decode step
+     * at 1K context (graphs warm) */
     if (profile != NULL) {
         kvs_seq *ps = kvs_pool_seq_new(B.pool);
-        const int is_chunk = strcmp(profile, "chunk") == 0;
-        feed(&B, ps, is_chunk ? ctx_long - n_append : 1023, 0);
+        const int is_chunk0 = strcmp(profile, "chunk0") == 0;
+        const int is_chunk = is_chunk0 || strcmp(profile, "chunk") == 0;
+        if (is_chunk0) {
+            kvs_seq *warm = kvs_pool_seq_new(B.pool); /* cuBLAS heuristics, scratch growth */
+            feed(&B, warm, n_append, 0);
+            kvs_pool_seq_release(B.pool, &warm);
+        }
+        feed(&B, ps, is_chunk0 ? 0 : is_chunk ? ctx_long - n_append : 1023, 0);
         for (int i = 0; !is_chunk && i < 4; i++) {
             feed(&B, ps, 1, 1); /* graphs captured */
         }
@@ -522,7 +529,26 @@ int main(int argc, char **argv)
                "chunk %d %.1f ms, chunk %d %.1f ms\n",
                n_st, nc, stateless32k, chunk_s[0] * 1e3, nc / 2, chunk_s[nc / 2] * 1e3, nc - 2,
                chunk_s[nc - 2] * 1e3);
+        printf("stateless chunks (ms):");
+        for (int32_t i = 0; i < nc; i++) {
+            printf(" %.1f", chunk_s[i] * 1e3);
+        }
+        printf("\n");
         kvs_pool_seq_release(B.pool, &st);
+        /* without graphs, and without early launch (the host's share of a chunk) */
+        static const char *const sw[][2] = {{"KVS_CUDA_GRAPHS", "0"}, {"KVS_CUDA_PDL", "0"}};
+        for (int v = 0; v < 2; v++) {
+            setenv(sw[v][0], sw[v][1], 1);
+            kvs_seq *sv = kvs_pool_seq_new(B.pool);
+            double tv = feed_chunks(&B, sv, n_st, 1, chunk_s) * 1e3;
+            printf("stateless with %s=%s: %.1f ms; chunks (ms):", sw[v][0], sw[v][1], tv);
+            for (int32_t i = 0; i < nc; i++) {
+                printf(" %.1f", chunk_s[i] * 1e3);
+            }
+            printf("\n");
+            kvs_pool_seq_release(B.pool, &sv);
+            unsetenv(sw[v][0]);
+        }
         /* the same with the other attention kernels (wg_variants) */
         for (int w = 0; w < N_WG_VARIANTS; w++) {
             const char *const *wgv = wg_variants[w];
@@ -535,6 +561,16 @@ int main(int argc, char **argv)
             kvs_pool_seq_release(B.pool, &sv);
             wg_variant(-1);
         }
+        /* the GEMM path without its bf16 activations (fusion part "gemm" off: f32 gate / up,
+         * separate residual adds, a bf16 conversion before every GEMM) */
+        setenv("KVS_CUDA_FUSE", "gemv+rope", 1);
+        kvs_seq *sf = kvs_pool_seq_new(B.pool);
+        double tf = feed_chunks(&B, sf, n_st, 1, chunk_s) * 1e3;
+        printf("stateless with KVS_CUDA_FUSE=gemv+rope: %.1f ms; chunk 0 %.1f ms, chunk %d %.1f "
+               "ms\n",
+               tf, chunk_s[0] * 1e3, nc - 2, chunk_s[nc - 2] * 1e3);
+        kvs_pool_seq_release(B.pool, &sf);
+        unsetenv("KVS_CUDA_FUSE");
     }
 
     /* ---- append 2048 at 2048..4095, on forks of a 2048-cell seq ---- */

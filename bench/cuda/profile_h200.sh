@@ -6,6 +6,8 @@
 #    at 1K (bench_cuda --profile chunk|decode): duration per kernel, summed by name;
 # 2. the full section set for one flash-attention launch of that chunk (layer 16).
 # ncu serializes kernels: the sums are the kernels' own times, without overlap or launch gaps.
+# NCU_CACHE=all flushes the caches before each kernel (ncu's default, session 3's sums); the
+# default here, none, leaves them warm as in a real forward.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/bench-out}
@@ -13,8 +15,9 @@ mkdir -p "$OUT"
 B=${KVS_PREBUILT:-build-h200}
 [ -d "$B/lib" ] && export LD_LIBRARY_PATH="$PWD/$B/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 NCU=${NCU:-ncu}
-for what in chunk decode; do
-  timeout 280 "$NCU" --clock-control none --profile-from-start off \
+for what in ${KVS_PROFILE_WHAT:-chunk0 chunk decode}; do
+  timeout 280 "$NCU" --clock-control none --cache-control "${NCU_CACHE:-none}" \
+    --profile-from-start off \
     --metrics gpu__time_duration.sum --csv --print-units base \
     "$B"/bench_cuda --profile "$what" >"$OUT/ncu-$what.csv" 2>"$OUT/ncu-$what.err"
   echo "ncu $what rc=$?"

@@ -894,6 +894,7 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
                        int32_t n_head, float scale, const struct kvs_attn_batch *ab, float *out)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
+    kvs_cuda_xb_drop(c); /* device memory is written */
     assert(kv != NULL && q != NULL && ab != NULL && out != NULL);
     const struct kvs_kv_layout *l = &kv->layout;
     if (layer < 0 || layer >= l->n_layer) {

@@ -76,6 +76,7 @@ void kvs_cuda_mirror_free(struct kvs_cuda_mirror *m)
 
 static void *cuda_alloc(kvs_backend *b, size_t bytes)
 {
+    kvs_cuda_xb_drop(kvs_cuda_ctx(b)); /* the address may be a freed activation's */
     void *p = NULL;
     if (cudaMalloc(&p, bytes == 0 ? 64 : bytes) != cudaSuccess) { /* 256-byte aligned */
         (void)cudaGetLastError();
@@ -88,6 +89,7 @@ static void *cuda_alloc(kvs_backend *b, size_t bytes)
 static void cuda_free(kvs_backend *b, void *ptr)
 {
     if (ptr != NULL) {
+        kvs_cuda_xb_drop(kvs_cuda_ctx(b));
         if (kvs_cuda_flush(kvs_cuda_ctx(b)) < 0) { /* a held op may read ptr */
             KVS_WARN("cuda: a held-back op failed before a free");
         }
@@ -100,6 +102,7 @@ static void cuda_free(kvs_backend *b, void *ptr)
 
 static int cuda_upload(kvs_backend *b, void *dst, const void *host_src, size_t bytes)
 {
+    kvs_cuda_xb_drop(kvs_cuda_ctx(b));
     KVS_TRY(kvs_cuda_flush(kvs_cuda_ctx(b)));
     if (bytes == 0) {
         return 0;
@@ -196,6 +199,8 @@ static const struct kvs_backend_ops cuda_ops = {
     /* .attention = */ kvs_cuda_attention,
     /* .destroy = */ cuda_destroy,
     /* .rope_store = */ kvs_cuda_rope_store,
+    /* .matmul_add = */ kvs_cuda_matmul_add,
+    /* .ffn = */ kvs_cuda_ffn,
 }; /* positional (this C++ dialect lacks C's designated initializers): header order */
 
 #define NEW_FAIL(...)                                                                      \

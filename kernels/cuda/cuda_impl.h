@@ -69,7 +69,9 @@ struct kvs_cuda_mirror {
 #define KVS_CUDA_PART_GEMV 1  /* GEMV matmuls */
 #define KVS_CUDA_PART_OTHER 2 /* the add (fusion); norm, rope, kv_store, attention (PDL) */
 #define KVS_CUDA_PART_ROPE 4  /* rope q, rope k and kv_store as one kernel (fusion) */
-#define KVS_CUDA_FUSE_DEFAULT (KVS_CUDA_PART_GEMV | KVS_CUDA_PART_ROPE) /* fuse.cu: not the add */
+#define KVS_CUDA_PART_GEMM 8  /* the GEMM path's bf16 activations (gemm.cu; fusion only) */
+#define KVS_CUDA_FUSE_DEFAULT                                                                  \
+    (KVS_CUDA_PART_GEMV | KVS_CUDA_PART_ROPE | KVS_CUDA_PART_GEMM) /* fuse.cu: not the add */
 
 /* One matmul of the GEMV path, held back so that the next op can join it (fuse.cu). */
 struct kvs_cuda_mm {
@@ -112,7 +114,10 @@ struct kvs_cuda {
     int fa_per_sm[32];             /* ... and their resident blocks per SM */
     int n_fa_set;
     int *d_flag;                   /* device: bad-index flag raised by kernels (see cuda.h) */
-    struct kvs_cuda_buf xb;        /* bf16 copy of a matmul's x */
+    struct kvs_cuda_buf xb;        /* bf16 copy of a matmul's x ... */
+    const float *xb_src;           /* ... of this f32 activation (NULL: none), valid until an
+                                    * op writes device memory (kvs_cuda_xb_drop) */
+    int64_t xb_n;                  /* ... elements */
     struct kvs_cuda_buf partial;   /* attention split partials */
     struct kvs_cuda_buf blockbuf;  /* one KV block in the canonical layout (read/write) */
     struct kvs_cuda_mirror pos;    /* rope positions */
@@ -207,6 +212,21 @@ int kvs_cuda_add_into_gemv(struct kvs_cuda *c, float *x, const float *y, int64_t
 int kvs_cuda_add_flush(struct kvs_cuda *c, const float *rms_w, int32_t n_rows, int32_t dim,
                        float eps, float *out);
 
+/* The bf16 copy in c->xb of the f32 activation x (n elements) when it holds one: rmsnorm
+ * writes it beside its f32 output for a GEMM-path matmul to take, and a matmul that converts
+ * its x leaves it for the next matmul of the same x (q, k, v). Every op that writes device
+ * memory drops it first (except a matmul whose y does not overlap x), as do alloc, free,
+ * upload and a forward's start, so it never stands for stale f32 data. */
+static inline const __nv_bfloat16 *kvs_cuda_xb_of(const struct kvs_cuda *c, const float *x,
+                                                  int64_t n)
+{
+    return c->xb_src == x && c->xb_n == n ? (const __nv_bfloat16 *)c->xb.p : NULL;
+}
+static inline void kvs_cuda_xb_drop(struct kvs_cuda *c)
+{
+    c->xb_src = NULL;
+}
+
 /* weights.cu */
 int kvs_cuda_weight_load(kvs_backend *b, struct kvs_weight *w, const void *host_data);
 void kvs_cuda_weight_free(kvs_backend *b, struct kvs_weight *w);
@@ -216,6 +236,11 @@ int kvs_cuda_get_rows(kvs_backend *b, const struct kvs_weight *table, const int3
 /* gemm.cu */
 int kvs_cuda_matmul(kvs_backend *b, const struct kvs_weight *w, const float *x, int32_t n_rows,
                     const float *bias, float *y);
+int kvs_cuda_matmul_add(kvs_backend *b, const struct kvs_weight *w, const float *x,
+                        int32_t n_rows, float *tmp, float *y);
+int kvs_cuda_ffn(kvs_backend *b, const struct kvs_weight *w_gate, const struct kvs_weight *w_up,
+                 const struct kvs_weight *w_down, const float *h, int32_t n_rows, float *gate,
+                 float *up, float *tmp, float *x);
 
 /* norm_rope.cu */
 int kvs_cuda_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_rows,

@@ -10,13 +10,18 @@
  *   - a GEMV matmul writing y followed by add(x, y) (the residual adds after the output
  *     and down projections): the GEMV adds each output to x as it writes it;
  *   - rope(q), rope(k), kv_store(k, v): one kernel (rope_store; part "rope");
+ *   - many rows (GEMMs; part "gemm"): rmsnorm writes its output in bf16 too, for the GEMMs
+ *     that read it; the output / down projections accumulate into x in the GEMM, and the
+ *     feed-forward block keeps gate / up in bf16 (the optional ops matmul_add and ffn,
+ *     gemm.cu). This part rounds gate and up to bf16, so its results are not the same bits
+ *     as without it (the parity tests hold it to the same tolerances);
  *   - add(x, y) followed by rmsnorm(x): one kernel per row (off by default: faster alone, but
  *     slower inside a decode step at 1K: 6.29 vs 5.25 ms with every kernel launched early,
  *     5.47 vs 5.26 with only the GEMVs early; part "add").
  * Each output is computed in the same order as unfused, so the results are the same bits.
  * Any other op, upload, download, sync and free launch what is held first (kvs_cuda_flush),
  * so stream order is kept; errors of a held op surface at that point. KVS_CUDA_FUSE (parts,
- * kvs_cuda_env_parts): 0 none, unset = gemv+rope, all = every part.
+ * kvs_cuda_env_parts): 0 none, unset = gemv+rope+gemm, all = every part.
  *
  * Graphs. The forward (worker/forward.c) brackets its layers with kvs_cuda_graph_begin /
  * _end and runs them up to three times:
@@ -97,6 +102,7 @@ static void reset_forward(struct kvs_cuda *c, int mode)
 {
     c->gmode = mode;
     c->gbad = 0;
+    kvs_cuda_xb_drop(c); /* each pass starts from the same state */
     c->ghash = mix(HASH_SEED, (uint64_t)c->pdl); /* early launch is part of a graph's nodes */
     c->stage_off = 0;
     memset(c->stage_len, 0, sizeof c->stage_len);
@@ -109,7 +115,8 @@ static int env_off(const char *name)
 }
 
 /* KVS_CUDA_FUSE / KVS_CUDA_PDL: "0" none; parts joined by '+': "gemv" (KVS_CUDA_PART_GEMV),
- * "add" or "other" (KVS_CUDA_PART_OTHER), "rope" (KVS_CUDA_PART_ROPE), e.g. "gemv+rope";
+ * "add" or "other" (KVS_CUDA_PART_OTHER), "rope" (KVS_CUDA_PART_ROPE), "gemm"
+ * (KVS_CUDA_PART_GEMM), e.g. "gemv+rope";
  * "all" (or any other word) every part. Unset: def. */
 int kvs_cuda_env_parts(const char *name, int def)
 {
@@ -130,8 +137,11 @@ int kvs_cuda_env_parts(const char *name, int def)
             parts |= KVS_CUDA_PART_OTHER;
         } else if (n == 4 && strncmp(p, "rope", 4) == 0) {
             parts |= KVS_CUDA_PART_ROPE;
+        } else if (n == 4 && strncmp(p, "gemm", 4) == 0) {
+            parts |= KVS_CUDA_PART_GEMM;
         } else {
-            return KVS_CUDA_PART_GEMV | KVS_CUDA_PART_OTHER | KVS_CUDA_PART_ROPE;
+            return KVS_CUDA_PART_GEMV | KVS_CUDA_PART_OTHER | KVS_CUDA_PART_ROPE |
+                   KVS_CUDA_PART_GEMM;
         }
         p += n + (q != NULL);
     }
@@ -159,6 +169,7 @@ extern "C" int kvs_cuda_graph_begin(kvs_backend *b, int32_t n_seqs, int32_t n_ro
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
     KVS_TRY(kvs_cuda_flush(c));
+    kvs_cuda_xb_drop(c);
     c->n_seqs_hint = n_seqs > 0 ? n_seqs : 0;
     c->max_ctx_hint = max_ctx > 0 ? max_ctx : 0;
     kvs_cuda_read_env(c);

@@ -4,8 +4,17 @@
  * loads of W, x read in f32, fp32 accumulation. GEMV matmuls are held back (fuse.cu): those
  * reading one x launch together, and gate/up launch fused with the swiglu that follows; they
  * start early (programmatic dependent launch) and prefetch their first weights. More rows: x
- * is rounded to bf16 into scratch and cuBLAS does the GEMM (bf16 operands, fp32 compute, f32
- * output); the bias is added after. In cuBLAS's column-major terms: Y^T (n_out, n_rows) = W (as (n_in, n_out))^T X^T. */
+ * is rounded to bf16 into scratch (or taken from the bf16 copy rmsnorm wrote beside its
+ * output, kvs_cuda_xb_of) and cuBLAS does the GEMM (bf16 operands, fp32 compute, f32
+ * output); the bias is added after. In cuBLAS's column-major terms: Y^T (n_out, n_rows) = W
+ * (as (n_in, n_out))^T X^T.
+ *
+ * The optional ops matmul_add and ffn (kernels/backend.h) on the GEMM path (fusion part
+ * "gemm", on by default): the output and down projections accumulate into the residual
+ * stream inside the GEMM (beta = 1, f32 C), and the feed-forward block stays in bf16 between
+ * its GEMMs (gate and up written as bf16, swiglu bf16 -> bf16 straight into the down GEMM's
+ * operand): per layer of a 2048-row chunk of the 8B shape ~0.8 GB less f32 traffic and five
+ * element-wise kernels fewer. Few rows: the ops the forward would issue, fused as above. */
 #include "kernels/cuda/cuda_impl.h"
 
 #include <assert.h>
@@ -216,7 +225,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     }
 }
 
-enum { SITE_GEMV = 0x100, SITE_GEMV_SWIGLU, SITE_GEMM };
+enum { SITE_GEMV = 0x100, SITE_GEMV_SWIGLU, SITE_GEMM, SITE_GEMM_ADD, SITE_FFN };
 
 /* Launch a GEMV kernel, with programmatic dependent launch when c->pdl (fuse.cu). */
 template <typename K, typename... Args>
@@ -372,12 +381,57 @@ int kvs_cuda_swiglu_fused(struct kvs_cuda *c, const float *gate, const float *up
     return 1;
 }
 
+/* out = bf16(x), 4 elements a thread when VEC (x 16-byte and out 8-byte aligned, n % 4 == 0) */
+template <bool VEC>
 static __global__ void to_bf16_kernel(const float *__restrict__ x, int64_t n,
                                       __nv_bfloat16 *__restrict__ out)
 {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+    const int64_t step = (int64_t)gridDim.x * blockDim.x;
+    int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (VEC) {
+        for (; i < n / 4; i += step) {
+            const float4 v = ((const float4 *)x)[i];
+            __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y);
+            __nv_bfloat162 hi = __floats2bfloat162_rn(v.z, v.w);
+            uint2 packed;
+            memcpy(&packed.x, &lo, 4);
+            memcpy(&packed.y, &hi, 4);
+            ((uint2 *)out)[i] = packed;
+        }
+    } else {
+        for (; i < n; i += step) {
+            out[i] = __float2bfloat16_rn(x[i]);
+        }
+    }
+}
+
+static void launch_to_bf16(struct kvs_cuda *c, const float *x, int64_t n, __nv_bfloat16 *out)
+{
+    if (n % 4 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)out % 8 == 0) {
+        to_bf16_kernel<true><<<kvs_cuda_blocks(n / 4, 256), 256, 0, c->stream>>>(x, n, out);
+    } else {
+        to_bf16_kernel<false><<<kvs_cuda_blocks(n, 256), 256, 0, c->stream>>>(x, n, out);
+    }
+}
+
+/* out = silu(g) * u on bf16 operands (f32 arithmetic, rounded once), 8 elements a thread;
+ * out may equal g or u. n % 8 == 0, all 16-byte aligned (the caller checks). */
+static __global__ void swiglu_bf16_kernel(const __nv_bfloat16 *g, const __nv_bfloat16 *u,
+                                          int64_t n8, __nv_bfloat16 *out)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n8;
          i += (int64_t)gridDim.x * blockDim.x) {
-        out[i] = __float2bfloat16_rn(x[i]);
+        const uint4 gv = ((const uint4 *)g)[i], uv = ((const uint4 *)u)[i];
+        const __nv_bfloat162 *g2 = (const __nv_bfloat162 *)&gv, *u2 = (const __nv_bfloat162 *)&uv;
+        uint4 ov;
+        __nv_bfloat162 *o2 = (__nv_bfloat162 *)&ov;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const float2 a = __bfloat1622float2(g2[k]), b = __bfloat1622float2(u2[k]);
+            o2[k] = __floats2bfloat162_rn(a.x / (1.0f + expf(-a.x)) * b.x,
+                                          a.y / (1.0f + expf(-a.y)) * b.y);
+        }
+        ((uint4 *)out)[i] = ov;
     }
 }
 
@@ -390,6 +444,51 @@ static __global__ void add_bias_kernel(float *__restrict__ y, const float *__res
     }
 }
 
+/* Whether a matmul of n_rows rows of x takes the GEMV path (else cuBLAS). */
+static bool gemv_path(const struct kvs_weight *w, const float *x, int32_t n_rows)
+{
+    return n_rows <= KVS_CUDA_GEMV_MAX_ROWS && w->n_in % 8 == 0 && (uintptr_t)x % 16 == 0;
+}
+
+/* The bf16 operand of a GEMM reading x (n elements): the copy c->xb holds when it is x's
+ * (*convert = false), else c->xb to be converted into (*convert = true), which then stands
+ * for x (fusion part "gemm"; without it every GEMM converts and nothing is kept). */
+static int gemm_operand(struct kvs_cuda *c, const float *x, int64_t n, __nv_bfloat16 **xb,
+                        bool *convert)
+{
+    const bool keep = (c->fuse & KVS_CUDA_PART_GEMM) != 0;
+    if (keep && kvs_cuda_xb_of(c, x, n) != NULL) {
+        *xb = (__nv_bfloat16 *)c->xb.p;
+        *convert = false;
+        return 0;
+    }
+    kvs_cuda_xb_drop(c);
+    KVS_TRY(kvs_cuda_buf_reserve(&c->xb, (size_t)n * sizeof(__nv_bfloat16)));
+    *xb = (__nv_bfloat16 *)c->xb.p;
+    *convert = true;
+    if (keep) {
+        c->xb_src = x;
+        c->xb_n = n;
+    }
+    return 0;
+}
+
+/* Y^T (n_out, n_rows) = W X^T + beta Y^T in cuBLAS's terms; y of type yt (f32 or bf16). */
+static int gemm(struct kvs_cuda *c, const __nv_bfloat16 *W, int64_t n_out, int64_t n_in,
+                const __nv_bfloat16 *xb, int32_t n_rows, void *y, cudaDataType_t yt, float beta)
+{
+    const float one = 1.0f;
+    CUBLAS_TRY(cublasGemmEx(c->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, n_rows, (int)n_in,
+                            &one, W, CUDA_R_16BF, (int)n_in, xb, CUDA_R_16BF, (int)n_in, &beta, y,
+                            yt, (int)n_out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return 0;
+}
+
+static bool overlaps(const void *a, size_t an, const void *b, size_t bn)
+{
+    return (const char *)a < (const char *)b + bn && (const char *)b < (const char *)a + an;
+}
+
 int kvs_cuda_matmul(kvs_backend *b, const struct kvs_weight *w, const float *x, int32_t n_rows,
                     const float *bias, float *y)
 {
@@ -399,7 +498,10 @@ int kvs_cuda_matmul(kvs_backend *b, const struct kvs_weight *w, const float *x, 
         return 0;
     }
     const __nv_bfloat16 *W = (const __nv_bfloat16 *)w->data;
-    if (n_rows <= KVS_CUDA_GEMV_MAX_ROWS && w->n_in % 8 == 0 && (uintptr_t)x % 16 == 0) {
+    if (overlaps(y, (size_t)n_rows * w->n_out * 4, c->xb_src, (size_t)c->xb_n * 4)) {
+        kvs_cuda_xb_drop(c);
+    }
+    if (gemv_path(w, x, n_rows)) {
         return gemv_hold(c, W, x, n_rows, w->n_in, w->n_out, bias, y);
     }
     KVS_TRY(kvs_cuda_flush(c));
@@ -407,28 +509,111 @@ int kvs_cuda_matmul(kvs_backend *b, const struct kvs_weight *w, const float *x, 
         return KVS_TOO_LARGE;
     }
     int64_t nx = (int64_t)n_rows * w->n_in;
-    KVS_TRY(kvs_cuda_buf_reserve(&c->xb, (size_t)nx * sizeof(__nv_bfloat16)));
-    __nv_bfloat16 *xb = (__nv_bfloat16 *)c->xb.p;
+    __nv_bfloat16 *xb = NULL;
+    bool convert = true;
+    KVS_TRY(gemm_operand(c, x, nx, &xb, &convert));
     const uint64_t args[] = {(uint64_t)(uintptr_t)W,    (uint64_t)(uintptr_t)x,
                              (uint64_t)(uintptr_t)xb,   (uint64_t)(uintptr_t)y,
                              (uint64_t)(uintptr_t)bias, (uint64_t)n_rows,
-                             (uint64_t)w->n_in,         (uint64_t)w->n_out};
-    if (!kvs_cuda_launch_ok(c, SITE_GEMM, args, 8)) {
+                             (uint64_t)w->n_in,         (uint64_t)w->n_out,
+                             (uint64_t)convert};
+    if (!kvs_cuda_launch_ok(c, SITE_GEMM, args, 9)) {
         return 0;
     }
-    to_bf16_kernel<<<kvs_cuda_blocks(nx, 256), 256, 0, c->stream>>>(x, nx, xb);
-    CU_LAUNCHED();
-    const float one = 1.0f, zero = 0.0f;
-    int m = (int)w->n_out, n = n_rows, k = (int)w->n_in;
-    CUBLAS_TRY(cublasGemmEx(c->cublas, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &one, W, CUDA_R_16BF, k,
-                            xb, CUDA_R_16BF, k, &zero, y, CUDA_R_32F, m, CUBLAS_COMPUTE_32F,
-                            CUBLAS_GEMM_DEFAULT));
+    if (convert) {
+        launch_to_bf16(c, x, nx, xb);
+        CU_LAUNCHED();
+    }
+    KVS_TRY(gemm(c, W, w->n_out, w->n_in, xb, n_rows, y, CUDA_R_32F, 0.0f));
     if (bias != NULL) {
         int64_t ny = (int64_t)n_rows * w->n_out;
         add_bias_kernel<<<kvs_cuda_blocks(ny, 256), 256, 0, c->stream>>>(y, bias, w->n_out, ny);
         CU_LAUNCHED();
     }
     return 0;
+}
+
+int kvs_cuda_matmul_add(kvs_backend *b, const struct kvs_weight *w, const float *x,
+                        int32_t n_rows, float *tmp, float *y)
+{
+    struct kvs_cuda *c = kvs_cuda_ctx(b);
+    assert(w != NULL && w->data != NULL && x != NULL && tmp != NULL && y != NULL);
+    if (n_rows <= 0 || gemv_path(w, x, n_rows) || (c->fuse & KVS_CUDA_PART_GEMM) == 0) {
+        KVS_TRY(kvs_cuda_matmul(b, w, x, n_rows, NULL, tmp));
+        return kvs_cuda_add(b, y, tmp, (int64_t)n_rows * w->n_out);
+    }
+    KVS_TRY(kvs_cuda_flush(c));
+    if (w->n_in > INT32_MAX || w->n_out > INT32_MAX) {
+        return KVS_TOO_LARGE;
+    }
+    const int64_t nx = (int64_t)n_rows * w->n_in;
+    __nv_bfloat16 *xb = NULL;
+    bool convert = true;
+    KVS_TRY(gemm_operand(c, x, nx, &xb, &convert));
+    kvs_cuda_xb_drop(c); /* y is written (the residual stream, read by the next rmsnorm) */
+    const __nv_bfloat16 *W = (const __nv_bfloat16 *)w->data;
+    const uint64_t args[] = {(uint64_t)(uintptr_t)W,  (uint64_t)(uintptr_t)x,
+                             (uint64_t)(uintptr_t)xb, (uint64_t)(uintptr_t)y,
+                             (uint64_t)n_rows,        (uint64_t)w->n_in,
+                             (uint64_t)w->n_out,      (uint64_t)convert};
+    if (!kvs_cuda_launch_ok(c, SITE_GEMM_ADD, args, 8)) {
+        return 0;
+    }
+    if (convert) {
+        launch_to_bf16(c, x, nx, xb);
+        CU_LAUNCHED();
+    }
+    return gemm(c, W, w->n_out, w->n_in, xb, n_rows, y, CUDA_R_32F, 1.0f);
+}
+
+int kvs_cuda_ffn(kvs_backend *b, const struct kvs_weight *w_gate, const struct kvs_weight *w_up,
+                 const struct kvs_weight *w_down, const float *h, int32_t n_rows, float *gate,
+                 float *up, float *tmp, float *x)
+{
+    struct kvs_cuda *c = kvs_cuda_ctx(b);
+    const int64_t E = w_gate->n_in, FF = w_gate->n_out;
+    assert(w_up->n_in == E && w_up->n_out == FF && w_down->n_in == FF && w_down->n_out == E);
+    assert(h != NULL && gate != NULL && up != NULL && tmp != NULL && x != NULL);
+    const int64_t nf = (int64_t)n_rows * FF;
+    if (n_rows <= 0 || gemv_path(w_gate, h, n_rows) || (c->fuse & KVS_CUDA_PART_GEMM) == 0 ||
+        nf % 8 != 0 || (uintptr_t)gate % 16 != 0 || (uintptr_t)up % 16 != 0) {
+        KVS_TRY(kvs_cuda_matmul(b, w_gate, h, n_rows, NULL, gate));
+        KVS_TRY(kvs_cuda_matmul(b, w_up, h, n_rows, NULL, up));
+        KVS_TRY(kvs_cuda_swiglu(b, gate, up, nf, gate));
+        KVS_TRY(kvs_cuda_matmul(b, w_down, gate, n_rows, NULL, tmp));
+        return kvs_cuda_add(b, x, tmp, (int64_t)n_rows * E);
+    }
+    KVS_TRY(kvs_cuda_flush(c));
+    if (E > INT32_MAX || FF > INT32_MAX) {
+        return KVS_TOO_LARGE;
+    }
+    __nv_bfloat16 *hb = NULL;
+    bool convert = true;
+    KVS_TRY(gemm_operand(c, h, (int64_t)n_rows * E, &hb, &convert));
+    kvs_cuda_xb_drop(c); /* x is written */
+    /* gate and up as bf16 in the first half of their f32 buffers; swiglu in place in gate */
+    __nv_bfloat16 *G = (__nv_bfloat16 *)gate, *U = (__nv_bfloat16 *)up;
+    const __nv_bfloat16 *Wg = (const __nv_bfloat16 *)w_gate->data;
+    const __nv_bfloat16 *Wu = (const __nv_bfloat16 *)w_up->data;
+    const __nv_bfloat16 *Wd = (const __nv_bfloat16 *)w_down->data;
+    const uint64_t args[] = {(uint64_t)(uintptr_t)Wg, (uint64_t)(uintptr_t)Wu,
+                             (uint64_t)(uintptr_t)Wd, (uint64_t)(uintptr_t)h,
+                             (uint64_t)(uintptr_t)hb, (uint64_t)(uintptr_t)G,
+                             (uint64_t)(uintptr_t)U,  (uint64_t)(uintptr_t)x,
+                             (uint64_t)n_rows,        (uint64_t)E,
+                             (uint64_t)FF,            (uint64_t)convert};
+    if (!kvs_cuda_launch_ok(c, SITE_FFN, args, 12)) {
+        return 0;
+    }
+    if (convert) {
+        launch_to_bf16(c, h, (int64_t)n_rows * E, hb);
+        CU_LAUNCHED();
+    }
+    KVS_TRY(gemm(c, Wg, FF, E, hb, n_rows, G, CUDA_R_16BF, 0.0f));
+    KVS_TRY(gemm(c, Wu, FF, E, hb, n_rows, U, CUDA_R_16BF, 0.0f));
+    swiglu_bf16_kernel<<<kvs_cuda_blocks(nf / 8, 256), 256, 0, c->stream>>>(G, U, nf / 8, G);
+    CU_LAUNCHED();
+    return gemm(c, Wd, E, FF, G, n_rows, x, CUDA_R_32F, 1.0f);
 }
 
 /* x += y right after the one held GEMV matmul that writes y: the GEMV adds its outputs to x

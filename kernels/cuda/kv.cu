@@ -67,6 +67,7 @@ void kvs_cuda_kv_destroy(kvs_backend *b, kvs_kv_cache **kvp)
 int kvs_cuda_kv_copy_block(kvs_backend *b, kvs_kv_cache *kv, int32_t src, int32_t dst)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
+    kvs_cuda_xb_drop(c); /* device memory is written */
     assert(kv != NULL);
     const struct kvs_kv_layout *l = &kv->layout;
     if (src < 0 || src >= l->n_block || dst < 0 || dst >= l->n_block) {
@@ -120,6 +121,7 @@ int kvs_cuda_kv_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const flo
                       const float *v, const struct kvs_attn_batch *ab)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
+    kvs_cuda_xb_drop(c); /* device memory is written */
     assert(kv != NULL && k != NULL && v != NULL && ab != NULL);
     const struct kvs_kv_layout *l = &kv->layout;
     if (layer < 0 || layer >= l->n_layer) {
@@ -177,6 +179,7 @@ static __global__ void kv_block_kernel(__nv_bfloat16 *k, __nv_bfloat16 *v, __nv_
 static int kv_block_io(kvs_backend *b, kvs_kv_cache *kv, int32_t block, void *host, int pack)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
+    kvs_cuda_xb_drop(c); /* device memory is written */
     const struct kvs_kv_layout *l = &kv->layout;
     if (block < 0 || block >= l->n_block) {
         return KVS_OUT_OF_RANGE;

@@ -23,10 +23,10 @@
  * (16 dependent L2 round trips, ~6 us per 4096-wide row). Wider rows take the plain loops;
  * the sums are the same either way. Each thread rewrites only the elements it read, so out
  * may equal x. */
-template <bool ADD>
+template <bool ADD, bool BF16>
 static __global__ void __launch_bounds__(NORM_THREADS)
     norm_kernel(float *x, const float *y, const float *__restrict__ w, int32_t dim, float eps,
-                float *out)
+                float *out, __nv_bfloat16 *outb)
 {
     kvs_pdl_wait();
     kvs_pdl_trigger(); /* after the wait: see kvs_pdl_trigger */
@@ -34,6 +34,7 @@ static __global__ void __launch_bounds__(NORM_THREADS)
     float *xr = x + (int64_t)blockIdx.x * dim;
     const float *yr = ADD ? y + (int64_t)blockIdx.x * dim : NULL;
     float *o = out + (int64_t)blockIdx.x * dim;
+    __nv_bfloat16 *ob = BF16 ? outb + (int64_t)blockIdx.x * dim : NULL;
     const bool cached = dim <= NORM_CACHE * NORM_THREADS;
     float v[NORM_CACHE], wv[NORM_CACHE];
     float s = 0.0f;
@@ -91,12 +92,20 @@ static __global__ void __launch_bounds__(NORM_THREADS)
         for (int k = 0; k < NORM_CACHE; k++) {
             const int32_t i = threadIdx.x + k * NORM_THREADS;
             if (i < dim) {
-                o[i] = (v[k] * scale) * wv[k];
+                const float r = (v[k] * scale) * wv[k];
+                o[i] = r;
+                if (BF16) {
+                    ob[i] = __float2bfloat16_rn(r);
+                }
             }
         }
     } else {
         for (int32_t i = threadIdx.x; i < dim; i += NORM_THREADS) {
-            o[i] = (xr[i] * scale) * w[i];
+            const float r = (xr[i] * scale) * w[i];
+            o[i] = r;
+            if (BF16) {
+                ob[i] = __float2bfloat16_rn(r);
+            }
         }
     }
 }
@@ -122,9 +131,9 @@ int kvs_cuda_add_flush(struct kvs_cuda *c, const float *rms_w, int32_t n_rows, i
                                  (uint64_t)dim,             kvs_cuda_fbits(eps),
                                  (uint64_t)(uintptr_t)out};
         if (kvs_cuda_launch_ok(c, SITE_ADD_RMSNORM, args, 7)) {
-            CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, norm_kernel<true>,
+            CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, norm_kernel<true, false>,
                                    dim3((unsigned)n_rows), dim3(NORM_THREADS), 0, x, y, rms_w,
-                                   dim, eps, out));
+                                   dim, eps, out, (__nv_bfloat16 *)NULL));
         }
         return 0;
     }
@@ -144,19 +153,37 @@ int kvs_cuda_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_r
     if (n_rows == 0) {
         return kvs_cuda_flush(c);
     }
+    kvs_cuda_xb_drop(c);
     if (c->pend_add_x == x && c->pend_add_n == (int64_t)n_rows * dim) {
         return kvs_cuda_add_flush(c, w, n_rows, dim, eps, out); /* the held add, fused */
     }
     KVS_TRY(kvs_cuda_flush(c));
-    const uint64_t args[] = {(uint64_t)(uintptr_t)x, (uint64_t)(uintptr_t)w, (uint64_t)n_rows,
-                             (uint64_t)dim, kvs_cuda_fbits(eps),
-                             (uint64_t)(uintptr_t)out};
-    if (!kvs_cuda_launch_ok(c, SITE_RMSNORM, args, 6)) {
+    /* rows for a GEMM next (fusion part "gemm"): out in bf16 too, for the matmuls to take
+     * (kvs_cuda_xb_of) instead of converting it each */
+    __nv_bfloat16 *ob = NULL;
+    if ((c->fuse & KVS_CUDA_PART_GEMM) != 0 && n_rows > KVS_CUDA_GEMV_MAX_ROWS) {
+        const int64_t n = (int64_t)n_rows * dim;
+        KVS_TRY(kvs_cuda_buf_reserve(&c->xb, (size_t)n * sizeof(__nv_bfloat16)));
+        ob = (__nv_bfloat16 *)c->xb.p;
+        c->xb_src = out;
+        c->xb_n = n;
+    }
+    const uint64_t args[] = {(uint64_t)(uintptr_t)x,   (uint64_t)(uintptr_t)w,
+                             (uint64_t)n_rows,         (uint64_t)dim,
+                             kvs_cuda_fbits(eps),      (uint64_t)(uintptr_t)out,
+                             (uint64_t)(uintptr_t)ob};
+    if (!kvs_cuda_launch_ok(c, SITE_RMSNORM, args, 7)) {
         return 0;
     }
-    CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, norm_kernel<false>, dim3((unsigned)n_rows),
-                           dim3(NORM_THREADS), 0, (float *)x, (const float *)NULL, w, dim, eps,
-                           out));
+    if (ob != NULL) {
+        CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, norm_kernel<false, true>,
+                               dim3((unsigned)n_rows), dim3(NORM_THREADS), 0, (float *)x,
+                               (const float *)NULL, w, dim, eps, out, ob));
+        return 0;
+    }
+    CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, norm_kernel<false, false>,
+                           dim3((unsigned)n_rows), dim3(NORM_THREADS), 0, (float *)x,
+                           (const float *)NULL, w, dim, eps, out, (__nv_bfloat16 *)NULL));
     return 0;
 }
 
@@ -239,6 +266,7 @@ int kvs_cuda_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int
                   const int32_t *host_pos, const struct kvs_rope *rope)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
+    kvs_cuda_xb_drop(c); /* device memory is written */
     assert(x != NULL && rope != NULL && n_rows >= 0 && n_heads > 0);
     if (!rope_args_ok(rope, head_dim)) {
         return KVS_INVALID_ARGUMENT;
@@ -343,6 +371,7 @@ int kvs_cuda_rope_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, float *
                         const struct kvs_attn_batch *ab)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
+    kvs_cuda_xb_drop(c); /* device memory is written */
     assert(kv != NULL && q != NULL && k != NULL && v != NULL && ab != NULL && rope != NULL);
     const struct kvs_kv_layout *l = &kv->layout;
     /* fusion off (KVS_CUDA_FUSE without "rope"), or a shape the store cannot take: the
@@ -420,6 +449,7 @@ static __global__ void swiglu_kernel(const float *gate, const float *up, int64_t
 int kvs_cuda_swiglu(kvs_backend *b, const float *gate, const float *up, int64_t n, float *out)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
+    kvs_cuda_xb_drop(c); /* device memory is written */
     assert(gate != NULL && up != NULL && out != NULL && n >= 0);
     int fused = kvs_cuda_swiglu_fused(c, gate, up, n, out);
     if (fused != 0) {
@@ -450,6 +480,7 @@ static __global__ void add_kernel(float *x, const float *y, int64_t n)
 int kvs_cuda_add(kvs_backend *b, float *x, const float *y, int64_t n)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
+    kvs_cuda_xb_drop(c); /* device memory is written */
     assert(x != NULL && y != NULL && n >= 0);
     const int into = n > 0 ? kvs_cuda_add_into_gemv(c, x, y, n) : 0;
     if (into != 0) {
@@ -483,6 +514,7 @@ int kvs_cuda_gather(kvs_backend *b, const float *x, const int32_t *host_idx, int
                     int32_t dim, float *out)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
+    kvs_cuda_xb_drop(c); /* device memory is written */
     assert(x != NULL && out != NULL && (host_idx != NULL || n == 0) && dim >= 0);
     for (int32_t i = 0; i < n; i++) {
         if (host_idx[i] < 0) {

@@ -212,6 +212,7 @@ int kvs_cuda_get_rows(kvs_backend *b, const struct kvs_weight *table, const int3
                       int32_t n, float *out)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
+    kvs_cuda_xb_drop(c); /* device memory is written */
     assert(table != NULL && table->data != NULL && (host_ids != NULL || n == 0));
     for (int32_t i = 0; i < n; i++) {
         if (host_ids[i] < 0 || host_ids[i] >= table->n_out) {
