@@ -535,9 +535,9 @@ int main(int argc, char **argv)
         }
         printf("\n");
         kvs_pool_seq_release(B.pool, &st);
-        /* without graphs, and without early launch (the host's share of a chunk) */
-        static const char *const sw[][2] = {{"KVS_CUDA_GRAPHS", "0"}, {"KVS_CUDA_PDL", "0"}};
-        for (int v = 0; v < 2; v++) {
+        /* flash-attention blocks in row order (not last row tile first) */
+        static const char *const sw[][2] = {{"KVS_CUDA_FA_ORDER", "0"}};
+        for (int v = 0; v < 1; v++) {
             setenv(sw[v][0], sw[v][1], 1);
             kvs_seq *sv = kvs_pool_seq_new(B.pool);
             double tv = feed_chunks(&B, sv, n_st, 1, chunk_s) * 1e3;

@@ -588,9 +588,11 @@ static __global__ void __launch_bounds__(NW * 32) attn_fa_kernel(attn_args a)
     const int qb = KVW ? 0 : warp * 16;      /* the warp's first query vector */
     const int cb = KVW ? warp * 16 : 0;      /* the warp's first cell within a tile */
     const int32_t G = a.group, rows_per_tile = QV / G;
-    const int32_t t0 = blockIdx.x * rows_per_tile;
+    int32_t tile, kvh;
+    fa_block_unit(a, &tile, &kvh);
+    const int32_t t0 = tile * rows_per_tile;
     const int32_t t1 = min(t0 + rows_per_tile, a.n_rows);
-    const int32_t kvh = blockIdx.y, split = blockIdx.z;
+    const int32_t split = blockIdx.z;
     const __nv_bfloat16 *kb = a.k + (size_t)kvh * a.head_stride;
     const __nv_bfloat16 *vb = a.v + (size_t)kvh * a.head_stride;
     const float sl2 = a.scale * 1.4426950408889634f; /* scores in log2 units */
@@ -886,8 +888,9 @@ static bool launch_ok(struct kvs_cuda *c, const void *kernel, const attn_args &a
                              (uint64_t)(uintptr_t)a.k,      (uint64_t)(uintptr_t)a.row_ctx,
                              (uint64_t)(uintptr_t)a.row_table, (uint64_t)(uintptr_t)a.tables,
                              (uint64_t)a.n_rows,            (uint64_t)a.n_head,
-                             (uint64_t)a.n_split,           kvs_cuda_fbits(a.scale)};
-    return kvs_cuda_launch_ok(c, 0x500, args, 12);
+                             (uint64_t)a.n_split,           kvs_cuda_fbits(a.scale),
+                             (uint64_t)a.heavy_first};
+    return kvs_cuda_launch_ok(c, 0x500, args, 13);
 }
 
 int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const float *q,
@@ -1018,6 +1021,7 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
             a.partial = (float *)c->partial.p;
         }
         dim3 grid((unsigned)tiles, (unsigned)a.n_kv_head, (unsigned)a.n_split);
+        a.heavy_first = c->env_fa_heavy_first;
         if (!launch_ok(c, (const void *)fa, a)) {
             return 0;
         }

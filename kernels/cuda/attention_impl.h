@@ -17,9 +17,28 @@ struct attn_args {
     int *flag;
     int32_t n_rows, n_head, n_kv_head, hd, group, block_size, n_block, n_split;
     int32_t bs_shift; /* log2(block_size) when a power of two, else -1 */
+    int32_t heavy_first; /* flash kernels: blocks take their row tiles last first (below) */
     size_t head_stride, block_stride; /* elements */
     float scale;
 };
+
+/* The row tile and KV head of a flash-attention block (grid: tiles x KV heads x splits). With
+ * heavy_first the blocks go out in the order last row tile first, its KV heads together: a
+ * sequence's later rows attend to more cells, so the longest blocks start first and the
+ * short ones fill the last wave (a 2048-row chunk is 512 blocks of 1 to 16 KV tiles at its
+ * start of context). */
+static __device__ __forceinline__ void fa_block_unit(const attn_args &a, int32_t *tile,
+                                                     int32_t *kvh)
+{
+    if (!a.heavy_first) {
+        *tile = blockIdx.x;
+        *kvh = blockIdx.y;
+        return;
+    }
+    const int32_t u = blockIdx.x + blockIdx.y * gridDim.x; /* launch order within a split */
+    *tile = gridDim.x - 1 - u / gridDim.y;
+    *kvh = u % gridDim.y;
+}
 
 /* Rows [*start, *end) of [t0, t1) with the same block table as row *start. */
 static __device__ __forceinline__ int32_t sub_tile_end(const attn_args &a, int32_t start,

@@ -236,9 +236,11 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wg = warp >> 2;
     const int qb = warp * 16; /* the warp's first query vector */
     const int32_t G = a.group, rows_per_tile = WG_QV / G;
-    const int32_t t0 = blockIdx.x * rows_per_tile;
+    int32_t tile, kvh;
+    fa_block_unit(a, &tile, &kvh);
+    const int32_t t0 = tile * rows_per_tile;
     const int32_t t1 = min(t0 + rows_per_tile, a.n_rows);
-    const int32_t kvh = blockIdx.y, split = blockIdx.z;
+    const int32_t split = blockIdx.z;
     const __nv_bfloat16 *kb = a.k + (size_t)kvh * a.head_stride;
     const __nv_bfloat16 *vb = a.v + (size_t)kvh * a.head_stride;
     const float sl2 = a.scale * 1.4426950408889634f; /* scores in log2 units */
@@ -307,10 +309,9 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
         auto stage = [&](int32_t kt) { return sKV + (size_t)((kt - kt0) % S) * 2 * KVB; };
         float s[NT * 4];
         uint32_t pf[KP][4];
-        /* S = Q K^T of tile kt: 8 k-steps of 16 dims */
-        auto scores = [&](int32_t kt) {
+        /* issue S = Q K^T of tile kt: 8 k-steps of 16 dims */
+        auto issue_s = [&](int32_t kt) {
             const unsigned char *sk = stage(kt);
-            wg_fence();
 #pragma unroll
             for (int kk = 0; kk < KQ; kk++) {
                 const uint64_t dq = wg_desc(qw + (kk >> 2) * QB / 2 + (kk & 3) * 32, 16, 1024);
@@ -322,11 +323,25 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
                 }
             }
             wg_commit();
+        };
+        /* issue O += P V of tile kt: k-steps of 16 cells */
+        auto issue_pv = [&](int32_t kt) {
+            const unsigned char *sv = stage(kt) + KVB;
+#pragma unroll
+            for (int kk = 0; kk < KP; kk++) {
+                wg_mma_rs_n128_tb(o, pf[kk], wg_desc(sv + kk * 16 * 128, KVB / 2, 1024));
+            }
+            wg_commit();
+        };
+        auto scores = [&](int32_t kt) {
+            wg_fence();
+            issue_s(kt);
             wg_wait0();
         };
-        /* mask (only where a row's context ends inside the tile), online softmax, O rescaled,
-         * P = exp2(S scale - m) as bf16 A fragments (l sums P in f32) */
-        auto softmax = [&](int32_t kt) {
+        float corr[2]; /* O's rescale of the tile in softmax_a, applied in softmax_b */
+        /* mask (only where a row's context ends inside the tile), online softmax: s becomes
+         * P = exp2(S scale - m) in f32 (l sums it) */
+        auto softmax_a = [&](int32_t kt) {
             const int32_t c_first = kt * TC; /* warps share all of a tile's cells */
             float mx[2] = {-INFINITY, -INFINITY};
             const bool whole = c_first + TC <= min(ctx[0], ctx[1]);
@@ -372,8 +387,23 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
                 mx[0] = t[0][0];
                 mx[1] = t[1][0];
             }
-            float corr[2], base[2];
+            float base[2];
             fa_online_max(mx, m, l, sl2, corr, base);
+            float ls[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    s[4 * j + e] = exp2f(fmaf(s[4 * j + e], sl2, -base[e >> 1]));
+                }
+                ls[0][j & 3] += s[4 * j] + s[4 * j + 1]; /* four partial sums a row */
+                ls[1][j & 3] += s[4 * j + 2] + s[4 * j + 3];
+            }
+            l[0] += (ls[0][0] + ls[0][1]) + (ls[0][2] + ls[0][3]);
+            l[1] += (ls[1][0] + ls[1][1]) + (ls[1][2] + ls[1][3]);
+        };
+        /* O rescaled by softmax_a's corr, P as bf16 A fragments for P V */
+        auto softmax_b = [&]() {
 #pragma unroll
             for (int i = 0; i < DT; i++) {
                 o[4 * i] *= corr[0];
@@ -381,42 +411,28 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
                 o[4 * i + 2] *= corr[1];
                 o[4 * i + 3] *= corr[1];
             }
-            float ls[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
             for (int j = 0; j < NT; j++) {
-                float p[4];
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    p[e] = exp2f(fmaf(s[4 * j + e], sl2, -base[e >> 1]));
-                }
-                ls[0][j & 3] += p[0] + p[1]; /* four partial sums a row: short chains */
-                ls[1][j & 3] += p[2] + p[3];
-                pf[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p[0], p[1]);
-                pf[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p[2], p[3]);
+                pf[j >> 1][(j & 1) * 2 + 0] = pack_bf16(s[4 * j], s[4 * j + 1]);
+                pf[j >> 1][(j & 1) * 2 + 1] = pack_bf16(s[4 * j + 2], s[4 * j + 3]);
             }
-            l[0] += (ls[0][0] + ls[0][1]) + (ls[0][2] + ls[0][3]);
-            l[1] += (ls[1][0] + ls[1][1]) + (ls[1][2] + ls[1][3]);
         };
-        /* O += P V of tile kt: k-steps of 16 cells */
         auto pv = [&](int32_t kt) {
-            const unsigned char *sv = stage(kt) + KVB;
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < KP; kk++) {
-                const uint64_t dv = wg_desc(sv + kk * 16 * 128, KVB / 2, 1024);
-                wg_mma_rs_n128_tb(o, pf[kk], dv);
-            }
-            wg_commit();
+            issue_pv(kt);
             wg_wait0();
         };
         uint32_t full_par = 0, empty_par = 0; /* MB: the parity each stage's next wait expects */
+        auto wait_full = [&](int st) {
+            mb_wait(&full_bar[st], (full_par >> st) & 1); /* everyone's part has landed */
+            full_par ^= 1u << st;
+            fence_proxy_async(); /* ... visible to wgmma */
+        };
 
         for (int32_t kt = kt0; kt < kt1; kt++) {
             const int st = (kt - kt0) % S;
             if (MB) {
-                mb_wait(&full_bar[st], (full_par >> st) & 1); /* everyone's part has landed */
-                full_par ^= 1u << st;
-                fence_proxy_async(); /* ... visible to wgmma */
+                wait_full(st);
             } else {
                 cp_async_wait<LA - 1>(); /* tile kt has landed (this thread's part) */
                 fence_proxy_async();     /* ... visible to wgmma */
@@ -432,7 +448,8 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
             }
             cp_async_commit();
             scores(kt);
-            softmax(kt);
+            softmax_a(kt);
+            softmax_b();
             pv(kt);
             if (MB) { /* this warp is done reading the stage */
                 __syncwarp();

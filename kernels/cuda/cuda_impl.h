@@ -140,6 +140,8 @@ struct kvs_cuda {
     int env_wgmma;                 /* KVS_CUDA_WGMMA: 0 off, else KV tile cells (64, 128) */
     bool env_wg_mb;                /* KVS_CUDA_WG_MB (default 1): stages handed over by
                                     * mbarriers in the wgmma kernel; 0: a block barrier a tile */
+    bool env_fa_heavy_first;       /* KVS_CUDA_FA_ORDER (default 1): flash blocks last row
+                                    * tile first (attention_impl.h, fa_block_unit) */
     bool env_gemv_rpw2;
     /* fusion (fuse.cu): ops held back until the next op says whether it can join them */
     int fuse;                                      /* KVS_CUDA_PART_* held and fused */
