@@ -917,6 +917,8 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
     a.partial = NULL;
     a.k = kv->k + (size_t)layer * kv->layer_stride;
     a.v = kv->v + (size_t)layer * kv->layer_stride;
+    a.tmap = kv->tmap;
+    a.tma_row0 = kv->tmap != NULL ? layer * l->n_block * l->n_kv_head * l->block_size : 0;
     a.row_ctx = ab->row_ctx;
     a.row_table = ab->row_table;
     a.tables = ab->tables;
@@ -969,7 +971,8 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
      * mma.sync kernel */
     if (fa != NULL && nw == 8 && !kvw && a.hd == 128 && c->cc == 90 && c->env_wgmma != 0) {
         size_t wsm = 0;
-        fa_fn wg = kvs_cuda_wg_kernel(c->env_wgmma, c->env_wg_mb, &wsm);
+        const bool tma = c->env_wg_tma && c->env_wg_mb && a.tmap != NULL;
+        fa_fn wg = kvs_cuda_wg_kernel(c->env_wgmma, c->env_wg_mb, tma, &wsm);
         if (wg != NULL && wsm <= c->smem_optin) {
             fa = wg;
             smem = wsm;

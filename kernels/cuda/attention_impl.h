@@ -18,6 +18,8 @@ struct attn_args {
     int32_t n_rows, n_head, n_kv_head, hd, group, block_size, n_block, n_split;
     int32_t bs_shift; /* log2(block_size) when a power of two, else -1 */
     int32_t heavy_first; /* flash kernels: blocks take their row tiles last first (below) */
+    const void *tmap;    /* the wgmma kernel's TMA maps of K and V (kvs_kv_cache.tmap) ... */
+    int32_t tma_row0;    /* ... and this layer's first 16-cell row in them */
     size_t head_stride, block_stride; /* elements */
     float scale;
 };
@@ -247,6 +249,6 @@ typedef void (*fa_fn)(attn_args);
  * a tile (two warpgroups), tc cells a KV tile (64 or 128), mb: stages handed over through
  * mbarriers instead of a block barrier a tile, and its dynamic shared memory; NULL for other
  * tile sizes. */
-fa_fn kvs_cuda_wg_kernel(int tc, bool mb, size_t *smem);
+fa_fn kvs_cuda_wg_kernel(int tc, bool mb, bool tma, size_t *smem);
 
 #endif

@@ -132,6 +132,35 @@ static __device__ __forceinline__ void mb_wait(uint64_t *bar, uint32_t parity)
                  : "memory");
 }
 
+/* 2^x on the special-function unit alone: exp2f adds a range test and two multiplies a call
+ * to keep results below 2^-126 (denormal) exact; softmax weights that small flush to 0. */
+static __device__ __forceinline__ float ex2_ftz(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* Arrive once on bar, expecting bytes more of transactions (TMA copies) in this phase. */
+static __device__ __forceinline__ void mb_arrive_expect_tx(uint64_t *bar, uint32_t bytes)
+{
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(
+                     smem_u32(bar)),
+                 "r"(bytes)
+                 : "memory");
+}
+
+/* TMA: the box at (x, y) of the tensor map at tmap (global memory) into dst (shared), counted
+ * on bar's transactions. */
+static __device__ __forceinline__ void tma_load_2d(void *dst, const void *tmap, int32_t x,
+                                                   int32_t y, uint64_t *bar)
+{
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(smem_u32(dst)),
+                 "l"((uint64_t)(uintptr_t)tmap), "r"(x), "r"(y), "r"(smem_u32(bar))
+                 : "memory");
+}
+
 /* Generic-proxy writes (st.shared, cp.async) before wgmma (the async proxy) reads them. */
 static __device__ __forceinline__ void fence_proxy_async()
 {
@@ -195,6 +224,43 @@ static __device__ __forceinline__ void wg_load16(const attn_args &a, const __nv_
     }
 }
 
+/* KV tile kt by TMA, issued by one warp: lane u < TC / 16 takes the tile's u-th 16-cell
+ * block: if it lies below n_ctx, the two 64-dim halves of its K and of its V (2 KiB boxes,
+ * 128-byte swizzle, landing where wg_off puts them). Each of those lanes arrives on bar once,
+ * expecting its bytes (bar counts TC / 16 arrivals). Blocks past n_ctx are not loaded: their
+ * cells keep finite values (the stages are zeroed at the kernel's start, then hold earlier
+ * tiles), which the mask gives zero weight. */
+template <int TC>
+static __device__ __forceinline__ void wg_tma_tile(const attn_args &a,
+                                                   const int32_t *__restrict__ table,
+                                                   int32_t n_ctx, int32_t kt, int32_t kvh,
+                                                   unsigned char *sK, unsigned char *sV,
+                                                   uint64_t *bar)
+{
+    const int u = threadIdx.x & 31;
+    if (u >= TC / 16) {
+        return;
+    }
+    const int32_t b = kt * (TC / 16) + u;
+    int32_t row = -1;
+    if (b * 16 < n_ctx) {
+        const int32_t blk = __ldg(table + b);
+        if (blk >= 0 && blk < a.n_block) {
+            row = a.tma_row0 + (blk * a.n_kv_head + kvh) * 16;
+        } else {
+            *a.flag = 1;
+        }
+    }
+    mb_arrive_expect_tx(bar, row >= 0 ? 4 * 2048 : 0);
+    if (row >= 0) {
+        const unsigned char *tk = (const unsigned char *)a.tmap, *tv = tk + 128;
+        tma_load_2d(sK + u * 2048, tk, 0, row, bar);
+        tma_load_2d(sK + TC * 128 + u * 2048, tk, 64, row, bar);
+        tma_load_2d(sV + u * 2048, tv, 0, row, bar);
+        tma_load_2d(sV + TC * 128 + u * 2048, tv, 64, row, bar);
+    }
+}
+
 /* cp.async of KV tile kt (cells kt * TC ..) into sK, sV: any block size, any thread count. */
 template <int TC, int THREADS>
 static __device__ __forceinline__ void wg_load(const attn_args &a, const __nv_bfloat16 *kb,
@@ -212,7 +278,7 @@ static __device__ __forceinline__ void wg_load(const attn_args &a, const __nv_bf
  * (every thread's cp.async of the tile has landed: cp.async.mbarrier.arrive) and "empty"
  * (every warp is done reading the stage), so warps are no longer held in step every tile
  * (ncu: "Stall Barrier" was the largest stall of the barrier loop). */
-template <int TC, bool MB>
+template <int TC, bool MB, bool TMA>
 static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_args a)
 {
 #if defined(KVS_WG_ON) && defined(__CUDA_ARCH__)
@@ -245,6 +311,14 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
     const __nv_bfloat16 *vb = a.v + (size_t)kvh * a.head_stride;
     const float sl2 = a.scale * 1.4426950408889634f; /* scores in log2 units */
     const bool fast16 = WG_THREADS == 256 && a.block_size == 16; /* wg_load16's case */
+    static_assert(!TMA || MB, "TMA tiles are handed over by mbarriers");
+    if (TMA) { /* the stages zeroed once: cells never loaded are finite (wg_tma_tile) */
+        uint4 *z = (uint4 *)sKV;
+        for (int i = threadIdx.x; i < S * 2 * (int)KVB / 16; i += WG_THREADS) {
+            z[i] = make_uint4(0, 0, 0, 0);
+        }
+        fence_proxy_async();
+    }
 
     for (int32_t start = t0; start < t1;) {
         const int32_t end = sub_tile_end(a, start, t1);
@@ -266,7 +340,7 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
                         mb_inval(&full_bar[s]);
                         mb_inval(&empty_bar[s]);
                     }
-                    mb_init(&full_bar[s], WG_THREADS);
+                    mb_init(&full_bar[s], TMA ? TC / 16 : WG_THREADS);
                     mb_init(&empty_bar[s], WG_THREADS / 32);
                 }
                 bars_live = true;
@@ -276,6 +350,10 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
         /* cp.async of tile kt into stage st (MB: arriving on its "full" barrier) */
         auto load_tile = [&](int32_t kt, int st) {
             unsigned char *nk = sKV + (size_t)st * 2 * KVB;
+            if constexpr (TMA) {
+                wg_tma_tile<TC>(a, table, n_ctx, kt, kvh, nk, nk + KVB, &full_bar[st]);
+                return;
+            }
             if (fast16) {
                 wg_load16<TC>(a, kb, vb, table, n_ctx, kt, nk, nk + KVB);
             } else {
@@ -287,7 +365,7 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
         };
 #pragma unroll
         for (int s = 0; s < LA; s++) {
-            if (kt0 + s < kt1) {
+            if (kt0 + s < kt1 && (!TMA || warp == 0)) {
                 load_tile(kt0 + s, s);
             }
             cp_async_commit(); /* one group per tile, empty or not */
@@ -394,7 +472,7 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
             for (int j = 0; j < NT; j++) {
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    s[4 * j + e] = exp2f(fmaf(s[4 * j + e], sl2, -base[e >> 1]));
+                    s[4 * j + e] = ex2_ftz(fmaf(s[4 * j + e], sl2, -base[e >> 1]));
                 }
                 ls[0][j & 3] += s[4 * j] + s[4 * j + 1]; /* four partial sums a row */
                 ls[1][j & 3] += s[4 * j + 2] + s[4 * j + 3];
@@ -438,7 +516,13 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
                 fence_proxy_async();     /* ... visible to wgmma */
                 __syncthreads();         /* ... everyone's; and the stage loaded next is free */
             }
-            if (kt + LA < kt1) {
+            /* MB: S of this tile goes to the tensor cores first, then the next tile's loads
+             * are issued while it runs */
+            if (MB) {
+                wg_fence();
+                issue_s(kt);
+            }
+            if (kt + LA < kt1 && (!TMA || warp == 0)) { /* TMA: warp 0 loads */
                 const int sn = (kt + LA - kt0) % S;
                 if (MB && kt + LA - S >= kt0) { /* its previous tile is read by every warp */
                     mb_wait(&empty_bar[sn], (empty_par >> sn) & 1);
@@ -447,7 +531,11 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
                 load_tile(kt + LA, sn);
             }
             cp_async_commit();
-            scores(kt);
+            if (MB) {
+                wg_wait0();
+            } else {
+                scores(kt);
+            }
             softmax_a(kt);
             softmax_b();
             pv(kt);
@@ -472,11 +560,18 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
 #endif
 }
 
-fa_fn kvs_cuda_wg_kernel(int tc, bool mb, size_t *smem)
+fa_fn kvs_cuda_wg_kernel(int tc, bool mb, bool tma, size_t *smem)
 {
     *smem = wg_smem(tc, mb);
-    if (mb) {
-        return tc == 128 ? attn_wg_kernel<128, true> : tc == 64 ? attn_wg_kernel<64, true> : NULL;
+    if (mb && tma && tc == 128) {
+        return attn_wg_kernel<128, true, true>;
     }
-    return tc == 128 ? attn_wg_kernel<128, false> : tc == 64 ? attn_wg_kernel<64, false> : NULL;
+    if (mb) {
+        return tc == 128  ? attn_wg_kernel<128, true, false>
+               : tc == 64 ? attn_wg_kernel<64, true, false>
+                          : NULL;
+    }
+    return tc == 128  ? attn_wg_kernel<128, false, false>
+           : tc == 64 ? attn_wg_kernel<64, false, false>
+                      : NULL;
 }

@@ -140,6 +140,8 @@ struct kvs_cuda {
     int env_wgmma;                 /* KVS_CUDA_WGMMA: 0 off, else KV tile cells (64, 128) */
     bool env_wg_mb;                /* KVS_CUDA_WG_MB (default 1): stages handed over by
                                     * mbarriers in the wgmma kernel; 0: a block barrier a tile */
+    bool env_wg_tma;               /* KVS_CUDA_WG_TMA (default 1): the wgmma kernel's K/V
+                                    * tiles by TMA, issued by one thread */
     bool env_fa_heavy_first;       /* KVS_CUDA_FA_ORDER (default 1): flash blocks last row
                                     * tile first (attention_impl.h, fa_block_unit) */
     bool env_gemv_rpw2;
@@ -261,6 +263,9 @@ struct kvs_kv_cache {
     size_t block_stride; /* elements of one block of one layer: n_kv_head * head_stride */
     size_t layer_stride; /* elements of one layer: n_block * block_stride */
     __nv_bfloat16 *k, *v; /* (n_layer, n_block, n_kv_head, block_size, head_dim) each */
+    void *tmap;           /* device: two TMA tensor maps (K, V) over the 16-cell rows of all
+                           * layers, 64-dim x 16-cell boxes with the 128-byte swizzle, for the
+                           * wgmma attention; NULL where the shape or the GPU has none */
 };
 int kvs_cuda_kv_new(kvs_backend *b, const struct kvs_kv_layout *layout, kvs_kv_cache **out);
 void kvs_cuda_kv_destroy(kvs_backend *b, kvs_kv_cache **kv);

@@ -4,7 +4,51 @@
 #include "kernels/cuda/cuda_impl.h"
 
 #include <assert.h>
+#include <cudaTypedefs.h>
 #include <stdlib.h>
+
+/* The TMA tensor maps of kv's K and V (kvs_kv_cache.tmap): each pool as a matrix of 16-cell
+ * rows of head_dim bf16 (all layers, blocks and KV heads), boxes of 64 dims x 16 cells (one
+ * KV head's half-block) written with the 128-byte swizzle the wgmma kernel reads. Only for
+ * head dim 128, 16-cell blocks and row counts TMA coordinates reach; NULL otherwise (the
+ * kernel then loads with cp.async). */
+static void kv_tensor_maps(struct kvs_cuda *c, kvs_kv_cache *kv)
+{
+    const struct kvs_kv_layout *l = &kv->layout;
+    const uint64_t rows = (uint64_t)l->n_layer * l->n_block * l->n_kv_head * l->block_size;
+    if (c->cc < 90 || l->head_dim != 128 || l->block_size != 16 || rows >= ((uint64_t)1 << 31)) {
+        return;
+    }
+    void *fn = NULL;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess || fn == NULL) {
+        (void)cudaGetLastError();
+        KVS_WARN("cuda: no cuTensorMapEncodeTiled; attention loads K/V without TMA");
+        return;
+    }
+    PFN_cuTensorMapEncodeTiled_v12000 encode = (PFN_cuTensorMapEncodeTiled_v12000)fn;
+    CUtensorMap maps[2];
+    const cuuint64_t dims[2] = {(cuuint64_t)l->head_dim, (cuuint64_t)rows};
+    const cuuint64_t strides[1] = {(cuuint64_t)l->head_dim * 2};
+    const cuuint32_t box[2] = {64, 16}, estr[2] = {1, 1};
+    for (int i = 0; i < 2; i++) {
+        if (encode(&maps[i], CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, i == 0 ? kv->k : kv->v, dims,
+                   strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                   CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
+            KVS_WARN("cuda: cuTensorMapEncodeTiled failed; attention loads K/V without TMA");
+            return;
+        }
+    }
+    if (cudaMalloc(&kv->tmap, sizeof maps) != cudaSuccess ||
+        cudaMemcpy(kv->tmap, maps, sizeof maps, cudaMemcpyHostToDevice) != cudaSuccess) {
+        (void)cudaGetLastError();
+        cudaFree(kv->tmap);
+        kv->tmap = NULL;
+    }
+}
 
 int kvs_cuda_kv_new(kvs_backend *b, const struct kvs_kv_layout *l, kvs_kv_cache **out)
 {
@@ -46,6 +90,7 @@ int kvs_cuda_kv_new(kvs_backend *b, const struct kvs_kv_layout *l, kvs_kv_cache 
         kvs_cuda_kv_destroy(b, &kv);
         return KVS_DEVICE;
     }
+    kv_tensor_maps(c, kv);
     *out = kv;
     return 0;
 }
@@ -60,6 +105,7 @@ void kvs_cuda_kv_destroy(kvs_backend *b, kvs_kv_cache **kvp)
     }
     cudaFree((*kvp)->k);
     cudaFree((*kvp)->v);
+    cudaFree((*kvp)->tmap);
     free(*kvp);
     *kvp = NULL;
 }
