@@ -272,6 +272,79 @@ START_TEST(test_rowwise)
 }
 END_TEST
 
+/* rope_store (rope q, rope k, store k and v in one kernel, the angles from a table made once
+ * a forward) against rope, rope and kv_store on the same backend: the same bits in q, k and
+ * in the stored cells. Three calls on the same buffers: new positions, then fewer rows, so a
+ * table kept for other positions would show. */
+START_TEST(test_rope_store)
+{
+    const int32_t nh = 8, nkv = 2, hd = 64, bs = 16;
+    const struct kvs_kv_layout lay = {.n_layer = 2, .n_block = 8, .block_size = bs,
+                                      .n_kv_head = nkv, .head_dim = hd, .dtype = KVS_DTYPE_BF16};
+    kvs_kv_cache *kv1 = NULL, *kv2 = NULL;
+    ck_assert_int_eq(gpu->ops->kv_new(gpu, &lay, &kv1), 0);
+    ck_assert_int_eq(gpu->ops->kv_new(gpu, &lay, &kv2), 0);
+    const size_t kvb = kvs_kv_block_bytes(&lay);
+    unsigned char *b1 = malloc(kvb), *b2 = malloc(kvb);
+    static const int32_t rows[] = {40, 40, 7};
+    for (int call = 0; call < 3; call++) {
+        const int32_t n = rows[call];
+        const size_t qb = (size_t)n * nh * hd * 4, kb = (size_t)n * nkv * hd * 4;
+        float *q = malloc(qb), *k = malloc(kb), *v = malloc(kb);
+        float *q1 = malloc(qb), *q2 = malloc(qb), *k1 = malloc(kb), *k2 = malloc(kb);
+        int32_t *pos = malloc((size_t)n * 4), *slot = malloc((size_t)n * 4);
+        fill(q, (int64_t)n * nh * hd, 2.0f);
+        fill(k, (int64_t)n * nkv * hd, 2.0f);
+        fill(v, (int64_t)n * nkv * hd, 2.0f);
+        for (int32_t i = 0; i < n; i++) {
+            pos[i] = 1000 * call + 3 * i;
+            slot[i] = i;
+        }
+        struct kvs_rope r = {.n_dims = hd, .style = KVS_ROPE_NEOX, .freq_base = 500000.0f,
+                             .freq_scale = 1.0f};
+        int32_t *dslot = to_gpu(slot, (size_t)n * 4);
+        const struct kvs_attn_batch ab = {.n_rows = n, .row_slot = dslot};
+        float *dq1 = to_gpu(q, qb), *dk1 = to_gpu(k, kb), *dq2 = to_gpu(q, qb);
+        float *dk2 = to_gpu(k, kb), *dv = to_gpu(v, kb);
+        ck_assert_int_eq(gpu->ops->rope_store(gpu, kv1, 1, dq1, nh, dk1, dv, nkv, hd, pos, &r, &ab),
+                         0);
+        ck_assert_int_eq(gpu->ops->rope(gpu, dq2, n, nh, hd, pos, &r), 0);
+        ck_assert_int_eq(gpu->ops->rope(gpu, dk2, n, nkv, hd, pos, &r), 0);
+        ck_assert_int_eq(gpu->ops->kv_store(gpu, kv2, 1, dk2, dv, &ab), 0);
+        from_gpu(q1, dq1, qb);
+        from_gpu(q2, dq2, qb);
+        from_gpu(k1, dk1, kb);
+        from_gpu(k2, dk2, kb);
+        ck_assert_msg(memcmp(q1, q2, qb) == 0, "rope_store q differs (call %d)", call);
+        ck_assert_msg(memcmp(k1, k2, kb) == 0, "rope_store k differs (call %d)", call);
+        for (int32_t blk = 0; blk < (n + bs - 1) / bs; blk++) {
+            ck_assert_int_eq(gpu->ops->kv_read_block(gpu, kv1, blk, b1), 0);
+            ck_assert_int_eq(gpu->ops->kv_read_block(gpu, kv2, blk, b2), 0);
+            ck_assert_msg(memcmp(b1, b2, kvb) == 0, "rope_store cells differ (call %d)", call);
+        }
+        gpu->ops->free(gpu, dslot);
+        gpu->ops->free(gpu, dq1);
+        gpu->ops->free(gpu, dk1);
+        gpu->ops->free(gpu, dq2);
+        gpu->ops->free(gpu, dk2);
+        gpu->ops->free(gpu, dv);
+        free(q);
+        free(k);
+        free(v);
+        free(q1);
+        free(q2);
+        free(k1);
+        free(k2);
+        free(pos);
+        free(slot);
+    }
+    free(b1);
+    free(b2);
+    gpu->ops->kv_destroy(gpu, &kv1);
+    gpu->ops->kv_destroy(gpu, &kv2);
+}
+END_TEST
+
 /* Delta of a residual update: out[i] = after[i] - before[i]. */
 static void delta(const float *after, const float *before, int64_t n, float *out)
 {
@@ -921,6 +994,7 @@ int main(void)
     tcase_add_test(ops, test_rowwise);
     tcase_add_test(ops, test_rope);
     tcase_add_test(ops, test_fused_blocks);
+    tcase_add_test(ops, test_rope_store);
     tcase_add_test(ops, test_attention);
     tcase_add_test(ops, test_bad_slot_is_reported);
     suite_add_tcase(s, ops);

@@ -25,7 +25,7 @@ for what in ${KVS_PROFILE_WHAT:-chunk0 chunk decode}; do
 done
 if [ "${KVS_PROFILE_FULL:-1}" = 1 ]; then
   timeout 200 "$NCU" --clock-control none --profile-from-start off --set full \
-    --kernel-name regex:attn_fa --launch-skip 16 --launch-count 1 \
+    --kernel-name regex:attn_ --launch-skip 16 --launch-count 1 \
     "$B"/bench_cuda --profile chunk >"$OUT/ncu-attn-full.txt" 2>&1
   echo "ncu attention full rc=$?"
   grep -E "Duration|Throughput|Pipe|Shared|Bank|Registers|Occupancy|Warp Cycles|Issued|Eligible|Stall" \

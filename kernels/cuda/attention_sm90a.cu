@@ -480,14 +480,18 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
             l[0] += (ls[0][0] + ls[0][1]) + (ls[0][2] + ls[0][3]);
             l[1] += (ls[1][0] + ls[1][1]) + (ls[1][2] + ls[1][3]);
         };
-        /* O rescaled by softmax_a's corr, P as bf16 A fragments for P V */
+        /* O rescaled by softmax_a's corr, P as bf16 A fragments for P V. Past a row's first
+         * tiles its maximum seldom moves: corr is then exactly 1 for the warp's 16 query
+         * vectors and the 64 multiplies are skipped (the same bits) */
         auto softmax_b = [&]() {
+            if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
 #pragma unroll
-            for (int i = 0; i < DT; i++) {
-                o[4 * i] *= corr[0];
-                o[4 * i + 1] *= corr[0];
-                o[4 * i + 2] *= corr[1];
-                o[4 * i + 3] *= corr[1];
+                for (int i = 0; i < DT; i++) {
+                    o[4 * i] *= corr[0];
+                    o[4 * i + 1] *= corr[0];
+                    o[4 * i + 2] *= corr[1];
+                    o[4 * i + 3] *= corr[1];
+                }
             }
 #pragma unroll
             for (int j = 0; j < NT; j++) {

@@ -155,6 +155,8 @@ static void cuda_destroy(kvs_backend *b)
         }
         kvs_cuda_graphs_free(c);
         kvs_cuda_buf_free(&c->xb);
+        kvs_cuda_buf_free(&c->rope_tab);
+        free(c->rtab.pos);
         kvs_cuda_buf_free(&c->partial);
         kvs_cuda_buf_free(&c->blockbuf);
         kvs_cuda_mirror_free(&c->pos);
@@ -230,6 +232,9 @@ extern "C" kvs_backend *kvs_backend_cuda_new(int dev, char *err, size_t errlen)
     }
     kvs_backend *b = (kvs_backend *)calloc(1, sizeof *b);
     struct kvs_cuda *c = (struct kvs_cuda *)calloc(1, sizeof *c);
+    if (c != NULL) {
+        c->fwd_gen = 1; /* rtab.gen 0 = no table */
+    }
     cudaError_t e;
     cudaDeviceProp p;
     if (b == NULL || c == NULL) {

@@ -102,6 +102,18 @@ struct kvs_cuda_graph {
     uint64_t last_use;     /* graph_clock at its last launch */
 };
 
+/* The key of the angle table rope_store reads (norm_rope.cu): the pass it was made in, the
+ * rows' positions (host copy) and the rope parameters. */
+struct kvs_cuda_rope_tab {
+    uint64_t gen;      /* c->fwd_gen when made; 0 = none */
+    uint64_t ff_gen;   /* c->rope_ff_gen when made */
+    int32_t *pos;      /* host copy of the positions */
+    size_t pos_cap;    /* bytes allocated at pos */
+    int32_t n_rows, half;
+    const void *d_pos, *d_ff;
+    uint64_t theta_scale, freq_scale; /* bits */
+};
+
 struct kvs_cuda {
     int dev;                       /* device index */
     cudaStream_t stream;           /* every op runs on it */
@@ -128,6 +140,10 @@ struct kvs_cuda {
     float rope_ff[512];            /* the last rope call's frequency divisors ... */
     struct kvs_rope rope_key;      /* ... for these parameters */
     int rope_valid;
+    uint64_t rope_ff_gen;          /* rope_ff rewritten (counter) */
+    struct kvs_cuda_rope_tab rtab; /* what rope_tab holds (norm_rope.cu, rope_table) */
+    struct kvs_cuda_buf rope_tab;  /* (cos, sin) per (row, frequency) for rope_store */
+    uint64_t fwd_gen;              /* forward passes begun (graph_begin, graph_end) */
     int32_t n_seqs_hint;           /* distinct sequences of this forward's batch, 0 = unknown */
     int32_t max_ctx_hint;          /* longest row context of this forward, 0 = unknown */
     /* variant switches, read at creation and at each kvs_cuda_graph_begin (a getenv per op

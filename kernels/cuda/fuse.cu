@@ -174,6 +174,7 @@ extern "C" int kvs_cuda_graph_begin(kvs_backend *b, int32_t n_seqs, int32_t n_ro
     struct kvs_cuda *c = kvs_cuda_ctx(b);
     KVS_TRY(kvs_cuda_flush(c));
     kvs_cuda_xb_drop(c);
+    c->fwd_gen++;
     c->n_seqs_hint = n_seqs > 0 ? n_seqs : 0;
     c->max_ctx_hint = max_ctx > 0 ? max_ctx : 0;
     kvs_cuda_read_env(c);
@@ -254,6 +255,7 @@ extern "C" int kvs_cuda_graph_end(kvs_backend *b, int *rc)
 {
     struct kvs_cuda *c = kvs_cuda_ctx(b);
     int frc = kvs_cuda_flush(c); /* held-back ops belong to this pass */
+    c->fwd_gen++;                /* a next pass issues its launches afresh */
     if (*rc == 0 && frc < 0) {
         *rc = frc;
     }

@@ -111,7 +111,7 @@ static __global__ void __launch_bounds__(NORM_THREADS)
 }
 
 enum { SITE_RMSNORM = 0x200, SITE_ADD_RMSNORM, SITE_ROPE, SITE_SWIGLU, SITE_ADD, SITE_GATHER,
-       SITE_ROPE_STORE };
+       SITE_ROPE_STORE, SITE_ROPE_TABLE };
 
 static __global__ void add_kernel(float *x, const float *y, int64_t n);
 
@@ -194,9 +194,8 @@ int kvs_cuda_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_r
  * (theta / ff[i]), cosf / sinf, x0' = fma(x0, cos, -(x1 sin)), x1' = fma(x0, sin, x1 cos)
  * with the inner products rounded. (A thread per (row, i) looping over the heads made 32
  * dependent load/store round trips per thread: ~10 us for one decode row's q.) */
-/* Rotate the pair (x0, x1) of frequency i at position p (the CPU reference's arithmetic). */
-static __device__ __forceinline__ void rope_pair(float *x0p, float *x1p, int32_t p, int32_t i,
-                                                 const float *__restrict__ ff,
+/* (cos, sin) of frequency i at position p (the CPU reference's arithmetic). */
+static __device__ __forceinline__ float2 rope_cs(int32_t p, int32_t i, const float *__restrict__ ff,
                                                  float theta_scale, float freq_scale)
 {
     float theta = (float)p;
@@ -204,10 +203,40 @@ static __device__ __forceinline__ void rope_pair(float *x0p, float *x1p, int32_t
         theta = __fmul_rn(theta, theta_scale);
     }
     const float ang = __fmul_rn(freq_scale, __fdiv_rn(theta, ff[i]));
-    const float cs = cosf(ang), sn = sinf(ang);
+    return make_float2(cosf(ang), sinf(ang));
+}
+
+/* Rotate the pair (x0, x1) by the angle whose (cos, sin) is cs. */
+static __device__ __forceinline__ void rope_rot(float *x0p, float *x1p, float2 cs)
+{
     const float x0 = *x0p, x1 = *x1p;
-    *x0p = fmaf(x0, cs, -__fmul_rn(x1, sn));
-    *x1p = fmaf(x0, sn, __fmul_rn(x1, cs));
+    *x0p = fmaf(x0, cs.x, -__fmul_rn(x1, cs.y));
+    *x1p = fmaf(x0, cs.y, __fmul_rn(x1, cs.x));
+}
+
+/* Rotate the pair (x0, x1) of frequency i at position p. */
+static __device__ __forceinline__ void rope_pair(float *x0p, float *x1p, int32_t p, int32_t i,
+                                                 const float *__restrict__ ff,
+                                                 float theta_scale, float freq_scale)
+{
+    rope_rot(x0p, x1p, rope_cs(p, i, ff, theta_scale, freq_scale));
+}
+
+/* cs[r * half + i] = rope_cs(pos[r], i): the angles of a forward's rows, made once for all
+ * its layers' rope_store (each thread of rope_kernel otherwise multiplies up to half - 1
+ * times and takes cosf / sinf of angles in the tens of thousands: 80 us of a 2048-row layer) */
+static __global__ void rope_table_kernel(int32_t n_rows, int32_t half,
+                                         const int32_t *__restrict__ pos,
+                                         const float *__restrict__ ff, float theta_scale,
+                                         float freq_scale, float2 *cs)
+{
+    kvs_pdl_wait();
+    kvs_pdl_trigger(); /* after the wait: see kvs_pdl_trigger */
+    const int64_t total = (int64_t)n_rows * half;
+    for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < total;
+         t += (int64_t)gridDim.x * blockDim.x) {
+        cs[t] = rope_cs(pos[t / half], (int32_t)(t % half), ff, theta_scale, freq_scale);
+    }
 }
 
 static __global__ void rope_kernel(float *x, int32_t n_rows, int32_t n_heads, int32_t head_dim,
@@ -246,6 +275,7 @@ static int rope_prep(struct kvs_cuda *c, const struct kvs_rope *rope, int32_t n_
         }
         c->rope_key = *rope;
         c->rope_valid = 1;
+        c->rope_ff_gen++;
     }
     *theta_scale = powf(rope->freq_base, -2.0f / (float)rope->n_dims); /* as the CPU */
     KVS_TRY(kvs_cuda_host_array(c, &c->pos, KVS_CUDA_STAGE_POS, host_pos,
@@ -302,14 +332,13 @@ int kvs_cuda_rope(kvs_backend *b, float *x, int32_t n_rows, int32_t n_heads, int
 struct rope_store_args {
     float *q, *k;
     const float *v;
-    const int32_t *pos, *row_slot;
-    const float *ff;
+    const int32_t *row_slot;
+    const float2 *cs; /* (n_rows, half) angles (rope_table_kernel) */
     __nv_bfloat16 *kc, *vc;
     int *flag;
     int32_t n_rows, n_head, n_kv_head, head_dim, half, neox, block_size;
     int64_t n_slots;
     size_t layer_off, head_stride, block_stride;
-    float theta_scale, freq_scale;
 };
 
 static __global__ void rope_store_kernel(rope_store_args a)
@@ -328,7 +357,7 @@ static __global__ void rope_store_kernel(rope_store_args a)
             const int32_t r = (int32_t)(rh / a.n_head);
             const int32_t i0 = a.neox ? i : 2 * i, i1 = a.neox ? i + a.half : 2 * i + 1;
             float *xh = a.q + rh * hd;
-            rope_pair(xh + i0, xh + i1, a.pos[r], i, a.ff, a.theta_scale, a.freq_scale);
+            rope_rot(xh + i0, xh + i1, a.cs[(int64_t)r * a.half + i]);
             continue;
         }
         const bool is_k = t < n_q + n_k;
@@ -344,7 +373,7 @@ static __global__ void rope_store_kernel(rope_store_args a)
             i0 = a.neox ? j : 2 * j;
             i1 = a.neox ? j + a.half : 2 * j + 1;
             float *xh = a.k + rh * hd;
-            rope_pair(xh + i0, xh + i1, a.pos[r], j, a.ff, a.theta_scale, a.freq_scale);
+            rope_rot(xh + i0, xh + i1, a.cs[(int64_t)r * a.half + j]);
         } else {
             i0 = 2 * a.half + 2 * (j - a.half);
             i1 = i0 + 1;
@@ -363,6 +392,54 @@ static __global__ void rope_store_kernel(rope_store_args a)
             a.vc[base + j] = __float2bfloat16_rn(a.v[rh * hd + j]);
         }
     }
+}
+
+/* Make c->rope_tab the angles of these rows (rope_table_kernel) unless it already holds them:
+ * made in this forward pass (kvs_cuda_graph_begin / _end count passes, so every pass of a
+ * forward issues the same launches) for the same positions and parameters. */
+static int rope_table(struct kvs_cuda *c, int32_t n_rows, int32_t half, const int32_t *host_pos,
+                      const void *d_pos, const void *d_ff, float theta_scale, float freq_scale)
+{
+    struct kvs_cuda_rope_tab *t = &c->rtab;
+    const size_t pb = (size_t)n_rows * sizeof(int32_t);
+    if (t->gen == c->fwd_gen && t->n_rows == n_rows && t->half == half && t->d_pos == d_pos &&
+        t->d_ff == d_ff && t->ff_gen == c->rope_ff_gen &&
+        t->theta_scale == kvs_cuda_fbits(theta_scale) &&
+        t->freq_scale == kvs_cuda_fbits(freq_scale) && memcmp(t->pos, host_pos, pb) == 0) {
+        return 0;
+    }
+    if (pb > t->pos_cap) {
+        void *h = realloc(t->pos, pb);
+        if (h == NULL) {
+            return KVS_NO_MEMORY;
+        }
+        t->pos = (int32_t *)h;
+        t->pos_cap = pb;
+    }
+    t->gen = 0; /* not valid until launched */
+    KVS_TRY(kvs_cuda_buf_reserve(&c->rope_tab, (size_t)n_rows * half * sizeof(float2)));
+    const uint64_t args[] = {(uint64_t)n_rows,           (uint64_t)half,
+                             (uint64_t)(uintptr_t)d_pos, (uint64_t)(uintptr_t)d_ff,
+                             kvs_cuda_fbits(theta_scale), kvs_cuda_fbits(freq_scale),
+                             (uint64_t)(uintptr_t)c->rope_tab.p};
+    if (kvs_cuda_launch_ok(c, SITE_ROPE_TABLE, args, 7)) {
+        const int64_t n = (int64_t)n_rows * half;
+        CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, rope_table_kernel,
+                               dim3(kvs_cuda_blocks(n, 128)), dim3(128), 0, n_rows, half,
+                               (const int32_t *)d_pos, (const float *)d_ff, theta_scale,
+                               freq_scale, (float2 *)c->rope_tab.p));
+    }
+    /* valid for the rest of this pass (a probe counts the launch as the real pass will) */
+    memcpy(t->pos, host_pos, pb);
+    t->gen = c->fwd_gen;
+    t->n_rows = n_rows;
+    t->half = half;
+    t->d_pos = d_pos;
+    t->d_ff = d_ff;
+    t->ff_gen = c->rope_ff_gen;
+    t->theta_scale = kvs_cuda_fbits(theta_scale);
+    t->freq_scale = kvs_cuda_fbits(freq_scale);
+    return 0;
 }
 
 int kvs_cuda_rope_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, float *q,
@@ -395,12 +472,15 @@ int kvs_cuda_rope_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, float *
     rope_store_args a;
     memset(&a, 0, sizeof a);
     const void *d_pos = NULL, *d_ff = NULL;
-    KVS_TRY(rope_prep(c, rope, ab->n_rows, host_pos, &d_pos, &d_ff, &a.theta_scale));
+    float theta_scale = 0.0f;
+    KVS_TRY(rope_prep(c, rope, ab->n_rows, host_pos, &d_pos, &d_ff, &theta_scale));
+    a.half = rope->n_dims / 2;
+    KVS_TRY(rope_table(c, ab->n_rows, a.half, host_pos, d_pos, d_ff, theta_scale,
+                       rope->freq_scale));
     a.q = q;
     a.k = k;
     a.v = v;
-    a.pos = (const int32_t *)d_pos;
-    a.ff = (const float *)d_ff;
+    a.cs = (const float2 *)c->rope_tab.p;
     a.row_slot = ab->row_slot;
     a.kc = kv->k;
     a.vc = kv->v;
@@ -409,23 +489,20 @@ int kvs_cuda_rope_store(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, float *
     a.n_head = n_head;
     a.n_kv_head = n_kv_head;
     a.head_dim = head_dim;
-    a.half = rope->n_dims / 2;
     a.neox = rope->style == KVS_ROPE_NEOX;
     a.block_size = l->block_size;
     a.n_slots = (int64_t)l->n_block * l->block_size;
     a.layer_off = (size_t)layer * kv->layer_stride;
     a.head_stride = kv->head_stride;
     a.block_stride = kv->block_stride;
-    a.freq_scale = rope->freq_scale;
     const uint64_t args[] = {(uint64_t)(uintptr_t)q,      (uint64_t)(uintptr_t)k,
                              (uint64_t)(uintptr_t)v,      (uint64_t)a.n_rows,
                              (uint64_t)n_head,            (uint64_t)n_kv_head,
                              (uint64_t)head_dim,          (uint64_t)a.half,
-                             (uint64_t)rope->style,       (uint64_t)(uintptr_t)d_pos,
-                             (uint64_t)(uintptr_t)d_ff,   (uint64_t)(uintptr_t)ab->row_slot,
-                             (uint64_t)(uintptr_t)kv,     (uint64_t)layer,
-                             kvs_cuda_fbits(a.theta_scale), kvs_cuda_fbits(rope->freq_scale)};
-    if (!kvs_cuda_launch_ok(c, SITE_ROPE_STORE, args, 16)) {
+                             (uint64_t)rope->style,       (uint64_t)(uintptr_t)a.cs,
+                             (uint64_t)(uintptr_t)ab->row_slot,
+                             (uint64_t)(uintptr_t)kv,     (uint64_t)layer};
+    if (!kvs_cuda_launch_ok(c, SITE_ROPE_STORE, args, 13)) {
         return 0;
     }
     const int64_t n = (int64_t)a.n_rows * (n_head * a.half + n_kv_head * (head_dim / 2) +
