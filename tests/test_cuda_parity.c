@@ -387,7 +387,8 @@ START_TEST(test_fused_blocks)
         const int32_t n = rows[k];
         const size_t be = (size_t)n * E * 4, bf = (size_t)n * FF * 4;
         float *h = malloc(be), *x = malloc(be), *xr = malloc(be), *xg = malloc(be);
-        float *g = malloc(bf), *u = malloc(bf), *o = malloc(be), *dr = malloc(be), *dgpu = malloc(be);
+        float *g = malloc(bf), *u = malloc(bf), *o = malloc(be), *dr = malloc(be);
+        float *dgpu = malloc(be);
         fill(h, (int64_t)n * E, 1.0f);
         fill(x, (int64_t)n * E, 1.0f);
         /* ffn */

@@ -45,6 +45,10 @@ rc2w64=$?
 KVS_CUDA_FA_WARPS=8 KVS_CUDA_WG_MB=0 CK_RUN_CASE=ops "$B"/test_cuda_parity \
   >"$OUT/test_cuda_parity_wgbar.log" 2>&1
 rc2w64=$((rc2w64 + $?))
+# K/V tiles by cp.async instead of TMA (KVS_CUDA_WG_TMA=0)
+KVS_CUDA_FA_WARPS=8 KVS_CUDA_WG_TMA=0 CK_RUN_CASE=ops "$B"/test_cuda_parity \
+  >"$OUT/test_cuda_parity_wgcp.log" 2>&1
+rc2w64=$((rc2w64 + $?))
 timeout 300 "$B"/bench_cuda ${KVS_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; rc3=${PIPESTATUS[0]}
 # HF transformers on the same shape, same GPU, same run (after bench_cuda has freed the GPU)
 rc5=skipped
@@ -73,5 +77,6 @@ echo "==== summary ($(head -1 "$OUT/gpu.txt" >/dev/null; sed -n 2p "$OUT/gpu.txt
 echo "test_cuda rc=$rc1  test_cuda_parity rc=$rc2 (ops: old attention $rc2o, wgmma $rc2w, wgmma 64 $rc2w64)  bench rc=$rc3  hf rc=$rc5  memcheck rc=$rc4"
 grep -E "^(forward|worst|[0-9]+%)|Checks|FAIL|Failure" "$OUT/test_cuda_parity.log" | head -20
 grep -E "Checks|Failure" "$OUT/test_cuda_parity_old.log" "$OUT/test_cuda_parity_wg.log" \
-  "$OUT/test_cuda_parity_wg64.log" "$OUT/test_cuda_parity_wgbar.log" | head -12
+  "$OUT/test_cuda_parity_wg64.log" "$OUT/test_cuda_parity_wgbar.log" \
+  "$OUT/test_cuda_parity_wgcp.log" | head -14
 grep -E "^(ceiling|decode|append|TTFT|RESULT|filled|model|sessions|stateless|graphs|matmuls)" "$OUT/bench.log"

@@ -144,8 +144,8 @@ static __device__ __forceinline__ float ex2_ftz(float x)
 /* Arrive once on bar, expecting bytes more of transactions (TMA copies) in this phase. */
 static __device__ __forceinline__ void mb_arrive_expect_tx(uint64_t *bar, uint32_t bytes)
 {
-    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(
-                     smem_u32(bar)),
+    asm volatile("{\n.reg .b64 st;\n"
+                 "mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(smem_u32(bar)),
                  "r"(bytes)
                  : "memory");
 }
