@@ -144,8 +144,9 @@ static __device__ __forceinline__ float ex2_ftz(float x)
 /* Arrive once on bar, expecting bytes more of transactions (TMA copies) in this phase. */
 static __device__ __forceinline__ void mb_arrive_expect_tx(uint64_t *bar, uint32_t bytes)
 {
+    const uint32_t b = smem_u32(bar);
     asm volatile("{\n.reg .b64 st;\n"
-                 "mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(smem_u32(bar)),
+                 "mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(b),
                  "r"(bytes)
                  : "memory");
 }
