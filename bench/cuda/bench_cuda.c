@@ -552,8 +552,9 @@ int main(int argc, char **argv)
         printf("\n");
         kvs_pool_seq_release(B.pool, &st);
         /* flash-attention blocks in row order (not last row tile first); K/V without TMA */
-        static const char *const sw[][2] = {{"KVS_CUDA_FA_ORDER", "0"}, {"KVS_CUDA_WG_TMA", "0"}};
-        for (int v = 0; v < 2; v++) {
+        static const char *const sw[][2] = {
+            {"KVS_CUDA_FA_ORDER", "0"}, {"KVS_CUDA_WG_TMA", "0"}, {"KVS_CUDA_WG_TMA", "1"}};
+        for (int v = 0; v < 3; v++) {
             setenv(sw[v][0], sw[v][1], 1);
             kvs_seq *sv = kvs_pool_seq_new(B.pool);
             double tv = feed_chunks(&B, sv, n_st, 1, chunk_s) * 1e3;

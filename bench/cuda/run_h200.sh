@@ -45,10 +45,13 @@ rc2w64=$?
 KVS_CUDA_FA_WARPS=8 KVS_CUDA_WG_MB=0 CK_RUN_CASE=ops "$B"/test_cuda_parity \
   >"$OUT/test_cuda_parity_wgbar.log" 2>&1
 rc2w64=$((rc2w64 + $?))
-# K/V tiles by cp.async instead of TMA (KVS_CUDA_WG_TMA=0)
-KVS_CUDA_FA_WARPS=8 KVS_CUDA_WG_TMA=0 CK_RUN_CASE=ops "$B"/test_cuda_parity \
-  >"$OUT/test_cuda_parity_wgcp.log" 2>&1
-rc2w64=$((rc2w64 + $?))
+# K/V tiles by cp.async instead of TMA (KVS_CUDA_WG_TMA=0), and by TMA from warp 0 instead of
+# the producer warp (=1)
+for t in 0 1; do
+  KVS_CUDA_FA_WARPS=8 KVS_CUDA_WG_TMA=$t CK_RUN_CASE=ops "$B"/test_cuda_parity \
+    >"$OUT/test_cuda_parity_wgtma$t.log" 2>&1
+  rc2w64=$((rc2w64 + $?))
+done
 timeout 300 "$B"/bench_cuda ${KVS_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; rc3=${PIPESTATUS[0]}
 # HF transformers on the same shape, same GPU, same run (after bench_cuda has freed the GPU)
 rc5=skipped
@@ -78,5 +81,5 @@ echo "test_cuda rc=$rc1  test_cuda_parity rc=$rc2 (ops: old attention $rc2o, wgm
 grep -E "^(forward|worst|[0-9]+%)|Checks|FAIL|Failure" "$OUT/test_cuda_parity.log" | head -20
 grep -E "Checks|Failure" "$OUT/test_cuda_parity_old.log" "$OUT/test_cuda_parity_wg.log" \
   "$OUT/test_cuda_parity_wg64.log" "$OUT/test_cuda_parity_wgbar.log" \
-  "$OUT/test_cuda_parity_wgcp.log" | head -14
+  "$OUT/test_cuda_parity_wgtma0.log" "$OUT/test_cuda_parity_wgtma1.log" | head -16
 grep -E "^(ceiling|decode|append|TTFT|RESULT|filled|model|sessions|stateless|graphs|matmuls)" "$OUT/bench.log"

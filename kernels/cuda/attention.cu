@@ -966,16 +966,19 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
         }
     }
     size_t smem = fa != NULL ? fa_smem(a.hd, kvw, nw) : 0;
+    int threads = nw * 32;
     /* Hopper: the wgmma kernel (attention_sm90a.cu) for head dim 128 where the 8-warp tile
      * applies (two warpgroups, the same 128 query vectors); KVS_CUDA_WGMMA=0 keeps the
      * mma.sync kernel */
     if (fa != NULL && nw == 8 && !kvw && a.hd == 128 && c->cc == 90 && c->env_wgmma != 0) {
         size_t wsm = 0;
-        const bool tma = c->env_wg_tma && c->env_wg_mb && a.tmap != NULL;
-        fa_fn wg = kvs_cuda_wg_kernel(c->env_wgmma, c->env_wg_mb, tma, &wsm);
+        const int tma = c->env_wg_mb && a.tmap != NULL ? c->env_wg_tma : 0;
+        int wthreads = 0;
+        fa_fn wg = kvs_cuda_wg_kernel(c->env_wgmma, c->env_wg_mb, tma, &wsm, &wthreads);
         if (wg != NULL && wsm <= c->smem_optin) {
             fa = wg;
             smem = wsm;
+            threads = wthreads;
         }
     }
     if (fa != NULL) {
@@ -988,7 +991,7 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
         if (per_sm == 0) {
             CU_TRY(cudaFuncSetAttribute(fa, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         (int)smem));
-            CU_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fa, nw * 32, smem));
+            CU_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fa, threads, smem));
             per_sm = per_sm < 1 ? 1 : per_sm;
             if (c->n_fa_set < 32) {
                 c->fa_per_sm[c->n_fa_set] = per_sm;
@@ -1028,7 +1031,7 @@ int kvs_cuda_attention(kvs_backend *b, kvs_kv_cache *kv, int32_t layer, const fl
         if (!launch_ok(c, (const void *)fa, a)) {
             return 0;
         }
-        CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, fa, grid, dim3(nw * 32), smem, a));
+        CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, fa, grid, dim3((unsigned)threads), smem, a));
         if (a.n_split > 1) {
             CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, attn_combine_kernel,
                                    dim3((unsigned)(a.n_rows * n_head)), dim3(128), 0, a));

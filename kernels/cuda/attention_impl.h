@@ -249,6 +249,6 @@ typedef void (*fa_fn)(attn_args);
  * a tile (two warpgroups), tc cells a KV tile (64 or 128), mb: stages handed over through
  * mbarriers instead of a block barrier a tile, and its dynamic shared memory; NULL for other
  * tile sizes. */
-fa_fn kvs_cuda_wg_kernel(int tc, bool mb, bool tma, size_t *smem);
+fa_fn kvs_cuda_wg_kernel(int tc, bool mb, int tma, size_t *smem, int *threads);
 
 #endif

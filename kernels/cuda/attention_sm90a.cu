@@ -279,8 +279,18 @@ static __device__ __forceinline__ void wg_load(const attn_args &a, const __nv_bf
  * (every thread's cp.async of the tile has landed: cp.async.mbarrier.arrive) and "empty"
  * (every warp is done reading the stage), so warps are no longer held in step every tile
  * (ncu: "Stall Barrier" was the largest stall of the barrier loop). */
-template <int TC, bool MB, bool TMA>
-static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_args a)
+/* Threads of a block: two warpgroups, and with TMA == 2 a producer warp that only loads. */
+static __host__ __device__ constexpr int wg_threads(int tma)
+{
+    return WG_NWG * 128 + (tma == 2 ? 32 : 0);
+}
+
+/* TMA: 0 cp.async by every thread; 1 TMA issued by warp 0 (a lane a block) between its own
+ * GEMMs; 2 TMA issued by a ninth warp that does nothing else, so no consumer waits for a
+ * stage to be released before its own next GEMM (the loader of 1 waited for the other
+ * warpgroup's P V there). */
+template <int TC, bool MB, int TMA>
+static __global__ void __launch_bounds__(wg_threads(TMA), 1) attn_wg_kernel(attn_args a)
 {
 #if defined(KVS_WG_ON) && defined(__CUDA_ARCH__)
     kvs_pdl_wait();
@@ -301,6 +311,8 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
         (unsigned char *)(((uintptr_t)wsm_raw + 1023) & ~(uintptr_t)1023); /* 1024-aligned */
     unsigned char *sKV = sQ + QB; /* stage s: K at sKV + 2s KVB, V after it */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wg = warp >> 2;
+    constexpr int NTHREADS = wg_threads(TMA);
+    const bool producer = TMA == 2 && warp == NWG * 4; /* the loading warp (TMA == 2) */
     const int qb = warp * 16; /* the warp's first query vector */
     const int32_t G = a.group, rows_per_tile = WG_QV / G;
     int32_t tile, kvh;
@@ -315,7 +327,7 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
     static_assert(!TMA || MB, "TMA tiles are handed over by mbarriers");
     if (TMA) { /* the stages zeroed once: cells never loaded are finite (wg_tma_tile) */
         uint4 *z = (uint4 *)sKV;
-        for (int i = threadIdx.x; i < S * 2 * (int)KVB / 16; i += WG_THREADS) {
+        for (int i = threadIdx.x; i < S * 2 * (int)KVB / 16; i += NTHREADS) {
             z[i] = make_uint4(0, 0, 0, 0);
         }
         fence_proxy_async();
@@ -364,20 +376,41 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
                 mb_arrive_cp_async(&full_bar[st]);
             }
         };
-#pragma unroll
-        for (int s = 0; s < LA; s++) {
-            if (kt0 + s < kt1 && (!TMA || warp == 0)) {
-                load_tile(kt0 + s, s);
+        uint32_t full_par = 0, empty_par = 0; /* MB: the parity each stage's next wait expects */
+        if (TMA == 2) { /* the producer: the first S tiles now, the rest below */
+            if (producer) {
+                for (int32_t kt = kt0; kt < min(kt0 + S, kt1); kt++) {
+                    load_tile(kt, (kt - kt0) % S);
+                }
             }
-            cp_async_commit(); /* one group per tile, empty or not */
+        } else {
+#pragma unroll
+            for (int s = 0; s < LA; s++) {
+                if (kt0 + s < kt1 && (!TMA || warp == 0)) {
+                    load_tile(kt0 + s, s);
+                }
+                cp_async_commit(); /* one group per tile, empty or not */
+            }
         }
         /* Q of the sub-tile's rows (others zero), swizzled */
-        fa_store_q<WG_QV, WG_HD, WG_THREADS>(
-            a, t0, start, end, kvh, sQ, [](int qi, int d) { return wg_off(qi, d, WG_QV); });
         int32_t ctx[2]; /* of this thread's two query vectors */
-        fa_row_ctx(a, t0, start, end, qb, lane, ctx);
+        if (!producer) {
+            fa_store_q<WG_QV, WG_HD, WG_THREADS>(
+                a, t0, start, end, kvh, sQ, [](int qi, int d) { return wg_off(qi, d, WG_QV); });
+            fa_row_ctx(a, t0, start, end, qb, lane, ctx);
+        }
         fence_proxy_async();
         __syncthreads();
+        if (producer) { /* every later tile once the consumers have released its stage */
+            for (int32_t kt = kt0 + S; kt < kt1; kt++) {
+                const int st = (kt - kt0) % S;
+                mb_wait(&empty_bar[st], (empty_par >> st) & 1);
+                empty_par ^= 1u << st;
+                load_tile(kt, st);
+            }
+            start = end;
+            continue;
+        }
         float o[DT * 4];
 #pragma unroll
         for (int i = 0; i < DT * 4; i++) {
@@ -505,7 +538,6 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
             issue_pv(kt);
             wg_wait0();
         };
-        uint32_t full_par = 0, empty_par = 0; /* MB: the parity each stage's next wait expects */
         auto wait_full = [&](int st) {
             mb_wait(&full_bar[st], (full_par >> st) & 1); /* everyone's part has landed */
             full_par ^= 1u << st;
@@ -527,7 +559,7 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
                 wg_fence();
                 issue_s(kt);
             }
-            if (kt + LA < kt1 && (!TMA || warp == 0)) { /* TMA: warp 0 loads */
+            if (TMA != 2 && kt + LA < kt1 && (!TMA || warp == 0)) { /* TMA 1: warp 0 loads */
                 const int sn = (kt + LA - kt0) % S;
                 if (MB && kt + LA - S >= kt0) { /* its previous tile is read by every warp */
                     mb_wait(&empty_bar[sn], (empty_par >> sn) & 1);
@@ -565,18 +597,16 @@ static __global__ void __launch_bounds__(WG_NWG * 128, 1) attn_wg_kernel(attn_ar
 #endif
 }
 
-fa_fn kvs_cuda_wg_kernel(int tc, bool mb, bool tma, size_t *smem)
+fa_fn kvs_cuda_wg_kernel(int tc, bool mb, int tma, size_t *smem, int *threads)
 {
     *smem = wg_smem(tc, mb);
-    if (mb && tma && tc == 128) {
-        return attn_wg_kernel<128, true, true>;
+    *threads = wg_threads(0);
+    if (mb && tma != 0 && tc == 128) {
+        *threads = wg_threads(tma);
+        return tma == 2 ? attn_wg_kernel<128, true, 2> : attn_wg_kernel<128, true, 1>;
     }
     if (mb) {
-        return tc == 128  ? attn_wg_kernel<128, true, false>
-               : tc == 64 ? attn_wg_kernel<64, true, false>
-                          : NULL;
+        return tc == 128 ? attn_wg_kernel<128, true, 0> : tc == 64 ? attn_wg_kernel<64, true, 0> : NULL;
     }
-    return tc == 128  ? attn_wg_kernel<128, false, false>
-           : tc == 64 ? attn_wg_kernel<64, false, false>
-                      : NULL;
+    return tc == 128 ? attn_wg_kernel<128, false, 0> : tc == 64 ? attn_wg_kernel<64, false, 0> : NULL;
 }

@@ -156,8 +156,9 @@ struct kvs_cuda {
     int env_wgmma;                 /* KVS_CUDA_WGMMA: 0 off, else KV tile cells (64, 128) */
     bool env_wg_mb;                /* KVS_CUDA_WG_MB (default 1): stages handed over by
                                     * mbarriers in the wgmma kernel; 0: a block barrier a tile */
-    bool env_wg_tma;               /* KVS_CUDA_WG_TMA (default 1): the wgmma kernel's K/V
-                                    * tiles by TMA, issued by one thread */
+    int env_wg_tma;                /* KVS_CUDA_WG_TMA (default 2): the wgmma kernel's K/V
+                                    * tiles by TMA from a producer warp (1: from warp 0,
+                                    * 0: cp.async by every thread) */
     bool env_fa_heavy_first;       /* KVS_CUDA_FA_ORDER (default 1): flash blocks last row
                                     * tile first (attention_impl.h, fa_block_unit) */
     bool env_gemv_rpw2;

@@ -161,7 +161,7 @@ void kvs_cuda_read_env(struct kvs_cuda *c)
     e = getenv("KVS_CUDA_WG_MB");
     c->env_wg_mb = e == NULL || strcmp(e, "0") != 0; /* default on: 1853 -> 1783 ms */
     e = getenv("KVS_CUDA_WG_TMA");
-    c->env_wg_tma = e == NULL || strcmp(e, "0") != 0;
+    c->env_wg_tma = e == NULL ? 2 : strcmp(e, "0") == 0 ? 0 : strcmp(e, "1") == 0 ? 1 : 2;
     e = getenv("KVS_CUDA_FA_ORDER");
     c->env_fa_heavy_first = e == NULL || strcmp(e, "0") != 0;
     e = getenv("KVS_CUDA_GEMV");
