@@ -20,6 +20,13 @@
  * between 8-cell groups (the k direction), 'leading' offset TC * 128 between the two halves
  * (the n direction), a k-step of 16 cells is +2048 bytes.
  *
+ * Loads (by default): a ninth warp, the producer, issues each K/V tile by TMA (tensor maps of
+ * the pool made at KV creation, kv.cu; a lane a 16-cell block, 2 KiB boxes landing in the
+ * swizzled layout above) into three stages, and the two warpgroups only compute: they wait
+ * on a stage's "full" mbarrier (transaction bytes) and release it on its "empty" one after P
+ * V. Measured against the loads issued by consumer warp 0 (KVS_CUDA_WG_TMA=1) and cp.async by
+ * every thread (=0): stateless 32K fill 1334 vs 1464 vs 1492 ms (bench/results, S4-G).
+ *
  * Compiled for sm_90a only (wgmma); kvs_cuda_wg_kernel returns NULL elsewhere. */
 #include "kernels/cuda/attention_impl.h"
 
@@ -606,7 +613,11 @@ fa_fn kvs_cuda_wg_kernel(int tc, bool mb, int tma, size_t *smem, int *threads)
         return tma == 2 ? attn_wg_kernel<128, true, 2> : attn_wg_kernel<128, true, 1>;
     }
     if (mb) {
-        return tc == 128 ? attn_wg_kernel<128, true, 0> : tc == 64 ? attn_wg_kernel<64, true, 0> : NULL;
+        return tc == 128  ? attn_wg_kernel<128, true, 0>
+               : tc == 64 ? attn_wg_kernel<64, true, 0>
+                          : NULL;
     }
-    return tc == 128 ? attn_wg_kernel<128, false, 0> : tc == 64 ? attn_wg_kernel<64, false, 0> : NULL;
+    return tc == 128  ? attn_wg_kernel<128, false, 0>
+           : tc == 64 ? attn_wg_kernel<64, false, 0>
+                      : NULL;
 }
