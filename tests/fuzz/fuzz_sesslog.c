@@ -38,12 +38,18 @@ static char dir[64];
 static char log_path[128], snap_path[128];
 static volatile uint64_t sink;
 
-static void check(int cond)
+static char last_err[256]; /* the library's message of the last call that set one */
+
+/* A broken invariant: say which (the line, and what the library said last) and abort. */
+static void check_at(int cond, int line)
 {
     if (!cond) {
+        fprintf(stderr, "fuzz_sesslog: check at line %d failed (last error: %s)\n", line,
+                last_err[0] != '\0' ? last_err : "none");
         abort();
     }
 }
+#define check(cond) check_at((cond), __LINE__)
 
 static void init_once(void)
 {
@@ -122,6 +128,7 @@ static void replay_file(int extended_checks)
     struct kvs_replay_stats st;
     err[0] = '\0';
     int rc = kvs_sesslog_replay(dir, ID, &ident, on_record, &n, &st, err, sizeof err);
+    snprintf(last_err, sizeof last_err, "replay rc %d: %s", rc, err);
     check(rc <= 0);
     if (rc != 0) {
         check(err[0] != '\0');
@@ -133,12 +140,20 @@ static void replay_file(int extended_checks)
         return;
     }
     kvs_sesslog *log = NULL;
-    check(kvs_sesslog_open(dir, ID, &ident, KVS_FSYNC_NO, &log, err, sizeof err) == 0);
+    err[0] = '\0';
+    rc = kvs_sesslog_open(dir, ID, &ident, KVS_FSYNC_NO, &log, err, sizeof err);
+    snprintf(last_err, sizeof last_err, "open rc %d: %s", rc, err);
+    check(rc == 0);
     check(kvs_sesslog_end(log) == st.end_offset);
-    check(kvs_sesslog_append(log, KVS_LOG_SNAPSHOT, "x", 1) == 0);
+    rc = kvs_sesslog_append(log, KVS_LOG_SNAPSHOT, "x", 1);
+    snprintf(last_err, sizeof last_err, "append rc %d", rc);
+    check(rc == 0);
     kvs_sesslog_close(&log);
     uint64_t m = 0;
-    check(kvs_sesslog_replay(dir, ID, &ident, on_record, &m, &st, err, sizeof err) == 0);
+    err[0] = '\0';
+    rc = kvs_sesslog_replay(dir, ID, &ident, on_record, &m, &st, err, sizeof err);
+    snprintf(last_err, sizeof last_err, "second replay rc %d: %s (tail %d)", rc, err, (int)st.tail);
+    check(rc == 0);
     check(m == n + 1 && st.tail == KVS_REPLAY_CLEAN);
 }
 
