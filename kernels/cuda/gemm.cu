@@ -498,7 +498,8 @@ int kvs_cuda_matmul(kvs_backend *b, const struct kvs_weight *w, const float *x, 
         return 0;
     }
     const __nv_bfloat16 *W = (const __nv_bfloat16 *)w->data;
-    if (overlaps(y, (size_t)n_rows * w->n_out * 4, c->xb_src, (size_t)c->xb_n * 4)) {
+    if (c->xb_src != NULL && overlaps(y, (size_t)n_rows * w->n_out * 4, c->xb_src,
+                                      (size_t)c->xb_n * 4)) {
         kvs_cuda_xb_drop(c);
     }
     if (gemv_path(w, x, n_rows)) {

@@ -175,15 +175,10 @@ int kvs_cuda_rmsnorm(kvs_backend *b, const float *x, const float *w, int32_t n_r
     if (!kvs_cuda_launch_ok(c, SITE_RMSNORM, args, 7)) {
         return 0;
     }
-    if (ob != NULL) {
-        CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, norm_kernel<false, true>,
-                               dim3((unsigned)n_rows), dim3(NORM_THREADS), 0, (float *)x,
-                               (const float *)NULL, w, dim, eps, out, ob));
-        return 0;
-    }
-    CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, norm_kernel<false, false>,
-                           dim3((unsigned)n_rows), dim3(NORM_THREADS), 0, (float *)x,
-                           (const float *)NULL, w, dim, eps, out, (__nv_bfloat16 *)NULL));
+    auto kernel = ob != NULL ? norm_kernel<false, true> : norm_kernel<false, false>;
+    CU_TRY(kvs_cuda_launch(c, KVS_CUDA_PART_OTHER, kernel, dim3((unsigned)n_rows),
+                           dim3(NORM_THREADS), 0, (float *)x, (const float *)NULL, w, dim, eps,
+                           out, ob));
     return 0;
 }
 
